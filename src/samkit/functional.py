@@ -1,0 +1,149 @@
+"""Tensor-list kernels used by every SAM variant.
+
+Each kernel takes lists of tensors (one entry per parameter) and has two
+paths: a plain per-tensor loop that reads like the maths (the reference), and
+a ``torch._foreach_*`` path that removes the per-tensor Python overhead. Both
+paths issue the same element-wise operations in the same order, so they give
+bit-identical results (tested in ``tests/test_functional.py``).
+
+Callers group tensors by device and dtype first (:func:`group_by_device`), as
+foreach kernels need homogeneous lists.
+
+None of these kernels reads a value back to the host, except
+:func:`scale_for`, which does so only for CPU tensors, where reading a 0-d
+tensor is a plain memory load, not a device synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "group_by_device",
+    "sq_norm",
+    "global_norm",
+    "copy_",
+    "add_scaled_",
+    "mul_",
+    "add_",
+    "abs_plus_",
+    "scale_for",
+]
+
+TensorList = list[Tensor]
+
+
+def group_by_device(*lists: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[TensorList]]:
+    """Split parallel tensor lists into groups of one device and dtype.
+
+    The key is taken from the first list. Order within a group is preserved.
+    """
+    out: dict[tuple[torch.device, torch.dtype], list[TensorList]] = {}
+    first = lists[0]
+    if not first:
+        return out
+    # Fast path: the common case of one device and one dtype costs one scan.
+    d0, t0 = first[0].device, first[0].dtype
+    if all(t.device == d0 and t.dtype == t0 for t in first):
+        return {(d0, t0): [list(lst) for lst in lists]}
+    for i, t in enumerate(first):
+        bucket = out.get((t.device, t.dtype))
+        if bucket is None:
+            bucket = out[(t.device, t.dtype)] = [[] for _ in lists]
+        for j, lst in enumerate(lists):
+            bucket[j].append(lst[i])
+    return out
+
+
+def sq_norm(tensors: TensorList, *, foreach: bool) -> Tensor:
+    """Sum of squares of all entries of ``tensors`` (a 0-d float32 tensor).
+
+    Computed as the squared L2 norm of the per-tensor L2 norms, in float32.
+    """
+    if foreach:
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    else:
+        norms = [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in tensors]
+    return torch.stack(norms).square().sum()
+
+
+def global_norm(sq_norms: Sequence[Tensor]) -> Tensor:
+    """L2 norm from squared-norm pieces that may live on different devices."""
+    if not sq_norms:
+        raise ValueError("global_norm needs at least one squared norm")
+    dev = sq_norms[0].device
+    total = sq_norms[0]
+    for s in sq_norms[1:]:
+        total = total + s.to(dev)
+    return total.sqrt()
+
+
+def copy_(dst: TensorList, src: TensorList, *, foreach: bool) -> None:
+    """``dst[i].copy_(src[i])``: exact, bit for bit."""
+    if foreach:
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+def mul_(tensors: TensorList, factor: float | Tensor | TensorList, *, foreach: bool) -> None:
+    """``t *= factor`` with a number, a 0-d tensor or one tensor per entry."""
+    if foreach:
+        torch._foreach_mul_(tensors, factor)
+    elif isinstance(factor, list):
+        for t, f in zip(tensors, factor):
+            t.mul_(f)
+    else:
+        for t in tensors:
+            t.mul_(factor)
+
+
+def add_(tensors: TensorList, others: TensorList, alpha: float = 1.0, *, foreach: bool) -> None:
+    """``t += alpha * other``."""
+    if foreach:
+        torch._foreach_add_(tensors, others, alpha=alpha)
+    else:
+        for t, o in zip(tensors, others):
+            t.add_(o, alpha=alpha)
+
+
+def abs_plus_(out: TensorList, src: TensorList, eta: float, *, foreach: bool) -> None:
+    """``out = |src| + eta`` (ASAM's element-wise scale T_w)."""
+    copy_(out, src, foreach=foreach)
+    if foreach:
+        torch._foreach_abs_(out)
+        torch._foreach_add_(out, eta)
+    else:
+        for o in out:
+            o.abs_().add_(eta)
+
+
+def scale_for(rho: float, norm: Tensor, eps: float) -> float | Tensor:
+    """``rho / (norm + eps)``, as a Python float on CPU and a 0-d tensor elsewhere.
+
+    On CPU the float lets :func:`add_scaled_` fuse the scaling into one pass
+    over parameter memory at no synchronisation cost; on an accelerator the
+    tensor keeps the step free of host syncs.
+    """
+    scale = rho / (norm + eps)
+    if scale.device.type == "cpu":
+        return float(scale)
+    return scale
+
+
+def add_scaled_(params: TensorList, dirs: TensorList, scale: float | Tensor, *, foreach: bool) -> None:
+    """``p += scale * d``.
+
+    With a float ``scale`` this is one fused pass (``add_`` with ``alpha``).
+    With a tensor ``scale`` the directions are scaled in place first (they are
+    scratch by then) and then added, which needs no host sync.
+    """
+    if isinstance(scale, Tensor):
+        mul_(dirs, scale, foreach=foreach)
+        add_(params, dirs, foreach=foreach)
+    else:
+        add_(params, dirs, alpha=scale, foreach=foreach)

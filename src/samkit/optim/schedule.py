@@ -1,0 +1,122 @@
+r"""Schedules for rho, used like LR schedulers (call ``.step()`` after them).
+
+:class:`ProportionalRho` ties rho to the learning rate, as GSAM does
+(Zhuang et al., ICLR 2022, arXiv 2203.08065):
+
+.. math:: \rho_t = \rho_{min} + (\rho_{max} - \rho_{min})
+          \frac{lr_t - lr_{min}}{lr_{max} - lr_{min}}
+
+:class:`LambdaRho` multiplies each group's initial rho by ``fn(step)``.
+Both write the group's ``"rho"`` key, which :class:`~samkit.SAM` reads each
+step, and both have ``state_dict`` / ``load_state_dict`` for resuming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["ProportionalRho", "LambdaRho"]
+
+
+def _groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"Invalid optimizer value: expected a torch optimizer, got {type(optimizer).__name__}")
+    for i, g in enumerate(optimizer.param_groups):
+        if "rho" not in g:
+            raise ValueError(f"Invalid optimizer value: param group {i} has no 'rho' (wrap it in samkit.SAM first)")
+    return optimizer.param_groups
+
+
+class ProportionalRho:
+    """Keep rho proportional to the learning rate (GSAM's schedule).
+
+    Args:
+        optimizer: a :class:`~samkit.SAM` (or anything whose groups carry "rho").
+        rho_max: rho at the peak learning rate (default: each group's current rho).
+        rho_min: rho at ``lr_min`` (default 0).
+        lr_max: the peak learning rate (default: each group's current lr).
+        lr_min: the learning rate at which rho reaches ``rho_min`` (default 0).
+
+    Example:
+        >>> import torch, samkit
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = samkit.SAM(torch.optim.SGD([w], lr=0.1), rho=0.1)
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5)
+        >>> rho = samkit.ProportionalRho(opt)
+        >>> rho.step(); round(opt.param_groups[0]["rho"], 6)
+        0.05
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        rho_max: float | None = None,
+        rho_min: float = 0.0,
+        lr_max: float | None = None,
+        lr_min: float = 0.0,
+    ) -> None:
+        groups = _groups(optimizer)
+        if rho_max is not None and not rho_max >= 0:
+            raise ValueError(f"Invalid rho_max value: {rho_max!r} (must be >= 0)")
+        if not rho_min >= 0:
+            raise ValueError(f"Invalid rho_min value: {rho_min!r} (must be >= 0)")
+        self.optimizer = optimizer
+        self.rho_min = float(rho_min)
+        self.lr_min = float(lr_min)
+        self.rho_max = [float(g["rho"]) if rho_max is None else float(rho_max) for g in groups]
+        self.lr_max = [float(g.get("initial_lr", g["lr"])) if lr_max is None else float(lr_max) for g in groups]
+        for i, lm in enumerate(self.lr_max):
+            if not lm > self.lr_min:
+                raise ValueError(f"Invalid lr_max value: {lm!r} for group {i} (must be > lr_min={self.lr_min})")
+        if any(r < self.rho_min for r in self.rho_max):
+            raise ValueError(f"Invalid rho_min value: {rho_min!r} (larger than rho_max {self.rho_max})")
+
+    def step(self) -> None:
+        for g, rmax, lmax in zip(self.optimizer.param_groups, self.rho_max, self.lr_max):
+            frac = (float(g["lr"]) - self.lr_min) / (lmax - self.lr_min)
+            g["rho"] = self.rho_min + (rmax - self.rho_min) * min(max(frac, 0.0), 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+class LambdaRho:
+    """Set each group's rho to ``initial_rho * fn(step)``; ``step()`` advances the count.
+
+    ``fn`` is not saved by :meth:`state_dict` (like ``LambdaLR``); the count is.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, fn: Callable[[int], float]) -> None:
+        groups = _groups(optimizer)
+        if not callable(fn):
+            raise ValueError(f"Invalid fn value: {fn!r} is not callable")
+        self.optimizer = optimizer
+        self.fn = fn
+        self.base_rhos = [float(g["rho"]) for g in groups]
+        self.last_step = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        f = float(self.fn(self.last_step))
+        if not f >= 0:
+            raise ValueError(f"Invalid fn value: fn({self.last_step}) = {f!r} (must be >= 0)")
+        for g, r in zip(self.optimizer.param_groups, self.base_rhos):
+            g["rho"] = r * f
+
+    def step(self) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base_rhos": list(self.base_rhos), "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base_rhos = list(state["base_rhos"])
+        self.last_step = int(state["last_step"])
+        self._apply()
