@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .errors import UsageError
 
-SUBCOMMANDS = ("compare", "tune", "sharpness", "landscape", "bench")
+SUBCOMMANDS = ("compare", "tune", "sharpness", "landscape")
 
 
 class _Parser(argparse.ArgumentParser):

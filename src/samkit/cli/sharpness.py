@@ -1,0 +1,250 @@
+"""``samkit sharpness``: Hessian spectrum and worst-case sharpness of trained models.
+
+Reads checkpoints written by the trainer (``samkit compare`` leaves them in
+``<run folder>/runs/*.pt``), rebuilds each model and its dataset, and measures
+on a fixed set of samples (default: the first 1000 training samples, with the
+labels trained on), with the model in eval mode:
+
+  top Hessian eigenvalue(s)   Lanczos, relative residual <= --tol
+  Hessian trace               deflated Hutchinson, --trace-samples probes (+- standard error)
+  worst-case sharpness        max L(w + d) - L(w) over |d| <= rho, --ascent-steps steps
+  average-case sharpness      E L(w + d) - L(w), d Gaussian with E|d|^2 = rho^2 (--average)
+
+Writes a JSON file (atomically) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+EPILOG = """examples:
+  samkit sharpness samkit-runs/compare-*/runs/sam-rho0.05-seed0.pt
+  samkit sharpness runs/sgd-seed0.pt runs/sam-rho0.05-seed0.pt --top-k 3 --out sharp.json
+  samkit sharpness model.pt --adaptive --rho 0.5 --average
+  samkit sharpness model.pt --density spectrum.png      # eigenvalue density (SLQ) + raw .npz
+"""
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "sharpness",
+        help="Hessian top eigenvalues, trace and worst-case sharpness of trained checkpoints",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint(s) written by the trainer (.pt)")
+    add_data_arguments(p)
+    p.add_argument("--top-k", type=int, default=1, help="number of top eigenvalues (default 1)")
+    p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of the eigenvalues (default 1e-3)")
+    p.add_argument("--trace-samples", type=int, default=32, help="Hutchinson probes for the trace (default 32)")
+    p.add_argument("--rho", type=float, default=0.05, help="radius of the worst-case ball (default 0.05)")
+    p.add_argument("--adaptive", action="store_true", help="adaptive ball scaled by |w| (ASAM; use rho ~0.5)")
+    p.add_argument("--ascent-steps", type=int, default=10, help="ascent steps for the worst case (default 10)")
+    p.add_argument("--average", action="store_true", help="also the average-case (Gaussian) sharpness")
+    p.add_argument("--density", metavar="PNG", help="also plot the eigenvalue density (stochastic Lanczos) here")
+    p.add_argument("--out", metavar="JSON", help="results file (default: beside the checkpoint, *.sharpness.json)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """Which samples the measures use (shared with ``samkit landscape``)."""
+    p.add_argument("--split", choices=("train", "test", "val"), default="train",
+                   help="data split to measure on (default train: the labels the model was trained on)")
+    p.add_argument("--samples", type=int, default=1000, help="number of samples (default 1000; 0 = whole split)")
+    p.add_argument("--batch-size", type=int, default=1000, help="samples per forward pass (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random vectors and directions (default 0)")
+
+
+def _positive(name: str, value: Any, *, zero: bool = False) -> None:
+    ok = value is not None and math.isfinite(value) and (value >= 0 if zero else value > 0)
+    if not ok:
+        raise UsageError(f"invalid --{name} value: {value!r} (must be {'>= 0' if zero else '> 0'})")
+
+
+def load_model_and_batches(path: str, args: argparse.Namespace) -> tuple[Any, list, dict[str, Any]]:
+    """Rebuild the model of a checkpoint and the fixed batches to measure on."""
+    from ..experiments.checkpoint import load_checkpoint
+    from ..experiments.datasets import load_dataset
+    from ..experiments.models import build_model
+
+    try:
+        ck = load_checkpoint(path)
+    except ValueError as exc:  # torch's reason can span lines: the CLI reports one
+        raise UsageError(str(exc).splitlines()[0]) from exc
+    try:
+        model = build_model(ck["model"]["name"], **ck["model"]["kwargs"])
+        model.load_state_dict(ck["state_dict"])
+        data = load_dataset(**ck["dataset"])
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"cannot rebuild the model or data of {path!r}: {reason}") from exc
+    model.eval()
+    split = getattr(data, args.split)
+    if len(split) == 0:
+        raise UsageError(f"the {args.split} split of {path!r} is empty (choose another --split)")
+    n = len(split) if args.samples == 0 else min(args.samples, len(split))
+    bs = args.batch_size
+    batches = [(split.x[i : min(i + bs, n)], split.y[i : min(i + bs, n)]) for i in range(0, n, bs)]
+    info = {
+        "checkpoint": str(path),
+        "model": ck["model"]["name"],
+        "dataset": ck["dataset"].get("name"),
+        "label": ck.get("meta", {}).get("label"),
+        "split": args.split,
+        "samples": n,
+    }
+    return model, batches, info
+
+
+def check_data_arguments(args: argparse.Namespace) -> None:
+    if args.samples is None or args.samples < 0:
+        raise UsageError(f"invalid --samples value: {args.samples!r} (must be >= 0)")
+    if args.batch_size is None or args.batch_size < 1:
+        raise UsageError(f"invalid --batch-size value: {args.batch_size!r} (must be >= 1)")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _default_out(checkpoints: list[str]) -> Path:
+    first = Path(checkpoints[0])
+    if len(checkpoints) == 1:
+        return first.with_suffix(".sharpness.json")
+    return first.parent / "sharpness.json"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.nn.functional as F
+
+    from .. import sharpness as sh
+    from ..sharpness.hessian import hessian_trace, spectral_density, top_eigenvalues
+
+    check_data_arguments(args)
+    if args.top_k < 1:
+        raise UsageError(f"invalid --top-k value: {args.top_k} (must be >= 1)")
+    if args.trace_samples < 1:
+        raise UsageError(f"invalid --trace-samples value: {args.trace_samples} (must be >= 1)")
+    if args.ascent_steps < 1:
+        raise UsageError(f"invalid --ascent-steps value: {args.ascent_steps} (must be >= 1)")
+    _positive("tol", args.tol)
+    _positive("rho", args.rho)
+    if args.density and not args.density.endswith(".png"):
+        raise UsageError(f"invalid --density value: {args.density!r} (expected a .png path)")
+    if args.density and len(args.checkpoints) > 1:
+        raise UsageError("--density takes one checkpoint")
+    out = Path(args.out) if args.out else _default_out(args.checkpoints)
+    if out.suffix != ".json":
+        raise UsageError(f"invalid --out value: {str(out)!r} (expected a .json path)")
+
+    progress = not args.quiet
+    rows, results = [], []
+    for path in args.checkpoints:
+        model, batches, info = load_model_and_batches(path, args)
+        t0 = time.perf_counter()
+        op = sh.HessianOperator(model, F.cross_entropy, batches)
+        bar = _bar(4 if args.average else 3, progress, Path(path).name)
+        eig = top_eigenvalues(op, args.top_k, tol=args.tol, seed=args.seed)
+        _tick(bar)
+        tr = hessian_trace(op, n_probes=args.trace_samples, basis=eig.basis, tridiagonal=eig.tridiagonal, seed=args.seed + 1)
+        _tick(bar)
+        density = None
+        if args.density:
+            density = spectral_density(op, n_steps=min(80, op.dim), seed=args.seed + 2)
+        op.release()
+        wc = sh.worst_case_sharpness(model, F.cross_entropy, None, rho=args.rho, adaptive=args.adaptive,
+                                     steps=args.ascent_steps, seed=args.seed, op=op)
+        _tick(bar)
+        res: dict[str, Any] = {
+            "loss": wc.loss,
+            "hessian_top_eig": eig.eigenvalues[0],
+            "hessian_eigenvalues": eig.eigenvalues,
+            "eigen_converged": eig.converged,
+            "hessian_trace": tr.trace,
+            "hessian_trace_stderr": tr.stderr,
+            "worst_case_sharpness": wc.sharpness,
+        }
+        if args.average:
+            avg = sh.average_case_sharpness(model, F.cross_entropy, None, rho=args.rho, adaptive=args.adaptive,
+                                            seed=args.seed, op=op)
+            res["average_case_sharpness"] = avg.sharpness
+            res["average_case_stderr"] = avg.stderr
+            _tick(bar)
+        if bar is not None:
+            bar.close()
+        res["hessian_vector_products"] = op.n_matvecs
+        res["seconds"] = time.perf_counter() - t0
+        if density is not None:
+            from ..sharpness.plots import plot_density, save_grid
+
+            png = Path(args.density)
+            plot_density(png, density.grid.numpy(), density.density.numpy(), title=f"Hessian spectrum: {Path(path).name}")
+            save_grid(png.with_suffix(".npz"), meta=info, grid=density.grid.numpy(), density=density.density.numpy(),
+                      nodes=density.nodes[0], weights=density.weights[0])
+            res["density_png"] = str(png)
+        results.append({**info, "results": res})
+        row = {"checkpoint": info["label"] or Path(path).stem, "loss": res["loss"], "top eig": res["hessian_top_eig"],
+               "trace": f"{tr.trace:.4g} +- {tr.stderr:.2g}", "worst-case": wc.sharpness}
+        if args.average:
+            row["average-case"] = res["average_case_sharpness"]
+        rows.append(row)
+
+    settings = {"top_k": args.top_k, "tol": args.tol, "trace_samples": args.trace_samples, "rho": args.rho,
+                "adaptive": args.adaptive, "ascent_steps": args.ascent_steps, "seed": args.seed,
+                "split": args.split, "samples": args.samples}
+    write_json_atomic(out, {"format": "samkit-sharpness", "version": 1, "settings": settings, "models": results})
+    _print_table(rows)
+    print(f"wrote {out}")
+    return 0
+
+
+def _bar(total: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are optional
+        return None
+    return tqdm(total=total, desc=desc, disable=None, leave=False, file=sys.stderr)
+
+
+def _tick(bar: Any) -> None:
+    if bar is not None:
+        bar.update()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    heads = list(rows[0])
+    cells = [[_fmt(r.get(h, "")) for h in heads] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths))))
+    for c in cells:
+        print("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))))

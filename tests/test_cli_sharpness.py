@@ -1,0 +1,118 @@
+"""`samkit sharpness` and `samkit landscape`, in-process, on checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samkit.cli.main import main
+from samkit.experiments.checkpoint import save_checkpoint
+from samkit.experiments.datasets import load_dataset
+from samkit.experiments.models import build_model
+from samkit.sharpness import HessianOperator, top_eigenvalues
+
+SPEC = {"name": "synthetic", "seed": 0, "noise": 0.0, "val_fraction": 0.1, "train_size": None}
+
+
+def _checkpoint(path, seed: int, steps: int):
+    data = load_dataset(**SPEC)
+    torch.manual_seed(seed)
+    model = build_model("cnn", in_len=data.in_len, num_classes=data.num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for i in range(steps):
+        sl = slice(100 * (i % 10), 100 * (i % 10) + 100)
+        opt.zero_grad()
+        F.cross_entropy(model(data.train.x[sl]), data.train.y[sl]).backward()
+        opt.step()
+    save_checkpoint(path, model, model_name="cnn",
+                    model_kwargs={"in_len": data.in_len, "num_classes": data.num_classes},
+                    dataset=SPEC, meta={"label": f"m{seed}"})
+    return model, data
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    a, data = _checkpoint(d / "a.pt", 0, 30)
+    b, _ = _checkpoint(d / "b.pt", 1, 30)
+    return d, a, b, data
+
+
+def test_sharpness_json_matches_library(ckpts, capsys):
+    d, a, _, data = ckpts
+    code = main(["sharpness", str(d / "a.pt"), str(d / "b.pt"), "--samples", "200", "--top-k", "2",
+                 "--trace-samples", "8", "--average", "--out", str(d / "s.json"), "-q"])
+    assert code == 0
+    out = json.loads((d / "s.json").read_text())
+    assert [m["label"] for m in out["models"]] == ["m0", "m1"]
+    r = out["models"][0]["results"]
+    assert out["models"][0]["samples"] == 200
+    op = HessianOperator(a, F.cross_entropy, [(data.train.x[:200], data.train.y[:200])])
+    ref = top_eigenvalues(op, 2, tol=1e-6, max_iter=100)
+    assert r["hessian_eigenvalues"] == pytest.approx(ref.eigenvalues, rel=2e-3)
+    assert r["hessian_top_eig"] == r["hessian_eigenvalues"][0]
+    assert r["worst_case_sharpness"] > 0 and r["hessian_trace_stderr"] >= 0
+    assert {"average_case_sharpness", "loss", "hessian_trace"} <= set(r)
+    text = capsys.readouterr().out
+    assert "m0" in text and "worst-case" in text and "wrote" in text
+
+
+def test_sharpness_default_out_and_density(ckpts):
+    d, *_ = ckpts
+    assert main(["sharpness", str(d / "a.pt"), "--samples", "100", "--trace-samples", "2",
+                 "--density", str(d / "spec.png"), "-q"]) == 0
+    out = json.loads((d / "a.sharpness.json").read_text())
+    assert out["settings"]["samples"] == 100
+    assert (d / "spec.png").read_bytes()[:4] == b"\x89PNG"
+    with np.load(d / "spec.npz") as f:
+        assert float(np.trapezoid(f["density"], f["grid"])) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode,keys", [("1d", {"alphas", "losses"}), ("2d", {"xs", "ys", "losses"})])
+def test_landscape_modes(ckpts, mode, keys):
+    d, *_ = ckpts
+    png = d / f"l-{mode}.png"
+    assert main(["landscape", str(d / "a.pt"), "--mode", mode, "--resolution", "5", "--samples", "100",
+                 "--out", str(png), "-q"]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with np.load(png.with_suffix(".npz")) as f:
+        assert keys <= set(f.files)
+        z = f["losses"]
+        assert z.shape == ((5,) if mode == "1d" else (5, 5))
+        assert np.all(np.isfinite(z))
+
+
+def test_landscape_path_endpoints(ckpts, capsys):
+    d, a, b, data = ckpts
+    assert main(["landscape", str(d / "a.pt"), "--other", str(d / "b.pt"), "--samples", "150", "-q"]) == 0
+    with np.load(d / "a.landscape-path.npz") as f:
+        al, losses = f["alphas"], f["losses"]
+    x, y = data.train.x[:150], data.train.y[:150]
+    with torch.no_grad():
+        la, lb = float(F.cross_entropy(a.eval()(x), y)), float(F.cross_entropy(b.eval()(x), y))
+    assert losses[al == 0.0][0] == pytest.approx(la, rel=1e-5)
+    assert losses[al == 1.0][0] == pytest.approx(lb, rel=1e-5)
+    assert "barrier" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["sharpness", "{d}/missing.pt"], "not a file"),
+        (["sharpness", "{d}/a.pt", "--rho", "-1"], "--rho"),
+        (["sharpness", "{d}/a.pt", "--top-k", "0"], "--top-k"),
+        (["sharpness", "{d}/a.pt", "--out", "{d}/x.txt"], "--out"),
+        (["landscape", "{d}/a.pt", "--mode", "path"], "--other"),
+        (["landscape", "{d}/a.pt", "--resolution", "1"], "--resolution"),
+        (["landscape", "{d}/a.pt", "--samples", "-3"], "--samples"),
+        (["landscape", "{d}/junk.pt"], "not a"),
+    ],
+)
+def test_usage_errors(ckpts, capsys, argv, msg):
+    d, *_ = ckpts
+    (d / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main([a.format(d=d) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1

@@ -1,0 +1,238 @@
+"""Eigenvalues, trace and density: exact on quadratics, against the full
+Hessian of a small MLP, and side by side with PyHessian."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from samkit.sharpness import (
+    DenseOperator,
+    HessianOperator,
+    hessian_trace,
+    spectral_density,
+    summary,
+    top_eigenvalues,
+)
+
+
+class Quadratic(nn.Module):
+    """Returns its weights; with quad_loss the loss is 0.5 (w-c)^T A (w-c)."""
+
+    def __init__(self, w0: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w0.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w
+
+
+def quad_problem(eigs, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigs)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor(eigs, dtype=torch.float64)) @ q.T
+    a = (a + a.T) / 2
+    c = torch.randn(n, generator=g, dtype=torch.float64)
+
+    def loss_fn(w, _y):
+        d = w - c
+        return 0.5 * d @ a @ d
+
+    loss_fn.center = c  # the minimum
+    model = Quadratic(torch.randn(n, generator=g, dtype=torch.float64))
+    batches = [(torch.zeros(1, 1), torch.zeros(1))]
+    return model, loss_fn, batches, a
+
+
+EIGS = [9.0, 7.5, 7.5, 4.0] + [0.01 * i - 0.2 for i in range(36)]
+
+
+def test_quadratic_eigenvalues_exact():
+    model, loss_fn, batches, a = quad_problem(EIGS)
+    op = HessianOperator(model, loss_fn, batches)
+    res = top_eigenvalues(op, 4, tol=1e-9, max_iter=40)
+    # the repeated 7.5 is found twice (one Krylov space sees it once: the deflated re-run finds the other)
+    assert res.eigenvalues == pytest.approx([9.0, 7.5, 7.5, 4.0], abs=1e-5)
+    assert res.converged
+    v = res.eigenvectors
+    torch.testing.assert_close(v @ v.T, torch.eye(4, dtype=torch.float64), atol=1e-8, rtol=0)
+    torch.testing.assert_close(v @ a @ v.T, torch.diag(torch.tensor(res.eigenvalues, dtype=torch.float64)), atol=1e-5, rtol=0)
+    power = top_eigenvalues(op, 2, method="power", tol=1e-12, max_iter=3000)
+    assert power.eigenvalues == pytest.approx([9.0, 7.5], abs=1e-5)
+
+
+def test_quadratic_trace_exact():
+    model, loss_fn, batches, a = quad_problem(EIGS)
+    op = HessianOperator(model, loss_fn, batches)
+    # a deflation basis spanning everything leaves nothing to estimate
+    full = hessian_trace(op, deflation_steps=len(EIGS))
+    assert full.trace == pytest.approx(sum(EIGS), abs=1e-5)
+    assert full.n_probes == 0
+    # Rademacher probes are exact on a diagonal Hessian: z^T D z = tr D
+    diag = DenseOperator(torch.diag(torch.tensor(EIGS, dtype=torch.float64)))
+    tr = hessian_trace(diag, n_probes=3, deflation_steps=0, seed=4)
+    assert tr.samples == pytest.approx([sum(EIGS)] * 3, abs=1e-9)
+
+
+def test_lanczos_needs_fewer_products_than_power_iteration():
+    model, loss_fn, batches, _ = quad_problem([10.0, 9.0] + [1.0 / (i + 1) for i in range(60)])
+    op = HessianOperator(model, loss_fn, batches)
+    lz = top_eigenvalues(op, tol=1e-6, max_iter=200)
+    pw = top_eigenvalues(op, method="power", tol=1e-9, max_iter=2000)
+    assert lz.eigenvalues[0] == pytest.approx(10.0, rel=1e-6)
+    assert pw.eigenvalues[0] == pytest.approx(10.0, rel=1e-6)
+    assert lz.n_matvecs * 3 < pw.n_matvecs
+
+
+@given(n=st.integers(2, 25), k=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_dense_operator_law(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, n, generator=g, dtype=torch.float64)
+    a = m + m.T
+    k = min(k, n)
+    res = top_eigenvalues(DenseOperator(a), k, tol=1e-10, max_iter=n, seed=seed)
+    expect = torch.linalg.eigvalsh(a).flip(0)[:k]
+    assert res.eigenvalues == pytest.approx(expect.tolist(), abs=1e-6 * float(a.abs().max()))
+    tr = hessian_trace(DenseOperator(a), deflation_steps=n, seed=seed)
+    assert tr.trace == pytest.approx(float(a.trace()), abs=1e-8 * n * float(a.abs().max()))
+
+
+# ---------------------------------------------------------------- small MLP
+
+
+@pytest.fixture(scope="module")
+def mlp_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+    x = torch.randn(120, 8, dtype=torch.float64)
+    y = torch.randint(0, 4, (120,))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(60):  # move off the random init so the spectrum has outliers
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(w):
+        ps = {n: t.view(s) for n, t, s in zip(names, w.split(sizes), shapes)}
+        return F.cross_entropy(torch.func.functional_call(model, ps, (x,)), y)
+
+    h = torch.autograd.functional.hessian(f, w0)
+    return model, x, y, h
+
+
+def test_mlp_against_full_hessian(mlp_problem):
+    model, x, y, h = mlp_problem
+    evals = torch.linalg.eigvalsh(h).flip(0)
+    op = HessianOperator(model, F.cross_entropy, list(zip(x.split(50), y.split(50))))
+    res = top_eigenvalues(op, 3, tol=1e-8, max_iter=150)
+    assert res.eigenvalues == pytest.approx(evals[:3].tolist(), rel=1e-6)
+    exact = float(h.trace())
+    assert hessian_trace(op, deflation_steps=op.dim).trace == pytest.approx(exact, rel=1e-8)
+    # unbiased at any deflation: many-probe estimates land within 4 standard errors
+    for steps in (0, 10):
+        tr = hessian_trace(op, n_probes=300, deflation_steps=steps, seed=steps)
+        assert abs(tr.trace - exact) < 4 * tr.stderr
+    plain = hessian_trace(op, n_probes=300, deflation_steps=0, seed=1)
+    deflated = hessian_trace(op, n_probes=300, deflation_steps=10, seed=1)
+    assert deflated.stderr < plain.stderr  # the point of deflating
+
+
+def test_trace_tolerance_stops_early(mlp_problem):
+    model, x, y, h = mlp_problem
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    tr = hessian_trace(op, tol=0.02, max_probes=500, deflation_steps=10)
+    assert tr.stderr <= 0.02 * abs(tr.trace)
+    assert 4 <= tr.n_probes < 500
+    assert tr.n_matvecs == tr.n_probes + 10
+
+
+def test_block_probes_equal_single(mlp_problem):
+    model, x, y, _ = mlp_problem
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    a = hessian_trace(op, n_probes=12, deflation_steps=5, seed=3)
+    b = hessian_trace(op, n_probes=12, deflation_steps=5, seed=3, block_size=5)
+    assert a.trace == pytest.approx(b.trace, rel=1e-10)
+
+
+def test_density_normalised_and_located(mlp_problem):
+    model, x, y, h = mlp_problem
+    evals = torch.linalg.eigvalsh(h)
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    d = spectral_density(op, n_steps=op.dim, n_runs=2)
+    assert float(torch.trapezoid(d.density, d.grid)) == pytest.approx(1.0, abs=1e-9)
+    for w in d.weights:
+        assert sum(w) == pytest.approx(1.0, abs=1e-9)
+    # a full-length Lanczos run reproduces the extreme eigenvalues
+    assert max(d.nodes[0]) == pytest.approx(float(evals[-1]), rel=1e-6)
+    assert min(d.nodes[0]) == pytest.approx(float(evals[0]), abs=1e-6 * float(evals.abs().max()))
+
+
+def test_summary_keys_and_values(mlp_problem):
+    model, x, y, h = mlp_problem
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = summary(model, F.cross_entropy, list(zip(x.split(40), y.split(40))), top_k=2, trace_samples=200)
+    assert set(out) == {"hessian_top_eig", "hessian_trace", "worst_case_sharpness", "hessian_eig_2"}
+    evals = torch.linalg.eigvalsh(h).flip(0)
+    assert out["hessian_top_eig"] == pytest.approx(float(evals[0]), rel=1e-3)
+    assert out["hessian_eig_2"] == pytest.approx(float(evals[1]), rel=1e-3)
+    assert out["hessian_trace"] == pytest.approx(float(h.trace()), rel=0.1)
+    assert out["worst_case_sharpness"] > 0
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    again = summary(model, F.cross_entropy, list(zip(x.split(40), y.split(40))), top_k=2, trace_samples=200)
+    assert again == out  # seeded
+
+
+def test_bad_arguments():
+    op = DenseOperator(torch.eye(3))
+    with pytest.raises(ValueError, match="Invalid k value: 4"):
+        top_eigenvalues(op, 4)
+    with pytest.raises(ValueError, match="method"):
+        top_eigenvalues(op, method="arnoldi")
+    with pytest.raises(ValueError, match="tol"):
+        top_eigenvalues(op, tol=-1)
+    with pytest.raises(ValueError, match="n_probes"):
+        hessian_trace(op, n_probes=0)
+    with pytest.raises(ValueError, match="seed"):
+        hessian_trace(op, seed="x")
+
+
+# -------------------------------------------------------------- PyHessian
+
+
+def test_side_by_side_with_pyhessian(mlp_problem):
+    pyhessian = pytest.importorskip("pyhessian")
+    model, x, y, h = mlp_problem
+    ref_model = copy.deepcopy(model).float()  # PyHessian fills .grad with a graph: give it its own copy
+    xf = x.float()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ph = pyhessian.hessian(ref_model, F.cross_entropy, data=(xf, y), cuda=False)  # CPU: cuda=False
+        ph_eig, _ = ph.eigenvalues(maxIter=100, tol=1e-3)
+        ph_trace = ph.trace(maxIter=100, tol=1e-3)
+    ours_model = copy.deepcopy(model).float()
+    op = HessianOperator(ours_model, F.cross_entropy, [(xf, y)])
+    eig = top_eigenvalues(op, tol=1e-3)
+    exact_top = float(torch.linalg.eigvalsh(h)[-1])
+    # both at relative tolerance 1e-3; PyHessian's rule (change between two
+    # power iterations) is looser than ours (residual), so allow 1e-2 between them
+    assert eig.eigenvalues[0] == pytest.approx(ph_eig[0], rel=1e-2)
+    assert eig.eigenvalues[0] == pytest.approx(exact_top, rel=1e-3)
+    tr = hessian_trace(op, n_probes=len(ph_trace), seed=0)
+    ph_mean = sum(ph_trace) / len(ph_trace)
+    ph_se = math.sqrt(sum((t - ph_mean) ** 2 for t in ph_trace) / (len(ph_trace) - 1) / len(ph_trace))
+    assert abs(tr.trace - ph_mean) < 4 * math.hypot(tr.stderr, ph_se)
