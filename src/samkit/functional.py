@@ -59,14 +59,17 @@ def group_by_device(*lists: Sequence[Tensor]) -> dict[tuple[torch.device, torch.
 
 
 def sq_norm(tensors: TensorList, *, foreach: bool) -> Tensor:
-    """Sum of squares of all entries of ``tensors`` (a 0-d float32 tensor).
+    """Sum of squares of all entries of ``tensors`` (a 0-d tensor).
 
-    Computed as the squared L2 norm of the per-tensor L2 norms, in float32.
+    Computed as the squared L2 norm of the per-tensor L2 norms, accumulated in
+    float32 (half / bfloat16 / float32 inputs) or float64 (if any input is
+    float64: norm kernels refuse to narrow it).
     """
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     if foreach:
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        norms = torch._foreach_norm(tensors, 2, dtype=acc)
     else:
-        norms = [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in tensors]
+        norms = [torch.linalg.vector_norm(t, 2, dtype=acc) for t in tensors]
     return torch.stack(norms).square().sum()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -217,6 +218,18 @@ class SAM(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.base_optimizer.defaults = value
 
+    # Optimizer.__getstate__ keeps only defaults / state / param_groups, which
+    # here live in the base optimizer: copy and pickle would lose it. Keep
+    # everything except the step wrapper an LR scheduler installs on the
+    # instance (a closure, not picklable; torch's optimizers drop it too).
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("step", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def _init_group(self, group: dict[str, Any], index: int | str) -> None:
         for key in _SAM_KEYS:
             group.setdefault(key, self._sam_defaults[key])
@@ -279,33 +292,74 @@ class SAM(torch.optim.Optimizer):
 
         Under DDP with ``ddp_ascent="local"`` it is ``model.no_sync()``, so each
         replica keeps its own gradient for its ascent; otherwise it does
-        nothing. ``step(closure)`` uses it for you.
+        nothing. ``step(closure)`` uses it for you. The forward must run inside
+        it too: DDP decides at forward time whether the backward all-reduces.
         """
         if self._ddp_local():
             self._local_first_pass = True
-            with self.model.no_sync():  # type: ignore[union-attr, operator]
+            m = self.model
+            with m.no_sync():  # type: ignore[union-attr, operator]
                 yield
+            # DDP clears this flag after a forward run under no_sync; still set,
+            # no forward ran inside and the backward was all-reduced anyway.
+            if (
+                getattr(m, "require_forward_param_sync", False)
+                and not getattr(m, "_use_python_reducer", False)
+                and not getattr(m, "_delay_all_reduce_all_params", False)
+            ):
+                warnings.warn(
+                    "SAM.first_pass(): no DDP forward ran inside it, so the first-pass gradients were "
+                    "all-reduced (global, not local, ascent); run the forward inside first_pass() too",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         else:
             self._local_first_pass = False
             yield
 
-    def _allreduce_grads(self) -> None:
-        """Average first-pass gradients across replicas (for steps that do not ascend)."""
-        dist = torch.distributed
-        world = dist.get_world_size()
-        grads = [g for _, _, gs in self._gather() for g in gs]
-        for g in grads:
-            dist.all_reduce(g)
-        F.mul_(grads, 1.0 / world, foreach=self.foreach)
+    def _process_group(self) -> Any:
+        return getattr(self.model, "process_group", None)  # DDP's group; None = the default group
 
-    @staticmethod
-    def _agreed_bad(bad: Tensor, local: bool) -> bool:
-        """Host read of a non-finite flag; under local DDP ascent all replicas agree."""
+    def _allreduce_grads(self) -> None:
+        """Average first-pass gradients across replicas (local ascent, step not ascending).
+
+        This is what DDP would have done had the pass not run under
+        ``no_sync``: one flat buffer per device and dtype, so a few collectives
+        rather than one per tensor.
+        """
+        dist = torch.distributed
+        group = self._process_group()
+        params = [p for gr in self.param_groups for p in gr["params"] if p.requires_grad]
+        if not params:
+            return
+        if getattr(self.model, "find_unused_parameters", False):
+            # A parameter unused on this replica has no gradient here but may
+            # have one elsewhere: agree on the set so every replica reduces the
+            # same tensors (a mismatch would hang or abort the collective).
+            has = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+            dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
+            for p, h in zip(params, has.tolist()):
+                if h and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params if p.grad is not None]
+        world = dist.get_world_size(group)
+        for (_, _), (gs,) in F.group_by_device(grads).items():
+            flat = torch._utils._flatten_dense_tensors(gs)
+            dist.all_reduce(flat, group=group)
+            flat.div_(world)
+            F.copy_(gs, list(torch._utils._unflatten_dense_tensors(flat, gs)), foreach=self.foreach)
+
+    def _any_replica(self, flag: Tensor, local: bool) -> bool:
+        """Host read of a 0-d bool flag; under local DDP ascent, True if it is set on any replica.
+
+        Replicas must take the same branch (ascend / skip) or their
+        collectives stop matching and DDP hangs.
+        """
         if local:
-            flag = bad.float().reshape(1)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            return bool(flag.item() > 0)
-        return bool(bad)
+            f = flag.float().reshape(1)
+            torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX, group=self._process_group())
+            return bool(f.item() > 0)
+        return bool(flag)
 
     def _unscale(self, gathered, scaler: torch.amp.GradScaler) -> Tensor:
         """Unscale first-pass gradients in place; return a 0-d found-inf flag."""
@@ -320,7 +374,24 @@ class SAM(torch.optim.Optimizer):
             for (_, _), (gs,) in F.group_by_device(grads).items():
                 torch._amp_foreach_non_finite_check_and_unscale_(gs, flag, torch.full((), inv, device=dev))
             found.append(flag)
+        self._found_per_device = dict(zip(by_dev, found))
         return F.global_norm([f.square() for f in found])  # > 0 iff any non-finite
+
+    def _tell_scaler_unscaled(self, scaler: torch.amp.GradScaler) -> None:
+        """Record with the scaler that this step's gradients are unscaled, as its unscale_() would.
+
+        On a step that does not ascend, the unscaled first-pass gradients go
+        to the base step. Without this, a ``scaler.unscale_(opt)`` before
+        ``scaler.step(opt)`` would divide them by the scale a second time;
+        with it, torch raises its usual "unscale_() has already been called"
+        and ``scaler.step`` uses the recorded overflow flags.
+        """
+        flags = self._found_per_device
+        if self._skip:  # under local DDP another replica may have overflowed: back off everywhere
+            flags = {d: torch.ones_like(f) for d, f in flags.items()}
+        state = scaler._per_optimizer_states[id(self)]
+        state["stage"] = torch.amp.grad_scaler.OptState.UNSCALED
+        state["found_inf_per_device"] = flags
 
     # ------------------------------------------------------------- protocol
     @torch.no_grad()
@@ -337,6 +408,11 @@ class SAM(torch.optim.Optimizer):
         With ``zero_grad=True`` the first-pass gradients serve as scratch
         space and are cleared; with False they are kept intact (at the cost of
         a temporary copy).
+
+        With ``scaler``, the first-pass gradients are unscaled here. On a step
+        that returns False they stay unscaled for the base step and the scaler
+        records that, so call ``scaler.unscale_(opt)`` (e.g. to clip) only
+        after a second pass.
         """
         if self._pending:
             raise RuntimeError("first_step() was called twice; call second_step() in between")
@@ -352,15 +428,29 @@ class SAM(torch.optim.Optimizer):
             found_inf = self._unscale(gathered, scaler)
             self._unscaled = True  # second_step must not unscale these again
         local, self._local_first_pass = self._local_first_pass, False
+        if local and hasattr(self.model, "require_forward_param_sync"):
+            # DDP broadcasts rank 0's buffers (BatchNorm statistics) at the
+            # forward after a synchronised one; the first pass was not, so ask
+            # for it explicitly, or replicas' statistics drift apart on steps
+            # with no synchronised pass.
+            self.model.require_forward_param_sync = True  # type: ignore[union-attr]
 
         factor = self.policy.rho_factor(self) if self.policy is not None else 1.0
         active = [(gr, p, g) for gr, p, g in gathered if gr["rho"] * factor > 0]
         ascend = bool(active) and (self.policy is None or self.policy.should_ascend(self))
+        if local and active and self.policy is not None and not getattr(self.policy, "replica_consistent", False):
+            # A policy reading the local gradient may answer differently on
+            # each replica: any replica asking for the ascent makes all ascend.
+            # (Policies that answer the same everywhere by construction set
+            # replica_consistent = True and save this all-reduce + host read.)
+            ascend = self._any_replica(torch.tensor(ascend, device=active[0][1][0].device), local)
         if not ascend:
             if local:
                 self._allreduce_grads()
-            if check and found_inf is not None and self._agreed_bad(found_inf > 0, local):
+            if check and found_inf is not None and self._any_replica(found_inf > 0, local):
                 self._skip = True
+            if found_inf is not None:
+                self._tell_scaler_unscaled(scaler)
             return False
         fe = self.foreach
         work = []
@@ -377,7 +467,7 @@ class SAM(torch.optim.Optimizer):
             work.append((group, params, dirs, scratch))
         norm = F.global_norm(sq)
         bad = ~torch.isfinite(norm) if found_inf is None else (found_inf > 0) | ~torch.isfinite(norm)
-        if check and self._agreed_bad(bad, local):
+        if check and self._any_replica(bad, local):
             self._skip = True
             if zero_grad:  # the scratch gradients were modified: make them plainly non-finite
                 for _, _, dirs, _ in work:
@@ -394,6 +484,10 @@ class SAM(torch.optim.Optimizer):
             perturbed.append((params, scratch))
         self._perturbed = perturbed
         self.ascents += 1
+        # The second pass makes fresh gradients, scaled again by the GradScaler:
+        # second_step must unscale those (only non-ascending steps reuse the
+        # first-pass gradients that were unscaled above).
+        self._unscaled = False
         if zero_grad:
             self.zero_grad()
         return True

@@ -76,8 +76,9 @@ class ProportionalRho:
 
     def step(self) -> None:
         for g, rmax, lmax in zip(self.optimizer.param_groups, self.rho_max, self.lr_max):
-            frac = (float(g["lr"]) - self.lr_min) / (lmax - self.lr_min)
-            g["rho"] = self.rho_min + (rmax - self.rho_min) * min(max(frac, 0.0), 1.0)
+            frac = min(max((float(g["lr"]) - self.lr_min) / (lmax - self.lr_min), 0.0), 1.0)
+            # This form of the interpolation is exact at both ends: rho_max at the peak lr.
+            g["rho"] = rmax * frac + self.rho_min * (1.0 - frac)
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "optimizer"}

@@ -1,0 +1,265 @@
+"""A registry of base optimizers and SAM modes for the SAM test battery.
+
+Like torch's ``OptimizerInfo`` (torch/testing/_internal/common_optimizers.py):
+each :class:`BaseInfo` knows how to build one torch optimizer on a list of
+param groups, and each :class:`ModeInfo` knows how to wrap it in
+:class:`samkit.SAM` and, independently of samkit's kernels, what the ascent
+vector ``e`` must be (the formulas of the papers, written out element-wise in
+float64). Tests parametrize over ``BASES x MODES``.
+
+The tiny model has three param groups (first layer; second layer's weight;
+second layer's bias), so per-group keys, the global norm across groups and the
+group-with-rho-0 exclusion are exercised by every mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import samkit
+
+# --------------------------------------------------------------------- model
+
+
+def make_model(
+    seed: int, d_in: int = 4, hidden: int = 5, d_out: int = 3, *, bn: bool = False
+) -> nn.Module:
+    """A tiny MLP with deterministic weights drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(d_in, hidden)]
+    if bn:
+        layers.append(nn.BatchNorm1d(hidden))
+    layers += [nn.Tanh(), nn.Linear(hidden, d_out)]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+    return model
+
+
+def make_data(seed: int, n: int = 12, d_in: int = 4, d_out: int = 3) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
+
+
+def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def split_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Three groups: first Linear (weight, bias), last Linear weight, last Linear bias."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    first, last = linears[0], linears[-1]
+    rest = [
+        p for m in model.modules() if m not in (first, last) for p in m.parameters(recurse=False)
+    ]
+    return [[first.weight, first.bias, *rest], [last.weight], [last.bias]]
+
+
+def closure_for(
+    opt: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: Tensor
+) -> Callable[[], Tensor]:
+    def closure() -> Tensor:
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+# --------------------------------------------------------------------- bases
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """One base optimizer configuration."""
+
+    name: str
+    cls: type[torch.optim.Optimizer]
+    kwargs: Mapping[str, Any]
+    lr_range: tuple[float, float]  # for hypothesis
+
+    @property
+    def lr(self) -> float:
+        return float(self.kwargs["lr"])
+
+    def make(self, groups: Sequence[Any], **override: Any) -> torch.optim.Optimizer:
+        kw = {**self.kwargs, **override}
+        return self.cls([g if isinstance(g, dict) else {"params": list(g)} for g in groups], **kw)
+
+    def __repr__(self) -> str:  # readable pytest ids
+        return self.name
+
+
+BASES: list[BaseInfo] = [
+    BaseInfo("sgd", torch.optim.SGD, {"lr": 0.1}, (1e-3, 0.5)),
+    BaseInfo(
+        "sgd_nesterov",
+        torch.optim.SGD,
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+        (1e-3, 0.2),
+    ),
+    BaseInfo("adam", torch.optim.Adam, {"lr": 1e-2}, (1e-4, 0.1)),
+    BaseInfo("adamw", torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}, (1e-4, 0.1)),
+    BaseInfo("rmsprop", torch.optim.RMSprop, {"lr": 1e-2, "momentum": 0.5}, (1e-4, 0.05)),
+    BaseInfo("adagrad", torch.optim.Adagrad, {"lr": 0.1}, (1e-3, 0.5)),
+]
+BASE_BY_NAME = {b.name: b for b in BASES}
+
+
+# --------------------------------------------------------------------- modes
+
+
+@dataclass(frozen=True)
+class ModeInfo:
+    """One SAM configuration and the paper's formula for its ascent vector."""
+
+    name: str
+    sam_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    group_rho: tuple[float, ...] | None = (
+        None  # per-group "rho" keys, one per group of split_groups
+    )
+
+    @property
+    def rho(self) -> float:
+        return float(self.sam_kwargs.get("rho", 0.05))
+
+    def groups(self, model: nn.Module, rho: float | None = None) -> list[dict[str, Any]]:
+        """Param groups for the base optimizer (with per-group rho keys when the mode has them)."""
+        out: list[dict[str, Any]] = [{"params": ps} for ps in split_groups(model)]
+        if self.group_rho is not None:
+            for g, r in zip(out, self.group_rho):
+                g["rho"] = r if rho is None else rho
+        return out
+
+    def make(
+        self,
+        base: BaseInfo,
+        model: nn.Module,
+        *,
+        rho: float | None = None,
+        base_kw: Mapping[str, Any] | None = None,
+        **extra: Any,
+    ) -> samkit.SAM:
+        """Build base optimizer + SAM on ``model``; ``rho`` overrides every rho (global and per group)."""
+        kw = dict(self.sam_kwargs)
+        if rho is not None:
+            kw["rho"] = rho
+        kw.update(extra)
+        opt = base.make(self.groups(model, rho), **(base_kw or {}))
+        return samkit.SAM(opt, **kw)
+
+    # The paper's ascent, element-wise in float64, independent of samkit.
+    def reference_e(self, groups: Sequence[dict[str, Any]]) -> list[list[Tensor | None]]:
+        """``e`` per parameter (None where the parameter has no gradient).
+
+        ``groups`` are SAM's param groups (with their rho / eta /
+        ascent_weight_decay keys) whose params hold the first-pass ``.grad``.
+
+        L2 (Foret et al., arXiv 2010.01412): ``e = rho g / ||g||``.
+        ASAM (Kwon et al., arXiv 2102.11600): ``e = rho T^2 g / ||T g||``,
+        ``T = |w| + eta``. The gradient first gets ``+ wd * w`` (ascent weight
+        decay). ``||.||`` is one norm over all groups whose rho is > 0.
+        """
+        adaptive = bool(self.sam_kwargs.get("adaptive", False))
+        us, ds = [], []
+        sq = torch.zeros((), dtype=torch.float64)
+        for group in groups:
+            u_g, d_g = [], []
+            for p in group["params"]:
+                if p.grad is None or not p.requires_grad:
+                    u_g.append(None)
+                    d_g.append(None)
+                    continue
+                w = p.detach().double()
+                g = p.grad.double() + group["ascent_weight_decay"] * w
+                if adaptive:
+                    t = w.abs() + group["eta"]
+                    u, d = t * g, t * t * g
+                else:
+                    u, d = g, g
+                if group["rho"] > 0:
+                    sq = sq + (u * u).sum()
+                u_g.append(u)
+                d_g.append(d)
+            us.append(u_g)
+            ds.append(d_g)
+        norm = sq.sqrt()
+        eps = 1e-12
+        out: list[list[Tensor | None]] = []
+        for group, d_g in zip(groups, ds):
+            rho = group["rho"]
+            out.append(
+                [
+                    None
+                    if d is None
+                    else (rho / (norm + eps)) * d
+                    if rho > 0
+                    else torch.zeros_like(d)
+                    for d in d_g
+                ]
+            )
+        return out
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+MODES: list[ModeInfo] = [
+    ModeInfo("l2", {"rho": 0.05}),
+    ModeInfo("asam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
+    ModeInfo("ascent_wd", {"rho": 0.05, "ascent_weight_decay": 0.1}),
+    ModeInfo("max_grad_norm", {"rho": 0.05, "max_grad_norm": 0.05}),
+    ModeInfo("per_group_rho", {"rho": 0.05}, group_rho=(0.1, 0.03, 0.0)),
+]
+MODE_BY_NAME = {m.name: m for m in MODES}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def params_of(model: nn.Module) -> list[Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def all_equal(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def state_equal(a: Any, b: Any) -> bool:
+    """Recursive torch.equal over (nested) optimizer state dicts."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.dtype == b.dtype
+            and torch.equal(a, b)
+        )
+    if isinstance(a, Mapping):
+        return (
+            isinstance(b, Mapping)
+            and a.keys() == b.keys()
+            and all(state_equal(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, (list, tuple)):
+        return (
+            isinstance(b, (list, tuple))
+            and len(a) == len(b)
+            and all(state_equal(x, y) for x, y in zip(a, b))
+        )
+    return a == b
+
+
+def roundtrip(obj: Any) -> Any:
+    """Through torch.save / torch.load, as a checkpoint would go."""
+    buf = io.BytesIO()
+    torch.save(copy.deepcopy(obj), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)

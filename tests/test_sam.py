@@ -1,0 +1,830 @@
+"""The SAM optimizer battery: laws that every (base optimizer x SAM mode) must obey.
+
+The registry (tests/optim_registry.py) lists the base optimizers and SAM modes;
+most tests run over all of their combinations.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from optim_registry import (
+    BASE_BY_NAME,
+    BASES,
+    MODE_BY_NAME,
+    MODES,
+    all_equal,
+    closure_for,
+    loss_fn,
+    make_data,
+    make_model,
+    params_of,
+    roundtrip,
+    state_equal,
+)
+
+import samkit
+from samkit import functional as F
+
+COMBOS = [pytest.param(b, m, id=f"{b.name}-{m.name}") for b in BASES for m in MODES]
+# The battery multiplies hypothesis examples by 30 combinations: each combination
+# gets a fifth of the profile's budget (the profile's scaling is kept).
+FEW = settings(max_examples=max(3, settings.default.max_examples // 5))
+
+shapes = st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 3))  # d_in, hidden, d_out
+
+
+def _explicit_step(opt, model, x, y):
+    """The documented two-step form; returns what first_step returned."""
+    loss_fn(model, x, y).backward()
+    ascended = opt.first_step(zero_grad=True)
+    if ascended:
+        loss_fn(model, x, y).backward()
+    opt.second_step(zero_grad=True)
+    return ascended
+
+
+def _run(opt, model, x, y, steps, form):
+    for _ in range(steps):
+        if form == "closure":
+            opt.step(closure_for(opt, model, x, y))
+            opt.zero_grad()
+        else:
+            _explicit_step(opt, model, x, y)
+
+
+def _base_run(base, mode, model, x, y, steps):
+    """The base optimizer alone (with the mode's gradient clipping, which is not part of SAM's ascent)."""
+    clip = mode.sam_kwargs.get("max_grad_norm")
+    for _ in range(steps):
+        base.zero_grad()
+        loss_fn(model, x, y).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip, foreach=True)
+        base.step()
+
+
+# ------------------------------------------------------------------ rho = 0
+
+
+@pytest.mark.parametrize(("base", "mode"), COMBOS)
+@FEW
+@given(seed=st.integers(0, 2**16), lr_frac=st.floats(0.0, 1.0), shape=shapes)
+def test_rho_zero_is_exactly_the_base_optimizer(base, mode, seed, lr_frac, shape):
+    d_in, hidden, d_out = shape
+    lo, hi = base.lr_range
+    lr = lo + (hi - lo) * lr_frac
+    x, y = make_data(seed, 8, d_in, d_out)
+
+    ref_model = make_model(seed, d_in, hidden, d_out)
+    ref = base.make(mode.groups(ref_model, 0.0), lr=lr)
+    _base_run(ref, mode, ref_model, x, y, steps=3)
+
+    for form in ("closure", "explicit"):
+        model = make_model(seed, d_in, hidden, d_out)
+        opt = mode.make(base, model, rho=0.0, base_kw={"lr": lr})
+        _run(opt, model, x, y, 3, form)
+        assert all_equal(params_of(model), params_of(ref_model)), form
+        assert state_equal(opt.base_optimizer.state_dict()["state"], ref.state_dict()["state"]), (
+            form
+        )
+        assert (opt.steps, opt.ascents) == (3, 0)
+
+
+# ------------------------------------------------------------- exact restore
+
+
+@pytest.mark.parametrize(("base", "mode"), COMBOS)
+def test_restore_is_exact_and_backup_is_allocated_once(base, mode, monkeypatch):
+    model = make_model(3)
+    x, y = make_data(3)
+    opt = mode.make(base, model)
+    monkeypatch.setattr(opt.base_optimizer, "step", lambda closure=None: None)
+    w0 = params_of(model)
+
+    loss_fn(model, x, y).backward()
+    assert opt.first_step(zero_grad=True)
+    assert not all_equal(params_of(model), w0)  # the ascent did move the weights
+    loss_fn(model, x, y).backward()
+    opt.second_step(zero_grad=True)
+    assert all_equal(params_of(model), w0)
+
+    buffers = {id(k): v.data_ptr() for k, v in opt._backup.items()}
+    perturbed = sum(len(g["params"]) for g in opt.param_groups if g["rho"] > 0)
+    assert len(buffers) == perturbed
+    for _ in range(3):
+        opt.step(closure_for(opt, model, x, y))
+        opt.zero_grad()
+        assert all_equal(params_of(model), w0)
+        assert {id(k): v.data_ptr() for k, v in opt._backup.items()} == buffers
+    assert (opt.steps, opt.ascents) == (4, 4)
+
+
+# -------------------------------------------------------- the paper's update
+
+
+def _grads_at(model, weights, x, y):
+    """Gradient of the loss at ``weights`` (float32, autograd on a copy)."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, w in zip(twin.parameters(), weights):
+            p.copy_(w)
+    twin.zero_grad()
+    loss_fn(twin, x, y).backward()
+    return [p.grad.clone() for p in twin.parameters()]
+
+
+@pytest.mark.parametrize(("base", "mode"), COMBOS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_update_matches_the_paper(base, mode, seed):
+    model = make_model(seed)
+    x, y = make_data(seed)
+    twin = copy.deepcopy(model)
+    opt = mode.make(base, model)
+    ref_base = base.make(mode.groups(twin))
+    for _ in range(2):
+        w = params_of(model)
+        loss_fn(model, x, y).backward()
+        e = [t for group in mode.reference_e(opt.param_groups) for t in group]
+        assert opt.first_step(zero_grad=True)
+        w_adv = [wi + ei.float() for wi, ei in zip(w, e)]
+        torch.testing.assert_close(params_of(model), w_adv, rtol=1e-5, atol=1e-7)
+        loss_fn(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+
+        # Reference: the base optimizer fed the gradient at w + e (clipped if asked).
+        g2 = _grads_at(twin, w_adv, x, y)
+        clip = mode.sam_kwargs.get("max_grad_norm")
+        if clip is not None:
+            n = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g2]))
+            g2 = [g * min(1.0, clip / (float(n) + 1e-6)) for g in g2]
+        for p, g in zip(twin.parameters(), g2):
+            p.grad = g
+        ref_base.step()
+        torch.testing.assert_close(params_of(model), params_of(twin), rtol=1e-5, atol=1e-6)
+
+
+def test_rho_zero_group_is_neither_perturbed_nor_counted():
+    mode = MODE_BY_NAME["per_group_rho"]
+    model = make_model(0)
+    x, y = make_data(0)
+    opt = mode.make(BASE_BY_NAME["sgd"], model)
+    w = {p: p.detach().clone() for p in model.parameters()}
+    loss_fn(model, x, y).backward()
+    g = {p: p.grad.clone() for p in model.parameters()}
+    opt.first_step(zero_grad=True)
+    frozen_group = opt.param_groups[2]
+    assert frozen_group["rho"] == 0.0
+    assert all(torch.equal(p, w[p]) for p in frozen_group["params"])
+    # The norm is over groups 0 and 1 only: e in group 0 is rho_0 g / ||g_{0,1}||.
+    norm = torch.sqrt(
+        sum((g[p].double() ** 2).sum() for grp in opt.param_groups[:2] for p in grp["params"])
+    )
+    p0 = opt.param_groups[0]["params"][0]
+    torch.testing.assert_close(
+        (p0 - w[p0]).double(), 0.1 * g[p0].double() / norm, rtol=1e-5, atol=1e-7
+    )
+
+
+def test_hand_computed_sam_and_asam_on_two_scalars():
+    """e = rho g/||g|| and ASAM's rho T^2 g / ||T g|| worked out by hand."""
+    # loss = 3a + 4b: g = (3, 4), ||g|| = 5.
+    for adaptive, expected in [(False, (0.03, 0.04)), (True, None)]:
+        a = torch.nn.Parameter(torch.tensor(2.0))
+        b = torch.nn.Parameter(torch.tensor(-1.0))
+        opt = samkit.SAM(torch.optim.SGD([a, b], lr=0.5), rho=0.05, adaptive=adaptive, eta=0.0)
+        (3 * a + 4 * b).backward()
+        opt.first_step()
+        if expected is None:  # T = (2, 1): T g = (6, 4), ||T g|| = sqrt(52), T^2 g = (12, 4)
+            s = 0.05 / 52**0.5
+            expected = (12 * s, 4 * s)
+        torch.testing.assert_close(torch.stack([a - 2.0, b + 1.0]).detach(), torch.tensor(expected))
+        (3 * a + 4 * b).backward()
+        opt.second_step()
+        # linear loss: the gradient at w + e is still (3, 4), SGD moves by -lr g exactly
+        torch.testing.assert_close(
+            torch.stack([a, b]).detach(), torch.tensor([2.0 - 1.5, -1.0 - 2.0])
+        )
+
+
+# -------------------------------------------------------- foreach reference
+
+
+@pytest.mark.parametrize(("base", "mode"), COMBOS)
+@FEW
+@given(seed=st.integers(0, 2**16), shape=shapes)
+def test_foreach_equals_per_tensor_path_bit_for_bit(base, mode, seed, shape):
+    d_in, hidden, d_out = shape
+    x, y = make_data(seed, 8, d_in, d_out)
+    runs = []
+    for fe in (True, False):
+        model = make_model(seed, d_in, hidden, d_out)
+        opt = mode.make(base, model, foreach=fe)
+        _run(opt, model, x, y, 3, "closure")
+        runs.append((params_of(model), opt.state_dict()))
+    assert all_equal(runs[0][0], runs[1][0])
+    assert state_equal(runs[0][1], runs[1][1])
+
+
+# --------------------------------------------------------------------- resume
+
+
+def _train_loop(opt, sched, rho_sched, model, x, y, steps):
+    for _ in range(steps):
+        opt.step(closure_for(opt, model, x, y))
+        opt.zero_grad()
+        sched.step()
+        rho_sched.step()
+
+
+def _sched(kind, opt, total):
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if kind == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    cycle_momentum = (
+        "momentum" in opt.defaults and opt.defaults["momentum"] > 0 or "betas" in opt.defaults
+    )
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=[g["lr"] for g in opt.param_groups],
+        total_steps=total,
+        cycle_momentum=cycle_momentum,
+    )
+
+
+@pytest.mark.parametrize(("base", "mode"), COMBOS)
+def test_resume_from_state_dict_continues_bit_for_bit(base, mode):
+    """Save at step k, load into fresh objects, continue: same as never stopping."""
+    total, k = 6, 3
+    x, y = make_data(7)
+    kind = {"sgd_nesterov": "onecycle", "adam": "onecycle", "sgd": "step"}.get(base.name, "cosine")
+
+    ref_model = make_model(7)  # the run that never stops
+    ref_opt = mode.make(base, ref_model)
+    _train_loop(
+        ref_opt,
+        _sched(kind, ref_opt, total),
+        samkit.ProportionalRho(ref_opt),
+        ref_model,
+        x,
+        y,
+        total,
+    )
+
+    model = make_model(7)
+    opt = mode.make(base, model)
+    sched = _sched(kind, opt, total)
+    rho_sched = samkit.ProportionalRho(opt)
+    _train_loop(opt, sched, rho_sched, model, x, y, k)
+    ckpt = roundtrip(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "rho": rho_sched.state_dict(),
+        }
+    )
+    assert ckpt["opt"]["samkit"]["steps"] == k
+
+    model2 = make_model(99)  # different weights: everything must come from the checkpoint
+    model2.load_state_dict(ckpt["model"])
+    opt2 = mode.make(base, model2)
+    sched2 = _sched(kind, opt2, total)
+    rho2 = samkit.ProportionalRho(opt2, rho_max=123.0)
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    rho2.load_state_dict(ckpt["rho"])
+    assert (opt2.steps, opt2.ascents) == (k, opt.ascents)
+    _train_loop(opt2, sched2, rho2, model2, x, y, total - k)
+    # saving did not disturb the original either
+    _train_loop(opt, sched, rho_sched, model, x, y, total - k)
+
+    assert all_equal(params_of(model2), params_of(ref_model))
+    assert all_equal(params_of(model), params_of(ref_model))
+    assert state_equal(opt2.state_dict(), ref_opt.state_dict())
+    assert [g["rho"] for g in opt2.param_groups] == [g["rho"] for g in ref_opt.param_groups]
+
+
+@pytest.mark.parametrize("base", BASES, ids=lambda b: b.name)
+def test_plain_torch_optimizer_loads_sam_state_dict(base):
+    model = make_model(1)
+    x, y = make_data(1)
+    opt = MODE_BY_NAME["l2"].make(base, model)
+    _run(opt, model, x, y, 2, "closure")
+    sd = roundtrip(opt.state_dict())
+    assert sd["samkit"]["steps"] == 2 and sd["samkit"]["ascents"] == 2
+    plain = base.make(MODE_BY_NAME["l2"].groups(make_model(1)))
+    plain.load_state_dict(sd)
+    assert state_equal(plain.state_dict()["state"], opt.base_optimizer.state_dict()["state"])
+    assert [g["lr"] for g in plain.param_groups] == [g["lr"] for g in opt.param_groups]
+
+
+# --------------------------------------------------- zero and missing grads
+
+
+@pytest.mark.parametrize(("base", "mode"), COMBOS)
+def test_zero_gradient_gives_zero_perturbation_never_nan(base, mode):
+    model = make_model(2)
+    x, y = make_data(2)
+    opt = mode.make(base, model)
+    w = params_of(model)
+    (0.0 * loss_fn(model, x, y)).backward()
+    e = [t for group in mode.reference_e(opt.param_groups) for t in group]
+    opt.first_step(zero_grad=True)
+    after = params_of(model)
+    assert all(torch.isfinite(p).all() for p in after)
+    if mode.sam_kwargs.get("ascent_weight_decay", 0) == 0:
+        assert all_equal(after, w)  # e = 0 exactly
+    else:  # g + wd w = wd w: the ascent follows the weights
+        torch.testing.assert_close(after, [wi + ei.float() for wi, ei in zip(w, e)])
+    (0.0 * loss_fn(model, x, y)).backward()
+    opt.second_step(zero_grad=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(
+        torch.isfinite(t).all()
+        for s in opt.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
+
+
+@pytest.mark.parametrize(("base", "mode"), COMBOS)
+def test_params_without_grad_and_frozen_params_are_untouched(base, mode):
+    model = make_model(4)
+    x, y = make_data(4)
+    ref = make_model(4)
+    unused = torch.nn.Parameter(torch.randn(3, 2))  # in the optimizer, never in the graph
+    frozen = torch.nn.Parameter(torch.randn(4), requires_grad=False)
+    model.get_submodule("0").weight.requires_grad_(False)  # a frozen layer weight
+    ref.get_submodule("0").weight.requires_grad_(False)
+    opt = mode.make(base, model)
+    opt.add_param_group({"params": [unused, frozen], "rho": 0.2})
+    ref_opt = mode.make(base, ref)
+    before = [t.detach().clone() for t in (unused, frozen, model.get_submodule("0").weight)]
+    _run(opt, model, x, y, 3, "closure")
+    _run(ref_opt, ref, x, y, 3, "closure")
+    after = [t.detach() for t in (unused, frozen, model.get_submodule("0").weight)]
+    assert all_equal(after, before)
+    assert unused not in opt.state and frozen not in opt.state
+    # The extra params did not enter the ascent's norm: training is as if they were absent.
+    assert all_equal(params_of(model), params_of(ref))
+
+
+# -------------------------------------------------------- argument checking
+
+
+def _params():
+    return [torch.nn.Parameter(torch.zeros(2))]
+
+
+def _sgd():
+    return torch.optim.SGD(_params(), lr=0.1)
+
+
+BAD_ARGS = [
+    (lambda: samkit.SAM(_sgd(), rho=-0.1), r"rho.*-0\.1"),
+    (lambda: samkit.SAM(_sgd(), rho=float("nan")), r"rho.*nan"),
+    (lambda: samkit.SAM(_sgd(), rho="0.05"), r"rho"),
+    (lambda: samkit.SAM(_sgd(), eta=-1.0), r"eta.*-1\.0"),
+    (lambda: samkit.SAM(_sgd(), ascent_weight_decay=-0.5), r"ascent_weight_decay.*-0\.5"),
+    (lambda: samkit.SAM(_sgd(), eps=0.0), r"eps.*0\.0"),
+    (lambda: samkit.SAM(_sgd(), eps=-1e-12), r"eps"),
+    (lambda: samkit.SAM(_sgd(), max_grad_norm=0.0), r"max_grad_norm.*0\.0"),
+    (lambda: samkit.SAM(_sgd(), max_grad_norm=-1), r"max_grad_norm.*-1"),
+    (lambda: samkit.SAM(_sgd(), ddp_ascent="both"), r"ddp_ascent.*both"),
+    (lambda: samkit.SAM(_params(), "sgd", lr=0.1), r"base_optimizer.*sgd"),
+    (lambda: samkit.SAM(_params(), None), r"base_optimizer"),
+    (lambda: samkit.SAM(_params(), torch.nn.Linear), r"base_optimizer"),
+    (lambda: samkit.SAM(_sgd(), torch.optim.SGD), r"base_optimizer"),
+    (lambda: samkit.SAM(_sgd(), lr=0.1), r"base_optimizer"),
+    (lambda: samkit.SAM(samkit.SAM(_sgd())), r"SAM in a SAM"),
+    (lambda: samkit.SAM(_sgd(), adaptive=True, perturbation=samkit.L2()), r"adaptive"),
+    (lambda: samkit.SAM(_sgd(), perturbation="l2"), r"perturbation.*l2"),
+    (lambda: samkit.SAM(_sgd(), policy="always"), r"policy.*always"),
+    (lambda: samkit.SAM(_sgd(), model="net"), r"model"),
+    (
+        lambda: samkit.SAM(torch.optim.SGD([{"params": _params(), "rho": -1.0}], lr=0.1)),
+        r"rho.*group 0.*-1\.0",
+    ),
+    (
+        lambda: samkit.SAM(_sgd()).add_param_group({"params": _params(), "rho": -2.0}),
+        r"rho.*group 1.*-2\.0",
+    ),
+    (
+        lambda: samkit.SAM(_sgd()).add_param_group({"params": _params(), "eta": -3.0}),
+        r"eta.*group 1.*-3\.0",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "match"), BAD_ARGS, ids=[m for _, m in BAD_ARGS])
+def test_invalid_arguments_raise_value_error_naming_them(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_rejected_add_param_group_leaves_the_optimizer_unchanged():
+    opt = samkit.SAM(_sgd())
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": _params(), "rho": -2.0})
+    assert len(opt.param_groups) == 1 and len(opt.base_optimizer.param_groups) == 1
+
+
+# ------------------------------------------------------------- davda54 form
+
+
+@pytest.mark.parametrize("base", BASES, ids=lambda b: b.name)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_params_and_class_form_equals_instance_form(base, adaptive):
+    x, y = make_data(5)
+    rho = 0.5 if adaptive else 0.05
+    m1, m2 = make_model(5), make_model(5)
+    o1 = samkit.SAM(m1.parameters(), base.cls, rho=rho, adaptive=adaptive, **base.kwargs)
+    o2 = samkit.SAM(base.cls(m2.parameters(), **base.kwargs), rho=rho, adaptive=adaptive)
+    assert isinstance(o1.base_optimizer, base.cls)
+    _run(o1, m1, x, y, 3, "closure")
+    _run(o2, m2, x, y, 3, "closure")
+    assert all_equal(params_of(m1), params_of(m2))
+    assert state_equal(o1.state_dict(), o2.state_dict())
+
+
+# -------------------------------------------------------------- schedulers
+
+
+@pytest.mark.parametrize("kind", ["step", "onecycle", "cosine"])
+@pytest.mark.parametrize("form", ["closure", "explicit"])
+def test_lr_schedulers_drive_the_base_lr_without_warnings(kind, form):
+    x, y = make_data(6)
+    model, ref_model = make_model(6), make_model(6)
+    base = BASE_BY_NAME["sgd_nesterov"]
+    opt = MODE_BY_NAME["l2"].make(base, model)
+    ref = base.make([ref_model.parameters()])
+    sched, ref_sched = _sched(kind, opt, 6), _sched(kind, ref, 6)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        for _ in range(5):
+            _run(opt, model, x, y, 1, form)
+            sched.step()
+            ref.step()
+            ref_sched.step()
+            lrs.append(opt.base_optimizer.param_groups[0]["lr"])
+            assert opt.base_optimizer.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+            assert opt.base_optimizer.param_groups[0].get("momentum") == ref.param_groups[0].get(
+                "momentum"
+            )
+    assert len(set(lrs)) > 1  # the lr did change
+
+
+def test_add_param_group_gets_sam_defaults_and_is_stepped():
+    model = make_model(8)
+    x, y = make_data(8)
+    extra = torch.nn.Linear(3, 3)
+    opt = samkit.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        rho=0.07,
+        eta=0.2,
+        ascent_weight_decay=0.01,
+    )
+    opt.add_param_group({"params": extra.parameters(), "lr": 0.5})
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "rho": 0.0})
+    g1, g2 = opt.param_groups[1], opt.param_groups[2]
+    assert (g1["rho"], g1["eta"], g1["ascent_weight_decay"], g1["lr"], g1["momentum"]) == (
+        0.07,
+        0.2,
+        0.01,
+        0.5,
+        0.9,
+    )
+    assert g2["rho"] == 0.0
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    w = [p.detach().clone() for p in extra.parameters()]
+
+    def closure():
+        loss = loss_fn(model, x, y) + extra(y).square().mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert all(not torch.equal(p, wi) for p, wi in zip(extra.parameters(), w))
+    assert all("momentum_buffer" in opt.state[p] for p in extra.parameters())
+
+
+# ---------------------------------------------------- closure conventions
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+def test_gradient_accumulation_in_the_closure_equals_the_full_batch(mode):
+    x, y = make_data(9, n=12)
+    base = BASE_BY_NAME["adam"]
+    m_full, m_acc = make_model(9), make_model(9)
+    o_full, o_acc = mode.make(base, m_full), mode.make(base, m_acc)
+    for _ in range(3):
+        with torch.no_grad():
+            expected_loss = loss_fn(m_acc, x, y)
+        full_loss = o_full.step(closure_for(o_full, m_full, x, y))
+        o_full.zero_grad()
+
+        def closure(n=3):
+            total = torch.zeros(())
+            for xb, yb in zip(x.chunk(n), y.chunk(n)):
+                loss = loss_fn(m_acc, xb, yb) / n
+                loss.backward()
+                total += loss.detach()
+            return total
+
+        acc_loss = o_acc.step(closure)
+        o_acc.zero_grad()
+        torch.testing.assert_close(acc_loss, expected_loss)  # the first-pass loss, at w
+        torch.testing.assert_close(full_loss.detach(), expected_loss)
+    torch.testing.assert_close(params_of(m_acc), params_of(m_full), rtol=1e-5, atol=1e-6)
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that records the global norm of the gradients it is given."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.norms: list[float] = []
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.norms.append(
+            float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            )
+        )
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("max_norm", [1e-3, 0.05, 1e3])
+def test_max_grad_norm_bounds_the_gradient_given_to_the_base_step(foreach, max_norm):
+    model = make_model(10)
+    x, y = make_data(10)
+    rec = _RecordingSGD(model.parameters(), lr=0.1)
+    opt = samkit.SAM(rec, rho=0.05, max_grad_norm=max_norm, foreach=foreach)
+    # what the base would get without clipping
+    free_model = make_model(10)
+    free = _RecordingSGD(free_model.parameters(), lr=0.1)
+    _run(samkit.SAM(free, rho=0.05), free_model, x, y, 1, "closure")
+    _run(opt, model, x, y, 1, "closure")
+    assert rec.norms[0] <= max_norm * (1 + 1e-5)
+    assert rec.norms[0] == pytest.approx(min(max_norm, free.norms[0]), rel=1e-5)
+
+
+# ------------------------------------------------------------ protocol
+
+
+def _pending_opt():
+    model = make_model(11)
+    x, y = make_data(11)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    return opt, model, x, y
+
+
+def test_protocol_misuse_raises():
+    opt, model, x, y = _pending_opt()
+    with pytest.raises(RuntimeError, match="second_step"):
+        opt.second_step()
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+    loss_fn(model, x, y).backward()
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="first_step"):
+        opt.state_dict()
+    with pytest.raises(RuntimeError, match="twice"):
+        opt.first_step()
+    loss_fn(model, x, y).backward()
+    opt.step()  # completes the pending step (what GradScaler.step calls)
+    assert opt.steps == 1 and not opt._pending
+    opt.state_dict()
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+def test_exception_in_second_pass_restores_weights_exactly(mode):
+    model = make_model(12)
+    x, y = make_data(12)
+    opt = mode.make(BASE_BY_NAME["sgd_nesterov"], model)
+    w = params_of(model)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Boom
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(_Boom):
+        opt.step(closure)
+    assert all_equal(params_of(model), w)
+    assert opt.steps == 0 and opt.state_dict()["samkit"]["steps"] == 0  # not pending any more
+    opt.zero_grad()
+    opt.step(closure_for(opt, model, x, y))  # and it can go on
+    assert opt.steps == 1
+
+
+def test_step_returns_the_first_pass_loss_and_counts():
+    opt, model, x, y = _pending_opt()
+    with torch.no_grad():
+        expected = loss_fn(model, x, y)
+    loss = opt.step(closure_for(opt, model, x, y))
+    assert torch.equal(loss.detach(), expected)
+    assert (opt.steps, opt.ascents) == (1, 1)
+
+
+def test_skip_nonfinite_without_scaler_leaves_weights_and_state_untouched():
+    model = make_model(13)
+    x, y = make_data(13)
+    opt = samkit.SAM(torch.optim.Adam(model.parameters(), lr=1e-2), rho=0.05, skip_nonfinite=True)
+    _run(opt, model, x, y, 1, "closure")
+    w, sd = params_of(model), roundtrip(opt.base_optimizer.state_dict())
+    for which in (1, 2):  # NaN in the first pass, then in the second pass
+        calls = []
+
+        def closure(calls=calls, which=which):
+            calls.append(1)
+            loss = loss_fn(model, x, y)
+            (loss * (float("nan") if len(calls) == which else 1.0)).backward()
+            return loss
+
+        opt.step(closure)
+        opt.zero_grad()
+        assert all_equal(params_of(model), w), which
+        assert state_equal(opt.base_optimizer.state_dict(), sd), which
+    _run(opt, model, x, y, 1, "closure")
+    assert not all_equal(params_of(model), w)
+
+
+# --------------------------------------------------------------- host sync
+
+
+def test_tensor_scale_path_makes_no_host_read(monkeypatch):
+    """The accelerator path of the ascent never reads a value back to the host.
+
+    On CPU, ``functional.scale_for`` deliberately returns a Python float (a
+    CPU 0-d tensor read is a memory load, not a device sync, and lets the add
+    fuse the scale). Elsewhere it returns a tensor; here the tensor path is
+    forced on CPU, and every way of reading a tensor to the host raises.
+    """
+    model = make_model(14)
+    x, y = make_data(14)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, adaptive=True)
+    ref_model = make_model(14)
+    ref = samkit.SAM(torch.optim.SGD(ref_model.parameters(), lr=0.1), rho=0.05, adaptive=True)
+    _run(ref, ref_model, x, y, 2, "explicit")
+
+    def tensor_scale(rho, norm, eps):
+        return rho / (norm + eps)
+
+    def no_host_read(*a, **k):
+        raise AssertionError("host read on the hot path")
+
+    monkeypatch.setattr(F, "scale_for", tensor_scale)
+    for _ in range(2):
+        loss_fn(model, x, y).backward()
+        with monkeypatch.context() as m:
+            for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist"):
+                m.setattr(torch.Tensor, name, no_host_read)
+            assert opt.first_step(zero_grad=True)
+        loss_fn(model, x, y).backward()
+        with monkeypatch.context() as m:
+            m.setattr(opt.base_optimizer, "step", lambda closure=None: None)
+            for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist"):
+                m.setattr(torch.Tensor, name, no_host_read)
+            opt.second_step()
+        opt.base_optimizer.step()
+        opt.zero_grad()
+    # the tensor-scale path computes the same step (to rounding: it scales, then adds)
+    torch.testing.assert_close(params_of(model), params_of(ref_model))
+
+
+def test_repr_and_forwarding():
+    opt, model, _, _ = _pending_opt()
+    assert opt.state is opt.base_optimizer.state
+    assert opt.defaults is opt.base_optimizer.defaults
+    assert opt.defaults["rho"] == 0.05
+    assert re.search(r"SAM\(rho=0\.05", repr(opt))
+
+
+# ------------------------------------------------------------------ dtypes
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_float64_and_mixed_dtype_params(foreach):
+    """One global norm across dtypes (grouped per dtype for the kernels); float64 is not narrowed."""
+    g = torch.Generator().manual_seed(0)
+    ps = [
+        torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(4, generator=g)),
+        torch.nn.Parameter(torch.randn(2, generator=g).to(torch.bfloat16)),
+        torch.nn.Parameter(torch.randn(2, generator=g, dtype=torch.float64)),
+    ]
+    targets = [torch.randn(p.shape, generator=g).to(p.dtype) for p in ps]
+    opt = samkit.SAM(torch.optim.SGD(ps, lr=0.1), rho=0.05, foreach=foreach)
+
+    def loss():
+        return sum(((p - t).double() ** 2).sum() for p, t in zip(ps, targets))
+
+    w = [p.detach().clone() for p in ps]
+    loss().backward()
+    grads = [p.grad.double() for p in ps]
+    norm = torch.sqrt(sum((gr**2).sum() for gr in grads))
+    assert opt.first_step(zero_grad=True)
+    for p, wi, gr in zip(ps, w, grads):
+        assert p.dtype == wi.dtype
+        expected = (wi.double() + 0.05 * gr / norm).to(p.dtype)
+        torch.testing.assert_close(
+            p.detach(), expected, rtol=1e-6 if p.dtype == torch.float64 else 1e-2, atol=1e-6
+        )
+    loss().backward()
+    opt.second_step()
+    assert all(torch.isfinite(p).all() for p in ps)
+    if foreach:
+        twin = [torch.nn.Parameter(wi.clone()) for wi in w]
+        ps2 = twin
+        opt2 = samkit.SAM(torch.optim.SGD(ps2, lr=0.1), rho=0.05, foreach=False)
+        closure_loss = lambda: sum(((p - t).double() ** 2).sum() for p, t in zip(ps2, targets))  # noqa: E731
+        closure_loss().backward()
+        opt2.first_step()
+        closure_loss().backward()
+        opt2.second_step()
+        assert all_equal([p.detach() for p in ps2], [p.detach() for p in ps])
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copy_and_pickle_keep_the_base_optimizer(how):
+    import pickle
+
+    model = make_model(15)
+    x, y = make_data(15)
+    opt = MODE_BY_NAME["asam"].make(BASE_BY_NAME["adam"], model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # installs a step wrapper
+    _run(opt, model, x, y, 2, "closure")
+    sched.step()
+    bundle = {"model": model, "opt": opt}
+    twin = copy.deepcopy(bundle) if how == "deepcopy" else pickle.loads(pickle.dumps(bundle))
+    m2, o2 = twin["model"], twin["opt"]
+    assert isinstance(o2.base_optimizer, torch.optim.Adam) and (o2.steps, o2.ascents) == (2, 2)
+    assert o2.param_groups[0]["params"][0] is next(m2.parameters())
+    _run(opt, model, x, y, 2, "closure")
+    _run(o2, m2, x, y, 2, "closure")
+    assert all_equal(params_of(model), params_of(m2))
+    assert state_equal(opt.state_dict(), o2.state_dict())
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+def test_first_step_without_zero_grad_keeps_the_gradients(mode):
+    x, y = make_data(16)
+    m1, m2 = make_model(16), make_model(16)
+    o1, o2 = mode.make(BASE_BY_NAME["sgd"], m1), mode.make(BASE_BY_NAME["sgd"], m2)
+    for m in (m1, m2):
+        loss_fn(m, x, y).backward()
+    g = [p.grad.clone() for p in m2.parameters()]
+    o1.first_step(zero_grad=True)
+    o2.first_step(zero_grad=False)
+    assert all(p.grad is None for p in m1.parameters())
+    assert all_equal(
+        [p.grad for p in m2.parameters()], g
+    )  # untouched, though ASAM / wd work in place
+    assert all_equal(params_of(m1), params_of(m2))  # the same ascent
+
+
+def test_sparse_gradients_are_refused():
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    opt = samkit.SAM(torch.optim.SGD(emb.parameters(), lr=0.1), rho=0.05)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.first_step()
+
+
+def test_sam_loads_a_plain_optimizer_state_dict():
+    x, y = make_data(17)
+    m_plain, m_sam = make_model(17), make_model(17)
+    plain = torch.optim.Adam(m_plain.parameters(), lr=1e-2)
+    for _ in range(2):
+        plain.zero_grad()
+        loss_fn(m_plain, x, y).backward()
+        plain.step()
+    m_sam.load_state_dict(m_plain.state_dict())
+    opt = samkit.SAM(torch.optim.Adam(m_sam.parameters(), lr=1e-2), rho=0.03)
+    opt.load_state_dict(roundtrip(plain.state_dict()))
+    assert (
+        opt.param_groups[0]["rho"] == 0.03 and opt.param_groups[0]["eta"] == 0.01
+    )  # SAM keys restored
+    assert opt.steps == 0
+    assert state_equal(opt.base_optimizer.state_dict()["state"], plain.state_dict()["state"])
+    _run(opt, m_sam, x, y, 1, "closure")

@@ -1,0 +1,143 @@
+"""rho schedules: ProportionalRho (GSAM, arXiv 2203.08065) and LambdaRho."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import samkit
+
+
+def _sam(rhos=(0.1,), lr=0.2):
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "rho": r} for r in rhos]
+    return samkit.SAM(torch.optim.SGD(groups, lr=lr, momentum=0.9), rho=0.05)
+
+
+@given(st.floats(0.0, 1.0), st.floats(0.0, 0.05), st.floats(0.06, 1.0))
+def test_proportional_rho_is_linear_in_lr_and_clamped(frac, rho_min, rho_max):
+    opt = _sam()
+    sched = samkit.ProportionalRho(opt, rho_max=rho_max, rho_min=rho_min, lr_max=0.2, lr_min=0.02)
+    lr = 0.02 + (0.2 - 0.02) * frac
+    opt.param_groups[0]["lr"] = lr
+    sched.step()
+    expected = rho_min + (rho_max - rho_min) * (lr - 0.02) / (0.2 - 0.02)
+    assert opt.param_groups[0]["rho"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    # outside [lr_min, lr_max] rho is clamped to [rho_min, rho_max]
+    opt.param_groups[0]["lr"] = 0.0
+    sched.step()
+    assert opt.param_groups[0]["rho"] == rho_min
+    opt.param_groups[0]["lr"] = 5.0
+    sched.step()
+    assert opt.param_groups[0]["rho"] == rho_max
+
+
+def test_proportional_rho_follows_a_cosine_schedule_per_group():
+    opt = _sam(rhos=(0.1, 0.02), lr=0.4)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    rho_sched = samkit.ProportionalRho(opt)  # defaults: each group's rho and initial lr
+    assert rho_sched.rho_max == [0.1, 0.02] and rho_sched.lr_max == [0.4, 0.4]
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def closure():
+        loss = sum(p.square().sum() for p in params) + 1.0
+        loss.backward()
+        return loss
+
+    for _ in range(10):
+        opt.step(closure)
+        opt.zero_grad()
+        lr_sched.step()
+        rho_sched.step()
+        lr = opt.param_groups[0]["lr"]
+        assert opt.param_groups[0]["rho"] == pytest.approx(0.1 * lr / 0.4)
+        assert opt.param_groups[1]["rho"] == pytest.approx(0.02 * lr / 0.4)
+    assert opt.param_groups[0]["rho"] == pytest.approx(0.0, abs=1e-12)  # lr reached 0
+
+
+def test_proportional_rho_state_dict_roundtrip():
+    opt = _sam()
+    a = samkit.ProportionalRho(opt, rho_min=0.01, lr_min=0.01)
+    opt2 = _sam()
+    b = samkit.ProportionalRho(opt2, rho_max=0.5)
+    b.load_state_dict(a.state_dict())
+    assert "optimizer" not in a.state_dict()
+    assert (b.rho_max, b.rho_min, b.lr_max, b.lr_min) == (a.rho_max, a.rho_min, a.lr_max, a.lr_min)
+    assert b.optimizer is opt2
+    opt.param_groups[0]["lr"] = opt2.param_groups[0]["lr"] = 0.07
+    a.step()
+    b.step()
+    assert opt.param_groups[0]["rho"] == opt2.param_groups[0]["rho"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rho_max": -0.1}, r"rho_max.*-0\.1"),
+        ({"rho_min": -0.1}, r"rho_min.*-0\.1"),
+        ({"rho_min": 0.5}, r"rho_min.*0\.5"),
+        ({"lr_max": 0.1, "lr_min": 0.1}, r"lr_max.*0\.1"),
+        ({"lr_max": float("nan")}, r"lr_max.*nan"),
+    ],
+)
+def test_proportional_rho_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        samkit.ProportionalRho(_sam(), **kwargs)
+
+
+def test_schedules_need_a_sam_optimizer():
+    plain = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="optimizer.*rho"):
+        samkit.ProportionalRho(plain)
+    with pytest.raises(ValueError, match="optimizer.*rho"):
+        samkit.LambdaRho(plain, lambda t: 1.0)
+    with pytest.raises(ValueError, match="optimizer.*list"):
+        samkit.ProportionalRho([1, 2])
+
+
+@given(st.integers(0, 20), st.floats(0.0, 3.0))
+def test_lambda_rho_multiplies_initial_rho(steps, slope):
+    opt = _sam(rhos=(0.1, 0.0, 0.3))
+    sched = samkit.LambdaRho(opt, lambda t: 1.0 + slope * t)
+    for _ in range(steps):
+        sched.step()
+    f = 1.0 + slope * steps
+    assert [g["rho"] for g in opt.param_groups] == [0.1 * f, 0.0, 0.3 * f]
+
+
+def test_lambda_rho_state_dict_and_errors():
+    opt = _sam(rhos=(0.1,))
+    sched = samkit.LambdaRho(opt, lambda t: 0.5**t)
+    assert opt.param_groups[0]["rho"] == 0.1  # fn(0) applied at construction
+    sched.step()
+    sched.step()
+    sd = sched.state_dict()
+    opt2 = _sam(rhos=(0.7,))
+    sched2 = samkit.LambdaRho(opt2, lambda t: 0.5**t)
+    sched2.load_state_dict(sd)
+    assert opt2.param_groups[0]["rho"] == pytest.approx(0.025) == opt.param_groups[0]["rho"]
+    with pytest.raises(ValueError, match="fn"):
+        samkit.LambdaRho(opt, "not callable")
+    with pytest.raises(ValueError, match=r"fn.*-1"):
+        samkit.LambdaRho(opt, lambda t: -1.0)
+    bad = samkit.LambdaRho(_sam(), lambda t: 1.0 - t)
+    bad.step()  # fn(1) = 0 is allowed
+    with pytest.raises(ValueError, match=r"fn\(2\)"):
+        bad.step()
+
+
+def test_rho_schedule_is_used_by_the_next_sam_step():
+    w = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
+    opt = samkit.SAM(torch.optim.SGD([w], lr=0.0), rho=0.1)
+    sched = samkit.LambdaRho(opt, lambda t: 0.0 if t == 1 else 1.0)
+    moved = []
+    for _ in range(2):
+        (w[0] * 3.0).backward()
+        moved.append(opt.first_step())
+        if moved[-1]:
+            (w[0] * 3.0).backward()
+        opt.second_step(zero_grad=True)
+        sched.step()
+    assert moved == [True, False]  # rho 0 on the second step: no ascent at all
+    assert opt.ascents == 1 and opt.steps == 2
