@@ -64,7 +64,7 @@ class SAM(torch.optim.Optimizer):
             first pass runs under ``no_sync`` (m-sharpness).
         ddp_ascent: ``"local"`` (default; each replica ascends along its own
             gradient, as in the original SAM) or ``"global"`` (the ascent uses
-            the all-reduced gradient).
+            the all-reduced gradient; needed with DDP's ``static_graph=True``).
         max_grad_norm: clip the final (second-pass) gradient to this global
             L2 norm before the base step.
         skip_nonfinite: skip a step whose gradient (either pass) is not
@@ -132,6 +132,13 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"Invalid ddp_ascent value: {ddp_ascent!r} (expected 'local' or 'global')")
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model value: expected an nn.Module, got {type(model).__name__}")
+        if ddp_ascent == "local" and hasattr(model, "no_sync") and getattr(model, "static_graph", False):
+            # torch's DDP crashes (or silently stops all-reducing) when a
+            # static-graph model runs a pass under no_sync: pytorch#143580.
+            raise ValueError(
+                "Invalid ddp_ascent value: 'local' runs the first pass under no_sync, which DDP with "
+                "static_graph=True does not support; use ddp_ascent='global' or static_graph=False"
+            )
         if perturbation is not None and adaptive:
             raise ValueError("Invalid adaptive value: give adaptive=True or a perturbation, not both")
         if perturbation is not None and not isinstance(perturbation, Perturbation):
