@@ -1,0 +1,184 @@
+"""benchmarks/overhead.py runs end to end and reports sane, complete results.
+
+No assertions on wall time: only the structure of the JSON, that ratios are
+positive finite numbers, and the things that are not timings (every
+implementation computes the same perturbation and restores exactly; the
+memory counts). The timing helpers are tested on their own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    pytest.importorskip("pytorch_optimizer")
+    path = tmp_path_factory.mktemp("bench") / "out.json"
+    overhead = load("overhead")
+    returned = overhead.main(["--size", "tiny", "--trials", "2", "--json", str(path)])
+    on_disk = json.loads(path.read_text())
+    assert os.listdir(path.parent) == ["out.json"]  # written atomically, no temp file left
+    return overhead, returned, on_disk
+
+
+def positive_finite(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_json_matches_return_value(result):
+    _, returned, on_disk = result
+    assert json.loads(json.dumps(returned)) == on_disk
+
+
+def test_overhead_rows_and_ratios(result):
+    overhead, _, res = result
+    expected = [name for name, _ in overhead.CANDIDATES]
+    for key in ("many", "large"):
+        sec = res["overhead"][key]
+        assert [r["method"] for r in sec["rows"]] == expected
+        model = overhead.many_tensor_model(True) if key == "many" else overhead.large_model(True)
+        assert sec["n_tensors"] == len(list(model.parameters()))
+        assert sec["n_params"] == sum(p.numel() for p in model.parameters())
+        for r in sec["rows"]:
+            for field in ("seconds", "vs_samkit", "samkit_ratio", "vs_floor", "extra_memory_x"):
+                assert positive_finite(r[field]), (key, r["method"], field, r[field])
+        for field in ("pass_seconds", "floor_seconds"):
+            assert positive_finite(sec[field])
+        samkit = sec["rows"][0]
+        assert samkit["vs_samkit"] == 1.0
+
+
+def test_every_implementation_agrees_and_restores_exactly(result):
+    _, _, res = result
+    for sec in res["overhead"].values():
+        for r in sec["rows"]:
+            assert r["rel_error"] < 1e-5, r  # w + rho g/||g|| vs float64 maths
+            assert r["exact_restore"], r
+
+
+def test_memory_counts(result):
+    _, _, res = result
+    for sec in res["overhead"].values():
+        rows = {r["method"]: r for r in sec["rows"]}
+        # samkit keeps exactly one weight backup between steps, and its
+        # steps allocate nothing parameter-sized on top.
+        assert rows["samkit"]["held_memory_x"] == 1.0
+        assert 1.0 <= rows["samkit"]["extra_memory_x"] < 1.05
+        # The peer clones the weights every step and frees them after:
+        # nothing held, one copy at the peak; its foreach path adds a second.
+        assert rows["pytorch-optimizer"]["held_memory_x"] == 0.0
+        assert rows["pytorch-optimizer foreach=True"]["extra_memory_x"] >= 2.0
+
+
+def test_full_step_and_targets(result):
+    overhead, _, res = result
+    rows = res["full_step"]["rows"]
+    assert [r["method"] for r in rows] == ["SGD", "samkit SAM", "pytorch-optimizer SAM"]
+    assert all(positive_finite(r["vs_sgd"]) for r in rows)
+    assert set(res["targets"]) == set(overhead.TARGETS)
+    for t in res["targets"].values():
+        assert positive_finite(t["value"]) and isinstance(t["met"], bool)
+    assert all(positive_finite(v) for v in res["ratios"].values())
+    assert res["settings"] == {"size": "tiny", "trials": 2, "rho": overhead.RHO}
+
+
+@pytest.mark.parametrize("argv", [["--trials", "0"], ["--size", "huge"], ["--threads", "-1"]])
+def test_bad_arguments_exit_2(argv, capsys):
+    overhead = load("overhead")
+    with pytest.raises(SystemExit) as e:
+        overhead.main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip()
+
+
+# ----------------------------------------------------------- _common helpers
+def test_time_interleaved_runs_setup_before_every_call():
+    common = load("_common")
+    log = []
+    out = common.time_interleaved(
+        {
+            "a": (lambda: log.append("a"), lambda: log.append("sa")),
+            "b": (lambda: log.append("b"), None),
+        },
+        trials=3,
+        number=2,
+        warmup=1,
+    )
+    assert [len(v) for v in out.values()] == [3, 3]
+    assert log.count("a") == log.count("sa") == 3 * 2 + 1
+    assert log.count("b") == 3 * 2 + 1
+    # Interleaved: after warm-up, a's trial (2 calls) then b's, round after round.
+    assert log[3:] == (["sa", "a", "sa", "a", "b", "b"]) * 3
+    with pytest.raises(ValueError, match="trials=0"):
+        common.time_interleaved({"a": (lambda: None, None)}, trials=0, number=1, warmup=0)
+
+
+def test_paired_ratio_cancels_a_common_slowdown():
+    common = load("_common")
+    # Round 2 ran under load that slowed both candidates fivefold.
+    assert common.paired_ratio([1.0, 5.0, 1.1], [2.0, 10.0, 2.2]) == 0.5
+    assert common.median([3.0, 1.0, 2.0]) == 2.0
+    with pytest.raises(ValueError, match="equal"):
+        common.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_peak_extra_bytes_sees_torch_cpu_allocations():
+    common = load("_common")
+    n = 1 << 20  # 4 MiB of float32
+    kept = []
+
+    def sequential():
+        a = torch.ones(n)
+        del a
+        b = torch.ones(n)
+        del b
+
+    def overlapping():
+        a = torch.ones(n)
+        b = torch.ones(n)
+        del a, b
+
+    peak_seq = common.peak_extra_bytes(sequential)
+    peak_both = common.peak_extra_bytes(overlapping)
+    peak_kept = common.peak_extra_bytes(lambda: kept.append(torch.empty(n)))
+    assert 4 * n <= peak_seq < 4 * n + 4096
+    assert 8 * n <= peak_both < 8 * n + 4096
+    assert 4 * n <= peak_kept < 4 * n + 4096
+
+
+def test_write_json_is_atomic_and_print_table_aligns(tmp_path, capsys):
+    common = load("_common")
+    path = tmp_path / "sub" / "r.json"
+    common.write_json(str(path), {"x": 1.5})
+    assert json.loads(path.read_text()) == {"x": 1.5}
+    assert os.listdir(path.parent) == ["r.json"]
+    with pytest.raises(TypeError):
+        common.write_json(str(path), {"x": object()})
+    assert json.loads(path.read_text()) == {"x": 1.5}  # old file intact
+    assert os.listdir(path.parent) == ["r.json"]  # no temp file left behind
+
+    common.print_table(["name", "t"], [["a", 1234.4], ["bb", 0.123]])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["| name | t    |", "|------|------|", "| a    | 1234 |", "| bb   | 0.12 |"]
