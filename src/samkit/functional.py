@@ -65,11 +65,16 @@ def sq_norm(tensors: TensorList, *, foreach: bool) -> Tensor:
     float32 (half / bfloat16 / float32 inputs) or float64 (if any input is
     float64: norm kernels refuse to narrow it).
     """
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    dtypes = {t.dtype for t in tensors}
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    # Asking for an output dtype makes the norm kernels markedly slower on many
+    # small tensors; when the inputs already are the accumulation dtype the
+    # result is the same bits without it.
+    kw = {} if dtypes == {acc} else {"dtype": acc}
     if foreach:
-        norms = torch._foreach_norm(tensors, 2, dtype=acc)
+        norms = torch._foreach_norm(tensors, 2, **kw)
     else:
-        norms = [torch.linalg.vector_norm(t, 2, dtype=acc) for t in tensors]
+        norms = [torch.linalg.vector_norm(t, 2, **kw) for t in tensors]
     return torch.stack(norms).square().sum()
 
 

@@ -469,26 +469,29 @@ class SAM(torch.optim.Optimizer):
             if wd:
                 for (_, _), (ps, ds) in F.group_by_device(params, dirs).items():
                     F.add_(ds, ps, alpha=wd, foreach=fe)
-            for (_, _), (ps, ds, ss) in F.group_by_device(params, dirs, scratch).items():
+            buckets = list(F.group_by_device(params, dirs, scratch).values())
+            for ps, ds, ss in buckets:
                 sq.append(self.perturbation.measure_(ps, ds, ss, group, foreach=fe))
-            work.append((group, params, dirs, scratch))
+            work.append((group, buckets))
         norm = F.global_norm(sq)
-        bad = ~torch.isfinite(norm) if found_inf is None else (found_inf > 0) | ~torch.isfinite(norm)
-        if check and self._any_replica(bad, local):
-            self._skip = True
-            if zero_grad:  # the scratch gradients were modified: make them plainly non-finite
-                for _, _, dirs, _ in work:
-                    F.mul_(dirs, float("nan"), foreach=fe)
-            return False
+        if check:
+            bad = ~torch.isfinite(norm) if found_inf is None else (found_inf > 0) | ~torch.isfinite(norm)
+            if self._any_replica(bad, local):
+                self._skip = True
+                if zero_grad:  # the scratch gradients were modified: make them plainly non-finite
+                    for _, buckets in work:
+                        for _, ds, _ in buckets:
+                            F.mul_(ds, float("nan"), foreach=fe)
+                return False
 
         perturbed = []
-        for group, params, dirs, scratch in work:
+        for group, buckets in work:
             scale = F.scale_for(group["rho"] * factor, norm, self.eps)
-            for (_, _), (ps, ds, ss) in F.group_by_device(params, dirs, scratch).items():
+            for ps, ds, ss in buckets:
                 self.perturbation.direction_(ps, ds, ss, group, foreach=fe)
                 F.copy_(ss, ps, foreach=fe)  # backup w (exact)
                 F.add_scaled_(ps, ds, scale, foreach=fe)  # w <- w + e
-            perturbed.append((params, scratch))
+                perturbed.append((ps, ss))
         self._perturbed = perturbed
         self.ascents += 1
         # The second pass makes fresh gradients, scaled again by the GradScaler:
@@ -496,15 +499,21 @@ class SAM(torch.optim.Optimizer):
         # first-pass gradients that were unscaled above).
         self._unscaled = False
         if zero_grad:
-            self.zero_grad()
+            if type(self.base_optimizer).zero_grad is torch.optim.Optimizer.zero_grad:
+                # What the default zero_grad(set_to_none=True) does, without
+                # walking every group again: only these params have gradients.
+                for _, params, _ in gathered:
+                    for p in params:
+                        p.grad = None
+            else:
+                self.zero_grad()
         return True
 
     @torch.no_grad()
     def _restore(self) -> None:
         if self._perturbed is not None:
-            for params, scratch in self._perturbed:
-                for (_, _), (ps, ss) in F.group_by_device(params, scratch).items():
-                    F.copy_(ps, ss, foreach=self.foreach)
+            for ps, ss in self._perturbed:  # already grouped by device and dtype
+                F.copy_(ps, ss, foreach=self.foreach)
             self._perturbed = None
         if self._bn_ctx is not None:
             self._bn_ctx.close()
