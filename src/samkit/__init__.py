@@ -1,18 +1,59 @@
-"""samkit: Sharpness-Aware Minimization for PyTorch, done right."""
+"""samkit: Sharpness-Aware Minimization for PyTorch, done right.
 
-from .optim import SAM, Adaptive, Always, L2, Perturbation, Policy, freeze_bn_stats
-from .optim.schedule import LambdaRho, ProportionalRho
+The optimizers depend on torch alone; ``samkit.sharpness`` (instruments),
+``samkit.experiments`` (the study) and ``samkit.cli`` are imported on demand.
+"""
+
+from .optim import (
+    ESAM,
+    GSAM,
+    L2,
+    MESA,
+    MSAM,
+    SAF,
+    SAM,
+    Adaptive,
+    AdaptivePolicy,
+    Always,
+    EveryK,
+    Fisher,
+    LambdaRho,
+    Late,
+    LookSAM,
+    Masked,
+    NormOnly,
+    Perturbation,
+    Policy,
+    ProportionalRho,
+    RandomPolicy,
+    RandomSubset,
+    freeze_bn_stats,
+)
 
 __all__ = [
     "SAM",
+    "GSAM",
+    "LookSAM",
+    "ESAM",
+    "MSAM",
+    "SAF",
+    "MESA",
     "Perturbation",
     "L2",
     "Adaptive",
+    "Fisher",
+    "Masked",
+    "NormOnly",
+    "RandomSubset",
     "Policy",
     "Always",
-    "freeze_bn_stats",
+    "EveryK",
+    "RandomPolicy",
+    "AdaptivePolicy",
+    "Late",
     "ProportionalRho",
     "LambdaRho",
+    "freeze_bn_stats",
 ]
 
 __version__ = "0.1.0"

@@ -1,8 +1,39 @@
-"""The SAM optimizer family."""
+"""The SAM optimizer family: the wrapper, its pieces (perturbations, policies,
+schedules) and the variants with an update of their own."""
 
 from .batchnorm import freeze_bn_stats
-from .perturbation import L2, Adaptive, Perturbation
-from .policy import Always, Policy
+from .esam import ESAM
+from .gsam import GSAM
+from .looksam import LookSAM
+from .msam import MSAM
+from .perturbation import L2, Adaptive, Fisher, Masked, NormOnly, Perturbation, RandomSubset
+from .policy import AdaptivePolicy, Always, EveryK, Late, Policy, RandomPolicy
+from .saf import MESA, SAF
 from .sam import SAM
+from .schedule import LambdaRho, ProportionalRho
 
-__all__ = ["SAM", "Perturbation", "L2", "Adaptive", "Policy", "Always", "freeze_bn_stats"]
+__all__ = [
+    "SAM",
+    "GSAM",
+    "LookSAM",
+    "ESAM",
+    "MSAM",
+    "SAF",
+    "MESA",
+    "Perturbation",
+    "L2",
+    "Adaptive",
+    "Fisher",
+    "Masked",
+    "NormOnly",
+    "RandomSubset",
+    "Policy",
+    "Always",
+    "EveryK",
+    "RandomPolicy",
+    "AdaptivePolicy",
+    "Late",
+    "ProportionalRho",
+    "LambdaRho",
+    "freeze_bn_stats",
+]

@@ -11,18 +11,31 @@ resumed run makes the same choices as one that never stopped.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import functional as _F
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sam import SAM
 
-__all__ = ["Policy", "Always"]
+__all__ = ["Policy", "Always", "EveryK", "RandomPolicy", "AdaptivePolicy", "Late"]
 
 
 class Policy:
-    """Base class. Subclasses override :meth:`should_ascend`."""
+    """Base class. Subclasses override :meth:`should_ascend`.
+
+    Under DDP with local ascent, replicas must take the same decision. A policy
+    whose answer is the same on every replica by construction (a function of
+    the step count, a generator seeded alike, statistics of all-reduced
+    values) sets ``replica_consistent = True``; for any other, SAM all-reduces
+    the decision (one scalar and a host read per step).
+    """
 
     name = "policy"
+    replica_consistent = False
 
     def should_ascend(self, sam: SAM) -> bool:  # noqa: D401
         """Return True to pay for the ascent on this step (``sam.steps`` steps done so far)."""
@@ -46,6 +59,244 @@ class Always(Policy):
     """Every step ascends: plain SAM."""
 
     name = "always"
+    replica_consistent = True
 
     def should_ascend(self, sam: SAM) -> bool:
         return True
+
+
+# --------------------------------------------------------------------------
+# Variants: every k steps, random (RST), adaptive (AE-SAM), late.
+# --------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Invalid {name} value: {value!r} (must be an int >= {low})")
+    return value
+
+
+def _check_prob(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"Invalid {name} value: {value!r} (must be in [0, 1])")
+    return float(value)
+
+
+class EveryK(Policy):
+    r"""Ascend on one step in ``k`` (steps 0, k, 2k, ...): MosaicML Composer's
+    "SAM every k steps".
+
+    Composer's advice is to scale rho with the interval (k 10, rho 0.5 where
+    every-step SAM uses 0.05), so by default every group's rho is multiplied
+    by ``k`` on the steps that ascend. Cost: ``1 + 1/k`` passes per step.
+
+    Args:
+        k: the interval (>= 1; 1 is plain SAM).
+        scale_rho: multiply rho by ``k`` (default True).
+    """
+
+    name = "every_k"
+    replica_consistent = True
+
+    def __init__(self, k: int = 10, *, scale_rho: bool = True) -> None:
+        self.k = _check_int("k", k, 1)
+        self.scale_rho = bool(scale_rho)
+
+    def should_ascend(self, sam: SAM) -> bool:
+        return sam.steps % self.k == 0
+
+    def rho_factor(self, sam: SAM) -> float:
+        return float(self.k) if self.scale_rho else 1.0
+
+    def __repr__(self) -> str:
+        return f"EveryK(k={self.k}, scale_rho={self.scale_rho})"
+
+
+class RandomPolicy(Policy):
+    r"""Randomized sharpness-aware training (RST; Zhao et al., 2022, arXiv 2203.09962).
+
+    Each step ascends with probability ``p_t`` (a Bernoulli trial), which is
+    ``p`` throughout, or moves linearly from ``p`` to ``p_end`` over
+    ``total_steps`` steps. Expected cost: ``1 + mean(p_t)`` passes per step.
+
+    The draws come from this policy's own CPU generator, seeded by ``seed``
+    and saved in :meth:`state_dict`: a resumed run makes the same choices, and
+    all DDP replicas (same seed) agree without communicating.
+
+    Args:
+        p: probability of a SAM step (default 0.5), or the start of the schedule.
+        p_end: the probability at ``total_steps`` (default: ``p``, constant).
+        total_steps: length of the linear schedule; needed with ``p_end``.
+        seed: seed of the generator.
+    """
+
+    name = "random"
+    replica_consistent = True
+
+    def __init__(
+        self, p: float = 0.5, *, p_end: float | None = None, total_steps: int | None = None, seed: int = 0
+    ) -> None:
+        self.p = _check_prob("p", p)
+        self.p_end = self.p if p_end is None else _check_prob("p_end", p_end)
+        if self.p_end != self.p and total_steps is None:
+            raise ValueError("Invalid total_steps value: None (needed to move p to p_end)")
+        self.total_steps = None if total_steps is None else _check_int("total_steps", total_steps, 1)
+        self.seed = _check_int("seed", seed, -(2**63))
+        self._gen = torch.Generator()
+        self._gen.manual_seed(seed)
+
+    def probability(self, step: int) -> float:
+        """``p_t`` at a given step count."""
+        if self.total_steps is None:
+            return self.p
+        frac = min(step / self.total_steps, 1.0)
+        return self.p + (self.p_end - self.p) * frac
+
+    def should_ascend(self, sam: SAM) -> bool:
+        # one draw per step, whatever p is, so the stream stays aligned
+        u = float(torch.rand((), generator=self._gen))
+        return u < self.probability(sam.steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self._gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self._gen.set_state(state["generator"].cpu())
+
+    def __repr__(self) -> str:
+        return f"RandomPolicy(p={self.p}, p_end={self.p_end}, total_steps={self.total_steps}, seed={self.seed})"
+
+
+class AdaptivePolicy(Policy):
+    r"""AE-SAM (Jiang et al., ICLR 2023, arXiv 2304.14647): ascend where the
+    landscape looks sharp.
+
+    With ``x_t = ||g_t||^2`` the squared norm of the first-pass gradient,
+    exponential moving estimates of its mean and variance
+
+    .. math:: \mu_t = \delta \mu_{t-1} + (1-\delta) x_t, \qquad
+              \sigma^2_t = \delta \sigma^2_{t-1} + (1-\delta)(x_t - \mu_t)^2
+
+    and a threshold coefficient ``c_t`` moving linearly from ``c_start`` to
+    ``c_end`` over ``total_steps``, the step ascends iff
+    ``x_t >= mu_t + c_t sigma_t``. Raising ``c`` over training spends fewer
+    SAM steps late (where SAM matters less according to the paper); the
+    defaults give roughly half the steps early and fewer later.
+
+    Costs: one extra pass over the gradients and **one host read per step**
+    (the decision is a Python bool; on a GPU this is a device sync).
+
+    Under DDP with ``ddp_ascent="local"`` each replica's first-pass gradient
+    differs, so the squared norm is averaged across replicas with one scalar
+    all-reduce before deciding: every replica takes the same decision.
+
+    Args:
+        total_steps: the training length (for the ``c`` schedule).
+        c_start, c_end: the threshold coefficient at the start and at the end
+            (default -1 and 1).
+        decay: ``delta``, the moving-average decay, in [0, 1) (default 0.9).
+    """
+
+    name = "adaptive"
+    replica_consistent = True
+
+    def __init__(
+        self, total_steps: int, *, c_start: float = -1.0, c_end: float = 1.0, decay: float = 0.9
+    ) -> None:
+        self.total_steps = _check_int("total_steps", total_steps, 1)
+        for name, v in (("c_start", c_start), ("c_end", c_end)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"Invalid {name} value: {v!r} (must be a finite number)")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"Invalid decay value: {decay!r} (must be in [0, 1))")
+        self.c_start, self.c_end, self.decay = float(c_start), float(c_end), float(decay)
+        self.mean: float | None = None
+        self.var = 0.0
+        self.last_sq_norm = float("nan")
+
+    def threshold_coefficient(self, step: int) -> float:
+        frac = min(step / self.total_steps, 1.0)
+        return self.c_start + (self.c_end - self.c_start) * frac
+
+    @staticmethod
+    def _sq_norm(sam: SAM) -> float:
+        pieces = []
+        for _, _, grads in sam._gather():
+            for (_, _), (gs,) in _F.group_by_device(grads).items():
+                pieces.append(_F.sq_norm(gs, foreach=sam.foreach))
+        if not pieces:
+            return 0.0
+        total = _F.global_norm(pieces).square()
+        dist = torch.distributed
+        group = sam._process_group() if hasattr(sam, "_process_group") else None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            # the running statistics must be the same on every replica; with
+            # ddp_ascent="global" the values are already equal and this changes nothing
+            total = total.reshape(1).clone()
+            dist.all_reduce(total, group=group)
+            total = total / dist.get_world_size(group)
+        return float(total)
+
+    def should_ascend(self, sam: SAM) -> bool:
+        x = self._sq_norm(sam)
+        self.last_sq_norm = x
+        if not math.isfinite(x):
+            return True  # let SAM's non-finite handling see it; stats stay clean
+        if self.mean is None:
+            self.mean, self.var = x, 0.0
+        else:
+            d = self.decay
+            self.mean = d * self.mean + (1.0 - d) * x
+            self.var = d * self.var + (1.0 - d) * (x - self.mean) ** 2
+        return x >= self.mean + self.threshold_coefficient(sam.steps) * math.sqrt(self.var)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "mean" in state:
+            self.mean = None if state["mean"] is None else float(state["mean"])
+            self.var = float(state["var"])
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaptivePolicy(total_steps={self.total_steps}, c_start={self.c_start}, "
+            f"c_end={self.c_end}, decay={self.decay})"
+        )
+
+
+class Late(Policy):
+    r"""SAM only in the last part of training (Zhou et al., 2024, arXiv 2410.10373).
+
+    The paper finds that SAM selects flatter minima late in training: a few
+    final epochs of SAM after plain training give most of its benefit. Steps
+    before ``start_step`` are plain base-optimizer steps.
+
+    Args:
+        start_step: the first step that ascends; or give both
+        total_steps and fraction: SAM on the last ``fraction`` of the steps.
+    """
+
+    name = "late"
+    replica_consistent = True
+
+    def __init__(
+        self, start_step: int | None = None, *, total_steps: int | None = None, fraction: float | None = None
+    ) -> None:
+        if start_step is not None:
+            if total_steps is not None or fraction is not None:
+                raise ValueError("Invalid start_step value: give start_step, or total_steps and fraction, not both")
+            self.start_step = _check_int("start_step", start_step, 0)
+        else:
+            if total_steps is None or fraction is None:
+                raise ValueError("Invalid start_step value: None (give start_step, or total_steps and fraction)")
+            total = _check_int("total_steps", total_steps, 1)
+            frac = _check_prob("fraction", fraction)
+            self.start_step = int(round(total * (1.0 - frac)))
+
+    def should_ascend(self, sam: SAM) -> bool:
+        return sam.steps >= self.start_step
+
+    def __repr__(self) -> str:
+        return f"Late(start_step={self.start_step})"

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .batchnorm import freeze_bn_stats
-from .perturbation import Adaptive, L2, Perturbation
+from .perturbation import L2, Adaptive, Perturbation
 from .policy import Policy
 
 __all__ = ["SAM"]

@@ -1,0 +1,155 @@
+r"""ESAM: efficient SAM (Du et al., ICLR 2022, arXiv 2110.03141).
+
+Two savings on top of SAM:
+
+* **Stochastic weight perturbation (SWP)**: only a random fraction ``beta``
+  of the weights is perturbed, rescaled by ``1/beta``
+  (:class:`~samkit.optim.perturbation.RandomSubset`).
+* **Sharpness-sensitive data selection (SDS)**: after the ascent, one
+  forward pass without gradients measures each sample's loss increase
+  :math:`\ell_i(w + e) - \ell_i(w)`; the second backward pass runs only on
+  the ``gamma`` fraction of the batch whose loss rose most:
+
+  .. math:: \tilde g = \nabla_w \frac{1}{|B^+|} \sum_{i \in B^+} \ell_i(w + e),
+            \qquad B^+ = \operatorname{top}_{\lceil \gamma |B| \rceil}
+            \big(\ell_i(w + e) - \ell_i(w)\big)
+
+Per step: one forward/backward on the batch, one forward on the batch, one
+forward/backward on ``gamma`` of it (``gamma=1`` skips the selection and is
+plain SAM with SWP).
+
+Because the selection needs per-sample losses, ESAM's closure differs from
+SAM's: it takes the indices of the samples to use (``None`` for the whole
+batch) and returns the **per-sample** losses *without* calling backward;
+ESAM does the backward passes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .perturbation import Perturbation, RandomSubset
+from .sam import SAM
+
+__all__ = ["ESAM"]
+
+
+class ESAM(SAM):
+    r"""ESAM (arXiv 2110.03141); see the module docstring.
+
+    Args:
+        params_or_optimizer, base_optimizer: as :class:`~samkit.SAM`.
+        rho: the radius (default 0.05).
+        beta: SWP's fraction of perturbed weights, in (0, 1] (default 0.5;
+            the paper uses 0.5 to 0.6). 1 turns SWP off.
+        gamma: SDS's fraction of samples in the second pass, in (0, 1]
+            (default 0.5). 1 turns SDS off.
+        seed: seed of the SWP mask generator (saved in ``state_dict``).
+        perturbation: the perturbation SWP masks (default L2; e.g.
+            ``Adaptive()`` for ESAM on ASAM).
+        **kwargs: the other :class:`~samkit.SAM` arguments.
+
+    Use :meth:`step` with a per-sample closure::
+
+        def closure(index=None):
+            xb, yb = (x, y) if index is None else (x[index], y[index])
+            return F.cross_entropy(model(xb), yb, reduction="none")
+
+        loss = opt.step(closure)
+
+    Works with ``model=`` (BatchNorm statistics from the first pass only),
+    DDP (each replica selects among its own samples; the second backward
+    all-reduces as usual) and ``scaler=`` (fp16 AMP). Gradient accumulation
+    over several micro-batches inside one step is not supported: the
+    selection is per batch.
+    """
+
+    def __init__(
+        self,
+        params_or_optimizer: Any,
+        base_optimizer: type[torch.optim.Optimizer] | None = None,
+        *,
+        rho: float = 0.05,
+        beta: float = 0.5,
+        gamma: float = 0.5,
+        seed: int = 0,
+        perturbation: Perturbation | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < gamma <= 1.0:
+            raise ValueError(f"Invalid gamma value: {gamma!r} (must be in (0, 1])")
+        if kwargs.get("adaptive"):
+            raise ValueError("Invalid adaptive value: pass perturbation=Adaptive() to ESAM instead")
+        if perturbation is not None and not isinstance(perturbation, Perturbation):
+            raise ValueError(f"Invalid perturbation value: {perturbation!r} is not a samkit Perturbation")
+        swp = RandomSubset(beta, seed=seed, inner=perturbation)  # validates beta and seed
+        super().__init__(params_or_optimizer, base_optimizer, rho=rho, perturbation=swp, **kwargs)
+        self.beta = swp.beta
+        self.gamma = float(gamma)
+        self.last_selected: Tensor | None = None  # indices used by the last second pass
+
+    def __repr__(self) -> str:
+        return (
+            f"ESAM(rho={self._sam_defaults['rho']}, beta={self.beta}, gamma={self.gamma}, "
+            f"base={self.base_optimizer!r})"
+        )
+
+    def select(self, before: Tensor, after: Tensor) -> Tensor:
+        """Indices of the ``ceil(gamma * n)`` samples whose loss rose most (SDS)."""
+        n = before.numel()
+        m = max(1, math.ceil(self.gamma * n))
+        return torch.topk((after - before).reshape(-1), m, sorted=False).indices
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[..., Tensor] | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> Tensor | None:
+        """One ESAM step; returns the mean loss at ``w`` (detached).
+
+        ``closure(index)`` returns per-sample losses (shape ``[n]``) for the
+        samples ``index`` (``None``: the whole batch) and does not call
+        backward.
+        """
+        if closure is None:
+            return super().step(None)
+
+        def backward(losses: Tensor) -> None:
+            if losses.dim() != 1:
+                raise ValueError(
+                    f"Invalid closure value: ESAM's closure must return per-sample losses of shape [n] "
+                    f"(reduction='none'), got shape {tuple(losses.shape)}"
+                )
+            loss = losses.mean()
+            (scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss).backward()
+
+        with torch.enable_grad():
+            with self.first_pass():
+                before = closure(None)
+                backward(before)
+            before = before.detach()
+            try:
+                if self.first_step(zero_grad=True, scaler=scaler):
+                    if self.gamma < 1.0:
+                        with torch.no_grad():
+                            after = closure(None)
+                        index = self.select(before, after.detach())
+                    else:
+                        index = None
+                    self.last_selected = index
+                    backward(closure(index))
+            except BaseException:
+                self._restore()
+                self._pending, self._skip, self._unscaled = False, False, False
+                raise
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(self)
+        else:
+            self.second_step()
+        return before.mean()

@@ -1,0 +1,182 @@
+"""GSAM: the orthogonal-component update by hand, rho following the lr, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from optim_registry import all_equal, make_data, make_model, params_of, roundtrip, state_equal
+from torch import nn
+
+import samkit
+from samkit.optim.gsam import GSAM
+
+A = torch.tensor([[3.0, 0.5, 0.0], [0.5, 1.0, -0.3], [0.0, -0.3, 2.0]], dtype=torch.float64)
+B = torch.tensor([0.4, -1.0, 0.7], dtype=torch.float64)
+
+
+def loss_of(w):
+    return 0.5 * w @ A @ w + B @ w + 0.25 * (w**4).sum()
+
+
+def grad_of(w):
+    return A @ w + B + w**3
+
+
+def closure_for(w):
+    def closure():
+        loss = loss_of(w)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@given(
+    w0=st.lists(st.floats(-2, 2), min_size=3, max_size=3),
+    rho=st.floats(0.01, 0.5),
+    alpha=st.floats(0.0, 1.0),
+)
+def test_update_matches_hand_computation(w0, rho, alpha):
+    w = nn.Parameter(torch.tensor(w0, dtype=torch.float64))
+    lr = 0.05
+    opt = GSAM(torch.optim.SGD([w], lr=lr), rho=rho, alpha=alpha, follow_lr=False)
+    start = w.detach().clone()
+    opt.step(closure_for(w))
+    g = grad_of(start)
+    e = rho * g / (g.norm() + 1e-12)
+    gp = grad_of(start + e)
+    g_par = (g @ gp) / (gp @ gp + 1e-12) * gp
+    g_perp = g - g_par
+    assert abs(float(g_perp @ gp)) < 1e-9 * (1 + float(g.norm() * gp.norm()))  # orthogonal by construction
+    expect = start - lr * (gp - alpha * g_perp)
+    # samkit's norms and dot products accumulate in float32 (SAM's convention)
+    torch.testing.assert_close(w.detach(), expect, rtol=1e-6, atol=1e-8)
+
+
+def test_alpha_zero_without_schedule_is_sam_bit_for_bit():
+    x, y = make_data(0)
+    m1, m2 = make_model(0), make_model(0)
+    o1 = GSAM(torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9), rho=0.05, alpha=0.0, follow_lr=False)
+    o2 = samkit.SAM(torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    for _ in range(4):
+        for m, o in ((m1, o1), (m2, o2)):
+            def closure(m=m):
+                loss = torch.nn.functional.mse_loss(m(x), y)
+                loss.backward()
+                return loss
+
+            o.step(closure)
+            o.zero_grad()
+    assert all_equal(params_of(m1), params_of(m2))
+
+
+def test_rho_follows_the_learning_rate_schedule():
+    w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = GSAM(torch.optim.SGD([w], lr=0.2), rho=0.1, alpha=0.0, rho_min=0.02)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: [1.0, 0.5, 0.0][min(t, 2)])
+    seen = []
+    for _ in range(3):
+        start = w.detach().clone()
+        w.grad = None
+        loss_of(w).backward()
+        assert opt.first_step()
+        seen.append(float((w.detach() - start).norm()))
+        w.grad = None
+        loss_of(w).backward()
+        opt.second_step(zero_grad=True)
+        sched.step()
+    # rho = rho_min + (rho_max - rho_min) * lr / lr_max
+    assert seen == pytest.approx([0.1, 0.02 + 0.08 * 0.5, 0.02], rel=1e-9)
+
+
+def test_resume_from_state_dict_continues_bit_for_bit():
+    total, k = 6, 3
+    x, y = make_data(4)
+
+    def build(model):
+        opt = GSAM(torch.optim.Adam(model.parameters(), lr=1e-2), rho=0.1, alpha=0.3, rho_min=0.01)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+
+    def run(opt, sched, model, n):
+        for _ in range(n):
+            def closure():
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad()
+            sched.step()
+
+    ref = make_model(4)
+    ref_opt, ref_sched = build(ref)
+    run(ref_opt, ref_sched, ref, total)
+    model = make_model(4)
+    opt, sched = build(model)
+    run(opt, sched, model, k)
+    ckpt = roundtrip({"m": model.state_dict(), "o": opt.state_dict(), "s": sched.state_dict()})
+    model2 = make_model(50)
+    model2.load_state_dict(ckpt["m"])
+    opt2, sched2 = build(model2)
+    opt2.load_state_dict(ckpt["o"])
+    sched2.load_state_dict(ckpt["s"])
+    run(opt2, sched2, model2, total - k)
+    assert all_equal(params_of(model2), params_of(ref))
+    assert state_equal(opt2.state_dict(), ref_opt.state_dict())
+
+
+def test_batchnorm_statistics_come_from_the_first_pass_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = make_data(5)
+    opt = GSAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, model=model)
+    bn = model[1]
+    for _ in range(3):
+        def closure():
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        opt.zero_grad()
+    assert int(bn.num_batches_tracked) == 3
+
+
+def test_grad_scaler_is_refused_with_a_clear_error():
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = GSAM(torch.optim.SGD([w], lr=0.1), rho=0.05)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ValueError, match="Invalid scaler value: GSAM does not support a GradScaler"):
+        opt.step(closure_for(w), scaler=scaler)
+    assert torch.equal(w.detach(), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"alpha": -0.1}, "Invalid alpha value: -0.1"),
+        ({"alpha": "big"}, "Invalid alpha value"),
+        ({"rho": -1.0}, "Invalid rho value: -1.0"),
+        ({"rho_min": 1.0, "rho": 0.1}, "Invalid rho_min value"),
+    ],
+)
+def test_invalid_arguments_raise_value_error_naming_them(kwargs, match):
+    w = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=match):
+        GSAM(torch.optim.SGD([w], lr=0.1), **kwargs)
+
+
+def test_scaler_step_after_a_plain_first_step_restores_and_refuses():
+    w = nn.Parameter(torch.tensor([1.0, 2.0, -1.0]))
+    opt = GSAM(torch.optim.SGD([w], lr=0.1), rho=0.05, follow_lr=False)
+    scaler = torch.amp.GradScaler("cpu")
+    loss_of(w.double()).backward()
+    assert opt.first_step()
+    w.grad = None
+    scaler.scale(loss_of(w.double()).float()).backward()
+    with pytest.raises(ValueError, match="GSAM does not support a GradScaler"):
+        scaler.step(opt)
+    assert torch.equal(w.detach(), torch.tensor([1.0, 2.0, -1.0]))
+    assert not opt._pending
