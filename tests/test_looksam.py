@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from optim_registry import all_equal, make_data, make_model, params_of, roundtrip, state_equal
 from torch import nn
 
@@ -67,6 +69,46 @@ def test_update_matches_hand_computation(base, k):
     full = math.ceil(steps / k)
     assert calls[0] == steps + full
     assert opt.reused == steps - full
+
+
+@given(
+    w0=st.lists(st.floats(-1.5, 1.5), min_size=3, max_size=3),
+    rho=st.sampled_from([0.05, 0.2, 0.5]),
+    alpha=st.sampled_from([0.2, 0.7, 1.5]),
+)
+def test_in_between_gradient_is_g_plus_alpha_norm_g_along_global_gv(w0, rho, alpha):
+    """Algorithm 1's in-between step, read off a plain SGD step (lr 1, no
+    momentum): the base optimizer receives g + alpha ||g|| g_v / ||g_v||, with
+    g_v and both norms taken over *all* parameters (here two tensors, so a
+    per-tensor scaling would fail), g computed at w in one pass."""
+    w = torch.tensor(w0, dtype=torch.float64)
+    g0 = grad_of(w)
+    assume(float(g0.norm()) > 1e-3)
+    a, b = nn.Parameter(w[:2].clone()), nn.Parameter(w[2:].clone())
+    opt = LookSAM(torch.optim.SGD([a, b], lr=1.0), rho=rho, k=2, alpha=alpha)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        loss = loss_of(torch.cat([a, b]))
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # step 0: full SAM step, stores g_v
+    opt.zero_grad()
+    gs = grad_of(w + rho * g0 / g0.norm())
+    gv = gs - (gs @ g0) / (g0 @ g0) * g0
+    assume(float(gv.norm()) > 1e-6 * float(gs.norm()))
+    w1 = w - gs
+    torch.testing.assert_close(torch.cat([a, b]).detach(), w1)
+    opt.step(closure)  # step 1: one pass at w1, reuses g_v
+    fed = w1 - torch.cat([a, b]).detach()
+    g1 = grad_of(w1)
+    torch.testing.assert_close(fed, g1 + alpha * g1.norm() / gv.norm() * gv, rtol=1e-7, atol=1e-9)
+    extra = fed - g1
+    torch.testing.assert_close(extra.norm(), alpha * g1.norm(), rtol=1e-7, atol=1e-9)  # size set by alpha, not by SAM
+    assert abs(float(extra @ g0)) <= 1e-7 * float(extra.norm() * g0.norm()) + 1e-9  # orthogonal to step 0's g
+    assert calls[0] == 3 and (opt.ascents, opt.reused) == (1, 1)
 
 
 def test_closure_runs_once_on_the_steps_in_between():

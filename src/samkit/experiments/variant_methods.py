@@ -1,0 +1,285 @@
+"""The cheaper and adaptive SAM variants, registered as ``samkit compare`` methods.
+
+Imported by :mod:`samkit.experiments.methods` at its end. Each entry names
+the paper; ``docs/variants.md`` says which to pick when, with measured costs.
+
+Passes are counted in units of one forward+backward pass over the whole
+batch (see :class:`~samkit.experiments.methods.Method`). A forward pass alone
+(ESAM's selection pass, MESA's teacher) is counted as 1/3 of one, the usual
+rule that a backward costs about twice a forward.
+
+Random variants (RST, SWP, ESAM) take a ``seed`` option; by default it is
+drawn from torch's global seed, which the study sets per run, so different
+seeds give different random choices and a given seed always the same.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..optim.esam import ESAM
+from ..optim.gsam import GSAM
+from ..optim.looksam import LookSAM
+from ..optim.msam import MSAM
+from ..optim.perturbation import Fisher, NormOnly, RandomSubset
+from ..optim.policy import AdaptivePolicy, EveryK, Late, RandomPolicy
+from ..optim.saf import MESA, SAF
+from ..optim.sam import SAM
+from .methods import (
+    Method,
+    OptimizerMethod,
+    SAMMethod,
+    TrainSpec,
+    make_base_optimizer,
+    register_method,
+)
+
+__all__ = ["ESAMMethod", "MSAMMethod", "SAFMethod", "MESAMethod", "FORWARD_ONLY"]
+
+#: cost of a forward pass without backward, in forward+backward passes
+FORWARD_ONLY = 1.0 / 3.0
+
+
+def _seed(seed: Any) -> int:
+    if seed is None:
+        return int(torch.initial_seed() % (2**31))
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"Invalid seed value: {seed!r} (must be an int)")
+    return seed
+
+
+def _base(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    return make_base_optimizer(model.parameters(), spec)
+
+
+# ------------------------------------------------- perturbations and policies
+def _fisher_sam(model, spec, *, rho: float, eta: float) -> Method:
+    return SAMMethod(SAM(_base(model, spec), rho=rho, perturbation=Fisher(eta), model=model), "fisher_sam")
+
+
+def _sam_on(model, spec, *, rho: float) -> Method:
+    return SAMMethod(SAM(_base(model, spec), rho=rho, perturbation=NormOnly(model), model=model), "sam_on")
+
+
+def _swp(model, spec, *, rho: float, beta: float, seed: int | None = None) -> Method:
+    pert = RandomSubset(beta, seed=_seed(seed))
+    return SAMMethod(SAM(_base(model, spec), rho=rho, perturbation=pert, model=model), "swp")
+
+
+def _every_k(model, spec, *, rho: float, k: int, scale_rho: bool) -> Method:
+    pol = EveryK(k, scale_rho=scale_rho)
+    return SAMMethod(SAM(_base(model, spec), rho=rho, policy=pol, model=model), "sam_every_k")
+
+
+def _rst(model, spec, *, rho: float, p: float, p_end: float | None = None, seed: int | None = None) -> Method:
+    pol = RandomPolicy(p, p_end=p_end, total_steps=spec.total_steps, seed=_seed(seed))
+    return SAMMethod(SAM(_base(model, spec), rho=rho, policy=pol, model=model), "rst")
+
+
+def _ae_sam(model, spec, *, rho: float, c_start: float, c_end: float, decay: float) -> Method:
+    pol = AdaptivePolicy(spec.total_steps, c_start=c_start, c_end=c_end, decay=decay)
+    return SAMMethod(SAM(_base(model, spec), rho=rho, policy=pol, model=model), "ae_sam")
+
+
+def _late_sam(model, spec, *, rho: float, fraction: float) -> Method:
+    pol = Late(total_steps=spec.total_steps, fraction=fraction)
+    return SAMMethod(SAM(_base(model, spec), rho=rho, policy=pol, model=model), "late_sam")
+
+
+# ----------------------------------------------------------- own classes
+def _gsam(model, spec, *, rho: float, alpha: float, rho_min: float) -> Method:
+    return SAMMethod(GSAM(_base(model, spec), rho=rho, alpha=alpha, rho_min=rho_min, model=model), "gsam")
+
+
+def _looksam(model, spec, *, rho: float, k: int, alpha: float) -> Method:
+    return SAMMethod(LookSAM(_base(model, spec), rho=rho, k=k, alpha=alpha, model=model), "looksam")
+
+
+class ESAMMethod(Method):
+    """ESAM: the closure gives per-sample losses of a subset of the batch."""
+
+    name = "esam"
+
+    def step(self, model, x, y, idx, loss_fn):
+        opt: ESAM = self.optimizer  # type: ignore[assignment]
+        n = y.shape[0]
+
+        def closure(index: Tensor | None = None) -> Tensor:
+            if index is None:
+                out = loss_fn(model(x), y)
+                # the no-grad selection pass is a forward only
+                self.passes += 1.0 if torch.is_grad_enabled() else FORWARD_ONLY
+                return out
+            self.passes += index.numel() / n
+            return loss_fn(model(x[index]), y[index])
+
+        loss = opt.step(closure)
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def _esam(model, spec, *, rho: float, beta: float, gamma: float, seed: int | None = None) -> Method:
+    return ESAMMethod(ESAM(_base(model, spec), rho=rho, beta=beta, gamma=gamma, seed=_seed(seed), model=model))
+
+
+class MSAMMethod(Method):
+    """mSAM: the batch is split into ``micro_batches`` pieces, each with its own ascent."""
+
+    name = "msam"
+
+    def step(self, model, x, y, idx, loss_fn):
+        opt: MSAM = self.optimizer  # type: ignore[assignment]
+        m = min(opt.micro_batches, y.shape[0])
+        xs, ys = x.chunk(m), y.chunk(m)
+        n = y.shape[0]
+
+        def closure(j: int) -> Tensor:
+            loss = loss_fn(model(xs[j]), ys[j]).mean()
+            loss.backward()
+            self.passes += ys[j].shape[0] / n
+            return loss
+
+        if m != opt.micro_batches:  # a batch smaller than m: fewer, single-sample pieces
+            opt.micro_batches = m
+        loss = opt.step(closure)
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def _msam(model, spec, *, rho: float, micro_batches: int) -> Method:
+    return MSAMMethod(MSAM(_base(model, spec), rho=rho, micro_batches=micro_batches, model=model))
+
+
+class SAFMethod(OptimizerMethod):
+    """SAF: the base optimizer on cross-entropy + the trajectory loss; one pass per step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, spec: TrainSpec, *, lam: float, tau: float, delay: int):
+        super().__init__(optimizer, "saf")
+        self.spec = spec
+        self.lam, self.tau, self.delay = lam, tau, delay
+        self.saf: SAF | None = None  # sized at the first batch
+        self.epoch = 0
+        self._pending_state: dict[str, Any] | None = None
+        SAF(1, 1, lam=lam, tau=tau, delay=delay)  # validate the options now
+
+    def _ensure(self, batch: int, classes: int, device: torch.device) -> SAF:
+        if self.saf is None:
+            # the trainer drops the last partial batch, so N < (steps_per_epoch + 1) * batch
+            n = (self.spec.steps_per_epoch + 1) * batch
+            self.saf = SAF(n, classes, lam=self.lam, tau=self.tau, delay=self.delay, device=device)
+            if self._pending_state is not None:
+                self.saf.load_state_dict(self._pending_state)
+                self._pending_state = None
+        return self.saf
+
+    def step(self, model, x, y, idx, loss_fn):
+        logits = model(x)
+        saf = self._ensure(y.shape[0], logits.shape[1], logits.device)
+        if int(idx.max()) >= saf.num_samples:
+            raise ValueError(f"Invalid idx value: sample index {int(idx.max())} beyond SAF's memory ({saf.num_samples})")
+        ce = loss_fn(logits, y).mean()
+        (ce + saf(logits, idx, self.epoch)).backward()
+        self.passes += 1.0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return ce.detach()
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        self.epoch = epoch + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["epoch"] = self.epoch
+        sd["saf"] = self.saf.state_dict() if self.saf is not None else self._pending_state
+        return sd
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.epoch = int(state.get("epoch", 0))
+        own = state.get("saf")
+        if own is not None:
+            if self.saf is not None:
+                self.saf.load_state_dict(own)
+            else:
+                self._pending_state = own
+
+
+def _saf(model, spec, *, lam: float, tau: float, delay: int) -> Method:
+    return SAFMethod(_base(model, spec), spec, lam=lam, tau=tau, delay=delay)
+
+
+class MESAMethod(OptimizerMethod):
+    """MESA: the base optimizer on cross-entropy + KL to an EMA teacher."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, mesa: MESA):
+        super().__init__(optimizer, "mesa")
+        self.mesa = mesa
+
+    def step(self, model, x, y, idx, loss_fn):
+        logits = model(x)
+        ce = loss_fn(logits, y).mean()
+        extra = self.mesa(logits, x)
+        if self.mesa.steps >= self.mesa.start_step and self.mesa.lam:
+            self.passes += FORWARD_ONLY
+        (ce + extra).backward()
+        self.passes += 1.0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.mesa.update()
+        return ce.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["mesa"] = self.mesa.state_dict()
+        return sd
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "mesa" in state:
+            self.mesa.load_state_dict(state["mesa"])
+
+
+def _mesa(model, spec, *, lam: float, tau: float, decay: float, start_epoch: float) -> Method:
+    if isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, float)) or start_epoch < 0:
+        raise ValueError(f"Invalid start_epoch value: {start_epoch!r} (must be >= 0)")
+    start = int(math.ceil(start_epoch * spec.steps_per_epoch))
+    return MESAMethod(_base(model, spec), MESA(model, lam=lam, tau=tau, decay=decay, start_step=start))
+
+
+# ------------------------------------------------------------ registration
+_V: list[tuple[str, Any, str, dict[str, Any], float]] = [
+    ("fisher_sam", _fisher_sam, "Fisher SAM, Kim et al. 2022 (arXiv 2206.04920): Fisher-metric ascent; 2 passes",
+     {"rho": 0.05, "eta": 1.0}, 1.0),
+    ("sam_on", _sam_on, "SAM-ON, Mueller et al. 2023 (arXiv 2306.04226): perturb norm layers only; needs a model "
+     "with normalisation layers; 2 passes", {"rho": 0.5}, 10.0),
+    ("swp", _swp, "ESAM's stochastic weight perturbation alone (arXiv 2110.03141): random beta of the weights; "
+     "2 passes", {"rho": 0.05, "beta": 0.5, "seed": None}, 1.0),
+    ("sam_every_k", _every_k, "SAM every k steps, rho scaled by k (Composer); 1 + 1/k passes",
+     {"rho": 0.05, "k": 5, "scale_rho": True}, 1.0),
+    ("rst", _rst, "RST, Zhao et al. 2022 (arXiv 2203.09962): SAM with probability p; 1 + p passes",
+     {"rho": 0.05, "p": 0.5, "p_end": None, "seed": None}, 1.0),
+    ("ae_sam", _ae_sam, "AE-SAM, Jiang et al. 2023 (arXiv 2304.14647): SAM where ||g||^2 is high; adaptive cost",
+     {"rho": 0.05, "c_start": -1.0, "c_end": 1.0, "decay": 0.9}, 1.0),
+    ("late_sam", _late_sam, "SAM on the last fraction of training only (arXiv 2410.10373); 1 + fraction passes",
+     {"rho": 0.05, "fraction": 0.2}, 1.0),
+    ("gsam", _gsam, "GSAM, Zhuang et al. 2022 (arXiv 2203.08065): surrogate-gap ascent, rho follows lr; 2 passes",
+     {"rho": 0.05, "alpha": 0.1, "rho_min": 0.0}, 1.0),
+    ("looksam", _looksam, "LookSAM, Liu et al. 2022 (arXiv 2203.02714): SAM every k, reused direction in between; "
+     "1 + 1/k passes (alpha 0.2 here: the paper's 0.7 broke training on small models, docs/variants.md)",
+     {"rho": 0.05, "k": 5, "alpha": 0.2}, 1.0),
+    ("esam", _esam, "ESAM, Du et al. 2022 (arXiv 2110.03141): weight subset + sharpest gamma of the batch",
+     {"rho": 0.05, "beta": 0.5, "gamma": 0.5, "seed": None}, 1.0),
+    ("msam", _msam, "mSAM, Behdin et al. 2023 (arXiv 2302.09693): one ascent per micro-batch; 2 passes",
+     {"rho": 0.05, "micro_batches": 4}, 1.0),
+    ("saf", _saf, "SAF, Du et al. 2022 (arXiv 2205.14083): KL to outputs from `delay` epochs ago; 1 pass",
+     {"lam": 0.3, "tau": 5.0, "delay": 3}, 1.0),
+    ("mesa", _mesa, "MESA, Du et al. 2022 (arXiv 2205.14083): KL to an EMA teacher; 1 pass + 1 forward",
+     {"lam": 0.8, "tau": 5.0, "decay": 0.999, "start_epoch": 1.0}, 1.0),
+]
+
+for _name, _builder, _desc, _defaults, _scale in _V:
+    register_method(_name, _builder, description=_desc, defaults=_defaults, base="sgd", rho_scale=_scale)

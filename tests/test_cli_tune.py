@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from samkit.cli.main import main
+
+FAST = ["--dataset", "synthetic", "--train-size", "200", "--epochs", "1", "-q"]
+
+
+def _run(capsys, *argv):
+    rc = main(["tune", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_grid_tries_exactly_the_grid_and_recommends_the_best(tmp_path, capsys):
+    rc, out, err = _run(capsys, *FAST, "--grid", "0.01,0.1,0.5", "--out", str(tmp_path))
+    assert rc == 0, err
+    res = json.loads((tmp_path / "tune.json").read_text())
+    tried = sorted(t["params"]["rho"] for t in res["trials"])
+    assert tried == [0.01, 0.1, 0.5]
+    done = [t for t in res["trials"] if t["state"] == "COMPLETE"]
+    top = max(t["value"] for t in done)
+    assert res["best"]["val_acc"] >= top - 1e-3
+    assert res["best"]["rho"] in tried
+    assert f"rho = {res['best']['rho']:.4g}" in out
+    assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
+
+
+def test_sampled_search_stays_in_range_and_resumes(tmp_path, capsys):
+    args = [*FAST, "--trials", "3", "--rho-range", "0.02,0.2", "--tune-lr", "--out", str(tmp_path)]
+    rc, _, err = _run(capsys, *args)
+    assert rc == 0, err
+    res = json.loads((tmp_path / "tune.json").read_text())
+    assert len(res["trials"]) == 3
+    assert all(0.02 <= t["params"]["rho"] <= 0.2 for t in res["trials"])
+    assert all(0.01 <= t["params"]["lr"] <= 1.0 for t in res["trials"])  # 0.1x .. 10x of SGD's 0.1
+    assert "lr" in res["best"]
+    # the same command again: the journal already holds 3 finished trials
+    rc, _, _ = _run(capsys, *args)
+    assert rc == 0
+    again = json.loads((tmp_path / "tune.json").read_text())
+    assert again["trials"] == res["trials"]
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--method", "sgd"], "no rho"),
+        (["--method", "lion"], "lion"),
+        (["--rho-range", "0.5,0.1"], "rho-range"),
+        (["--grid", "0.1,-1"], "grid"),
+        (["--trials", "0"], "trials"),
+        (["--val-fraction", "0"], "val-fraction"),
+        (["--model", "vit"], "vit"),
+    ],
+)
+def test_bad_input_exit_2(argv, match, tmp_path, capsys):
+    rc, _, err = _run(capsys, *FAST, "--out", str(tmp_path), *argv)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0] and "Traceback" not in err
