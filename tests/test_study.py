@@ -145,6 +145,11 @@ def test_sharpness_columns_when_available(tmp_path, monkeypatch):
     fake = types.ModuleType("samkit.sharpness")
     fake.summary = summary
     monkeypatch.setitem(__import__("sys").modules, "samkit.sharpness", fake)
+    # `import samkit.sharpness as sh` reads the package attribute once the real
+    # module has been imported (by another test): replace that too.
+    import samkit
+
+    monkeypatch.setattr(samkit, "sharpness", fake, raising=False)
     cfg = _config(methods=[MethodSpec("sgd")], seeds=[0], sharpness=True, sharpness_samples=120)
     (r,) = run_study(cfg, tmp_path, progress=False, log=None)
     assert calls == [120]
