@@ -139,6 +139,7 @@ def train(rank: int, world: int, args: argparse.Namespace) -> dict:
     same = all(torch.equal(gathered[0], g) for g in gathered[1:])
     if rank == 0:
         print(f"replicas identical: {same}")
+    dist.barrier()  # let both replicas finish communicating before tearing down
     dist.destroy_process_group()
     return {
         "world_size": world,

@@ -277,6 +277,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
             extra = {"mean": opt.policy.mean, "var": opt.policy.var} if name == "ae_sam" else {}
             results[name] = {"params": [p.detach().clone() for p in net.parameters()], "ascents": opt.ascents, **extra}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
