@@ -66,6 +66,11 @@ def sq_norm(tensors: TensorList, *, foreach: bool) -> Tensor:
     float64: norm kernels refuse to narrow it).
     """
     dtypes = {t.dtype for t in tensors}
+    if any(d.is_complex for d in dtypes):
+        # |z|^2 summed is the squared norm of the (re, im) view, which the real
+        # accumulation dtypes below accept (norm kernels refuse a real dtype= for complex)
+        tensors = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+        dtypes = {t.dtype for t in tensors}
     acc = torch.float64 if torch.float64 in dtypes else torch.float32
     # Asking for an output dtype makes the norm kernels markedly slower on many
     # small tensors; when the inputs already are the accumulation dtype the
@@ -121,6 +126,12 @@ def add_(tensors: TensorList, others: TensorList, alpha: float = 1.0, *, foreach
 
 def abs_plus_(out: TensorList, src: TensorList, eta: float, *, foreach: bool) -> None:
     """``out = |src| + eta`` (ASAM's element-wise scale T_w)."""
+    if out and out[0].is_complex():
+        # |w| is the modulus; in-place abs cannot turn a complex tensor real.
+        # One path for both settings keeps them bit-identical (lists share a dtype).
+        for o, s in zip(out, src):
+            o.copy_(s.abs()).add_(eta)
+        return
     copy_(out, src, foreach=foreach)
     if foreach:
         torch._foreach_abs_(out)

@@ -36,8 +36,8 @@ _SAM_KEYS = ("rho", "eta", "ascent_weight_decay")
 
 
 def _check_nonneg(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
-        raise ValueError(f"Invalid {name} value: {value!r} (must be a number >= 0)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
+        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
 
 
 class SAM(torch.optim.Optimizer):
@@ -423,6 +423,16 @@ class SAM(torch.optim.Optimizer):
         """
         if self._pending:
             raise RuntimeError("first_step() was called twice; call second_step() in between")
+        try:
+            return self._first_step(zero_grad, scaler)
+        except BaseException:
+            # A policy, a perturbation or a collective may raise: never leave
+            # perturbed weights, frozen BatchNorm or a half-open step behind.
+            self._restore()
+            self._pending, self._skip, self._unscaled = False, False, False
+            raise
+
+    def _first_step(self, zero_grad: bool, scaler: torch.amp.GradScaler | None) -> bool:
         self._pending, self._skip, self._perturbed = True, False, None
         if self.model is not None:
             self._bn_ctx = contextlib.ExitStack()
@@ -490,7 +500,9 @@ class SAM(torch.optim.Optimizer):
             for ps, ds, ss in buckets:
                 self.perturbation.direction_(ps, ds, ss, group, foreach=fe)
                 F.copy_(ss, ps, foreach=fe)  # backup w (exact)
-                F.add_scaled_(ps, ds, scale, foreach=fe)  # w <- w + e
+                # a 0-d tensor on another accelerator cannot scale this bucket (CPU-offloaded params)
+                s = scale.to(ps[0].device) if isinstance(scale, Tensor) else scale
+                F.add_scaled_(ps, ds, s, foreach=fe)  # w <- w + e
                 perturbed.append((ps, ss))
         self._perturbed = perturbed
         self.ascents += 1

@@ -73,6 +73,9 @@ class ProportionalRho:
                 raise ValueError(f"Invalid lr_max value: {lm!r} for group {i} (must be > lr_min={self.lr_min})")
         if any(r < self.rho_min for r in self.rho_max):
             raise ValueError(f"Invalid rho_min value: {rho_min!r} (larger than rho_max {self.rho_max})")
+        # Like an LR scheduler, set the value for the current lr now: under a
+        # warm-up the first steps would otherwise run at rho_max.
+        self.step()
 
     def step(self) -> None:
         for g, rmax, lmax in zip(self.optimizer.param_groups, self.rho_max, self.lr_max):
