@@ -114,3 +114,28 @@ def test_params_on_cuda_and_cpu_in_one_optimizer():
     norm = (ga.cpu().square().sum() + gb.square().sum()).sqrt()
     assert opt.first_step() is True
     torch.testing.assert_close(b.detach(), b0 + 0.05 * gb / norm)
+
+
+def test_backup_follows_a_parameter_whose_dtype_changed():
+    """model.double() after some steps: the backup is reallocated, restore stays exact."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.0), rho=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+
+    def closure():
+        loss = torch.nn.functional.mse_loss(model(x.to(model.weight.dtype)), y.to(model.weight.dtype))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    opt.zero_grad()
+    model.double()
+    with torch.no_grad():  # values float32 cannot hold: a float32 backup would round them
+        for p in model.parameters():
+            p.add_(1e-12)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)
+    opt.zero_grad()
+    assert all(b.dtype is p.dtype for b, p in zip(opt._backup.values(), model.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # lr 0: exact restore

@@ -183,8 +183,8 @@ def _method_specs(s: dict[str, Any]) -> list[MethodSpec]:
         if not isinstance(rhos, list):
             rhos = [rhos]
         for r in rhos:
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 0:
-                raise ValueError(f"Invalid rho value: {r!r} (must be a number >= 0)")
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < float("inf"):
+                raise ValueError(f"Invalid rho value: {r!r} (must be a finite number >= 0)")
     entries = [parse_method(t) for t in _method_tokens(s["optimizers"])]
     entries += [parse_method(t) for t in (s["methods"] or [])]
     specs: list[MethodSpec] = []

@@ -103,8 +103,8 @@ class TrainSpec:
             )
         for name in ("lr", "momentum", "weight_decay"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise ValueError(f"Invalid {name} value: {v!r} (must be a number >= 0)")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise ValueError(f"Invalid {name} value: {v!r} (must be a finite number >= 0)")
         if not self.lr > 0:
             raise ValueError(f"Invalid lr value: {self.lr!r} (must be > 0)")
         if not 0 <= self.momentum < 1:

@@ -156,8 +156,8 @@ class GSAM(SAM):
         lr_min: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0.0:
-            raise ValueError(f"Invalid alpha value: {alpha!r} (must be a number >= 0)")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < float("inf"):
+            raise ValueError(f"Invalid alpha value: {alpha!r} (must be a finite number >= 0)")
         super().__init__(params_or_optimizer, base_optimizer, rho=rho, **kwargs)
         self.alpha = float(alpha)
         self._g = _GradCopy()

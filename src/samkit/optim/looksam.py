@@ -82,8 +82,8 @@ class LookSAM(SAM):
         kwargs.pop("policy", None)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"Invalid k value: {k!r} (must be an int >= 1)")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0.0:
-            raise ValueError(f"Invalid alpha value: {alpha!r} (must be a number >= 0)")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < float("inf"):
+            raise ValueError(f"Invalid alpha value: {alpha!r} (must be a finite number >= 0)")
         super().__init__(params_or_optimizer, base_optimizer, rho=rho, policy=EveryK(k, scale_rho=False), **kwargs)
         self.k = k
         self.alpha = float(alpha)

@@ -56,14 +56,14 @@ def trajectory_kl(logits: Tensor, targets: Tensor, tau: float, mask: Tensor | No
 
 
 def _check_pos(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"Invalid {name} value: {value!r} (must be a number > 0)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number > 0)")
     return float(value)
 
 
 def _check_nonneg(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"Invalid {name} value: {value!r} (must be a number >= 0)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
     return float(value)
 
 

@@ -278,7 +278,9 @@ class SAM(torch.optim.Optimizer):
         out = []
         for p in params:
             b = buf.get(p)
-            if b is None:
+            # Reallocated only if the parameter itself changed (model.half(),
+            # .to(device), a resized tensor), so the restore stays exact.
+            if b is None or b.dtype is not p.dtype or b.device != p.device or b.shape != p.shape:
                 b = buf[p] = torch.empty_like(p, memory_format=torch.preserve_format)
             out.append(b)
         return out
