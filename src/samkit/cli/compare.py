@@ -40,7 +40,8 @@ def add_parser(subparsers: Any) -> None:
         nargs="+",
         metavar="SPEC",
         help="methods to compare: names (comma or space separated) or 'name:key=value,...' "
-        "(default: sgd adam sam asam and every registered variant)",
+        "(default: sgd adam sam asam and every registered variant but the slowest, msam and mesa; "
+        "'all' for every one)",
     )
     p.add_argument(
         "--rho",

@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 CORE_METHODS = ["sgd", "adam", "sam", "asam"]
+#: Left out of the default study to keep it near 10 minutes on a laptop CPU
+#: (each costs 4-8x SGD per epoch here); ``--optimizers all`` includes them.
+SLOW_METHODS = ("msam", "mesa")
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "mnist1d",
@@ -161,9 +164,12 @@ def parse_method(token: str | dict[str, Any]) -> dict[str, Any]:
 
 def _method_tokens(value: Any) -> list[str | dict[str, Any]]:
     if value is None:
-        return [*CORE_METHODS, *[m for m in list_methods() if m not in CORE_METHODS]]
+        rest = [m for m in list_methods() if m not in CORE_METHODS and m not in SLOW_METHODS]
+        return [*CORE_METHODS, *rest]
     if isinstance(value, str):
         value = [value]
+    if value == ["all"]:
+        return [*CORE_METHODS, *[m for m in list_methods() if m not in CORE_METHODS]]
     tokens: list[str | dict[str, Any]] = []
     for v in value:
         if isinstance(v, str) and ":" not in v:
@@ -280,7 +286,7 @@ def build_study(s: dict[str, Any]) -> StudyConfig:
     from .models import build_model
 
     model = build_model(cfg.model, **{"in_len": 40, "num_classes": 10, **cfg.model_kwargs})
-    if s["optimizers"] is None and not s["methods"]:
+    if (s["optimizers"] is None or s["optimizers"] in (["all"], "all")) and not s["methods"]:
         # "all methods": leave out those that cannot run on this model (SAM-ON
         # needs normalisation layers), rather than fail the whole study
         kept = [m for m in cfg.methods if _buildable(m, model)]
