@@ -139,3 +139,24 @@ def test_backup_follows_a_parameter_whose_dtype_changed():
     opt.zero_grad()
     assert all(b.dtype is p.dtype for b, p in zip(opt._backup.values(), model.parameters()))
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # lr 0: exact restore
+
+
+def test_abort_step_after_a_failed_second_pass_restores_and_reopens():
+    """Two-step form: the user's second forward raises; abort_step() undoes first_step()."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5, model=model)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    assert opt.first_step(zero_grad=True)
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # perturbed
+    opt.abort_step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert model[1].track_running_stats  # BN released
+    opt.abort_step()  # no-op when nothing is open
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    assert opt.first_step(zero_grad=True)  # a new step can begin
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+    assert opt.steps == 1

@@ -430,8 +430,7 @@ class SAM(torch.optim.Optimizer):
         except BaseException:
             # A policy, a perturbation or a collective may raise: never leave
             # perturbed weights, frozen BatchNorm or a half-open step behind.
-            self._restore()
-            self._pending, self._skip, self._unscaled = False, False, False
+            self.abort_step()
             raise
 
     def _first_step(self, zero_grad: bool, scaler: torch.amp.GradScaler | None) -> bool:
@@ -534,6 +533,18 @@ class SAM(torch.optim.Optimizer):
             self._bn_ctx = None
 
     @torch.no_grad()
+    def abort_step(self) -> None:
+        """Undo a :meth:`first_step` whose second pass failed (two-step form).
+
+        Restores the weights bit for bit, releases BatchNorm and closes the
+        step without updating anything, so training can go on. ``step(closure)``
+        does this by itself when the closure raises. A no-op when no step is
+        open.
+        """
+        self._restore()
+        self._pending, self._skip, self._unscaled = False, False, False
+
+    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the weights to ``w`` exactly and take the base optimizer's step.
 
@@ -607,8 +618,7 @@ class SAM(torch.optim.Optimizer):
             if self.first_step(zero_grad=True, scaler=scaler):
                 closure()
         except BaseException:
-            self._restore()  # never leave perturbed weights behind
-            self._pending, self._skip, self._unscaled = False, False, False
+            self.abort_step()  # never leave perturbed weights behind
             raise
         if scaler is not None and scaler.is_enabled():
             scaler.step(self)
