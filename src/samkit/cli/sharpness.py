@@ -16,15 +16,13 @@ Writes a JSON file (atomically) and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from .._atomic import write_json_atomic as _write_json_atomic
 from .errors import UsageError
 
 EPILOG = """examples:
@@ -116,17 +114,7 @@ def check_data_arguments(args: argparse.Namespace) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write_json_atomic(path, obj, indent=2)
 
 
 def _default_out(checkpoints: list[str]) -> Path:

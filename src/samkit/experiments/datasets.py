@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from .._atomic import atomic_open
 
 __all__ = ["Split", "Dataset", "load_dataset", "list_datasets", "cache_dir", "add_label_noise"]
 
@@ -93,18 +94,8 @@ _resolve_cache = cache_dir  # load_dataset's argument shadows the function
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def _mnist1d_arrays(cache: Path) -> dict[str, np.ndarray]:

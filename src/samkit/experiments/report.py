@@ -17,9 +17,9 @@ import io
 import math
 import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
+
+from .._atomic import write_text_atomic
 
 __all__ = [
     "table_columns",
@@ -29,22 +29,6 @@ __all__ = [
     "plot_pngs",
     "write_text_atomic",
 ]
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _fmt(v: Any, spec: str) -> str:

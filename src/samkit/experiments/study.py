@@ -28,7 +28,6 @@ import math
 import os
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._atomic import write_json_atomic as _write_json_atomic
 from .datasets import Dataset, load_dataset
 from .methods import BASE_DEFAULTS, TrainSpec, build_method, method_info
 from .models import build_model, count_parameters
@@ -59,19 +59,7 @@ SHARPNESS_KEYS = ("hessian_top_eig", "hessian_trace", "worst_case_sharpness")
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as JSON to a temporary file beside ``path``, then rename it over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=1, allow_nan=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write_json_atomic(path, obj)
 
 
 @dataclass

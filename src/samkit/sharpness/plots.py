@@ -9,27 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._atomic import atomic_write_via
+
 __all__ = ["save_grid", "plot_curves", "plot_surface", "plot_density"]
 
 
 def _atomic(path: Path, write: Any, suffix: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_via(path, write, suffix)
 
 
 def save_grid(path: str | os.PathLike[str], meta: dict[str, Any] | None = None, **arrays: Any) -> Path:
