@@ -236,3 +236,22 @@ def test_side_by_side_with_pyhessian(mlp_problem):
     ph_mean = sum(ph_trace) / len(ph_trace)
     ph_se = math.sqrt(sum((t - ph_mean) ** 2 for t in ph_trace) / (len(ph_trace) - 1) / len(ph_trace))
     assert abs(tr.trace - ph_mean) < 4 * math.hypot(tr.stderr, ph_se)
+
+
+@given(seed=st.integers(0, 2**16), tol=st.sampled_from([1e-2, 1e-3, 1e-4]))
+def test_lanczos_stops_within_tol_of_the_true_top_eigenvalue(seed, tol):
+    """The Ritz-value error bound is a bound: at the stop, |theta - lambda_max| <= tol |theta|."""
+    from samkit.sharpness.hessian import ritz_error_bounds
+
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.tensor([10.0, 7.0]), torch.rand(58, generator=g, dtype=torch.float64) * 5])
+    a = q @ torch.diag(evals) @ q.T
+    res = top_eigenvalues(DenseOperator(a), tol=tol, max_iter=60, seed=seed)
+    assert res.converged
+    assert abs(res.eigenvalues[0] - 10.0) <= tol * abs(res.eigenvalues[0])
+    # the quadratic bound never exceeds the residual bound
+    theta = torch.tensor([3.0, 2.0, 0.5], dtype=torch.float64)
+    r = torch.tensor([0.1, 0.2, 0.05], dtype=torch.float64)
+    b = ritz_error_bounds(theta, r)
+    assert bool((b <= r).all()) and float(b[0]) == pytest.approx(0.1**2 / (1.0 - 0.2))
