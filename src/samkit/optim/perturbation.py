@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .._checks import check_pos as _check_pos
 
 __all__ = ["Perturbation", "L2", "Adaptive", "Fisher", "Masked", "NormOnly", "RandomSubset"]
 
@@ -91,13 +92,6 @@ class Adaptive(Perturbation):
 # Variants (issue 4): Fisher SAM, masked / normalisation-layers-only (SAM-ON),
 # and ESAM's stochastic weight perturbation.
 # --------------------------------------------------------------------------
-
-
-def _check_pos(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number > 0)")
-    return float(value)
-
 
 class Fisher(Perturbation):
     r"""Fisher SAM (Kim et al., ICML 2022, arXiv 2206.04920).

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import functional as _F
+from .._checks import check_int as _check_int
+from .._checks import check_prob as _check_prob
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sam import SAM
@@ -68,20 +70,6 @@ class Always(Policy):
 # --------------------------------------------------------------------------
 # Variants: every k steps, random (RST), adaptive (AE-SAM), late.
 # --------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"Invalid {name} value: {value!r} (must be an int >= {low})")
-    return value
-
-
-def _check_prob(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"Invalid {name} value: {value!r} (must be in [0, 1])")
-    return float(value)
-
-
 class EveryK(Policy):
     r"""Ascend on one step in ``k`` (steps 0, k, 2k, ...): MosaicML Composer's
     "SAM every k steps".

@@ -37,6 +37,9 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from .._checks import check_nonneg as _check_nonneg
+from .._checks import check_pos as _check_pos
+
 __all__ = ["SAF", "MESA", "trajectory_kl"]
 
 
@@ -53,20 +56,6 @@ def trajectory_kl(logits: Tensor, targets: Tensor, tau: float, mask: Tensor | No
     if mask is not None:
         kl = kl * mask.to(kl.dtype)
     return kl.mean()
-
-
-def _check_pos(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number > 0)")
-    return float(value)
-
-
-def _check_nonneg(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
-    return float(value)
-
-
 class SAF:
     r"""SAF's trajectory loss against each sample's logits from ``delay`` epochs ago.
 

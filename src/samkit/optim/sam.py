@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .._checks import check_nonneg as _check_nonneg
 from .batchnorm import freeze_bn_stats
 from .perturbation import L2, Adaptive, Perturbation
 from .policy import Policy
@@ -33,12 +34,6 @@ from .policy import Policy
 __all__ = ["SAM"]
 
 _SAM_KEYS = ("rho", "eta", "ascent_weight_decay")
-
-
-def _check_nonneg(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
-        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
-
 
 class SAM(torch.optim.Optimizer):
     r"""Wrap a torch optimizer so each step is a sharpness-aware step.

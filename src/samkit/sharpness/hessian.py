@@ -35,10 +35,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from .._checks import check_int as _check_int
+from .._checks import check_pos as _check_pos
 
 __all__ = [
     "EigenResult",
@@ -131,19 +134,6 @@ class DensityResult:
     grid: Tensor
     density: Tensor
     n_matvecs: int
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"Invalid {name} value: {value!r} (must be an int >= {low})")
-    return value
-
-
-def _check_pos(name: str, value: Any, *, zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not zero):
-        raise ValueError(f"Invalid {name} value: {value!r} (must be a number {'>=' if zero else '>'} 0)")
-    return float(value)
 
 
 def _generator(seed: int | torch.Generator | None) -> torch.Generator:
