@@ -10,18 +10,18 @@ absolute times drift.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from samkit._atomic import atomic_open
 
 __all__ = [
     "sync",
@@ -159,18 +159,9 @@ def _fmt(value: Any) -> str:
 
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (temp file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def environment() -> dict[str, Any]:
