@@ -556,14 +556,17 @@ class SAM(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if isinstance(found_inf, Tensor) and bool(found_inf > 0):
             skip = True
+        gathered = None
         if grad_scale is not None and not skip and not unscaled:
             inv = grad_scale.double().reciprocal().float()
-            for _, _, grads in self._gather():
+            gathered = self._gather()
+            for _, _, grads in gathered:
                 for (_, _), (gs,) in F.group_by_device(grads).items():
                     F.mul_(gs, inv.to(gs[0].device), foreach=self.foreach)
         check = self.skip_nonfinite if self.skip_nonfinite is not None else found_inf is not None
         if not skip and (self.max_grad_norm is not None or check):
-            gathered = self._gather()
+            if gathered is None:
+                gathered = self._gather()
             if gathered:
                 if self.max_grad_norm is not None:
                     params = [p for _, ps, _ in gathered for p in ps]
