@@ -64,7 +64,9 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=1500)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tol", type=float, default=1e-3)
-    ap.add_argument("--deflation", type=int, default=20, help="samkit's Lanczos deflation steps for the trace")
+    ap.add_argument(
+        "--deflation", type=int, default=20, help="samkit's Lanczos deflation steps for the trace"
+    )
     args = ap.parse_args()
 
     from pyhessian import hessian as PyHessian
@@ -140,12 +142,16 @@ def main() -> None:
             tag = mode if tol else f"{mode}, 100 probes"
             add(f"trace pyhessian ({tag})", sec, val, n, f"+- {se:.3g}")
             if not tol:  # samkit's target: the standard error of PyHessian's full 100 probes
-                ph_se_target = se / abs(val) if ph_se_target is None else min(ph_se_target, se / abs(val))
+                ph_se_target = (
+                    se / abs(val) if ph_se_target is None else min(ph_se_target, se / abs(val))
+                )
         for name, batches in (("one chunk", [(x, y)]), ("loader batches", loader)):
 
             def run_ours_tr(batches=batches, rep=rep, target=ph_se_target):
                 op = HessianOperator(model, F.cross_entropy, batches)
-                r = hessian_trace(op, tol=target, max_probes=1000, deflation_steps=args.deflation, seed=rep)
+                r = hessian_trace(
+                    op, tol=target, max_probes=1000, deflation_steps=args.deflation, seed=rep
+                )
                 return r.trace, op.n_matvecs, r.stderr
 
             sec, (val, n, se) = timed(run_ours_tr)
@@ -164,12 +170,14 @@ def main() -> None:
             f"{name:34s} {secs:9.3f} {val:12.5g} {err} {hv if hv is not None else '-':>6}  {rs[-1][3]}"
         )
     print("speed-up = PyHessian time / samkit time:")
-    for ph, ours in (("eig  pyhessian (batch)", "eig  samkit (one chunk)"),
-                     ("eig  pyhessian (loader)", "eig  samkit (loader batches)"),
-                     ("eig  pyhessian (batch, tol 1e-7)", "eig  samkit (one chunk)"),
-                     ("trace pyhessian (batch, 100 probes)", "trace samkit (one chunk)"),
-                     ("trace pyhessian (batch)", "trace samkit (one chunk)"),
-                     ("trace pyhessian (loader)", "trace samkit (loader batches)")):
+    for ph, ours in (
+        ("eig  pyhessian (batch)", "eig  samkit (one chunk)"),
+        ("eig  pyhessian (loader)", "eig  samkit (loader batches)"),
+        ("eig  pyhessian (batch, tol 1e-7)", "eig  samkit (one chunk)"),
+        ("trace pyhessian (batch, 100 probes)", "trace samkit (one chunk)"),
+        ("trace pyhessian (batch)", "trace samkit (one chunk)"),
+        ("trace pyhessian (loader)", "trace samkit (loader batches)"),
+    ):
         print(f"  {ph:38s} / {ours:30s} {med[ph] / med[ours]:5.2f}x")
 
 

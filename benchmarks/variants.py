@@ -129,7 +129,11 @@ def _time_methods(tokens: list[str], args) -> dict[str, float]:
     perm = torch.randperm(n, generator=g)
     batches = [perm[i * 100 : (i + 1) * 100] for i in range(per_epoch)]
     total = args.time_rounds * args.time_steps
-    spec_kw = {"total_steps": total, "steps_per_epoch": per_epoch, "epochs": max(1, total // per_epoch)}
+    spec_kw = {
+        "total_steps": total,
+        "steps_per_epoch": per_epoch,
+        "epochs": max(1, total // per_epoch),
+    }
 
     def loss_fn(out, y):
         return torch.nn.functional.cross_entropy(out, y, reduction="none")
@@ -152,7 +156,9 @@ def _time_methods(tokens: list[str], args) -> dict[str, float]:
                 method.on_epoch_end((t + 1) // per_epoch - 1, model)
 
         candidates[ms.label] = (one, None)
-    samples = time_interleaved(candidates, trials=args.time_rounds, number=args.time_steps, warmup=0)
+    samples = time_interleaved(
+        candidates, trials=args.time_rounds, number=args.time_steps, warmup=0
+    )
     sgd = sum(samples["sgd"])
     return {label: sum(v) / sgd for label, v in samples.items()}
 
@@ -186,13 +192,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--noise", default="0,0.4", help="label-noise settings, comma-separated")
-    ap.add_argument("--train-size", type=int, default=1000,
-                    help="training samples used (default 1000 of 4000: SGD overfits the noisy labels in fewer steps)")
-    ap.add_argument("--lr", type=float, default=0.1, help="learning rate of every method (SGD momentum 0.9 base)")
-    ap.add_argument("--rho-clean", type=float, default=0.05, help="rho on SAM's scale, clean labels (SAM paper: 0.05)")
-    ap.add_argument("--rho-noise", type=float, default=0.1, help="rho on SAM's scale, noisy labels (SAM paper: 0.1)")
+    ap.add_argument(
+        "--train-size",
+        type=int,
+        default=1000,
+        help="training samples used (default 1000 of 4000: SGD overfits the noisy labels in fewer steps)",
+    )
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=0.1,
+        help="learning rate of every method (SGD momentum 0.9 base)",
+    )
+    ap.add_argument(
+        "--rho-clean",
+        type=float,
+        default=0.05,
+        help="rho on SAM's scale, clean labels (SAM paper: 0.05)",
+    )
+    ap.add_argument(
+        "--rho-noise",
+        type=float,
+        default=0.1,
+        help="rho on SAM's scale, noisy labels (SAM paper: 0.1)",
+    )
     ap.add_argument("--time-rounds", type=int, default=20, help="interleaved timing: rounds")
-    ap.add_argument("--time-steps", type=int, default=10, help="interleaved timing: steps per trial")
+    ap.add_argument(
+        "--time-steps", type=int, default=10, help="interleaved timing: steps per trial"
+    )
     ap.add_argument("--out", default="samkit-runs/variants")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)

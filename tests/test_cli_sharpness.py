@@ -26,9 +26,14 @@ def _checkpoint(path, seed: int, steps: int):
         opt.zero_grad()
         F.cross_entropy(model(data.train.x[sl]), data.train.y[sl]).backward()
         opt.step()
-    save_checkpoint(path, model, model_name="cnn",
-                    model_kwargs={"in_len": data.in_len, "num_classes": data.num_classes},
-                    dataset=SPEC, meta={"label": f"m{seed}"})
+    save_checkpoint(
+        path,
+        model,
+        model_name="cnn",
+        model_kwargs={"in_len": data.in_len, "num_classes": data.num_classes},
+        dataset=SPEC,
+        meta={"label": f"m{seed}"},
+    )
     return model, data
 
 
@@ -42,8 +47,23 @@ def ckpts(tmp_path_factory):
 
 def test_sharpness_json_matches_library(ckpts, capsys):
     d, a, _, data = ckpts
-    code = main(["sharpness", str(d / "a.pt"), str(d / "b.pt"), "--samples", "200", "--top-k", "2",
-                 "--trace-samples", "8", "--average", "--out", str(d / "s.json"), "-q"])
+    code = main(
+        [
+            "sharpness",
+            str(d / "a.pt"),
+            str(d / "b.pt"),
+            "--samples",
+            "200",
+            "--top-k",
+            "2",
+            "--trace-samples",
+            "8",
+            "--average",
+            "--out",
+            str(d / "s.json"),
+            "-q",
+        ]
+    )
     assert code == 0
     out = json.loads((d / "s.json").read_text())
     assert [m["label"] for m in out["models"]] == ["m0", "m1"]
@@ -61,8 +81,22 @@ def test_sharpness_json_matches_library(ckpts, capsys):
 
 def test_sharpness_default_out_and_density(ckpts):
     d, *_ = ckpts
-    assert main(["sharpness", str(d / "a.pt"), "--samples", "100", "--trace-samples", "2",
-                 "--density", str(d / "spec.png"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "sharpness",
+                str(d / "a.pt"),
+                "--samples",
+                "100",
+                "--trace-samples",
+                "2",
+                "--density",
+                str(d / "spec.png"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = json.loads((d / "a.sharpness.json").read_text())
     assert out["settings"]["samples"] == 100
     assert (d / "spec.png").read_bytes()[:4] == b"\x89PNG"
@@ -70,12 +104,30 @@ def test_sharpness_default_out_and_density(ckpts):
         assert float(np.trapezoid(f["density"], f["grid"])) == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("mode,keys", [("1d", {"alphas", "losses"}), ("2d", {"xs", "ys", "losses"})])
+@pytest.mark.parametrize(
+    "mode,keys", [("1d", {"alphas", "losses"}), ("2d", {"xs", "ys", "losses"})]
+)
 def test_landscape_modes(ckpts, mode, keys):
     d, *_ = ckpts
     png = d / f"l-{mode}.png"
-    assert main(["landscape", str(d / "a.pt"), "--mode", mode, "--resolution", "5", "--samples", "100",
-                 "--out", str(png), "-q"]) == 0
+    assert (
+        main(
+            [
+                "landscape",
+                str(d / "a.pt"),
+                "--mode",
+                mode,
+                "--resolution",
+                "5",
+                "--samples",
+                "100",
+                "--out",
+                str(png),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert png.read_bytes()[:4] == b"\x89PNG"
     with np.load(png.with_suffix(".npz")) as f:
         assert keys <= set(f.files)
@@ -86,7 +138,10 @@ def test_landscape_modes(ckpts, mode, keys):
 
 def test_landscape_path_endpoints(ckpts, capsys):
     d, a, b, data = ckpts
-    assert main(["landscape", str(d / "a.pt"), "--other", str(d / "b.pt"), "--samples", "150", "-q"]) == 0
+    assert (
+        main(["landscape", str(d / "a.pt"), "--other", str(d / "b.pt"), "--samples", "150", "-q"])
+        == 0
+    )
     with np.load(d / "a.landscape-path.npz") as f:
         al, losses = f["alphas"], f["losses"]
     x, y = data.train.x[:150], data.train.y[:150]

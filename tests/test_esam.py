@@ -56,7 +56,10 @@ def test_selection_and_update_match_hand_computation(seed, gamma):
         # a first pass with gradients, the selection pass without, the second pass on the subset
         assert calls == [(True, True), (True, False), (False, True)]
     else:
-        assert opt.last_selected is None and calls == [(True, True), (True, True)]  # SAM: no selection
+        assert opt.last_selected is None and calls == [
+            (True, True),
+            (True, True),
+        ]  # SAM: no selection
 
 
 def test_gamma_and_beta_one_is_sam_bit_for_bit():
@@ -98,7 +101,14 @@ def test_resume_from_state_dict_continues_bit_for_bit():
     total, k = 6, 3
 
     def build(model):
-        return ESAM(torch.optim.Adam(model.parameters(), lr=1e-2), rho=0.1, beta=0.5, gamma=0.5, seed=4, model=model)
+        return ESAM(
+            torch.optim.Adam(model.parameters(), lr=1e-2),
+            rho=0.1,
+            beta=0.5,
+            gamma=0.5,
+            seed=4,
+            model=model,
+        )
 
     def run(opt, model, x, y, n):
         for _ in range(n):
@@ -139,7 +149,11 @@ def test_grad_scaler_gives_the_same_steps_as_full_precision():
     for use_scaler in (False, True):
         model, x, y = _mlp_problem()
         opt = ESAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, seed=1, model=model)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000) if use_scaler else None
+        scaler = (
+            torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
+            if use_scaler
+            else None
+        )
         for _ in range(3):
             opt.step(_closure(model, x, y), scaler=scaler)
             if scaler is not None:

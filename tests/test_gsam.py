@@ -49,7 +49,9 @@ def test_update_matches_hand_computation(w0, rho, alpha):
     gp = grad_of(start + e)
     g_par = (g @ gp) / (gp @ gp + 1e-12) * gp
     g_perp = g - g_par
-    assert abs(float(g_perp @ gp)) < 1e-9 * (1 + float(g.norm() * gp.norm()))  # orthogonal by construction
+    assert abs(float(g_perp @ gp)) < 1e-9 * (
+        1 + float(g.norm() * gp.norm())
+    )  # orthogonal by construction
     expect = start - lr * (gp - alpha * g_perp)
     # samkit's norms and dot products accumulate in float32 (SAM's convention)
     torch.testing.assert_close(w.detach(), expect, rtol=1e-6, atol=1e-8)
@@ -58,10 +60,13 @@ def test_update_matches_hand_computation(w0, rho, alpha):
 def test_alpha_zero_without_schedule_is_sam_bit_for_bit():
     x, y = make_data(0)
     m1, m2 = make_model(0), make_model(0)
-    o1 = GSAM(torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9), rho=0.05, alpha=0.0, follow_lr=False)
+    o1 = GSAM(
+        torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9), rho=0.05, alpha=0.0, follow_lr=False
+    )
     o2 = samkit.SAM(torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9), rho=0.05)
     for _ in range(4):
         for m, o in ((m1, o1), (m2, o2)):
+
             def closure(m=m):
                 loss = torch.nn.functional.mse_loss(m(x), y)
                 loss.backward()
@@ -101,6 +106,7 @@ def test_resume_from_state_dict_continues_bit_for_bit():
 
     def run(opt, sched, model, n):
         for _ in range(n):
+
             def closure():
                 loss = torch.nn.functional.mse_loss(model(x), y)
                 loss.backward()
@@ -134,6 +140,7 @@ def test_batchnorm_statistics_come_from_the_first_pass_only():
     opt = GSAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, model=model)
     bn = model[1]
     for _ in range(3):
+
         def closure():
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
@@ -148,7 +155,9 @@ def test_grad_scaler_is_refused_with_a_clear_error():
     w = nn.Parameter(torch.ones(3, dtype=torch.float64))
     opt = GSAM(torch.optim.SGD([w], lr=0.1), rho=0.05)
     scaler = torch.amp.GradScaler("cpu")
-    with pytest.raises(ValueError, match="Invalid scaler value: GSAM does not support a GradScaler"):
+    with pytest.raises(
+        ValueError, match="Invalid scaler value: GSAM does not support a GradScaler"
+    ):
         opt.step(closure_for(w), scaler=scaler)
     assert torch.equal(w.detach(), torch.ones(3, dtype=torch.float64))
 

@@ -63,7 +63,12 @@ def test_quadratic_eigenvalues_exact():
     assert res.converged
     v = res.eigenvectors
     torch.testing.assert_close(v @ v.T, torch.eye(4, dtype=torch.float64), atol=1e-8, rtol=0)
-    torch.testing.assert_close(v @ a @ v.T, torch.diag(torch.tensor(res.eigenvalues, dtype=torch.float64)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        v @ a @ v.T,
+        torch.diag(torch.tensor(res.eigenvalues, dtype=torch.float64)),
+        atol=1e-5,
+        rtol=0,
+    )
     power = top_eigenvalues(op, 2, method="power", tol=1e-12, max_iter=3000)
     assert power.eigenvalues == pytest.approx([9.0, 7.5], abs=1e-5)
 
@@ -183,7 +188,9 @@ def test_summary_keys_and_values(mlp_problem):
     model, x, y, h = mlp_problem
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = summary(model, F.cross_entropy, list(zip(x.split(40), y.split(40))), top_k=2, trace_samples=200)
+    out = summary(
+        model, F.cross_entropy, list(zip(x.split(40), y.split(40))), top_k=2, trace_samples=200
+    )
     assert set(out) == {"hessian_top_eig", "hessian_trace", "worst_case_sharpness", "hessian_eig_2"}
     evals = torch.linalg.eigvalsh(h).flip(0)
     assert out["hessian_top_eig"] == pytest.approx(float(evals[0]), rel=1e-3)
@@ -192,7 +199,9 @@ def test_summary_keys_and_values(mlp_problem):
     assert out["worst_case_sharpness"] > 0
     assert model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    again = summary(model, F.cross_entropy, list(zip(x.split(40), y.split(40))), top_k=2, trace_samples=200)
+    again = summary(
+        model, F.cross_entropy, list(zip(x.split(40), y.split(40))), top_k=2, trace_samples=200
+    )
     assert again == out  # seeded
 
 
@@ -216,12 +225,16 @@ def test_bad_arguments():
 def test_side_by_side_with_pyhessian(mlp_problem):
     pyhessian = pytest.importorskip("pyhessian")
     model, x, y, h = mlp_problem
-    ref_model = copy.deepcopy(model).float()  # PyHessian fills .grad with a graph: give it its own copy
+    ref_model = copy.deepcopy(
+        model
+    ).float()  # PyHessian fills .grad with a graph: give it its own copy
     xf = x.float()
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ph = pyhessian.hessian(ref_model, F.cross_entropy, data=(xf, y), cuda=False)  # CPU: cuda=False
+        ph = pyhessian.hessian(
+            ref_model, F.cross_entropy, data=(xf, y), cuda=False
+        )  # CPU: cuda=False
         ph_eig, _ = ph.eigenvalues(maxIter=100, tol=1e-3)
         ph_trace = ph.trace(maxIter=100, tol=1e-3)
     ours_model = copy.deepcopy(model).float()
@@ -234,7 +247,9 @@ def test_side_by_side_with_pyhessian(mlp_problem):
     assert eig.eigenvalues[0] == pytest.approx(exact_top, rel=1e-3)
     tr = hessian_trace(op, n_probes=len(ph_trace), seed=0)
     ph_mean = sum(ph_trace) / len(ph_trace)
-    ph_se = math.sqrt(sum((t - ph_mean) ** 2 for t in ph_trace) / (len(ph_trace) - 1) / len(ph_trace))
+    ph_se = math.sqrt(
+        sum((t - ph_mean) ** 2 for t in ph_trace) / (len(ph_trace) - 1) / len(ph_trace)
+    )
     assert abs(tr.trace - ph_mean) < 4 * math.hypot(tr.stderr, ph_se)
 
 
@@ -245,7 +260,9 @@ def test_lanczos_stops_within_tol_of_the_true_top_eigenvalue(seed, tol):
 
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
-    evals = torch.cat([torch.tensor([10.0, 7.0]), torch.rand(58, generator=g, dtype=torch.float64) * 5])
+    evals = torch.cat(
+        [torch.tensor([10.0, 7.0]), torch.rand(58, generator=g, dtype=torch.float64) * 5]
+    )
     a = q @ torch.diag(evals) @ q.T
     res = top_eigenvalues(DenseOperator(a), tol=tol, max_iter=60, seed=seed)
     assert res.converged

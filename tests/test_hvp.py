@@ -61,7 +61,9 @@ def test_hvp_matches_full_hessian_for_any_batching(setup, sizes, chunk, backend,
         _REFS[n] = _reference_hessian(model, xs, ys)
     ref = _REFS[n]
     batches = list(zip(xs.split(sizes), ys.split(sizes)))
-    op = HessianOperator(model, F.cross_entropy, batches, max_batch_size=chunk, backend=backend, cache_graph=cache)
+    op = HessianOperator(
+        model, F.cross_entropy, batches, max_batch_size=chunk, backend=backend, cache_graph=cache
+    )
     v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     torch.testing.assert_close(op.matvec(v), ref @ v, rtol=1e-9, atol=1e-11)
     with torch.no_grad():
@@ -80,7 +82,9 @@ def test_matmat_and_dense_equal_reference(setup, backend):
 
 def test_gradient_matches_autograd(setup):
     model, x, y, _ = setup
-    op = HessianOperator(model, F.cross_entropy, list(zip(x.split(7), y.split(7))), max_batch_size=None)
+    op = HessianOperator(
+        model, F.cross_entropy, list(zip(x.split(7), y.split(7))), max_batch_size=None
+    )
     loss, g = op.loss_and_grad()
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -105,7 +109,9 @@ def test_list_form_and_param_subset(setup):
 
 def test_eval_mode_and_model_untouched():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2)
+    )
     model.train()
     x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
     for _ in range(3):  # non-trivial running statistics

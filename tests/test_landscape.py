@@ -38,7 +38,8 @@ def test_filter_normalisation():
             assert torch.count_nonzero(part) == 0, name
         else:
             torch.testing.assert_close(
-                part.reshape(p.shape[0], -1).norm(dim=1), p.detach().reshape(p.shape[0], -1).norm(dim=1)
+                part.reshape(p.shape[0], -1).norm(dim=1),
+                p.detach().reshape(p.shape[0], -1).norm(dim=1),
             )
     assert offset == d.numel()
     assert torch.equal(d, filter_normalized_direction(model, seed=3))
@@ -60,7 +61,9 @@ def test_curve_and_surface_on_quadratic_are_exact():
 
     al, ls = loss_curve(model, loss_fn, batches, direction=d1, alphas=[-1, 0, 0.5, 2])
     assert ls == pytest.approx([exact(w + float(t) * d1) for t in al], rel=1e-12)
-    xs, ys, grid = loss_surface(model, loss_fn, batches, directions=(d1, d2), xs=[-1, 0, 1], ys=[0, 2])
+    xs, ys, grid = loss_surface(
+        model, loss_fn, batches, directions=(d1, d2), xs=[-1, 0, 1], ys=[0, 2]
+    )
     assert grid.shape == (2, 3)
     for j, yv in enumerate(ys):
         for i, xv in enumerate(xs):
@@ -77,7 +80,9 @@ def test_random_curve_centre_is_the_loss():
     al, ls = loss_curve(model, F.cross_entropy, [(x, y)], alphas=np.linspace(-1, 1, 5))
     assert ls[2] == pytest.approx(base, rel=1e-6)
     assert ls.shape == (5,) and np.all(np.isfinite(ls))
-    xs, ys, grid = loss_surface(model, F.cross_entropy, [(x, y)], xs=[-0.5, 0, 0.5], ys=[-0.5, 0, 0.5])
+    xs, ys, grid = loss_surface(
+        model, F.cross_entropy, [(x, y)], xs=[-0.5, 0, 0.5], ys=[-0.5, 0, 0.5]
+    )
     assert grid[1, 1] == pytest.approx(base, rel=1e-6)
 
 
@@ -128,7 +133,10 @@ def test_save_grid_round_trip(tmp_path):
         assert json.loads(str(f["meta"])) == {"model": "cnn"}
     q = save_grid(tmp_path / "g.json", xs=xs, losses=z)
     assert json.loads(q.read_text())["losses"] == z.tolist()
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["g.json", "g.npz"]  # no temporary files left
+    assert sorted(x.name for x in tmp_path.iterdir()) == [
+        "g.json",
+        "g.npz",
+    ]  # no temporary files left
     with pytest.raises(ValueError, match="path"):
         save_grid(tmp_path / "g.txt", xs=xs)
 
@@ -138,7 +146,9 @@ def test_plots_write_png(tmp_path):
     xs = np.linspace(-1, 1, 9)
     grid = 1 + xs[None, :] ** 2 + 2 * xs[:, None] ** 2
     paths = [
-        plot_curves(tmp_path / "c.png", xs, {"a": xs**2, "b": xs**2 + 1}, marks={"SGD": 0, "SAM": 1}),
+        plot_curves(
+            tmp_path / "c.png", xs, {"a": xs**2, "b": xs**2 + 1}, marks={"SGD": 0, "SAM": 1}
+        ),
         plot_surface(tmp_path / "s.png", xs, xs, grid, title="t"),
         plot_density(tmp_path / "d.png", xs, np.exp(-(xs**2))),
     ]

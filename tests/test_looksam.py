@@ -106,8 +106,12 @@ def test_in_between_gradient_is_g_plus_alpha_norm_g_along_global_gv(w0, rho, alp
     g1 = grad_of(w1)
     torch.testing.assert_close(fed, g1 + alpha * g1.norm() / gv.norm() * gv, rtol=1e-7, atol=1e-9)
     extra = fed - g1
-    torch.testing.assert_close(extra.norm(), alpha * g1.norm(), rtol=1e-7, atol=1e-9)  # size set by alpha, not by SAM
-    assert abs(float(extra @ g0)) <= 1e-7 * float(extra.norm() * g0.norm()) + 1e-9  # orthogonal to step 0's g
+    torch.testing.assert_close(
+        extra.norm(), alpha * g1.norm(), rtol=1e-7, atol=1e-9
+    )  # size set by alpha, not by SAM
+    assert (
+        abs(float(extra @ g0)) <= 1e-7 * float(extra.norm() * g0.norm()) + 1e-9
+    )  # orthogonal to step 0's g
     assert calls[0] == 3 and (opt.ascents, opt.reused) == (1, 1)
 
 
@@ -137,9 +141,12 @@ def test_alpha_zero_is_sam_every_k_without_rho_scaling():
     x, y = make_data(1)
     m1, m2 = make_model(1), make_model(1)
     o1 = LookSAM(torch.optim.Adam(m1.parameters(), lr=1e-2), rho=0.05, k=3, alpha=0.0)
-    o2 = samkit.SAM(torch.optim.Adam(m2.parameters(), lr=1e-2), rho=0.05, policy=EveryK(3, scale_rho=False))
+    o2 = samkit.SAM(
+        torch.optim.Adam(m2.parameters(), lr=1e-2), rho=0.05, policy=EveryK(3, scale_rho=False)
+    )
     for _ in range(7):
         for m, o in ((m1, o1), (m2, o2)):
+
             def closure(m=m):
                 loss = torch.nn.functional.mse_loss(m(x), y)
                 loss.backward()
@@ -161,6 +168,7 @@ def test_resume_between_full_steps_continues_bit_for_bit(base):
 
     def run(opt, model, n):
         for _ in range(n):
+
             def closure():
                 loss = torch.nn.functional.mse_loss(model(x), y)
                 loss.backward()
@@ -192,6 +200,7 @@ def test_batchnorm_statistics_come_from_the_first_pass_only():
     x, y = make_data(3)
     opt = LookSAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, k=2, model=model)
     for _ in range(5):
+
         def closure():
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
@@ -213,14 +222,20 @@ def test_unsupported_combinations_raise_clear_errors():
         loss.backward()
         return loss
 
-    with pytest.raises(ValueError, match="Invalid scaler value: LookSAM does not support a GradScaler"):
+    with pytest.raises(
+        ValueError, match="Invalid scaler value: LookSAM does not support a GradScaler"
+    ):
         opt.step(closure, scaler=torch.amp.GradScaler("cpu"))
     assert torch.equal(w.detach(), torch.ones(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"k": 0}, "Invalid k value: 0"), ({"k": 2.0}, "Invalid k value: 2.0"), ({"alpha": -1}, "Invalid alpha value: -1")],
+    [
+        ({"k": 0}, "Invalid k value: 0"),
+        ({"k": 2.0}, "Invalid k value: 2.0"),
+        ({"alpha": -1}, "Invalid alpha value: -1"),
+    ],
 )
 def test_invalid_arguments_raise_value_error_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -244,7 +259,9 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     try:
         results = {}
         makers = {
-            "looksam": lambda ps, m: LookSAM(torch.optim.SGD(ps, lr=0.1, momentum=0.9), rho=0.3, k=2, model=m),
+            "looksam": lambda ps, m: LookSAM(
+                torch.optim.SGD(ps, lr=0.1, momentum=0.9), rho=0.3, k=2, model=m
+            ),
             "gsam": lambda ps, m: GSAM(torch.optim.Adam(ps, lr=0.01), rho=0.3, alpha=0.5, model=m),
             "ae_sam": lambda ps, m: samkit.SAM(
                 torch.optim.SGD(ps, lr=0.1), rho=0.3, policy=AdaptivePolicy(6, decay=0.5), model=m
@@ -252,12 +269,16 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         }
         from samkit.optim.esam import ESAM
 
-        makers["esam"] = lambda ps, m: ESAM(torch.optim.SGD(ps, lr=0.1), rho=0.3, beta=0.5, gamma=0.5, seed=3, model=m)
+        makers["esam"] = lambda ps, m: ESAM(
+            torch.optim.SGD(ps, lr=0.1), rho=0.3, beta=0.5, gamma=0.5, seed=3, model=m
+        )
         for name, make in makers.items():
             torch.manual_seed(0)
             net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
             ddp = nn.parallel.DistributedDataParallel(net)
-            opt = make(ddp.parameters(), ddp)  # ddp_ascent="local": each replica ascends on its own half
+            opt = make(
+                ddp.parameters(), ddp
+            )  # ddp_ascent="local": each replica ascends on its own half
             for step in range(6):
                 g = torch.Generator().manual_seed(100 + step)
                 x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
@@ -275,7 +296,11 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
                 opt.step(per_sample if name == "esam" else closure)
                 opt.zero_grad()
             extra = {"mean": opt.policy.mean, "var": opt.policy.var} if name == "ae_sam" else {}
-            results[name] = {"params": [p.detach().clone() for p in net.parameters()], "ascents": opt.ascents, **extra}
+            results[name] = {
+                "params": [p.detach().clone() for p in net.parameters()],
+                "ascents": opt.ascents,
+                **extra,
+            }
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -303,5 +328,7 @@ def test_ddp_local_ascent_keeps_replicas_identical(tmp_path):
         assert all_equal(r0[name]["params"], r1[name]["params"]), name
         assert r0[name]["ascents"] == r1[name]["ascents"]
     assert r0["looksam"]["ascents"] == 3
-    assert r0["ae_sam"]["mean"] == r1["ae_sam"]["mean"] and r0["ae_sam"]["var"] == r1["ae_sam"]["var"]
+    assert (
+        r0["ae_sam"]["mean"] == r1["ae_sam"]["mean"] and r0["ae_sam"]["var"] == r1["ae_sam"]["var"]
+    )
     assert 0 < r0["ae_sam"]["ascents"] < 6

@@ -56,6 +56,7 @@ def test_one_micro_batch_is_sam_bit_for_bit():
     opt = MSAM(torch.optim.SGD([w], lr=0.1, momentum=0.9), rho=0.05, micro_batches=1)
     sam = samkit.SAM(torch.optim.SGD([w2], lr=0.1, momentum=0.9), rho=0.05)
     for _ in range(3):
+
         def c1(j):
             loss = ((x @ w - y) ** 2).mean()
             loss.backward()
@@ -107,7 +108,9 @@ def test_resume_from_state_dict_continues_bit_for_bit():
     x, y = _data()
 
     def build(model):
-        return MSAM(torch.optim.Adam(model.parameters(), lr=1e-2), rho=0.1, micro_batches=2, model=model)
+        return MSAM(
+            torch.optim.Adam(model.parameters(), lr=1e-2), rho=0.1, micro_batches=2, model=model
+        )
 
     def run(opt, model, n):
         for _ in range(n):
@@ -158,5 +161,7 @@ def test_unsupported_combinations_raise_clear_errors():
     with pytest.raises(ValueError, match="Invalid micro_batches value: 0"):
         MSAM(torch.optim.SGD([w], lr=0.1), micro_batches=0)
     opt = MSAM(torch.optim.SGD([w], lr=0.1))
-    with pytest.raises(ValueError, match="Invalid scaler value: mSAM does not support a GradScaler"):
+    with pytest.raises(
+        ValueError, match="Invalid scaler value: mSAM does not support a GradScaler"
+    ):
         opt.step(lambda j: w.sum(), scaler=torch.amp.GradScaler("cpu"))

@@ -51,23 +51,42 @@ def test_fisher_with_tiny_eta_is_sam():
     ref, model = make_model(2).double(), make_model(2).double()
     x, y = (t.double() for t in make_data(2))
     e_ref, _ = _ascent(samkit.SAM(torch.optim.SGD(ref.parameters(), lr=0.1), rho=0.05), ref, x, y)
-    e, _ = _ascent(samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, perturbation=Fisher(1e-12)), model, x, y)
+    e, _ = _ascent(
+        samkit.SAM(
+            torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, perturbation=Fisher(1e-12)
+        ),
+        model,
+        x,
+        y,
+    )
     for a, b in zip(e, e_ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def _bn_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3), nn.LayerNorm(3)).double()
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3), nn.LayerNorm(3)
+    ).double()
 
 
 def test_norm_only_perturbs_exactly_the_norm_parameters():
     model = _bn_model(0)
     x, y = (t.double() for t in make_data(3))
     rho = 0.5
-    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=rho, perturbation=NormOnly(model), model=model)
+    opt = samkit.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        rho=rho,
+        perturbation=NormOnly(model),
+        model=model,
+    )
     e, g = _ascent(opt, model, x, y)
-    norm_ids = {id(p) for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)) for p in m.parameters()}
+    norm_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.BatchNorm1d, nn.LayerNorm))
+        for p in m.parameters()
+    }
     is_norm = [id(p) in norm_ids for p in model.parameters()]
     assert sum(is_norm) == 4
     denom = sum((gi * gi).sum() for gi, n in zip(g, is_norm) if n).sqrt()
@@ -82,7 +101,9 @@ def test_masked_with_adaptive_inner_is_asam_on_the_subset():
     model = make_model(4).double()
     x, y = (t.double() for t in make_data(4))
     sel = [model[0].weight, model[2].bias]
-    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5, perturbation=Masked(sel, Adaptive()))
+    opt = samkit.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5, perturbation=Masked(sel, Adaptive())
+    )
     w = [p.detach().clone() for p in model.parameters()]
     e, g = _ascent(opt, model, x, y)
     on = [any(p is s for s in sel) for p in model.parameters()]
@@ -97,7 +118,10 @@ def test_masked_still_sees_a_nonfinite_gradient_outside_the_mask():
     model = make_model(5)
     x, y = make_data(5)
     opt = samkit.SAM(
-        torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, perturbation=Masked([model[0].bias]), skip_nonfinite=True
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        rho=0.05,
+        perturbation=Masked([model[0].bias]),
+        skip_nonfinite=True,
     )
     before = params_of(model)
     _first_pass(model, x, y)
@@ -147,7 +171,14 @@ def test_random_subset_beta_one_is_sam_bit_for_bit():
     ref, model = make_model(6), make_model(6)
     x, y = make_data(6)
     e_ref, _ = _ascent(samkit.SAM(torch.optim.SGD(ref.parameters(), lr=0.1), rho=0.05), ref, x, y)
-    e, _ = _ascent(samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, perturbation=RandomSubset(1.0)), model, x, y)
+    e, _ = _ascent(
+        samkit.SAM(
+            torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, perturbation=RandomSubset(1.0)
+        ),
+        model,
+        x,
+        y,
+    )
     assert all_equal(e, e_ref)
     assert all_equal(params_of(model), params_of(ref))
 
@@ -168,9 +199,13 @@ def test_foreach_equals_per_tensor_path(name, seed):
         model = make_model(seed)
         x, y = make_data(seed)
         opt = samkit.SAM(
-            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.3, perturbation=PERTS[name](model), foreach=fe
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            rho=0.3,
+            perturbation=PERTS[name](model),
+            foreach=fe,
         )
         for _ in range(3):
+
             def closure(model=model, x=x, y=y):
                 loss = torch.nn.functional.mse_loss(model(x), y)
                 loss.backward()
@@ -189,6 +224,7 @@ def test_resume_from_state_dict_continues_bit_for_bit(name):
 
     def run(opt, model, n):
         for _ in range(n):
+
             def closure():
                 loss = torch.nn.functional.mse_loss(model(x), y)
                 loss.backward()
@@ -198,7 +234,9 @@ def test_resume_from_state_dict_continues_bit_for_bit(name):
             opt.zero_grad()
 
     def build(model):
-        return samkit.SAM(torch.optim.Adam(model.parameters(), lr=1e-2), rho=0.2, perturbation=PERTS[name](model))
+        return samkit.SAM(
+            torch.optim.Adam(model.parameters(), lr=1e-2), rho=0.2, perturbation=PERTS[name](model)
+        )
 
     ref = make_model(8)
     ref_opt = build(ref)

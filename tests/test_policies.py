@@ -61,7 +61,9 @@ def test_every_k_scales_rho_by_k(scale):
 def test_every_k_equals_sam_on_its_steps_and_sgd_in_between():
     x, y = make_data(1)
     model, ref = make_model(1), make_model(1)
-    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, policy=EveryK(3, scale_rho=False))
+    opt = samkit.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, policy=EveryK(3, scale_rho=False)
+    )
     sam = samkit.SAM(torch.optim.SGD(ref.parameters(), lr=0.1), rho=0.05)
     for t in range(7):
         _run(opt, model, x, y, 1)
@@ -144,7 +146,11 @@ def test_resume_from_state_dict_continues_bit_for_bit(name):
     x, y = make_data(3)
 
     def build(model):
-        return samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), rho=0.1, policy=POLICIES[name]())
+        return samkit.SAM(
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+            rho=0.1,
+            policy=POLICIES[name](),
+        )
 
     ref = make_model(3)
     ref_opt = build(ref)

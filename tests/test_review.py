@@ -21,7 +21,9 @@ def test_exception_inside_first_step_releases_bn_and_allows_a_new_step():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     policy = _Boom()
-    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, model=model, policy=policy)
+    opt = samkit.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, model=model, policy=policy
+    )
     x = torch.randn(8, 3)
     w0 = [p.detach().clone() for p in model.parameters()]
     model(x).square().mean().backward()
@@ -124,7 +126,9 @@ def test_backup_follows_a_parameter_whose_dtype_changed():
     x, y = torch.randn(8, 4), torch.randn(8, 3)
 
     def closure():
-        loss = torch.nn.functional.mse_loss(model(x.to(model.weight.dtype)), y.to(model.weight.dtype))
+        loss = torch.nn.functional.mse_loss(
+            model(x.to(model.weight.dtype)), y.to(model.weight.dtype)
+        )
         loss.backward()
         return loss
 

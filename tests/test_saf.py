@@ -16,14 +16,19 @@ from samkit.optim.saf import MESA, SAF, trajectory_kl
 @given(seed=st.integers(0, 100), tau=st.floats(0.5, 10.0))
 def test_trajectory_kl_matches_hand_computation(seed, tau):
     g = torch.Generator().manual_seed(seed)
-    z, t = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    z, t = (
+        torch.randn(6, 4, generator=g, dtype=torch.float64),
+        torch.randn(6, 4, generator=g, dtype=torch.float64),
+    )
     q = torch.softmax(t / tau, -1)
     p = torch.softmax(z / tau, -1)
     expect = (q * (q.log() - p.log())).sum(-1).mean()
     assert float(trajectory_kl(z, t, tau)) == pytest.approx(float(expect), rel=1e-5, abs=1e-7)
     mask = torch.tensor([True, False, True, False, False, True])
     expect_masked = ((q * (q.log() - p.log())).sum(-1) * mask).sum() / 6
-    assert float(trajectory_kl(z, t, tau, mask)) == pytest.approx(float(expect_masked), rel=1e-5, abs=1e-7)
+    assert float(trajectory_kl(z, t, tau, mask)) == pytest.approx(
+        float(expect_masked), rel=1e-5, abs=1e-7
+    )
     assert float(trajectory_kl(z, z, tau)) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -85,7 +90,10 @@ def test_mesa_teacher_is_an_exponential_moving_average():
         if ema is None:  # step 0 < start_step: the teacher copies the model
             ema = cur
         else:
-            ema = {k: (0.75 * ema[k] + 0.25 * cur[k]) if cur[k].is_floating_point() else cur[k] for k in cur}
+            ema = {
+                k: (0.75 * ema[k] + 0.25 * cur[k]) if cur[k].is_floating_point() else cur[k]
+                for k in cur
+            }
         for k, v in mesa.teacher.state_dict().items():
             torch.testing.assert_close(v, ema[k], rtol=1e-6, atol=1e-7)
     out = model(x)

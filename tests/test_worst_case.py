@@ -29,7 +29,9 @@ def test_quadratic_off_minimum_matches_brute_force():
     res = worst_case_sharpness(model, loss_fn, batches, rho=rho, steps=50)
     w = model.w.detach()
     angles = torch.linspace(0, 2 * math.pi, 20001, dtype=torch.float64)
-    ring = torch.stack([angles.cos(), angles.sin()], 1) * rho  # a convex function peaks on the boundary
+    ring = (
+        torch.stack([angles.cos(), angles.sin()], 1) * rho
+    )  # a convex function peaks on the boundary
     d = w + ring - loss_fn.center
     brute = float((0.5 * ((d @ a) * d).sum(1)).max()) - float(loss_fn(w, None))
     assert res.sharpness == pytest.approx(brute, rel=1e-6)
@@ -37,12 +39,16 @@ def test_quadratic_off_minimum_matches_brute_force():
 
 def _net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False)).double()
+    return nn.Sequential(
+        nn.Linear(6, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False)
+    ).double()
 
 
 def _data(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(64, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (64,), generator=g)
+    return torch.randn(64, 6, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (64,), generator=g
+    )
 
 
 def test_never_below_sam_one_step_and_monotone_history():
@@ -80,8 +86,12 @@ def test_adaptive_is_scale_invariant_l2_is_not():
     l1 = worst_case_sharpness(m1, F.cross_entropy, [(x, y)], rho=0.5, steps=5)
     l2 = worst_case_sharpness(m2, F.cross_entropy, [(x, y)], rho=0.5, steps=5)
     assert abs(l1.sharpness - l2.sharpness) > 0.05 * l1.sharpness
-    g1 = average_case_sharpness(m1, F.cross_entropy, [(x, y)], rho=0.5, adaptive=True, n_samples=4, seed=3)
-    g2 = average_case_sharpness(m2, F.cross_entropy, [(x, y)], rho=0.5, adaptive=True, n_samples=4, seed=3)
+    g1 = average_case_sharpness(
+        m1, F.cross_entropy, [(x, y)], rho=0.5, adaptive=True, n_samples=4, seed=3
+    )
+    g2 = average_case_sharpness(
+        m2, F.cross_entropy, [(x, y)], rho=0.5, adaptive=True, n_samples=4, seed=3
+    )
     assert g1.samples == pytest.approx(g2.samples, rel=1e-9)
 
 

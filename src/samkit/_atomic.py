@@ -21,7 +21,9 @@ __all__ = ["atomic_open", "atomic_write_via", "write_json_atomic", "write_text_a
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+def atomic_open(
+    path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8"
+) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success it replaces ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +40,9 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", encoding: str | N
         raise
 
 
-def atomic_write_via(path: str | os.PathLike[str], write: Callable[[str], Any], suffix: str = ".tmp") -> Path:
+def atomic_write_via(
+    path: str | os.PathLike[str], write: Callable[[str], Any], suffix: str = ".tmp"
+) -> Path:
     """Call ``write(tmp_name)`` (for writers that want a file name, e.g. savefig) and rename over ``path``.
 
     ``suffix`` lets writers that pick a format from the extension (".png") see the right one.

@@ -36,7 +36,9 @@ __all__ = [
 TensorList = list[Tensor]
 
 
-def group_by_device(*lists: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[TensorList]]:
+def group_by_device(
+    *lists: Sequence[Tensor],
+) -> dict[tuple[torch.device, torch.dtype], list[TensorList]]:
     """Split parallel tensor lists into groups of one device and dtype.
 
     The key is taken from the first list. Order within a group is preserved.
@@ -154,7 +156,9 @@ def scale_for(rho: float, norm: Tensor, eps: float) -> float | Tensor:
     return scale
 
 
-def add_scaled_(params: TensorList, dirs: TensorList, scale: float | Tensor, *, foreach: bool) -> None:
+def add_scaled_(
+    params: TensorList, dirs: TensorList, scale: float | Tensor, *, foreach: bool
+) -> None:
     """``p += scale * d``.
 
     With a float ``scale`` this is one fused pass (``add_`` with ``alpha``).

@@ -38,14 +38,29 @@ def add_parser(subparsers: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint written by the trainer (.pt)")
-    p.add_argument("--other", metavar="CHECKPOINT", help="second checkpoint: plot the path between the two")
-    p.add_argument("--mode", choices=("1d", "2d", "path"), help="default: path with --other, else 1d")
+    p.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="checkpoint written by the trainer (.pt)"
+    )
+    p.add_argument(
+        "--other", metavar="CHECKPOINT", help="second checkpoint: plot the path between the two"
+    )
+    p.add_argument(
+        "--mode", choices=("1d", "2d", "path"), help="default: path with --other, else 1d"
+    )
     p.add_argument("--resolution", type=int, help="points per axis (default 25; 21 for 2d)")
-    p.add_argument("--range", type=float, default=1.0, dest="span",
-                   help="half-width R of the 1d/2d grid in units of the direction (default 1)")
+    p.add_argument(
+        "--range",
+        type=float,
+        default=1.0,
+        dest="span",
+        help="half-width R of the 1d/2d grid in units of the direction (default 1)",
+    )
     add_data_arguments(p)
-    p.add_argument("--out", metavar="PNG", help="plot file (default: beside the checkpoint, *.landscape-MODE.png)")
+    p.add_argument(
+        "--out",
+        metavar="PNG",
+        help="plot file (default: beside the checkpoint, *.landscape-MODE.png)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -67,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"invalid --resolution value: {res} (must be >= 2)")
     if not (math.isfinite(args.span) and args.span > 0):
         raise UsageError(f"invalid --range value: {args.span!r} (must be > 0)")
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(f".landscape-{mode}.png")
+    out = (
+        Path(args.out) if args.out else Path(args.checkpoint).with_suffix(f".landscape-{mode}.png")
+    )
     if out.suffix != ".png":
         raise UsageError(f"invalid --out value: {str(out)!r} (expected a .png path)")
     raw = out.with_suffix(".npz")
@@ -80,33 +97,60 @@ def run(args: argparse.Namespace) -> int:
         other, _, info_b = load_model_and_batches(args.other, args)
         name_b = info_b["label"] or Path(args.other).stem
         try:
-            alphas, losses = ls.interpolate(model, other, F.cross_entropy, batches, n_points=res, progress=progress)
+            alphas, losses = ls.interpolate(
+                model, other, F.cross_entropy, batches, n_points=res, progress=progress
+            )
         except ValueError as exc:
-            raise UsageError(f"cannot interpolate {args.checkpoint!r} and {args.other!r}: {exc}") from exc
+            raise UsageError(
+                f"cannot interpolate {args.checkpoint!r} and {args.other!r}: {exc}"
+            ) from exc
         meta["other"] = info_b["checkpoint"]
         save_grid(raw, meta=meta, alphas=alphas, losses=losses)
-        plot_curves(out, alphas, {f"{info['split']} loss": losses}, marks={name: 0.0, name_b: 1.0},
-                    title=f"linear path {name} -> {name_b}")
+        plot_curves(
+            out,
+            alphas,
+            {f"{info['split']} loss": losses},
+            marks={name: 0.0, name_b: 1.0},
+            title=f"linear path {name} -> {name_b}",
+        )
         inside = (alphas >= 0) & (alphas <= 1)
         ends = max(losses[np.argmin(abs(alphas))], losses[np.argmin(abs(alphas - 1))])
-        print(f"loss at {name} (alpha=0): {losses[np.argmin(abs(alphas))]:.4g}; "
-              f"at {name_b} (alpha=1): {losses[np.argmin(abs(alphas - 1))]:.4g}; "
-              f"barrier on [0, 1]: {max(0.0, float(losses[inside].max()) - float(ends)):.4g}")
+        print(
+            f"loss at {name} (alpha=0): {losses[np.argmin(abs(alphas))]:.4g}; "
+            f"at {name_b} (alpha=1): {losses[np.argmin(abs(alphas - 1))]:.4g}; "
+            f"barrier on [0, 1]: {max(0.0, float(losses[inside].max()) - float(ends)):.4g}"
+        )
     elif mode == "1d":
-        alphas, losses = ls.loss_curve(model, F.cross_entropy, batches, alphas=np.linspace(-args.span, args.span, res),
-                                       seed=args.seed, progress=progress)
+        alphas, losses = ls.loss_curve(
+            model,
+            F.cross_entropy,
+            batches,
+            alphas=np.linspace(-args.span, args.span, res),
+            seed=args.seed,
+            progress=progress,
+        )
         save_grid(raw, meta=meta, alphas=alphas, losses=losses)
-        plot_curves(out, alphas, {f"{info['split']} loss": losses}, xlabel="alpha (filter-normalised direction)",
-                    title=f"1-D landscape: {name}")
-        print(f"loss at the weights: {losses[np.argmin(abs(alphas))]:.4g}; "
-              f"at alpha = -{args.span:g} / +{args.span:g}: {losses[0]:.4g} / {losses[-1]:.4g}")
+        plot_curves(
+            out,
+            alphas,
+            {f"{info['split']} loss": losses},
+            xlabel="alpha (filter-normalised direction)",
+            title=f"1-D landscape: {name}",
+        )
+        print(
+            f"loss at the weights: {losses[np.argmin(abs(alphas))]:.4g}; "
+            f"at alpha = -{args.span:g} / +{args.span:g}: {losses[0]:.4g} / {losses[-1]:.4g}"
+        )
     else:
         grid = np.linspace(-args.span, args.span, res)
-        xs, ys, z = ls.loss_surface(model, F.cross_entropy, batches, xs=grid, ys=grid, seed=args.seed,
-                                    progress=progress)
+        xs, ys, z = ls.loss_surface(
+            model, F.cross_entropy, batches, xs=grid, ys=grid, seed=args.seed, progress=progress
+        )
         save_grid(raw, meta=meta, xs=xs, ys=ys, losses=z)
         plot_surface(out, xs, ys, z, title=f"2-D landscape: {name}")
-        print(f"loss at the weights: {z[np.argmin(abs(ys)), np.argmin(abs(xs))]:.4g}; "
-              f"min / max on the grid: {z.min():.4g} / {z.max():.4g}")
+        print(
+            f"loss at the weights: {z[np.argmin(abs(ys)), np.argmin(abs(xs))]:.4g}; "
+            f"min / max on the grid: {z.min():.4g} / {z.max():.4g}"
+        )
     print(f"wrote {out} and {raw}")
     return 0

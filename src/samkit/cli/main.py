@@ -55,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"samkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"samkit {args.command}: interrupted (finished runs are saved; rerun to resume)", file=sys.stderr)
+        print(
+            f"samkit {args.command}: interrupted (finished runs are saved; rerun to resume)",
+            file=sys.stderr,
+        )
         return 130
 
 

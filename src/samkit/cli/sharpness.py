@@ -41,28 +41,69 @@ def add_parser(subparsers: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint(s) written by the trainer (.pt)")
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="checkpoint(s) written by the trainer (.pt)",
+    )
     add_data_arguments(p)
     p.add_argument("--top-k", type=int, default=1, help="number of top eigenvalues (default 1)")
-    p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of the eigenvalues (default 1e-3)")
-    p.add_argument("--trace-samples", type=int, default=32, help="Hutchinson probes for the trace (default 32)")
-    p.add_argument("--rho", type=float, default=0.05, help="radius of the worst-case ball (default 0.05)")
-    p.add_argument("--adaptive", action="store_true", help="adaptive ball scaled by |w| (ASAM; use rho ~0.5)")
-    p.add_argument("--ascent-steps", type=int, default=10, help="ascent steps for the worst case (default 10)")
-    p.add_argument("--average", action="store_true", help="also the average-case (Gaussian) sharpness")
-    p.add_argument("--density", metavar="PNG", help="also plot the eigenvalue density (stochastic Lanczos) here")
-    p.add_argument("--out", metavar="JSON", help="results file (default: beside the checkpoint, *.sharpness.json)")
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=1e-3,
+        help="relative tolerance of the eigenvalues (default 1e-3)",
+    )
+    p.add_argument(
+        "--trace-samples", type=int, default=32, help="Hutchinson probes for the trace (default 32)"
+    )
+    p.add_argument(
+        "--rho", type=float, default=0.05, help="radius of the worst-case ball (default 0.05)"
+    )
+    p.add_argument(
+        "--adaptive", action="store_true", help="adaptive ball scaled by |w| (ASAM; use rho ~0.5)"
+    )
+    p.add_argument(
+        "--ascent-steps", type=int, default=10, help="ascent steps for the worst case (default 10)"
+    )
+    p.add_argument(
+        "--average", action="store_true", help="also the average-case (Gaussian) sharpness"
+    )
+    p.add_argument(
+        "--density",
+        metavar="PNG",
+        help="also plot the eigenvalue density (stochastic Lanczos) here",
+    )
+    p.add_argument(
+        "--out",
+        metavar="JSON",
+        help="results file (default: beside the checkpoint, *.sharpness.json)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """Which samples the measures use (shared with ``samkit landscape``)."""
-    p.add_argument("--split", choices=("train", "test", "val"), default="train",
-                   help="data split to measure on (default train: the labels the model was trained on)")
-    p.add_argument("--samples", type=int, default=1000, help="number of samples (default 1000; 0 = whole split)")
-    p.add_argument("--batch-size", type=int, default=1000, help="samples per forward pass (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random vectors and directions (default 0)")
+    p.add_argument(
+        "--split",
+        choices=("train", "test", "val"),
+        default="train",
+        help="data split to measure on (default train: the labels the model was trained on)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1000,
+        help="number of samples (default 1000; 0 = whole split)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=1000, help="samples per forward pass (default 1000)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the random vectors and directions (default 0)"
+    )
 
 
 def _positive(name: str, value: Any, *, zero: bool = False) -> None:
@@ -156,14 +197,28 @@ def run(args: argparse.Namespace) -> int:
         bar = _bar(4 if args.average else 3, progress, Path(path).name)
         eig = top_eigenvalues(op, args.top_k, tol=args.tol, seed=args.seed)
         _tick(bar)
-        tr = hessian_trace(op, n_probes=args.trace_samples, basis=eig.basis, tridiagonal=eig.tridiagonal, seed=args.seed + 1)
+        tr = hessian_trace(
+            op,
+            n_probes=args.trace_samples,
+            basis=eig.basis,
+            tridiagonal=eig.tridiagonal,
+            seed=args.seed + 1,
+        )
         _tick(bar)
         density = None
         if args.density:
             density = spectral_density(op, n_steps=min(80, op.dim), seed=args.seed + 2)
         op.release()
-        wc = sh.worst_case_sharpness(model, F.cross_entropy, None, rho=args.rho, adaptive=args.adaptive,
-                                     steps=args.ascent_steps, seed=args.seed, op=op)
+        wc = sh.worst_case_sharpness(
+            model,
+            F.cross_entropy,
+            None,
+            rho=args.rho,
+            adaptive=args.adaptive,
+            steps=args.ascent_steps,
+            seed=args.seed,
+            op=op,
+        )
         _tick(bar)
         res: dict[str, Any] = {
             "loss": wc.loss,
@@ -175,8 +230,15 @@ def run(args: argparse.Namespace) -> int:
             "worst_case_sharpness": wc.sharpness,
         }
         if args.average:
-            avg = sh.average_case_sharpness(model, F.cross_entropy, None, rho=args.rho, adaptive=args.adaptive,
-                                            seed=args.seed, op=op)
+            avg = sh.average_case_sharpness(
+                model,
+                F.cross_entropy,
+                None,
+                rho=args.rho,
+                adaptive=args.adaptive,
+                seed=args.seed,
+                op=op,
+            )
             res["average_case_sharpness"] = avg.sharpness
             res["average_case_stderr"] = avg.stderr
             _tick(bar)
@@ -188,21 +250,47 @@ def run(args: argparse.Namespace) -> int:
             from ..sharpness.plots import plot_density, save_grid
 
             png = Path(args.density)
-            plot_density(png, density.grid.numpy(), density.density.numpy(), title=f"Hessian spectrum: {Path(path).name}")
-            save_grid(png.with_suffix(".npz"), meta=info, grid=density.grid.numpy(), density=density.density.numpy(),
-                      nodes=density.nodes[0], weights=density.weights[0])
+            plot_density(
+                png,
+                density.grid.numpy(),
+                density.density.numpy(),
+                title=f"Hessian spectrum: {Path(path).name}",
+            )
+            save_grid(
+                png.with_suffix(".npz"),
+                meta=info,
+                grid=density.grid.numpy(),
+                density=density.density.numpy(),
+                nodes=density.nodes[0],
+                weights=density.weights[0],
+            )
             res["density_png"] = str(png)
         results.append({**info, "results": res})
-        row = {"checkpoint": info["label"] or Path(path).stem, "loss": res["loss"], "top eig": res["hessian_top_eig"],
-               "trace": f"{tr.trace:.4g} +- {tr.stderr:.2g}", "worst-case": wc.sharpness}
+        row = {
+            "checkpoint": info["label"] or Path(path).stem,
+            "loss": res["loss"],
+            "top eig": res["hessian_top_eig"],
+            "trace": f"{tr.trace:.4g} +- {tr.stderr:.2g}",
+            "worst-case": wc.sharpness,
+        }
         if args.average:
             row["average-case"] = res["average_case_sharpness"]
         rows.append(row)
 
-    settings = {"top_k": args.top_k, "tol": args.tol, "trace_samples": args.trace_samples, "rho": args.rho,
-                "adaptive": args.adaptive, "ascent_steps": args.ascent_steps, "seed": args.seed,
-                "split": args.split, "samples": args.samples}
-    write_json_atomic(out, {"format": "samkit-sharpness", "version": 1, "settings": settings, "models": results})
+    settings = {
+        "top_k": args.top_k,
+        "tol": args.tol,
+        "trace_samples": args.trace_samples,
+        "rho": args.rho,
+        "adaptive": args.adaptive,
+        "ascent_steps": args.ascent_steps,
+        "seed": args.seed,
+        "split": args.split,
+        "samples": args.samples,
+    }
+    write_json_atomic(
+        out, {"format": "samkit-sharpness", "version": 1, "settings": settings, "models": results}
+    )
     _print_table(rows)
     print(f"wrote {out}")
     return 0
@@ -233,6 +321,14 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     heads = list(rows[0])
     cells = [[_fmt(r.get(h, "")) for h in heads] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths))))
+    print(
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths))
+        )
+    )
     for c in cells:
-        print("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))))
+        print(
+            "  ".join(
+                x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))
+            )
+        )

@@ -66,7 +66,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ValueError(f"Invalid path value: {str(path)!r} is not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        raise ValueError(
+            f"Invalid path value: {str(path)!r} is not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"Invalid path value: {str(path)!r} is not a samkit checkpoint")
     return ckpt

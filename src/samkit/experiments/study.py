@@ -94,7 +94,9 @@ class MethodSpec:
             )
         rho = self.options.get("rho")
         if rho is not None and (
-            isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho < float("inf")
+            isinstance(rho, bool)
+            or not isinstance(rho, (int, float))
+            or not 0 <= rho < float("inf")
         ):
             raise ValueError(f"Invalid rho value: {rho!r} (must be a finite number >= 0)")
         defaults = BASE_DEFAULTS[self.base]

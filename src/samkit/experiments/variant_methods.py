@@ -58,11 +58,15 @@ def _base(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
 
 # ------------------------------------------------- perturbations and policies
 def _fisher_sam(model, spec, *, rho: float, eta: float) -> Method:
-    return SAMMethod(SAM(_base(model, spec), rho=rho, perturbation=Fisher(eta), model=model), "fisher_sam")
+    return SAMMethod(
+        SAM(_base(model, spec), rho=rho, perturbation=Fisher(eta), model=model), "fisher_sam"
+    )
 
 
 def _sam_on(model, spec, *, rho: float) -> Method:
-    return SAMMethod(SAM(_base(model, spec), rho=rho, perturbation=NormOnly(model), model=model), "sam_on")
+    return SAMMethod(
+        SAM(_base(model, spec), rho=rho, perturbation=NormOnly(model), model=model), "sam_on"
+    )
 
 
 def _swp(model, spec, *, rho: float, beta: float, seed: int | None = None) -> Method:
@@ -75,7 +79,9 @@ def _every_k(model, spec, *, rho: float, k: int, scale_rho: bool) -> Method:
     return SAMMethod(SAM(_base(model, spec), rho=rho, policy=pol, model=model), "sam_every_k")
 
 
-def _rst(model, spec, *, rho: float, p: float, p_end: float | None = None, seed: int | None = None) -> Method:
+def _rst(
+    model, spec, *, rho: float, p: float, p_end: float | None = None, seed: int | None = None
+) -> Method:
     pol = RandomPolicy(p, p_end=p_end, total_steps=spec.total_steps, seed=_seed(seed))
     return SAMMethod(SAM(_base(model, spec), rho=rho, policy=pol, model=model), "rst")
 
@@ -92,7 +98,9 @@ def _late_sam(model, spec, *, rho: float, fraction: float) -> Method:
 
 # ----------------------------------------------------------- own classes
 def _gsam(model, spec, *, rho: float, alpha: float, rho_min: float) -> Method:
-    return SAMMethod(GSAM(_base(model, spec), rho=rho, alpha=alpha, rho_min=rho_min, model=model), "gsam")
+    return SAMMethod(
+        GSAM(_base(model, spec), rho=rho, alpha=alpha, rho_min=rho_min, model=model), "gsam"
+    )
 
 
 def _looksam(model, spec, *, rho: float, k: int, alpha: float) -> Method:
@@ -123,7 +131,9 @@ class ESAMMethod(Method):
 
 
 def _esam(model, spec, *, rho: float, beta: float, gamma: float, seed: int | None = None) -> Method:
-    return ESAMMethod(ESAM(_base(model, spec), rho=rho, beta=beta, gamma=gamma, seed=_seed(seed), model=model))
+    return ESAMMethod(
+        ESAM(_base(model, spec), rho=rho, beta=beta, gamma=gamma, seed=_seed(seed), model=model)
+    )
 
 
 class MSAMMethod(Method):
@@ -157,7 +167,15 @@ def _msam(model, spec, *, rho: float, micro_batches: int) -> Method:
 class SAFMethod(OptimizerMethod):
     """SAF: the base optimizer on cross-entropy + the trajectory loss; one pass per step."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, spec: TrainSpec, *, lam: float, tau: float, delay: int):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        spec: TrainSpec,
+        *,
+        lam: float,
+        tau: float,
+        delay: int,
+    ):
         super().__init__(optimizer, "saf")
         self.spec = spec
         self.lam, self.tau, self.delay = lam, tau, delay
@@ -180,7 +198,9 @@ class SAFMethod(OptimizerMethod):
         logits = model(x)
         saf = self._ensure(y.shape[0], logits.shape[1], logits.device)
         if int(idx.max()) >= saf.num_samples:
-            raise ValueError(f"Invalid idx value: sample index {int(idx.max())} beyond SAF's memory ({saf.num_samples})")
+            raise ValueError(
+                f"Invalid idx value: sample index {int(idx.max())} beyond SAF's memory ({saf.num_samples})"
+            )
         ce = loss_fn(logits, y).mean()
         (ce + saf(logits, idx, self.epoch)).backward()
         self.passes += 1.0
@@ -244,42 +264,117 @@ class MESAMethod(OptimizerMethod):
 
 
 def _mesa(model, spec, *, lam: float, tau: float, decay: float, start_epoch: float) -> Method:
-    if isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, float)) or start_epoch < 0:
+    if (
+        isinstance(start_epoch, bool)
+        or not isinstance(start_epoch, (int, float))
+        or start_epoch < 0
+    ):
         raise ValueError(f"Invalid start_epoch value: {start_epoch!r} (must be >= 0)")
     start = int(math.ceil(start_epoch * spec.steps_per_epoch))
-    return MESAMethod(_base(model, spec), MESA(model, lam=lam, tau=tau, decay=decay, start_step=start))
+    return MESAMethod(
+        _base(model, spec), MESA(model, lam=lam, tau=tau, decay=decay, start_step=start)
+    )
 
 
 # ------------------------------------------------------------ registration
 _V: list[tuple[str, Any, str, dict[str, Any], float]] = [
-    ("fisher_sam", _fisher_sam, "Fisher SAM, Kim et al. 2022 (arXiv 2206.04920): Fisher-metric ascent; 2 passes",
-     {"rho": 0.05, "eta": 1.0}, 1.0),
-    ("sam_on", _sam_on, "SAM-ON, Mueller et al. 2023 (arXiv 2306.04226): perturb norm layers only; needs a model "
-     "with normalisation layers; 2 passes", {"rho": 0.5}, 10.0),
-    ("swp", _swp, "ESAM's stochastic weight perturbation alone (arXiv 2110.03141): random beta of the weights; "
-     "2 passes", {"rho": 0.05, "beta": 0.5, "seed": None}, 1.0),
-    ("sam_every_k", _every_k, "SAM every k steps, rho scaled by k (Composer); 1 + 1/k passes",
-     {"rho": 0.05, "k": 5, "scale_rho": True}, 1.0),
-    ("rst", _rst, "RST, Zhao et al. 2022 (arXiv 2203.09962): SAM with probability p; 1 + p passes",
-     {"rho": 0.05, "p": 0.5, "p_end": None, "seed": None}, 1.0),
-    ("ae_sam", _ae_sam, "AE-SAM, Jiang et al. 2023 (arXiv 2304.14647): SAM where ||g||^2 is high; adaptive cost",
-     {"rho": 0.05, "c_start": -1.0, "c_end": 1.0, "decay": 0.9}, 1.0),
-    ("late_sam", _late_sam, "SAM on the last fraction of training only (arXiv 2410.10373); 1 + fraction passes",
-     {"rho": 0.05, "fraction": 0.2}, 1.0),
-    ("gsam", _gsam, "GSAM, Zhuang et al. 2022 (arXiv 2203.08065): surrogate-gap ascent, rho follows lr; 2 passes",
-     {"rho": 0.05, "alpha": 0.1, "rho_min": 0.0}, 1.0),
-    ("looksam", _looksam, "LookSAM, Liu et al. 2022 (arXiv 2203.02714): SAM every k, reused direction in between; "
-     "1 + 1/k passes (alpha 0.2 here: the paper's 0.7 broke training on small models, docs/variants.md)",
-     {"rho": 0.05, "k": 5, "alpha": 0.2}, 1.0),
-    ("esam", _esam, "ESAM, Du et al. 2022 (arXiv 2110.03141): weight subset + sharpest gamma of the batch",
-     {"rho": 0.05, "beta": 0.5, "gamma": 0.5, "seed": None}, 1.0),
-    ("msam", _msam, "mSAM, Behdin et al. 2023 (arXiv 2302.09693): one ascent per micro-batch; 2 passes",
-     {"rho": 0.05, "micro_batches": 4}, 1.0),
-    ("saf", _saf, "SAF, Du et al. 2022 (arXiv 2205.14083): KL to outputs from `delay` epochs ago; 1 pass",
-     {"lam": 0.3, "tau": 5.0, "delay": 3}, 1.0),
-    ("mesa", _mesa, "MESA, Du et al. 2022 (arXiv 2205.14083): KL to an EMA teacher; 1 pass + 1 forward",
-     {"lam": 0.8, "tau": 5.0, "decay": 0.999, "start_epoch": 1.0}, 1.0),
+    (
+        "fisher_sam",
+        _fisher_sam,
+        "Fisher SAM, Kim et al. 2022 (arXiv 2206.04920): Fisher-metric ascent; 2 passes",
+        {"rho": 0.05, "eta": 1.0},
+        1.0,
+    ),
+    (
+        "sam_on",
+        _sam_on,
+        "SAM-ON, Mueller et al. 2023 (arXiv 2306.04226): perturb norm layers only; needs a model "
+        "with normalisation layers; 2 passes",
+        {"rho": 0.5},
+        10.0,
+    ),
+    (
+        "swp",
+        _swp,
+        "ESAM's stochastic weight perturbation alone (arXiv 2110.03141): random beta of the weights; "
+        "2 passes",
+        {"rho": 0.05, "beta": 0.5, "seed": None},
+        1.0,
+    ),
+    (
+        "sam_every_k",
+        _every_k,
+        "SAM every k steps, rho scaled by k (Composer); 1 + 1/k passes",
+        {"rho": 0.05, "k": 5, "scale_rho": True},
+        1.0,
+    ),
+    (
+        "rst",
+        _rst,
+        "RST, Zhao et al. 2022 (arXiv 2203.09962): SAM with probability p; 1 + p passes",
+        {"rho": 0.05, "p": 0.5, "p_end": None, "seed": None},
+        1.0,
+    ),
+    (
+        "ae_sam",
+        _ae_sam,
+        "AE-SAM, Jiang et al. 2023 (arXiv 2304.14647): SAM where ||g||^2 is high; adaptive cost",
+        {"rho": 0.05, "c_start": -1.0, "c_end": 1.0, "decay": 0.9},
+        1.0,
+    ),
+    (
+        "late_sam",
+        _late_sam,
+        "SAM on the last fraction of training only (arXiv 2410.10373); 1 + fraction passes",
+        {"rho": 0.05, "fraction": 0.2},
+        1.0,
+    ),
+    (
+        "gsam",
+        _gsam,
+        "GSAM, Zhuang et al. 2022 (arXiv 2203.08065): surrogate-gap ascent, rho follows lr; 2 passes",
+        {"rho": 0.05, "alpha": 0.1, "rho_min": 0.0},
+        1.0,
+    ),
+    (
+        "looksam",
+        _looksam,
+        "LookSAM, Liu et al. 2022 (arXiv 2203.02714): SAM every k, reused direction in between; "
+        "1 + 1/k passes (alpha 0.2 here: the paper's 0.7 broke training on small models, docs/variants.md)",
+        {"rho": 0.05, "k": 5, "alpha": 0.2},
+        1.0,
+    ),
+    (
+        "esam",
+        _esam,
+        "ESAM, Du et al. 2022 (arXiv 2110.03141): weight subset + sharpest gamma of the batch",
+        {"rho": 0.05, "beta": 0.5, "gamma": 0.5, "seed": None},
+        1.0,
+    ),
+    (
+        "msam",
+        _msam,
+        "mSAM, Behdin et al. 2023 (arXiv 2302.09693): one ascent per micro-batch; 2 passes",
+        {"rho": 0.05, "micro_batches": 4},
+        1.0,
+    ),
+    (
+        "saf",
+        _saf,
+        "SAF, Du et al. 2022 (arXiv 2205.14083): KL to outputs from `delay` epochs ago; 1 pass",
+        {"lam": 0.3, "tau": 5.0, "delay": 3},
+        1.0,
+    ),
+    (
+        "mesa",
+        _mesa,
+        "MESA, Du et al. 2022 (arXiv 2205.14083): KL to an EMA teacher; 1 pass + 1 forward",
+        {"lam": 0.8, "tau": 5.0, "decay": 0.999, "start_epoch": 1.0},
+        1.0,
+    ),
 ]
 
 for _name, _builder, _desc, _defaults, _scale in _V:
-    register_method(_name, _builder, description=_desc, defaults=_defaults, base="sgd", rho_scale=_scale)
+    register_method(
+        _name, _builder, description=_desc, defaults=_defaults, base="sgd", rho_scale=_scale
+    )

@@ -86,7 +86,9 @@ class ESAM(SAM):
         if kwargs.get("adaptive"):
             raise ValueError("Invalid adaptive value: pass perturbation=Adaptive() to ESAM instead")
         if perturbation is not None and not isinstance(perturbation, Perturbation):
-            raise ValueError(f"Invalid perturbation value: {perturbation!r} is not a samkit Perturbation")
+            raise ValueError(
+                f"Invalid perturbation value: {perturbation!r} is not a samkit Perturbation"
+            )
         swp = RandomSubset(beta, seed=seed, inner=perturbation)  # validates beta and seed
         super().__init__(params_or_optimizer, base_optimizer, rho=rho, perturbation=swp, **kwargs)
         self.beta = swp.beta

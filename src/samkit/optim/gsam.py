@@ -156,7 +156,11 @@ class GSAM(SAM):
         lr_min: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < float("inf"):
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not 0.0 <= alpha < float("inf")
+        ):
             raise ValueError(f"Invalid alpha value: {alpha!r} (must be a finite number >= 0)")
         super().__init__(params_or_optimizer, base_optimizer, rho=rho, **kwargs)
         self.alpha = float(alpha)
@@ -172,7 +176,9 @@ class GSAM(SAM):
         return f"GSAM(rho={self._sam_defaults['rho']}, alpha={self.alpha}, base={self.base_optimizer!r})"
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = True, *, scaler: torch.amp.GradScaler | None = None) -> bool:
+    def first_step(
+        self, zero_grad: bool = True, *, scaler: torch.amp.GradScaler | None = None
+    ) -> bool:
         _reject_scaler("GSAM", scaler)
         if not self._pending:  # else SAM raises its own error below
             if self._rho_schedule is not None:
@@ -206,12 +212,18 @@ class GSAM(SAM):
         sd = super().state_dict()
         sd["samkit"]["gsam"] = {
             "alpha": self.alpha,
-            "rho_schedule": self._rho_schedule.state_dict() if self._rho_schedule is not None else None,
+            "rho_schedule": self._rho_schedule.state_dict()
+            if self._rho_schedule is not None
+            else None,
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         super().load_state_dict(state_dict)
         own = (state_dict.get("samkit") or {}).get("gsam")
-        if own is not None and own.get("rho_schedule") is not None and self._rho_schedule is not None:
+        if (
+            own is not None
+            and own.get("rho_schedule") is not None
+            and self._rho_schedule is not None
+        ):
             self._rho_schedule.load_state_dict(dict(own["rho_schedule"]))

@@ -78,13 +78,25 @@ class LookSAM(SAM):
         **kwargs: Any,
     ) -> None:
         if "policy" in kwargs and kwargs["policy"] is not None:
-            raise ValueError("Invalid policy value: LookSAM chooses its own steps (every k); pass k instead")
+            raise ValueError(
+                "Invalid policy value: LookSAM chooses its own steps (every k); pass k instead"
+            )
         kwargs.pop("policy", None)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"Invalid k value: {k!r} (must be an int >= 1)")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < float("inf"):
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not 0.0 <= alpha < float("inf")
+        ):
             raise ValueError(f"Invalid alpha value: {alpha!r} (must be a finite number >= 0)")
-        super().__init__(params_or_optimizer, base_optimizer, rho=rho, policy=EveryK(k, scale_rho=False), **kwargs)
+        super().__init__(
+            params_or_optimizer,
+            base_optimizer,
+            rho=rho,
+            policy=EveryK(k, scale_rho=False),
+            **kwargs,
+        )
         self.k = k
         self.alpha = float(alpha)
         self._g = _GradCopy()
@@ -96,7 +108,9 @@ class LookSAM(SAM):
         return f"LookSAM(rho={self._sam_defaults['rho']}, k={self.k}, alpha={self.alpha}, base={self.base_optimizer!r})"
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = True, *, scaler: torch.amp.GradScaler | None = None) -> bool:
+    def first_step(
+        self, zero_grad: bool = True, *, scaler: torch.amp.GradScaler | None = None
+    ) -> bool:
         _reject_scaler("LookSAM", scaler)
         if not self._pending and self.steps % self.k == 0:
             self._g.capture(self, allreduce=self._local_first_pass)

@@ -68,10 +68,18 @@ class MSAM(SAM):
         **kwargs: Any,
     ) -> None:
         if kwargs.get("policy") is not None:
-            raise ValueError("Invalid policy value: mSAM ascends on every micro-batch; policies are not supported")
+            raise ValueError(
+                "Invalid policy value: mSAM ascends on every micro-batch; policies are not supported"
+            )
         kwargs.pop("policy", None)
-        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-            raise ValueError(f"Invalid micro_batches value: {micro_batches!r} (must be an int >= 1)")
+        if (
+            isinstance(micro_batches, bool)
+            or not isinstance(micro_batches, int)
+            or micro_batches < 1
+        ):
+            raise ValueError(
+                f"Invalid micro_batches value: {micro_batches!r} (must be an int >= 1)"
+            )
         super().__init__(params_or_optimizer, base_optimizer, rho=rho, **kwargs)
         self.micro_batches = micro_batches
         self._acc: dict[Tensor, Tensor] = {}
@@ -98,9 +106,13 @@ class MSAM(SAM):
     ) -> Tensor | None:
         """One mSAM step over ``micro_batches`` calls of ``closure(j)``; returns the mean loss at ``w``."""
         if closure is None:
-            raise RuntimeError("MSAM.step() needs a closure(j) that does forward + backward on micro-batch j")
+            raise RuntimeError(
+                "MSAM.step() needs a closure(j) that does forward + backward on micro-batch j"
+            )
         if scaler is not None and scaler.is_enabled():
-            raise ValueError("Invalid scaler value: mSAM does not support a GradScaler (fp16 AMP); use bfloat16 autocast")
+            raise ValueError(
+                "Invalid scaler value: mSAM does not support a GradScaler (fp16 AMP); use bfloat16 autocast"
+            )
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise ValueError(

@@ -42,12 +42,24 @@ class Perturbation:
     name = "l2"
 
     def measure_(
-        self, params: list[Tensor], grads: list[Tensor], scratch: list[Tensor], group: dict[str, Any], *, foreach: bool
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        scratch: list[Tensor],
+        group: dict[str, Any],
+        *,
+        foreach: bool,
     ) -> Tensor:
         return F.sq_norm(grads, foreach=foreach)
 
     def direction_(
-        self, params: list[Tensor], grads: list[Tensor], scratch: list[Tensor], group: dict[str, Any], *, foreach: bool
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        scratch: list[Tensor],
+        group: dict[str, Any],
+        *,
+        foreach: bool,
     ) -> None:
         return None
 
@@ -92,6 +104,7 @@ class Adaptive(Perturbation):
 # Variants (issue 4): Fisher SAM, masked / normalisation-layers-only (SAM-ON),
 # and ESAM's stochastic weight perturbation.
 # --------------------------------------------------------------------------
+
 
 class Fisher(Perturbation):
     r"""Fisher SAM (Kim et al., ICML 2022, arXiv 2206.04920).
@@ -162,15 +175,23 @@ class Masked(Perturbation):
         try:
             selected = [p for p in params]
         except TypeError:
-            raise ValueError(f"Invalid params value: {params!r} is not an iterable of tensors") from None
+            raise ValueError(
+                f"Invalid params value: {params!r} is not an iterable of tensors"
+            ) from None
         if not all(isinstance(p, Tensor) for p in selected):
-            raise ValueError("Invalid params value: every entry must be a tensor (a model parameter)")
+            raise ValueError(
+                "Invalid params value: every entry must be a tensor (a model parameter)"
+            )
         if not selected:
-            raise ValueError("Invalid params value: no parameters selected, nothing would be perturbed")
+            raise ValueError(
+                "Invalid params value: no parameters selected, nothing would be perturbed"
+            )
         if inner is not None and not isinstance(inner, Perturbation):
             raise ValueError(f"Invalid inner value: {inner!r} is not a samkit Perturbation")
         if isinstance(inner, Masked):
-            raise ValueError("Invalid inner value: a Masked perturbation cannot wrap another Masked")
+            raise ValueError(
+                "Invalid inner value: a Masked perturbation cannot wrap another Masked"
+            )
         self._keep = selected  # keeps the tensors alive, so their ids stay unique
         self._ids = {id(p) for p in selected}
         self.inner = inner or L2()
@@ -201,7 +222,11 @@ class Masked(Perturbation):
                     g.zero_()
         if on:
             sq = self.inner.measure_(
-                [params[i] for i in on], [grads[i] for i in on], [scratch[i] for i in on], group, foreach=foreach
+                [params[i] for i in on],
+                [grads[i] for i in on],
+                [scratch[i] for i in on],
+                group,
+                foreach=foreach,
             )
             total = sq if total is None else total + sq
         return total
@@ -210,7 +235,11 @@ class Masked(Perturbation):
         on, _ = self._split(params)
         if on:
             self.inner.direction_(
-                [params[i] for i in on], [grads[i] for i in on], [scratch[i] for i in on], group, foreach=foreach
+                [params[i] for i in on],
+                [grads[i] for i in on],
+                [scratch[i] for i in on],
+                group,
+                foreach=foreach,
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -258,8 +287,15 @@ class NormOnly(Masked):
 
     def __init__(self, model: nn.Module, inner: Perturbation | None = None) -> None:
         if not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model value: expected an nn.Module, got {type(model).__name__}")
-        params = [p for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)]
+            raise ValueError(
+                f"Invalid model value: expected an nn.Module, got {type(model).__name__}"
+            )
+        params = [
+            p
+            for m in model.modules()
+            if isinstance(m, NORM_LAYERS)
+            for p in m.parameters(recurse=False)
+        ]
         if not params:
             raise ValueError(
                 "Invalid model value: it has no normalisation layer with affine parameters "
@@ -294,7 +330,9 @@ class RandomSubset(Perturbation):
 
     name = "random_subset"
 
-    def __init__(self, beta: float = 0.5, *, seed: int = 0, inner: Perturbation | None = None) -> None:
+    def __init__(
+        self, beta: float = 0.5, *, seed: int = 0, inner: Perturbation | None = None
+    ) -> None:
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta <= 1.0:
             raise ValueError(f"Invalid beta value: {beta!r} (must be in (0, 1])")
         if isinstance(seed, bool) or not isinstance(seed, int):

@@ -122,13 +122,20 @@ class RandomPolicy(Policy):
     replica_consistent = True
 
     def __init__(
-        self, p: float = 0.5, *, p_end: float | None = None, total_steps: int | None = None, seed: int = 0
+        self,
+        p: float = 0.5,
+        *,
+        p_end: float | None = None,
+        total_steps: int | None = None,
+        seed: int = 0,
     ) -> None:
         self.p = _check_prob("p", p)
         self.p_end = self.p if p_end is None else _check_prob("p_end", p_end)
         if self.p_end != self.p and total_steps is None:
             raise ValueError("Invalid total_steps value: None (needed to move p to p_end)")
-        self.total_steps = None if total_steps is None else _check_int("total_steps", total_steps, 1)
+        self.total_steps = (
+            None if total_steps is None else _check_int("total_steps", total_steps, 1)
+        )
         self.seed = _check_int("seed", seed, -(2**63))
         self._gen = torch.Generator()
         self._gen.manual_seed(seed)
@@ -270,15 +277,23 @@ class Late(Policy):
     replica_consistent = True
 
     def __init__(
-        self, start_step: int | None = None, *, total_steps: int | None = None, fraction: float | None = None
+        self,
+        start_step: int | None = None,
+        *,
+        total_steps: int | None = None,
+        fraction: float | None = None,
     ) -> None:
         if start_step is not None:
             if total_steps is not None or fraction is not None:
-                raise ValueError("Invalid start_step value: give start_step, or total_steps and fraction, not both")
+                raise ValueError(
+                    "Invalid start_step value: give start_step, or total_steps and fraction, not both"
+                )
             self.start_step = _check_int("start_step", start_step, 0)
         else:
             if total_steps is None or fraction is None:
-                raise ValueError("Invalid start_step value: None (give start_step, or total_steps and fraction)")
+                raise ValueError(
+                    "Invalid start_step value: None (give start_step, or total_steps and fraction)"
+                )
             total = _check_int("total_steps", total_steps, 1)
             frac = _check_prob("fraction", fraction)
             self.start_step = int(round(total * (1.0 - frac)))

@@ -43,7 +43,9 @@ from .._checks import check_pos as _check_pos
 __all__ = ["SAF", "MESA", "trajectory_kl"]
 
 
-def trajectory_kl(logits: Tensor, targets: Tensor, tau: float, mask: Tensor | None = None) -> Tensor:
+def trajectory_kl(
+    logits: Tensor, targets: Tensor, tau: float, mask: Tensor | None = None
+) -> Tensor:
     r"""Mean over the batch of ``KL(softmax(targets/tau) || softmax(logits/tau))``.
 
     ``targets`` are treated as constants. With ``mask`` (bool, shape [n]),
@@ -56,6 +58,8 @@ def trajectory_kl(logits: Tensor, targets: Tensor, tau: float, mask: Tensor | No
     if mask is not None:
         kl = kl * mask.to(kl.dtype)
     return kl.mean()
+
+
 class SAF:
     r"""SAF's trajectory loss against each sample's logits from ``delay`` epochs ago.
 
@@ -84,7 +88,11 @@ class SAF:
         delay: int = 3,
         device: torch.device | str | None = None,
     ) -> None:
-        for name, v in (("num_samples", num_samples), ("num_classes", num_classes), ("delay", delay)):
+        for name, v in (
+            ("num_samples", num_samples),
+            ("num_classes", num_classes),
+            ("delay", delay),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"Invalid {name} value: {v!r} (must be an int >= 1)")
         self.lam = _check_nonneg("lam", lam)
@@ -109,7 +117,11 @@ class SAF:
             valid = (self.stamp[slot, index] == epoch - self.delay).to(logits.device)
         else:  # nothing can be that old yet
             valid = torch.zeros(index.shape, dtype=torch.bool, device=logits.device)
-        loss = self.lam * trajectory_kl(logits, old, self.tau, valid) if self.lam else logits.sum() * 0.0
+        loss = (
+            self.lam * trajectory_kl(logits, old, self.tau, valid)
+            if self.lam
+            else logits.sum() * 0.0
+        )
         self.memory[slot, index] = logits.detach().to(self.memory.device, self.memory.dtype)
         self.stamp[slot, index] = epoch
         return loss
@@ -157,7 +169,9 @@ class MESA:
         start_step: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model value: expected an nn.Module, got {type(model).__name__}")
+            raise ValueError(
+                f"Invalid model value: expected an nn.Module, got {type(model).__name__}"
+            )
         self.lam = _check_nonneg("lam", lam)
         self.tau = _check_pos("tau", tau)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:

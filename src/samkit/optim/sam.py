@@ -35,6 +35,7 @@ __all__ = ["SAM"]
 
 _SAM_KEYS = ("rho", "eta", "ascent_weight_decay")
 
+
 class SAM(torch.optim.Optimizer):
     r"""Wrap a torch optimizer so each step is a sharpness-aware step.
 
@@ -124,10 +125,18 @@ class SAM(torch.optim.Optimizer):
             if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
                 raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm!r} (must be > 0)")
         if ddp_ascent not in ("local", "global"):
-            raise ValueError(f"Invalid ddp_ascent value: {ddp_ascent!r} (expected 'local' or 'global')")
+            raise ValueError(
+                f"Invalid ddp_ascent value: {ddp_ascent!r} (expected 'local' or 'global')"
+            )
         if model is not None and not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model value: expected an nn.Module, got {type(model).__name__}")
-        if ddp_ascent == "local" and hasattr(model, "no_sync") and getattr(model, "static_graph", False):
+            raise ValueError(
+                f"Invalid model value: expected an nn.Module, got {type(model).__name__}"
+            )
+        if (
+            ddp_ascent == "local"
+            and hasattr(model, "no_sync")
+            and getattr(model, "static_graph", False)
+        ):
             # torch's DDP crashes (or silently stops all-reducing) when a
             # static-graph model runs a pass under no_sync: pytorch#143580.
             raise ValueError(
@@ -135,9 +144,13 @@ class SAM(torch.optim.Optimizer):
                 "static_graph=True does not support; use ddp_ascent='global' or static_graph=False"
             )
         if perturbation is not None and adaptive:
-            raise ValueError("Invalid adaptive value: give adaptive=True or a perturbation, not both")
+            raise ValueError(
+                "Invalid adaptive value: give adaptive=True or a perturbation, not both"
+            )
         if perturbation is not None and not isinstance(perturbation, Perturbation):
-            raise ValueError(f"Invalid perturbation value: {perturbation!r} is not a samkit Perturbation")
+            raise ValueError(
+                f"Invalid perturbation value: {perturbation!r} is not a samkit Perturbation"
+            )
         if policy is not None and not isinstance(policy, Policy):
             raise ValueError(f"Invalid policy value: {policy!r} is not a samkit Policy")
 
@@ -151,7 +164,10 @@ class SAM(torch.optim.Optimizer):
                 raise ValueError("Invalid params_or_optimizer value: cannot wrap a SAM in a SAM")
             base = params_or_optimizer
         else:
-            if not (inspect.isclass(base_optimizer) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            if not (
+                inspect.isclass(base_optimizer)
+                and issubclass(base_optimizer, torch.optim.Optimizer)
+            ):
                 raise ValueError(
                     f"Invalid base_optimizer value: {base_optimizer!r}; expected a torch.optim.Optimizer "
                     "class when params are given (or pass an optimizer instance)"
@@ -170,7 +186,11 @@ class SAM(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = {}
         self._patch_step_function()
 
-        self._sam_defaults = {"rho": float(rho), "eta": float(eta), "ascent_weight_decay": float(ascent_weight_decay)}
+        self._sam_defaults = {
+            "rho": float(rho),
+            "eta": float(eta),
+            "ascent_weight_decay": float(ascent_weight_decay),
+        }
         for key, value in self._sam_defaults.items():
             base.defaults.setdefault(key, value)
         for i, group in enumerate(base.param_groups):
@@ -361,7 +381,9 @@ class SAM(torch.optim.Optimizer):
         """
         if local:
             f = flag.float().reshape(1)
-            torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX, group=self._process_group())
+            torch.distributed.all_reduce(
+                f, op=torch.distributed.ReduceOp.MAX, group=self._process_group()
+            )
             return bool(f.item() > 0)
         return bool(flag)
 
@@ -376,7 +398,9 @@ class SAM(torch.optim.Optimizer):
         for dev, grads in by_dev.items():
             flag = torch.zeros((), device=dev)
             for (_, _), (gs,) in F.group_by_device(grads).items():
-                torch._amp_foreach_non_finite_check_and_unscale_(gs, flag, torch.full((), inv, device=dev))
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    gs, flag, torch.full((), inv, device=dev)
+                )
             found.append(flag)
         self._found_per_device = dict(zip(by_dev, found))
         return F.global_norm([f.square() for f in found])  # > 0 iff any non-finite
@@ -399,7 +423,9 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------- protocol
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = True, *, scaler: torch.amp.GradScaler | None = None) -> bool:
+    def first_step(
+        self, zero_grad: bool = True, *, scaler: torch.amp.GradScaler | None = None
+    ) -> bool:
         """Move the weights to ``w + e(w)`` using the gradients now in ``.grad``.
 
         Returns True when the caller must now run the second forward/backward
@@ -451,7 +477,12 @@ class SAM(torch.optim.Optimizer):
         factor = self.policy.rho_factor(self) if self.policy is not None else 1.0
         active = [(gr, p, g) for gr, p, g in gathered if gr["rho"] * factor > 0]
         ascend = bool(active) and (self.policy is None or self.policy.should_ascend(self))
-        if local and active and self.policy is not None and not getattr(self.policy, "replica_consistent", False):
+        if (
+            local
+            and active
+            and self.policy is not None
+            and not getattr(self.policy, "replica_consistent", False)
+        ):
             # A policy reading the local gradient may answer differently on
             # each replica: any replica asking for the ascent makes all ascend.
             # (Policies that answer the same everywhere by construction set
@@ -481,7 +512,11 @@ class SAM(torch.optim.Optimizer):
             work.append((group, buckets))
         norm = F.global_norm(sq)
         if check:
-            bad = ~torch.isfinite(norm) if found_inf is None else (found_inf > 0) | ~torch.isfinite(norm)
+            bad = (
+                ~torch.isfinite(norm)
+                if found_inf is None
+                else (found_inf > 0) | ~torch.isfinite(norm)
+            )
             if self._any_replica(bad, local):
                 self._skip = True
                 if zero_grad:  # the scratch gradients were modified: make them plainly non-finite
@@ -570,11 +605,16 @@ class SAM(torch.optim.Optimizer):
             if gathered:
                 if self.max_grad_norm is not None:
                     params = [p for _, ps, _ in gathered for p in ps]
-                    total = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=self.foreach)
+                    total = torch.nn.utils.clip_grad_norm_(
+                        params, self.max_grad_norm, foreach=self.foreach
+                    )
                 else:
                     total = F.global_norm(
-                        [F.sq_norm(gs, foreach=self.foreach) for _, _, g in gathered
-                         for (_, _), (gs,) in F.group_by_device(g).items()]
+                        [
+                            F.sq_norm(gs, foreach=self.foreach)
+                            for _, _, g in gathered
+                            for (_, _), (gs,) in F.group_by_device(g).items()
+                        ]
                     )
                 if check and not bool(torch.isfinite(total)):
                     skip = True
@@ -632,7 +672,9 @@ class SAM(torch.optim.Optimizer):
         The weight backup is scratch space and is not saved.
         """
         if self._pending:
-            raise RuntimeError("state_dict() between first_step() and second_step(): the weights are perturbed")
+            raise RuntimeError(
+                "state_dict() between first_step() and second_step(): the weights are perturbed"
+            )
         sd = self.base_optimizer.state_dict()
         sd["samkit"] = {
             "version": 1,

@@ -23,10 +23,14 @@ __all__ = ["ProportionalRho", "LambdaRho"]
 
 def _groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(f"Invalid optimizer value: expected a torch optimizer, got {type(optimizer).__name__}")
+        raise ValueError(
+            f"Invalid optimizer value: expected a torch optimizer, got {type(optimizer).__name__}"
+        )
     for i, g in enumerate(optimizer.param_groups):
         if "rho" not in g:
-            raise ValueError(f"Invalid optimizer value: param group {i} has no 'rho' (wrap it in samkit.SAM first)")
+            raise ValueError(
+                f"Invalid optimizer value: param group {i} has no 'rho' (wrap it in samkit.SAM first)"
+            )
     return optimizer.param_groups
 
 
@@ -67,12 +71,18 @@ class ProportionalRho:
         self.rho_min = float(rho_min)
         self.lr_min = float(lr_min)
         self.rho_max = [float(g["rho"]) if rho_max is None else float(rho_max) for g in groups]
-        self.lr_max = [float(g.get("initial_lr", g["lr"])) if lr_max is None else float(lr_max) for g in groups]
+        self.lr_max = [
+            float(g.get("initial_lr", g["lr"])) if lr_max is None else float(lr_max) for g in groups
+        ]
         for i, lm in enumerate(self.lr_max):
             if not lm > self.lr_min:
-                raise ValueError(f"Invalid lr_max value: {lm!r} for group {i} (must be > lr_min={self.lr_min})")
+                raise ValueError(
+                    f"Invalid lr_max value: {lm!r} for group {i} (must be > lr_min={self.lr_min})"
+                )
         if any(r < self.rho_min for r in self.rho_max):
-            raise ValueError(f"Invalid rho_min value: {rho_min!r} (larger than rho_max {self.rho_max})")
+            raise ValueError(
+                f"Invalid rho_min value: {rho_min!r} (larger than rho_max {self.rho_max})"
+            )
         # Like an LR scheduler, set the value for the current lr now: under a
         # warm-up the first steps would otherwise run at rho_max.
         self.step()

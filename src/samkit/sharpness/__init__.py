@@ -121,10 +121,14 @@ def summary(
 
     eig = top_eigenvalues(op, top_k, tol=eig_tol, max_iter=max_iter, seed=gen)
     tick("eigenvalues")
-    tr = hessian_trace(op, n_probes=trace_samples, basis=eig.basis, tridiagonal=eig.tridiagonal, seed=gen)
+    tr = hessian_trace(
+        op, n_probes=trace_samples, basis=eig.basis, tridiagonal=eig.tridiagonal, seed=gen
+    )
     tick("trace")
     op.release()  # the ascent below needs no second-order graph
-    wc = worst_case_sharpness(model, loss_fn, None, rho=rho, adaptive=adaptive, steps=ascent_steps, seed=seed, op=op)
+    wc = worst_case_sharpness(
+        model, loss_fn, None, rho=rho, adaptive=adaptive, steps=ascent_steps, seed=seed, op=op
+    )
     tick("worst case")
     if bar is not None:
         bar.close()

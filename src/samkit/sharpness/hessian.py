@@ -67,7 +67,11 @@ class DenseOperator:
     """A symmetric matrix as an operator (tests, quadratics, small problems)."""
 
     def __init__(self, matrix: Tensor) -> None:
-        if not isinstance(matrix, Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        if (
+            not isinstance(matrix, Tensor)
+            or matrix.dim() != 2
+            or matrix.shape[0] != matrix.shape[1]
+        ):
             raise ValueError("Invalid matrix value: expected a square 2-D tensor")
         self.matrix = matrix
         self.dim = matrix.shape[0]
@@ -227,7 +231,11 @@ def lanczos(
         scale = theta[:kk].abs().clamp_min(1e-30)
         invariant = beta <= 1e-10 * max(1.0, float(theta.abs().max()))
         bound = ritz_error_bounds(theta, res)
-        if invariant or m == op.dim or (tol is not None and m >= k and bool((bound[:kk] <= tol * scale).all())):
+        if (
+            invariant
+            or m == op.dim
+            or (tol is not None and m >= k and bool((bound[:kk] <= tol * scale).all()))
+        ):
             break
         if m < max_steps:
             betas.append(beta)
@@ -301,17 +309,24 @@ def top_eigenvalues(
         defl = _Deflated(counted, q)
         want = k if not vecs else 1
         theta, s, basis, t, res = lanczos(
-            counted, _randn(op, gen), min(max_iter, op.dim - len(vecs)), k=want, tol=tol, project=defl.project
+            counted,
+            _randn(op, gen),
+            min(max_iter, op.dim - len(vecs)),
+            k=want,
+            tol=tol,
+            project=defl.project,
         )
         if first_basis is None:
             first_basis, first_t = basis, t
         got = min(want, theta.numel())
-        ok = bool((ritz_error_bounds(theta, res)[:got] <= tol * theta[:got].abs().clamp_min(1e-30)).all())
+        ok = bool(
+            (ritz_error_bounds(theta, res)[:got] <= tol * theta[:got].abs().clamp_min(1e-30)).all()
+        )
         converged = converged and ok
         new_vals = [float(x) for x in theta[:got]]
         if vecs and new_vals[0] <= sorted(vals, reverse=True)[k - 1] + tol * abs(new_vals[0]):
             break  # nothing missed above the k-th value
-        y = (s[:, :got].T.to(basis.dtype) @ basis)
+        y = s[:, :got].T.to(basis.dtype) @ basis
         y = defl.project(y.T).T
         for i in range(got):
             yi = y[i] - (torch.stack(vecs).T @ (torch.stack(vecs) @ y[i]) if vecs else 0)
@@ -332,7 +347,9 @@ def top_eigenvalues(
     )
 
 
-def _power(op: Operator, k: int, tol: float, max_iter: int, gen: torch.Generator, count: list[int]) -> EigenResult:
+def _power(
+    op: Operator, k: int, tol: float, max_iter: int, gen: torch.Generator, count: list[int]
+) -> EigenResult:
     vals: list[float] = []
     vecs: list[Tensor] = []
     converged = True
@@ -423,7 +440,9 @@ def hessian_trace(
         z = defl.project(z.T).T
         hz = matmat(z) if matmat is not None else torch.stack([op.matvec(zi) for zi in z])
         used += b
-        samples.extend((hz * z).sum(1).double().tolist())  # z projected, so z^T H z is the deflated term
+        samples.extend(
+            (hz * z).sum(1).double().tolist()
+        )  # z projected, so z^T H z is the deflated term
         if tol is not None and len(samples) >= 4:
             est = exact + sum(samples) / len(samples)
             se = _stderr(samples)
@@ -479,12 +498,16 @@ def spectral_density(
     lo, hi = float(allnodes.min()), float(allnodes.max())
     span = max(hi - lo, 1e-12 * max(1.0, abs(hi)))
     sig = sigma if sigma is not None else 0.01 * span
-    grid = torch.linspace(lo - 3 * sig - 0.05 * span, hi + 3 * sig + 0.05 * span, grid_size, dtype=torch.float64)
+    grid = torch.linspace(
+        lo - 3 * sig - 0.05 * span, hi + 3 * sig + 0.05 * span, grid_size, dtype=torch.float64
+    )
     dens = torch.zeros_like(grid)
     for th, w in zip(nodes, weights):
         th_t = torch.tensor(th, dtype=torch.float64)
         w_t = torch.tensor(w, dtype=torch.float64)
-        dens += (w_t[None, :] * torch.exp(-0.5 * ((grid[:, None] - th_t[None, :]) / sig) ** 2)).sum(1)
+        dens += (w_t[None, :] * torch.exp(-0.5 * ((grid[:, None] - th_t[None, :]) / sig) ** 2)).sum(
+            1
+        )
     dens /= n_runs * sig * math.sqrt(2 * math.pi)
     area = torch.trapezoid(dens, grid)
     if area > 0:

@@ -59,7 +59,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def _check_batch(i: int, batch: Any) -> tuple[Tensor, Tensor]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise ValueError(f"Invalid batches value: item {i} is {type(batch).__name__}, expected an (x, y) pair")
+        raise ValueError(
+            f"Invalid batches value: item {i} is {type(batch).__name__}, expected an (x, y) pair"
+        )
     x, y = batch
     if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
         raise ValueError(f"Invalid batches value: item {i} is not a pair of tensors")
@@ -83,9 +85,19 @@ def prepare_batches(
     shapes cannot be concatenated are kept as they are. The loss of the
     result, weighted by chunk size, equals that of the input.
     """
-    if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1):
-        raise ValueError(f"Invalid max_batch_size value: {max_batch_size!r} (must be an int >= 1 or None)")
-    if isinstance(batches, tuple) and len(batches) == 2 and all(isinstance(t, Tensor) for t in batches):
+    if max_batch_size is not None and (
+        isinstance(max_batch_size, bool)
+        or not isinstance(max_batch_size, int)
+        or max_batch_size < 1
+    ):
+        raise ValueError(
+            f"Invalid max_batch_size value: {max_batch_size!r} (must be an int >= 1 or None)"
+        )
+    if (
+        isinstance(batches, tuple)
+        and len(batches) == 2
+        and all(isinstance(t, Tensor) for t in batches)
+    ):
         batches = [batches]  # a single (x, y) pair
     items = [_check_batch(i, b) for i, b in enumerate(batches)]
     if not items:
@@ -93,8 +105,10 @@ def prepare_batches(
     if device is not None:
         items = [(x.to(device), y.to(device)) for x, y in items]
     same = all(
-        x.shape[1:] == items[0][0].shape[1:] and y.shape[1:] == items[0][1].shape[1:]
-        and x.dtype == items[0][0].dtype and y.dtype == items[0][1].dtype
+        x.shape[1:] == items[0][0].shape[1:]
+        and y.shape[1:] == items[0][1].shape[1:]
+        and x.dtype == items[0][0].dtype
+        and y.dtype == items[0][1].dtype
         for x, y in items
     )
     if not same:
@@ -179,7 +193,9 @@ class HessianOperator:
         cache_graph: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model value: expected an nn.Module, got {type(model).__name__}")
+            raise ValueError(
+                f"Invalid model value: expected an nn.Module, got {type(model).__name__}"
+            )
         if not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn value: {loss_fn!r} is not callable")
         if backend not in ("autograd", "func"):
@@ -217,10 +233,14 @@ class HessianOperator:
     def _check_vec(self, name: str, v: Tensor) -> Tensor:
         if not isinstance(v, Tensor) or v.shape != (self.dim,):
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise ValueError(f"Invalid {name} value: expected a flat tensor of length {self.dim}, got {shape}")
+            raise ValueError(
+                f"Invalid {name} value: expected a flat tensor of length {self.dim}, got {shape}"
+            )
         return v.to(device=self.device, dtype=self.dtype)
 
-    def _chunk_loss(self, w: Tensor, x: Tensor, y: Tensor, buffers: dict[str, Tensor] | None = None) -> Tensor:
+    def _chunk_loss(
+        self, w: Tensor, x: Tensor, y: Tensor, buffers: dict[str, Tensor] | None = None
+    ) -> Tensor:
         tensors = self.unflatten(w)
         if buffers:
             tensors = {**buffers, **tensors}
@@ -232,7 +252,10 @@ class HessianOperator:
         """Mean loss at the flat weights ``w`` (default: the model's)."""
         w = self.w if w is None else self._check_vec("w", w)
         with eval_mode(self.model):
-            total = sum(c * self._chunk_loss(w, x, y, buffers).double() for c, (x, y) in zip(self._weights, self.batches))
+            total = sum(
+                c * self._chunk_loss(w, x, y, buffers).double()
+                for c, (x, y) in zip(self._weights, self.batches)
+            )
         return float(total)
 
     def loss_and_grad(self, w: Tensor | None = None) -> tuple[float, Tensor]:
@@ -328,6 +351,8 @@ def hvp(
     if isinstance(v, Tensor):
         return op.matvec(v)
     if len(v) != len(op.shapes) or any(t.shape != s for t, s in zip(v, op.shapes)):
-        raise ValueError("Invalid v value: its shapes do not match the model's trainable parameters")
+        raise ValueError(
+            "Invalid v value: its shapes do not match the model's trainable parameters"
+        )
     hv = op.matvec(op.flatten(list(v)))
     return [t.view(s) for t, s in zip(hv.split(op.sizes), op.shapes)]

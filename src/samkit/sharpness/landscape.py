@@ -91,7 +91,9 @@ def _alphas(name: str, values: Any) -> np.ndarray:
     return arr
 
 
-def _direction(op: HessianOperator, name: str, d: Tensor | None, model: nn.Module, seed: Any, params) -> Tensor:
+def _direction(
+    op: HessianOperator, name: str, d: Tensor | None, model: nn.Module, seed: Any, params
+) -> Tensor:
     if d is None:
         return filter_normalized_direction(model, seed=seed, params=params)
     if not isinstance(d, Tensor) or d.shape != (op.dim,):
@@ -115,7 +117,9 @@ def loss_curve(
     ``direction`` (default: a random filter-normalised one). Returns
     ``(alphas, losses)``."""
     al = _alphas("alphas", np.linspace(-1.0, 1.0, 25) if alphas is None else alphas)
-    op = HessianOperator(model, loss_fn, batches, params=params, max_batch_size=max_batch_size, cache_graph=False)
+    op = HessianOperator(
+        model, loss_fn, batches, params=params, max_batch_size=max_batch_size, cache_graph=False
+    )
     d = _direction(op, "direction", direction, model, seed, params)
     bar = _progress(al.size, progress, "landscape 1-D")
     losses = np.empty_like(al)
@@ -147,7 +151,9 @@ def loss_surface(
     ``losses[j, i]`` at ``(xs[i], ys[j])`` (the layout ``contour`` expects)."""
     xa = _alphas("xs", np.linspace(-1.0, 1.0, 25) if xs is None else xs)
     ya = _alphas("ys", np.linspace(-1.0, 1.0, 25) if ys is None else ys)
-    op = HessianOperator(model, loss_fn, batches, params=params, max_batch_size=max_batch_size, cache_graph=False)
+    op = HessianOperator(
+        model, loss_fn, batches, params=params, max_batch_size=max_batch_size, cache_graph=False
+    )
     if directions is None:
         gen = _generator(seed)
         d1 = filter_normalized_direction(model, seed=gen, params=params)
@@ -204,14 +210,22 @@ def interpolate(
     na = [(n, p.shape) for n, p in model_a.named_parameters() if p.requires_grad]
     nb = [(n, p.shape) for n, p in model_b.named_parameters() if p.requires_grad]
     if na != nb:
-        raise ValueError("Invalid model_b value: its parameters do not match model_a's (names and shapes)")
+        raise ValueError(
+            "Invalid model_b value: its parameters do not match model_a's (names and shapes)"
+        )
     ba = dict(model_a.named_buffers())
     bb = dict(model_b.named_buffers())
     if {k: v.shape for k, v in ba.items()} != {k: v.shape for k, v in bb.items()}:
-        raise ValueError("Invalid model_b value: its buffers do not match model_a's (names and shapes)")
-    op = HessianOperator(model_a, loss_fn, batches, max_batch_size=max_batch_size, cache_graph=False)
+        raise ValueError(
+            "Invalid model_b value: its buffers do not match model_a's (names and shapes)"
+        )
+    op = HessianOperator(
+        model_a, loss_fn, batches, max_batch_size=max_batch_size, cache_graph=False
+    )
     wa = op.w
-    wb = torch.cat([p.detach().reshape(-1) for n, p in model_b.named_parameters() if p.requires_grad])
+    wb = torch.cat(
+        [p.detach().reshape(-1) for n, p in model_b.named_parameters() if p.requires_grad]
+    )
     wb = wb.to(device=op.device, dtype=op.dtype)
     bar = _progress(al.size, progress, "interpolation")
     losses = np.empty_like(al)
@@ -220,7 +234,9 @@ def interpolate(
         bufs = None
         if interpolate_buffers and ba:
             bufs = {
-                k: ((1 - a) * ba[k] + a * bb[k].to(ba[k].device)) if ba[k].is_floating_point() else ba[k]
+                k: ((1 - a) * ba[k] + a * bb[k].to(ba[k].device))
+                if ba[k].is_floating_point()
+                else ba[k]
                 for k in ba
             }
         losses[i] = op.loss((1 - a) * wa + a * wb, buffers=bufs)  # exact at both ends

@@ -24,7 +24,9 @@ def _atomic(path: Path, write: Any, suffix: str) -> None:
     atomic_write_via(path, write, suffix)
 
 
-def save_grid(path: str | os.PathLike[str], meta: dict[str, Any] | None = None, **arrays: Any) -> Path:
+def save_grid(
+    path: str | os.PathLike[str], meta: dict[str, Any] | None = None, **arrays: Any
+) -> Path:
     """Save arrays to ``path`` (``.npz``, or ``.json`` for plain lists) atomically.
 
     ``meta`` (JSON-serialisable) is stored as a ``meta`` JSON string in the
@@ -87,7 +89,14 @@ def plot_curves(
         ax.plot(np.asarray(x), np.asarray(ys), marker="o", markersize=2.5, label=label)
     for label, pos in (marks or {}).items():
         ax.axvline(pos, color="grey", linestyle=":", linewidth=1)
-        ax.annotate(label, (pos, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            label,
+            (pos, 1.0),
+            xycoords=("data", "axes fraction"),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)

@@ -84,9 +84,13 @@ def _operator(
 ) -> HessianOperator:
     if op is not None:
         if not isinstance(op, HessianOperator):
-            raise ValueError(f"Invalid op value: expected a HessianOperator, got {type(op).__name__}")
+            raise ValueError(
+                f"Invalid op value: expected a HessianOperator, got {type(op).__name__}"
+            )
         return op
-    return HessianOperator(model, loss_fn, batches, params=params, max_batch_size=max_batch_size, cache_graph=False)
+    return HessianOperator(
+        model, loss_fn, batches, params=params, max_batch_size=max_batch_size, cache_graph=False
+    )
 
 
 def _scale(op: HessianOperator, adaptive: bool, eta: float) -> Tensor | None:
@@ -163,7 +167,11 @@ def worst_case_sharpness(
     if last > best:
         best, best_z = last, z
     return WorstCaseResult(
-        sharpness=best - base_loss, loss=base_loss, worst_loss=best, delta=lift(best_z), history=history
+        sharpness=best - base_loss,
+        loss=base_loss,
+        worst_loss=best,
+        delta=lift(best_z),
+        history=history,
     )
 
 
@@ -202,6 +210,8 @@ def average_case_sharpness(
         samples.append(op.loss(op.w + (z if t is None else t * z)) - base)
     mean = sum(samples) / n_samples
     se = (
-        math.sqrt(sum((s - mean) ** 2 for s in samples) / (n_samples - 1) / n_samples) if n_samples > 1 else math.inf
+        math.sqrt(sum((s - mean) ** 2 for s in samples) / (n_samples - 1) / n_samples)
+        if n_samples > 1
+        else math.inf
     )
     return AverageCaseResult(mean, se, base, sig, samples)
