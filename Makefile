@@ -1,5 +1,5 @@
 # Every target builds .venv itself: torch's CPU build first (so nothing pulls a
-# CUDA build), then samkit with its extras.
+# CUDA build), then samkit with its extras, all under constraints.txt (torch pinned).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,10 +8,10 @@ STAMP := $(VENV)/.samkit-installed
 
 .PHONY: venv demo test test-slow bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e '.[all]'
+	$(BIN)/python -m pip install -q -c constraints.txt torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -4,13 +4,12 @@ The optimizers depend on torch alone; ``samkit.sharpness`` (instruments),
 ``samkit.experiments`` (the study) and ``samkit.cli`` are imported on demand.
 """
 
+from .losses import MESA, SAF
 from .optim import (
     ESAM,
     GSAM,
     L2,
-    MESA,
     MSAM,
-    SAF,
     SAM,
     Adaptive,
     AdaptivePolicy,

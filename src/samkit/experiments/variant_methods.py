@@ -21,13 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..losses import MESA, SAF
 from ..optim.esam import ESAM
 from ..optim.gsam import GSAM
 from ..optim.looksam import LookSAM
 from ..optim.msam import MSAM
 from ..optim.perturbation import Fisher, NormOnly, RandomSubset
 from ..optim.policy import AdaptivePolicy, EveryK, Late, RandomPolicy
-from ..optim.saf import MESA, SAF
 from ..optim.sam import SAM
 from .methods import (
     Method,

@@ -1,5 +1,7 @@
 """The SAM optimizer family: the wrapper, its pieces (perturbations, policies,
-schedules) and the variants with an update of their own."""
+schedules) and the variants with an update of their own.
+
+SAF and MESA are loss terms, not optimizers: see :mod:`samkit.losses`."""
 
 from .batchnorm import freeze_bn_stats
 from .esam import ESAM
@@ -8,7 +10,6 @@ from .looksam import LookSAM
 from .msam import MSAM
 from .perturbation import L2, Adaptive, Fisher, Masked, NormOnly, Perturbation, RandomSubset
 from .policy import AdaptivePolicy, Always, EveryK, Late, Policy, RandomPolicy
-from .saf import MESA, SAF
 from .sam import SAM
 from .schedule import LambdaRho, ProportionalRho
 
@@ -18,8 +19,6 @@ __all__ = [
     "LookSAM",
     "ESAM",
     "MSAM",
-    "SAF",
-    "MESA",
     "Perturbation",
     "L2",
     "Adaptive",

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from .._checks import check_nonneg as _check_nonneg
-from .._checks import check_pos as _check_pos
+from ._checks import check_nonneg as _check_nonneg
+from ._checks import check_pos as _check_pos
 
 __all__ = ["SAF", "MESA", "trajectory_kl"]
 

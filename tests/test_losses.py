@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from optim_registry import all_equal, params_of, roundtrip, state_equal
 from torch import nn
 
-from samkit.optim.saf import MESA, SAF, trajectory_kl
+from samkit.losses import MESA, SAF, trajectory_kl
 
 
 @given(seed=st.integers(0, 100), tau=st.floats(0.5, 10.0))
