@@ -229,7 +229,7 @@ class _Candidate:
     def held_bytes(self) -> int:
         """Bytes the optimizer keeps between steps beyond the base optimizer's."""
         if self.kind.startswith("samkit"):
-            return sum(b.numel() * b.element_size() for b in self.opt._backup.values())
+            return sum(b.numel() * b.element_size() for b in self.opt._backups.values())
         if self.kind.startswith("peer"):
             return sum(
                 v.numel() * v.element_size()

@@ -8,7 +8,7 @@ import pytest
 MODULES = [
     "samkit.optim.sam",
     "samkit.optim.batchnorm",
-    "samkit.optim.schedule",
+    "samkit.optim.rho",
     "samkit.optim.gsam",
     "samkit.experiments.models",
     "samkit.sharpness.hvp",

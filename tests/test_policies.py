@@ -14,7 +14,7 @@ from optim_registry import all_equal, make_data, make_model, params_of, roundtri
 from torch import nn
 
 import samkit
-from samkit.optim.policy import AdaptivePolicy, EveryK, Late, RandomPolicy
+from samkit.optim.policy import GradNormTrigger, EveryK, Late, RandomPolicy
 
 
 def _counting_closure(model, x, y, counter):
@@ -95,7 +95,7 @@ def test_random_policy_frequency_schedule_and_seed():
 
 def test_adaptive_policy_matches_hand_computed_statistics():
     w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-    pol = AdaptivePolicy(total_steps=4, c_start=-1.0, c_end=1.0, decay=0.5)
+    pol = GradNormTrigger(total_steps=4, c_start=-1.0, c_end=1.0, decay=0.5)
     sam = samkit.SAM(torch.optim.SGD([w], lr=0.0), rho=0.05, policy=pol)
     norms = [2.0, 1.0, 3.0, 0.5, 3.0]
     mean, var, decisions = None, 0.0, []
@@ -135,7 +135,7 @@ def test_late_policy():
 POLICIES = {
     "every_k": lambda: EveryK(3),
     "random": lambda: RandomPolicy(0.5, p_end=0.2, total_steps=8, seed=3),
-    "adaptive": lambda: AdaptivePolicy(8, decay=0.7),
+    "adaptive": lambda: GradNormTrigger(8, decay=0.7),
     "late": lambda: Late(2),
 }
 
@@ -177,9 +177,9 @@ def test_resume_from_state_dict_continues_bit_for_bit(name):
         (lambda: RandomPolicy(1.5), "Invalid p value: 1.5"),
         (lambda: RandomPolicy(0.5, p_end=0.1), "Invalid total_steps value: None"),
         (lambda: RandomPolicy(0.5, p_end=-0.1, total_steps=3), "Invalid p_end value: -0.1"),
-        (lambda: AdaptivePolicy(0), "Invalid total_steps value: 0"),
-        (lambda: AdaptivePolicy(5, decay=1.0), "Invalid decay value: 1.0"),
-        (lambda: AdaptivePolicy(5, c_start=float("nan")), "Invalid c_start value: nan"),
+        (lambda: GradNormTrigger(0), "Invalid total_steps value: 0"),
+        (lambda: GradNormTrigger(5, decay=1.0), "Invalid decay value: 1.0"),
+        (lambda: GradNormTrigger(5, c_start=float("nan")), "Invalid c_start value: nan"),
         (lambda: Late(), "Invalid start_step value: None"),
         (lambda: Late(-1), "Invalid start_step value: -1"),
         (lambda: Late(3, total_steps=10, fraction=0.1), "Invalid start_step value"),

@@ -141,7 +141,7 @@ def test_backup_follows_a_parameter_whose_dtype_changed():
     before = [p.detach().clone() for p in model.parameters()]
     opt.step(closure)
     opt.zero_grad()
-    assert all(b.dtype is p.dtype for b, p in zip(opt._backup.values(), model.parameters()))
+    assert all(b.dtype is p.dtype for b, p in zip(opt._backups.values(), model.parameters()))
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # lr 0: exact restore
 
 

@@ -115,14 +115,14 @@ def test_restore_is_exact_and_backup_is_allocated_once(base, mode, monkeypatch):
     opt.second_step(zero_grad=True)
     assert all_equal(params_of(model), w0)
 
-    buffers = {id(k): v.data_ptr() for k, v in opt._backup.items()}
+    buffers = {id(k): v.data_ptr() for k, v in opt._backups.items()}
     perturbed = sum(len(g["params"]) for g in opt.param_groups if g["rho"] > 0)
     assert len(buffers) == perturbed
     for _ in range(3):
         opt.step(closure_for(opt, model, x, y))
         opt.zero_grad()
         assert all_equal(params_of(model), w0)
-        assert {id(k): v.data_ptr() for k, v in opt._backup.items()} == buffers
+        assert {id(k): v.data_ptr() for k, v in opt._backups.items()} == buffers
     assert (opt.steps, opt.ascents) == (4, 4)
 
 
@@ -394,8 +394,10 @@ BAD_ARGS = [
     (lambda: samkit.SAM(_sgd(), rho="0.05"), r"rho"),
     (lambda: samkit.SAM(_sgd(), eta=-1.0), r"eta.*-1\.0"),
     (lambda: samkit.SAM(_sgd(), ascent_weight_decay=-0.5), r"ascent_weight_decay.*-0\.5"),
-    (lambda: samkit.SAM(_sgd(), eps=0.0), r"eps.*0\.0"),
-    (lambda: samkit.SAM(_sgd(), eps=-1e-12), r"eps"),
+    (lambda: samkit.SAM(_sgd(), ascent_eps=0.0), r"ascent_eps.*0\.0"),
+    (lambda: samkit.SAM(_sgd(), ascent_eps=-1e-12), r"ascent_eps"),
+    (lambda: samkit.SAM(_sgd(), ascent_eps=float("inf")), r"ascent_eps.*inf"),
+    (lambda: samkit.SAM(_sgd(), eps=1e-8), r"eps.*ascent_eps"),
     (lambda: samkit.SAM(_sgd(), max_grad_norm=0.0), r"max_grad_norm.*0\.0"),
     (lambda: samkit.SAM(_sgd(), max_grad_norm=-1), r"max_grad_norm.*-1"),
     (lambda: samkit.SAM(_sgd(), ddp_ascent="both"), r"ddp_ascent.*both"),
@@ -604,7 +606,7 @@ def test_protocol_misuse_raises():
         opt.first_step()
     loss_fn(model, x, y).backward()
     opt.step()  # completes the pending step (what GradScaler.step calls)
-    assert opt.steps == 1 and not opt._pending
+    assert opt.steps == 1 and not opt.perturbed
     opt.state_dict()
 
 

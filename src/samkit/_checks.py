@@ -1,25 +1,47 @@
 """Argument checks shared by the optimizers and the instruments.
 
 Each raises ``ValueError("Invalid <name> value: <value> (...)")`` and returns
-the value converted to its plain Python type. Booleans are rejected where a
-number is expected (``True`` is an ``int`` to Python, never a valid rho).
+the value converted to its plain Python type. Any real number is accepted
+(Python, NumPy or a 0-d tensor's ``.item()``), booleans are not: ``True`` is an
+``int`` to Python, never a valid rho.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
-__all__ = ["check_nonneg", "check_pos", "check_int", "check_prob"]
+__all__ = [
+    "is_number",
+    "check_nonneg",
+    "check_pos",
+    "check_int",
+    "check_prob",
+    "check_finite",
+    "check_unit_interval",
+]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_number(value: Any) -> bool:
+    """A real number that is not a bool (``numpy.float32(0.05)`` included)."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and type(value).__name__ != "bool_"
+    )
+
+
+def check_finite(name: str, value: Any) -> float:
+    """A finite number."""
+    if not is_number(value) or not math.isfinite(float(value)):
+        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number)")
+    return float(value)
 
 
 def check_nonneg(name: str, value: Any) -> float:
     """A finite number >= 0."""
-    if not _is_number(value) or not 0 <= value < math.inf:
+    if not is_number(value) or not 0 <= float(value) < math.inf:
         raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
     return float(value)
 
@@ -28,20 +50,37 @@ def check_pos(name: str, value: Any, *, zero: bool = False) -> float:
     """A finite number > 0 (>= 0 with ``zero=True``)."""
     if zero:
         return check_nonneg(name, value)
-    if not _is_number(value) or not 0 < value < math.inf:
+    if not is_number(value) or not 0 < float(value) < math.inf:
         raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number > 0)")
     return float(value)
 
 
 def check_int(name: str, value: Any, low: int) -> int:
-    """An int >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """An int >= ``low`` (NumPy integers included)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or type(value).__name__ == "bool_"
+        or value < low
+    ):
         raise ValueError(f"Invalid {name} value: {value!r} (must be an int >= {low})")
-    return value
+    return int(value)
 
 
 def check_prob(name: str, value: Any) -> float:
     """A number in [0, 1]."""
-    if not _is_number(value) or not 0.0 <= value <= 1.0:
+    if not is_number(value) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"Invalid {name} value: {value!r} (must be in [0, 1])")
+    return float(value)
+
+
+def check_unit_interval(name: str, value: Any, *, closed_low: bool, closed_high: bool) -> float:
+    """A number in (0, 1], [0, 1) or (0, 1), as the two flags say."""
+    ok = is_number(value)
+    if ok:
+        v = float(value)
+        ok = (v >= 0.0 if closed_low else v > 0.0) and (v <= 1.0 if closed_high else v < 1.0)
+    if not ok:
+        interval = f"{'[' if closed_low else '('}0, 1{']' if closed_high else ')'}"
+        raise ValueError(f"Invalid {name} value: {value!r} (must be in {interval})")
     return float(value)

@@ -9,6 +9,11 @@ bit-identical results (tested in ``tests/test_functional.py``).
 Callers group tensors by device and dtype first (:func:`group_by_device`), as
 foreach kernels need homogeneous lists.
 
+The SAM ascent itself is three kernels over :class:`AscentGroup` lists:
+:func:`measure_` (the global norm of the perturbation's ``u``),
+:func:`perturb_` (back up ``w`` and move to ``w + e``) and :func:`restore_`
+(copy ``w`` back, bit for bit).
+
 None of these kernels reads a value back to the host, except
 :func:`scale_for`, which does so only for CPU tensors, where reading a 0-d
 tensor is a plain memory load, not a device synchronisation.
@@ -16,7 +21,9 @@ tensor is a plain memory load, not a device synchronisation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -31,6 +38,11 @@ __all__ = [
     "add_",
     "abs_plus_",
     "scale_for",
+    "AscentGroup",
+    "prepare_ascent",
+    "measure_",
+    "perturb_",
+    "restore_",
 ]
 
 TensorList = list[Tensor]
@@ -48,15 +60,15 @@ def group_by_device(
     if not first:
         return out
     # Fast path: the common case of one device and one dtype costs one scan.
-    d0, t0 = first[0].device, first[0].dtype
-    if all(t.device == d0 and t.dtype == t0 for t in first):
-        return {(d0, t0): [list(lst) for lst in lists]}
+    device, dtype = first[0].device, first[0].dtype
+    if all(t.device == device and t.dtype == dtype for t in first):
+        return {(device, dtype): [list(tensors) for tensors in lists]}
     for i, t in enumerate(first):
         bucket = out.get((t.device, t.dtype))
         if bucket is None:
             bucket = out[(t.device, t.dtype)] = [[] for _ in lists]
-        for j, lst in enumerate(lists):
-            bucket[j].append(lst[i])
+        for j, tensors in enumerate(lists):
+            bucket[j].append(tensors[i])
     return out
 
 
@@ -89,10 +101,10 @@ def global_norm(sq_norms: Sequence[Tensor]) -> Tensor:
     """L2 norm from squared-norm pieces that may live on different devices."""
     if not sq_norms:
         raise ValueError("global_norm needs at least one squared norm")
-    dev = sq_norms[0].device
+    device = sq_norms[0].device
     total = sq_norms[0]
-    for s in sq_norms[1:]:
-        total = total + s.to(dev)
+    for piece in sq_norms[1:]:
+        total = total + piece.to(device)
     return total.sqrt()
 
 
@@ -101,8 +113,8 @@ def copy_(dst: TensorList, src: TensorList, *, foreach: bool) -> None:
     if foreach:
         torch._foreach_copy_(dst, src)
     else:
-        for d, s in zip(dst, src):
-            d.copy_(s)
+        for target, source in zip(dst, src):
+            target.copy_(source)
 
 
 def mul_(tensors: TensorList, factor: float | Tensor | TensorList, *, foreach: bool) -> None:
@@ -122,8 +134,8 @@ def add_(tensors: TensorList, others: TensorList, alpha: float = 1.0, *, foreach
     if foreach:
         torch._foreach_add_(tensors, others, alpha=alpha)
     else:
-        for t, o in zip(tensors, others):
-            t.add_(o, alpha=alpha)
+        for t, other in zip(tensors, others):
+            t.add_(other, alpha=alpha)
 
 
 def abs_plus_(out: TensorList, src: TensorList, eta: float, *, foreach: bool) -> None:
@@ -131,16 +143,16 @@ def abs_plus_(out: TensorList, src: TensorList, eta: float, *, foreach: bool) ->
     if out and out[0].is_complex():
         # |w| is the modulus; in-place abs cannot turn a complex tensor real.
         # One path for both settings keeps them bit-identical (lists share a dtype).
-        for o, s in zip(out, src):
-            o.copy_(s.abs()).add_(eta)
+        for target, source in zip(out, src):
+            target.copy_(source.abs()).add_(eta)
         return
     copy_(out, src, foreach=foreach)
     if foreach:
         torch._foreach_abs_(out)
         torch._foreach_add_(out, eta)
     else:
-        for o in out:
-            o.abs_().add_(eta)
+        for target in out:
+            target.abs_().add_(eta)
 
 
 def scale_for(rho: float, norm: Tensor, eps: float) -> float | Tensor:
@@ -170,3 +182,111 @@ def add_scaled_(
         add_(params, dirs, foreach=foreach)
     else:
         add_(params, dirs, alpha=scale, foreach=foreach)
+
+
+# ------------------------------------------------------------------ the ascent
+
+
+class Perturbation(Protocol):
+    """What the ascent kernels need of a perturbation (see ``samkit.optim.perturbation``)."""
+
+    def measure_(
+        self,
+        params: TensorList,
+        grads: TensorList,
+        scratch: TensorList,
+        group: dict[str, Any],
+        *,
+        foreach: bool,
+    ) -> Tensor: ...
+
+    def direction_(
+        self,
+        params: TensorList,
+        grads: TensorList,
+        scratch: TensorList,
+        group: dict[str, Any],
+        *,
+        foreach: bool,
+    ) -> None: ...
+
+
+@dataclass
+class AscentGroup:
+    """One param group's share of an ascent: its settings and its tensors,
+    bucketed by device and dtype as ``(params, directions, backups)``.
+
+    ``directions`` start as the gradients (or their copies) and are turned in
+    place into ``u``, then ``d``, then ``e``; ``backups`` are the buffers that
+    receive ``w``.
+    """
+
+    group: dict[str, Any]
+    buckets: list[tuple[TensorList, TensorList, TensorList]]
+
+
+def prepare_ascent(
+    active: Sequence[tuple[dict[str, Any], TensorList, TensorList]],
+    backups_for: Callable[[TensorList], TensorList],
+    *,
+    in_place: bool,
+    foreach: bool,
+) -> list[AscentGroup]:
+    """Bucket each ``(group, params, grads)`` for the ascent.
+
+    With ``in_place`` the gradients themselves become the direction buffers
+    (they are scratch after the first pass); otherwise they are copied first.
+    A group's ``ascent_weight_decay`` adds ``wd * w`` to its directions.
+    """
+    out = []
+    for group, params, grads in active:
+        directions = grads if in_place else [g.clone() for g in grads]
+        decay = group["ascent_weight_decay"]
+        if decay:
+            for (_, _), (bucket_params, bucket_dirs) in group_by_device(params, directions).items():
+                add_(bucket_dirs, bucket_params, alpha=decay, foreach=foreach)
+        buckets = group_by_device(params, directions, backups_for(params)).values()
+        out.append(AscentGroup(group, [tuple(b) for b in buckets]))  # type: ignore[misc]
+    return out
+
+
+def measure_(groups: Sequence[AscentGroup], perturbation: Perturbation, *, foreach: bool) -> Tensor:
+    """Turn each direction into the perturbation's ``u``; return ``||u||`` over all groups."""
+    squares = [
+        perturbation.measure_(params, directions, backups, ag.group, foreach=foreach)
+        for ag in groups
+        for params, directions, backups in ag.buckets
+    ]
+    return global_norm(squares)
+
+
+def perturb_(
+    groups: Sequence[AscentGroup],
+    norm: Tensor,
+    perturbation: Perturbation,
+    *,
+    rho_factor: float,
+    eps: float,
+    foreach: bool,
+) -> list[tuple[TensorList, TensorList]]:
+    r"""Back up ``w`` and move to ``w + e``, :math:`e = \rho\, d / (\lVert u \rVert + \epsilon)`.
+
+    Returns the ``(params, backups)`` pairs that :func:`restore_` takes.
+    """
+    perturbed = []
+    for ag in groups:
+        scale = scale_for(ag.group["rho"] * rho_factor, norm, eps)
+        for params, directions, backups in ag.buckets:
+            perturbation.direction_(params, directions, backups, ag.group, foreach=foreach)
+            copy_(backups, params, foreach=foreach)  # w, exactly
+            # a 0-d tensor on another accelerator cannot scale this bucket (CPU-offloaded params)
+            local_scale = scale.to(params[0].device) if isinstance(scale, Tensor) else scale
+            add_scaled_(params, directions, local_scale, foreach=foreach)  # w + e
+            perturbed.append((params, backups))
+    return perturbed
+
+
+def restore_(perturbed: Sequence[tuple[TensorList, TensorList]], *, foreach: bool) -> None:
+    """Copy each backup back into its parameters: ``w`` bit for bit."""
+    for params, backups in perturbed:
+        copy_(params, backups, foreach=foreach)

@@ -27,7 +27,7 @@ from ..optim.gsam import GSAM
 from ..optim.looksam import LookSAM
 from ..optim.msam import MSAM
 from ..optim.perturbation import Fisher, NormOnly, RandomSubset
-from ..optim.policy import AdaptivePolicy, EveryK, Late, RandomPolicy
+from ..optim.policy import GradNormTrigger, EveryK, Late, RandomPolicy
 from ..optim.sam import SAM
 from .methods import (
     Method,
@@ -87,7 +87,7 @@ def _rst(
 
 
 def _ae_sam(model, spec, *, rho: float, c_start: float, c_end: float, decay: float) -> Method:
-    pol = AdaptivePolicy(spec.total_steps, c_start=c_start, c_end=c_end, decay=decay)
+    pol = GradNormTrigger(spec.total_steps, c_start=c_start, c_end=c_end, decay=decay)
     return SAMMethod(SAM(_base(model, spec), rho=rho, policy=pol, model=model), "ae_sam")
 
 

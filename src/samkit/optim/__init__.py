@@ -1,17 +1,25 @@
-"""The SAM optimizer family: the wrapper, its pieces (perturbations, policies,
-schedules) and the variants with an update of their own.
+"""The SAM optimizer family: the wrapper and the three axes of a variant.
 
-SAF and MESA are loss terms, not optimizers: see :mod:`samkit.losses`."""
+A variant is SAM with a *perturbation* (how the ascent vector is made), a
+*policy* (which steps pay for the ascent) and a *mix* (what the base step
+receives from the two gradients), plus optionally a rho *controller*. GSAM and
+LookSAM are such combinations with constructors of their own; ESAM and mSAM
+change the step itself and use SAM's public protocol.
+
+SAF and MESA are loss terms, not optimizers: see :mod:`samkit.losses`.
+"""
 
 from .batchnorm import freeze_bn_stats
 from .esam import ESAM
 from .gsam import GSAM
 from .looksam import LookSAM
+from .mix import Mix, ReuseOrthogonal, SurrogateGap
 from .msam import MSAM
 from .perturbation import L2, Adaptive, Fisher, Masked, NormOnly, Perturbation, RandomSubset
-from .policy import AdaptivePolicy, Always, EveryK, Late, Policy, RandomPolicy
+from .policy import AdaptivePolicy, Always, EveryK, GradNormTrigger, Late, Policy, RandomPolicy
+from .rho import FollowLR, LambdaRho, ProportionalRho, RhoController
 from .sam import SAM
-from .schedule import LambdaRho, ProportionalRho
+from .view import StepView
 
 __all__ = [
     "SAM",
@@ -30,9 +38,16 @@ __all__ = [
     "Always",
     "EveryK",
     "RandomPolicy",
+    "GradNormTrigger",
     "AdaptivePolicy",
     "Late",
+    "Mix",
+    "SurrogateGap",
+    "ReuseOrthogonal",
+    "RhoController",
+    "FollowLR",
     "ProportionalRho",
     "LambdaRho",
+    "StepView",
     "freeze_bn_stats",
 ]

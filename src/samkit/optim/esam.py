@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_unit_interval
 from .perturbation import Perturbation, RandomSubset
 from .sam import SAM
 
@@ -81,8 +82,7 @@ class ESAM(SAM):
         perturbation: Perturbation | None = None,
         **kwargs: Any,
     ) -> None:
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < gamma <= 1.0:
-            raise ValueError(f"Invalid gamma value: {gamma!r} (must be in (0, 1])")
+        gamma = check_unit_interval("gamma", gamma, closed_low=False, closed_high=True)
         if kwargs.get("adaptive"):
             raise ValueError("Invalid adaptive value: pass perturbation=Adaptive() to ESAM instead")
         if perturbation is not None and not isinstance(perturbation, Perturbation):
@@ -107,6 +107,7 @@ class ESAM(SAM):
         m = max(1, math.ceil(self.gamma * n))
         return torch.topk((after - before).reshape(-1), m, sorted=False).indices
 
+    @torch.compiler.disable(recursive=False)
     def step(  # type: ignore[override]
         self,
         closure: Callable[..., Tensor] | None = None,
@@ -147,8 +148,7 @@ class ESAM(SAM):
                     self.last_selected = index
                     backward(closure(index))
             except BaseException:
-                self._restore()
-                self._pending, self._skip, self._unscaled = False, False, False
+                self.abort_step()  # never leave perturbed weights behind
                 raise
         if scaler is not None and scaler.is_enabled():
             scaler.step(self)

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import functional as F
+from .. import functional
+from . import _ddp
 from .sam import SAM
 
 __all__ = ["MSAM"]
@@ -87,17 +88,22 @@ class MSAM(SAM):
     def __repr__(self) -> str:
         return f"MSAM(rho={self._sam_defaults['rho']}, micro_batches={self.micro_batches}, base={self.base_optimizer!r})"
 
-    def _accumulate(self) -> None:
+    def _accumulate(self, into: dict[Tensor, Tensor]) -> None:
+        """Add the current gradients into the accumulators (allocated once, zeroed per step)."""
         for _, params, grads in self._gather():
-            accs = []
+            accumulators = []
             for p, g in zip(params, grads):
-                a = self._acc.get(p)
-                if a is None:
-                    a = self._acc[p] = torch.zeros_like(g, memory_format=torch.preserve_format)
-                accs.append(a)
-            for (_, _), (as_, gs) in F.group_by_device(accs, grads).items():
-                F.add_(as_, gs, foreach=self.foreach)
+                acc = self._acc.get(p)
+                if acc is None:
+                    acc = self._acc[p] = torch.zeros_like(g, memory_format=torch.preserve_format)
+                into[p] = acc
+                accumulators.append(acc)
+            for (_, _), (bucket_acc, bucket_grads) in functional.group_by_device(
+                accumulators, grads
+            ).items():
+                functional.add_(bucket_acc, bucket_grads, foreach=self.foreach)
 
+    @torch.compiler.disable(recursive=False)
     def step(  # type: ignore[override]
         self,
         closure: Callable[[int], Tensor] | None = None,
@@ -113,8 +119,7 @@ class MSAM(SAM):
             raise ValueError(
                 "Invalid scaler value: mSAM does not support a GradScaler (fp16 AMP); use bfloat16 autocast"
             )
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _ddp.world_size(None) > 1:
             raise ValueError(
                 "mSAM under DDP is not supported: use SAM(..., model=ddp_model, ddp_ascent='local'), "
                 "where each replica's ascent already uses its own micro-batch"
@@ -122,40 +127,38 @@ class MSAM(SAM):
         closure = torch.enable_grad()(closure)
         m = self.micro_batches
         losses = []
-        skip = False
-        used: set[Tensor] = set()
-        if m > 1:
-            for a in self._acc.values():
-                a.zero_()
-        try:
-            for j in range(m):
-                self.zero_grad()
-                losses.append(closure(j).detach())
+        used: dict[
+            Tensor, Tensor
+        ] = {}  # parameter -> its accumulator, for the micro-batches before the last
+        for acc in self._acc.values():
+            acc.zero_()
+        for j in range(m):
+            self.zero_grad()
+            losses.append(closure(j).detach())
+            try:
                 if self.first_step(zero_grad=True):
                     closure(j)
-                if j < m - 1:
-                    skip = skip or self._skip
-                    # w back exactly, no base step: SAM's restore
-                    self._restore()
-                    self._pending, self._skip = False, False
-                    self._accumulate()
-                    used.update(p for _, ps, _ in self._gather() for p in ps)
-        except BaseException:
-            self._restore()
-            self._pending, self._skip, self._unscaled = False, False, False
-            raise
+            except BaseException:
+                self.abort_step()
+                raise
+            if j < m - 1:
+                # w back exactly, no base step; a non-finite micro-batch leaves
+                # NaN in its accumulator, which the final step's check sees
+                self.abort_step()
+                self._accumulate(used)
         # last micro-batch: its gradient is in .grad; add the others and average
         if m > 1:
-            last = {p for _, ps, _ in self._gather() for p in ps}
-            for p in used - last:  # a parameter unused by the last micro-batch
+            last = {p for _, params, _ in self._gather() for p in params}
+            for p in used.keys() - last:  # a parameter unused by the last micro-batch
                 p.grad = torch.zeros_like(p)
             for _, params, grads in self._gather():
-                accs = [self._acc[p] for p in params if p in self._acc]
-                gs = [g for p, g in zip(params, grads) if p in self._acc]
-                for (_, _), (g_, a_) in F.group_by_device(gs, accs).items():
-                    F.add_(g_, a_, foreach=self.foreach)
-                for (_, _), (g_,) in F.group_by_device(grads).items():
-                    F.mul_(g_, 1.0 / m, foreach=self.foreach)
-        self._skip = self._skip or skip
+                accumulators = [used[p] for p in params if p in used]
+                with_acc = [g for p, g in zip(params, grads) if p in used]
+                for (_, _), (bucket_grads, bucket_acc) in functional.group_by_device(
+                    with_acc, accumulators
+                ).items():
+                    functional.add_(bucket_grads, bucket_acc, foreach=self.foreach)
+                for (_, _), (bucket,) in functional.group_by_device(grads).items():
+                    functional.mul_(bucket, 1.0 / m, foreach=self.foreach)
         self.second_step()
         return torch.stack(losses).mean()

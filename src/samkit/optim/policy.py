@@ -3,6 +3,8 @@
 A policy is asked once per step, after the first backward pass, whether this
 step does the SAM ascent. Steps it declines are plain base-optimizer steps
 with the gradient already computed, so they cost one pass instead of two.
+It sees a read-only :class:`~samkit.optim.view.StepView` of the step (step
+count, gradients, their squared norm on demand), not the optimizer.
 
 Policies keep their own state (counters, running statistics, random
 generators) in :meth:`Policy.state_dict`, which SAM saves with its own, so a
@@ -12,18 +14,23 @@ resumed run makes the same choices as one that never stopped.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+import warnings
+from typing import Any
 
 import torch
 
-from .. import functional as _F
-from .._checks import check_int as _check_int
-from .._checks import check_prob as _check_prob
+from .._checks import check_int, check_prob, check_unit_interval, is_number
+from .view import StepView
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .sam import SAM
-
-__all__ = ["Policy", "Always", "EveryK", "RandomPolicy", "AdaptivePolicy", "Late"]
+__all__ = [
+    "Policy",
+    "Always",
+    "EveryK",
+    "RandomPolicy",
+    "GradNormTrigger",
+    "AdaptivePolicy",
+    "Late",
+]
 
 
 class Policy:
@@ -39,11 +46,11 @@ class Policy:
     name = "policy"
     replica_consistent = False
 
-    def should_ascend(self, sam: SAM) -> bool:  # noqa: D401
-        """Return True to pay for the ascent on this step (``sam.steps`` steps done so far)."""
+    def should_ascend(self, view: StepView) -> bool:
+        """Return True to pay for the ascent on this step (``view.steps`` steps done so far)."""
         raise NotImplementedError
 
-    def rho_factor(self, sam: SAM) -> float:
+    def rho_factor(self, view: StepView) -> float:
         """Multiplier applied to every group's rho on the steps that ascend."""
         return 1.0
 
@@ -63,7 +70,7 @@ class Always(Policy):
     name = "always"
     replica_consistent = True
 
-    def should_ascend(self, sam: SAM) -> bool:
+    def should_ascend(self, view: StepView) -> bool:
         return True
 
 
@@ -87,13 +94,13 @@ class EveryK(Policy):
     replica_consistent = True
 
     def __init__(self, k: int = 10, *, scale_rho: bool = True) -> None:
-        self.k = _check_int("k", k, 1)
+        self.k = check_int("k", k, 1)
         self.scale_rho = bool(scale_rho)
 
-    def should_ascend(self, sam: SAM) -> bool:
-        return sam.steps % self.k == 0
+    def should_ascend(self, view: StepView) -> bool:
+        return view.steps % self.k == 0
 
-    def rho_factor(self, sam: SAM) -> float:
+    def rho_factor(self, view: StepView) -> float:
         return float(self.k) if self.scale_rho else 1.0
 
     def __repr__(self) -> str:
@@ -129,14 +136,12 @@ class RandomPolicy(Policy):
         total_steps: int | None = None,
         seed: int = 0,
     ) -> None:
-        self.p = _check_prob("p", p)
-        self.p_end = self.p if p_end is None else _check_prob("p_end", p_end)
+        self.p = check_prob("p", p)
+        self.p_end = self.p if p_end is None else check_prob("p_end", p_end)
         if self.p_end != self.p and total_steps is None:
             raise ValueError("Invalid total_steps value: None (needed to move p to p_end)")
-        self.total_steps = (
-            None if total_steps is None else _check_int("total_steps", total_steps, 1)
-        )
-        self.seed = _check_int("seed", seed, -(2**63))
+        self.total_steps = None if total_steps is None else check_int("total_steps", total_steps, 1)
+        self.seed = check_int("seed", seed, -(2**63))
         self._gen = torch.Generator()
         self._gen.manual_seed(seed)
 
@@ -147,10 +152,10 @@ class RandomPolicy(Policy):
         frac = min(step / self.total_steps, 1.0)
         return self.p + (self.p_end - self.p) * frac
 
-    def should_ascend(self, sam: SAM) -> bool:
+    def should_ascend(self, view: StepView) -> bool:
         # one draw per step, whatever p is, so the stream stays aligned
         u = float(torch.rand((), generator=self._gen))
-        return u < self.probability(sam.steps)
+        return u < self.probability(view.steps)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._gen.get_state()}
@@ -163,9 +168,9 @@ class RandomPolicy(Policy):
         return f"RandomPolicy(p={self.p}, p_end={self.p_end}, total_steps={self.total_steps}, seed={self.seed})"
 
 
-class AdaptivePolicy(Policy):
+class GradNormTrigger(Policy):
     r"""AE-SAM (Jiang et al., ICLR 2023, arXiv 2304.14647): ascend where the
-    landscape looks sharp.
+    landscape looks sharp, i.e. when the gradient norm is unusually large.
 
     With ``x_t = ||g_t||^2`` the squared norm of the first-pass gradient,
     exponential moving estimates of its mean and variance
@@ -182,9 +187,9 @@ class AdaptivePolicy(Policy):
     Costs: one extra pass over the gradients and **one host read per step**
     (the decision is a Python bool; on a GPU this is a device sync).
 
-    Under DDP with ``ddp_ascent="local"`` each replica's first-pass gradient
-    differs, so the squared norm is averaged across replicas with one scalar
-    all-reduce before deciding: every replica takes the same decision.
+    Under DDP the squared norm is averaged across replicas with one scalar
+    all-reduce before deciding (:meth:`StepView.sq_grad_norm`), so every
+    replica takes the same decision.
 
     Args:
         total_steps: the training length (for the ``c`` schedule).
@@ -193,19 +198,18 @@ class AdaptivePolicy(Policy):
         decay: ``delta``, the moving-average decay, in [0, 1) (default 0.9).
     """
 
-    name = "adaptive"
+    name = "grad_norm_trigger"
     replica_consistent = True
 
     def __init__(
         self, total_steps: int, *, c_start: float = -1.0, c_end: float = 1.0, decay: float = 0.9
     ) -> None:
-        self.total_steps = _check_int("total_steps", total_steps, 1)
-        for name, v in (("c_start", c_start), ("c_end", c_end)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"Invalid {name} value: {v!r} (must be a finite number)")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"Invalid decay value: {decay!r} (must be in [0, 1))")
-        self.c_start, self.c_end, self.decay = float(c_start), float(c_end), float(decay)
+        self.total_steps = check_int("total_steps", total_steps, 1)
+        for name, value in (("c_start", c_start), ("c_end", c_end)):
+            if not is_number(value) or not math.isfinite(value):
+                raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number)")
+        decay = check_unit_interval("decay", decay, closed_low=True, closed_high=False)
+        self.c_start, self.c_end, self.decay = float(c_start), float(c_end), decay
         self.mean: float | None = None
         self.var = 0.0
         self.last_sq_norm = float("nan")
@@ -214,27 +218,8 @@ class AdaptivePolicy(Policy):
         frac = min(step / self.total_steps, 1.0)
         return self.c_start + (self.c_end - self.c_start) * frac
 
-    @staticmethod
-    def _sq_norm(sam: SAM) -> float:
-        pieces = []
-        for _, _, grads in sam._gather():
-            for (_, _), (gs,) in _F.group_by_device(grads).items():
-                pieces.append(_F.sq_norm(gs, foreach=sam.foreach))
-        if not pieces:
-            return 0.0
-        total = _F.global_norm(pieces).square()
-        dist = torch.distributed
-        group = sam._process_group() if hasattr(sam, "_process_group") else None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            # the running statistics must be the same on every replica; with
-            # ddp_ascent="global" the values are already equal and this changes nothing
-            total = total.reshape(1).clone()
-            dist.all_reduce(total, group=group)
-            total = total / dist.get_world_size(group)
-        return float(total)
-
-    def should_ascend(self, sam: SAM) -> bool:
-        x = self._sq_norm(sam)
+    def should_ascend(self, view: StepView) -> bool:
+        x = float(view.sq_grad_norm())
         self.last_sq_norm = x
         if not math.isfinite(x):
             return True  # let SAM's non-finite handling see it; stats stay clean
@@ -244,7 +229,7 @@ class AdaptivePolicy(Policy):
             d = self.decay
             self.mean = d * self.mean + (1.0 - d) * x
             self.var = d * self.var + (1.0 - d) * (x - self.mean) ** 2
-        return x >= self.mean + self.threshold_coefficient(sam.steps) * math.sqrt(self.var)
+        return x >= self.mean + self.threshold_coefficient(view.steps) * math.sqrt(self.var)
 
     def state_dict(self) -> dict[str, Any]:
         return {"mean": self.mean, "var": self.var}
@@ -256,9 +241,24 @@ class AdaptivePolicy(Policy):
 
     def __repr__(self) -> str:
         return (
-            f"AdaptivePolicy(total_steps={self.total_steps}, c_start={self.c_start}, "
+            f"{type(self).__name__}(total_steps={self.total_steps}, c_start={self.c_start}, "
             f"c_end={self.c_end}, decay={self.decay})"
         )
+
+
+class AdaptivePolicy(GradNormTrigger):
+    """Deprecated name of :class:`GradNormTrigger` (AE-SAM), kept for samkit 0.1 code.
+
+    The name collided with ASAM's ``Adaptive`` perturbation, which is unrelated.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        warnings.warn(
+            "samkit.AdaptivePolicy is now samkit.GradNormTrigger (AE-SAM); the old name will go",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(*args, **kwargs)
 
 
 class Late(Policy):
@@ -288,18 +288,18 @@ class Late(Policy):
                 raise ValueError(
                     "Invalid start_step value: give start_step, or total_steps and fraction, not both"
                 )
-            self.start_step = _check_int("start_step", start_step, 0)
+            self.start_step = check_int("start_step", start_step, 0)
         else:
             if total_steps is None or fraction is None:
                 raise ValueError(
                     "Invalid start_step value: None (give start_step, or total_steps and fraction)"
                 )
-            total = _check_int("total_steps", total_steps, 1)
-            frac = _check_prob("fraction", fraction)
+            total = check_int("total_steps", total_steps, 1)
+            frac = check_prob("fraction", fraction)
             self.start_step = int(round(total * (1.0 - frac)))
 
-    def should_ascend(self, sam: SAM) -> bool:
-        return sam.steps >= self.start_step
+    def should_ascend(self, view: StepView) -> bool:
+        return view.steps >= self.start_step
 
     def __repr__(self) -> str:
         return f"Late(start_step={self.start_step})"

@@ -12,28 +12,47 @@ rho-ball around the weights. Each step:
 
 The weights are copied into a buffer (allocated once) before the ascent and
 copied back, bit for bit, before the base step.
+
+This file holds the protocol; the kernels are in :mod:`samkit.functional`,
+the DDP duties in :mod:`._ddp`, the GradScaler's in :mod:`._amp`, and the
+three axes of a variant in :mod:`.perturbation` (how ``e`` is made),
+:mod:`.policy` (which steps ascend) and :mod:`.mix` (what the base step
+receives).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
-from .._checks import check_nonneg as _check_nonneg
+from .. import functional
+from .._checks import check_nonneg, check_pos
+from . import _amp, _ddp
 from .batchnorm import freeze_bn_stats
+from .mix import Mix
 from .perturbation import L2, Adaptive, Perturbation
 from .policy import Policy
+from .rho import RhoController
+from .view import StepView
 
 __all__ = ["SAM"]
 
-_SAM_KEYS = ("rho", "eta", "ascent_weight_decay")
+_GROUP_KEYS = ("rho", "eta", "ascent_weight_decay")
+
+
+class _Default(float):
+    """A float default that remembers it was not given (to route class-form keywords)."""
+
+    def __repr__(self) -> str:
+        return float.__repr__(self)
+
+
+_RHO, _ETA, _ZERO = _Default(0.05), _Default(0.01), _Default(0.0)
 
 
 class SAM(torch.optim.Optimizer):
@@ -43,12 +62,14 @@ class SAM(torch.optim.Optimizer):
         params_or_optimizer: an optimizer *instance* (``torch.optim.SGD(...)``,
             Adam, AdamW, any ``torch.optim.Optimizer``), or parameters / param
             groups, in which case ``base_optimizer`` is the optimizer class and
-            ``**base_kwargs`` its arguments (the davda54/sam form).
+            ``**base_kwargs`` its arguments (the davda54/sam form: every
+            keyword the class accepts reaches it; ``foreach`` reaches both).
         base_optimizer: the optimizer class, only with the second form.
-        rho: radius of the ascent (default 0.05; ASAM: 0.5 to 2.0). Per group
-            via a ``"rho"`` key. A group with ``rho=0`` is not perturbed and
-            does not count in the normaliser; ``rho=0`` everywhere is exactly
-            the base optimizer.
+        rho: radius of the ascent (default 0.05; ASAM: 0.5 to 2.0), per group
+            via a ``"rho"`` key; or a :class:`~samkit.optim.rho.RhoController`
+            that sets it every step (e.g. ``FollowLR(0.05)``). A group with
+            ``rho=0`` is not perturbed and does not count in the normaliser;
+            ``rho=0`` everywhere is exactly the base optimizer.
         adaptive: ASAM (arXiv 2102.11600): scale the ascent element-wise by
             ``|w| + eta``.
         eta: ASAM's offset (default 0.01), per group via ``"eta"``.
@@ -66,14 +87,17 @@ class SAM(torch.optim.Optimizer):
         skip_nonfinite: skip a step whose gradient (either pass) is not
             finite, leaving weights and state untouched. Costs one host read
             per pass; on by default only when a ``GradScaler`` is in use.
-        perturbation: a :class:`~samkit.optim.perturbation.Perturbation`
-            (default :class:`L2`, or :class:`Adaptive` with ``adaptive=True``).
-        policy: a :class:`~samkit.optim.policy.Policy` choosing the steps that
-            pay for the ascent (default: all of them).
+        perturbation: how the ascent is made: a
+            :class:`~samkit.optim.perturbation.Perturbation` (default
+            :class:`L2`, or :class:`Adaptive` with ``adaptive=True``).
+        policy: which steps pay for the ascent: a
+            :class:`~samkit.optim.policy.Policy` (default: all of them).
+        mix: what the base step receives: a :class:`~samkit.optim.mix.Mix`
+            (default: the gradient at ``w + e``).
         foreach: use ``torch._foreach_*`` kernels (default True) or the
             per-tensor reference loop.
-        eps: added to the norm (default 1e-12): a zero gradient gives a zero
-            perturbation.
+        ascent_eps: added to the norm (default 1e-12): a zero gradient gives
+            a zero perturbation.
 
     ``param_groups``, ``state`` and ``defaults`` are the base optimizer's, so LR
     schedulers, ``add_param_group`` and ``GradScaler`` work on this object.
@@ -94,7 +118,7 @@ class SAM(torch.optim.Optimizer):
     """
 
     # GradScaler.step() calls our step() even on overflow, with grad_scale and
-    # found_inf set, so the weights are always restored.
+    # found_inf set, so the weights are always restored (see _amp).
     _step_supports_amp_scaling = True
 
     def __init__(
@@ -102,77 +126,49 @@ class SAM(torch.optim.Optimizer):
         params_or_optimizer: Any,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
-        rho: float = 0.05,
+        rho: float | RhoController = _RHO,
         adaptive: bool = False,
-        eta: float = 0.01,
-        ascent_weight_decay: float = 0.0,
+        eta: float = _ETA,
+        ascent_weight_decay: float = _ZERO,
         model: nn.Module | None = None,
         ddp_ascent: str = "local",
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | None = None,
         perturbation: Perturbation | None = None,
         policy: Policy | None = None,
+        mix: Mix | None = None,
         foreach: bool | None = None,
-        eps: float = 1e-12,
+        ascent_eps: float = 1e-12,
         **base_kwargs: Any,
     ) -> None:
-        _check_nonneg("rho", rho)
-        _check_nonneg("eta", eta)
-        _check_nonneg("ascent_weight_decay", ascent_weight_decay)
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"Invalid eps value: {eps!r} (must be > 0)")
-        if max_grad_norm is not None:
-            if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-                raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm!r} (must be > 0)")
-        if ddp_ascent not in ("local", "global"):
+        given = {
+            "rho": not isinstance(rho, _Default),
+            "adaptive": adaptive is not False,
+            "eta": not isinstance(eta, _Default),
+            "ascent_weight_decay": not isinstance(ascent_weight_decay, _Default),
+            "model": model is not None,
+            "ddp_ascent": ddp_ascent != "local",
+            "max_grad_norm": max_grad_norm is not None,
+            "skip_nonfinite": skip_nonfinite is not None,
+            "perturbation": perturbation is not None,
+            "policy": policy is not None,
+            "mix": mix is not None,
+            "foreach": foreach is not None,
+            "ascent_eps": ascent_eps != 1e-12,
+        }
+        base = _base_optimizer(params_or_optimizer, base_optimizer, base_kwargs, given, foreach)
+        controller = rho if isinstance(rho, RhoController) else None
+        rho = controller.initial_rho if controller is not None else rho
+        _check_arguments(
+            rho, eta, ascent_weight_decay, ascent_eps, max_grad_norm, ddp_ascent, model, adaptive,
+            perturbation, policy, mix,
+        )  # fmt: skip
+        if getattr(base, "is_second_order", False):
             raise ValueError(
-                f"Invalid ddp_ascent value: {ddp_ascent!r} (expected 'local' or 'global')"
+                f"Invalid base_optimizer value: {type(base).__name__} is second-order (is_second_order=True, "
+                "backward(create_graph=True)); SAM restores the weights in place after the pass at w + e, "
+                "which invalidates that graph. Use a first-order base optimizer."
             )
-        if model is not None and not isinstance(model, nn.Module):
-            raise ValueError(
-                f"Invalid model value: expected an nn.Module, got {type(model).__name__}"
-            )
-        if (
-            ddp_ascent == "local"
-            and hasattr(model, "no_sync")
-            and getattr(model, "static_graph", False)
-        ):
-            # torch's DDP crashes (or silently stops all-reducing) when a
-            # static-graph model runs a pass under no_sync: pytorch#143580.
-            raise ValueError(
-                "Invalid ddp_ascent value: 'local' runs the first pass under no_sync, which DDP with "
-                "static_graph=True does not support; use ddp_ascent='global' or static_graph=False"
-            )
-        if perturbation is not None and adaptive:
-            raise ValueError(
-                "Invalid adaptive value: give adaptive=True or a perturbation, not both"
-            )
-        if perturbation is not None and not isinstance(perturbation, Perturbation):
-            raise ValueError(
-                f"Invalid perturbation value: {perturbation!r} is not a samkit Perturbation"
-            )
-        if policy is not None and not isinstance(policy, Policy):
-            raise ValueError(f"Invalid policy value: {policy!r} is not a samkit Policy")
-
-        if isinstance(params_or_optimizer, torch.optim.Optimizer):
-            if base_optimizer is not None or base_kwargs:
-                raise ValueError(
-                    "Invalid base_optimizer value: pass either an optimizer instance, "
-                    "or params with an optimizer class and its arguments"
-                )
-            if isinstance(params_or_optimizer, SAM):
-                raise ValueError("Invalid params_or_optimizer value: cannot wrap a SAM in a SAM")
-            base = params_or_optimizer
-        else:
-            if not (
-                inspect.isclass(base_optimizer)
-                and issubclass(base_optimizer, torch.optim.Optimizer)
-            ):
-                raise ValueError(
-                    f"Invalid base_optimizer value: {base_optimizer!r}; expected a torch.optim.Optimizer "
-                    "class when params are given (or pass an optimizer instance)"
-                )
-            base = base_optimizer(params_or_optimizer, **base_kwargs)
 
         # Optimizer.__init__ is not called: the param groups, state and defaults
         # are the base optimizer's (properties below). Only the hook registries
@@ -198,22 +194,27 @@ class SAM(torch.optim.Optimizer):
 
         self.perturbation = perturbation or (Adaptive() if adaptive else L2())
         self.policy = policy
+        self.mix = mix
+        self.rho_controller = controller
         self.model = model
         self.ddp_ascent = ddp_ascent
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
         self.foreach = True if foreach is None else bool(foreach)
-        self.eps = float(eps)
+        self.ascent_eps = float(ascent_eps)
 
         self.steps = 0  # completed SAM steps (ascending or not)
         self.ascents = 0  # steps that paid for the ascent
-        self._backup: dict[Tensor, Tensor] = {}  # weight copies, allocated once
+        self._backups: dict[Tensor, Tensor] = {}  # weight copies, allocated once
         self._perturbed: list[tuple[list[Tensor], list[Tensor]]] | None = None
         self._pending = False  # first_step done, second_step not yet
         self._skip = False  # the pending step must not update the weights
         self._bn_ctx: contextlib.ExitStack | None = None
         self._local_first_pass = False
-        self._unscaled = False
+        self._unscaled = False  # the pending step's gradients are unscaled already
+        self._first_pass_scaled = False  # first_step was given an enabled GradScaler
+        if controller is not None:
+            controller.bind(self)
 
     # ------------------------------------------------------------ forwarding
     @property
@@ -240,6 +241,13 @@ class SAM(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.base_optimizer.defaults = value
 
+    @property
+    def perturbed(self) -> bool:
+        """True while the weights are at ``w + e``: between a :meth:`first_step`
+        that ascended and :meth:`second_step`. A closure can read it to tell its
+        second call from its first (e.g. to log the loss at ``w`` only)."""
+        return self._perturbed is not None
+
     # Optimizer.__getstate__ keeps only defaults / state / param_groups, which
     # here live in the base optimizer: copy and pickle would lose it. Keep
     # everything except the step wrapper an LR scheduler installs on the
@@ -253,12 +261,12 @@ class SAM(torch.optim.Optimizer):
         self.__dict__.update(state)
 
     def _init_group(self, group: dict[str, Any], index: int | str) -> None:
-        for key in _SAM_KEYS:
+        for key in _GROUP_KEYS:
             group.setdefault(key, self._sam_defaults[key])
-            _check_nonneg(f"{key} (param group {index})", group[key])
+            check_nonneg(f"{key} (param group {index})", group[key])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key in _SAM_KEYS:
+        for key in _GROUP_KEYS:
             param_group.setdefault(key, self._sam_defaults[key])
         self._init_group(param_group, len(self.param_groups))
         self.base_optimizer.add_param_group(param_group)
@@ -266,11 +274,24 @@ class SAM(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
+    def observe_validation(self, loss: float) -> None:
+        """Report a validation loss (the study's trainer and the integrations do).
+
+        Only a rho controller that learns from validation uses it; otherwise
+        it does nothing.
+        """
+        if self.rho_controller is not None:
+            self.rho_controller.observe_validation(float(loss))
+
     def __repr__(self) -> str:
-        return (
-            f"SAM(rho={self._sam_defaults['rho']}, perturbation={self.perturbation!r}, "
-            f"policy={self.policy!r}, base={self.base_optimizer!r})"
+        parts = [
+            f"rho={self.rho_controller or self._sam_defaults['rho']}",
+            f"perturbation={self.perturbation!r}",
+        ]
+        parts += [f"policy={self.policy!r}"] + (
+            [f"mix={self.mix!r}"] if self.mix is not None else []
         )
+        return f"{type(self).__name__}({', '.join(parts)}, base={self.base_optimizer!r})"
 
     # --------------------------------------------------------------- helpers
     def _gather(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
@@ -288,27 +309,36 @@ class SAM(torch.optim.Optimizer):
                 out.append((group, params, grads))
         return out
 
-    def _buffers(self, params: list[Tensor]) -> list[Tensor]:
-        buf = self._backup
+    def _backups_for(self, params: list[Tensor]) -> list[Tensor]:
         out = []
         for p in params:
-            b = buf.get(p)
+            backup = self._backups.get(p)
             # Reallocated only if the parameter itself changed (model.half(),
             # .to(device), a resized tensor), so the restore stays exact.
-            if b is None or b.dtype is not p.dtype or b.device != p.device or b.shape != p.shape:
-                b = buf[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-            out.append(b)
+            if (
+                backup is None
+                or backup.dtype is not p.dtype
+                or backup.device != p.device
+                or backup.shape != p.shape
+            ):
+                backup = self._backups[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            out.append(backup)
         return out
 
-    def _ddp_local(self) -> bool:
-        m = self.model
-        return (
-            self.ddp_ascent == "local"
-            and m is not None
-            and hasattr(m, "no_sync")
-            and torch.distributed.is_available()
-            and torch.distributed.is_initialized()
+    def _view(self, gathered: Any, local: bool = False) -> StepView:
+        return StepView(
+            steps=self.steps,
+            ascents=self.ascents,
+            gradients=gathered,
+            state=self.base_optimizer.state,
+            foreach=self.foreach,
+            eps=self.ascent_eps,
+            local=local,
+            process_group=_ddp.process_group(self.model),
         )
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
 
     @contextlib.contextmanager
     def first_pass(self) -> Iterator[None]:
@@ -319,109 +349,15 @@ class SAM(torch.optim.Optimizer):
         nothing. ``step(closure)`` uses it for you. The forward must run inside
         it too: DDP decides at forward time whether the backward all-reduces.
         """
-        if self._ddp_local():
-            self._local_first_pass = True
-            m = self.model
-            with m.no_sync():  # type: ignore[union-attr, operator]
+        self._local_first_pass = _ddp.uses_local_ascent(self.model, self.ddp_ascent)
+        if self._local_first_pass:
+            with _ddp.local_first_pass(self.model):  # type: ignore[arg-type]
                 yield
-            # DDP clears this flag after a forward run under no_sync; still set,
-            # no forward ran inside and the backward was all-reduced anyway.
-            if (
-                getattr(m, "require_forward_param_sync", False)
-                and not getattr(m, "_use_python_reducer", False)
-                and not getattr(m, "_delay_all_reduce_all_params", False)
-            ):
-                warnings.warn(
-                    "SAM.first_pass(): no DDP forward ran inside it, so the first-pass gradients were "
-                    "all-reduced (global, not local, ascent); run the forward inside first_pass() too",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
         else:
-            self._local_first_pass = False
             yield
 
-    def _process_group(self) -> Any:
-        return getattr(self.model, "process_group", None)  # DDP's group; None = the default group
-
-    def _allreduce_grads(self) -> None:
-        """Average first-pass gradients across replicas (local ascent, step not ascending).
-
-        This is what DDP would have done had the pass not run under
-        ``no_sync``: one flat buffer per device and dtype, so a few collectives
-        rather than one per tensor.
-        """
-        dist = torch.distributed
-        group = self._process_group()
-        params = [p for gr in self.param_groups for p in gr["params"] if p.requires_grad]
-        if not params:
-            return
-        if getattr(self.model, "find_unused_parameters", False):
-            # A parameter unused on this replica has no gradient here but may
-            # have one elsewhere: agree on the set so every replica reduces the
-            # same tensors (a mismatch would hang or abort the collective).
-            has = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-            dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
-            for p, h in zip(params, has.tolist()):
-                if h and p.grad is None:
-                    p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params if p.grad is not None]
-        world = dist.get_world_size(group)
-        for (_, _), (gs,) in F.group_by_device(grads).items():
-            flat = torch._utils._flatten_dense_tensors(gs)
-            dist.all_reduce(flat, group=group)
-            flat.div_(world)
-            F.copy_(gs, list(torch._utils._unflatten_dense_tensors(flat, gs)), foreach=self.foreach)
-
-    def _any_replica(self, flag: Tensor, local: bool) -> bool:
-        """Host read of a 0-d bool flag; under local DDP ascent, True if it is set on any replica.
-
-        Replicas must take the same branch (ascend / skip) or their
-        collectives stop matching and DDP hangs.
-        """
-        if local:
-            f = flag.float().reshape(1)
-            torch.distributed.all_reduce(
-                f, op=torch.distributed.ReduceOp.MAX, group=self._process_group()
-            )
-            return bool(f.item() > 0)
-        return bool(flag)
-
-    def _unscale(self, gathered, scaler: torch.amp.GradScaler) -> Tensor:
-        """Unscale first-pass gradients in place; return a 0-d found-inf flag."""
-        inv = 1.0 / scaler.get_scale()
-        found = []
-        by_dev: dict[torch.device, list[Tensor]] = {}
-        for _, _, grads in gathered:
-            for g in grads:
-                by_dev.setdefault(g.device, []).append(g)
-        for dev, grads in by_dev.items():
-            flag = torch.zeros((), device=dev)
-            for (_, _), (gs,) in F.group_by_device(grads).items():
-                torch._amp_foreach_non_finite_check_and_unscale_(
-                    gs, flag, torch.full((), inv, device=dev)
-                )
-            found.append(flag)
-        self._found_per_device = dict(zip(by_dev, found))
-        return F.global_norm([f.square() for f in found])  # > 0 iff any non-finite
-
-    def _tell_scaler_unscaled(self, scaler: torch.amp.GradScaler) -> None:
-        """Record with the scaler that this step's gradients are unscaled, as its unscale_() would.
-
-        On a step that does not ascend, the unscaled first-pass gradients go
-        to the base step. Without this, a ``scaler.unscale_(opt)`` before
-        ``scaler.step(opt)`` would divide them by the scale a second time;
-        with it, torch raises its usual "unscale_() has already been called"
-        and ``scaler.step`` uses the recorded overflow flags.
-        """
-        flags = self._found_per_device
-        if self._skip:  # under local DDP another replica may have overflowed: back off everywhere
-            flags = {d: torch.ones_like(f) for d, f in flags.items()}
-        state = scaler._per_optimizer_states[id(self)]
-        state["stage"] = torch.amp.grad_scaler.OptState.UNSCALED
-        state["found_inf_per_device"] = flags
-
     # ------------------------------------------------------------- protocol
+    @torch.compiler.disable
     @torch.no_grad()
     def first_step(
         self, zero_grad: bool = True, *, scaler: torch.amp.GradScaler | None = None
@@ -455,113 +391,73 @@ class SAM(torch.optim.Optimizer):
             raise
 
     def _first_step(self, zero_grad: bool, scaler: torch.amp.GradScaler | None) -> bool:
-        self._pending, self._skip, self._perturbed = True, False, None
-        if self.model is not None:
-            self._bn_ctx = contextlib.ExitStack()
-            self._bn_ctx.enter_context(freeze_bn_stats(self.model))
-
+        self._open_step()
         gathered = self._gather()
-        check = self.skip_nonfinite if self.skip_nonfinite is not None else scaler is not None
-        found_inf = None
-        if scaler is not None and scaler.is_enabled() and gathered:
-            found_inf = self._unscale(gathered, scaler)
-            self._unscaled = True  # second_step must not unscale these again
+        found_inf = self._unscale_first_pass(gathered, scaler)
         local, self._local_first_pass = self._local_first_pass, False
-        if local and hasattr(self.model, "require_forward_param_sync"):
-            # DDP broadcasts rank 0's buffers (BatchNorm statistics) at the
-            # forward after a synchronised one; the first pass was not, so ask
-            # for it explicitly, or replicas' statistics drift apart on steps
-            # with no synchronised pass.
-            self.model.require_forward_param_sync = True  # type: ignore[union-attr]
-
-        factor = self.policy.rho_factor(self) if self.policy is not None else 1.0
-        active = [(gr, p, g) for gr, p, g in gathered if gr["rho"] * factor > 0]
-        ascend = bool(active) and (self.policy is None or self.policy.should_ascend(self))
-        if (
-            local
-            and active
-            and self.policy is not None
-            and not getattr(self.policy, "replica_consistent", False)
-        ):
-            # A policy reading the local gradient may answer differently on
-            # each replica: any replica asking for the ascent makes all ascend.
-            # (Policies that answer the same everywhere by construction set
-            # replica_consistent = True and save this all-reduce + host read.)
-            ascend = self._any_replica(torch.tensor(ascend, device=active[0][1][0].device), local)
-        if not ascend:
-            if local:
-                self._allreduce_grads()
-            if check and found_inf is not None and self._any_replica(found_inf > 0, local):
-                self._skip = True
-            if found_inf is not None:
-                self._tell_scaler_unscaled(scaler)
-            return False
-        fe = self.foreach
-        work = []
-        sq = []
-        for group, params, grads in active:
-            scratch = self._buffers(params)
-            dirs = grads if zero_grad else [g.clone() for g in grads]
-            wd = group["ascent_weight_decay"]
-            if wd:
-                for (_, _), (ps, ds) in F.group_by_device(params, dirs).items():
-                    F.add_(ds, ps, alpha=wd, foreach=fe)
-            buckets = list(F.group_by_device(params, dirs, scratch).values())
-            for ps, ds, ss in buckets:
-                sq.append(self.perturbation.measure_(ps, ds, ss, group, foreach=fe))
-            work.append((group, buckets))
-        norm = F.global_norm(sq)
-        if check:
-            bad = (
-                ~torch.isfinite(norm)
-                if found_inf is None
-                else (found_inf > 0) | ~torch.isfinite(norm)
-            )
-            if self._any_replica(bad, local):
-                self._skip = True
-                if zero_grad:  # the scratch gradients were modified: make them plainly non-finite
-                    for _, buckets in work:
-                        for _, ds, _ in buckets:
-                            F.mul_(ds, float("nan"), foreach=fe)
-                return False
-
-        perturbed = []
-        for group, buckets in work:
-            scale = F.scale_for(group["rho"] * factor, norm, self.eps)
-            for ps, ds, ss in buckets:
-                self.perturbation.direction_(ps, ds, ss, group, foreach=fe)
-                F.copy_(ss, ps, foreach=fe)  # backup w (exact)
-                # a 0-d tensor on another accelerator cannot scale this bucket (CPU-offloaded params)
-                s = scale.to(ps[0].device) if isinstance(scale, Tensor) else scale
-                F.add_scaled_(ps, ds, s, foreach=fe)  # w <- w + e
-                perturbed.append((ps, ss))
-        self._perturbed = perturbed
+        view = self._view(gathered, local)
+        if self.rho_controller is not None:
+            self.rho_controller.begin_step(view)
+        factor = self.policy.rho_factor(view) if self.policy is not None else 1.0
+        active = [entry for entry in gathered if entry[0]["rho"] * factor > 0]
+        if not self._agree_to_ascend(view, bool(active)):
+            return self._decline(found_inf, scaler, local)
+        if self.mix is not None:
+            self.mix.before_ascent(view)
+        # The ascent: u and its global norm, then w <- w + rho * d / ||u||, w kept exactly.
+        foreach = self.foreach
+        ascent = functional.prepare_ascent(
+            active, self._backups_for, in_place=zero_grad, foreach=foreach
+        )
+        norm = functional.measure_(ascent, self.perturbation, foreach=foreach)
+        if self._nonfinite(norm, found_inf, scaler, local):
+            return self._skip_ascent(ascent, zero_grad)
+        self._perturbed = functional.perturb_(
+            ascent, norm, self.perturbation, rho_factor=factor, eps=self.ascent_eps, foreach=foreach
+        )
         self.ascents += 1
-        # The second pass makes fresh gradients, scaled again by the GradScaler:
-        # second_step must unscale those (only non-ascending steps reuse the
-        # first-pass gradients that were unscaled above).
-        self._unscaled = False
+        self._unscaled = (
+            False  # the second pass brings fresh scaled gradients: second_step unscales them
+        )
         if zero_grad:
-            if type(self.base_optimizer).zero_grad is torch.optim.Optimizer.zero_grad:
-                # What the default zero_grad(set_to_none=True) does, without
-                # walking every group again: only these params have gradients.
-                for _, params, _ in gathered:
-                    for p in params:
-                        p.grad = None
-            else:
-                self.zero_grad()
+            self._clear_grads(gathered)
         return True
 
+    @torch.compiler.disable
     @torch.no_grad()
-    def _restore(self) -> None:
-        if self._perturbed is not None:
-            for ps, ss in self._perturbed:  # already grouped by device and dtype
-                F.copy_(ps, ss, foreach=self.foreach)
-            self._perturbed = None
-        if self._bn_ctx is not None:
-            self._bn_ctx.close()
-            self._bn_ctx = None
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore the weights to ``w`` exactly and take the base optimizer's step.
 
+        The gradients in ``.grad`` (from the pass at ``w + e``) drive the step.
+        """
+        if not self._pending:
+            raise RuntimeError("second_step() called without first_step()")
+        ascended, skip, unscaled = self._close_step()
+        grad_scale, found_inf = _amp.scaler_step_inputs(self)
+        skip = skip or (isinstance(found_inf, Tensor) and bool(found_inf > 0))
+        unscale, check = (
+            grad_scale is not None and not unscaled,
+            self._checks_finite(found_inf is not None),
+        )
+        clip = check or self.max_grad_norm is not None
+        if not skip and (unscale or clip or self.mix is not None):
+            gathered = self._gather()
+            if unscale:
+                self._check_mix_units(ascended)
+                _amp.unscale_by_(
+                    [g for _, _, grads in gathered for g in grads], grad_scale, foreach=self.foreach
+                )
+            if self.mix is not None:
+                (self.mix.after_ascent if ascended else self.mix.after_plain)(self._view(gathered))
+            skip = clip and self._clip_or_check(gathered, check)
+        if not skip:
+            self.base_optimizer.step()
+        self.steps += 1
+        self._opt_called = True  # tells LR schedulers a step happened
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.compiler.disable
     @torch.no_grad()
     def abort_step(self) -> None:
         """Undo a :meth:`first_step` whose second pass failed (two-step form).
@@ -571,65 +467,15 @@ class SAM(torch.optim.Optimizer):
         does this by itself when the closure raises. A no-op when no step is
         open.
         """
-        self._restore()
-        self._pending, self._skip, self._unscaled = False, False, False
+        self._close_step()
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore the weights to ``w`` exactly and take the base optimizer's step.
-
-        The gradients in ``.grad`` (from the pass at ``w + e``) drive the step.
-        """
-        if not self._pending:
-            raise RuntimeError("second_step() called without first_step()")
-        self._restore()
-        self._pending = False
-        skip, self._skip = self._skip, False
-        unscaled, self._unscaled = self._unscaled, False
-        # Set by GradScaler.step() (see _step_supports_amp_scaling).
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if isinstance(found_inf, Tensor) and bool(found_inf > 0):
-            skip = True
-        gathered = None
-        if grad_scale is not None and not skip and not unscaled:
-            inv = grad_scale.double().reciprocal().float()
-            gathered = self._gather()
-            for _, _, grads in gathered:
-                for (_, _), (gs,) in F.group_by_device(grads).items():
-                    F.mul_(gs, inv.to(gs[0].device), foreach=self.foreach)
-        check = self.skip_nonfinite if self.skip_nonfinite is not None else found_inf is not None
-        if not skip and (self.max_grad_norm is not None or check):
-            if gathered is None:
-                gathered = self._gather()
-            if gathered:
-                if self.max_grad_norm is not None:
-                    params = [p for _, ps, _ in gathered for p in ps]
-                    total = torch.nn.utils.clip_grad_norm_(
-                        params, self.max_grad_norm, foreach=self.foreach
-                    )
-                else:
-                    total = F.global_norm(
-                        [
-                            F.sq_norm(gs, foreach=self.foreach)
-                            for _, _, g in gathered
-                            for (_, _), (gs,) in F.group_by_device(g).items()
-                        ]
-                    )
-                if check and not bool(torch.isfinite(total)):
-                    skip = True
-        if not skip:
-            self.base_optimizer.step()
-        self.steps += 1
-        self._opt_called = True  # tells LR schedulers a step happened
-        if zero_grad:
-            self.zero_grad()
-
+    @torch.compiler.disable(recursive=False)
     def step(  # type: ignore[override]
         self,
         closure: Callable[[], Tensor] | None = None,
         *,
         scaler: torch.amp.GradScaler | None = None,
+        existing_grads: str = "error",
     ) -> Tensor | None:
         """One SAM step.
 
@@ -637,6 +483,12 @@ class SAM(torch.optim.Optimizer):
         returns the loss) both passes run here and the loss at ``w`` is
         returned. With ``scaler``, the closure must call
         ``scaler.scale(loss).backward()``; call ``scaler.update()`` afterwards.
+
+        Gradients already in ``.grad`` before the closure runs (micro-batches
+        accumulated outside it) cannot be recomputed at ``w + e``, so by
+        default (``existing_grads="error"``) the step refuses them: accumulate
+        inside the closure instead. ``existing_grads="keep"`` treats them as a
+        fixed part of the gradient of both passes (costs a copy of them).
 
         Without a closure, completes a step begun with :meth:`first_step`: this
         is what ``scaler.step(opt)`` calls.
@@ -649,20 +501,163 @@ class SAM(torch.optim.Optimizer):
                 "SAM.step() needs a closure that does forward + backward and returns the loss, "
                 "or a preceding first_step() (see SAM.first_step)"
             )
+        kept = self._existing_grads(existing_grads)
         closure = torch.enable_grad()(closure)
         with self.first_pass():
             loss = closure()
         try:
             if self.first_step(zero_grad=True, scaler=scaler):
+                for p, g in kept.items():
+                    p.grad = g
                 closure()
         except BaseException:
             self.abort_step()  # never leave perturbed weights behind
             raise
-        if scaler is not None and scaler.is_enabled():
-            scaler.step(self)
+        if _amp.is_enabled(scaler):
+            scaler.step(self)  # type: ignore[union-attr]
         else:
             self.second_step()
         return loss
+
+    # ------------------------------------------------- the protocol's pieces
+    def _open_step(self) -> None:
+        self._pending, self._skip, self._perturbed = True, False, None
+        if self.model is not None:
+            self._bn_ctx = contextlib.ExitStack()
+            self._bn_ctx.enter_context(freeze_bn_stats(self.model))
+
+    def _close_step(self) -> tuple[bool, bool, bool]:
+        """Restore ``w``, release BatchNorm, close the step; return (ascended, skip, unscaled)."""
+        ascended = self._perturbed is not None
+        if ascended:
+            functional.restore_(self._perturbed, foreach=self.foreach)  # type: ignore[arg-type]
+            self._perturbed = None
+        if self._bn_ctx is not None:
+            self._bn_ctx.close()
+            self._bn_ctx = None
+        out = (ascended, self._skip, self._unscaled)
+        self._pending = self._skip = self._unscaled = False
+        return out
+
+    def _unscale_first_pass(
+        self, gathered: Any, scaler: torch.amp.GradScaler | None
+    ) -> Tensor | None:
+        for _, _, grads in gathered:
+            if any(g.requires_grad for g in grads):
+                raise ValueError(
+                    "Invalid gradient: it was made with backward(create_graph=True) (a second-order base "
+                    "optimizer such as AdaHessian?); SAM restores the weights in place after the pass at "
+                    "w + e, which invalidates that graph. Use a first-order base optimizer."
+                )
+        self._first_pass_scaled = _amp.is_enabled(scaler)
+        if not (self._first_pass_scaled and gathered):
+            return None
+        found_inf, self._found_per_device = _amp.unscale_(
+            [g for _, _, gs in gathered for g in gs], scaler
+        )  # type: ignore[arg-type]
+        self._unscaled = True  # second_step must not unscale these again
+        return found_inf
+
+    def _agree_to_ascend(self, view: StepView, active: bool) -> bool:
+        if view.local:
+            # DDP broadcasts rank 0's buffers at the forward after a synchronised
+            # one; the local first pass was not, so ask for it explicitly.
+            _ddp.request_buffer_broadcast(self.model)  # type: ignore[arg-type]
+        ascend = active and (self.policy is None or self.policy.should_ascend(view))
+        if view.local and active and self.policy is not None and not self.policy.replica_consistent:
+            # A policy reading the local gradient may answer differently on each
+            # replica: any replica asking for the ascent makes all ascend.
+            device = view.gradients[0][1][0].device
+            ascend = _ddp.any_replica(
+                torch.tensor(ascend, device=device), view.process_group, local=True
+            )
+        return ascend
+
+    def _decline(self, found_inf: Tensor | None, scaler: Any, local: bool) -> bool:
+        """A step without ascent: the first-pass gradients go to the base step."""
+        if local:
+            _ddp.average_gradients(self._all_params(), self.model, foreach=self.foreach)
+        if self._checks_finite(found_inf is not None) and found_inf is not None:
+            self._skip = _ddp.any_replica(
+                found_inf > 0, _ddp.process_group(self.model), local=local
+            )
+        if found_inf is not None:
+            _amp.mark_unscaled(scaler, self, self._found_per_device, force_overflow=self._skip)
+        return False
+
+    def _checks_finite(self, scaled: bool) -> bool:
+        return self.skip_nonfinite if self.skip_nonfinite is not None else scaled
+
+    def _nonfinite(self, norm: Tensor, found_inf: Tensor | None, scaler: Any, local: bool) -> bool:
+        if not self._checks_finite(scaler is not None):
+            return False
+        bad = (
+            ~torch.isfinite(norm) if found_inf is None else (found_inf > 0) | ~torch.isfinite(norm)
+        )
+        return _ddp.any_replica(bad, _ddp.process_group(self.model), local=local)
+
+    def _skip_ascent(self, ascent: list[functional.AscentGroup], zero_grad: bool) -> bool:
+        self._skip = True
+        if zero_grad:  # the scratch gradients were modified: make them plainly non-finite
+            for ag in ascent:
+                for _, directions, _ in ag.buckets:
+                    functional.mul_(directions, float("nan"), foreach=self.foreach)
+        return False
+
+    def _clear_grads(self, gathered: Any) -> None:
+        if type(self.base_optimizer).zero_grad is torch.optim.Optimizer.zero_grad:
+            # What the default zero_grad(set_to_none=True) does, without walking
+            # every group again: only these params have gradients.
+            for _, params, _ in gathered:
+                for p in params:
+                    p.grad = None
+        else:
+            self.zero_grad()
+
+    def _check_mix_units(self, ascended: bool) -> None:
+        if self.mix is not None and ascended and not self._first_pass_scaled:
+            raise ValueError(
+                "Invalid scaler value: scaler.step(opt) after first_step() without the scaler: "
+                f"{type(self).__name__} mixes first- and second-pass gradients, which would be in "
+                "different units. Call first_step(scaler=scaler) (or step(closure, scaler=scaler))."
+            )
+
+    def _clip_or_check(self, gathered: Any, check: bool) -> bool:
+        """Clip the final gradient (``max_grad_norm``) and/or check it is finite; True = skip."""
+        if not gathered:
+            return False
+        if self.max_grad_norm is not None:
+            params = [p for _, group_params, _ in gathered for p in group_params]
+            total = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=self.foreach)
+        else:
+            total = functional.global_norm(
+                [
+                    functional.sq_norm(bucket, foreach=self.foreach)
+                    for _, _, grads in gathered
+                    for (_, _), (bucket,) in functional.group_by_device(grads).items()
+                ]
+            )
+        return check and not bool(torch.isfinite(total))
+
+    def _existing_grads(self, mode: str) -> dict[Tensor, Tensor]:
+        """Gradients present before ``step(closure)``: refused, or kept for both passes."""
+        if mode not in ("error", "keep"):
+            raise ValueError(f"Invalid existing_grads value: {mode!r} (expected 'error' or 'keep')")
+        present = [p for p in self._all_params() if p.grad is not None]
+        if not present:
+            return {}
+        if mode == "keep":
+            return {p: p.grad.clone() for p in present}  # type: ignore[union-attr]
+        # zero_grad(set_to_none=False) leaves zeros, which are no accumulation
+        if all(g.count_nonzero() == 0 for g in (p.grad for p in present)):  # type: ignore[union-attr]
+            return {}
+        raise RuntimeError(
+            "SAM.step(closure): gradients were already accumulated before the step (backward outside the "
+            "closure, e.g. gradient accumulation over micro-batches or Lightning's accumulate_grad_batches); "
+            "the pass at w + e cannot recompute them, so the step would be wrong. Accumulate inside the "
+            "closure (loop over the micro-batches there, (loss / n).backward() each), call zero_grad() "
+            "before the step, or pass existing_grads='keep' to add them, as a fixed term, to both passes."
+        )
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -677,23 +672,208 @@ class SAM(torch.optim.Optimizer):
             )
         sd = self.base_optimizer.state_dict()
         sd["samkit"] = {
-            "version": 1,
+            "version": 2,
             "steps": self.steps,
             "ascents": self.ascents,
             "perturbation": self.perturbation.state_dict(),
             "policy": self.policy.state_dict() if self.policy is not None else {},
+            "mix": self.mix.state_dict(self._all_params()) if self.mix is not None else {},
+            "rho": self.rho_controller.state_dict() if self.rho_controller is not None else {},
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        sd = dict(state_dict)
-        own = sd.pop("samkit", None)
-        self.base_optimizer.load_state_dict(sd)
-        for i, group in enumerate(self.param_groups):
-            self._init_group(group, i)
-        if own is not None:
-            self.steps = int(own["steps"])
-            self.ascents = int(own.get("ascents", 0))
-            self.perturbation.load_state_dict(own.get("perturbation", {}))
-            if self.policy is not None:
-                self.policy.load_state_dict(own.get("policy", {}))
+        """Load a state dict from :meth:`state_dict` (or a plain torch optimizer's).
+
+        Everything is checked before anything changes: on a bad state dict
+        this raises ``ValueError`` and the optimizer is as it was. Groups of a
+        plain torch state dict keep this optimizer's rho / eta /
+        ascent_weight_decay.
+        """
+        if self._pending:
+            raise RuntimeError(
+                "load_state_dict() between first_step() and second_step(): the weights are perturbed"
+            )
+        base_sd, own = _validate_state_dict(state_dict, self.param_groups)
+        saved = self.base_optimizer.state_dict()
+        previous = [{k: g[k] for k in _GROUP_KEYS} for g in self.param_groups]
+        pieces = (self.perturbation, self.policy, self.rho_controller)
+        snapshots = [p.state_dict() if p is not None else None for p in pieces]
+        mix_snapshot = self.mix.state_dict(self._all_params()) if self.mix is not None else None
+        counters = (self.steps, self.ascents)
+        try:
+            self.base_optimizer.load_state_dict(base_sd)
+            for group, before in zip(self.param_groups, previous):
+                for key in _GROUP_KEYS:
+                    group.setdefault(key, before[key])
+            if own is not None:
+                self._load_own(own)
+        except BaseException:
+            self.base_optimizer.load_state_dict(saved)
+            for group, before in zip(self.param_groups, previous):
+                group.update(before)
+            for piece, snapshot in zip(pieces, snapshots):
+                if piece is not None:
+                    piece.load_state_dict(snapshot)
+            if self.mix is not None:
+                self.mix.load_state_dict(mix_snapshot, self._all_params())  # type: ignore[arg-type]
+            self.steps, self.ascents = counters
+            raise
+
+    def _load_own(self, own: dict[str, Any]) -> None:
+        self.steps = int(own["steps"])
+        self.ascents = int(own.get("ascents", 0))
+        self.perturbation.load_state_dict(own.get("perturbation", {}))
+        if self.policy is not None:
+            self.policy.load_state_dict(own.get("policy", {}))
+        # samkit 0.1 kept GSAM's rho schedule and LookSAM's g_v under their own keys
+        legacy_gsam = own.get("gsam") or {}
+        rho_state = own.get("rho", legacy_gsam.get("rho_schedule") or {})
+        if self.rho_controller is not None:
+            self.rho_controller.load_state_dict(rho_state)
+        if self.mix is not None:
+            self.mix.load_state_dict(own.get("mix") or own.get("looksam") or {}, self._all_params())
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _base_optimizer(
+    params_or_optimizer: Any,
+    base_class: Any,
+    base_kwargs: dict[str, Any],
+    given: dict[str, bool],
+    foreach: bool | None,
+) -> torch.optim.Optimizer:
+    """The wrapped optimizer: the instance given, or one built from the class form."""
+    if isinstance(params_or_optimizer, torch.optim.Optimizer):
+        if "eps" in base_kwargs:
+            raise ValueError(
+                "Invalid eps value: eps= belongs to the base optimizer (build it with its eps); "
+                "SAM's own epsilon is ascent_eps="
+            )
+        if base_class is not None or base_kwargs:
+            raise ValueError(
+                "Invalid base_optimizer value: pass either an optimizer instance, "
+                f"or params with an optimizer class and its arguments (got extra {sorted(base_kwargs)})"
+            )
+        if isinstance(params_or_optimizer, SAM):
+            raise ValueError("Invalid params_or_optimizer value: cannot wrap a SAM in a SAM")
+        return params_or_optimizer
+    if not (inspect.isclass(base_class) and issubclass(base_class, torch.optim.Optimizer)):
+        raise ValueError(
+            f"Invalid base_optimizer value: {base_class!r}; expected a torch.optim.Optimizer "
+            "class when params are given (or pass an optimizer instance)"
+        )
+    accepted = _keywords_of(base_class)
+    for name, was_given in given.items():
+        if name in accepted and was_given and name != "foreach":
+            raise ValueError(
+                f"Invalid {name} value: both SAM and {base_class.__name__} take {name}=, so the class form "
+                f"is ambiguous; build the optimizer yourself: SAM({base_class.__name__}(params, ...), {name}=...)"
+            )
+    if foreach is not None and "foreach" in accepted:
+        base_kwargs = {**base_kwargs, "foreach": foreach}  # the flag is for both
+    return base_class(params_or_optimizer, **base_kwargs)
+
+
+def _keywords_of(cls: type) -> set[str]:
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return set()
+    return {
+        name
+        for name, p in parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def _check_arguments(
+    rho: Any,
+    eta: Any,
+    ascent_weight_decay: Any,
+    ascent_eps: Any,
+    max_grad_norm: Any,
+    ddp_ascent: Any,
+    model: Any,
+    adaptive: Any,
+    perturbation: Any,
+    policy: Any,
+    mix: Any,
+) -> None:
+    check_nonneg("rho", rho)
+    check_nonneg("eta", eta)
+    check_nonneg("ascent_weight_decay", ascent_weight_decay)
+    check_pos("ascent_eps", ascent_eps)
+    if max_grad_norm is not None:
+        check_pos("max_grad_norm", max_grad_norm)
+    if ddp_ascent not in ("local", "global"):
+        raise ValueError(f"Invalid ddp_ascent value: {ddp_ascent!r} (expected 'local' or 'global')")
+    if model is not None and not isinstance(model, nn.Module):
+        raise ValueError(f"Invalid model value: expected an nn.Module, got {type(model).__name__}")
+    _ddp.check_static_graph(model, ddp_ascent)
+    if perturbation is not None and adaptive:
+        raise ValueError("Invalid adaptive value: give adaptive=True or a perturbation, not both")
+    for name, value, kind in (
+        ("perturbation", perturbation, Perturbation),
+        ("policy", policy, Policy),
+        ("mix", mix, Mix),
+    ):
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(f"Invalid {name} value: {value!r} is not a samkit {kind.__name__}")
+
+
+def _validate_state_dict(
+    state_dict: Any, groups: list[dict[str, Any]]
+) -> tuple[dict[str, Any], Any]:
+    """Split and check a state dict before anything is loaded; raise ValueError naming what is wrong."""
+    if (
+        not isinstance(state_dict, dict)
+        or "param_groups" not in state_dict
+        or "state" not in state_dict
+    ):
+        raise ValueError(
+            "Invalid state_dict value: expected an optimizer state dict (with 'state' and 'param_groups')"
+        )
+    base_sd = {k: v for k, v in state_dict.items() if k != "samkit"}
+    saved_groups = state_dict["param_groups"]
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
+        raise ValueError(
+            f"Invalid state_dict value: {len(saved_groups) if isinstance(saved_groups, list) else '?'} param "
+            f"groups, this optimizer has {len(groups)}"
+        )
+    for i, (saved, group) in enumerate(zip(saved_groups, groups)):
+        if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
+            raise ValueError(
+                f"Invalid state_dict value: param group {i} does not match this optimizer's"
+            )
+        for key in _GROUP_KEYS:
+            if key in saved:
+                check_nonneg(f"{key} (param group {i} of the state dict)", saved[key])
+        if "lr" in saved and not (isinstance(saved["lr"], Tensor) or _finite_nonneg(saved["lr"])):
+            raise ValueError(
+                f"Invalid lr (param group {i} of the state dict) value: {saved['lr']!r}"
+            )
+    own = state_dict.get("samkit")
+    if own is not None:
+        if not isinstance(own, dict):
+            raise ValueError("Invalid state_dict value: its 'samkit' entry is not a dict")
+        for key in ("steps", "ascents"):
+            value = own.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"Invalid state_dict value: samkit {key} = {value!r} (must be an int >= 0)"
+                )
+        for key in ("perturbation", "policy", "mix", "rho"):
+            if key in own and not isinstance(own[key], dict):
+                raise ValueError(f"Invalid state_dict value: samkit {key} entry is not a dict")
+    return base_sd, own
+
+
+def _finite_nonneg(value: Any) -> bool:
+    try:
+        check_nonneg("lr", value)
+    except ValueError:
+        return False
+    return True

@@ -1,4 +1,7 @@
-r"""Schedules for rho, used like LR schedulers (call ``.step()`` after them).
+r"""How rho is set: schedules used like LR schedulers, and controllers SAM drives.
+
+**Schedules** are stepped by the user, like LR schedulers (call ``.step()``
+after them).
 
 :class:`ProportionalRho` ties rho to the learning rate, as GSAM does
 (Zhuang et al., ICLR 2022, arXiv 2203.08065):
@@ -9,16 +12,26 @@ r"""Schedules for rho, used like LR schedulers (call ``.step()`` after them).
 :class:`LambdaRho` multiplies each group's initial rho by ``fn(step)``.
 Both write the group's ``"rho"`` key, which :class:`~samkit.SAM` reads each
 step, and both have ``state_dict`` / ``load_state_dict`` for resuming.
+
+**Controllers** (:class:`RhoController`) are given to SAM as its ``rho``
+(``SAM(base, rho=FollowLR(0.05))``) and set every group's rho at the start of
+each step, before the ascent, from what they see of the step; SAM saves their
+state with its own. :class:`FollowLR` is GSAM's schedule as a controller.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["ProportionalRho", "LambdaRho"]
+from .._checks import check_nonneg
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .view import StepView
+
+__all__ = ["ProportionalRho", "LambdaRho", "RhoController", "FollowLR"]
 
 
 def _groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -134,3 +147,83 @@ class LambdaRho:
         self.base_rhos = list(state["base_rhos"])
         self.last_step = int(state["last_step"])
         self._apply()
+
+
+class RhoController:
+    """Base class: sets each param group's ``"rho"`` at the start of every SAM step.
+
+    SAM calls :meth:`bind` once (its groups already carry their initial rho,
+    :attr:`initial_rho` unless a group set its own), then :meth:`begin_step`
+    before each step's ascent, and :meth:`observe_validation` when the training
+    loop reports a validation loss. State for resuming goes in
+    :meth:`state_dict`; SAM saves it with its own.
+    """
+
+    name = "controller"
+
+    def __init__(self, initial_rho: float) -> None:
+        self.initial_rho = check_nonneg("rho", initial_rho)
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def begin_step(self, view: StepView) -> None:
+        return None
+
+    def observe_validation(self, loss: float) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.initial_rho})"
+
+
+class FollowLR(RhoController):
+    r"""rho proportional to the learning rate, set before every step (GSAM, arXiv 2203.08065).
+
+    .. math:: \rho_t = \rho_{min} + (\rho - \rho_{min})
+              \frac{lr_t - lr_{min}}{lr_{max} - lr_{min}}
+
+    with ``lr_max`` each group's learning rate when SAM is built (its
+    ``initial_lr`` if an LR scheduler set one). Unlike :class:`ProportionalRho`
+    nothing needs stepping: SAM reads the current lr at each step.
+
+    Args:
+        rho: rho at the peak learning rate.
+        rho_min: rho at ``lr_min`` (default 0).
+        lr_min: the learning rate at which rho reaches ``rho_min`` (default 0).
+    """
+
+    name = "follow_lr"
+
+    def __init__(self, rho: float = 0.05, *, rho_min: float = 0.0, lr_min: float = 0.0) -> None:
+        super().__init__(rho)
+        self.rho_min = check_nonneg("rho_min", rho_min)
+        self.lr_min = check_nonneg("lr_min", lr_min)
+        self.schedule: ProportionalRho | None = None
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        super().bind(optimizer)
+        self.schedule = ProportionalRho(optimizer, rho_min=self.rho_min, lr_min=self.lr_min)
+
+    def begin_step(self, view: StepView) -> None:
+        if self.schedule is None:
+            raise RuntimeError(
+                "FollowLR is used by a SAM optimizer only: pass it as SAM(..., rho=FollowLR(...))"
+            )
+        self.schedule.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.schedule is None else self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.schedule is not None and state:
+            self.schedule.load_state_dict(dict(state))
+
+    def __repr__(self) -> str:
+        return f"FollowLR(rho={self.initial_rho}, rho_min={self.rho_min}, lr_min={self.lr_min})"

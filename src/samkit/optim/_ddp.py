@@ -1,0 +1,181 @@
+"""Everything SAM needs to know about ``DistributedDataParallel``, in one place.
+
+With ``ddp_ascent="local"`` the first forward/backward runs under
+``no_sync``: each replica ascends along its own gradient (m-sharpness, as in
+the original SAM) and the first pass costs no all-reduce. That leaves three
+duties, all here:
+
+* replicas must take the same branch (ascend or not, skip or not), or their
+  collectives stop matching and DDP hangs: :func:`any_replica`;
+* a step that does not ascend feeds the first-pass gradient to the base
+  step, so it must be averaged as DDP would have: :func:`average_gradients`
+  (also what GSAM and LookSAM use for the first-pass gradient they keep);
+* DDP broadcasts rank 0's buffers (BatchNorm statistics) at the forward that
+  follows a synchronised one; the local first pass was not, so the broadcast
+  is requested explicitly: :func:`request_buffer_broadcast`.
+
+Every collective runs on DDP's own process group (``model.process_group``),
+never on the default group, so SAM on a subgroup averages over that subgroup.
+The private DDP attributes read here are listed in :data:`DDP_ATTRIBUTES`; a
+test pins them to the installed torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional
+
+__all__ = [
+    "DDP_ATTRIBUTES",
+    "is_distributed",
+    "process_group",
+    "world_size",
+    "uses_local_ascent",
+    "local_first_pass",
+    "request_buffer_broadcast",
+    "any_replica",
+    "average_",
+    "average_gradients",
+    "average_scalar",
+]
+
+#: The DDP attributes (public and private) this module reads or writes.
+DDP_ATTRIBUTES = (
+    "no_sync",
+    "process_group",
+    "static_graph",
+    "find_unused_parameters",
+    "require_forward_param_sync",
+    "_use_python_reducer",
+    "_delay_all_reduce_all_params",
+)
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def process_group(model: nn.Module | None) -> Any:
+    """DDP's process group (``None``: the default group, also without DDP)."""
+    return getattr(model, "process_group", None)
+
+
+def world_size(group: Any) -> int:
+    return torch.distributed.get_world_size(group) if is_distributed() else 1
+
+
+def uses_local_ascent(model: nn.Module | None, ddp_ascent: str) -> bool:
+    """Whether the first pass should run under ``no_sync`` (local ascent)."""
+    return ddp_ascent == "local" and hasattr(model, "no_sync") and is_distributed()
+
+
+def check_static_graph(model: nn.Module | None, ddp_ascent: str) -> None:
+    """Refuse local ascent on a static-graph DDP model before any step."""
+    if (
+        ddp_ascent == "local"
+        and hasattr(model, "no_sync")
+        and getattr(model, "static_graph", False)
+    ):
+        # torch's DDP crashes (or silently stops all-reducing) when a
+        # static-graph model runs a pass under no_sync: pytorch#143580.
+        raise ValueError(
+            "Invalid ddp_ascent value: 'local' runs the first pass under no_sync, which DDP with "
+            "static_graph=True does not support; use ddp_ascent='global' or static_graph=False"
+        )
+
+
+@contextlib.contextmanager
+def local_first_pass(model: nn.Module) -> Iterator[None]:
+    """``model.no_sync()``, warning when no DDP forward ran inside it.
+
+    DDP decides at forward time whether the backward all-reduces, so a forward
+    run outside the context makes the "local" pass a global one.
+    """
+    with model.no_sync():  # type: ignore[operator]
+        yield
+    # DDP clears this flag after a forward run under no_sync; still set, no
+    # forward ran inside and the backward was all-reduced anyway.
+    if (
+        getattr(model, "require_forward_param_sync", False)
+        and not getattr(model, "_use_python_reducer", False)
+        and not getattr(model, "_delay_all_reduce_all_params", False)
+    ):
+        warnings.warn(
+            "SAM.first_pass(): no DDP forward ran inside it, so the first-pass gradients were "
+            "all-reduced (global, not local, ascent); run the forward inside first_pass() too",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def request_buffer_broadcast(model: nn.Module) -> None:
+    """Ask DDP to broadcast rank 0's buffers at the next forward.
+
+    Without it, replicas' BatchNorm statistics drift apart on steps that run
+    no synchronised pass (a local first pass and no second pass).
+    """
+    if hasattr(model, "require_forward_param_sync"):
+        model.require_forward_param_sync = True
+
+
+def any_replica(flag: Tensor, group: Any, *, local: bool) -> bool:
+    """Host read of a 0-d bool flag; with ``local``, True if it is set on any replica."""
+    if local:
+        value = flag.float().reshape(1)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
+        return bool(value.item() > 0)
+    return bool(flag)
+
+
+def average_(tensors: Sequence[Tensor], group: Any, *, foreach: bool) -> None:
+    """Average tensors in place across the replicas of ``group``.
+
+    One flat buffer per device and dtype, so a few collectives rather than
+    one per tensor; the same arithmetic as DDP's bucketed all-reduce.
+    """
+    if not tensors:
+        return
+    world = world_size(group)
+    for (_, _), (bucket,) in functional.group_by_device(list(tensors)).items():
+        flat = torch._utils._flatten_dense_tensors(bucket)
+        torch.distributed.all_reduce(flat, group=group)
+        flat.div_(world)
+        functional.copy_(
+            bucket, list(torch._utils._unflatten_dense_tensors(flat, bucket)), foreach=foreach
+        )
+
+
+def average_gradients(params: Sequence[Tensor], model: nn.Module | None, *, foreach: bool) -> None:
+    """Average the ``.grad`` of ``params`` across DDP's replicas, as DDP would have.
+
+    With ``find_unused_parameters`` a parameter unused on this replica has no
+    gradient here but may have one elsewhere: the replicas first agree on the
+    set (zeros where missing), or a mismatch would hang the collective.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    group = process_group(model)
+    if getattr(model, "find_unused_parameters", False):
+        has = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+        torch.distributed.all_reduce(has, op=torch.distributed.ReduceOp.MAX, group=group)
+        for p, present in zip(params, has.tolist()):
+            if present and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    average_([p.grad for p in params if p.grad is not None], group, foreach=foreach)
+
+
+def average_scalar(value: Tensor, group: Any) -> Tensor:
+    """The mean of a 0-d tensor over ``group`` (itself when not distributed)."""
+    if world_size(group) <= 1:
+        return value
+    total = value.reshape(1).clone()
+    torch.distributed.all_reduce(total, group=group)
+    return (total / world_size(group)).reshape(())
