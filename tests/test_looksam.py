@@ -242,7 +242,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 
     import samkit
     from samkit.optim.gsam import GSAM
-    from samkit.optim.policy import AdaptivePolicy
+    from samkit.optim.policy import GradNormTrigger
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -255,7 +255,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
             ),
             "gsam": lambda ps, m: GSAM(torch.optim.Adam(ps, lr=0.01), rho=0.3, alpha=0.5, model=m),
             "ae_sam": lambda ps, m: samkit.SAM(
-                torch.optim.SGD(ps, lr=0.1), rho=0.3, policy=AdaptivePolicy(6, decay=0.5), model=m
+                torch.optim.SGD(ps, lr=0.1), rho=0.3, policy=GradNormTrigger(6, decay=0.5), model=m
             ),
         }
         from samkit.optim.esam import ESAM

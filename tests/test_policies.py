@@ -14,7 +14,7 @@ from optim_registry import all_equal, make_data, make_model, params_of, roundtri
 from torch import nn
 
 import samkit
-from samkit.optim.policy import GradNormTrigger, EveryK, Late, RandomPolicy
+from samkit.optim.policy import EveryK, GradNormTrigger, Late, RandomPolicy
 
 
 def _counting_closure(model, x, y, counter):

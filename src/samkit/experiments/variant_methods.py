@@ -27,7 +27,7 @@ from ..optim.gsam import GSAM
 from ..optim.looksam import LookSAM
 from ..optim.msam import MSAM
 from ..optim.perturbation import Fisher, NormOnly, RandomSubset
-from ..optim.policy import GradNormTrigger, EveryK, Late, RandomPolicy
+from ..optim.policy import EveryK, GradNormTrigger, Late, RandomPolicy
 from ..optim.sam import SAM
 from .methods import (
     Method,
