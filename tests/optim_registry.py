@@ -263,3 +263,286 @@ def roundtrip(obj: Any) -> Any:
     torch.save(copy.deepcopy(obj), buf)
     buf.seek(0)
     return torch.load(buf, weights_only=False)
+
+
+# ------------------------------------------------------------------ methods
+#
+# Every method of the SAM family, for the battery in tests/test_family.py: how
+# to build it on a base optimizer and a model, which closure it takes, and what
+# it supports. A new method = one entry here (and its own hand-computation test
+# in its own file).
+
+
+def per_sample_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The registry's MSE, per sample (ESAM's closure returns these)."""
+    return ((model(x) - y) ** 2).mean(dim=1)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One method of the SAM family and its capabilities."""
+
+    name: str
+    make_opt: Callable[..., samkit.SAM]  # (base_optimizer_instance, net, **sam_kwargs) -> SAM
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # SAM keyword arguments
+    closure_kind: str = "standard"  # "standard" | "per_sample" (ESAM) | "micro_batch" (mSAM)
+    group_rho: tuple[float, ...] | None = None
+    micro_batches: int = 1
+    second_pass_call: int = 2  # which call of the closure is the backward at w + e
+    supports_scaler: bool = True
+    supports_two_step: bool = True
+    supports_ddp: bool = True
+    rho_zero_is_base: bool = True  # rho=0 gives the base optimizer's steps bit for bit
+    needs_norm_layer: bool = False
+    bad_args: tuple[tuple[Mapping[str, Any], str], ...] = ()
+
+    def model(self, seed: int) -> nn.Module:
+        return make_model(seed, bn=self.needs_norm_layer)
+
+    def groups(self, model: nn.Module, rho: float | None = None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"params": ps} for ps in split_groups(model)]
+        if self.group_rho is not None:
+            for g, r in zip(out, self.group_rho):
+                g["rho"] = r if rho is None else rho
+        return out
+
+    def make(
+        self,
+        base: BaseInfo,
+        net: nn.Module,
+        *,
+        rho: float | None = None,
+        base_kw: Mapping[str, Any] | None = None,
+        **extra: Any,
+    ) -> samkit.SAM:
+        """Base optimizer + this method on ``net``; ``extra`` are SAM keywords (``model=net`` too)."""
+        kw = dict(self.kwargs)
+        if rho is not None:
+            kw["rho"] = rho
+        kw.update(extra)
+        return self.make_opt(base.make(self.groups(net, rho), **(base_kw or {})), net, **kw)
+
+    # ---- one step, in the method's own closure form
+    def closure(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        scaler: Any = None,
+        poison: set[int] | None = None,
+    ):
+        """The closure this method's ``step`` takes; ``poison``: call numbers whose loss is made inf."""
+        calls: list[int] = []
+
+        def scaled_backward(loss: Tensor) -> None:
+            calls.append(1)
+            out = loss * float("inf") if poison and len(calls) in poison else loss
+            (scaler.scale(out) if scaler is not None else out).backward()
+
+        if self.closure_kind == "per_sample":
+
+            def per_sample(index: Tensor | None = None) -> Tensor:
+                calls.append(1)
+                xs, ys = (x, y) if index is None else (x[index], y[index])
+                losses = per_sample_loss(model, xs, ys)
+                return losses * float("inf") if poison and len(calls) in poison else losses
+
+            return per_sample
+        if self.closure_kind == "micro_batch":
+            xs, ys = x.chunk(self.micro_batches), y.chunk(self.micro_batches)
+
+            def micro(j: int) -> Tensor:
+                loss = loss_fn(model, xs[j], ys[j])
+                scaled_backward(loss)
+                return loss
+
+            return micro
+
+        def standard() -> Tensor:
+            loss = loss_fn(model, x, y)
+            scaled_backward(loss)
+            return loss
+
+        return standard
+
+    def step(
+        self,
+        opt: samkit.SAM,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        form: str = "closure",
+        scaler: Any = None,
+    ) -> None:
+        """One training step (closure form or the explicit two-step form), then zero_grad."""
+        if form == "closure":
+            if scaler is not None:
+                opt.step(self.closure(model, x, y, scaler=scaler), scaler=scaler)
+            else:
+                opt.step(self.closure(model, x, y))
+        else:
+            assert self.supports_two_step, self.name
+            closure = self.closure(model, x, y, scaler=scaler)
+            closure()
+            if opt.first_step(zero_grad=True, scaler=scaler):
+                closure()
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.second_step()
+        opt.zero_grad()
+
+    def base_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """The loss whose gradient the base optimizer sees at rho = 0."""
+        return (
+            per_sample_loss(model, x, y).mean()
+            if self.closure_kind == "per_sample"
+            else loss_fn(model, x, y)
+        )
+
+    @property
+    def forms(self) -> tuple[str, ...]:
+        return ("closure", "explicit") if self.supports_two_step else ("closure",)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _sam(base: torch.optim.Optimizer, net: nn.Module, **kw: Any) -> samkit.SAM:
+    return samkit.SAM(base, **kw)
+
+
+def _with(factory: Callable[[nn.Module], dict[str, Any]]) -> Callable[..., samkit.SAM]:
+    """SAM with extra keyword arguments built from the model (perturbations that need it)."""
+
+    def make(base: torch.optim.Optimizer, net: nn.Module, **kw: Any) -> samkit.SAM:
+        return samkit.SAM(base, **{**factory(net), **kw})
+
+    return make
+
+
+_COMMON_BAD = (
+    ({"rho": -1.0}, r"Invalid rho value: -1\.0"),
+    ({"rho": float("nan")}, r"Invalid rho value: nan"),
+)
+
+METHODS: list[MethodInfo] = [
+    MethodInfo("sam", _sam, {"rho": 0.05}, bad_args=_COMMON_BAD),
+    MethodInfo(
+        "asam",
+        _sam,
+        {"rho": 0.5, "adaptive": True, "eta": 0.01},
+        bad_args=(({"eta": -1.0}, "Invalid eta value"),),
+    ),
+    MethodInfo("ascent_wd", _sam, {"rho": 0.05, "ascent_weight_decay": 0.1}),
+    MethodInfo("max_grad_norm", _sam, {"rho": 0.05, "max_grad_norm": 0.05}),
+    MethodInfo("per_group_rho", _sam, {"rho": 0.05}, group_rho=(0.1, 0.03, 0.0)),
+    MethodInfo(
+        "follow_lr",
+        lambda base, net, rho=0.05, **kw: samkit.SAM(
+            base, rho=samkit.FollowLR(rho, rho_min=0.2 * rho), **kw
+        ),
+        {"rho": 0.05},
+    ),
+    MethodInfo(
+        "fisher",
+        lambda base, net, eta=1.0, **kw: samkit.SAM(base, perturbation=samkit.Fisher(eta), **kw),
+        {"rho": 0.05},
+        bad_args=(({"eta": 0.0}, "Invalid eta value: 0.0"),),
+    ),
+    MethodInfo(
+        "norm_only",
+        _with(lambda m: {"perturbation": samkit.NormOnly(m)}),
+        {"rho": 0.5},
+        needs_norm_layer=True,
+    ),
+    MethodInfo(
+        "masked_asam",
+        _with(
+            lambda m: {
+                "perturbation": samkit.Masked([split_groups(m)[1][0]], inner=samkit.Adaptive())
+            }
+        ),
+        {"rho": 0.5},
+    ),
+    MethodInfo(
+        "random_subset",
+        lambda base, net, beta=0.5, **kw: samkit.SAM(
+            base, perturbation=samkit.RandomSubset(beta, seed=3), **kw
+        ),
+        {"rho": 0.05},
+        bad_args=(
+            ({"beta": 0.0}, r"Invalid beta value: 0\.0"),
+            ({"beta": 1.5}, "Invalid beta value"),
+        ),
+    ),
+    MethodInfo(
+        "every_k",
+        lambda base, net, k=2, **kw: samkit.SAM(base, policy=samkit.EveryK(k), **kw),
+        {"rho": 0.05},
+        bad_args=(({"k": 0}, "Invalid k value: 0"),),
+    ),
+    MethodInfo(
+        "rst",
+        lambda base, net, p=0.5, **kw: samkit.SAM(
+            base, policy=samkit.RandomPolicy(p, seed=1), **kw
+        ),
+        {"rho": 0.05},
+        bad_args=(({"p": 1.5}, r"Invalid p value: 1\.5"),),
+    ),
+    MethodInfo(
+        "grad_norm_trigger",
+        lambda base, net, decay=0.5, **kw: samkit.SAM(
+            base, policy=samkit.GradNormTrigger(8, c_start=-2.0, c_end=0.0, decay=decay), **kw
+        ),
+        {"rho": 0.05},
+        bad_args=(({"decay": 1.0}, r"Invalid decay value: 1\.0"),),
+    ),
+    MethodInfo(
+        "late",
+        lambda base, net, start=2, **kw: samkit.SAM(base, policy=samkit.Late(start), **kw),
+        {"rho": 0.05},
+        bad_args=(({"start": -1}, "Invalid start_step value: -1"),),
+    ),
+    MethodInfo(
+        "gsam",
+        lambda base, net, **kw: samkit.GSAM(base, **kw),
+        {"rho": 0.05, "alpha": 0.3},
+        bad_args=(
+            ({"alpha": -0.1}, r"Invalid alpha value: -0\.1"),
+            ({"rho_min": 1.0}, "Invalid rho_min value"),
+        ),
+    ),
+    MethodInfo(
+        "looksam",
+        lambda base, net, **kw: samkit.LookSAM(base, **kw),
+        {"rho": 0.05, "k": 2, "alpha": 0.4},
+        bad_args=(({"k": 0}, "Invalid k value: 0"), ({"alpha": -1}, "Invalid alpha value: -1")),
+    ),
+    MethodInfo(
+        "esam",
+        lambda base, net, **kw: samkit.ESAM(base, seed=1, **kw),
+        {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        closure_kind="per_sample",
+        second_pass_call=3,  # after the selection forward
+        supports_two_step=False,
+        bad_args=(
+            ({"gamma": 0.0}, r"Invalid gamma value: 0\.0"),
+            ({"beta": 2.0}, "Invalid beta value"),
+        ),
+    ),
+    MethodInfo(
+        "msam",
+        lambda base, net, **kw: samkit.MSAM(base, **kw),
+        {"rho": 0.05, "micro_batches": 3},
+        closure_kind="micro_batch",
+        micro_batches=3,
+        supports_scaler=False,
+        supports_two_step=False,
+        supports_ddp=False,
+        rho_zero_is_base=False,
+        bad_args=(({"micro_batches": 0}, "Invalid micro_batches value: 0"),),
+    ),
+]
+METHOD_BY_NAME = {m.name: m for m in METHODS}

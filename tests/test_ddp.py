@@ -1,38 +1,32 @@
 """SAM under DistributedDataParallel: 2 processes, gloo backend, CPU.
 
-One pair of worker processes runs every scenario in turn (starting torch twice
-per scenario would cost more than the scenarios themselves) and saves each
-rank's final weights, buffers and counters to a temporary directory; the test
-functions compare them, in this process, with single-process references that
-do not use DDP at all:
+One pair of worker processes (tests/distributed_harness.py) runs every
+scenario in turn and saves each rank's final weights, buffers and counters;
+the test functions compare them, in this process, with single-process
+references that do not use DDP at all:
 
 * global ascent == single-process SAM on the full batch;
 * local ascent (m-sharpness) == each replica ascending along its own
   half-batch gradient, the second-pass gradients then averaged.
 
-Each scenario's results are written as soon as it finishes, so a hang or a
-crash fails only the scenarios it reached. The workers run under a deadline
-and gloo's collectives under a timeout: a hang is a test failure, not a
-blocked CI job.
+Every method of the family (tests/optim_registry.py) also runs under local
+ascent and must keep the replicas identical; GSAM and LookSAM on two DDP
+subgroups of a 4-process world must average over their own subgroup only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
-import socket
 import subprocess
 import sys
-import time
-import traceback
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_harness import load, run_scenarios
 from torch import nn
 
 import samkit
@@ -308,7 +302,35 @@ def _forward_outside_first_pass(rank):
     return {"warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}
 
 
+# ------------------------------------------------- the family, and subgroups
+def _family(rank):
+    """Every DDP-capable method of the registry under local ascent, on this rank's half."""
+    from optim_registry import BASE_BY_NAME, METHODS, make_data
+
+    from samkit.optim._ddp import DDP_ATTRIBUTES
+
+    out = {}
+    for info in METHODS:
+        if not info.supports_ddp:
+            continue
+        net = info.model(21)
+        ddp = nn.parallel.DistributedDataParallel(net)
+        if info.name == "sam":
+            out["missing_ddp_attributes"] = [a for a in DDP_ATTRIBUTES if not hasattr(ddp, a)]
+        opt = info.make(BASE_BY_NAME["sgd_nesterov"], ddp, model=ddp)
+        for step in range(4):
+            x, y = make_data(30 + step, n=12)
+            info.step(opt, ddp, x[rank::WORLD], y[rank::WORLD])
+        out[info.name] = {
+            "params": [p.detach().clone() for p in net.parameters()],
+            "ascents": opt.ascents,
+            "policy": opt.policy.state_dict() if opt.policy is not None else {},
+        }
+    return out
+
+
 SCENARIOS = {
+    "family_local": _family,
     "global": lambda r: _train(r, mode="global"),
     "local": lambda r: _train(r),
     "explicit_local": lambda r: _train(r, explicit=True),
@@ -339,78 +361,15 @@ SCENARIOS = {
 }
 
 
-def _save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _worker(rank: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    dist.init_process_group(
-        "gloo",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    out = Path(outdir)
-    try:
-        for name, fn in SCENARIOS.items():
-            try:
-                result = fn(rank)
-            except BaseException:
-                # The other rank is now stuck in a collective until the timeout;
-                # the parent reports this traceback for the scenarios not run.
-                (out / f"error.rank{rank}.txt").write_text(
-                    f"scenario {name!r}:\n{traceback.format_exc()}"
-                )
-                raise
-            _save(result, out / f"{name}.rank{rank}.pt")
-            dist.barrier()
-    finally:
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("ddp")
-    ctx = mp.start_processes(
-        _worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=False, start_method="spawn"
+    return run_scenarios(
+        __name__,
+        "SCENARIOS",
+        world=WORLD,
+        outdir=tmp_path_factory.mktemp("ddp"),
+        deadline_s=DEADLINE_S,
     )
-    deadline = time.monotonic() + DEADLINE_S
-    failure = None
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                failure = f"DDP workers still running after {DEADLINE_S:.0f} s (hang?)"
-                break
-    except Exception as exc:  # a worker raised: its traceback is in error.rank*.txt
-        failure = f"a DDP worker failed: {exc}"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-    errors = "\n".join(f.read_text() for f in sorted(outdir.glob("error.rank*.txt")))
-    return outdir, (failure or "") + ("\n" + errors if errors else "")
-
-
-def load(results, name: str) -> list[dict]:
-    outdir, failure = results
-    files = [outdir / f"{name}.rank{r}.pt" for r in range(WORLD)]
-    if not all(f.exists() for f in files):
-        pytest.fail(f"scenario {name!r} did not complete on every rank. {failure}")
-    return [torch.load(f, weights_only=True) for f in files]
 
 
 # -------------------------------------------------------------- references
@@ -695,3 +654,88 @@ def test_example_script_trains_and_keeps_replicas_identical():
     accuracy = float(lines[0].split("test acc")[1].split("%")[0]) / 100
     assert loss < 2.0  # ln(10) = 2.3 at the start
     assert accuracy > 0.5  # ten classes: chance is 0.1
+
+
+def test_every_method_keeps_the_replicas_identical_under_local_ascent(results):
+    """Each replica ascends along its own gradient; what the base step receives
+    (mixes, policies' decisions, ESAM's selection) must still agree across replicas."""
+    from optim_registry import METHODS
+
+    r0, r1 = load(results, "family_local")
+    assert r0["missing_ddp_attributes"] == [], "torch's DDP changed: update samkit/optim/_ddp.py"
+    for info in METHODS:
+        if not info.supports_ddp:
+            continue
+        a, b = r0[info.name], r1[info.name]
+        assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"])), info.name
+        assert a["ascents"] == b["ascents"] > 0, info.name
+        assert str(a["policy"]) == str(b["policy"]), info.name
+
+
+# 4 processes, two DDP subgroups {0, 1} and {2, 3}: GSAM and LookSAM average
+# their kept first-pass gradient over DDP's own group. Group B's data changes
+# between the two scenarios; group A's result must not.
+SUBGROUP_WORLD = 4
+
+
+def _subgroups(rank, variant):
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[rank // 2]
+    out = {}
+    for name, make in (
+        (
+            "gsam",
+            lambda ps, m: samkit.GSAM(
+                torch.optim.SGD(ps, lr=0.1, momentum=0.9), rho=0.3, alpha=0.5, model=m
+            ),
+        ),
+        (
+            "looksam",
+            lambda ps, m: samkit.LookSAM(
+                torch.optim.SGD(ps, lr=0.1), rho=0.3, k=2, alpha=0.5, model=m
+            ),
+        ),
+    ):
+        ddp = nn.parallel.DistributedDataParallel(make_model(), process_group=mine)
+        opt = make(ddp.parameters(), ddp)
+        for step in range(4):
+            seed = step if rank < 2 else 100 * (variant + 1) + step
+            x, y = batch(seed)
+            half = BATCH // 2
+            xs, ys = (
+                x[(rank % 2) * half : (rank % 2 + 1) * half],
+                y[(rank % 2) * half : (rank % 2 + 1) * half],
+            )
+            opt.step(_closure(ddp, xs, ys))
+            opt.zero_grad()
+        out[name] = [p.detach().clone() for p in ddp.module.parameters()]
+    return out
+
+
+SUBGROUP_SCENARIOS = {
+    "subgroups_0": lambda r: _subgroups(r, 0),
+    "subgroups_1": lambda r: _subgroups(r, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def subgroup_results(tmp_path_factory):
+    return run_scenarios(
+        __name__,
+        "SUBGROUP_SCENARIOS",
+        world=SUBGROUP_WORLD,
+        outdir=tmp_path_factory.mktemp("subgroups"),
+        deadline_s=DEADLINE_S,
+    )
+
+
+@pytest.mark.parametrize("method", ["gsam", "looksam"])
+def test_mixes_average_over_ddps_own_subgroup_only(subgroup_results, method):
+    first, second = load(subgroup_results, "subgroups_0"), load(subgroup_results, "subgroups_1")
+    for run in (first, second):
+        for a, b in ((0, 1), (2, 3)):
+            assert all(torch.equal(p, q) for p, q in zip(run[a][method], run[b][method])), (a, b)
+    # group A's weights do not depend on group B's data
+    assert all(torch.equal(p, q) for p, q in zip(first[0][method], second[0][method]))
+    # and group B's do (the scenario is not trivially insensitive)
+    assert not all(torch.equal(p, q) for p, q in zip(first[2][method], second[2][method]))

@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from optim_registry import all_equal, params_of, roundtrip, state_equal
 from torch import nn
 
 import samkit
@@ -95,73 +94,6 @@ def _closure(model, x, y):
         return torch.nn.functional.cross_entropy(model(xb), yb, reduction="none")
 
     return closure
-
-
-def test_resume_from_state_dict_continues_bit_for_bit():
-    total, k = 6, 3
-
-    def build(model):
-        return ESAM(
-            torch.optim.Adam(model.parameters(), lr=1e-2),
-            rho=0.1,
-            beta=0.5,
-            gamma=0.5,
-            seed=4,
-            model=model,
-        )
-
-    def run(opt, model, x, y, n):
-        for _ in range(n):
-            opt.step(_closure(model, x, y))
-            opt.zero_grad()
-
-    ref, x, y = _mlp_problem()
-    ref_opt = build(ref)
-    run(ref_opt, ref, x, y, total)
-    model, _, _ = _mlp_problem()
-    opt = build(model)
-    run(opt, model, x, y, k)
-    ckpt = roundtrip({"m": model.state_dict(), "o": opt.state_dict()})
-    assert "generators" in ckpt["o"]["samkit"]["perturbation"]
-    torch.manual_seed(123)
-    model2 = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-    model2.load_state_dict(ckpt["m"])
-    opt2 = build(model2)
-    opt2.load_state_dict(ckpt["o"])
-    run(opt2, model2, x, y, total - k)
-    assert all_equal(params_of(model2), params_of(ref))
-    assert all_equal(list(model2.buffers()), list(ref.buffers()))
-    assert state_equal(opt2.state_dict(), ref_opt.state_dict())
-
-
-def test_batchnorm_statistics_come_from_the_first_pass_only():
-    model, x, y = _mlp_problem()
-    opt = ESAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, model=model)
-    for _ in range(3):
-        opt.step(_closure(model, x, y))
-        opt.zero_grad()
-    assert int(model[1].num_batches_tracked) == 3
-
-
-def test_grad_scaler_gives_the_same_steps_as_full_precision():
-    """A power-of-two loss scale is exact: ESAM with a GradScaler = without."""
-    results = []
-    for use_scaler in (False, True):
-        model, x, y = _mlp_problem()
-        opt = ESAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, seed=1, model=model)
-        scaler = (
-            torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
-            if use_scaler
-            else None
-        )
-        for _ in range(3):
-            opt.step(_closure(model, x, y), scaler=scaler)
-            if scaler is not None:
-                scaler.update()
-            opt.zero_grad()
-        results.append(params_of(model))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_closure_must_return_per_sample_losses():

@@ -1,0 +1,405 @@
+"""The laws every method of the SAM family obeys, run over one list of method infos.
+
+``optim_registry.METHODS`` lists each method (SAM and its modes, the
+perturbations, the policies, the mixes, ESAM, mSAM) with its closure kind and
+capabilities; ``BASES`` the base optimizers. Each law below runs over all of
+them, so a new method gets the whole battery by adding one entry:
+
+* rho = 0 is the base optimizer, bit for bit;
+* the weights come back bit for bit, from buffers allocated once;
+* the foreach kernels give the per-tensor path's bits;
+* resume from a state dict is the run that never stopped;
+* BatchNorm statistics come from the unperturbed passes only;
+* an exception in the second pass restores the weights and the step can be retried;
+* a zero gradient is a zero perturbation, never NaN;
+* bad arguments raise ValueError naming them; a bad state dict changes nothing;
+* a GradScaler gives the unscaled run's steps and skips overflowed ones (or
+  is refused with a clear error, where the method cannot support one).
+
+What is particular to a method (its update against a hand computation) is in
+its own test file; DDP replicas are in tests/test_ddp.py.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from optim_registry import (
+    BASE_BY_NAME,
+    BASES,
+    METHOD_BY_NAME,
+    METHODS,
+    all_equal,
+    make_data,
+    params_of,
+    roundtrip,
+    state_equal,
+)
+
+import samkit
+
+COMBOS = [pytest.param(m, b, id=f"{m.name}-{b.name}") for m in METHODS for b in BASES]
+TWO_BASES = [BASE_BY_NAME["sgd_nesterov"], BASE_BY_NAME["adam"]]
+COMBOS2 = [pytest.param(m, b, id=f"{m.name}-{b.name}") for m in METHODS for b in TWO_BASES]
+STEPS = 4
+
+
+def _train(info, opt, model, x, y, steps=STEPS, form="closure", sched=None):
+    for _ in range(steps):
+        info.step(opt, model, x, y, form)
+        if sched is not None:
+            sched.step()
+
+
+# ------------------------------------------------------------------- rho = 0
+
+
+@pytest.mark.parametrize(("info", "base"), COMBOS)
+def test_rho_zero_is_exactly_the_base_optimizer(info, base):
+    if not info.rho_zero_is_base:
+        pytest.skip(f"{info.name}: rho=0 averages micro-batch gradients (tested in its own file)")
+    x, y = make_data(4)
+    ref_model = info.model(4)
+    ref = base.make(info.groups(ref_model, 0.0))
+    for _ in range(STEPS):
+        ref.zero_grad()
+        loss = info.base_loss(ref_model, x, y)
+        loss.backward()
+        if "max_grad_norm" in info.kwargs:
+            torch.nn.utils.clip_grad_norm_(
+                list(ref_model.parameters()), info.kwargs["max_grad_norm"]
+            )
+        ref.step()
+    for form in info.forms:
+        model = info.model(4)
+        opt = info.make(base, model, rho=0.0)
+        _train(info, opt, model, x, y, form=form)
+        assert all_equal(params_of(model), params_of(ref_model)), form
+        assert state_equal(opt.base_optimizer.state_dict()["state"], ref.state_dict()["state"]), (
+            form
+        )
+        assert (opt.steps, opt.ascents) == (STEPS, 0)
+
+
+# ------------------------------------------------------------ exact restore
+
+
+@pytest.mark.parametrize(("info", "base"), COMBOS)
+def test_weights_come_back_exactly_from_buffers_allocated_once(info, base, monkeypatch):
+    model = info.model(3)
+    x, y = make_data(3)
+    opt = info.make(base, model)
+    monkeypatch.setattr(opt.base_optimizer, "step", lambda closure=None: None)
+    w0 = params_of(model)
+    moved = []
+    original_first_step = opt.first_step
+
+    def spy(*args, **kwargs):
+        ascended = original_first_step(*args, **kwargs)
+        moved.append(ascended and not all_equal(params_of(model), w0))
+        return ascended
+
+    monkeypatch.setattr(opt, "first_step", spy)
+    buffers: dict[int, int] = {}
+    for form in info.forms:
+        for _ in range(4):
+            _train(info, opt, model, x, y, steps=1, form=form)
+            assert all_equal(params_of(model), w0), form
+            now = {id(k): v.data_ptr() for k, v in opt._backups.items()}
+            assert {k: now[k] for k in buffers} == buffers, "a backup buffer was reallocated"
+            buffers = now
+    assert opt.ascents > 0 and any(moved), "the ascent never moved the weights"
+    assert not opt.perturbed
+
+
+# ------------------------------------------------------- foreach == for-loop
+
+
+@pytest.mark.parametrize(("info", "base"), COMBOS)
+def test_foreach_equals_the_per_tensor_path_bit_for_bit(info, base):
+    x, y = make_data(5)
+    runs = []
+    for foreach in (True, False):
+        model = info.model(5)
+        opt = info.make(base, model, foreach=foreach)
+        _train(info, opt, model, x, y)
+        runs.append((params_of(model), opt.state_dict()))
+    assert all_equal(runs[0][0], runs[1][0])
+    assert state_equal(runs[0][1], runs[1][1])
+
+
+# --------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize(("info", "base"), COMBOS)
+def test_resume_from_a_state_dict_is_the_run_that_never_stopped(info, base):
+    total, k = 6, 3
+    x, y = make_data(7)
+
+    def run(model, steps, opt=None, sched=None):
+        opt = opt or info.make(base, model)
+        sched = sched or torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        _train(info, opt, model, x, y, steps=steps, sched=sched)
+        return opt, sched
+
+    ref_model = info.model(7)
+    ref_opt, _ = run(ref_model, total)
+
+    model = info.model(7)
+    opt, sched = run(model, k)
+    ckpt = roundtrip(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+    )
+    assert ckpt["opt"]["samkit"]["steps"] == k
+
+    model2 = info.model(99)  # other weights: everything must come from the checkpoint
+    model2.load_state_dict(ckpt["model"])
+    opt2 = info.make(base, model2)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=2, gamma=0.5)
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    run(model2, total - k, opt2, sched2)
+    run(model, total - k, opt, sched)  # saving did not disturb the original
+
+    assert all_equal(params_of(model2), params_of(ref_model))
+    assert all_equal(params_of(model), params_of(ref_model))
+    assert state_equal(opt2.state_dict(), ref_opt.state_dict())
+
+
+# ---------------------------------------------------------------- BatchNorm
+
+
+@pytest.mark.parametrize("info", METHODS, ids=lambda m: m.name)
+def test_batchnorm_statistics_come_from_the_unperturbed_passes_only(info):
+    """With ``model=``, the running statistics after each step are those of the
+    first pass at ``w`` (one forward per micro-batch), whatever the method does after."""
+    from optim_registry import make_model
+
+    model = make_model(6, bn=True)
+    x, y = make_data(6)
+    opt = info.make(BASE_BY_NAME["sgd_nesterov"], model, model=model)
+    bn = model[1]
+    for _ in range(STEPS):
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            for xb in x.chunk(info.micro_batches):
+                twin(xb)
+        info.step(opt, model, x, y)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(bn, name), getattr(twin[1], name)), name
+        assert bn.track_running_stats
+    assert opt.ascents > 0
+
+
+# ----------------------------------------------------------------- failures
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("info", METHODS, ids=lambda m: m.name)
+def test_exception_in_the_second_pass_restores_and_the_step_can_be_retried(info):
+    from optim_registry import make_model
+
+    model = make_model(8, bn=True)
+    x, y = make_data(8)
+    opt = info.make(BASE_BY_NAME["adam"], model, model=model)
+    _train(info, opt, model, x, y, steps=2)  # every-2 and late policies ascend next
+    w, state = params_of(model), roundtrip(opt.state_dict())
+    inner = info.closure(model, x, y)
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the pass at w + e (ESAM: the selection pass)
+            raise _Boom
+        return inner(*args)
+
+    try:
+        opt.step(failing)
+    except _Boom:
+        pass
+    else:
+        assert len(calls) == 1, "the second pass ran and did not raise"
+        pytest.skip(f"{info.name}'s policy did not ascend on this step: there was no second pass")
+    assert all_equal(params_of(model), w)
+    assert state_equal(roundtrip(opt.state_dict())["state"], state["state"])
+    assert not opt.perturbed and model[1].track_running_stats
+    opt.zero_grad()
+    _train(info, opt, model, x, y, steps=1)  # and training goes on
+    assert opt.steps == 3
+
+
+@pytest.mark.parametrize("info", METHODS, ids=lambda m: m.name)
+def test_zero_gradient_is_a_zero_perturbation_never_nan(info):
+    model = info.model(9)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    x = torch.zeros(12, 4)
+    opt = info.make(BASE_BY_NAME["sgd"], model)
+    w0 = params_of(model)
+
+    def flat_closure(*args):
+        out = model(x).sum() * 0.0
+        if info.closure_kind == "per_sample":
+            return out.expand(x.shape[0] if args[0] is None else len(args[0])).clone()
+        out.backward()
+        return out
+
+    for _ in range(3):
+        opt.step(flat_closure)
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all_equal(params_of(model), w0)
+
+
+@pytest.mark.parametrize(
+    ("info", "kwargs", "match"),
+    [
+        pytest.param(m, kw, match, id=f"{m.name}-{match}")
+        for m in METHODS
+        for kw, match in m.bad_args
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(info, kwargs, match):
+    model = info.model(0)
+    with pytest.raises(ValueError, match=match):
+        info.make(BASE_BY_NAME["sgd"], model, **kwargs)
+
+
+@pytest.mark.parametrize("info", METHODS, ids=lambda m: m.name)
+@pytest.mark.parametrize(
+    "corrupt",
+    ["group_rho", "steps", "group_count", "samkit_entry", "lr_type"],
+)
+def test_a_bad_state_dict_is_refused_and_changes_nothing(info, corrupt):
+    model = info.model(10)
+    x, y = make_data(10)
+    opt = info.make(BASE_BY_NAME["adam"], model)
+    _train(info, opt, model, x, y, steps=2)
+    before = roundtrip(opt.state_dict())
+    sd = roundtrip(opt.state_dict())
+    sd["param_groups"][0]["lr"] = 1e6  # valid alone: must not stay after a refused load
+    if corrupt == "group_rho":
+        sd["param_groups"][-1]["rho"] = -1.0
+    elif corrupt == "steps":
+        sd["samkit"]["steps"] = "many"
+    elif corrupt == "group_count":
+        sd["param_groups"] = sd["param_groups"][:1]
+    elif corrupt == "samkit_entry":
+        sd["samkit"] = ["not", "a", "dict"]
+    else:
+        sd["param_groups"][1]["lr"] = "fast"
+    with pytest.raises(ValueError, match="Invalid"):
+        opt.load_state_dict(sd)
+    assert state_equal(roundtrip(opt.state_dict()), before)
+    # and the next steps are those of an optimizer that never saw the bad dict
+    twin_model = info.model(10)
+    twin_model.load_state_dict(model.state_dict())
+    twin = info.make(BASE_BY_NAME["adam"], twin_model)
+    twin.load_state_dict(before)
+    _train(info, opt, model, x, y, steps=2)
+    _train(info, twin, twin_model, x, y, steps=2)
+    assert all_equal(params_of(model), params_of(twin_model))
+
+
+@pytest.mark.parametrize("info", METHODS, ids=lambda m: m.name)
+def test_loading_a_plain_torch_state_dict_keeps_each_groups_rho(info):
+    model = info.model(11)
+    opt = info.make(BASE_BY_NAME["sgd_nesterov"], model)
+    rhos = [g["rho"] for g in opt.param_groups]
+    plain = BASE_BY_NAME["sgd_nesterov"].make(info.groups(info.model(11)))
+    for g in plain.param_groups:
+        g.pop("rho", None)
+    opt.load_state_dict(plain.state_dict())
+    assert [g["rho"] for g in opt.param_groups] == rhos
+
+
+# -------------------------------------------------------------- GradScaler
+
+
+def _scaler():
+    return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+
+
+@pytest.mark.parametrize(("info", "base"), COMBOS2)
+def test_grad_scaler_gives_the_unscaled_steps(info, base):
+    x, y = make_data(12)
+    ref_model = info.model(12)
+    ref = info.make(base, ref_model)
+    _train(info, ref, ref_model, x, y)
+    model = info.model(12)
+    opt = info.make(base, model)
+    scaler = _scaler()
+    if not info.supports_scaler:
+        with pytest.raises(ValueError, match="Invalid scaler value"):
+            info.step(opt, model, x, y, scaler=scaler)
+        assert all_equal(params_of(model), params_of(info.model(12)))
+        return
+    for i in range(STEPS):
+        info.step(opt, model, x, y, form=info.forms[i % len(info.forms)], scaler=scaler)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**10
+    # a power-of-two scale unscales exactly: only the base step's rounding differs
+    torch.testing.assert_close(params_of(model), params_of(ref_model), rtol=1e-6, atol=1e-7)
+    assert (opt.steps, opt.ascents) == (ref.steps, ref.ascents)
+
+
+@pytest.mark.parametrize("info", [m for m in METHODS if m.supports_scaler], ids=lambda m: m.name)
+@pytest.mark.parametrize("bad_pass", ["first", "second"])
+def test_grad_scaler_overflow_skips_the_step_and_backs_off(info, bad_pass):
+    model = info.model(13)
+    x, y = make_data(13)
+    opt = info.make(BASE_BY_NAME["adam"], model)
+    scaler = _scaler()
+    for _ in range(2):  # two good steps: non-trivial state, and every-2 policies ascend next
+        info.step(opt, model, x, y, scaler=scaler)
+        scaler.update()
+    w, state, scale = (
+        params_of(model),
+        roundtrip(opt.base_optimizer.state_dict()),
+        scaler.get_scale(),
+    )
+    ascents = opt.ascents
+    call = 1 if bad_pass == "first" else info.second_pass_call
+    opt.step(info.closure(model, x, y, scaler=scaler, poison={call}), scaler=scaler)
+    if bad_pass == "second" and opt.ascents == ascents:
+        pytest.skip(f"{info.name}'s policy did not ascend on this step: there was no second pass")
+    assert all_equal(params_of(model), w)
+    assert state_equal(opt.base_optimizer.state_dict(), state)
+    scaler.update()
+    assert scaler.get_scale() == scale / 2
+    opt.zero_grad()
+    info.step(opt, model, x, y, scaler=scaler)  # and training goes on
+    assert not all_equal(params_of(model), w)
+
+
+# ----------------------------------------------------------- the registry
+
+
+def test_every_public_method_class_is_in_the_battery():
+    """A new optimizer class or piece exported by samkit must get a registry entry."""
+    built = set()
+    for info in METHODS:
+        model = info.model(0)
+        opt = info.make(BASE_BY_NAME["sgd"], model)
+        built.add(type(opt).__name__)
+        for piece in (opt.perturbation, opt.policy, opt.mix, opt.rho_controller):
+            if piece is not None:
+                built.add(type(piece).__name__)
+                built.add(type(getattr(piece, "inner", piece)).__name__)
+    exported = {
+        name
+        for name in samkit.__all__
+        if isinstance(getattr(samkit, name), type)
+        and issubclass(
+            getattr(samkit, name),
+            (samkit.SAM, samkit.Perturbation, samkit.Policy, samkit.Mix, samkit.RhoController),
+        )
+    }
+    abstract = {"Perturbation", "Policy", "Mix", "RhoController", "Always", "AdaptivePolicy"}
+    assert exported - abstract <= built, sorted(exported - abstract - built)
+    assert METHOD_BY_NAME["sam"].make_opt is not None
