@@ -17,6 +17,7 @@ from torch import nn
 
 import samkit
 from samkit.optim.batchnorm import batchnorm_modules
+from samkit.optim.policy import Policy
 
 
 def _bn_state(model):
@@ -191,3 +192,34 @@ def test_cumulative_average_batchnorm():
         opt.step(_closure(model, x, y))
         opt.zero_grad()
         assert _equal(_bn_state(model), expected)
+
+
+class _Boom(Policy):
+    def should_ascend(self, sam):
+        raise RuntimeError("boom")
+
+
+def test_exception_inside_first_step_releases_bn_and_allows_a_new_step():
+    # explicit two-step form: an error raised inside first_step (here by a
+    # policy) must not leave BatchNorm frozen nor the step half-open
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    policy = _Boom()
+    opt = samkit.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, model=model, policy=policy
+    )
+    x = torch.randn(8, 3)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    model(x).square().mean().backward()
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.first_step()
+    assert model[1].track_running_stats is True
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+    # the next step works and counts normally
+    opt.policy = None
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    assert opt.first_step() is True
+    model(x).square().mean().backward()
+    opt.second_step()
+    assert opt.steps == 1 and opt.ascents == 1

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from samkit import functional as F
+import samkit
+from samkit import functional
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -43,9 +44,9 @@ def test_add_and_add_scaled_foreach_equal_reference(lists, alpha):
     out = []
     for fe in (True, False):
         t = _clone(a)
-        F.add_(t, b, alpha=alpha, foreach=fe)
+        functional.add_(t, b, alpha=alpha, foreach=fe)
         u = _clone(a)
-        F.add_scaled_(u, _clone(b), alpha, foreach=fe)
+        functional.add_scaled_(u, _clone(b), alpha, foreach=fe)
         out.append((t, u))
     assert _equal(out[0][0], out[1][0]) and _equal(out[0][1], out[1][1])
     assert _equal(out[0][0], out[0][1])  # float scale: one fused add
@@ -58,7 +59,7 @@ def test_mul_foreach_equals_reference_for_scalar_tensor_and_list_factors(lists):
         out = []
         for fe in (True, False):
             t = _clone(a)
-            F.mul_(t, factor, foreach=fe)
+            functional.mul_(t, factor, foreach=fe)
             out.append(t)
         if isinstance(factor, float) and a[0].dtype in (torch.float16, torch.bfloat16):
             # torch's CPU foreach kernel rounds a Python scalar to the tensor's
@@ -71,7 +72,7 @@ def test_mul_foreach_equals_reference_for_scalar_tensor_and_list_factors(lists):
             continue
         assert _equal(*out)
     t = _clone(a)
-    F.mul_(t, b, foreach=False)
+    functional.mul_(t, b, foreach=False)
     assert _equal(t, [x * y for x, y in zip(a, b)])
 
 
@@ -81,10 +82,10 @@ def test_abs_plus_and_copy_foreach_equal_reference(lists, eta):
     outs = []
     for fe in (True, False):
         out = [torch.empty_like(t) for t in a]
-        F.abs_plus_(out, a, eta, foreach=fe)
+        functional.abs_plus_(out, a, eta, foreach=fe)
         outs.append(out)
         dst = [torch.empty_like(t) for t in a]
-        F.copy_(dst, a, foreach=fe)
+        functional.copy_(dst, a, foreach=fe)
         assert _equal(dst, a)  # exact
     assert _equal(*outs)
     assert _equal(outs[1], [t.abs() + eta for t in a])
@@ -93,7 +94,7 @@ def test_abs_plus_and_copy_foreach_equal_reference(lists, eta):
 @given(tensor_lists(1))
 def test_sq_norm_foreach_equals_reference_and_is_float32(lists):
     (a,) = lists
-    s_fe, s_ref = F.sq_norm(a, foreach=True), F.sq_norm(a, foreach=False)
+    s_fe, s_ref = functional.sq_norm(a, foreach=True), functional.sq_norm(a, foreach=False)
     assert torch.equal(s_fe, s_ref)
     assert s_fe.dtype == (torch.float64 if a[0].dtype == torch.float64 else torch.float32)
     assert s_fe.shape == ()
@@ -104,22 +105,22 @@ def test_sq_norm_foreach_equals_reference_and_is_float32(lists):
 def test_sq_norm_of_half_does_not_overflow():
     # 300^2 * 1000 = 9e7 is far beyond float16's max (65504): accumulated in float32
     a = [torch.full((1000,), 300.0, dtype=torch.float16)]
-    assert float(F.sq_norm(a, foreach=True)) == pytest.approx(9e7, rel=1e-6)
-    assert math.isfinite(float(F.sq_norm(a, foreach=False)))
+    assert float(functional.sq_norm(a, foreach=True)) == pytest.approx(9e7, rel=1e-6)
+    assert math.isfinite(float(functional.sq_norm(a, foreach=False)))
 
 
 def test_sq_norm_of_mixed_list_accumulates_in_float64():
     a = [torch.full((2,), 3.0), torch.full((2,), 4.0, dtype=torch.float64)]
     for fe in (True, False):
-        s = F.sq_norm(a, foreach=fe)
+        s = functional.sq_norm(a, foreach=fe)
         assert s.dtype == torch.float64 and float(s) == 50.0
 
 
 def test_global_norm_sums_pieces():
     parts = [torch.tensor(9.0), torch.tensor(16.0), torch.tensor(0.0)]
-    assert float(F.global_norm(parts)) == 5.0
+    assert float(functional.global_norm(parts)) == 5.0
     with pytest.raises(ValueError, match="at least one"):
-        F.global_norm([])
+        functional.global_norm([])
 
 
 # ------------------------------------------------------------- grouping
@@ -133,7 +134,7 @@ def test_group_by_device_splits_by_dtype_and_keeps_order():
         torch.zeros(4, dtype=torch.float64),
     ]
     b = [torch.ones(1), torch.ones(2), torch.ones(3), torch.ones(4)]
-    groups = F.group_by_device(a, b)
+    groups = functional.group_by_device(a, b)
     cpu = torch.device("cpu")
     assert list(groups) == [(cpu, torch.float32), (cpu, torch.float64)]
     (a32, b32), (a64, b64) = groups[(cpu, torch.float32)], groups[(cpu, torch.float64)]
@@ -144,14 +145,14 @@ def test_group_by_device_splits_by_dtype_and_keeps_order():
 
 def test_group_by_device_fast_path_and_empty():
     a = [torch.zeros(2), torch.zeros(3)]
-    ((ga,),) = F.group_by_device(a).values()
+    ((ga,),) = functional.group_by_device(a).values()
     assert ga == a and ga is not a
-    assert F.group_by_device([]) == {}
+    assert functional.group_by_device([]) == {}
 
 
 def test_group_by_device_separates_devices():
     a = [torch.zeros(1), torch.zeros(1, device="meta"), torch.zeros(2)]
-    groups = F.group_by_device(a)
+    groups = functional.group_by_device(a)
     assert {d.type for d, _ in groups} == {"cpu", "meta"}
     assert [t.numel() for t in groups[(torch.device("cpu"), torch.float32)][0]] == [1, 2]
 
@@ -160,10 +161,12 @@ def test_group_by_device_separates_devices():
 
 
 def test_scale_for_is_a_float_on_cpu_and_a_tensor_elsewhere():
-    s = F.scale_for(0.05, torch.tensor(2.0), 1e-12)
+    s = functional.scale_for(0.05, torch.tensor(2.0), 1e-12)
     assert isinstance(s, float) and s == pytest.approx(0.025)
-    assert F.scale_for(0.05, torch.tensor(0.0), 1e-12) == pytest.approx(0.05 / 1e-12)  # finite
-    meta = F.scale_for(
+    assert functional.scale_for(0.05, torch.tensor(0.0), 1e-12) == pytest.approx(
+        0.05 / 1e-12
+    )  # finite
+    meta = functional.scale_for(
         0.05, torch.tensor(2.0, device="meta"), 1e-12
     )  # stands in for an accelerator
     assert isinstance(meta, torch.Tensor) and meta.device.type == "meta"
@@ -173,10 +176,10 @@ def test_scale_for_is_a_float_on_cpu_and_a_tensor_elsewhere():
 def test_add_scaled_tensor_scale_matches_float_scale(lists, scale):
     p, d = lists
     out_f, out_t = _clone(p), _clone(p)
-    F.add_scaled_(out_f, _clone(d), scale, foreach=True)
+    functional.add_scaled_(out_f, _clone(d), scale, foreach=True)
     for fe in (True, False):
         out_t = _clone(p)
-        F.add_scaled_(out_t, _clone(d), torch.tensor(scale), foreach=fe)
+        functional.add_scaled_(out_t, _clone(d), torch.tensor(scale), foreach=fe)
         # scale then add vs one fused add: equal up to one rounding
         torch.testing.assert_close(out_t, out_f, rtol=1e-6, atol=1e-6)
 
@@ -191,7 +194,7 @@ def test_add_scaled_with_tensor_scale_reads_nothing_to_the_host(monkeypatch):
     p = [torch.randn(3), torch.randn(2, 2)]
     d = [torch.randn(3), torch.randn(2, 2)]
     expected = [pi + 0.5 * di for pi, di in zip(p, d)]
-    scale = F.scale_for(0.5, torch.tensor(1.0, device="meta"), 0.0)
+    scale = functional.scale_for(0.5, torch.tensor(1.0, device="meta"), 0.0)
     assert isinstance(scale, torch.Tensor)
 
     def boom(*a, **k):
@@ -202,5 +205,14 @@ def test_add_scaled_with_tensor_scale_reads_nothing_to_the_host(monkeypatch):
         with monkeypatch.context() as m:
             for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist"):
                 m.setattr(torch.Tensor, name, boom)
-            F.add_scaled_(out, dirs, torch.tensor(0.5), foreach=fe)
+            functional.add_scaled_(out, dirs, torch.tensor(0.5), foreach=fe)
         torch.testing.assert_close(out, expected)
+
+
+def test_complex_sq_norm_foreach_equals_reference():
+    xs = [torch.randn(4, dtype=torch.complex64), torch.randn(3, 2, dtype=torch.complex128)]
+    a = samkit.functional.sq_norm(xs, foreach=True)
+    b = samkit.functional.sq_norm(xs, foreach=False)
+    assert torch.equal(a, b)
+    expected = sum(float(x.abs().square().sum()) for x in xs)
+    assert float(a) == pytest.approx(expected, rel=1e-6)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 import samkit
 
@@ -141,3 +142,15 @@ def test_rho_schedule_is_used_by_the_next_sam_step():
         sched.step()
     assert moved == [True, False]  # rho 0 on the second step: no ascent at all
     assert opt.ascents == 1 and opt.steps == 2
+
+
+def test_proportional_rho_applies_at_construction_like_an_lr_scheduler():
+    # with a warm-up, the first steps run at a small lr: rho must be small too,
+    # not rho_max until the first rho_sched.step()
+    p = nn.Parameter(torch.zeros(2))
+    opt = samkit.SAM(torch.optim.SGD([p], lr=0.2), rho=0.1)
+    torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.25, total_iters=4)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    rho_sched = samkit.ProportionalRho(opt)
+    assert opt.param_groups[0]["rho"] == pytest.approx(0.025)
+    assert rho_sched.rho_max == [0.1]
