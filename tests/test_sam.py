@@ -31,6 +31,7 @@ from optim_registry import (
 from torch import nn
 
 import samkit
+from samkit import functional
 
 COMBOS = [pytest.param(b, m, id=f"{b.name}-{m.name}") for b in BASES for m in MODES]
 # The battery multiplies hypothesis examples by 30 combinations: each combination
