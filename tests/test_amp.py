@@ -234,3 +234,58 @@ def test_lr_scheduler_with_scaler_has_no_order_warning():
             opt.zero_grad()
             sched.step()
     assert opt.base_optimizer.param_groups[0]["lr"] < BASE_BY_NAME["sgd_nesterov"].lr
+
+
+# ------------------------------------------- GradScaler internals, pinned
+
+
+class _Recording(torch.optim.SGD):
+    """An optimizer declaring _step_supports_amp_scaling, recording what GradScaler sets."""
+
+    _step_supports_amp_scaling = True
+
+    def step(self, closure=None):
+        self.seen = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+
+
+def test_grad_scaler_internals_samkit_relies_on():
+    """samkit/optim/_amp.py is the only file touching GradScaler internals; this
+    pins what it relies on in the installed torch, so an upgrade that changes
+    them fails here, loudly, instead of making SAM's fp16 steps silently wrong."""
+    from samkit.optim import _amp
+
+    where = f"torch {torch.__version__} changed GradScaler; review samkit/optim/_amp.py"
+    grad_scaler = torch.amp.grad_scaler
+    assert {s.name for s in grad_scaler.OptState} >= {"READY", "UNSCALED", "STEPPED"}, where
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = _Recording([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))  # the scale tensor is created lazily, as in training
+    # 1. step() of an optimizer with _step_supports_amp_scaling gets grad_scale and
+    #    found_inf as attributes (not a grad_scaler kwarg), removed afterwards
+    w.grad = torch.full((3,), 4.0)
+    scaler.step(opt)
+    grad_scale, found_inf = opt.seen
+    assert isinstance(grad_scale, torch.Tensor) and float(grad_scale) == 4.0, where
+    assert isinstance(found_inf, torch.Tensor) and float(found_inf) == 0.0, where
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf"), where
+    scaler.update()
+    scaler.scale(torch.ones(()))
+    # 2. the per-optimizer state is a dict with "stage" and "found_inf_per_device";
+    #    marking it UNSCALED makes unscale_ refuse and step use the recorded flags
+    w.grad = torch.full((3,), 4.0)
+    found, per_device = _amp.unscale_([w.grad], scaler)
+    assert torch.equal(w.grad, torch.ones(3)) and float(found) == 0.0
+    _amp.mark_unscaled(scaler, opt, per_device, force_overflow=True)
+    state = scaler._per_optimizer_states[id(opt)]
+    assert state["stage"] is grad_scaler.OptState.UNSCALED, where
+    with pytest.raises(RuntimeError, match="unscale_"):
+        scaler.unscale_(opt)
+    scaler.step(opt)
+    grad_scale, found_inf = opt.seen
+    assert grad_scale is None and float(found_inf) == 1.0, where  # our flags, no second scale
+    scaler.update()
+    assert scaler.get_scale() == 2.0, where  # the forced overflow backed the scale off
+    # 3. the closure form is refused by the scaler itself (why SAM takes scaler=)
+    with pytest.raises(RuntimeError, match="Closure use is not currently supported"):
+        scaler.step(opt, closure=lambda: None)

@@ -789,3 +789,201 @@ def test_abort_step_after_a_failed_second_pass_restores_and_reopens():
     torch.nn.functional.mse_loss(model(x), y).backward()
     opt.second_step(zero_grad=True)
     assert opt.steps == 1
+
+
+# ----------------------------------------- defects found by new users (0.1)
+
+
+TORCH_OPTIMIZERS_WITH_EPS = [
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.RMSprop,
+]
+
+
+@pytest.mark.parametrize("cls", TORCH_OPTIMIZERS_WITH_EPS, ids=lambda c: c.__name__)
+def test_class_form_passes_eps_to_the_base_optimizer(cls):
+    """SAM(params, Adam, eps=1e-5) used to take eps for itself (Adam kept 1e-8)."""
+    opt = samkit.SAM(make_model(0).parameters(), cls, lr=0.01, eps=1e-5)
+    assert opt.base_optimizer.defaults["eps"] == 1e-5
+    assert opt.param_groups[0]["eps"] == 1e-5
+    assert opt.ascent_eps == 1e-12
+
+
+@pytest.mark.parametrize(
+    "cls", [torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop], ids=lambda c: c.__name__
+)
+@pytest.mark.parametrize("foreach", [True, False])
+def test_class_form_passes_foreach_to_the_base_optimizer_and_sam(cls, foreach):
+    opt = samkit.SAM(make_model(0).parameters(), cls, lr=0.01, foreach=foreach)
+    assert opt.base_optimizer.defaults["foreach"] is foreach
+    assert opt.foreach is foreach
+
+
+def test_class_form_with_a_name_both_take_is_refused():
+    """Adadelta has its own rho: in the class form rho= would be ambiguous."""
+    with pytest.raises(ValueError, match=r"Invalid rho value: both SAM and Adadelta take rho="):
+        samkit.SAM(make_model(0).parameters(), torch.optim.Adadelta, rho=0.05)
+    opt = samkit.SAM(
+        make_model(0).parameters(), torch.optim.Adadelta, lr=1.0
+    )  # not given: no ambiguity
+    assert (opt.base_optimizer.defaults["rho"], opt.param_groups[0]["sam_rho"]) == (0.9, 0.05)
+
+
+def test_a_base_optimizer_using_rho_itself_keeps_its_own_and_sam_uses_sam_rho():
+    """Adadelta's group key "rho" is its decay: SAM used to read it (0.9) as the ascent radius."""
+    model = make_model(1)
+    x, y = make_data(1)
+    base = torch.optim.Adadelta(model.parameters(), lr=1.0, rho=0.8)
+    opt = samkit.SAM(base, rho=0.1)
+    assert opt.rho_key == "sam_rho"
+    assert [(g["rho"], g["sam_rho"]) for g in opt.param_groups] == [(0.8, 0.1)]
+    w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    loss_fn(model, x, y).backward()
+    assert opt.first_step()
+    moved = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - w0
+    assert float(moved.norm()) == pytest.approx(0.1, rel=1e-5)  # the radius is SAM's
+    loss_fn(model, x, y).backward()
+    opt.second_step()
+    assert base.param_groups[0]["rho"] == 0.8  # Adadelta's decay untouched
+    rho = samkit.ProportionalRho(opt, rho_max=0.2)  # schedules write SAM's key
+    rho.step()
+    assert (opt.param_groups[0]["rho"], opt.param_groups[0]["sam_rho"]) == (0.8, 0.2)
+
+
+@pytest.mark.parametrize(
+    "cls", [torch.optim.SGD, torch.optim.Adam, torch.optim.Adagrad], ids=lambda c: c.__name__
+)
+def test_class_form_passes_every_keyword_the_base_accepts(cls):
+    import inspect
+
+    values = {"lr": 0.0123, "weight_decay": 0.0456, "maximize": True, "differentiable": False}
+    accepted = inspect.signature(cls.__init__).parameters
+    given = {k: v for k, v in values.items() if k in accepted}
+    opt = samkit.SAM(make_model(0).parameters(), cls, **given)
+    for key, value in given.items():
+        assert opt.base_optimizer.defaults[key] == value, key
+
+
+def test_eps_on_the_instance_form_names_ascent_eps():
+    with pytest.raises(ValueError, match="Invalid eps value: .*ascent_eps"):
+        samkit.SAM(torch.optim.SGD(make_model(0).parameters(), lr=0.1), eps=1e-3)
+
+
+def test_numpy_scalars_are_accepted_as_hyper_parameters():
+    np = pytest.importorskip("numpy")
+    x, y = make_data(2)
+    runs = []
+    for rho, k in ((np.float32(0.05), np.int64(2)), (float(np.float32(0.05)), 2)):
+        model = make_model(2)
+        opt = samkit.SAM(
+            torch.optim.SGD(model.parameters(), lr=0.1), rho=rho, policy=samkit.EveryK(k)
+        )
+        _run(opt, model, x, y, 3, "closure")
+        runs.append(params_of(model))
+    assert all_equal(*runs)
+
+
+def test_infinite_ascent_eps_is_refused():
+    """eps=inf used to be accepted and silently turned the ascent off."""
+    with pytest.raises(ValueError, match="Invalid ascent_eps value: inf"):
+        samkit.SAM(torch.optim.SGD(make_model(0).parameters(), lr=0.1), ascent_eps=float("inf"))
+
+
+def test_gradients_accumulated_before_step_closure_are_refused():
+    """Micro-batches backpropagated outside the closure cannot be recomputed at w + e."""
+    model = make_model(3)
+    x, y = make_data(3)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    w0 = params_of(model)
+    loss_fn(model, x[:6], y[:6]).backward()  # micro-batch 1, outside the closure
+    with pytest.raises(
+        RuntimeError, match="accumulated before the step.*Accumulate inside the closure"
+    ):
+        opt.step(closure_for(opt, model, x[6:], y[6:]))
+    assert all_equal(params_of(model), w0) and opt.steps == 0
+    # zeros left by zero_grad(set_to_none=False) are no accumulation
+    opt.zero_grad(set_to_none=False)
+    opt.step(closure_for(opt, model, x, y))
+    assert opt.steps == 1
+
+
+def test_existing_grads_keep_adds_them_to_both_passes():
+    """existing_grads="keep": a fixed gradient term c in both passes, by hand."""
+    w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    c = torch.tensor([0.3, 0.1, -0.2], dtype=torch.float64)
+    opt = samkit.SAM(torch.optim.SGD([w], lr=0.1), rho=0.2)
+
+    def grad(v):  # of the closure's loss sum(v^4) / 4
+        return v**3
+
+    w0 = w.detach().clone()
+    w.grad = c.clone()
+
+    def closure():
+        loss = (w**4).sum() / 4
+        loss.backward()
+        return loss
+
+    opt.step(closure, existing_grads="keep")
+    g1 = grad(w0) + c
+    e = 0.2 * g1 / (g1.norm() + 1e-12)
+    expected = w0 - 0.1 * (grad(w0 + e) + c)
+    torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="Invalid existing_grads value"):
+        opt.step(closure, existing_grads="ignore")
+
+
+class _SecondOrderSGD(torch.optim.SGD):
+    is_second_order = True
+
+
+def test_second_order_base_optimizers_are_refused_clearly():
+    with pytest.raises(
+        ValueError, match="Invalid base_optimizer value: _SecondOrderSGD is second-order"
+    ):
+        samkit.SAM(_SecondOrderSGD(make_model(0).parameters(), lr=0.1))
+    model = make_model(4)
+    x, y = make_data(4)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    w0 = params_of(model)
+
+    def closure():
+        loss = loss_fn(model, x, y)
+        loss.backward(create_graph=True)
+        return loss
+
+    with pytest.raises(ValueError, match=r"backward\(create_graph=True\)"):
+        opt.step(closure)
+    assert all_equal(params_of(model), w0) and not opt.perturbed
+
+
+def test_load_state_dict_mid_step_is_refused():
+    model = make_model(5)
+    x, y = make_data(5)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    sd = opt.state_dict()
+    loss_fn(model, x, y).backward()
+    assert opt.first_step()
+    with pytest.raises(RuntimeError, match="load_state_dict.. between first_step"):
+        opt.load_state_dict(sd)
+    opt.abort_step()
+
+
+def test_perturbed_tells_the_closure_which_pass_it_is_in():
+    model = make_model(6)
+    x, y = make_data(6)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    seen = []
+
+    def closure():
+        seen.append(opt.perturbed)
+        return closure_for(opt, model, x, y)()
+
+    opt.step(closure)
+    assert seen == [False, True] and not opt.perturbed

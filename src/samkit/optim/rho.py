@@ -34,17 +34,19 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["ProportionalRho", "LambdaRho", "RhoController", "FollowLR"]
 
 
-def _groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+def _groups(optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, Any]], str]:
+    """The param groups and the key under which SAM keeps rho in them."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(
             f"Invalid optimizer value: expected a torch optimizer, got {type(optimizer).__name__}"
         )
+    key = getattr(optimizer, "rho_key", "rho")
     for i, g in enumerate(optimizer.param_groups):
-        if "rho" not in g:
+        if key not in g:
             raise ValueError(
-                f"Invalid optimizer value: param group {i} has no 'rho' (wrap it in samkit.SAM first)"
+                f"Invalid optimizer value: param group {i} has no {key!r} (wrap it in samkit.SAM first)"
             )
-    return optimizer.param_groups
+    return optimizer.param_groups, key
 
 
 class ProportionalRho:
@@ -75,7 +77,7 @@ class ProportionalRho:
         lr_max: float | None = None,
         lr_min: float = 0.0,
     ) -> None:
-        groups = _groups(optimizer)
+        groups, self.key = _groups(optimizer)
         if rho_max is not None and not rho_max >= 0:
             raise ValueError(f"Invalid rho_max value: {rho_max!r} (must be >= 0)")
         if not rho_min >= 0:
@@ -83,7 +85,7 @@ class ProportionalRho:
         self.optimizer = optimizer
         self.rho_min = float(rho_min)
         self.lr_min = float(lr_min)
-        self.rho_max = [float(g["rho"]) if rho_max is None else float(rho_max) for g in groups]
+        self.rho_max = [float(g[self.key]) if rho_max is None else float(rho_max) for g in groups]
         self.lr_max = [
             float(g.get("initial_lr", g["lr"])) if lr_max is None else float(lr_max) for g in groups
         ]
@@ -104,13 +106,25 @@ class ProportionalRho:
         for g, rmax, lmax in zip(self.optimizer.param_groups, self.rho_max, self.lr_max):
             frac = min(max((float(g["lr"]) - self.lr_min) / (lmax - self.lr_min), 0.0), 1.0)
             # This form of the interpolation is exact at both ends: rho_max at the peak lr.
-            g["rho"] = rmax * frac + self.rho_min * (1.0 - frac)
+            g[self.key] = rmax * frac + self.rho_min * (1.0 - frac)
+
+    _STATE = ("rho_min", "lr_min", "rho_max", "lr_max")
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
+        return {k: getattr(self, k) for k in self._STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        missing = [k for k in self._STATE if k not in state]
+        if missing:
+            raise ValueError(f"Invalid state value: the ProportionalRho state has no {missing}")
+        groups = len(self.optimizer.param_groups)
+        if len(state["rho_max"]) != groups or len(state["lr_max"]) != groups:
+            raise ValueError(
+                f"Invalid state value: a ProportionalRho state for {len(state['rho_max'])} groups, not {groups}"
+            )
+        self.rho_min, self.lr_min = float(state["rho_min"]), float(state["lr_min"])
+        self.rho_max = [float(v) for v in state["rho_max"]]
+        self.lr_max = [float(v) for v in state["lr_max"]]
 
 
 class LambdaRho:
@@ -120,12 +134,12 @@ class LambdaRho:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, fn: Callable[[int], float]) -> None:
-        groups = _groups(optimizer)
+        groups, self.key = _groups(optimizer)
         if not callable(fn):
             raise ValueError(f"Invalid fn value: {fn!r} is not callable")
         self.optimizer = optimizer
         self.fn = fn
-        self.base_rhos = [float(g["rho"]) for g in groups]
+        self.base_rhos = [float(g[self.key]) for g in groups]
         self.last_step = 0
         self._apply()
 
@@ -134,7 +148,7 @@ class LambdaRho:
         if not f >= 0:
             raise ValueError(f"Invalid fn value: fn({self.last_step}) = {f!r} (must be >= 0)")
         for g, r in zip(self.optimizer.param_groups, self.base_rhos):
-            g["rho"] = r * f
+            g[self.key] = r * f
 
     def step(self) -> None:
         self.last_step += 1

@@ -66,7 +66,9 @@ class SAM(torch.optim.Optimizer):
             keyword the class accepts reaches it; ``foreach`` reaches both).
         base_optimizer: the optimizer class, only with the second form.
         rho: radius of the ascent (default 0.05; ASAM: 0.5 to 2.0), per group
-            via a ``"rho"`` key; or a :class:`~samkit.optim.rho.RhoController`
+            via a ``"rho"`` key (``"sam_rho"`` when the base optimizer uses
+            ``"rho"`` itself, as Adadelta does: see :attr:`rho_key`); or a
+            :class:`~samkit.optim.rho.RhoController`
             that sets it every step (e.g. ``FollowLR(0.05)``). A group with
             ``rho=0`` is not perturbed and does not count in the normaliser;
             ``rho=0`` everywhere is exactly the base optimizer.
@@ -187,8 +189,12 @@ class SAM(torch.optim.Optimizer):
             "eta": float(eta),
             "ascent_weight_decay": float(ascent_weight_decay),
         }
+        # A base optimizer may use one of SAM's group keys for itself (Adadelta's
+        # "rho" is its decay): SAM's own then lives under "sam_<key>".
+        self.group_keys = {k: f"sam_{k}" if k in base.defaults else k for k in _GROUP_KEYS}
+        self.rho_key = self.group_keys["rho"]
         for key, value in self._sam_defaults.items():
-            base.defaults.setdefault(key, value)
+            base.defaults.setdefault(self.group_keys[key], value)
         for i, group in enumerate(base.param_groups):
             self._init_group(group, i)
 
@@ -261,15 +267,23 @@ class SAM(torch.optim.Optimizer):
         self.__dict__.update(state)
 
     def _init_group(self, group: dict[str, Any], index: int | str) -> None:
-        for key in _GROUP_KEYS:
-            group.setdefault(key, self._sam_defaults[key])
-            check_nonneg(f"{key} (param group {index})", group[key])
+        for key, name in self.group_keys.items():
+            group.setdefault(name, self._sam_defaults[key])
+            check_nonneg(f"{name} (param group {index})", group[name])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key in _GROUP_KEYS:
-            param_group.setdefault(key, self._sam_defaults[key])
         self._init_group(param_group, len(self.param_groups))
         self.base_optimizer.add_param_group(param_group)
+
+    def _sam_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group as the ascent reads it: SAM's settings under their plain names."""
+        if (
+            self.rho_key == "rho"
+            and self.group_keys["eta"] == "eta"
+            and self.group_keys["ascent_weight_decay"] == "ascent_weight_decay"
+        ):
+            return group
+        return {**group, **{key: group[name] for key, name in self.group_keys.items()}}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -306,7 +320,7 @@ class SAM(torch.optim.Optimizer):
                 params.append(p)
                 grads.append(p.grad)
             if params:
-                out.append((group, params, grads))
+                out.append((self._sam_group(group), params, grads))
         return out
 
     def _backups_for(self, params: list[Tensor]) -> list[Tensor]:
@@ -694,9 +708,10 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError(
                 "load_state_dict() between first_step() and second_step(): the weights are perturbed"
             )
-        base_sd, own = _validate_state_dict(state_dict, self.param_groups)
+        base_sd, own = _validate_state_dict(state_dict, self.param_groups, self.group_keys.values())
         saved = self.base_optimizer.state_dict()
-        previous = [{k: g[k] for k in _GROUP_KEYS} for g in self.param_groups]
+        keys = list(self.group_keys.values())
+        previous = [{k: g[k] for k in keys} for g in self.param_groups]
         pieces = (self.perturbation, self.policy, self.rho_controller)
         snapshots = [p.state_dict() if p is not None else None for p in pieces]
         mix_snapshot = self.mix.state_dict(self._all_params()) if self.mix is not None else None
@@ -704,7 +719,7 @@ class SAM(torch.optim.Optimizer):
         try:
             self.base_optimizer.load_state_dict(base_sd)
             for group, before in zip(self.param_groups, previous):
-                for key in _GROUP_KEYS:
+                for key in keys:
                     group.setdefault(key, before[key])
             if own is not None:
                 self._load_own(own)
@@ -825,7 +840,7 @@ def _check_arguments(
 
 
 def _validate_state_dict(
-    state_dict: Any, groups: list[dict[str, Any]]
+    state_dict: Any, groups: list[dict[str, Any]], keys: Any
 ) -> tuple[dict[str, Any], Any]:
     """Split and check a state dict before anything is loaded; raise ValueError naming what is wrong."""
     if (
@@ -848,7 +863,7 @@ def _validate_state_dict(
             raise ValueError(
                 f"Invalid state_dict value: param group {i} does not match this optimizer's"
             )
-        for key in _GROUP_KEYS:
+        for key in keys:
             if key in saved:
                 check_nonneg(f"{key} (param group {i} of the state dict)", saved[key])
         if "lr" in saved and not (isinstance(saved["lr"], Tensor) or _finite_nonneg(saved["lr"])):
