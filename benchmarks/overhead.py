@@ -195,6 +195,8 @@ class _Candidate:
         base_kw = {}
         if kind == "samkit":
             self.opt = samkit.SAM(NoOpOptimizer(self.params), rho=RHO)
+        elif kind == "samkit-baseline":
+            self.opt = BASELINE.SAM(NoOpOptimizer(self.params), rho=RHO)
         elif kind == "samkit-loop":
             self.opt = samkit.SAM(NoOpOptimizer(self.params), rho=RHO, foreach=False)
         elif kind in ("peer", "peer-foreach"):
@@ -229,7 +231,9 @@ class _Candidate:
     def held_bytes(self) -> int:
         """Bytes the optimizer keeps between steps beyond the base optimizer's."""
         if self.kind.startswith("samkit"):
-            return sum(b.numel() * b.element_size() for b in self.opt._backups.values())
+            # the weight backup (named _backup in samkit 0.1)
+            backups = getattr(self.opt, "_backups", None) or getattr(self.opt, "_backup", {})
+            return sum(b.numel() * b.element_size() for b in backups.values())
         if self.kind.startswith("peer"):
             return sum(
                 v.numel() * v.element_size()
@@ -257,6 +261,26 @@ class _Candidate:
         return err, exact
 
 
+#: another samkit (an older checkout, --baseline) timed side by side in the same run
+BASELINE: Any = None
+
+
+def load_baseline(package_dir: str) -> Any:
+    """Import the samkit package at ``package_dir`` under another name, beside this one."""
+    import importlib
+    import shutil
+    import tempfile
+
+    if not os.path.isfile(os.path.join(package_dir, "__init__.py")):
+        raise SystemExit(
+            f"overhead.py: --baseline {package_dir!r} is not a package directory (no __init__.py)"
+        )
+    root = tempfile.mkdtemp(prefix="samkit-baseline-")
+    shutil.copytree(package_dir, os.path.join(root, "samkit_baseline"))
+    sys.path.insert(0, root)
+    return importlib.import_module("samkit_baseline")
+
+
 CANDIDATES = [
     ("samkit", "samkit"),
     ("samkit foreach=False", "samkit-loop"),
@@ -274,7 +298,8 @@ def bench_overhead(
     grads = [torch.randn_like(p) for p in params]
     n_params = sum(p.numel() for p in params)
     pbytes = _param_bytes(params)
-    cands = [_Candidate(name, template, grads, kind) for name, kind in CANDIDATES]
+    candidates = CANDIDATES + ([("samkit (baseline)", "samkit-baseline")] if BASELINE else [])
+    cands = [_Candidate(name, template, grads, kind) for name, kind in candidates]
 
     # The floor: the same 8 passes as 4 kernels on flat buffers of the same
     # size, i.e. with no per-tensor cost at all.
@@ -423,6 +448,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch intra-op threads (default: leave as is)"
     )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="DIR",
+        help="also time the samkit package in DIR (e.g. an older checkout's src/samkit) side by side",
+    )
     args = p.parse_args(argv)
     if args.trials is not None and args.trials < 1:
         p.error(f"argument --trials: must be >= 1, got {args.trials}")
@@ -440,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(2) from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    global BASELINE
+    BASELINE = load_baseline(args.baseline) if args.baseline else None
     env_start = environment()
     tiny = args.size == "tiny"
     # Short trials, many rounds: the paired ratios then see the same load.
@@ -475,6 +508,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row(many, "samkit")["extra_memory_x"], row(large, "samkit")["extra_memory_x"]
         ),
     }
+    if BASELINE is not None:
+        # the baseline's overhead over the peer's, through samkit's paired ratios
+        ratios["baseline_vs_samkit_many"] = row(many, "samkit (baseline)")["vs_samkit"]
+        ratios["baseline_overhead_vs_peer_many"] = (
+            ratios["overhead_vs_peer_many"] * ratios["baseline_vs_samkit_many"]
+        )
     # Scalars a step allocates (the per-tensor norms: 4 bytes a tensor) are
     # not a copy of the parameters; 1 % of slack keeps them from failing it.
     slack = {"extra_param_copies": 0.01}

@@ -38,6 +38,7 @@ __all__ = [
     "add_",
     "abs_plus_",
     "scale_for",
+    "buffers_like",
     "AscentGroup",
     "prepare_ascent",
     "measure_",
@@ -182,6 +183,29 @@ def add_scaled_(
         add_(params, dirs, foreach=foreach)
     else:
         add_(params, dirs, alpha=scale, foreach=foreach)
+
+
+def buffers_like(
+    cache: dict[Tensor, Tensor], keys: Sequence[Tensor], likes: Sequence[Tensor] | None = None
+) -> TensorList:
+    """One buffer per key, shaped like ``likes`` (default: the keys), from ``cache``.
+
+    Allocated on first use and kept, so a step allocates nothing; reallocated
+    only if the tensor it mirrors changed dtype, device or shape
+    (``model.half()``, ``.to(device)``), so copies into it stay exact.
+    """
+    out = []
+    for key, like in zip(keys, likes if likes is not None else keys):
+        buffer = cache.get(key)
+        if (
+            buffer is None
+            or buffer.dtype is not like.dtype
+            or buffer.device != like.device
+            or buffer.shape != like.shape
+        ):
+            buffer = cache[key] = torch.empty_like(like, memory_format=torch.preserve_format)
+        out.append(buffer)
+    return out
 
 
 # ------------------------------------------------------------------ the ascent

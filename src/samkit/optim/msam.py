@@ -89,15 +89,13 @@ class MSAM(SAM):
         return f"MSAM(rho={self._sam_defaults['rho']}, micro_batches={self.micro_batches}, base={self.base_optimizer!r})"
 
     def _accumulate(self, into: dict[Tensor, Tensor]) -> None:
-        """Add the current gradients into the accumulators (allocated once, zeroed per step)."""
+        """Add the current gradients into this step's accumulators (buffers allocated once)."""
         for _, params, grads in self._gather():
-            accumulators = []
-            for p, g in zip(params, grads):
-                acc = self._acc.get(p)
-                if acc is None:
-                    acc = self._acc[p] = torch.zeros_like(g, memory_format=torch.preserve_format)
-                into[p] = acc
-                accumulators.append(acc)
+            accumulators = functional.buffers_like(self._acc, params, grads)
+            fresh = [i for i, p in enumerate(params) if p not in into]
+            for i in fresh:  # first micro-batch this parameter appears in
+                accumulators[i].zero_()
+            into.update(zip(params, accumulators))
             for (_, _), (bucket_acc, bucket_grads) in functional.group_by_device(
                 accumulators, grads
             ).items():
@@ -129,9 +127,7 @@ class MSAM(SAM):
         losses = []
         used: dict[
             Tensor, Tensor
-        ] = {}  # parameter -> its accumulator, for the micro-batches before the last
-        for acc in self._acc.values():
-            acc.zero_()
+        ] = {}  # parameter -> its accumulator (micro-batches before the last)
         for j in range(m):
             self.zero_grad()
             losses.append(closure(j).detach())

@@ -324,20 +324,7 @@ class SAM(torch.optim.Optimizer):
         return out
 
     def _backups_for(self, params: list[Tensor]) -> list[Tensor]:
-        out = []
-        for p in params:
-            backup = self._backups.get(p)
-            # Reallocated only if the parameter itself changed (model.half(),
-            # .to(device), a resized tensor), so the restore stays exact.
-            if (
-                backup is None
-                or backup.dtype is not p.dtype
-                or backup.device != p.device
-                or backup.shape != p.shape
-            ):
-                backup = self._backups[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-            out.append(backup)
-        return out
+        return functional.buffers_like(self._backups, params)
 
     def _view(self, gathered: Any, local: bool = False) -> StepView:
         return StepView(
