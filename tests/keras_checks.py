@@ -292,6 +292,20 @@ def last_batch_smaller_than_splits():
     return f"max |keras - hand| {worst:.2g}"
 
 
+@check
+def optimizer_gradient_accumulation_is_m_sharpness():
+    """Keras' gradient_accumulation_steps=2 on batches of 8 == num_batch_splits=2 on batches of 16."""
+    inner = mlp(seed=11)
+    w0 = weights(inner)
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9, gradient_accumulation_steps=2)
+    fit_sam(inner, optimizer, batch=8, rho=0.2)
+    want, _ = hand_fit(w0, HandSGD(0.1, 0.9), 2, rho=0.2, splits=2, batch=16)
+    worst = close(weights(inner), want, "weights")
+    one_ascent, _ = hand_fit(w0, HandSGD(0.1, 0.9), 2, rho=0.2, splits=1, batch=16)
+    far(want, one_ascent, "one ascent per 16 rows vs per 8")
+    return f"max |keras - hand| {worst:.2g}"
+
+
 def bn_model(seed=4, momentum=0.9, dropout=0.0):
     keras.utils.set_random_seed(seed)
     layers = [

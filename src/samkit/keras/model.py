@@ -68,7 +68,9 @@ class SAMModel(keras.Model):
             each with its own ascent (m-sharpness); the base step gets the
             *average* of their gradients, weighted by micro-batch size.
             ``None`` (default) or 1: no split. A batch that does not divide
-            evenly is split as ``numpy.array_split`` does.
+            evenly is split as ``numpy.array_split`` does; one with fewer
+            rows than ``num_batch_splits`` (an epoch's last batch) into
+            one-row micro-batches.
         adaptive: ASAM's scale-invariant ascent.
         eta: ASAM's offset (default 0.01).
         eps: added to the norm (default 1e-12): a zero gradient gives a zero
@@ -124,6 +126,10 @@ class SAMModel(keras.Model):
         >>> sam.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
         >>> sam.rho
         0.05
+        >>> import numpy as np
+        >>> history = sam.fit(np.ones((8, 4)), np.zeros((8, 2)), epochs=1, verbose=0)
+        >>> sorted(history.history)
+        ['loss']
     """
 
     def __init__(
