@@ -255,8 +255,10 @@ def eval_batches(
             loader: Any = DataLoader(source, sampler=chunks, batch_size=None, **kw)
         else:
             loader = DataLoader(source, batch_size=batch_size, shuffle=False, **kw)
-    else:
+    elif _kind(source) == "iterable":
         loader = DataLoader(source, batch_size=batch_size, **kw)
+    else:  # a factory: its own batches, in its epoch-0 order (the order does not matter here)
+        loader = source(seed=0, epoch=0)
     for item in loader:
         yield _pair(item)
 
