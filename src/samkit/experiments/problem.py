@@ -553,7 +553,15 @@ class Problem:
         if self.builtin_model:
             from .models import build_model
 
-            return build_model(self.config.model, **kwargs)
+            try:
+                return build_model(self.config.model, **kwargs)
+            except ValueError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. a negative width from model_kwargs
+                raise ValueError(
+                    f"Invalid model_kwargs value: {self.config.model_kwargs!r} for model "
+                    f"{self.config.model!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                ) from exc
         try:
             model = self.config.model_factory(**kwargs)
         except Exception as exc:  # noqa: BLE001 - the user's factory raised

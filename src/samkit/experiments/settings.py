@@ -131,12 +131,14 @@ def check_float(
     if ok:
         ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if not ok:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        lo_t = "-inf" if lo == -math.inf else f"{lo:g}"
-        hi_t = "inf" if hi == math.inf else f"{hi:g}"
+        if hi == math.inf:
+            bound = f"{'>' if lo_open else '>='} {lo:g}" if lo > -math.inf else ""
+        elif lo == -math.inf:
+            bound = f"{'<' if hi_open else '<='} {hi:g}"
+        else:
+            bound = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         raise ValueError(
-            f"Invalid {name} value: {v!r} (must be a finite number in {left}{lo_t}, {hi_t}{right})"
+            f"Invalid {name} value: {v!r} (must be a finite number {bound})".replace(" )", ")")
         )
     return float(v)
 
