@@ -236,3 +236,45 @@ def test_settings_strings_are_not_booleans(tmp_path):
         with pytest.raises(ValueError, match="sharpness"):
             st.build_study(st.merge({"sharpness": text, "optimizers": ["sgd"]}))
     assert st.parse_method("sam_every_k:scale_rho=false")["scale_rho"] is False
+
+
+def test_resume_with_dropout_equals_never_stopping(tmp_path):
+    """The RNG state is part of the training state: dropout draws the same masks."""
+    import torch
+    from torch import nn
+
+    from samkit.experiments.problem import Data
+    from samkit.experiments.registry import build_method
+    from samkit.experiments.settings import TrainSpec
+    from samkit.experiments.trainer import seed_everything, train
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 5, generator=g), torch.randint(0, 3, (96,), generator=g)
+    data = Data("toy", torch.utils.data.TensorDataset(x[:80], y[:80]), None, None)
+    config = TrainConfig(epochs=3, batch_size=16, schedule="constant")
+
+    def fresh():
+        seed_everything(0)
+        model = nn.Sequential(nn.Linear(5, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
+        return model, build_method("sam", model, TrainSpec(lr=0.1), rho=0.05)
+
+    model, method = fresh()
+    ref = train(model, method, data, config, progress=False)
+    ref_w = [p.detach().clone() for p in model.parameters()]
+
+    class Stop(Exception):
+        pass
+
+    def stop(rec):
+        if rec["epoch"] == 1:
+            raise Stop
+
+    state = tmp_path / "state.pt"
+    model, method = fresh()
+    with pytest.raises(Stop):
+        train(model, method, data, config, state_path=state, callbacks=[stop], progress=False)
+    torch.manual_seed(123)  # whatever ran in between, the resumed run restores its RNG
+    model, method = fresh()
+    res = train(model, method, data, config, state_path=state, progress=False)
+    assert [r["train_loss"] for r in res.history] == [r["train_loss"] for r in ref.history]
+    assert all(torch.equal(a, b) for a, b in zip(ref_w, model.parameters()))

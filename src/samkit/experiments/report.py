@@ -60,14 +60,16 @@ def table_columns(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         if metric.lower() in ("acc", "accuracy")
         else (f"test {metric} (mean +- std)")
     )
+    ref = rows[0].get("cost_reference", "sgd") if rows else "sgd"
+    ref = "SGD" if ref in (None, "sgd") else ref
     cols = [
         ("method", [r["label"] for r in rows]),
         ("seeds", [str(r.get("runs", r["n"])) for r in rows]),
         (head, [_score_cell(r, metric) for r in rows]),
         ("train loss", [_fmt(r["train_loss_mean"], ".4f") for r in rows]),
         ("s/epoch", [_fmt(r["time_per_epoch"], ".3f") for r in rows]),
-        ("cost vs SGD (time)", [_fmt(r["cost_time"], ".2f") + "x" for r in rows]),
-        ("cost vs SGD (passes)", [_fmt(r["cost_passes"], ".2f") + "x" for r in rows]),
+        (f"cost vs {ref} (time)", [_fmt(r["cost_time"], ".2f") + "x" for r in rows]),
+        (f"cost vs {ref} (passes)", [_fmt(r["cost_passes"], ".2f") + "x" for r in rows]),
     ]
     for key, name, spec in (
         ("hessian_top_eig", "top eig", ".3g"),

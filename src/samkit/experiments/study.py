@@ -592,6 +592,7 @@ def summarize(
         rows.append(row)
     ref = next((r for r in rows if r["label"] == "sgd"), rows[0] if rows else None)
     for row in rows:
+        row["cost_reference"] = ref["label"] if ref else None
         row["cost_time"] = (
             row["time_per_epoch"] / ref["time_per_epoch"]
             if ref and _finite(ref["time_per_epoch"]) and ref["time_per_epoch"] > 0
