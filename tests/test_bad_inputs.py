@@ -38,6 +38,7 @@ COMPARE = [
     (["--optimizers", "sgd", "asam:eta=nan"], "eta"),
     (["--optimizers", "sgd", "asam:eta=inf"], "eta"),
     (["--optimizers", "sgd", "sam:rho=-1"], "rho"),
+    (["--optimizers", "sgd", "sam:rho=abc"], "rho"),
     (["--optimizers", "sgd", "sam_on"], "normalisation"),
     (["--optimizers", "sgd", "msam:micro_batches=0"], "micro_batches"),
     (["--optimizers", "sgd", "gsam:alpha=-1"], "alpha"),

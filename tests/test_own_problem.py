@@ -188,7 +188,7 @@ def test_paired_protocol_same_batches_and_init_for_every_method(tmp_path, monkey
         val_fraction=0.2,
     )
     by_seed: dict[int, list] = {}
-    for name, seed, reads, init in seen:
+    for _name, seed, reads, init in seen:
         by_seed.setdefault(seed, []).append((reads, init))
     for runs in by_seed.values():
         assert len(runs) == 3

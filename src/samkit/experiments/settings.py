@@ -297,8 +297,9 @@ class MethodSpec:
             )
         for key, value in self.options.items():
             _check_option(self.method, key, value)
-        if self.options.get("rho") is not None:
-            check_float("rho", self.options["rho"], 0.0)
+        rho = self.options.get("rho")
+        if rho is not None and not isinstance(rho, str):  # a string ("auto") is the builder's
+            check_float("rho", rho, 0.0)
         defaults = BASE_DEFAULTS[self.base]
         for name in ("lr", "momentum", "weight_decay"):
             if getattr(self, name) is None:
