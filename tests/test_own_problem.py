@@ -328,3 +328,20 @@ def test_tensor_dataset_directly(tmp_path):
     )
     (run,) = r.to_dict()["runs"]
     assert run["steps"] == 3  # 100 - 10 % validation = 90 samples: 3 full batches of 25
+
+
+def test_own_model_and_data_from_the_settings_file(user_folder, capsys):
+    folder, mod = user_folder
+    (folder / "study.toml").write_text(
+        f'model = "{mod}:make_model"\nmodel_kwargs = {{ hidden = 5 }}\ndata = "{mod}:load"\n'
+        'task = "classification"\ndevice = "cpu"\nnum_workers = 0\nbaseline = "sam"\n'
+        'optimizers = ["sgd", "sam"]\nseeds = 1\nepochs = 1\nbatch_size = 50\nsharpness = false\n'
+    )
+    rc = main(["compare", "--config", "study.toml", "-q", "--out", "toml-run"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = _strict((folder / "toml-run" / "results.json").read_text())
+    assert res["settings"]["model_kwargs"] == {"hidden": 5}
+    assert res["runs"][0]["n_params"] == 6 * 5 + 5 + 5 * 3 + 3  # the factory got hidden=5
+    assert [v["baseline"] for v in res["verdicts"]] == ["sam"]
+    assert "sgd: " in out and "against sam" in out
