@@ -345,3 +345,19 @@ def test_own_model_and_data_from_the_settings_file(user_folder, capsys):
     assert res["runs"][0]["n_params"] == 6 * 5 + 5 + 5 * 3 + 3  # the factory got hidden=5
     assert [v["baseline"] for v in res["verdicts"]] == ["sam"]
     assert "sgd: " in out and "against sam" in out
+
+
+def test_import_samkit_stays_torch_only_and_compare_is_lazy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, samkit\n"
+        "assert not [m for m in sys.modules if m.startswith('samkit.experiments')], 'eager'\n"
+        "assert 'matplotlib' not in sys.modules and 'optuna' not in sys.modules\n"
+        "assert callable(samkit.compare) and callable(samkit.tune)\n"
+        "assert 'samkit.experiments.api' in sys.modules\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
