@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:  # validation before any training: one line, exit 2
             raise UsageError(str(exc)) from exc
         if log:
-            log(api._headline(study))
+            log(api.headline(study))
             if config.sharpness and not sharpness_available():
                 log("samkit compare: samkit.sharpness is not available; sharpness columns skipped")
         result = study.run(progress=None if not args.quiet else False, log=log)

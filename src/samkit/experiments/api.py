@@ -33,7 +33,14 @@ from .folder import study_folder
 from .problem import Problem, UserData, load_callable, load_user_data
 from .settings import MethodSpec, StudyConfig
 
-__all__ = ["compare", "CompareResult", "OpenStudy", "open_study", "study_from_settings"]
+__all__ = [
+    "compare",
+    "CompareResult",
+    "OpenStudy",
+    "open_study",
+    "study_from_settings",
+    "headline",
+]
 
 
 @dataclass
@@ -128,8 +135,6 @@ def study_from_settings(settings: dict[str, Any], **user: Any) -> StudyConfig:
     if "user_data" not in user and settings.get("data") is not None:
         user["user_data"] = load_user_data(settings["data"])
         settings["dataset"] = user["user_data"].name
-    elif settings.get("data") is None and "user_data" not in user:
-        pass
     for key in ("loss", "metrics"):
         if user.get(key) is None:
             user.pop(key, None)
@@ -265,11 +270,12 @@ def compare(
     log = None if quiet else _stderr
     with open_study(config, out, drop_unfit=default_methods) as study:
         if log:
-            log(_headline(study))
+            log(headline(study))
         return study.run(progress=progress, log=log)
 
 
-def _headline(study: OpenStudy) -> str:
+def headline(study: OpenStudy) -> str:
+    """The log line that opens a study: problem, methods, seeds, folder."""
     c = study.config
     labels = ", ".join(m.label for m in c.methods)
     line = (

@@ -353,12 +353,17 @@ def _as_user_data(name: str, out: Any) -> UserData:
                 "(expected train, and optional val, test)"
             )
         return UserData(name, out["train"], out.get("val"), out.get("test"))
-    if isinstance(out, (tuple, list)) and len(out) in (2, 3) and not torch.is_tensor(out[0]):
-        if not isinstance(out[0], np.ndarray):
-            parts = list(out)
-            if len(parts) == 2:
-                return UserData(name, parts[0], None, parts[1])
-            return UserData(name, parts[0], parts[1], parts[2])
+    # (train, test) or (train, val, test) of datasets or (x, y) pairs; a bare (x, y)
+    # pair of arrays is ambiguous with (train, test), so it is refused
+    if (
+        isinstance(out, (tuple, list))
+        and len(out) in (2, 3)
+        and not any(torch.is_tensor(p) or isinstance(p, np.ndarray) for p in out)
+    ):
+        parts = list(out)
+        if len(parts) == 2:
+            return UserData(name, parts[0], None, parts[1])
+        return UserData(name, parts[0], parts[1], parts[2])
     raise ValueError(
         f"Invalid data value: {name!r} returned {type(out).__name__} (expected (train, test), "
         "(train, val, test) or a dict with those keys)"
