@@ -361,3 +361,27 @@ def test_import_samkit_stays_torch_only_and_compare_is_lazy():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_worker_processes_give_the_same_numbers(tmp_path):
+    """In-memory tensors are indexed directly without workers and through a DataLoader
+    with them; both paths must feed the same batches."""
+    x, y = _problem()
+    finals = []
+    for workers in (0, 1):
+        r = samkit.compare(
+            model=_make,
+            train=(x[:100], y[:100]),
+            test=(x[100:], y[100:]),
+            methods=["sam"],
+            seeds=1,
+            epochs=2,
+            batch_size=20,
+            sharpness=False,
+            num_workers=workers,
+            out=tmp_path / str(workers),
+            quiet=True,
+        )
+        (run,) = r.to_dict()["runs"]
+        finals.append({k: v for k, v in run["final"].items() if k != "epoch_time"})
+    assert finals[0] == finals[1]

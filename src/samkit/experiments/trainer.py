@@ -221,7 +221,10 @@ def train_batches(
     kw = _loader_kwargs(num_workers, pin_memory, seed * 100_003 + epoch)
     if kind == "map":
         batches = _batches(len(source), batch_size, seed, epoch)
-        if batch_indexable(source):
+        if batch_indexable(source) and num_workers == 0 and not pin_memory:
+            # in-memory tensors, no workers: a DataLoader would only add its per-batch cost
+            loader: Any = (source[idx] for idx in batches)
+        elif batch_indexable(source):
             loader = DataLoader(source, sampler=batches, batch_size=None, **kw)
         else:
             loader = DataLoader(source, batch_sampler=[b.tolist() for b in batches], **kw)
@@ -252,7 +255,10 @@ def eval_batches(
         n = len(source)
         if batch_indexable(source):
             chunks = [torch.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-            loader: Any = DataLoader(source, sampler=chunks, batch_size=None, **kw)
+            if num_workers == 0 and not pin_memory:
+                loader: Any = (source[c] for c in chunks)
+            else:
+                loader = DataLoader(source, sampler=chunks, batch_size=None, **kw)
         else:
             loader = DataLoader(source, batch_size=batch_size, shuffle=False, **kw)
     elif _kind(source) == "iterable":
