@@ -1,7 +1,7 @@
 r"""SAM's cheaper and adaptive variants beside SGD and SAM: cost and accuracy.
 
 For every variant registered for ``samkit compare`` (see
-``src/samkit/experiments/variant_methods.py``) this trains the MNIST-1D
+``src/samkit/experiments/methods.py``) this trains the MNIST-1D
 paper's CNN (Greydanus, arXiv 2011.14439; ~5k parameters) with the project's
 one training loop (:mod:`samkit.experiments`), on clean labels and with 40 %
 symmetric label noise, for several seeds, in the same run as SGD and SAM,
@@ -57,8 +57,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import environment, print_table, time_interleaved, write_json  # noqa: E402
 
-from samkit.experiments.config import parse_method  # noqa: E402
 from samkit.experiments.methods import list_methods, method_info  # noqa: E402
+from samkit.experiments.settings import parse_method  # noqa: E402
 from samkit.experiments.study import MethodSpec, StudyConfig, run_study  # noqa: E402
 from samkit.experiments.trainer import TrainConfig  # noqa: E402
 

@@ -48,10 +48,10 @@ def test_sampled_search_stays_in_range_and_resumes(tmp_path, capsys):
     [
         (["--method", "sgd"], "no rho"),
         (["--method", "lion"], "lion"),
-        (["--rho-range", "0.5,0.1"], "rho-range"),
+        (["--rho-range", "0.5,0.1"], "rho_range"),
         (["--grid", "0.1,-1"], "grid"),
         (["--trials", "0"], "trials"),
-        (["--val-fraction", "0"], "val-fraction"),
+        (["--val-fraction", "0"], "val_fraction"),
         (["--model", "vit"], "vit"),
     ],
 )

@@ -229,3 +229,62 @@ def test_mnist1d_cnn_sam_beats_sgd(tmp_path, noise, rho, min_sam, min_gap):
     )
     assert sam >= min_sam
     assert sam - sgd >= min_gap
+
+
+def test_adding_a_method_is_one_decorated_builder(tmp_path, capsys):
+    """docs/compare.md's example, registered and run through the CLI."""
+    from samkit import SAM, Late
+    from samkit.cli.main import main
+    from samkit.experiments import registry
+    from samkit.experiments.registry import SAMMethod, register
+
+    @register(
+        "late_half",
+        description="SAM on the last half of training only (arXiv 2410.10373); 1.5 passes",
+        defaults={"rho": 0.05},
+    )
+    def _late_half(model, spec, *, rho):
+        policy = Late(total_steps=spec.total_steps, fraction=0.5)
+        base = make_base_optimizer(model.parameters(), spec)
+        return SAMMethod(SAM(base, rho=rho, policy=policy, model=model), "late_half")
+
+    try:
+        assert "late_half" in list_methods()
+        argv = ["compare", "--dataset", "synthetic", "--train-size", "200", "--epochs", "2"]
+        argv += [
+            "--seeds",
+            "1",
+            "--no-sharpness",
+            "-q",
+            "--batch-size",
+            "45",
+            "--out",
+            str(tmp_path),
+        ]
+        rc = main([*argv, "--optimizers", "sgd", "late_half", "--rho", "0.1"])
+        assert rc == 0, capsys.readouterr().err
+        res = json.loads((tmp_path / "results.json").read_text())
+        run = next(r for r in res["runs"] if r["label"] == "late_half")
+        assert run["passes_per_step"] == 1.5  # SAM on 2 of the 4 steps
+        assert run["config"]["method"]["options"] == {"rho": 0.1}
+        rc = main([*argv, "--optimizers", "late_half:rho=-1"])
+        assert rc == 2 and "rho" in capsys.readouterr().err
+        rc = main(["compare", "--list"])
+        assert "late_half" in capsys.readouterr().out
+    finally:
+        registry._REGISTRY.pop("late_half", None)
+    assert "late_half" not in list_methods()
+
+
+def test_registry_capabilities_and_default_study():
+    from samkit.experiments.settings import _method_tokens
+
+    assert "msam" not in _method_tokens(None) and "mesa" not in _method_tokens(None)
+    assert set(_method_tokens(["all"])) == set(list_methods())
+    assert not method_info("gsam").supports_scaler and method_info("sam").supports_scaler
+    assert method_info("saf").needs_index and method_info("esam").per_sample_loss
+    with pytest.raises(ValueError, match="capability"):
+        register_method("x-bad", lambda m, s: None, description="x", fast=True)
+    with pytest.raises(ValueError, match="Invalid rho value"):
+        MethodSpec("sam", options={"rho": float("nan")})
+    assert MethodSpec("sam", options={"rho": "auto"}).options["rho"] == "auto"  # the builder's call

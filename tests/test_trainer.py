@@ -182,3 +182,15 @@ def test_lr_is_set_each_step(data):
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_optimizer_hears_validation_loss_and_rho_is_recorded(data):
+    model, method = _setup(data, "sam", rho=0.07)
+    heard = []
+    method.optimizer.observe_validation = heard.append  # the self-tuning-rho hook, when present
+    res = train(model, method, data, TrainConfig(epochs=3, batch_size=100), progress=False)
+    assert heard == [r["val_loss"] for r in res.history]
+    assert [r["rho"] for r in res.history] == [0.07, 0.07, 0.07]
+    model, method = _setup(data, "sgd")
+    res = train(model, method, data, TrainConfig(epochs=1, batch_size=100), progress=False)
+    assert "rho" not in res.history[0]  # plain SGD has no rho

@@ -70,3 +70,19 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# The study (``samkit.compare`` / ``samkit.tune``) needs the experiments'
+# dependencies; it is imported on first use so ``import samkit`` stays torch-only.
+_LAZY = {"compare": "samkit.experiments.api", "tune": "samkit.experiments.tuning"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'samkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

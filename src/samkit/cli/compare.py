@@ -1,14 +1,16 @@
-"""``samkit compare``: SGD vs Adam vs SAM and its variants on real data.
+"""``samkit compare``: SGD vs Adam vs SAM and its variants, on built-in or your own problem.
 
-Trains every (optimizer x seed) run, prints a table and writes a run folder
-(``results.json``, per-run metrics and checkpoints, ``report.html``).
-Rerunning the same command resumes: finished runs are not trained again.
+Trains every (optimizer x seed) run, prints a table and one paired verdict per
+method, and writes a run folder (``results.json``, per-run metrics and
+checkpoints, ``report.html``). Rerunning the same command resumes: finished
+runs are not trained again. Your own model and data: ``--model
+module:function`` and ``--data module:function`` or ``--data file.npz``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ EPILOG = """examples:
   samkit compare --noise 0.4 --model gru --epochs 100
   samkit compare --optimizers sgd "sam:base=adam,lr=0.01,label=sam-adam" adam
   samkit compare --config examples/compare.toml
+  samkit compare --model mymodels:make_model --data mydata:load --task regression
+  samkit compare --model mlp --data arrays.npz --device cuda --amp bf16
   samkit compare --list                        # datasets, models and optimizers
 """
 
@@ -68,7 +72,29 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="a short run (about 2 minutes on a laptop CPU)"
     )
     p.add_argument("--dataset", help="mnist1d (default), digits or synthetic")
-    p.add_argument("--model", help="cnn (default), gru, mlp or resnet")
+    p.add_argument(
+        "--data",
+        metavar="MODULE:FUNCTION|FILE.npz",
+        help="your own data: a function returning (train, test), (train, val, test) or a dict "
+        "of torch Datasets / (x, y) arrays, or an .npz with x_train, y_train, x_test, y_test "
+        "(optional x_val, y_val)",
+    )
+    p.add_argument(
+        "--model",
+        metavar="NAME|MODULE:FUNCTION",
+        help="cnn (default), gru, mlp, resnet, or your own: a function returning a fresh nn.Module "
+        "(imported from the current folder or an installed package)",
+    )
+    p.add_argument(
+        "--task",
+        choices=("classification", "regression"),
+        help="default: classification for integer targets, regression for float targets",
+    )
+    p.add_argument(
+        "--device", help="auto (default: CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"
+    )
+    p.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (default: float32)")
     p.add_argument(
         "--noise",
         type=float,
@@ -93,6 +119,11 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATIENCE",
         help="stop after PATIENCE epochs without "
         "a better validation accuracy (keeps the best weights)",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="LABEL",
+        help="the method the paired verdicts compare against (default sgd, else the first)",
     )
     p.add_argument(
         "--out",
@@ -130,12 +161,14 @@ def _seeds(text: str | None) -> int | list[int] | None:
 
 def settings_from_args(args: argparse.Namespace, quick_preset: dict[str, Any]) -> dict[str, Any]:
     """Merge defaults / quick preset / TOML / flags into one settings dict."""
-    from ..experiments import config as cfg
+    from ..experiments import settings as st
 
-    toml = cfg.load_toml(args.config) if args.config else {}
+    toml = st.load_toml(args.config) if args.config else {}
     flags = {
         "dataset": args.dataset,
+        "data": args.data,
         "model": args.model,
+        "task": args.task,
         "noise": args.noise,
         "seeds": _seeds(args.seeds),
         "epochs": args.epochs,
@@ -145,6 +178,10 @@ def settings_from_args(args: argparse.Namespace, quick_preset: dict[str, Any]) -
         "val_fraction": args.val_fraction,
         "train_size": args.train_size,
         "early_stopping": args.early_stopping,
+        "device": args.device,
+        "num_workers": args.num_workers,
+        "amp": args.amp,
+        "baseline": args.baseline,
         "out": args.out,
     }
     if getattr(args, "optimizers", None) is not None:
@@ -153,21 +190,7 @@ def settings_from_args(args: argparse.Namespace, quick_preset: dict[str, Any]) -
         flags["rho"] = _floats("rho", args.rho)
     if getattr(args, "sharpness", None) is not None:
         flags["sharpness"] = args.sharpness
-    return cfg.merge(quick_preset if args.quick else None, toml, flags)
-
-
-def prepare_out_dir(path: Path) -> Path:
-    """Create the run folder and check it is writable (UsageError otherwise)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".samkit-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write to output folder {str(path)!r} ({exc.strerror or exc})"
-        ) from exc
-    return path
+    return st.merge(quick_preset if args.quick else None, toml, flags)
 
 
 def _print_list() -> int:
@@ -186,138 +209,43 @@ def _print_list() -> int:
     return 0
 
 
+def _log(quiet: bool) -> Any:
+    return None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list:
         return _print_list()
-    from ..experiments import config as cfg
-    from ..experiments.study import run_study, sharpness_available
+    from ..experiments import api
+    from ..experiments import settings as st
+    from ..experiments.report import print_table
+    from ..experiments.study import sharpness_available
 
     try:
-        settings = settings_from_args(args, cfg.QUICK)
-        study = cfg.build_study(settings)
+        settings = settings_from_args(args, st.QUICK)
+        config = api.study_from_settings(settings)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    out = prepare_out_dir(Path(settings["out"]) if settings["out"] else cfg.default_out_dir(study))
-    quiet = args.quiet
-    log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if log:
-        labels = ", ".join(m.label for m in study.methods)
-        log(
-            f"samkit compare: {study.dataset} / {study.model}, noise {study.noise:g}, "
-            f"{len(study.seeds)} seed(s) x [{labels}], {study.train.epochs} epochs -> {out}"
-        )
-        if study.skipped:
-            log(
-                f"samkit compare: left out (cannot run on {study.model}): {', '.join(study.skipped)}"
-            )
-        if study.sharpness and not sharpness_available():
-            log("samkit compare: samkit.sharpness is not available; sharpness columns skipped")
-    results = run_study(study, out, progress=None if not quiet else False, log=log)
-    summary = finish(study, results, out, log=log)
-    from ..experiments.report import print_table
-
-    title = f"{study.dataset} / {study.model}" + (
-        f", {study.noise:.0%} label noise" if study.noise else ""
-    )
-    print_table(summary["summary"], title=title)
-    print(f"results: {out / 'results.json'}\nreport:  {out / 'report.html'}")
-    return 0
-
-
-def finish(study: Any, results: list[Any], out: Path, *, log: Any = None) -> dict[str, Any]:
-    """Aggregate the runs into results.json and write report.html."""
-    import json
-
-    from ..experiments.report import write_report
-    from ..experiments.study import summarize, write_json_atomic
-
-    records = [r.record for r in results]
-    labels = [m.label for m in study.methods]
-    rows = summarize(records, labels)
-    histories: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        path = out / "runs" / r["metrics"]
+    out = Path(settings["out"]) if settings["out"] else st.default_out_dir(config)
+    default_methods = settings["optimizers"] in (None, ["all"], "all") and not settings["methods"]
+    log = _log(args.quiet)
+    with contextlib.ExitStack() as stack:
         try:
-            histories[r["key"]] = [
-                json.loads(line) for line in path.read_text().splitlines() if line.strip()
-            ]
-        except (OSError, ValueError):
-            histories[r["key"]] = []
-    interp = _interpolation(study, records, out, log) if study.sharpness else None
-    summary = {
-        "format": "samkit-compare",
-        "version": 1,
-        "settings": study.to_dict(),
-        "summary": rows,
-        "runs": records,
-        "interpolation": interp,
-        "executed_runs": sum(r.executed for r in results),
-    }
-    write_json_atomic(out / "results.json", summary)
-    write_report(
-        out / "report.html",
-        title=f"samkit compare: {study.dataset} / {study.model}"
-        + (f", {study.noise:.0%} label noise" if study.noise else ""),
-        rows=rows,
-        records=records,
-        histories=histories,
-        settings={k: v for k, v in study.to_dict().items() if k != "methods"} | {"methods": labels},
-        interpolation=interp,
-        notes=[
-            "Test accuracy: mean +- sample standard deviation over seeds; error bars: standard error. "
-            "Cost: time per training epoch, and forward/backward passes per step, relative to SGD."
-        ],
-    )
-    return summary
-
-
-def _interpolation(
-    study: Any, records: list[dict[str, Any]], out: Path, log: Any
-) -> dict[str, Any] | None:
-    """Loss along the line from the SGD model to the SAM model (first seed)."""
-    try:
-        from ..sharpness import landscape
-    except ImportError:
-        return None
-    if not callable(getattr(landscape, "interpolate", None)):
-        return None
-    seed = study.seeds[0]
-    by_label = {r["label"]: r for r in records if r["seed"] == seed}
-    a = by_label.get("sgd")
-    sam_like = [r for r in records if r["seed"] == seed and r["method"] == "sam"]
-    b = max(sam_like, key=lambda r: r["final"].get("test_acc", -math.inf)) if sam_like else None
-    if a is None or b is None:
-        return None
-    import torch.nn.functional as F
-
-    from ..experiments.checkpoint import load_checkpoint
-    from ..experiments.models import build_model
-    from ..experiments.study import sharpness_batches
-
-    try:
-        models = []
-        for r in (a, b):
-            ck = load_checkpoint(out / "runs" / r["checkpoint"])
-            m = build_model(ck["model"]["name"], **ck["model"]["kwargs"])
-            m.load_state_dict(ck["state_dict"])
-            m.eval()
-            models.append(m)
-        data = study.load(seed)
-        alphas, losses = landscape.interpolate(
-            models[0],
-            models[1],
-            F.cross_entropy,
-            sharpness_batches(data, study.sharpness_samples),
-            n_points=study.interpolation_points,
-        )
-    except Exception as exc:  # noqa: BLE001 - an instrument failure must not lose the study
+            study = stack.enter_context(api.open_study(config, out, drop_unfit=default_methods))
+        except ValueError as exc:  # validation before any training: one line, exit 2
+            raise UsageError(str(exc)) from exc
         if log:
-            log(f"samkit compare: interpolation failed: {type(exc).__name__}: {exc}")
-        return None
-    return {
-        "a": a["label"],
-        "b": b["label"],
-        "seed": seed,
-        "alphas": [float(x) for x in alphas],
-        "losses": [float(x) for x in losses],
-    }
+            log(api.headline(study))
+            if config.sharpness and not sharpness_available():
+                log("samkit compare: samkit.sharpness is not available; sharpness columns skipped")
+        result = study.run(progress=None if not args.quiet else False, log=log)
+    title = f"{config.dataset} / {config.model}" + (
+        f", {config.noise:.0%} label noise" if config.noise else ""
+    )
+    print_table(result.rows, title=title)
+    if result.verdicts:
+        print()
+        for sentence in result.verdicts:
+            print(sentence)
+    print(f"results: {result.results_path}\nreport:  {result.report_path}")
+    return 0

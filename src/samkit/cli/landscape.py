@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, check_output_file
 from .sharpness import add_data_arguments, check_data_arguments, load_model_and_batches
 
 EPILOG = """examples:
@@ -78,24 +78,29 @@ def run(args: argparse.Namespace) -> int:
     if mode != "path" and args.other:
         raise UsageError(f"--other is only used with --mode path (got --mode {mode})")
     res = args.resolution if args.resolution is not None else (21 if mode == "2d" else 25)
-    if res < 2:
-        raise UsageError(f"invalid --resolution value: {res} (must be >= 2)")
-    if not (math.isfinite(args.span) and args.span > 0):
-        raise UsageError(f"invalid --range value: {args.span!r} (must be > 0)")
+    high = 201 if mode == "2d" else 1001  # 201^2 = 40k loss evaluations already
+    if not 2 <= res <= high:
+        raise UsageError(f"invalid --resolution value: {res} (must be in [2, {high}] for {mode})")
+    if not (math.isfinite(args.span) and 0 < args.span <= 1e6):
+        raise UsageError(f"invalid --range value: {args.span!r} (must be in (0, 1e6])")
     out = (
-        Path(args.out) if args.out else Path(args.checkpoint).with_suffix(f".landscape-{mode}.png")
+        Path(args.out)
+        if args.out is not None
+        else Path(args.checkpoint).with_suffix(f".landscape-{mode}.png")
     )
-    if out.suffix != ".png":
-        raise UsageError(f"invalid --out value: {str(out)!r} (expected a .png path)")
-    raw = out.with_suffix(".npz")
+    # both outputs are checked before the computation, not after it
+    check_output_file(out, "--out", ".png")
+    raw = check_output_file(out.with_suffix(".npz"), "--out", ".npz")
     progress = not args.quiet
 
     model, batches, info = load_model_and_batches(args.checkpoint, args)
-    name = info["label"] or Path(args.checkpoint).stem
+    from ..experiments.checkpoint import safe_label
+
+    name = info["label"] or safe_label(Path(args.checkpoint).stem)
     meta = {**info, "mode": mode, "seed": args.seed}
     if mode == "path":
         other, _, info_b = load_model_and_batches(args.other, args)
-        name_b = info_b["label"] or Path(args.other).stem
+        name_b = info_b["label"] or safe_label(Path(args.other).stem)
         try:
             alphas, losses = ls.interpolate(
                 model, other, F.cross_entropy, batches, n_points=res, progress=progress

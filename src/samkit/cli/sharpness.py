@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import write_json_atomic as _write_json_atomic
-from .errors import UsageError
+from .errors import UsageError, check_output_file
 
 EPILOG = """examples:
   samkit sharpness samkit-runs/compare-*/runs/sam-rho0.05-seed0.pt
@@ -113,22 +113,27 @@ def _positive(name: str, value: Any, *, zero: bool = False) -> None:
 
 
 def load_model_and_batches(path: str, args: argparse.Namespace) -> tuple[Any, list, dict[str, Any]]:
-    """Rebuild the model of a checkpoint and the fixed batches to measure on."""
-    from ..experiments.checkpoint import load_checkpoint
-    from ..experiments.datasets import load_dataset
-    from ..experiments.models import build_model
+    """Rebuild the model of a checkpoint and the fixed batches to measure on.
+
+    The checkpoint is validated first (:func:`~samkit.experiments.checkpoint.check_checkpoint`):
+    nothing in it is used as is (no path, no code), and NaN weights are refused.
+    """
+    from ..experiments.checkpoint import (
+        check_checkpoint,
+        load_checkpoint,
+        rebuild_dataset,
+        rebuild_model,
+        safe_label,
+    )
 
     try:
-        ck = load_checkpoint(path)
-    except ValueError as exc:  # torch's reason can span lines: the CLI reports one
-        raise UsageError(str(exc).splitlines()[0]) from exc
-    try:
-        model = build_model(ck["model"]["name"], **ck["model"]["kwargs"])
-        model.load_state_dict(ck["state_dict"])
-        data = load_dataset(**ck["dataset"])
+        checked = check_checkpoint(load_checkpoint(path), path)
+        model = rebuild_model(checked)
+        data = rebuild_dataset(checked)
     except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        # torch's reason can span lines: the CLI reports one
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"cannot rebuild the model or data of {path!r}: {reason}") from exc
+        raise UsageError(f"cannot use {safe_label(path, 200)!r}: {reason}") from exc
     model.eval()
     split = getattr(data, args.split)
     if len(split) == 0:
@@ -138,9 +143,9 @@ def load_model_and_batches(path: str, args: argparse.Namespace) -> tuple[Any, li
     batches = [(split.x[i : min(i + bs, n)], split.y[i : min(i + bs, n)]) for i in range(0, n, bs)]
     info = {
         "checkpoint": str(path),
-        "model": ck["model"]["name"],
-        "dataset": ck["dataset"].get("name"),
-        "label": ck.get("meta", {}).get("label"),
+        "model": checked["model"][0],
+        "dataset": checked["dataset"]["name"],
+        "label": checked["label"],
         "split": args.split,
         "samples": n,
     }
@@ -169,24 +174,27 @@ def run(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     from .. import sharpness as sh
+    from ..experiments.checkpoint import safe_label
     from ..sharpness.hessian import hessian_trace, spectral_density, top_eigenvalues
 
     check_data_arguments(args)
-    if args.top_k < 1:
-        raise UsageError(f"invalid --top-k value: {args.top_k} (must be >= 1)")
-    if args.trace_samples < 1:
-        raise UsageError(f"invalid --trace-samples value: {args.trace_samples} (must be >= 1)")
-    if args.ascent_steps < 1:
-        raise UsageError(f"invalid --ascent-steps value: {args.ascent_steps} (must be >= 1)")
+    for flag, value, high in (
+        ("top-k", args.top_k, 1000),
+        ("trace-samples", args.trace_samples, 100_000),
+        ("ascent-steps", args.ascent_steps, 100_000),
+    ):
+        if not 1 <= value <= high:
+            raise UsageError(f"invalid --{flag} value: {value} (must be in [1, {high}])")
     _positive("tol", args.tol)
     _positive("rho", args.rho)
-    if args.density and not args.density.endswith(".png"):
-        raise UsageError(f"invalid --density value: {args.density!r} (expected a .png path)")
-    if args.density and len(args.checkpoints) > 1:
+    if args.density is not None and len(args.checkpoints) > 1:
         raise UsageError("--density takes one checkpoint")
-    out = Path(args.out) if args.out else _default_out(args.checkpoints)
-    if out.suffix != ".json":
-        raise UsageError(f"invalid --out value: {str(out)!r} (expected a .json path)")
+    # every output is checked before the computation, not after it
+    if args.density is not None:
+        check_output_file(Path(args.density), "--density", ".png")
+        check_output_file(Path(args.density).with_suffix(".npz"), "--density", ".npz")
+    out = Path(args.out) if args.out is not None else _default_out(args.checkpoints)
+    check_output_file(out, "--out", ".json")
 
     progress = not args.quiet
     rows, results = [], []
@@ -267,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
             res["density_png"] = str(png)
         results.append({**info, "results": res})
         row = {
-            "checkpoint": info["label"] or Path(path).stem,
+            "checkpoint": info["label"] or safe_label(Path(path).stem),
             "loss": res["loss"],
             "top eig": res["hessian_top_eig"],
             "trace": f"{tr.trace:.4g} +- {tr.stderr:.2g}",

@@ -1,14 +1,20 @@
-"""Experiments on real data: datasets, models, the trainer, comparative studies.
+"""Experiments on real data: the comparative study and what it is built from.
 
 Modules (import what you need; nothing is loaded eagerly, so importing
 :mod:`samkit.experiments.checkpoint` stays cheap):
 
-- :mod:`.datasets`: ``load_dataset("mnist1d" | "digits" | "synthetic", seed=, noise=, val_fraction=)``
+- :mod:`.api`: ``compare(model=, train=, val=, test=, ...)``, the study from Python
+  (also ``samkit.compare``); :mod:`.tuning`: ``tune(...)`` (also ``samkit.tune``)
+- :mod:`.settings`: every setting (``TrainSpec``, ``TrainConfig``, ``MethodSpec``,
+  ``StudyConfig``), presets, TOML files and flags, and all their validation
+- :mod:`.registry`: the method contract and the ``@register`` decorator;
+  :mod:`.methods`: every method, each declared where it is defined
+- :mod:`.problem`: the user's data, model factory, loss and metrics (or the built-in ones)
+- :mod:`.datasets`: ``load_dataset("mnist1d" | "digits" | "synthetic", ...)``
 - :mod:`.models`: ``build_model("cnn" | "gru" | "mlp" | "resnet", **kwargs)``
-- :mod:`.methods`: the registry of training methods (``sgd``, ``adam``, ``sam``, ``asam``, variants)
 - :mod:`.trainer`: ``train(model, method, data, TrainConfig(...))``, the one training loop
-- :mod:`.study`: ``run_study(StudyConfig(...), out_dir)``, resumable (method x seed) grids
+- :mod:`.study`: validation, resumable (method x seed) grids, summary and paired verdicts
 - :mod:`.report`: tables and the self-contained HTML report
-- :mod:`.config`: settings from presets, TOML files and flags
-- :mod:`.checkpoint`: ``save_checkpoint`` / ``load_checkpoint``
+- :mod:`.folder`: one study per folder (a lock), stale temporary files
+- :mod:`.checkpoint`: ``save_checkpoint`` / ``load_checkpoint`` / ``check_checkpoint``
 """

@@ -12,6 +12,14 @@ A checkpoint is one ``torch.save`` file holding::
 
 Writes are atomic (temporary file + ``os.replace``), so a crash never leaves
 a half-written checkpoint behind.
+
+A checkpoint is a file a user hands us, so :func:`check_checkpoint` validates
+every entry before use and takes nothing from it as is: the model must be a
+built-in one with plain keyword values, the dataset entry may only hold the
+keys of a built-in dataset's spec (never a cache folder or any other path),
+the weights must be finite tensors, and the label is made safe to print.
+A model written by the user's own code (``"user:..."``) is never imported
+from a checkpoint: rebuilding it is refused with a message saying how.
 """
 
 from __future__ import annotations
@@ -24,7 +32,15 @@ import torch
 
 from .._atomic import atomic_open
 
-__all__ = ["save_checkpoint", "load_checkpoint", "atomic_torch_save"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "atomic_torch_save",
+    "check_checkpoint",
+    "rebuild_model",
+    "rebuild_dataset",
+    "safe_label",
+]
 
 FORMAT = "samkit-checkpoint"
 
@@ -72,3 +88,117 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"Invalid path value: {str(path)!r} is not a samkit checkpoint")
     return ckpt
+
+
+_DATASET_KEYS = {"name": str, "seed": int, "noise": float, "val_fraction": float, "train_size": int}
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def safe_label(text: Any, limit: int = 80) -> str:
+    """A label read from a file, safe to print on a terminal and in a plot:
+    control characters (escape sequences) become ``?``, ``$`` (matplotlib's
+    math mode) is escaped, and it is cut at ``limit`` characters."""
+    s = "".join(c if c.isprintable() else "?" for c in str(text))[:limit]
+    return s.replace("$", r"\$")
+
+
+def check_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Validate a loaded checkpoint; ValueError naming the file and the bad entry.
+
+    Returns ``{"model": (name, kwargs), "dataset": spec or None, "label": str}``
+    with every value checked; ``dataset`` is None for data that was not built in.
+    """
+    from .datasets import list_datasets
+    from .models import list_models
+
+    where = f"checkpoint {str(path)!r}"
+    model = ckpt.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise ValueError(f"Invalid {where}: no model entry")
+    name, kwargs = model["name"], model.get("kwargs", {})
+    if name.startswith("user:"):
+        raise ValueError(
+            f"Invalid {where}: its model was built by your own code ({safe_label(name[5:])}); "
+            "samkit never imports code named in a file: load it in Python with your model "
+            "factory and use samkit.sharpness"
+        )
+    if name not in list_models():
+        raise ValueError(
+            f"Invalid {where}: unknown model {safe_label(name)!r} "
+            f"(choose from {', '.join(list_models())})"
+        )
+    if not isinstance(kwargs, dict) or not all(
+        isinstance(k, str) and isinstance(v, _SCALARS) for k, v in kwargs.items()
+    ):
+        raise ValueError(f"Invalid {where}: model arguments must be plain values")
+    spec = ckpt.get("dataset")
+    dataset = None
+    if (
+        isinstance(spec, dict)
+        and isinstance(spec.get("name"), str)
+        and spec["name"] in list_datasets()
+    ):
+        unknown = sorted(set(spec) - set(_DATASET_KEYS))
+        if unknown:
+            raise ValueError(
+                f"Invalid {where}: unexpected dataset entries {', '.join(map(safe_label, unknown))}"
+            )
+        for key, typ in _DATASET_KEYS.items():
+            v = spec.get(key)
+            ok = v is None or (isinstance(v, typ) and not isinstance(v, bool))
+            if typ is float:
+                ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+            if not ok:
+                raise ValueError(f"Invalid {where}: dataset entry {key} = {safe_label(repr(v))}")
+        dataset = dict(spec)
+    elif spec is not None and not (
+        isinstance(spec, dict) and str(spec.get("name", "")).startswith("user:")
+    ):
+        raise ValueError(f"Invalid {where}: unknown dataset entry")
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()
+    ):
+        raise ValueError(f"Invalid {where}: the weights are not a state dict of tensors")
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(
+                f"Invalid {where}: weight {safe_label(k)!r} holds NaN or infinite values "
+                "(the run diverged); nothing to measure"
+            )
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    label = meta.get("label")
+    return {
+        "model": (name, dict(kwargs)),
+        "dataset": dataset,
+        "label": safe_label(label) if isinstance(label, str) and label else None,
+        "state_dict": state,
+    }
+
+
+def rebuild_model(checked: dict[str, Any]) -> torch.nn.Module:
+    """The checkpoint's model with its weights (from :func:`check_checkpoint`'s result)."""
+    from .models import build_model
+
+    name, kwargs = checked["model"]
+    model = build_model(name, **kwargs)
+    try:
+        model.load_state_dict(checked["state_dict"])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"Invalid state_dict value: the weights do not fit {name} ({str(exc).splitlines()[0]})"
+        ) from exc
+    return model
+
+
+def rebuild_dataset(checked: dict[str, Any]) -> Any:
+    """The checkpoint's built-in dataset (cache folder: the default, never the file's)."""
+    from .datasets import load_dataset
+
+    spec = checked["dataset"]
+    if spec is None:
+        raise ValueError(
+            "Invalid dataset value: the checkpoint was trained on your own data, which samkit "
+            "cannot rebuild from a file; measure it in Python with samkit.sharpness"
+        )
+    return load_dataset(**spec)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset as TorchDataset
 
 from .._atomic import atomic_open
 
@@ -48,14 +49,21 @@ _DATASETS = {
 
 
 @dataclass(frozen=True)
-class Split:
-    """Inputs ``x`` (float32, ``(n, length)``) and labels ``y`` (int64, ``(n,)``)."""
+class Split(TorchDataset):
+    """Inputs ``x`` (float32, ``(n, length)``) and labels ``y`` (int64, ``(n,)``).
+
+    A map-style torch Dataset; ``split[index_tensor]`` gives a whole batch at
+    once, which the trainer's DataLoader uses instead of collating samples.
+    """
 
     x: Tensor
     y: Tensor
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    def __getitem__(self, index: Any) -> tuple[Tensor, Tensor]:
+        return self.x[index], self.y[index]
 
 
 @dataclass

@@ -32,35 +32,52 @@ __all__ = [
 
 
 def _fmt(v: Any, spec: str) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return "-"
     return format(v, spec)
 
 
+def _metric(rows: list[dict[str, Any]]) -> str:
+    return rows[0].get("metric", "acc") if rows else "acc"
+
+
+def _score_cell(r: dict[str, Any], metric: str) -> str:
+    pct = metric.lower() in ("acc", "accuracy")
+    scale, spec = (100.0, ".2f") if pct else (1.0, ".4g")
+    mean, std = r.get(f"test_{metric}_mean"), r.get(f"test_{metric}_std")
+    div = r.get("diverged", 0) or 0
+    if not r.get("n"):
+        return f"diverged ({div}/{r.get('runs', div)})" if div else "-"
+    cell = f"{_fmt(None if mean is None else scale * mean, spec)} +- {_fmt(None if std is None else scale * std, spec)}"
+    return cell + (f" ({div} diverged)" if div else "")
+
+
 def table_columns(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     """(header, cells) per column; sharpness columns only where measured."""
+    metric = _metric(rows)
+    head = (
+        "test acc % (mean +- std)"
+        if metric.lower() in ("acc", "accuracy")
+        else (f"test {metric} (mean +- std)")
+    )
+    ref = rows[0].get("cost_reference", "sgd") if rows else "sgd"
+    ref = "SGD" if ref in (None, "sgd") else ref
     cols = [
         ("method", [r["label"] for r in rows]),
-        ("seeds", [str(r["n"]) for r in rows]),
-        (
-            "test acc % (mean +- std)",
-            [
-                f"{_fmt(100 * r['test_acc_mean'], '.2f')} +- {_fmt(100 * r['test_acc_std'], '.2f')}"
-                for r in rows
-            ],
-        ),
+        ("seeds", [str(r.get("runs", r["n"])) for r in rows]),
+        (head, [_score_cell(r, metric) for r in rows]),
         ("train loss", [_fmt(r["train_loss_mean"], ".4f") for r in rows]),
         ("s/epoch", [_fmt(r["time_per_epoch"], ".3f") for r in rows]),
-        ("cost vs SGD (time)", [_fmt(r["cost_time"], ".2f") + "x" for r in rows]),
-        ("cost vs SGD (passes)", [_fmt(r["cost_passes"], ".2f") + "x" for r in rows]),
+        (f"cost vs {ref} (time)", [_fmt(r["cost_time"], ".2f") + "x" for r in rows]),
+        (f"cost vs {ref} (passes)", [_fmt(r["cost_passes"], ".2f") + "x" for r in rows]),
     ]
-    for key, head, spec in (
+    for key, name, spec in (
         ("hessian_top_eig", "top eig", ".3g"),
         ("hessian_trace", "trace", ".3g"),
         ("worst_case_sharpness", "worst-case", ".3g"),
     ):
         if any(key in r for r in rows):
-            cols.append((head, [_fmt(r.get(key), spec) for r in rows]))
+            cols.append((name, [_fmt(r.get(key), spec) for r in rows]))
     return cols
 
 
@@ -127,15 +144,31 @@ def _curves(
     out = {}
     for label in labels:
         hs = [
-            histories[r["key"]] for r in records if r["label"] == label and histories.get(r["key"])
+            histories[r["key"]]
+            for r in records
+            if r["label"] == label and histories.get(r["key"]) and not r.get("diverged")
         ]
         if not hs:
             continue
         n = min(len(h) for h in hs)
-        pts = [(i + 1, sum(h[i].get(key, math.nan) for h in hs) / len(hs)) for i in range(n)]
+
+        def value(rec: dict[str, Any]) -> float:
+            v = rec.get(key)
+            return float(v) if isinstance(v, (int, float)) else math.nan
+
+        pts = [(i + 1, sum(value(h[i]) for h in hs) / len(hs)) for i in range(n)]
         pts = [(x, y) for x, y in pts if math.isfinite(y)]  # epochs without evaluation
         out[label] = ([x for x, _ in pts], [y for _, y in pts])
     return out
+
+
+def _nan(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def _plain(text: Any) -> str:
+    """A label as matplotlib text: ``$`` (math mode) escaped."""
+    return str(text).replace("$", r"\$")
 
 
 def plot_pngs(
@@ -144,77 +177,83 @@ def plot_pngs(
     histories: dict[str, list[dict[str, Any]]],
     interpolation: dict[str, Any] | None = None,
     tune: dict[str, Any] | None = None,
+    metric: str | None = None,
 ) -> dict[str, str]:
-    """The report's figures as base64 PNGs, by name."""
+    """The report's figures as base64 PNGs, by name (diverged runs left out)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    metric = metric or _metric(rows)
+    pct = metric.lower() in ("acc", "accuracy")
+    scale = 100.0 if pct else 1.0
+    what = "test accuracy %" if pct else f"test {metric}"
     labels = [r["label"] for r in rows]
     figs: dict[str, str] = {}
 
     if histories:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for label, (xs, ys) in _curves(records, histories, labels, "train_loss").items():
-            axes[0].plot(xs, ys, label=label)
-        for label, (xs, ys) in _curves(records, histories, labels, "test_acc").items():
-            axes[1].plot(xs, [100 * y for y in ys], label=label)
+            if all(y > 0 for y in ys):
+                axes[0].plot(xs, ys, label=_plain(label))
+        for label, (xs, ys) in _curves(records, histories, labels, f"test_{metric}").items():
+            axes[1].plot(xs, [scale * y for y in ys], label=_plain(label))
         axes[0].set(
             xlabel="epoch",
             ylabel="train loss (mean over seeds)",
             yscale="log",
             title="Training loss",
         )
-        axes[1].set(xlabel="epoch", ylabel="test accuracy %", title="Test accuracy")
-        axes[1].legend(fontsize=8)
+        axes[1].set(xlabel="epoch", ylabel=what, title=what.capitalize())
+        if axes[1].lines:
+            axes[1].legend(fontsize=8)
         figs["curves"] = _png(fig)
 
-    if rows:
-        fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 4))
-        means = [100 * r["test_acc_mean"] for r in rows]
-        errs = [100 * (r["test_acc_sem"] if math.isfinite(r["test_acc_sem"]) else 0) for r in rows]
-        ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
-        for i, r in enumerate(records_by(records, labels)):
-            ax.scatter([i] * len(r), [100 * v for v in r], color="k", s=8, zorder=3)
-        lo = min(means) - 3 * max(errs + [1.0]) - 2
-        ax.set_ylim(max(0, lo), min(100, max(m + e for m, e in zip(means, errs)) + 2))
-        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
+    shown = [r for r in rows if r.get("n")]
+    if shown:
+        fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(shown) + 2), 4))
+        means = [scale * _nan(r[f"test_{metric}_mean"]) for r in shown]
+        errs = [scale * _nan(r[f"test_{metric}_sem"]) for r in shown]
+        errs = [e if math.isfinite(e) else 0.0 for e in errs]
+        ax.bar(range(len(shown)), means, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
+        for i, vals in enumerate(records_by(records, [r["label"] for r in shown], metric)):
+            ax.scatter([i] * len(vals), [scale * v for v in vals], color="k", s=8, zorder=3)
+        if pct:
+            lo = min(means) - 3 * max(errs + [1.0]) - 2
+            ax.set_ylim(max(0, lo), min(100, max(m + e for m, e in zip(means, errs)) + 2))
+        ax.set_xticks(
+            range(len(shown)), [_plain(r["label"]) for r in shown], rotation=30, ha="right"
+        )
         ax.set(
-            ylabel="test accuracy %",
-            title="Test accuracy (mean, error bar = std. error, dots = seeds)",
+            ylabel=what, title=f"{what.capitalize()} (mean, error bar = std. error, dots = seeds)"
         )
         figs["accuracy"] = _png(fig)
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for ax, key, what in (
+        for ax, key, cost in (
             (axes[0], "cost_time", "time per epoch"),
             (axes[1], "cost_passes", "passes per step"),
         ):
-            for r in rows:
-                ax.errorbar(
-                    r[key],
-                    100 * r["test_acc_mean"],
-                    yerr=100 * r["test_acc_sem"],
-                    fmt="o",
-                    capsize=3,
-                )
+            for r in shown:
+                y, e = scale * _nan(r[f"test_{metric}_mean"]), scale * _nan(r[f"test_{metric}_sem"])
+                ax.errorbar(r[key], y, yerr=e if math.isfinite(e) else None, fmt="o", capsize=3)
                 ax.annotate(
-                    r["label"],
-                    (r[key], 100 * r["test_acc_mean"]),
+                    _plain(r["label"]),
+                    (r[key], y),
                     fontsize=8,
                     xytext=(4, 4),
                     textcoords="offset points",
                 )
-            ax.set(xlabel=f"cost relative to SGD ({what})", title=f"Accuracy vs cost ({what})")
-        axes[0].set_ylabel("test accuracy %")
+            ax.set(xlabel=f"cost relative to SGD ({cost})", title=f"{metric} vs cost ({cost})")
+        axes[0].set_ylabel(what)
         figs["cost"] = _png(fig)
 
     if interpolation and interpolation.get("alphas"):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(interpolation["alphas"], interpolation["losses"], marker=".")
         ax.set(
-            xlabel=f"alpha  (0 = {interpolation['a']}, 1 = {interpolation['b']})",
+            xlabel=_plain(f"alpha  (0 = {interpolation['a']}, 1 = {interpolation['b']})"),
             ylabel="training loss",
             title="Loss along the straight line between the two solutions",
         )
@@ -223,14 +262,16 @@ def plot_pngs(
     if tune and tune.get("trials"):
         fig, ax = plt.subplots(figsize=(6, 4))
         trials = [t for t in tune["trials"] if t.get("value") is not None]
+        tmetric = tune.get("metric", "acc")
+        tscale = 100.0 if tmetric in ("acc", "accuracy") else 1.0
+        tlabel = "validation accuracy %" if tscale == 100.0 else f"validation {tmetric}"
+        has_lr = any("lr" in t["params"] for t in trials)
         sc = ax.scatter(
             [t["params"]["rho"] for t in trials],
-            [100 * t["value"] for t in trials],
-            c=[t["params"].get("lr", 0) for t in trials]
-            if any("lr" in t["params"] for t in trials)
-            else None,
+            [tscale * t["value"] for t in trials],
+            c=[t["params"].get("lr", 0) for t in trials] if has_lr else None,
         )
-        if any("lr" in t["params"] for t in trials):
+        if has_lr:
             fig.colorbar(sc, label="lr")
         ax.axvline(
             tune["best"]["rho"],
@@ -238,22 +279,25 @@ def plot_pngs(
             ls="--",
             label=f"recommended rho = {tune['best']['rho']:.3g}",
         )
-        ax.set(
-            xscale="log",
-            xlabel="rho",
-            ylabel="validation accuracy %",
-            title="Validation accuracy vs rho",
-        )
+        ax.set(xscale="log", xlabel="rho", ylabel=tlabel, title=f"{tlabel.capitalize()} vs rho")
         ax.legend()
         figs["tune"] = _png(fig)
     return figs
 
 
-def records_by(records: list[dict[str, Any]], labels: list[str]) -> list[list[float]]:
-    return [
-        [r["final"].get("test_acc", float("nan")) for r in records if r["label"] == lab]
-        for lab in labels
-    ]
+def records_by(
+    records: list[dict[str, Any]], labels: list[str], metric: str = "acc"
+) -> list[list[float]]:
+    """Per label, the finished (not diverged) runs' final test metric."""
+    out = []
+    for lab in labels:
+        vals = [
+            _nan(r["final"].get(f"test_{metric}"))
+            for r in records
+            if r["label"] == lab and not r.get("diverged")
+        ]
+        out.append([v for v in vals if math.isfinite(v)])
+    return out
 
 
 _CSS = """
@@ -274,15 +318,18 @@ def write_report(
     interpolation: dict[str, Any] | None = None,
     tune: dict[str, Any] | None = None,
     notes: list[str] | None = None,
+    verdicts: list[str] | None = None,
+    metric: str | None = None,
 ) -> None:
-    """Write a self-contained HTML report (atomically)."""
+    """Write a self-contained HTML report (atomically): the table, the paired
+    verdicts (one sentence per method), the notes, the figures, the settings."""
     cols = table_columns(rows) if rows else []
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in cols)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c[j])}</td>" for _, c in cols) + "</tr>"
         for j in range(len(rows))
     )
-    figs = plot_pngs(rows, records, histories, interpolation, tune)
+    figs = plot_pngs(rows, records, histories, interpolation, tune, metric)
     captions = {
         "curves": "Learning curves (mean over seeds).",
         "accuracy": "Final test accuracy per method.",
@@ -298,6 +345,10 @@ def write_report(
     ]
     if rows:
         parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    if verdicts:
+        parts.append("<h2>Paired verdicts</h2><ul>")
+        parts.extend(f"<li>{html.escape(v)}</li>" for v in verdicts)
+        parts.append("</ul>")
     for note in notes or []:
         parts.append(f"<p>{html.escape(note)}</p>")
     for name, b64 in figs.items():

@@ -1,28 +1,44 @@
-"""A comparative study: every (method x seed) run on one dataset and model.
+"""A comparative study: every (method x seed) run on one problem, and its summary.
 
-:func:`run_study` trains each run with :func:`~samkit.experiments.trainer.train`
-and writes, in the study folder::
+The one study path of ``samkit.compare(...)`` and ``samkit compare``:
+
+1. :func:`check_study` validates everything before any training: it loads the
+   first seed's data, builds the model, runs it on one batch (the loss and
+   every metric must work on its output), builds every method on a copy of
+   it (so ``looksam:k=0`` or SAM-ON on a model without normalisation layers
+   fail now, not after an hour), checks each method can run under the chosen
+   mixed precision, data kind and task, and reads every training-state file
+   it would resume from;
+2. :func:`run_study` trains each (method, seed) run with
+   :func:`~samkit.experiments.trainer.train`, holding the folder's lock;
+3. :func:`finish` writes ``results.json`` (valid JSON: NaN becomes null) and
+   ``report.html``, with the SGD-to-SAM interpolation and a one-sentence
+   paired verdict per method.
+
+The run folder::
 
     config.json                   the study's settings
     runs/<label>-seed<k>.json     one run's result, written atomically when it ends
     runs/<label>-seed<k>.jsonl    its per-epoch metrics, appended as they come
-    runs/<label>-seed<k>.pt       its final model (samkit checkpoint)
+    runs/<label>-seed<k>.pt       its final model (samkit checkpoint; none if it diverged)
     results.json                  all runs + the summary table, written at the end
+    report.html                   the table, the verdicts, the plots
 
 A run whose result file exists *and* was made with the same settings is not
 trained again, so an interrupted study resumes where it stopped; a run cut
-off mid-way continues from its training-state file. Changing a setting of the
-study retrains the affected runs only.
+off mid-way continues from its training-state file with the same numbers.
 
-The summary has one row per method label: test accuracy (mean, sample std
-and standard error over seeds), final train loss, time per epoch, and the
-cost relative to SGD, both as a wall-time ratio and as a ratio of
-forward/backward passes per step; plus the sharpness measures of
-:mod:`samkit.sharpness` when they were computed.
+Protocol (paired): for a given seed every method sees the same validation
+split, the same noisy labels, the same initial weights and the same batches
+in the same order, so per-seed differences between methods are paired. A
+run whose loss or weights become NaN is marked *diverged*: it is shown as
+such, left out of the means, the verdicts, the interpolation and the
+sharpness measures, and the study goes on.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -30,25 +46,39 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .._atomic import write_json_atomic as _write_json_atomic
-from .datasets import Dataset, load_dataset
-from .methods import BASE_DEFAULTS, TrainSpec, build_method, method_info
-from .models import build_model, count_parameters
-from .trainer import TrainConfig, seed_everything, train
+from .folder import study_folder
+from .problem import Data, Problem
+from .registry import build_method, method_info
+from .settings import MethodSpec, StudyConfig, TrainConfig
+from .trainer import (
+    ResumeError,
+    eval_batches,
+    finite,
+    load_state,
+    resolve_device,
+    seed_everything,
+    steps_per_epoch,
+    train,
+    train_batches,
+)
 
 __all__ = [
     "MethodSpec",
     "StudyConfig",
+    "TrainConfig",
     "RunResult",
+    "check_study",
     "run_study",
+    "finish",
     "summarize",
+    "paired_verdicts",
     "write_json_atomic",
     "sharpness_available",
     "SHARPNESS_KEYS",
@@ -58,122 +88,8 @@ SHARPNESS_KEYS = ("hessian_top_eig", "hessian_trace", "worst_case_sharpness")
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as JSON to a temporary file beside ``path``, then rename it over."""
-    _write_json_atomic(path, obj)
-
-
-@dataclass
-class MethodSpec:
-    """One column of the comparison: a registered method with its settings.
-
-    ``lr``, ``momentum`` and ``weight_decay`` default to those of the base
-    optimizer (:data:`~samkit.experiments.methods.BASE_DEFAULTS`).
-    """
-
-    method: str
-    label: str = ""
-    base: str = ""
-    lr: float | None = None
-    momentum: float | None = None
-    weight_decay: float | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        info = method_info(self.method)
-        if not self.base:
-            self.base = info.base or "sgd"
-        if self.base not in BASE_DEFAULTS:
-            raise ValueError(
-                f"Invalid base value: {self.base!r} (choose from {', '.join(BASE_DEFAULTS)})"
-            )
-        unknown = sorted(set(self.options) - set(info.defaults))
-        if unknown:
-            raise ValueError(
-                f"Invalid option for method {self.method!r}: {', '.join(unknown)} "
-                f"(it takes {', '.join(sorted(info.defaults)) or 'no options'})"
-            )
-        rho = self.options.get("rho")
-        if rho is not None and (
-            isinstance(rho, bool)
-            or not isinstance(rho, (int, float))
-            or not 0 <= rho < float("inf")
-        ):
-            raise ValueError(f"Invalid rho value: {rho!r} (must be a finite number >= 0)")
-        defaults = BASE_DEFAULTS[self.base]
-        for name in ("lr", "momentum", "weight_decay"):
-            if getattr(self, name) is None:
-                setattr(self, name, defaults[name])
-        self.train_spec()  # validates lr / momentum / weight decay
-        if not self.label:
-            self.label = self.method
-        if not re.fullmatch(r"[A-Za-z0-9_.()=,+-]+", self.label):
-            raise ValueError(
-                f"Invalid label value: {self.label!r} (letters, digits and _.()=,+- only)"
-            )
-
-    def train_spec(self, **changes: Any) -> TrainSpec:
-        return TrainSpec(
-            base=self.base,
-            lr=self.lr,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            **changes,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        # Record the method's defaults too, so a finished run is reused only if
-        # every option it trained with (not just those given) is unchanged.
-        d["options"] = {**method_info(self.method).defaults, **self.options}
-        return d
-
-
-@dataclass
-class StudyConfig:
-    """Everything that defines a study (and so the folder it resumes from)."""
-
-    methods: list[MethodSpec]
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    dataset: str = "mnist1d"
-    model: str = "cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    noise: float = 0.0
-    val_fraction: float = 0.1
-    train_size: int | None = None
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sharpness: bool = True
-    sharpness_samples: int = 1000  # training samples the sharpness measures look at
-    sharpness_cheap: bool = False  # fewer probes / iterations (for --quick)
-    interpolation_points: int = 25
-    skipped: list[str] = field(default_factory=list)  # methods left out (cannot run on this model)
-
-    def __post_init__(self) -> None:
-        if not self.methods:
-            raise ValueError("Invalid methods value: [] (give at least one method)")
-        labels = [m.label for m in self.methods]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise ValueError(f"Invalid methods value: duplicate labels {', '.join(dup)}")
-        if not self.seeds or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds
-        ):
-            raise ValueError(f"Invalid seeds value: {self.seeds!r} (non-empty list of ints >= 0)")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"Invalid seeds value: {self.seeds!r} (duplicates)")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["methods"] = [m.to_dict() for m in self.methods]
-        return d
-
-    def load(self, seed: int) -> Dataset:
-        return load_dataset(
-            self.dataset,
-            seed=seed,
-            noise=self.noise,
-            val_fraction=self.val_fraction,
-            train_size=self.train_size,
-        )
+    """Write ``obj`` as strict JSON (NaN and infinities as null), atomically."""
+    _write_json_atomic(path, finite(obj))
 
 
 @dataclass
@@ -198,19 +114,34 @@ def sharpness_available() -> bool:
     return callable(getattr(sh, "summary", None))
 
 
-def _mean_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y)
+def _mean_loss(problem: Problem) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def mean_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return problem.loss_fn(output, target).mean()
+
+    return mean_loss
 
 
 def sharpness_batches(
-    data: Dataset, samples: int, batch_size: int = 250
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed training batches (the labels trained on) for the sharpness measures."""
-    n = min(samples, len(data.train))
-    return [
-        (data.train.x[i : min(i + batch_size, n)], data.train.y[i : min(i + batch_size, n)])
-        for i in range(0, n, batch_size)
-    ]
+    data: Any, samples: int, batch_size: int = 250, device: torch.device | None = None
+) -> list[tuple[Any, torch.Tensor]]:
+    """The first ``samples`` training samples (the labels trained on), in fixed batches."""
+    out: list[tuple[Any, torch.Tensor]] = []
+    n = 0
+    source = data.train
+    if isinstance(source, (torch.utils.data.Dataset, torch.utils.data.IterableDataset)):
+        batches: Any = eval_batches(source, batch_size)
+    else:
+        batches = ((x, y) for x, y, _ in train_batches(source, batch_size, 0, 0))
+    for x, y in batches:
+        take = min(int(y.shape[0]), samples - n)
+        x, y = x[:take], y[:take]
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        out.append((x, y))
+        n += take
+        if n >= samples:
+            break
+    return out
 
 
 #: settings of samkit.sharpness.summary under ``sharpness_cheap`` (passed when it takes them)
@@ -218,19 +149,37 @@ CHEAP_SHARPNESS = {"trace_samples": 4, "max_iter": 30, "ascent_steps": 3}
 
 
 def _measure_sharpness(
-    model: torch.nn.Module, data: Dataset, samples: int, seed: int, cheap: bool = False
+    model: torch.nn.Module,
+    problem: Problem,
+    data: Data,
+    samples: int,
+    seed: int,
+    cheap: bool = False,
 ) -> dict[str, float]:
     import inspect
 
     import samkit.sharpness as sh
 
     model.eval()
+    device = next(model.parameters()).device
     kwargs: dict[str, Any] = {}
     if cheap:
         params = inspect.signature(sh.summary).parameters
         kwargs = {k: v for k, v in CHEAP_SHARPNESS.items() if k in params}
-    out = sh.summary(model, _mean_loss, sharpness_batches(data, samples), seed=seed, **kwargs)
+    batches = sharpness_batches(data, samples, device=device)
+    out = sh.summary(model, _mean_loss(problem), batches, seed=seed, **kwargs)
     return {k: float(v) for k, v in out.items()}
+
+
+def _train_identity(train_config: TrainConfig) -> dict[str, Any]:
+    d = asdict(train_config)
+    # settings added after 0.1 are left out at their defaults, so runs finished
+    # before them are still recognised
+    if d.get("amp") is None:
+        d.pop("amp", None)
+    if d.get("eval_train") is True:
+        d.pop("eval_train", None)
+    return d
 
 
 def _run_config(config: StudyConfig, spec: MethodSpec, seed: int) -> dict[str, Any]:
@@ -244,82 +193,284 @@ def _run_config(config: StudyConfig, spec: MethodSpec, seed: int) -> dict[str, A
         "noise": config.noise,
         "val_fraction": config.val_fraction,
         "train_size": config.train_size,
-        "train": asdict(config.train),
+        "train": _train_identity(config.train),
         "sharpness": config.sharpness and sharpness_available(),
         "sharpness_samples": config.sharpness_samples,
     }
     if config.sharpness_cheap and cfg["sharpness"]:
         cfg["sharpness_cheap"] = True
+    full = config.to_dict()
+    for key in ("task", "loss", "metrics", "data", "model_factory"):
+        if key in full:
+            cfg[key] = full[key]
     return cfg
 
 
 def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
+    return json.loads(json.dumps(finite(obj)))
 
 
+# ------------------------------------------------------------------ checks
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def check_study(
+    config: StudyConfig,
+    *,
+    problem: Problem | None = None,
+    drop_unfit: bool = False,
+    out_dir: str | os.PathLike[str] | None = None,
+) -> Problem:
+    """Validate the whole study before any training; ValueError naming what is wrong.
+
+    ``drop_unfit``: leave out (into ``config.skipped``) the methods that cannot
+    run on this model or data instead of failing (the default method list).
+    """
+    problem = problem or config.problem()
+    device = resolve_device(config.device)
+    seed = config.seeds[0]
+    data = problem.load(seed)
+    seed_everything(seed)
+    model = problem.build_model(data).to(device)
+    try:
+        x, y, _ = next(iter(train_batches(data.train, config.train.batch_size, seed, 0)))
+    except StopIteration:
+        raise ValueError("Invalid train value: the training data yields no batch") from None
+    x, y = _move(x, device), _move(y, device)
+    amp = config.train.amp
+    try:
+        with torch.no_grad():
+            if amp is not None:
+                dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+                with torch.autocast(device.type, dtype=dtype):
+                    output = model(x)
+                output = output.float()
+            else:
+                output = model(x)
+    except Exception as exc:  # noqa: BLE001 - the model does not fit the data
+        raise ValueError(
+            f"Invalid model value: {config.model!r} fails on a batch of the data "
+            f"(x {_shape(x)}): {_first_line(exc)}"
+        ) from exc
+    _check_output(problem, output, y)
+    per_sample = _check_loss_and_metrics(problem, output, y)
+
+    n_steps = steps_per_epoch(data.train, config.train.batch_size, seed)
+    tspec_kw = {
+        "total_steps": n_steps * config.train.epochs,
+        "steps_per_epoch": n_steps,
+        "epochs": config.train.epochs,
+    }
+    kept, skipped = [], []
+    for spec in config.methods:
+        info = method_info(spec.method)
+        reason = None
+        if amp == "fp16" and not info.supports_scaler:
+            reason = "does not support --amp fp16 (a GradScaler); use --amp bf16"
+        elif info.needs_index and problem.streaming:
+            reason = "keeps per-sample memory: it needs map-style training data (a Dataset)"
+        elif info.per_sample_loss and not per_sample:
+            reason = "needs per-sample losses: give a loss with reduction='none'"
+        elif info.classification_only and problem.task != "classification":
+            reason = "is for classification only"
+        else:
+            try:
+                build_method(
+                    spec.method, copy.deepcopy(model), spec.train_spec(**tspec_kw), **spec.options
+                )
+            except ValueError as exc:
+                reason = str(exc)
+        if reason is None:
+            kept.append(spec)
+        elif drop_unfit:
+            skipped.append(spec.label)
+        else:
+            raise ValueError(
+                reason
+                if reason.startswith("Invalid")
+                else f"Invalid method value: {spec.label!r} {reason}"
+            )
+    if not kept:
+        raise ValueError("Invalid methods value: none of the methods can run on this problem")
+    config.methods, config.skipped = kept, skipped
+    if config.train.early_stopping is not None and data.val is None:
+        raise ValueError(
+            "Invalid early_stopping value: early stopping needs a validation split "
+            "(val_fraction > 0 or your own val data)"
+        )
+    if out_dir is not None:
+        _check_states(config, Path(out_dir))
+    return problem
+
+
+def _move(x: Any, device: torch.device) -> Any:
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_move(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _move(v, device) for k, v in x.items()}
+    return x
+
+
+def _shape(x: Any) -> str:
+    return str(tuple(x.shape)) if torch.is_tensor(x) else type(x).__name__
+
+
+def _check_output(problem: Problem, output: Any, y: torch.Tensor) -> None:
+    if not torch.is_tensor(output):
+        raise ValueError(
+            f"Invalid model value: it returned {type(output).__name__}, not a tensor of outputs"
+        )
+    if output.shape[:1] != y.shape[:1]:
+        raise ValueError(
+            f"Invalid model value: {output.shape[0] if output.dim() else 1} outputs for a batch of "
+            f"{y.shape[0]} samples"
+        )
+    if problem.task == "classification" and problem.config.loss is None:
+        if y.is_floating_point():
+            raise ValueError(
+                "Invalid task value: 'classification' needs integer class labels; the targets "
+                "are floats (use --task regression)"
+            )
+        if output.dim() != 2:
+            raise ValueError(
+                f"Invalid model value: a classifier must return logits of shape (batch, classes), "
+                f"got {_shape(output)}"
+            )
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= output.shape[1]):
+            raise ValueError(
+                f"Invalid model value: labels run from {int(y.min())} to {int(y.max())} but the "
+                f"model gives {output.shape[1]} logits"
+            )
+
+
+def _check_loss_and_metrics(problem: Problem, output: torch.Tensor, y: torch.Tensor) -> bool:
+    try:
+        losses = problem.loss_fn(output, y)
+    except Exception as exc:  # noqa: BLE001 - the loss does not fit the outputs
+        raise ValueError(
+            f"Invalid loss value: it fails on the model's output {_shape(output)} and targets "
+            f"{_shape(y)}: {_first_line(exc)}"
+        ) from exc
+    if (
+        not torch.is_tensor(losses)
+        or losses.dim() > 1
+        or (losses.dim() == 1 and losses.shape[0] != y.shape[0])
+    ):
+        raise ValueError(
+            f"Invalid loss value: it must return per-sample losses (batch,) or their mean, "
+            f"got {_shape(losses)}"
+        )
+    for name, fn in problem.metrics.items():
+        try:
+            v = fn(output, y)
+            v = float(v)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(
+                f"Invalid metrics value: {name!r} fails on the model's output: {_first_line(exc)}"
+            ) from exc
+    return losses.dim() == 1
+
+
+def _check_states(config: StudyConfig, out: Path) -> None:
+    """Every training-state file this study would resume from must be readable now."""
+    runs = out / "runs"
+    for spec in config.methods:
+        for seed in config.seeds:
+            state = runs / f"{run_key(spec.label, seed)}.state.pt"
+            if state.is_file():
+                load_state(state)
+
+
+# ------------------------------------------------------------------- runs
 def run_study(
     config: StudyConfig,
     out_dir: str | os.PathLike[str],
     *,
     progress: bool | None = None,
     log: Callable[[str], None] | None = print,
+    problem: Problem | None = None,
 ) -> list[RunResult]:
     """Run (or resume) every (method x seed) run; returns them in grid order.
 
     ``log`` receives one line per run (None: silent); ``progress`` controls
-    the per-epoch progress bar (default: when stderr is a TTY).
+    the per-epoch progress bar (default: when stderr is a TTY). Holds the
+    folder's lock while it runs.
     """
-    out = Path(out_dir)
-    runs_dir = out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", config.to_dict())
-    do_sharp = config.sharpness and sharpness_available()
-    grid = [(spec, seed) for seed in config.seeds for spec in config.methods]
-    results: list[RunResult] = []
-    datasets: dict[int, Dataset] = {}
-    for i, (spec, seed) in enumerate(grid, 1):
-        key = run_key(spec.label, seed)
-        result_path = runs_dir / f"{key}.json"
-        run_cfg = _normalise(_run_config(config, spec, seed))
-        if result_path.is_file():
-            try:
-                done = json.loads(result_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                done = None
-            if done is not None and done.get("config") == run_cfg:
-                results.append(RunResult(key, spec.label, seed, done, executed=False))
-                if log:
-                    log(f"[{i}/{len(grid)}] {spec.label} seed {seed}: done before, skipped")
-                continue
-        if seed not in datasets:
-            datasets[seed] = config.load(seed)
-        data = datasets[seed]
-        record = _execute(config, spec, seed, data, key, runs_dir, run_cfg, do_sharp, progress, log)
-        write_json_atomic(result_path, record)
-        state = runs_dir / f"{key}.state.pt"
-        if state.exists():
-            state.unlink()
-        results.append(RunResult(key, spec.label, seed, record, executed=True))
-        if log:
-            f = record["final"]
-            log(
-                f"[{i}/{len(grid)}] {spec.label} seed {seed}: test acc {f.get('test_acc', float('nan')):.4f}, "
-                f"{record['time_per_epoch']:.2f} s/epoch"
+    problem = problem or config.problem()
+    device = resolve_device(config.device)
+    with study_folder(out_dir) as out:
+        runs_dir = out / "runs"
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", config.to_dict())
+        do_sharp = config.sharpness and sharpness_available()
+        grid = [(spec, seed) for seed in config.seeds for spec in config.methods]
+        results: list[RunResult] = []
+        for i, (spec, seed) in enumerate(grid, 1):
+            key = run_key(spec.label, seed)
+            result_path = runs_dir / f"{key}.json"
+            run_cfg = _normalise(_run_config(config, spec, seed))
+            if result_path.is_file():
+                try:
+                    done = json.loads(result_path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    done = None
+                if isinstance(done, dict) and done.get("config") == run_cfg:
+                    results.append(RunResult(key, spec.label, seed, done, executed=False))
+                    if log:
+                        log(f"[{i}/{len(grid)}] {spec.label} seed {seed}: done before, skipped")
+                    continue
+            data = problem.load(seed)
+            record = _execute(
+                config,
+                problem,
+                spec,
+                seed,
+                data,
+                key,
+                runs_dir,
+                run_cfg,
+                do_sharp,
+                progress,
+                log,
+                device,
             )
+            write_json_atomic(result_path, record)
+            state = runs_dir / f"{key}.state.pt"
+            if state.exists():
+                state.unlink()
+            results.append(RunResult(key, spec.label, seed, _normalise(record), executed=True))
+            if log:
+                f = record["final"]
+                m = problem.primary
+                what = (
+                    "DIVERGED (NaN loss or weights), left out of the summary"
+                    if record["diverged"]
+                    else f"test {m} {_num(f.get(f'test_{m}'))}"
+                )
+                log(
+                    f"[{i}/{len(grid)}] {spec.label} seed {seed}: {what}, "
+                    f"{record['time_per_epoch']:.2f} s/epoch"
+                )
     return results
 
 
+def _num(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
 def _execute(
-    config, spec, seed, data, key, runs_dir, run_cfg, do_sharp, progress, log
+    config, problem, spec, seed, data, key, runs_dir, run_cfg, do_sharp, progress, log, device
 ) -> dict[str, Any]:
-    model_kwargs = {"in_len": data.in_len, "num_classes": data.num_classes, **config.model_kwargs}
     seed_everything(seed)
-    model = build_model(config.model, **model_kwargs)
-    n_train = len(data.train)
-    steps_per_epoch = max(1, n_train // config.train.batch_size)
+    model = problem.build_model(data)
+    n_steps = steps_per_epoch(data.train, config.train.batch_size, seed)
     tspec = spec.train_spec(
-        total_steps=steps_per_epoch * config.train.epochs,
-        steps_per_epoch=steps_per_epoch,
+        total_steps=n_steps * config.train.epochs,
+        steps_per_epoch=n_steps,
         epochs=config.train.epochs,
     )
     method = build_method(spec.method, model, tspec, **spec.options)
@@ -330,13 +481,19 @@ def _execute(
         data,
         config.train,
         seed=seed,
+        loss_fn=problem.loss_fn,
+        metrics=problem.metrics,
+        maximize=problem.maximize,
+        device=device,
+        num_workers=config.num_workers,
         metrics_path=runs_dir / f"{key}.jsonl",
         state_path=runs_dir / f"{key}.state.pt",
         checkpoint_path=runs_dir / f"{key}.pt",
-        model_spec=(config.model, model_kwargs),
+        model_spec=problem.model_spec(data),
         meta={"method": spec.to_dict(), "label": spec.label},
         progress=progress,
         desc=f"{spec.label} s{seed}",
+        epoch_steps=n_steps,
     )
     wall = time.perf_counter() - t0
     epochs_run = len(res.history)
@@ -356,27 +513,33 @@ def _execute(
         "wall_time": wall,
         "stopped_early": res.stopped_early,
         "diverged": res.diverged,
-        "n_params": count_parameters(model),
-        "checkpoint": f"{key}.pt",
+        "n_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "checkpoint": None if res.diverged else f"{key}.pt",
         "metrics": f"{key}.jsonl",
+        "metric": problem.primary,
         "torch": torch.__version__,
     }
     if do_sharp and not res.diverged:
         try:
             t1 = time.perf_counter()
             record["sharpness"] = _measure_sharpness(
-                model, data, config.sharpness_samples, seed, config.sharpness_cheap
+                model, problem, data, config.sharpness_samples, seed, config.sharpness_cheap
             )
             record["sharpness_time"] = time.perf_counter() - t1
         except Exception as exc:  # noqa: BLE001 - a failing instrument must not lose the run
-            record["sharpness_error"] = f"{type(exc).__name__}: {exc}"
+            record["sharpness_error"] = _first_line(exc)
             if log:
                 log(f"  sharpness of {spec.label} seed {seed} failed: {record['sharpness_error']}")
     return record
 
 
-def _stats(values: list[float]) -> tuple[float, float, float]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
+# ---------------------------------------------------------------- summary
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _stats(values: list[Any]) -> tuple[float, float, float]:
+    vals = [v for v in values if _finite(v)]
     if not vals:
         return float("nan"), float("nan"), float("nan")
     mean = statistics.fmean(vals)
@@ -385,13 +548,15 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
 
 
 def summarize(
-    records: list[dict[str, Any]], labels: list[str] | None = None
+    records: list[dict[str, Any]], labels: list[str] | None = None, *, metric: str = "acc"
 ) -> list[dict[str, Any]]:
     """One row per label (in ``labels`` order): means over seeds and costs relative to SGD.
 
-    The reference for the cost columns is the label ``"sgd"`` if present, else
-    the first label. ``cost_time`` is the ratio of training time per epoch,
-    ``cost_passes`` the ratio of forward/backward passes per step.
+    Diverged runs are counted (``diverged``) but left out of every mean
+    (``n`` counts the runs that are in). The reference for the cost columns is
+    the label ``"sgd"`` if present, else the first label. ``cost_time`` is the
+    ratio of training time per epoch, ``cost_passes`` the ratio of
+    forward/backward passes per step.
     """
     by_label: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -399,39 +564,261 @@ def summarize(
     order = labels if labels is not None else list(by_label)
     rows = []
     for label in order:
-        rs = by_label.get(label, [])
-        if not rs:
+        every = by_label.get(label, [])
+        if not every:
             continue
-        acc = _stats([r["final"].get("test_acc") for r in rs])
+        rs = [r for r in every if not r.get("diverged")]
+        acc = _stats([r["final"].get(f"test_{metric}") for r in rs])
         row: dict[str, Any] = {
             "label": label,
-            "method": rs[0]["method"],
+            "method": every[0]["method"],
+            "metric": metric,
             "n": len(rs),
-            "test_acc_mean": acc[0],
-            "test_acc_std": acc[1],
-            "test_acc_sem": acc[2],
-            "val_acc_mean": _stats([r["final"].get("val_acc") for r in rs])[0],
+            "runs": len(every),
+            "diverged": len(every) - len(rs),
+            f"test_{metric}_mean": acc[0],
+            f"test_{metric}_std": acc[1],
+            f"test_{metric}_sem": acc[2],
+            f"val_{metric}_mean": _stats([r["final"].get(f"val_{metric}") for r in rs])[0],
             "train_loss_mean": _stats([r["final"].get("train_loss") for r in rs])[0],
-            "train_acc_mean": _stats([r["final"].get("train_acc") for r in rs])[0],
-            "time_per_epoch": _stats([r["time_per_epoch"] for r in rs])[0],
-            "passes_per_step": _stats([r["passes_per_step"] for r in rs])[0],
-            "diverged": sum(bool(r.get("diverged")) for r in rs),
+            f"train_{metric}_mean": _stats([r["final"].get(f"train_{metric}") for r in rs])[0],
+            "time_per_epoch": _stats([r["time_per_epoch"] for r in every])[0],
+            "passes_per_step": _stats([r["passes_per_step"] for r in every])[0],
         }
         for k in SHARPNESS_KEYS:
-            vals = [r["sharpness"][k] for r in rs if k in r.get("sharpness", {})]
+            vals = [r["sharpness"][k] for r in rs if k in (r.get("sharpness") or {})]
             if vals:
                 row[k] = _stats(vals)[0]
         rows.append(row)
     ref = next((r for r in rows if r["label"] == "sgd"), rows[0] if rows else None)
     for row in rows:
+        row["cost_reference"] = ref["label"] if ref else None
         row["cost_time"] = (
             row["time_per_epoch"] / ref["time_per_epoch"]
-            if ref and ref["time_per_epoch"] > 0
+            if ref and _finite(ref["time_per_epoch"]) and ref["time_per_epoch"] > 0
             else float("nan")
         )
         row["cost_passes"] = (
             row["passes_per_step"] / ref["passes_per_step"]
-            if ref and ref["passes_per_step"] > 0
+            if ref and _finite(ref["passes_per_step"]) and ref["passes_per_step"] > 0
             else float("nan")
         )
     return rows
+
+
+def _is_percent(metric: str) -> bool:
+    return metric.lower() in ("acc", "accuracy")
+
+
+def paired_verdicts(
+    records: list[dict[str, Any]],
+    labels: list[str],
+    baseline: str,
+    *,
+    metric: str = "acc",
+    maximize: bool = True,
+) -> list[dict[str, Any]]:
+    """For each label but the baseline: the paired test difference and one sentence.
+
+    Differences are taken seed by seed (same data, initial weights and batches),
+    over the seeds where both runs finished without diverging; their mean and
+    standard error (sample std / sqrt(n)) give ``z = mean / se``. The verdict
+    says whether ``|z| > 2``.
+    """
+
+    def values(label: str) -> dict[int, float]:
+        return {
+            r["seed"]: r["final"].get(f"test_{metric}")
+            for r in records
+            if r["label"] == label
+            and not r.get("diverged")
+            and _finite(r["final"].get(f"test_{metric}"))
+        }
+
+    def diverged(label: str) -> int:
+        return sum(1 for r in records if r["label"] == label and r.get("diverged"))
+
+    scale = 100.0 if _is_percent(metric) else 1.0
+    unit = "points of test accuracy" if _is_percent(metric) else f"test {metric}"
+    fmt = ".2f" if _is_percent(metric) else ".4g"
+    base = values(baseline)
+    out = []
+    for label in labels:
+        if label == baseline:
+            continue
+        mine = values(label)
+        seeds = sorted(set(mine) & set(base))
+        diffs = [scale * (mine[s] - base[s]) for s in seeds]
+        n = len(diffs)
+        left = diverged(label) + diverged(baseline)
+        note = f" ({left} diverged run(s) left out)" if left else ""
+        v: dict[str, Any] = {"label": label, "baseline": baseline, "n": n, "metric": metric}
+        if n == 0:
+            v.update(mean=None, se=None, z=None, exceeds=False)
+            v["sentence"] = (
+                f"{label}: no seed on which both it and {baseline} finished, so no comparison{note}."
+            )
+        elif n == 1:
+            v.update(mean=diffs[0], se=None, z=None, exceeds=False)
+            v["sentence"] = (
+                f"{label}: {diffs[0]:+{fmt}} {unit} against {baseline} on one seed; "
+                f"one seed gives no standard error, so run more seeds before reading anything "
+                f"into it{note}."
+            )
+        else:
+            mean = statistics.fmean(diffs)
+            se = statistics.stdev(diffs) / math.sqrt(n)
+            z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+            exceeds = abs(z) > 2
+            better = (mean > 0) == maximize
+            if exceeds:
+                tail = (
+                    f"beyond two, so the difference is unlikely to be seed noise "
+                    f"({label} is {'better' if better else 'worse'})"
+                )
+            else:
+                tail = "within two, so this study cannot tell them apart"
+            z_txt = "infinitely many" if math.isinf(z) else f"{abs(z):.1f}"
+            v.update(mean=mean, se=se, z=z, exceeds=exceeds, better=better)
+            v["sentence"] = (
+                f"{label}: {mean:+{fmt}} ± {se:{fmt}} {unit} against {baseline}, paired over {n} "
+                f"seeds: {z_txt} standard errors, {tail}{note}."
+            )
+        out.append(v)
+    return out
+
+
+def finish(
+    config: StudyConfig,
+    results: list[RunResult],
+    out: str | os.PathLike[str],
+    *,
+    log: Callable[[str], None] | None = None,
+    problem: Problem | None = None,
+) -> dict[str, Any]:
+    """Aggregate the runs into results.json and write report.html; returns the summary."""
+    from .report import write_report
+
+    out = Path(out)
+    problem = problem or config.problem()
+    metric, maximize = problem.primary, problem.maximize
+    records = [r.record for r in results]
+    labels = [m.label for m in config.methods]
+    rows = summarize(records, labels, metric=metric)
+    verdicts = paired_verdicts(
+        records, labels, config.baseline_label, metric=metric, maximize=maximize
+    )
+    histories: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        path = out / "runs" / r["metrics"]
+        try:
+            histories[r["key"]] = [
+                json.loads(line) for line in path.read_text().splitlines() if line.strip()
+            ]
+        except (OSError, ValueError):
+            histories[r["key"]] = []
+    interp = _interpolation(config, problem, records, out, log) if config.sharpness else None
+    summary = {
+        "format": "samkit-compare",
+        "version": 2,
+        "settings": config.to_dict(),
+        "problem": problem.describe(),
+        "summary": rows,
+        "verdicts": verdicts,
+        "runs": records,
+        "interpolation": interp,
+        "executed_runs": sum(r.executed for r in results),
+    }
+    with study_folder(out, clean=False):
+        write_json_atomic(out / "results.json", summary)
+        title = f"samkit compare: {config.dataset} / {config.model}" + (
+            f", {config.noise:.0%} label noise" if config.noise else ""
+        )
+        write_report(
+            out / "report.html",
+            title=title,
+            rows=rows,
+            records=records,
+            histories=histories,
+            settings={k: v for k, v in config.to_dict().items() if k != "methods"}
+            | {"methods": labels},
+            interpolation=interp,
+            verdicts=[v["sentence"] for v in verdicts],
+            notes=[
+                f"Test {metric}: mean +- sample standard deviation over seeds (diverged runs left "
+                "out); error bars: standard error. Cost: time per training epoch, and "
+                "forward/backward passes per step, relative to SGD."
+            ],
+            metric=metric,
+        )
+    return finite(summary)
+
+
+def _load_weights(problem: Problem, data: Data, path: Path) -> torch.nn.Module:
+    from .checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path)
+    state = ck.get("state_dict")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"Invalid checkpoint {str(path)!r}: no state dict")
+    if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+        raise ValueError(f"Invalid checkpoint {str(path)!r}: non-finite weights")
+    model = problem.build_model(data)
+    model.load_state_dict(state)
+    model.eval()
+    return model
+
+
+def _interpolation(
+    config: StudyConfig,
+    problem: Problem,
+    records: list[dict[str, Any]],
+    out: Path,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any] | None:
+    """Loss along the line from the SGD model to the best SAM model (first seed, finished runs)."""
+    try:
+        from ..sharpness import landscape
+    except ImportError:
+        return None
+    if not callable(getattr(landscape, "interpolate", None)):
+        return None
+    seed = config.seeds[0]
+    ok = [r for r in records if r["seed"] == seed and not r.get("diverged") and r.get("checkpoint")]
+    a = next((r for r in ok if r["label"] == "sgd"), None)
+    metric, sign = problem.primary, (1.0 if problem.maximize else -1.0)
+    sam_like = [r for r in ok if r["method"] == "sam"]
+    b = (
+        max(sam_like, key=lambda r: sign * (r["final"].get(f"test_{metric}") or -math.inf))
+        if sam_like
+        else None
+    )
+    if a is None or b is None:
+        return None
+    try:
+        data = problem.load(seed)
+        device = resolve_device(config.device)
+        models = [
+            _load_weights(problem, data, out / "runs" / r["checkpoint"]).to(device) for r in (a, b)
+        ]
+        alphas, losses = landscape.interpolate(
+            models[0],
+            models[1],
+            _mean_loss(problem),
+            sharpness_batches(data, config.sharpness_samples, device=device),
+            n_points=config.interpolation_points,
+        )
+    except Exception as exc:  # noqa: BLE001 - an instrument failure must not lose the study
+        if log:
+            log(f"samkit compare: interpolation failed: {_first_line(exc)}")
+        return None
+    return {
+        "a": a["label"],
+        "b": b["label"],
+        "seed": seed,
+        "alphas": [float(x) for x in alphas],
+        "losses": [float(x) for x in losses],
+    }
+
+
+__all__ += ["ResumeError", "run_key", "sharpness_batches"]

@@ -1,0 +1,126 @@
+"""One study per run folder at a time: a lock, a write check and stale temporary files.
+
+Two ``samkit compare`` in one folder would both train every run and
+interleave their per-epoch logs. :func:`study_folder` takes an exclusive
+lock on ``<folder>/.samkit.lock`` (``fcntl.flock`` on POSIX, ``msvcrt`` on
+Windows); the operating system releases it when the process ends, even on
+``kill -9``, so a crash never leaves the folder locked. The second process
+gets :class:`FolderBusy` (a ``ValueError``) naming the holder's pid.
+
+Holding the lock, it removes the temporary files that an atomic write
+(:mod:`samkit._atomic`: ``.<name>.<random>.tmp``) leaves behind when its
+process is killed mid-write, and the Optuna journal's lock of a killed
+``samkit tune``. The writability check uses a uniquely named probe, so two
+processes never trip over each other's probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["FolderBusy", "study_folder", "check_writable", "clean_stale_temporaries"]
+
+LOCK_NAME = ".samkit.lock"
+_TMP = re.compile(r"^\..+\.tmp$")
+_HELD: dict[str, int] = {}  # folder -> depth, for the nested use by one process
+
+
+class FolderBusy(ValueError):
+    """Another process holds the folder's lock."""
+
+
+def check_writable(path: Path) -> Path:
+    """Create ``path`` (a folder) and check a file can be written in it; ValueError if not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".samkit-write-test.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(
+            f"Invalid out value: cannot write to output folder {str(path)!r} ({exc.strerror or exc})"
+        ) from exc
+    return path
+
+
+def clean_stale_temporaries(path: Path) -> list[Path]:
+    """Remove ``.*.tmp`` files left by killed atomic writes in ``path`` and ``path/runs``."""
+    removed = []
+    for folder in (path, path / "runs"):
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            if _TMP.match(f.name) and f.is_file():
+                with contextlib.suppress(OSError):
+                    f.unlink()
+                    removed.append(f)
+    journal_lock = path / "optuna-journal.log.lock"
+    if journal_lock.is_symlink() or journal_lock.exists():
+        with contextlib.suppress(OSError):
+            journal_lock.unlink()
+            removed.append(journal_lock)
+    return removed
+
+
+def _lock(fh) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def study_folder(path: str | os.PathLike[str], *, clean: bool = True) -> Iterator[Path]:
+    """Hold ``path`` for this process for the duration of the block.
+
+    Creates the folder, checks it can be written, locks it (or raises
+    :class:`FolderBusy`), and removes stale temporary files. Re-entrant
+    within one process.
+    """
+    path = check_writable(Path(path))
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key] -= 1
+        return
+    fh = open(path / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held for the block
+    try:
+        if not _lock(fh):
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise FolderBusy(
+                f"Invalid out value: {str(path)!r} is in use by another samkit process "
+                f"(pid {holder}); wait for it to finish or choose another --out"
+            )
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        _HELD[key] = 1
+        try:
+            if clean:
+                clean_stale_temporaries(path)
+            yield path
+        finally:
+            del _HELD[key]
+    finally:
+        fh.close()  # closing releases the lock

@@ -1,0 +1,614 @@
+"""What a study trains on: the data, the model factory, the loss and the metrics.
+
+A :class:`Problem` is built from a :class:`~samkit.experiments.settings.StudyConfig`:
+either a built-in dataset and model (by name), or the user's own:
+
+* data (:class:`UserData`): ``train``, optional ``val`` and ``test``, each a
+  map-style ``torch.utils.data.Dataset`` (``len`` and ``ds[i] -> (x, y)``), a
+  pair of arrays ``(x, y)``, or, for data that does not fit in memory, an
+  ``IterableDataset`` or a factory ``train(seed=, epoch=) -> iterable of
+  (x, y) batches``. Without ``val`` a validation split of ``val_fraction`` is
+  drawn from a map-style ``train`` per seed;
+* a model factory: a callable returning a fresh ``nn.Module``, called with
+  ``model_kwargs`` once per run after seeding (a built-in model on the
+  user's arrays gets ``in_len`` and ``num_classes`` from the data);
+* ``task``: ``"classification"`` (cross-entropy, accuracy ``acc``) or
+  ``"regression"`` (mean squared error; metrics ``mse`` and ``mae``);
+* ``loss(output, target)``: any callable; a torch loss module is switched to
+  ``reduction="none"`` so methods that need per-sample losses (ESAM) get them;
+* ``metrics``: a dict ``name -> metric(output, target)`` returning the mean
+  over the batch; the first is the study's primary metric (higher is better
+  for ``acc``, ``accuracy``, ``f1``, ``auc``, ``r2``, ``precision``, ``recall``,
+  or when the callable has ``higher_is_better = True``; lower otherwise).
+
+The CLI reads the user's code from ``module:function`` (a module importable
+from the current folder or an installed package, or ``path/to/file.py``) and
+data from ``path.npz`` (arrays ``x_train, y_train, x_test, y_test``, optional
+``x_val, y_val``; read without pickle).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import IterableDataset, TensorDataset
+
+__all__ = [
+    "UserData",
+    "Problem",
+    "Data",
+    "load_callable",
+    "load_user_data",
+    "as_source",
+    "accuracy",
+    "mse",
+    "mae",
+    "IndexedSubset",
+]
+
+HIGHER_IS_BETTER = {"acc", "accuracy", "f1", "auc", "r2", "precision", "recall", "top1", "top5"}
+
+
+# ------------------------------------------------------------------ metrics
+def accuracy(output: Tensor, target: Tensor) -> Tensor:
+    """Fraction of samples whose largest logit is the target class."""
+    return (output.argmax(1) == target).double().mean()
+
+
+accuracy.higher_is_better = True  # type: ignore[attr-defined]
+
+
+def _match(output: Tensor, target: Tensor) -> Tensor:
+    if output.shape != target.shape:
+        if output.numel() != target.numel():
+            raise ValueError(
+                f"Invalid output value: the model's output has shape {tuple(output.shape)}, "
+                f"the targets {tuple(target.shape)} (a regression needs one output per target)"
+            )
+        output = output.reshape(target.shape)
+    return output
+
+
+def mse(output: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error (the output reshaped to the target's shape)."""
+    output = _match(output, target)
+    return (output - target.to(output.dtype)).square().mean()
+
+
+def mae(output: Tensor, target: Tensor) -> Tensor:
+    """Mean absolute error."""
+    output = _match(output, target)
+    return (output - target.to(output.dtype)).abs().mean()
+
+
+def _per_sample_mse(output: Tensor, target: Tensor) -> Tensor:
+    output = _match(output, target)
+    err = (output - target.to(output.dtype)).square()
+    return err.reshape(err.shape[0], -1).mean(1) if err.dim() > 1 else err
+
+
+def higher_is_better(name: str, metric: Any) -> bool:
+    flag = getattr(metric, "higher_is_better", None)
+    if isinstance(flag, bool):
+        return flag
+    return name.lower() in HIGHER_IS_BETTER
+
+
+# --------------------------------------------------------------- user data
+class IndexedSubset(TorchDataset):
+    """``base[indices[i]]``; batch indexing (a tensor of positions) when the base allows it."""
+
+    def __init__(self, base: Any, indices: Tensor) -> None:
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def __getitem__(self, index: Any) -> Any:
+        return (
+            self.base[self.indices[index]]
+            if torch.is_tensor(index)
+            else self.base[int(self.indices[index])]
+        )
+
+
+def batch_indexable(ds: Any) -> bool:
+    """True when ``ds[index_tensor]`` gives a whole batch at once (no per-sample collate)."""
+    from .datasets import Split
+
+    if isinstance(ds, IndexedSubset):
+        return batch_indexable(ds.base)
+    return isinstance(ds, (Split, TensorDataset))
+
+
+def _tensor(name: str, a: Any) -> Tensor:
+    t = torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a
+    if t.dtype == torch.float64:
+        t = t.float()
+    elif t.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+        t = t.long()
+    if not (t.is_floating_point() or t.dtype in (torch.int64, torch.bool)):
+        raise ValueError(f"Invalid {name} value: dtype {t.dtype} (numbers expected)")
+    if t.dim() == 0:
+        raise ValueError(f"Invalid {name} value: a scalar (an array with one row per sample)")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"Invalid {name} value: holds NaN or infinite entries")
+    return t
+
+
+def _pair(name: str, xy: Any) -> TensorDataset:
+    if len(xy) != 2:
+        raise ValueError(f"Invalid {name} value: expected a pair (x, y), got {len(xy)} items")
+    x, y = _tensor(f"{name} x", xy[0]), _tensor(f"{name} y", xy[1])
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"Invalid {name} value: x has {x.shape[0]} rows, y has {y.shape[0]} (one each per sample)"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"Invalid {name} value: no samples")
+    return TensorDataset(x, y)
+
+
+def as_source(name: str, obj: Any, *, factory_ok: bool = False) -> Any:
+    """A map-style Dataset, an IterableDataset or (``factory_ok``) a batch factory from ``obj``."""
+    if obj is None:
+        return None
+    if isinstance(obj, torch.utils.data.DataLoader):
+        raise ValueError(
+            f"Invalid {name} value: a DataLoader (pass its dataset, so every method sees the same "
+            "batches in the same order, or a factory train(seed=, epoch=) returning the batches)"
+        )
+    if isinstance(obj, (TorchDataset, IterableDataset)):
+        if not isinstance(obj, IterableDataset):
+            try:
+                n = len(obj)  # type: ignore[arg-type]
+            except TypeError as exc:
+                raise ValueError(
+                    f"Invalid {name} value: a map-style Dataset needs __len__ ({exc})"
+                ) from None
+            if n == 0:
+                raise ValueError(f"Invalid {name} value: an empty dataset")
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return _pair(name, obj)
+    if callable(obj) and factory_ok:
+        return obj
+    what = "a Dataset, a pair (x, y) of arrays" + (
+        ", or a factory (seed=, epoch=)" if factory_ok else ""
+    )
+    raise ValueError(f"Invalid {name} value: {type(obj).__name__} ({what})")
+
+
+def _kind(source: Any) -> str:
+    if source is None:
+        return "none"
+    if isinstance(source, IterableDataset):
+        return "iterable"
+    if isinstance(source, TorchDataset):
+        return "map"
+    return "factory"
+
+
+@dataclass
+class UserData:
+    """The user's data: ``train`` (required), ``val`` (optional) and ``test`` (optional)."""
+
+    name: str
+    train: Any
+    val: Any = None
+    test: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Invalid data value: {self.name!r} (a name)")
+        self.train = as_source("train", self.train, factory_ok=True)
+        if self.train is None:
+            raise ValueError("Invalid train value: None (the training data is required)")
+        self.val = as_source("val", self.val)
+        self.test = as_source("test", self.test)
+
+    @property
+    def kind(self) -> str:
+        return _kind(self.train)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Name, kinds and sizes (and a content hash of array data): changes retrain."""
+
+        def describe(source: Any) -> Any:
+            if source is None:
+                return None
+            d: dict[str, Any] = {"kind": _kind(source)}
+            if d["kind"] == "map":
+                d["len"] = len(source)
+            if isinstance(source, TensorDataset):
+                h = hashlib.sha1()
+                for t in source.tensors:
+                    h.update(str((tuple(t.shape), str(t.dtype))).encode())
+                    h.update(t.detach().cpu().contiguous().numpy().tobytes())
+                d["sha1"] = h.hexdigest()[:12]
+            return d
+
+        return {
+            "name": self.name,
+            "train": describe(self.train),
+            "val": describe(self.val),
+            "test": describe(self.test),
+        }
+
+
+def _import_module(module: str, spec: str, what: str) -> Any:
+    if module.endswith(".py") or os.sep in module or "/" in module:
+        path = Path(module)
+        if not path.is_file():
+            raise ValueError(f"Invalid {what} value: {spec!r} ({module} is not a file)")
+        name = f"samkit_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ValueError(f"Invalid {what} value: {spec!r} (cannot load {module})")
+        mod = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = mod
+        loader_spec.loader.exec_module(mod)
+        return mod
+    # the current folder first, as `python -m` does, so a user's module beside
+    # their data is found without installing it
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    return importlib.import_module(module)
+
+
+def _where(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return ""
+    return f" at {Path(last.tb_frame.f_code.co_filename).name}:{last.tb_lineno}"
+
+
+def load_callable(spec: Any, what: str) -> Callable[..., Any]:
+    """``"package.module:function"`` or ``"path/file.py:function"`` -> the function.
+
+    Import errors become one ``ValueError`` naming ``what`` (the setting), the
+    spec and the reason (with the file and line when the user's code raised).
+    """
+    if not isinstance(spec, str) or spec.count(":") < 1:
+        raise ValueError(f"Invalid {what} value: {spec!r} (expected module:function)")
+    module, _, attr = spec.rpartition(":")
+    if not module or not attr.isidentifier():
+        raise ValueError(f"Invalid {what} value: {spec!r} (expected module:function)")
+    try:
+        mod = _import_module(module, spec, what)
+    except ValueError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise ValueError(
+            f"Invalid {what} value: {spec!r} (cannot import {module!r}: {exc}; run from the folder "
+            "that holds it, or install it)"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
+        raise ValueError(
+            f"Invalid {what} value: {spec!r} (importing {module!r} raised "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{_where(exc)})"
+        ) from exc
+    fn = getattr(mod, attr, None)
+    if fn is None or not callable(fn):
+        raise ValueError(f"Invalid {what} value: {spec!r} ({module!r} has no function {attr!r})")
+    return fn
+
+
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")
+
+
+def _load_npz(path: Path) -> UserData:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"Invalid data value: {str(path)!r} is not a readable .npz ({reason})"
+        ) from exc
+    unknown = sorted(set(arrays) - set(_NPZ_KEYS))
+    missing = [k for k in ("x_train", "y_train") if k not in arrays]
+    if missing or unknown:
+        raise ValueError(
+            f"Invalid data value: {str(path)!r} (needs arrays x_train, y_train, optional x_test, "
+            f"y_test, x_val, y_val; {'missing ' + ', '.join(missing) if missing else 'unknown ' + ', '.join(unknown)})"
+        )
+    for a, b in (("x_test", "y_test"), ("x_val", "y_val")):
+        if (a in arrays) != (b in arrays):
+            raise ValueError(
+                f"Invalid data value: {str(path)!r} has {a if a in arrays else b} alone"
+            )
+    pair = lambda s: (arrays[f"x_{s}"], arrays[f"y_{s}"]) if f"x_{s}" in arrays else None  # noqa: E731
+    return UserData(name=path.name, train=pair("train"), val=pair("val"), test=pair("test"))
+
+
+def _as_user_data(name: str, out: Any) -> UserData:
+    if isinstance(out, UserData):
+        return out
+    if isinstance(out, dict):
+        unknown = sorted(set(out) - {"train", "val", "test"})
+        if unknown or "train" not in out:
+            raise ValueError(
+                f"Invalid data value: {name!r} returned a dict with keys {sorted(out)} "
+                "(expected train, and optional val, test)"
+            )
+        return UserData(name, out["train"], out.get("val"), out.get("test"))
+    # (train, test) or (train, val, test) of datasets or (x, y) pairs; a bare (x, y)
+    # pair of arrays is ambiguous with (train, test), so it is refused
+    if (
+        isinstance(out, (tuple, list))
+        and len(out) in (2, 3)
+        and not any(torch.is_tensor(p) or isinstance(p, np.ndarray) for p in out)
+    ):
+        parts = list(out)
+        if len(parts) == 2:
+            return UserData(name, parts[0], None, parts[1])
+        return UserData(name, parts[0], parts[1], parts[2])
+    raise ValueError(
+        f"Invalid data value: {name!r} returned {type(out).__name__} (expected (train, test), "
+        "(train, val, test) or a dict with those keys)"
+    )
+
+
+def load_user_data(spec: Any) -> UserData:
+    """``path.npz`` or ``module:function`` (returning ``(train, test)``, ``(train, val,
+    test)`` or a dict with those keys) -> :class:`UserData`."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"Invalid data value: {spec!r} (a path.npz or module:function)")
+    if spec.endswith(".npz"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"Invalid data value: {spec!r} is not a file")
+        return _load_npz(path)
+    fn = load_callable(spec, "data")
+    try:
+        out = fn()
+    except Exception as exc:  # noqa: BLE001 - the user's loader raised
+        raise ValueError(
+            f"Invalid data value: {spec!r} raised {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}{_where(exc)}"
+        ) from exc
+    return _as_user_data(spec, out)
+
+
+# ------------------------------------------------------------------ problem
+@dataclass
+class Data:
+    """One seed's data as the trainer reads it."""
+
+    name: str
+    train: Any
+    val: Any
+    test: Any
+    spec: dict[str, Any] | None = None  # rebuilds built-in data (checkpoints); None for the user's
+    in_len: int | None = None
+    num_classes: int | None = None
+
+
+def _first_sample(source: Any) -> tuple[Any, Any]:
+    kind = _kind(source)
+    if kind == "map":
+        item = source[0]
+    else:
+        it = iter(source(seed=0, epoch=0) if kind == "factory" else source)
+        item = next(it, None)
+        if item is None:
+            raise ValueError("Invalid train value: it yields no data")
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise ValueError(
+            f"Invalid train value: each item must be a pair (x, y), got {type(item).__name__}"
+        )
+    return item[0], item[1]
+
+
+def _default_loss(task: str, label_smoothing: float) -> Callable[[Tensor, Tensor], Tensor]:
+    if task == "classification":
+
+        def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+            return F.cross_entropy(
+                output, target, reduction="none", label_smoothing=label_smoothing
+            )
+
+        return cross_entropy
+    return _per_sample_mse
+
+
+def per_sample_loss(loss: Callable[..., Any]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The user's loss, giving one value per sample where it can (torch loss modules)."""
+    if isinstance(loss, nn.modules.loss._Loss) and getattr(loss, "reduction", None) != "none":
+        loss = copy.copy(loss)
+        loss.reduction = "none"
+
+    def fn(output: Tensor, target: Tensor) -> Tensor:
+        value = loss(output, target)
+        if not torch.is_tensor(value):
+            raise ValueError(
+                f"Invalid loss value: it returned {type(value).__name__}, not a tensor"
+            )
+        if value.dim() > 1:
+            value = value.reshape(value.shape[0], -1).mean(1)
+        return value
+
+    fn.__name__ = getattr(loss, "__name__", type(loss).__name__)
+    return fn
+
+
+class Problem:
+    """Data source, model factory, loss and metrics of one study (see the module docstring)."""
+
+    def __init__(self, config: Any, task: str) -> None:
+        self.config = config
+        self.task = task
+        self.builtin_data = config.user_data is None
+        self.builtin_model = config.model_factory is None
+        if config.loss is not None:
+            self.loss_fn = per_sample_loss(config.loss)
+        else:
+            self.loss_fn = _default_loss(task, config.train.label_smoothing)
+        if config.metrics is not None:
+            self.metrics = dict(config.metrics)
+        elif task == "classification":
+            self.metrics = {"acc": accuracy}
+        else:
+            self.metrics = {"mse": mse, "mae": mae}
+        self.primary = next(iter(self.metrics))
+        self.maximize = higher_is_better(self.primary, self.metrics[self.primary])
+        self._cache: dict[int, Data] = {}
+
+    @classmethod
+    def from_config(cls, config: Any) -> Problem:
+        task = config.task
+        if task is None:
+            if config.user_data is None:
+                task = "classification"
+            else:
+                _, y = _first_sample(config.user_data.train)
+                y = torch.as_tensor(np.asarray(y)) if not torch.is_tensor(y) else y
+                task = "regression" if y.is_floating_point() else "classification"
+        return cls(config, task)
+
+    @property
+    def streaming(self) -> bool:
+        return not self.builtin_data and self.config.user_data.kind != "map"
+
+    def load(self, seed: int) -> Data:
+        if seed in self._cache:
+            return self._cache[seed]
+        cfg = self.config
+        if self.builtin_data:
+            d = cfg_load_builtin(cfg, seed)
+            data = Data(d.name, d.train, d.val, d.test, d.spec, d.in_len, d.num_classes)
+        else:
+            data = self._load_user(seed)
+        self._cache.clear()  # keep one seed's data: a large user dataset is held once
+        self._cache[seed] = data
+        return data
+
+    def _load_user(self, seed: int) -> Data:
+        cfg, ud = self.config, self.config.user_data
+        train, val = ud.train, ud.val
+        if ud.kind == "map":
+            n = len(train)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 * seed + 3))
+            if val is None and cfg.val_fraction > 0:
+                n_val = int(round(cfg.val_fraction * n))
+                if n_val < 1 or n_val >= n:
+                    raise ValueError(
+                        f"Invalid val_fraction value: {cfg.val_fraction!r} leaves "
+                        f"{n_val} of {n} samples for validation"
+                    )
+                val = IndexedSubset(train, order[:n_val].sort().values)
+                keep = order[n_val:]
+            else:
+                keep = order
+            if cfg.train_size is not None:
+                keep = keep[: cfg.train_size]
+            if val is not None or cfg.train_size is not None:
+                train = IndexedSubset(train, keep.sort().values)
+        elif cfg.train_size is not None:
+            raise ValueError(
+                "Invalid train_size value: it applies to map-style training data only "
+                "(not an IterableDataset or a factory)"
+            )
+        in_len = num_classes = None
+        base = train.base if isinstance(train, IndexedSubset) else train
+        if isinstance(base, TensorDataset):
+            x, y = base.tensors
+            in_len = int(math.prod(x.shape[1:])) if x.dim() > 1 else 1
+            if self.task == "classification":
+                num_classes = int(y.max()) + 1 if y.numel() else 0
+            else:
+                num_classes = int(math.prod(y.shape[1:])) if y.dim() > 1 else 1
+        return Data(ud.name, train, val, ud.test, None, in_len, num_classes)
+
+    def model_kwargs(self, data: Data) -> dict[str, Any]:
+        kwargs = dict(self.config.model_kwargs)
+        if self.builtin_model:
+            if data.in_len is None or data.num_classes is None:
+                raise ValueError(
+                    f"Invalid model value: {self.config.model!r} (a built-in model on your own data "
+                    "needs array data (x, y) to size it; give your model as module:function)"
+                )
+            kwargs = {"in_len": data.in_len, "num_classes": data.num_classes, **kwargs}
+        return kwargs
+
+    def build_model(self, data: Data) -> nn.Module:
+        """A fresh model (call :func:`~samkit.experiments.trainer.seed_everything` first)."""
+        kwargs = self.model_kwargs(data)
+        if self.builtin_model:
+            from .models import build_model
+
+            try:
+                return build_model(self.config.model, **kwargs)
+            except ValueError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. a negative width from model_kwargs
+                raise ValueError(
+                    f"Invalid model_kwargs value: {self.config.model_kwargs!r} for model "
+                    f"{self.config.model!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                ) from exc
+        try:
+            model = self.config.model_factory(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - the user's factory raised
+            raise ValueError(
+                f"Invalid model value: {self.config.model!r} raised {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}{_where(exc)}"
+            ) from exc
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"Invalid model value: {self.config.model!r} returned {type(model).__name__} "
+                "(expected a fresh torch.nn.Module)"
+            )
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                f"Invalid model value: {self.config.model!r} has no trainable parameters"
+            )
+        return model
+
+    def model_spec(self, data: Data) -> tuple[str, dict[str, Any]]:
+        """(name, kwargs) stored in checkpoints; user models are marked so no tool imports them."""
+        kwargs = self.model_kwargs(data)
+        if self.builtin_model:
+            return self.config.model, kwargs
+        return f"user:{self.config.model}", kwargs
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "metric": self.primary,
+            "maximize": self.maximize,
+            "metrics": list(self.metrics),
+            "loss": getattr(self.loss_fn, "__name__", "loss"),
+        }
+
+
+def cfg_load_builtin(cfg: Any, seed: int) -> Any:
+    from .datasets import load_dataset
+
+    return load_dataset(
+        cfg.dataset,
+        seed=seed,
+        noise=cfg.noise,
+        val_fraction=cfg.val_fraction,
+        train_size=cfg.train_size,
+    )

@@ -1,0 +1,461 @@
+"""``samkit.tune(...)``: search a SAM-type method's rho (and optionally lr) with Optuna.
+
+Each trial trains the method on the training split and is scored by the
+primary metric on the validation split (mean over the seeds), never on the
+test set. The search is Optuna's TPE sampler, or a grid. Trials live in an
+Optuna journal in the run folder, so an interrupted search resumes:
+
+* trials left RUNNING by a killed process are marked FAIL and their
+  parameters queued again, so no trial stays stuck and none is lost;
+* the sampler is seeded from ``sampler_seed`` *and the number of trials
+  already in the journal*, so a resumed search does not propose again the
+  values its first, uninterrupted part proposed (a sampler reseeded with the
+  same seed would);
+* the folder is locked (one search per folder at a time).
+
+The recommendation is the best trial; among trials within 0.1 point (or
+1e-3 relative, for other metrics) of it, the smallest rho.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import settings as st
+from .folder import study_folder
+from .problem import Problem
+from .registry import MethodInfo, build_method, method_info
+from .settings import MethodSpec, StudyConfig, check_float, check_int
+
+__all__ = ["tune", "TuneResult", "TuneSpec", "open_tune", "QUICK"]
+
+#: ``samkit tune --quick``
+QUICK = {"seeds": 1, "epochs": 15, "sharpness": False}
+MAX_TRIALS = 10_000
+MAX_SAMPLER_SEED = 2**32 - 1
+
+
+@dataclass
+class TuneSpec:
+    """What to search: the method, its ranges, the number of trials (all validated)."""
+
+    method: str = "sam"
+    trials: int | None = None
+    rho_range: tuple[float, float] | None = None
+    grid: list[float] | None = None
+    tune_lr: bool = False
+    sampler_seed: int = 0
+    base: str | None = None
+
+    def __post_init__(self) -> None:
+        info = method_info(self.method)
+        if not info.uses_rho:
+            raise ValueError(f"Invalid method value: {self.method!r} has no rho to tune")
+        check_int("trials", self.trials, 1, MAX_TRIALS, none_ok=True)
+        if self.rho_range is not None:
+            if not isinstance(self.rho_range, (tuple, list)) or len(self.rho_range) != 2:
+                raise ValueError(f"Invalid rho_range value: {self.rho_range!r} (expected (LO, HI))")
+            lo = check_float("rho_range", self.rho_range[0], 0.0, lo_open=True)
+            hi = check_float("rho_range", self.rho_range[1], 0.0, lo_open=True)
+            if not lo < hi:
+                raise ValueError(f"Invalid rho_range value: {self.rho_range!r} (need 0 < LO < HI)")
+            self.rho_range = (lo, hi)
+        if self.grid is not None:
+            if (
+                not isinstance(self.grid, (list, tuple))
+                or not self.grid
+                or len(self.grid) > MAX_TRIALS
+            ):
+                raise ValueError(
+                    f"Invalid grid value: {self.grid!r} (1 to {MAX_TRIALS} rho values)"
+                )
+            self.grid = [check_float("grid", r, 0.0) for r in self.grid]
+            if len(set(self.grid)) != len(self.grid):
+                raise ValueError(f"Invalid grid value: {self.grid!r} (duplicates)")
+        st.check_bool("tune_lr", self.tune_lr)
+        check_int("sampler_seed", self.sampler_seed, 0, MAX_SAMPLER_SEED)
+        if self.base is not None:
+            st.check_choice("base", self.base, tuple(st.BASE_DEFAULTS))
+
+    @property
+    def info(self) -> MethodInfo:
+        return method_info(self.method)
+
+    def range(self) -> tuple[float, float]:
+        scale = self.info.rho_scale
+        return self.rho_range or (0.005 * scale, 1.0 * scale)
+
+    def n_trials(self, quick: bool = False) -> int:
+        return len(self.grid) if self.grid else (self.trials or (6 if quick else 20))
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` returns."""
+
+    out: Path
+    summary: dict[str, Any]
+
+    @property
+    def best(self) -> dict[str, Any]:
+        return self.summary["best"]
+
+    @property
+    def trials(self) -> list[dict[str, Any]]:
+        return self.summary["trials"]
+
+    @property
+    def results_path(self) -> Path:
+        return self.out / "tune.json"
+
+    @property
+    def report_path(self) -> Path:
+        return self.out / "report.html"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.summary
+
+
+def _sampler_seed(seed: int, existing: int) -> int:
+    if existing == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, existing]).generate_state(1)[0])
+
+
+class OpenTune:
+    """A validated search holding its folder's lock."""
+
+    def __init__(
+        self,
+        config: StudyConfig,
+        spec: TuneSpec,
+        base: MethodSpec,
+        out: Path,
+        problem: Problem,
+        n_trials: int,
+    ) -> None:
+        self.config, self.spec, self.base, self.out = config, spec, base, out
+        self.problem, self.n_trials = problem, n_trials
+
+    def run(self, *, log: Callable[[str], None] | None = None) -> TuneResult:
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+        from optuna.trial import TrialState
+
+        from .report import write_report
+        from .study import write_json_atomic
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = JournalStorage(JournalFileBackend(str(self.out / "optuna-journal.log")))
+        direction = "maximize" if self.problem.maximize else "minimize"
+        probe = optuna.create_study(
+            study_name="samkit-tune", storage=storage, direction=direction, load_if_exists=True
+        )
+        existing = list(probe.trials)
+        # trials a killed process left RUNNING: mark them failed, and queue their values again
+        stuck = [t for t in existing if t.state == TrialState.RUNNING]
+        for t in stuck:
+            probe.tell(t.number, state=TrialState.FAIL)
+            if t.params:
+                probe.enqueue_trial(dict(t.params), skip_if_exists=False)
+        seed = _sampler_seed(self.spec.sampler_seed, len(existing))
+        if self.spec.grid:
+            sampler: Any = optuna.samplers.GridSampler({"rho": self.spec.grid}, seed=seed)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, self.n_trials))
+        ostudy = optuna.create_study(
+            study_name="samkit-tune",
+            storage=storage,
+            sampler=sampler,
+            direction=direction,
+            load_if_exists=True,
+            pruner=optuna.pruners.MedianPruner(
+                n_startup_trials=5, n_warmup_steps=self.config.train.epochs // 2
+            ),
+        )
+        done = [t for t in ostudy.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        remaining = max(0, self.n_trials - len(done))
+        if log:
+            c = self.config
+            log(
+                f"samkit tune: {self.spec.method} on {c.dataset} / {c.model}, {len(c.seeds)} "
+                f"seed(s), {c.train.epochs} epochs, {self.n_trials} trials ({len(done)} done "
+                f"before{', ' + str(len(stuck)) + ' interrupted, queued again' if stuck else ''}) "
+                f"-> {self.out}"
+            )
+        if remaining:
+            ostudy.optimize(self._objective(log), n_trials=remaining, catch=())
+        summary = self._summarize(ostudy)
+        write_json_atomic(self.out / "tune.json", summary)
+        metric = self.problem.primary
+        pct = metric in ("acc", "accuracy")
+        best = summary["best"]
+        shown = f"{100 * best['value']:.2f} %" if pct else f"{best['value']:.4g}"
+        write_report(
+            self.out / "report.html",
+            title=f"samkit tune: {self.spec.method} on {self.config.dataset} / {self.config.model}",
+            rows=[],
+            records=[],
+            histories={},
+            settings={k: v for k, v in self.config.to_dict().items() if k != "methods"}
+            | {"method": self.base.to_dict()},
+            tune=summary,
+            notes=[f"Recommended rho = {best['rho']:.4g} (validation {metric} {shown})."],
+        )
+        return TuneResult(self.out, summary)
+
+    def _objective(self, log: Callable[[str], None] | None) -> Callable[[Any], float]:
+        import optuna
+
+        from .trainer import resolve_device, seed_everything, steps_per_epoch, train
+
+        cfg, spec, problem = self.config, self.spec, self.problem
+        lo, hi = spec.range()
+        device = resolve_device(cfg.device)
+        metric = problem.primary
+
+        def objective(trial: optuna.Trial) -> float:
+            rho = (
+                trial.suggest_categorical("rho", spec.grid)
+                if spec.grid
+                else trial.suggest_float("rho", lo, hi, log=True)
+            )
+            lr = (
+                trial.suggest_float("lr", self.base.lr / 10, self.base.lr * 10, log=True)
+                if spec.tune_lr
+                else self.base.lr
+            )
+            scores = []
+            for s_i, seed in enumerate(cfg.seeds):
+                data = problem.load(seed)
+                seed_everything(seed)
+                model = problem.build_model(data)
+                n_steps = steps_per_epoch(data.train, cfg.train.batch_size, seed)
+                tspec = self.base.train_spec(
+                    total_steps=n_steps * cfg.train.epochs,
+                    steps_per_epoch=n_steps,
+                    epochs=cfg.train.epochs,
+                ).replace(lr=lr)
+                method = build_method(spec.method, model, tspec, rho=rho)
+
+                def report(rec: dict[str, Any], s_i: int = s_i) -> None:
+                    value = rec.get(f"val_{metric}")
+                    if value is None or not math.isfinite(value):  # an epoch without evaluation
+                        return
+                    trial.report(value, s_i * cfg.train.epochs + rec["epoch"])
+                    if s_i == 0 and trial.should_prune():
+                        raise optuna.TrialPruned()
+
+                res = train(
+                    model,
+                    method,
+                    data,
+                    cfg.train,
+                    seed=seed,
+                    loss_fn=problem.loss_fn,
+                    metrics=problem.metrics,
+                    maximize=problem.maximize,
+                    device=device,
+                    num_workers=cfg.num_workers,
+                    callbacks=[report],
+                    progress=False,
+                    epoch_steps=n_steps,
+                )
+                value = res.final.get(f"val_{metric}")
+                if res.diverged or value is None or not math.isfinite(value):
+                    trial.set_user_attr("diverged", True)
+                    if log:
+                        log(f"  trial {trial.number}: rho {rho:.4g} diverged (pruned)")
+                    raise optuna.TrialPruned()
+                scores.append(value)
+            value = sum(scores) / len(scores)
+            if log:
+                lr_txt = f", lr {lr:.3g}" if spec.tune_lr else ""
+                shown = f"{100 * value:.2f} %" if metric in ("acc", "accuracy") else f"{value:.4g}"
+                log(f"  trial {trial.number}: rho {rho:.4g}{lr_txt} -> validation {metric} {shown}")
+            return value
+
+        return objective
+
+    def _summarize(self, ostudy: Any) -> dict[str, Any]:
+        from optuna.trial import TrialState
+
+        trials = [
+            {
+                "number": t.number,
+                "params": dict(t.params),
+                "value": t.value,
+                "state": t.state.name,
+                **({"diverged": True} if t.user_attrs.get("diverged") else {}),
+            }
+            for t in ostudy.trials
+        ]
+        complete = [t for t in ostudy.trials if t.state == TrialState.COMPLETE]
+        if not complete:
+            raise ValueError(
+                "Invalid trials value: no trial completed (all pruned, diverged or failed); "
+                "try more epochs, a smaller lr or another --rho-range"
+            )
+        sign = 1.0 if self.problem.maximize else -1.0
+        top = max(sign * t.value for t in complete)
+        pct = self.problem.primary in ("acc", "accuracy")
+        tol = 1e-3 if pct else 1e-3 * max(1.0, abs(top))
+        near = [t for t in complete if sign * t.value >= top - tol]
+        best_t = min(near, key=lambda t: (t.params["rho"], -sign * t.value))
+        best = {
+            "rho": best_t.params["rho"],
+            "value": best_t.value,
+            "trial": best_t.number,
+        }
+        if pct:
+            best["val_acc"] = best_t.value
+        if self.spec.tune_lr:
+            best["lr"] = best_t.params["lr"]
+        return {
+            "format": "samkit-tune",
+            "version": 2,
+            "method": self.spec.method,
+            "metric": self.problem.primary,
+            "maximize": self.problem.maximize,
+            "base": self.base.base,
+            "lr": self.base.lr,
+            "settings": self.config.to_dict(),
+            "trials": trials,
+            "best": best,
+        }
+
+
+@contextlib.contextmanager
+def open_tune(
+    config: StudyConfig,
+    spec: TuneSpec,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    quick: bool = False,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+) -> Iterator[OpenTune]:
+    """Validate the search and lock its folder (ValueError on any problem), then yield."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ValueError(
+            "Invalid method value: samkit tune needs optuna (pip install 'samkit[tune]')"
+        ) from exc
+    from .study import check_study
+
+    base = MethodSpec(method=spec.method, base=spec.base or "", lr=lr, weight_decay=weight_decay)
+    config.methods = [base]
+    config.sharpness = False
+    if config.val_fraction == 0 and not (
+        config.user_data is not None and config.user_data.val is not None
+    ):
+        raise ValueError("Invalid val_fraction value: 0 (tuning needs a validation split)")
+    folder = (
+        Path(out) if out is not None else st.default_out_dir(config, prefix=f"tune-{spec.method}")
+    )
+    with study_folder(folder) as path:
+        problem = check_study(config)
+        lo, hi = spec.range()
+        # the extremes of the search must build too (a rho the method refuses fails now)
+        for rho in [*(spec.grid or []), lo, hi]:
+            _check_rho(config, problem, spec, base, rho)
+        yield OpenTune(config, spec, base, path, problem, spec.n_trials(quick))
+
+
+def _check_rho(
+    config: StudyConfig, problem: Problem, spec: TuneSpec, base: MethodSpec, rho: float
+) -> None:
+    import copy
+
+    data = problem.load(config.seeds[0])
+    model = problem.build_model(data)
+    build_method(spec.method, copy.deepcopy(model), base.train_spec(), rho=rho)
+
+
+def tune(
+    model: Any = None,
+    train: Any = None,
+    val: Any = None,
+    test: Any = None,
+    *,
+    method: str = "sam",
+    trials: int | None = None,
+    rho_range: tuple[float, float] | None = None,
+    grid: list[float] | None = None,
+    tune_lr: bool = False,
+    sampler_seed: int = 0,
+    base: str | None = None,
+    data: Any = None,
+    loss: Callable[..., Any] | None = None,
+    metrics: dict[str, Callable[..., Any]] | None = None,
+    task: str | None = None,
+    seeds: int | list[int] | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    out: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    amp: str | None = None,
+    num_workers: int | None = None,
+    quiet: bool = False,
+    **settings: Any,
+) -> TuneResult:
+    """Search rho (and with ``tune_lr`` the learning rate) of ``method`` on the validation split.
+
+    Takes the model and data as :func:`samkit.compare` does. ``trials``
+    (default 20), ``rho_range`` (log-uniform, default 0.005 to 1 times the
+    method's rho scale) or ``grid`` (exactly these values), ``sampler_seed``.
+    Returns a :class:`TuneResult` (``best``, ``trials``, ``to_dict()``, paths).
+    Interrupted, it resumes from the Optuna journal in ``out``.
+    """
+    from .api import _user_parts
+
+    unknown = sorted(set(settings) - st.KEYS)
+    if unknown or {"optimizers", "methods", "rho"} & set(settings):
+        raise ValueError(f"Invalid setting: {', '.join(unknown or sorted(settings))}")
+    spec = TuneSpec(
+        method=method.lower() if isinstance(method, str) else method,
+        trials=trials,
+        rho_range=rho_range,
+        grid=grid,
+        tune_lr=tune_lr,
+        sampler_seed=sampler_seed,
+        base=base,
+    )
+    flat: dict[str, Any] = {**QUICK, "seeds": 3, "epochs": 30, **settings}
+    flat.update(
+        {
+            k: v
+            for k, v in dict(
+                task=task,
+                seeds=seeds,
+                epochs=epochs,
+                batch_size=batch_size,
+                device=device,
+                amp=amp,
+                num_workers=num_workers,
+                lr=lr,
+                weight_decay=weight_decay,
+            ).items()
+            if v is not None
+        }
+    )
+    flat["optimizers"] = [spec.method]
+    user = _user_parts(model, data, train, val, test, flat)
+    merged = st.merge(flat)
+    config = st.build_study(merged, loss=loss, metrics=metrics, **user)
+    log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    with open_tune(config, spec, out, lr=merged["lr"], weight_decay=merged["weight_decay"]) as t:
+        return t.run(log=log)

@@ -1,0 +1,351 @@
+"""The bad-input review of issue 10 as a table: input, expected message, exit code.
+
+Every row is a bad input a user could give the CLI. Each must end with exit
+code 2 and one line on stderr naming the problem, no traceback, *before* any
+training: where a valid method comes first (``sgd``), its run must not have
+been trained (no ``runs/sgd-seed0.json``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samkit.cli.main import main
+
+FAST = ["--dataset", "synthetic", "--train-size", "100", "--epochs", "1", "--seeds", "1", "-q"]
+
+
+def _cli(capsys, argv):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# (flags after `samkit compare` + FAST, expected text in the one line)
+COMPARE = [
+    # method options checked before any run trains (they were checked when their run started)
+    (["--optimizers", "sgd", "looksam:k=0"], "looksam"),
+    (["--optimizers", "sgd", "rst:p=2"], "rst"),
+    (["--optimizers", "sgd", "esam:beta=2"], "esam"),
+    (["--optimizers", "sgd", "asam:eta=nan"], "eta"),
+    (["--optimizers", "sgd", "asam:eta=inf"], "eta"),
+    (["--optimizers", "sgd", "sam:rho=-1"], "rho"),
+    (["--optimizers", "sgd", "sam:rho=abc"], "rho"),
+    (["--optimizers", "sgd", "sam_on"], "normalisation"),
+    (["--optimizers", "sgd", "msam:micro_batches=0"], "micro_batches"),
+    (["--optimizers", "sgd", "gsam:alpha=-1"], "alpha"),
+    (["--optimizers", "sgd", "swp:beta=0"], "beta"),
+    (["--optimizers", "sgd", "sam_every_k:k=0"], "k"),
+    (["--optimizers", "sgd", "saf:delay=-1"], "delay"),
+    (["--optimizers", "sgd", "mesa:decay=2"], "decay"),
+    (["--optimizers", "sgd", "rst:seed=-3"], "seed"),
+    (["--optimizers", "sgd", "sam:rho=0.1,rho=0.2"], "twice"),
+    (["--optimizers", "sgd", "sam:label=a b"], "label"),
+    (["--optimizers", "sgd", "sam:label=\x1b[31mred"], "label"),
+    (["--optimizers", "sgd", "sam:bogus=1"], "bogus"),
+    (["--optimizers", "sgd", "sam:lr=0"], "lr"),
+    (["--optimizers", "sgd", "sam:momentum=1"], "momentum"),
+    (["--optimizers", "sgd", "sam:base=lbfgs"], "base"),
+    (["--amp", "fp16", "--optimizers", "sgd", "looksam"], "fp16"),
+    # values that used to fall back to defaults silently
+    (["--optimizers", "sgd", "--rho", ""], "rho"),
+    (["--optimizers", "sgd", "--out", ""], "out"),
+    # no upper bound before
+    (["--optimizers", "sgd", "--epochs", "1000000"], "epochs"),
+    (["--optimizers", "sgd", "--seeds", "5000"], "seeds"),
+    (["--optimizers", "sgd", "--seeds", "0,2147483648"], "seeds"),
+    (["--optimizers", "sgd", "--batch-size", "0"], "batch_size"),
+    (["--optimizers", "sgd", "--train-size", "0"], "train_size"),
+    (["--optimizers", "sgd", "--lr", "nan"], "lr"),
+    (["--optimizers", "sgd", "--lr", "inf"], "lr"),
+    (["--optimizers", "sgd", "--weight-decay", "-1"], "weight_decay"),
+    (["--optimizers", "sgd", "--val-fraction", "1"], "val_fraction"),
+    (["--optimizers", "sgd", "--noise", "nan"], "noise"),
+    (["--optimizers", "sgd", "--early-stopping", "-1"], "early_stopping"),
+    (["--optimizers", "sgd", "--val-fraction", "0", "--early-stopping", "2"], "early_stopping"),
+    (["--optimizers", "sgd", "--num-workers", "-1"], "num_workers"),
+    (["--optimizers", "sgd", "--device", "tpu"], "device"),
+    (["--optimizers", "sgd", "--device", "cuda:99"], "device"),
+    (["--optimizers", "sgd", "--baseline", "adam"], "baseline"),
+    (["--optimizers", "sgd", "--task", "regression"], "regression"),
+    (["--optimizers", "sgd", "--model", "nomodule:make"], "nomodule"),
+    (["--optimizers", "sgd", "--model", "os:getcwd"], "Module"),
+    (["--optimizers", "sgd", "--model", "os.path:nothere"], "nothere"),
+    (["--optimizers", "sgd", "--data", "missing.npz"], "missing.npz"),
+    (["--optimizers", "sgd", "--data", "json:loads"], "data"),
+    (["--optimizers", "sgd", "--data", "nomodule:load"], "nomodule"),
+    (["--optimizers", "sgd", "--optimizers", ""], "optimizer"),
+]
+
+
+@pytest.mark.parametrize("argv,match", COMPARE, ids=[" ".join(a)[:60] for a, _ in COMPARE])
+def test_compare_bad_input_fails_before_training(argv, match, capsys, tmp_path):
+    if "--device" in argv and "cuda:99" in argv and torch.cuda.device_count() > 99:
+        pytest.skip("a machine with 100 GPUs")
+    out = tmp_path / "run"
+    rc, _, err = _cli(capsys, ["compare", *FAST, "--out", str(out), *argv])
+    assert rc == 2, err
+    line = _one_line(err)
+    assert line.startswith("samkit compare: error:") and match in line, line
+    assert not (out / "runs" / "sgd-seed0.json").exists()  # nothing trained
+    assert "\x1b" not in line or "label" in line  # the escape is shown quoted (repr), not raw
+    if "\x1b" in " ".join(argv):
+        assert "\x1b" not in line  # printed as \x1b, never as a live escape sequence
+
+
+# (TOML text, expected text)
+TOML = [
+    ("optimizers = 5\n", "optimizers"),
+    ("out = 5\n", "out"),
+    ('out = ""\n', "out"),
+    ('sharpness = "false"\n', "sharpness"),
+    ('sharpness = "no"\n', "sharpness"),
+    ('sharpness_cheap = "yes"\n', "sharpness_cheap"),
+    ("seeds = 1e9\n", "seeds"),
+    ("seeds = 1000000000\n", "seeds"),
+    ("seeds = [0, 0]\n", "seeds"),
+    ("seeds = [-1]\n", "seeds"),
+    ("epochs = 2.5\n", "epochs"),
+    ('epochs = "3"\n', "epochs"),
+    ("rho = []\n", "rho"),
+    ('rho = ["a"]\n', "rho"),
+    ("rho = [inf]\n", "rho"),
+    ("model_kwargs = 3\n", "model_kwargs"),
+    ("model_kwargs = {channels = -1}\n", "model"),
+    ('model_kwargs = {channels = "many"}\n', "model"),
+    ("model_kwargs = {nonsense = 1}\n", "model"),
+    ('methods = [{label = "x"}]\n', "method"),
+    ('methods = "sam"\n', "methods"),
+    ('[[methods]]\nmethod = "sam"\nrho = nan\n', "rho"),
+    ('[[methods]]\nmethod = "sam"\nrho = {a = 1}\n', "rho"),
+    ('device = "gpu"\n', "device"),
+    ('amp = "fp8"\n', "amp"),
+    ('task = "ranking"\n', "task"),
+    ('schedule = "step"\n', "schedule"),
+    ("warmup_epochs = 100\n", "warmup_epochs"),
+    ("label_smoothing = 1.0\n", "label_smoothing"),
+    ("sharpness_samples = 0\n", "sharpness_samples"),
+    ("epoch = 3\n", "epoch"),
+    ("epochs = [1,\n", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("text,match", TOML, ids=[t.strip()[:40] for t, _ in TOML])
+def test_toml_bad_input(text, match, capsys, tmp_path):
+    # flags would override the file: only --out and -q here, the rest in the file
+    head = 'dataset = "synthetic"\ntrain_size = 100\nepochs = 1\n'
+    if not text.startswith("optimizers"):
+        head += 'optimizers = ["sgd"]\n'
+    if text.startswith("epoch"):
+        head = head.replace("epochs = 1\n", "")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(head + text)
+    out = tmp_path / "run"
+    argv = ["compare", "--config", str(cfg), "-q"]
+    if not text.startswith("out"):
+        argv += ["--out", str(out)]
+    rc, _, err = _cli(capsys, argv)
+    assert rc == 2, err
+    line = _one_line(err)
+    assert match in line, line
+    assert not (out / "runs" / "sgd-seed0.json").exists()
+
+
+TUNE = [
+    (["--rho-range", "0.1,inf"], "rho_range"),
+    (["--rho-range", "0.1"], "rho_range"),
+    (["--rho-range", "nan,1"], "rho_range"),
+    (["--rho-range", "a,b"], "rho-range"),
+    (["--grid", "inf"], "grid"),
+    (["--grid", "nan"], "grid"),
+    (["--grid", ""], "grid"),
+    (["--grid", "0.1,0.1"], "grid"),
+    (["--sampler-seed", "-1"], "sampler_seed"),
+    (["--trials", "100000"], "trials"),
+    (["--method", "asam", "--grid", "0.1", "--base", "rmsprop"], "base"),
+    (["--method", "looksam", "--grid", "0.1", "--amp", "fp16"], "fp16"),
+    (["--epochs", "0"], "epochs"),
+]
+
+
+@pytest.mark.parametrize("argv,match", TUNE, ids=[" ".join(a) for a, _ in TUNE])
+def test_tune_bad_input(argv, match, capsys, tmp_path):
+    out = tmp_path / "t"
+    rc, _, err = _cli(
+        capsys,
+        [
+            "tune",
+            "--dataset",
+            "synthetic",
+            "--train-size",
+            "100",
+            "--epochs",
+            "1",
+            "-q",
+            "--out",
+            str(out),
+            *argv,
+        ],
+    )
+    assert rc == 2, err
+    line = _one_line(err)
+    assert line.startswith("samkit tune: error:") and match in line, line
+    assert not (out / "optuna-journal.log").exists()  # no trial started
+
+
+# ------------------------------------------------- sharpness and landscape
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from samkit.experiments.checkpoint import save_checkpoint
+    from samkit.experiments.models import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ck") / "m.pt"
+    save_checkpoint(
+        path,
+        build_model("mlp", in_len=40, num_classes=10, hidden=8),
+        model_name="mlp",
+        model_kwargs={"in_len": 40, "num_classes": 10, "hidden": 8},
+        dataset={
+            "name": "synthetic",
+            "seed": 0,
+            "noise": 0.0,
+            "val_fraction": 0.1,
+            "train_size": 50,
+        },
+        meta={"label": "plain"},
+    )
+    return path
+
+
+def _crafted(tmp_path, path, **changes):
+    ck = torch.load(path, weights_only=True)
+    for key, value in changes.items():
+        ck[key] = value
+    out = tmp_path / "crafted.pt"
+    torch.save(ck, out)
+    return out, ck
+
+
+def test_checkpoint_with_nan_weights_is_refused(checkpoint, tmp_path, capsys):
+    ck = torch.load(checkpoint, weights_only=True)
+    ck["state_dict"] = {k: torch.full_like(v, float("nan")) for k, v in ck["state_dict"].items()}
+    bad = tmp_path / "nan.pt"
+    torch.save(ck, bad)
+    for cmd in (
+        ["sharpness", str(bad), "--samples", "20"],
+        ["landscape", str(bad), "--samples", "20"],
+    ):
+        rc, _, err = _cli(capsys, [*cmd, "-q"])
+        assert rc == 2
+        assert "NaN" in _one_line(err)
+
+
+def test_checkpoint_cannot_choose_the_cache_folder(checkpoint, tmp_path, capsys, monkeypatch):
+    target = tmp_path / "chosen-by-the-file"
+    spec = {"name": "mnist1d", "seed": 0, "noise": 0.0, "val_fraction": 0.1, "train_size": None}
+    bad, _ = _crafted(tmp_path, checkpoint, dataset={**spec, "cache_dir": str(target)})
+    rc, _, err = _cli(capsys, ["sharpness", str(bad), "--samples", "20", "-q"])
+    assert rc == 2 and "cache_dir" in _one_line(err)
+    assert not target.exists()  # no folder made, no file read there
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"model": {"name": "user:evil:build", "kwargs": {}}}, "own code"),
+        ({"model": {"name": "mlp", "kwargs": {"in_len": [1, 2]}}}, "plain values"),
+        ({"model": {"name": "transformer", "kwargs": {}}}, "unknown model"),
+        ({"dataset": {"name": "synthetic", "seed": "0"}}, "seed"),
+        ({"dataset": "synthetic"}, "dataset"),
+        ({"state_dict": {"w": 3}}, "state dict"),
+    ],
+)
+def test_checkpoint_entries_are_validated(checkpoint, tmp_path, capsys, change, match):
+    bad, _ = _crafted(tmp_path, checkpoint, **change)
+    rc, _, err = _cli(capsys, ["sharpness", str(bad), "--samples", "20", "-q"])
+    assert rc == 2 and match in _one_line(err)
+
+
+def test_labels_from_a_checkpoint_are_printed_and_plotted_safely(checkpoint, tmp_path, capsys):
+    ck = torch.load(checkpoint, weights_only=True)
+    ck["meta"]["label"] = "\x1b]0;owned\x07\x1b[31m$\\frac{$"
+    bad = tmp_path / "label.pt"
+    torch.save(ck, bad)
+    rc, out, err = _cli(
+        capsys, ["sharpness", str(bad), "--samples", "20", "--trace-samples", "2", "-q"]
+    )
+    assert rc == 0, err
+    assert "\x1b" not in out and "\x07" not in out
+    rc, out, err = _cli(
+        capsys,
+        [
+            "landscape",
+            str(bad),
+            "--other",
+            str(checkpoint),
+            "--samples",
+            "20",
+            "--resolution",
+            "3",
+            "-q",
+        ],
+    )
+    assert rc == 0, err  # the $\frac{$ label no longer crashes matplotlib's math parser
+    assert "\x1b" not in out
+    assert (tmp_path / "label.landscape-path.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "cmd,match",
+    [
+        (["sharpness", "--out", "{blocked}/r.json"], "cannot write"),
+        (["sharpness", "--out", "{tmp}/r.txt"], ".json"),
+        (["sharpness", "--out", ""], "--out"),
+        (["sharpness", "--density", "{blocked}/d.png"], "cannot write"),
+        (["sharpness", "--top-k", "100000"], "top-k"),
+        (["sharpness", "--trace-samples", "1000000000"], "trace-samples"),
+        (["landscape", "--out", "{blocked}/l.png"], "cannot write"),
+        (["landscape", "--out", "{tmp}"], "--out"),
+        (["landscape", "--resolution", "100000"], "resolution"),
+        (["landscape", "--mode", "2d", "--resolution", "1000"], "resolution"),
+        (["landscape", "--range", "inf"], "range"),
+    ],
+)
+def test_instrument_outputs_and_bounds_checked_before_computing(
+    checkpoint, tmp_path, capsys, monkeypatch, cmd, match
+):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = [a.format(blocked=blocker, tmp=tmp_path) for a in cmd]
+    import samkit.cli.sharpness as cli_sharpness
+
+    def never(*a, **k):  # the computation must not start
+        raise AssertionError("loaded the checkpoint before checking the output")
+
+    monkeypatch.setattr(cli_sharpness, "load_model_and_batches", never)
+    import samkit.cli.landscape as cli_landscape
+
+    monkeypatch.setattr(cli_landscape, "load_model_and_batches", never)
+    rc, _, err = _cli(capsys, [argv[0], str(checkpoint), *argv[1:], "-q"])
+    assert rc == 2, err
+    assert match in _one_line(err)
+
+
+def test_corrupt_training_state_is_reported_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "sam-seed0.state.pt").write_bytes(b"not a pickle at all")
+    rc, _, err = _cli(capsys, ["compare", *FAST, "--optimizers", "sgd,sam", "--out", str(out)])
+    assert rc == 2
+    line = _one_line(err)
+    assert "sam-seed0.state.pt" in line and "delete it" in line
+    assert not (out / "runs" / "sgd-seed0.json").exists()

@@ -1,0 +1,387 @@
+"""`samkit compare` / `samkit.compare` on the user's own model and data (issue 10).
+
+A model and data module is written in a temporary folder outside the project
+and run through the CLI (``--model mod:fn --data mod:fn``, from that folder)
+and through the API; both must write the same run folder with the same
+numbers. The trainer's paired protocol is checked on the user's data: for a
+seed every method sees the same initial weights and the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
+
+import samkit
+from samkit.cli.main import main
+
+MODULE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    def make_model(hidden=12):
+        return nn.Sequential(nn.Linear(6, hidden), nn.Tanh(), nn.Linear(hidden, 3))
+
+    def load():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(260, 6, generator=g)
+        y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+        return TensorDataset(x[:200], y[:200]), TensorDataset(x[200:], y[200:])
+    """
+)
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN / Infinity (what other tools do)."""
+
+    def bad(name):
+        raise ValueError(f"bare {name} in JSON")
+
+    return json.loads(text, parse_constant=bad)
+
+
+@pytest.fixture
+def user_folder(tmp_path, monkeypatch):
+    """A folder outside the project holding the user's module, as the current folder."""
+    name = f"usermod_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path, name
+
+
+SETTINGS = ["--optimizers", "sgd", "sam", "--seeds", "2", "--epochs", "2", "--batch-size", "40"]
+
+
+def test_own_model_and_data_through_cli_and_api_give_one_run_folder(user_folder, capsys):
+    folder, mod = user_folder
+    rc = main(
+        [
+            "compare",
+            "--model",
+            f"{mod}:make_model",
+            "--data",
+            f"{mod}:load",
+            *SETTINGS,
+            "--no-sharpness",
+            "-q",
+            "--out",
+            "cli",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "sgd" in out and "sam" in out and "test acc %" in out
+    assert "sam: " in out and "against sgd, paired over 2 seeds" in out  # the verdict sentence
+    res = _strict((folder / "cli" / "results.json").read_text())
+    assert [r["label"] for r in res["summary"]] == ["sgd", "sam"]
+    assert res["problem"]["task"] == "classification" and res["problem"]["metric"] == "acc"
+    assert res["settings"]["model_factory"]["name"] == f"{mod}:make_model"
+    html = (folder / "cli" / "report.html").read_text()
+    assert "Paired verdicts" in html and "data:image/png;base64," in html
+
+    loader = __import__(mod)
+    api = samkit.compare(
+        model=loader.make_model,
+        data=f"{mod}:load",
+        methods=["sgd", "sam"],
+        seeds=2,
+        epochs=2,
+        batch_size=40,
+        sharpness=False,
+        out=folder / "api",
+        quiet=True,
+    )
+    assert api.results_path == folder / "api" / "results.json"
+    api_runs = {r["key"]: r["final"] for r in api.to_dict()["runs"]}
+    cli_runs = {r["key"]: r["final"] for r in res["runs"]}
+    strip = lambda d: {k: v for k, v in d.items() if k != "epoch_time"}  # noqa: E731
+    assert {k: strip(v) for k, v in api_runs.items()} == {k: strip(v) for k, v in cli_runs.items()}
+    assert sorted(p.name for p in (folder / "api" / "runs").iterdir()) == sorted(
+        p.name for p in (folder / "cli" / "runs").iterdir()
+    )
+    assert api.verdicts == [v["sentence"] for v in res["verdicts"]]
+
+
+def test_npz_data_with_a_built_in_model_and_regression(tmp_path, capsys):
+    g = np.random.default_rng(0)
+    x = g.normal(size=(240, 5)).astype(np.float32)
+    y = (x @ g.normal(size=5) + 0.1 * g.normal(size=240)).astype(np.float32)
+    path = tmp_path / "arrays.npz"
+    np.savez(path, x_train=x[:180], y_train=y[:180], x_test=x[180:], y_test=y[180:])
+    argv = ["compare", "--model", "mlp", "--data", str(path), "--optimizers", "sgd", "sam"]
+    argv += ["--seeds", "1", "--epochs", "2", "--batch-size", "30", "--lr", "0.01", "-q"]
+    rc = main([*argv, "--no-sharpness", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = _strict((tmp_path / "o" / "results.json").read_text())
+    assert res["problem"]["task"] == "regression"  # float targets
+    assert res["problem"]["metric"] == "mse" and not res["problem"]["maximize"]
+    run = res["runs"][0]
+    # mse is the mean of the squared error over the test split (one output per target)
+    assert run["final"]["test_mse"] == pytest.approx(run["final"]["test_loss"], rel=1e-6)
+    assert "test mse (mean +- std)" in out
+
+
+class _Recording(Dataset):
+    """A map-style dataset that records which samples are read, in order."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.reads = x, y, []
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.reads.append(int(i))
+        return self.x[i], self.y[i]
+
+
+def _problem(n=120):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=g)
+    y = (x.sum(1) > 0).long()
+    return x, y
+
+
+def _make():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_paired_protocol_same_batches_and_init_for_every_method(tmp_path, monkeypatch):
+    x, y = _problem()
+    train = _Recording(x[:100], y[:100])
+    from samkit.experiments import trainer
+
+    seen: list[tuple[str, int, list[int], torch.Tensor]] = []
+    real = trainer.train
+
+    def spy(model, method, data, config, **kw):
+        first = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        start = len(train.reads)
+        res = real(model, method, data, config, **kw)
+        seen.append((method.name, kw["seed"], train.reads[start:], first))
+        return res
+
+    from samkit.experiments import study
+
+    monkeypatch.setattr(study, "train", spy)
+    samkit.compare(
+        model=_make,
+        train=train,
+        test=(x[100:], y[100:]),
+        methods=["sgd", "sam", "sam:rho=0,label=sam0"],
+        seeds=[0, 1],
+        epochs=2,
+        batch_size=16,
+        sharpness=False,
+        out=tmp_path / "o",
+        quiet=True,
+        val_fraction=0.2,
+    )
+    by_seed: dict[int, list] = {}
+    for _name, seed, reads, init in seen:
+        by_seed.setdefault(seed, []).append((reads, init))
+    for runs in by_seed.values():
+        assert len(runs) == 3
+        assert all(r[0] == runs[0][0] for r in runs)  # same samples, same order
+        assert all(torch.equal(r[1], runs[0][1]) for r in runs)  # same initial weights
+    assert by_seed[0][0][0] != by_seed[1][0][0]  # another seed, another order
+    res = _strict((tmp_path / "o" / "results.json").read_text())
+    finals = {(r["label"], r["seed"]): r["final"] for r in res["runs"]}
+    for seed in (0, 1):  # rho = 0 SAM is SGD to the bit, on the user's data too
+        assert finals[("sam0", seed)]["test_acc"] == finals[("sgd", seed)]["test_acc"]
+        assert finals[("sam0", seed)]["train_loss"] == finals[("sgd", seed)]["train_loss"]
+
+
+class _Stream(IterableDataset):
+    def __init__(self, x, y):
+        self.x, self.y, self.epoch = x, y, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(self.epoch))
+        for i in order:
+            yield self.x[i], self.y[i]
+
+
+def test_streamed_data_iterable_and_factory(tmp_path):
+    x, y = _problem()
+    calls = []
+
+    def factory(seed, epoch):
+        calls.append((seed, epoch))
+        order = torch.randperm(100, generator=torch.Generator().manual_seed(1000 * seed + epoch))
+        for i in range(0, 100 - 19, 20):
+            j = order[i : i + 20]
+            yield x[j], y[j]
+
+    results = {}
+    for name, train in (("iterable", _Stream(x[:100], y[:100])), ("factory", factory)):
+        r = samkit.compare(
+            model=_make,
+            train=train,
+            val=(x[100:110], y[100:110]),
+            test=(x[110:], y[110:]),
+            methods=["sgd", "sam"],
+            seeds=2,
+            epochs=2,
+            batch_size=20,
+            sharpness=False,
+            out=tmp_path / name,
+            quiet=True,
+        )
+        results[name] = r
+        assert all(row["n"] == 2 for row in r.rows)
+        assert all(run["steps"] == 10 for run in r.to_dict()["runs"])  # 5 batches x 2 epochs
+    assert {(0, 0), (0, 1), (1, 0), (1, 1)} <= set(calls)
+    with pytest.raises(ValueError, match="saf.*map-style"):
+        samkit.compare(model=_make, train=factory, methods=["sgd", "saf"], out=tmp_path / "x")
+
+
+def test_user_loss_metrics_and_mixed_precision(tmp_path):
+    x, y = _problem()
+
+    def balanced_error(output, target):
+        return (output.argmax(1) != target).double().mean()
+
+    r = samkit.compare(
+        model=_make,
+        train=(x[:100], y[:100]),
+        test=(x[100:], y[100:]),
+        loss=nn.CrossEntropyLoss(label_smoothing=0.1),  # switched to reduction="none" for ESAM
+        metrics={"err": balanced_error, "acc": samkit.experiments.problem.accuracy},
+        methods=["sgd", "sam", "esam"],
+        seeds=1,
+        epochs=1,
+        batch_size=20,
+        amp="bf16",
+        sharpness=False,
+        out=tmp_path / "o",
+        quiet=True,
+    )
+    d = r.to_dict()
+    assert d["problem"]["metric"] == "err" and not d["problem"]["maximize"]
+    run = d["runs"][0]
+    assert run["final"]["test_err"] == pytest.approx(1 - run["final"]["test_acc"])
+    assert "test err (mean +- std)" in r.table
+
+
+def test_model_that_does_not_fit_the_data_fails_before_training(tmp_path):
+    x, y = _problem()
+    with pytest.raises(ValueError, match="fails on a batch"):
+        samkit.compare(
+            model=lambda: nn.Linear(5, 2),
+            train=(x[:100], y[:100]),
+            methods=["sgd"],
+            out=tmp_path / "o",
+            quiet=True,
+        )
+    with pytest.raises(ValueError, match="labels run from 0 to 1 but the model gives 1 logits"):
+        samkit.compare(
+            model=lambda: nn.Linear(4, 1),
+            train=(x[:100], y[:100]),
+            methods=["sgd"],
+            out=tmp_path / "o",
+            quiet=True,
+        )
+    assert not (tmp_path / "o" / "runs" / "sgd-seed0.json").exists()
+
+
+def test_device_auto_and_cli_device_errors(tmp_path, capsys):
+    from samkit.experiments.trainer import resolve_device
+
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available() and torch.backends.mps.is_available():
+        want = "mps"
+    assert resolve_device("auto").type == want
+    if not torch.cuda.is_available():
+        rc = main(
+            ["compare", "--device", "cuda", "--dataset", "synthetic", "-q", "--out", str(tmp_path)]
+        )
+        assert rc == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_tensor_dataset_directly(tmp_path):
+    x, y = _problem()
+    r = samkit.compare(
+        model=_make,
+        train=TensorDataset(x[:100], y[:100]),
+        test=TensorDataset(x[100:], y[100:]),
+        methods=["sgd"],
+        seeds=1,
+        epochs=1,
+        batch_size=25,
+        sharpness=False,
+        out=tmp_path / "o",
+        quiet=True,
+    )
+    (run,) = r.to_dict()["runs"]
+    assert run["steps"] == 3  # 100 - 10 % validation = 90 samples: 3 full batches of 25
+
+
+def test_own_model_and_data_from_the_settings_file(user_folder, capsys):
+    folder, mod = user_folder
+    (folder / "study.toml").write_text(
+        f'model = "{mod}:make_model"\nmodel_kwargs = {{ hidden = 5 }}\ndata = "{mod}:load"\n'
+        'task = "classification"\ndevice = "cpu"\nnum_workers = 0\nbaseline = "sam"\n'
+        'optimizers = ["sgd", "sam"]\nseeds = 1\nepochs = 1\nbatch_size = 50\nsharpness = false\n'
+    )
+    rc = main(["compare", "--config", "study.toml", "-q", "--out", "toml-run"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = _strict((folder / "toml-run" / "results.json").read_text())
+    assert res["settings"]["model_kwargs"] == {"hidden": 5}
+    assert res["runs"][0]["n_params"] == 6 * 5 + 5 + 5 * 3 + 3  # the factory got hidden=5
+    assert [v["baseline"] for v in res["verdicts"]] == ["sam"]
+    assert "sgd: " in out and "against sam" in out
+
+
+def test_import_samkit_stays_torch_only_and_compare_is_lazy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, samkit\n"
+        "assert not [m for m in sys.modules if m.startswith('samkit.experiments')], 'eager'\n"
+        "assert 'matplotlib' not in sys.modules and 'optuna' not in sys.modules\n"
+        "assert callable(samkit.compare) and callable(samkit.tune)\n"
+        "assert 'samkit.experiments.api' in sys.modules\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_worker_processes_give_the_same_numbers(tmp_path):
+    """In-memory tensors are indexed directly without workers and through a DataLoader
+    with them; both paths must feed the same batches."""
+    x, y = _problem()
+    finals = []
+    for workers in (0, 1):
+        r = samkit.compare(
+            model=_make,
+            train=(x[:100], y[:100]),
+            test=(x[100:], y[100:]),
+            methods=["sam"],
+            seeds=1,
+            epochs=2,
+            batch_size=20,
+            sharpness=False,
+            num_workers=workers,
+            out=tmp_path / str(workers),
+            quiet=True,
+        )
+        (run,) = r.to_dict()["runs"]
+        finals.append({k: v for k, v in run["final"].items() if k != "epoch_time"})
+    assert finals[0] == finals[1]

@@ -1,0 +1,280 @@
+"""A study that never lies or loses work (issue 10): diverged runs, resume after early
+stopping, one study per folder, stale temporary files, tune's resume, the verdicts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from samkit.cli.main import main
+from samkit.experiments import study as study_mod
+from samkit.experiments.settings import MethodSpec, StudyConfig, TrainConfig
+from samkit.experiments.study import paired_verdicts, run_study
+
+FAST = ["--dataset", "synthetic", "--train-size", "100", "--epochs", "1", "--seeds", "1"]
+
+
+def _strict(text: str):
+    def bad(name):
+        raise ValueError(f"bare {name} in JSON")
+
+    return json.loads(text, parse_constant=bad)
+
+
+def test_diverged_run_is_marked_left_out_and_the_json_stays_valid(tmp_path, capsys):
+    # lr 1e12 sends SGD to NaN in its second step; SGD and SAM at the usual lr train on
+    rc = main(
+        [
+            "compare",
+            *FAST,
+            "--seeds",
+            "2",
+            "--epochs",
+            "2",
+            "--optimizers",
+            "sgd:lr=1e12,label=sgd-huge",
+            "sgd",
+            "sam",
+            "--out",
+            str(tmp_path),
+            "-q",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = _strict((tmp_path / "results.json").read_text())  # no bare NaN anywhere
+    rows = {r["label"]: r for r in res["summary"]}
+    assert rows["sgd-huge"]["diverged"] == 2 and rows["sgd-huge"]["n"] == 0
+    assert rows["sgd-huge"]["test_acc_mean"] is None  # not averaged into anything
+    assert rows["sgd"]["diverged"] == 0 and rows["sgd"]["n"] == 2
+    huge = [r for r in res["runs"] if r["label"] == "sgd-huge"]
+    assert all(r["diverged"] and r["checkpoint"] is None for r in huge)
+    assert not (tmp_path / "runs" / "sgd-huge-seed0.pt").exists()
+    assert "sharpness" not in huge[0]
+    for r in huge:  # the per-epoch log is strict JSON too
+        for line in (tmp_path / "runs" / r["metrics"]).read_text().splitlines():
+            _strict(line)
+    assert "diverged (2/2)" in out  # the table says so instead of "10.20 +- 0.00"
+    (v,) = [v for v in res["verdicts"] if v["label"] == "sgd-huge"]
+    assert v["n"] == 0 and "no seed" in v["sentence"]
+    # the interpolation took the finished SGD run, not the NaN one
+    if res["interpolation"] is not None:
+        assert res["interpolation"]["a"] == "sgd"
+        assert all(math.isfinite(x) for x in res["interpolation"]["losses"])
+
+
+def _early_config(**kw):
+    return StudyConfig(
+        methods=[MethodSpec("sgd", lr=0.3)],
+        seeds=[0],
+        dataset="synthetic",
+        train_size=200,
+        train=TrainConfig(epochs=12, batch_size=50, early_stopping=1),
+        sharpness=True,
+        sharpness_samples=50,
+        sharpness_cheap=True,
+        **kw,
+    )
+
+
+def test_resume_after_early_stopping_equals_never_stopping(tmp_path, monkeypatch):
+    fake = {"hessian_top_eig": 1.0, "hessian_trace": 2.0, "worst_case_sharpness": 3.0}
+    monkeypatch.setattr(study_mod, "sharpness_available", lambda: True)
+    monkeypatch.setattr(study_mod, "_measure_sharpness", lambda *a, **k: dict(fake))
+    (ref,) = run_study(_early_config(), tmp_path / "ref", progress=False, log=None)
+    assert ref.record["stopped_early"] and ref.record["epochs_run"] < 12
+
+    calls = []
+
+    def interrupted(*a, **k):  # killed while measuring sharpness, after training stopped early
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_mod, "_measure_sharpness", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(_early_config(), tmp_path / "cut", progress=False, log=None)
+    assert calls and (tmp_path / "cut" / "runs" / "sgd-seed0.state.pt").exists()
+    monkeypatch.setattr(study_mod, "_measure_sharpness", lambda *a, **k: dict(fake))
+    (again,) = run_study(_early_config(), tmp_path / "cut", progress=False, log=None)
+    strip = lambda r: {k: v for k, v in r.items() if k != "epoch_time"}  # noqa: E731
+    assert again.record["epochs_run"] == ref.record["epochs_run"]
+    assert strip(again.record["final"]) == strip(ref.record["final"])
+    lines = (tmp_path / "cut" / "runs" / "sgd-seed0.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == list(range(1, ref.record["epochs_run"] + 1))
+
+
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from samkit.experiments.folder import study_folder
+    with study_folder(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_one_study_per_folder_the_second_is_told(tmp_path, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rc = main(["compare", *FAST, "--optimizers", "sgd", "--out", str(tmp_path), "-q"])
+        err = capsys.readouterr().err
+        assert rc == 2
+        line = err.strip()
+        assert "in use by another samkit process" in line and str(holder.pid) in line
+        assert not (tmp_path / "runs").exists()  # nothing trained, nothing logged
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock dies with its process (kill -9 included): the folder is free again
+    rc = main(["compare", *FAST, "--optimizers", "sgd", "--out", str(tmp_path), "-q"])
+    assert rc == 0
+
+
+def test_stale_temporaries_cleaned_and_the_write_probe_is_unique(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir(parents=True)
+    stale = [tmp_path / ".results.json.k2j3h4.tmp", runs / ".sgd-seed0.json.abc123.tmp"]
+    for f in stale:
+        f.write_text("half a file")
+    (tmp_path / ".samkit-write-test").mkdir()  # a fixed-name probe would fail on this
+    (tmp_path / "optuna-journal.log.lock").symlink_to("nowhere")  # a killed tune's lock
+    keep = runs / "notes.txt"
+    keep.write_text("mine")
+    rc = main(["compare", *FAST, "--optimizers", "sgd", "--out", str(tmp_path), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    assert not any(f.exists() for f in stale)
+    assert not os.path.lexists(tmp_path / "optuna-journal.log.lock")
+    assert keep.read_text() == "mine"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_tune_resume_fails_stuck_trials_and_proposes_new_values(tmp_path, capsys):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    base = ["tune", *FAST, "-q", "--out", str(tmp_path), "--rho-range", "0.01,0.5"]
+    rc = main([*base, "--trials", "2"])
+    assert rc == 0, capsys.readouterr().err
+    # a run killed mid-trial: one trial left RUNNING in the journal
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna-journal.log")))
+    s = optuna.load_study(study_name="samkit-tune", storage=storage)
+    stuck = s.ask()
+    stuck_rho = stuck.suggest_float("rho", 0.01, 0.5, log=True)
+    del s, storage
+
+    rc = main([*base, "--trials", "4"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = json.loads((tmp_path / "tune.json").read_text())
+    states = [t["state"] for t in res["trials"]]
+    assert "RUNNING" not in states and states.count("FAIL") == 1
+    done = [t["params"]["rho"] for t in res["trials"] if t["state"] == "COMPLETE"]
+    assert len(done) == 4
+    assert stuck_rho in done  # the interrupted value was tried again
+    assert len(set(done)) == len(done)  # a reseeded sampler would have proposed 2 again
+
+
+def _rec(label, seed, value, diverged=False, metric="acc"):
+    return {"label": label, "seed": seed, "final": {f"test_{metric}": value}, "diverged": diverged}
+
+
+def test_paired_verdict_numbers_and_sentences():
+    recs = [
+        _rec("sgd", 0, 0.90),
+        _rec("sgd", 1, 0.92),
+        _rec("sgd", 2, 0.91),
+        _rec("sam", 0, 0.93),
+        _rec("sam", 1, 0.94),
+        _rec("sam", 2, 0.95),
+        _rec("rst", 0, 0.91),
+        _rec("rst", 1, 0.91),
+        _rec("rst", 2, float("nan"), diverged=True),
+    ]
+    sam, rst = paired_verdicts(recs, ["sgd", "sam", "rst"], "sgd")
+    diffs = [3.0, 2.0, 4.0]  # points, seed by seed
+    mean = sum(diffs) / 3
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2) / math.sqrt(3)
+    assert sam["mean"] == pytest.approx(mean) and sam["se"] == pytest.approx(se)
+    assert sam["exceeds"] and sam["better"]
+    assert sam["sentence"].startswith("sam: +3.00 ± 0.58 points of test accuracy against sgd")
+    assert "paired over 3 seeds" in sam["sentence"] and "beyond two" in sam["sentence"]
+    assert rst["n"] == 2 and rst["mean"] == pytest.approx(0.0)  # the diverged seed left out
+    assert not rst["exceeds"] and "cannot tell them apart" in rst["sentence"]
+    assert "1 diverged run(s) left out" in rst["sentence"]
+    (one,) = paired_verdicts(recs[:1] + recs[3:4], ["sgd", "sam"], "sgd")
+    assert one["se"] is None and "one seed" in one["sentence"]
+    (low,) = paired_verdicts(
+        [
+            _rec("a", 0, 1.0, metric="mse"),
+            _rec("a", 1, 2.0, metric="mse"),
+            _rec("b", 0, 0.5, metric="mse"),
+            _rec("b", 1, 0.4, metric="mse"),
+        ],
+        ["a", "b"],
+        "a",
+        metric="mse",
+        maximize=False,
+    )
+    assert low["mean"] == pytest.approx(-1.05) and low["better"]  # lower mse is better
+
+
+def test_settings_strings_are_not_booleans(tmp_path):
+    from samkit.experiments import settings as st
+
+    for text in ("false", "no", "0", ""):
+        with pytest.raises(ValueError, match="sharpness"):
+            st.build_study(st.merge({"sharpness": text, "optimizers": ["sgd"]}))
+    assert st.parse_method("sam_every_k:scale_rho=false")["scale_rho"] is False
+
+
+def test_resume_with_dropout_equals_never_stopping(tmp_path):
+    """The RNG state is part of the training state: dropout draws the same masks."""
+    import torch
+    from torch import nn
+
+    from samkit.experiments.problem import Data
+    from samkit.experiments.registry import build_method
+    from samkit.experiments.settings import TrainSpec
+    from samkit.experiments.trainer import seed_everything, train
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 5, generator=g), torch.randint(0, 3, (96,), generator=g)
+    data = Data("toy", torch.utils.data.TensorDataset(x[:80], y[:80]), None, None)
+    config = TrainConfig(epochs=3, batch_size=16, schedule="constant")
+
+    def fresh():
+        seed_everything(0)
+        model = nn.Sequential(nn.Linear(5, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
+        return model, build_method("sam", model, TrainSpec(lr=0.1), rho=0.05)
+
+    model, method = fresh()
+    ref = train(model, method, data, config, progress=False)
+    ref_w = [p.detach().clone() for p in model.parameters()]
+
+    class Stop(Exception):
+        pass
+
+    def stop(rec):
+        if rec["epoch"] == 1:
+            raise Stop
+
+    state = tmp_path / "state.pt"
+    model, method = fresh()
+    with pytest.raises(Stop):
+        train(model, method, data, config, state_path=state, callbacks=[stop], progress=False)
+    torch.manual_seed(123)  # whatever ran in between, the resumed run restores its RNG
+    model, method = fresh()
+    res = train(model, method, data, config, state_path=state, progress=False)
+    assert [r["train_loss"] for r in res.history] == [r["train_loss"] for r in ref.history]
+    assert all(torch.equal(a, b) for a, b in zip(ref_w, model.parameters()))
