@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -639,14 +640,23 @@ def test_example_script_trains_and_keeps_replicas_identical():
     script = Path(__file__).resolve().parents[1] / "examples" / "ddp.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None)
-    proc = subprocess.run(
+    # its own process group, so a timeout kills the workers it spawned too
+    proc = subprocess.Popen(
         [sys.executable, str(script), "--epochs", "1", "--accumulate", "2", "--cpu"],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=4
-        * DEADLINE_S,  # a hang guard, not a timing test: ~10 s idle, minutes on a loaded machine
         env=env,
+        start_new_session=True,
     )
+    try:
+        # a hang guard, not a timing test: ~10 s idle, minutes on a loaded machine
+        stdout, stderr = proc.communicate(timeout=4 * DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("examples/ddp.py did not finish: hang?")
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[-1] == "replicas identical: True", proc.stdout
