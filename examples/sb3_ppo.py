@@ -1,7 +1,7 @@
 """SAM for Stable-Baselines3's PPO: one class instead of PPO, nothing else changes.
 
     pip install -c constraints.txt 'samkit[sb3]'
-    python examples/sb3_ppo.py --timesteps 50000
+    python examples/sb3_ppo.py --timesteps 20000
 
     from samkit.integrations.sb3 import SAMPPO
     model = SAMPPO("MlpPolicy", "CartPole-v1", rho=0.05, seed=0)   # was PPO(...)
@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import gymnasium as gym
+import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.monitor import Monitor
@@ -36,13 +37,14 @@ from samkit.integrations.sb3 import SAMPPO
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--env", default="CartPole-v1")
-    ap.add_argument("--timesteps", type=int, default=50_000)
+    ap.add_argument("--timesteps", type=int, default=20_000)
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--adaptive", action="store_true", help="ASAM (use rho about 0.5)")
     ap.add_argument("--n-steps", type=int, default=512)
     ap.add_argument("--episodes", type=int, default=10, help="evaluation episodes")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # small MLPs: one thread is fastest on a CPU (and on a shared one)
 
     common = dict(n_steps=args.n_steps, batch_size=64, seed=args.seed, device="cpu")
     results = {}
