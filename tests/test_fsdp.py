@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,3 +377,41 @@ def test_state_dict_helpers_refuse_bad_input():
     with pytest.raises(ValueError, match="samkit steps"):
         fsdp.set_state_dict(model, opt, {"model": {}, "optimizer": {}, "samkit": buffer.getvalue()})
     assert opt.steps == 0
+
+
+def test_example_resumes_bit_for_bit(tmp_path):
+    """examples/fsdp.py as a user runs it (it spawns 2 gloo processes), then resumed."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "fsdp.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+
+    def run(*argv: str) -> list[str]:
+        proc = subprocess.run(
+            [sys.executable, str(script), "--epochs", "2", "--cpu", "--batch-size", "128", *argv],
+            capture_output=True,
+            text=True,
+            timeout=150,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.splitlines()
+
+    straight = run("--checkpoint", str(tmp_path))
+    resumed = run("--resume", str(tmp_path / "epoch1"))
+    assert [line.split()[:2] for line in straight[:2]] == [["epoch", "1"], ["epoch", "2"]]
+    losses = [float(line.split("train loss")[1].split()[0]) for line in straight[:2]]
+    assert losses[1] < losses[0] < 2.3  # ln(10) at the start
+    assert resumed[0].startswith("epoch  2") and len(resumed) == 2  # only the second epoch ran
+    assert straight[-1].startswith("weights digest ") and resumed[-1] == straight[-1]
+
+
+def test_torch_state_dict_helpers_with_sam_raise_naming_ours():
+    """torch's set_state_dict would drop samkit's entry; on a fresh SAM it calls step()
+    without a closure to initialise the state, which raises and names the helpers."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = make_model()
+    model_sd, optim_sd = get_state_dict(model, make_base(model.parameters()))
+    opt = samkit.SAM(make_base(model.parameters()), rho=RHO)
+    with pytest.raises(RuntimeError, match="samkit.integrations.fsdp"):
+        set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
