@@ -53,13 +53,20 @@ def make_data(n: int, seed: int) -> TensorDataset:
 
 
 def train(rank: int, world: int, args: argparse.Namespace) -> dict:
+    """One process: join the group, :func:`fit`, leave."""
     use_cuda = torch.cuda.is_available() and not args.cpu
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     else:
         torch.set_num_threads(1)
-    device_type = "cuda" if use_cuda else "cpu"
+    out = fit(rank, world, args, "cuda" if use_cuda else "cpu")
+    dist.destroy_process_group()
+    return out
+
+
+def fit(rank: int, world: int, args: argparse.Namespace, device_type: str = "cpu") -> dict:
+    """Shard, train with SAM, checkpoint; in a process group that is already set up."""
     if args.mesh == "hybrid" and world % 2 == 0:
         # HSDP: shard within groups of world // 2 ranks, replicate across 2 of them
         mesh = init_device_mesh(device_type, (2, world // 2), mesh_dim_names=("replicate", "shard"))
@@ -119,7 +126,6 @@ def train(rank: int, world: int, args: argparse.Namespace) -> dict:
     if rank == 0:
         print(f"weights digest {digest}")
     dist.barrier()
-    dist.destroy_process_group()
     return {"losses": losses, "steps": opt.steps, "digest": digest, "start_epoch": start}
 
 
@@ -130,8 +136,7 @@ def spawned(rank: int, world: int, port: int, args: argparse.Namespace, results)
         results.put(out)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Train; return rank 0's summary (losses per epoch, SAM steps, the weights' digest)."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -152,6 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.resume).name.startswith("epoch") and Path(args.resume).is_dir()
     ):
         parser.error(f"--resume {args.resume}: expected a DIR/epoch<k> written by --checkpoint")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train; return rank 0's summary (losses per epoch, SAM steps, the weights' digest)."""
+    args = parse_args(argv)
 
     if "RANK" in os.environ:  # launched by torchrun
         return train(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
