@@ -278,6 +278,18 @@ def _refused(rank: int) -> dict:
     except ValueError as error:
         out["scaler"] = str(error)
     out["untouched"] = all(torch.equal(a, b) for a, b in zip(before, local_shards(model)))
+    # FSDP1's parameters look like plain tensors: refused when SAM is built
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for use_orig_params in (False, True):
+        wrapped = FullyShardedDataParallel(
+            make_model(), device_id=torch.device("cpu"), use_orig_params=use_orig_params
+        )
+        try:
+            samkit.SAM(make_base(wrapped.parameters()), rho=RHO)
+            out[f"fsdp1_{use_orig_params}"] = None
+        except ValueError as error:
+            out[f"fsdp1_{use_orig_params}"] = str(error)
     return out
 
 
@@ -376,6 +388,8 @@ def test_refused_variants_say_why_and_leave_the_weights(results):
         assert "selects tensors by identity" in got["masked"]
         assert "Invalid scaler value" in got["scaler"] and "bfloat16" in got["scaler"]
         assert got["untouched"]
+        for mode in (False, True):
+            assert "FullyShardedDataParallel (FSDP1)" in got[f"fsdp1_{mode}"], mode
 
 
 # ------------------------------------------------- single-process pieces

@@ -39,10 +39,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DTENSOR_ATTRIBUTES", "Sharding", "localize", "check_supported", "full"]
+__all__ = [
+    "DTENSOR_ATTRIBUTES",
+    "FSDP1_ATTRIBUTES",
+    "Sharding",
+    "localize",
+    "check_supported",
+    "refuse_fsdp1",
+    "full",
+]
 
 #: The DTensor attributes (public and private) this module reads.
 DTENSOR_ATTRIBUTES = ("_local_tensor", "device_mesh", "placements")
+
+#: The markers FSDP1 (``FullyShardedDataParallel``) sets on its flat parameter and,
+#: with ``use_orig_params=True``, on the original parameters it turned into shard views.
+FSDP1_ATTRIBUTES = ("_is_flat_param", "_fsdp_flattened")
 
 _PLAIN = (Tensor, nn.Parameter)
 
@@ -168,6 +180,21 @@ def check_supported(optimizer: Any, scaler: Any) -> None:
             f"Invalid perturbation value: {perturbation!r} (ESAM's stochastic weight perturbation) would "
             "draw its mask per shard under FSDP2; not supported (beta=1 turns it off)"
         )
+
+
+def refuse_fsdp1(params: Sequence[Tensor]) -> None:
+    """Refuse FSDP1's parameters when SAM is built (they look like plain tensors).
+
+    FSDP1 shards a flat parameter with no DTensor to tell it by; SAM would take
+    the norm of the local shard only, a silently wrong ascent.
+    """
+    for p in params:
+        if any(getattr(p, name, False) for name in FSDP1_ATTRIBUTES):
+            raise ValueError(
+                "Invalid params value: parameters of FullyShardedDataParallel (FSDP1) are local shards "
+                "SAM cannot tell from whole tensors, so the ascent norm would be the shard's; use FSDP2's "
+                "torch.distributed.fsdp.fully_shard (see docs/fsdp.md)"
+            )
 
 
 def full(total: Tensor) -> Tensor:

@@ -198,6 +198,7 @@ class SAM(torch.optim.Optimizer):
             base.defaults.setdefault(self.group_keys[key], value)
         for i, group in enumerate(base.param_groups):
             self._init_group(group, i)
+        _fsdp.refuse_fsdp1([p for group in base.param_groups for p in group["params"]])
 
         self.perturbation = perturbation or (Adaptive() if adaptive else L2())
         self.policy = policy
@@ -275,6 +276,11 @@ class SAM(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._init_group(param_group, len(self.param_groups))
         self.base_optimizer.add_param_group(param_group)
+        try:
+            _fsdp.refuse_fsdp1(self.param_groups[-1]["params"])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def _sam_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group as the ascent reads it: SAM's settings under their plain names."""
