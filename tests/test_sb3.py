@@ -241,6 +241,11 @@ def test_plain_ppo_with_sam_class_routes_eps_and_names_sampo():
         model.learn(N_STEPS)
 
 
+def test_plain_ppo_with_sam_class_and_no_base_names_sampo():
+    with pytest.raises(ValueError, match="use samkit.integrations.sb3.SAMPPO"):
+        PPO("MlpPolicy", ENV, policy_kwargs=dict(optimizer_class=samkit.SAM), **PPO_KW)
+
+
 def test_base_optimizer_settings_reach_the_base():
     model = SAMPPO(
         "MlpPolicy",

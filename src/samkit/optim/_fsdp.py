@@ -23,7 +23,9 @@ shard of the full gradient, already averaged over the data-parallel ranks
   shard, a mask of parameters (:class:`~samkit.optim.perturbation.Masked`)
   names tensors FSDP2 replaced, and a GradScaler's overflow flag would be per
   shard: each is refused with a ``ValueError`` at the first step, before any
-  weight moves (:func:`check_supported`).
+  weight moves (:func:`check_supported`). FSDP1 (``FullyShardedDataParallel``)
+  shards flat parameters that look like whole tensors: refused when SAM is
+  built (:func:`refuse_fsdp1`).
 
 The ascent under FSDP2 is always the global one (``ddp_ascent`` has no
 effect): the backward reduce-scatters the first-pass gradient before SAM sees

@@ -802,7 +802,8 @@ def _base_optimizer(
     if not (inspect.isclass(base_class) and issubclass(base_class, torch.optim.Optimizer)):
         raise ValueError(
             f"Invalid base_optimizer value: {base_class!r}; expected a torch.optim.Optimizer "
-            "class when params are given (or pass an optimizer instance)"
+            "class when params are given (or pass an optimizer instance). In Stable-Baselines3's "
+            "policy_kwargs use samkit.integrations.sb3.SAMPPO / SAMA2C instead of optimizer_class=SAM"
         )
     accepted = _keywords_of(base_class)
     for name, was_given in given.items():
