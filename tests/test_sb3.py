@@ -79,9 +79,9 @@ def test_rho_zero_is_sb3_bit_for_bit(sam_cls, sb3_cls, kwargs):
 # ------------------------------------------------- against a plain SAM loop
 def ppo_loss(model, data, *, clip_range: float, clip_range_vf: float | None) -> torch.Tensor:
     """PPO's loss (Schulman et al. 2017) as SB3 documents it, written out here."""
-    values, log_prob, entropy = model.policy.evaluate_actions(
-        data.observations, data.actions.long().flatten()
-    )
+    discrete = isinstance(model.action_space, gym.spaces.Discrete)
+    actions = data.actions.long().flatten() if discrete else data.actions
+    values, log_prob, entropy = model.policy.evaluate_actions(data.observations, actions)
     values = values.flatten()
     advantages = data.advantages
     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -120,13 +120,17 @@ SAM_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("setting", sorted(SAM_SETTINGS))
-def test_ppo_steps_equal_plain_loop_sam(setting):
+@pytest.mark.parametrize(
+    "setting, env",
+    [(name, ENV) for name in sorted(SAM_SETTINGS)] + [("sam", "Pendulum-v1")],
+)
+def test_ppo_steps_equal_plain_loop_sam(setting, env):
+    """Discrete (CartPole) and continuous (Pendulum: Gaussian policy, analytic entropy) actions."""
     ours_kw, loop_kw = SAM_SETTINGS[setting]
     ppo_kw = dict(PPO_KW, ent_coef=0.01, clip_range_vf=0.3, max_grad_norm=0.3)
-    model = SAMPPO("MlpPolicy", ENV, **ours_kw, **ppo_kw)
+    model = SAMPPO("MlpPolicy", env, **ours_kw, **ppo_kw)
     # the same initial weights, trained by hand: a plain PPO built with the same seed
-    reference = PPO("MlpPolicy", ENV, **ppo_kw)
+    reference = PPO("MlpPolicy", env, **ppo_kw)
     assert_same(weights(model), weights(reference))
     minibatches = record_minibatches(model)
     model.learn(2 * N_STEPS)
