@@ -98,14 +98,22 @@ def sq_norm(tensors: TensorList, *, foreach: bool) -> Tensor:
     return torch.stack(norms).square().sum()
 
 
-def global_norm(sq_norms: Sequence[Tensor]) -> Tensor:
-    """L2 norm from squared-norm pieces that may live on different devices."""
+def global_norm(
+    sq_norms: Sequence[Tensor], *, reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """L2 norm from squared-norm pieces that may live on different devices.
+
+    ``reduce`` sums the total squared norm over other processes before the
+    square root (the shards of FSDP2 parameters); ``None`` for local tensors.
+    """
     if not sq_norms:
         raise ValueError("global_norm needs at least one squared norm")
     device = sq_norms[0].device
     total = sq_norms[0]
     for piece in sq_norms[1:]:
         total = total + piece.to(device)
+    if reduce is not None:
+        total = reduce(total)
     return total.sqrt()
 
 
@@ -274,14 +282,23 @@ def prepare_ascent(
     return out
 
 
-def measure_(groups: Sequence[AscentGroup], perturbation: Perturbation, *, foreach: bool) -> Tensor:
-    """Turn each direction into the perturbation's ``u``; return ``||u||`` over all groups."""
+def measure_(
+    groups: Sequence[AscentGroup],
+    perturbation: Perturbation,
+    *,
+    foreach: bool,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Turn each direction into the perturbation's ``u``; return ``||u||`` over all groups.
+
+    ``reduce``: as in :func:`global_norm` (sharded parameters).
+    """
     squares = [
         perturbation.measure_(params, directions, backups, ag.group, foreach=foreach)
         for ag in groups
         for params, directions, backups in ag.buckets
     ]
-    return global_norm(squares)
+    return global_norm(squares, reduce=reduce)
 
 
 def perturb_(

@@ -14,7 +14,8 @@ The weights are copied into a buffer (allocated once) before the ascent and
 copied back, bit for bit, before the base step.
 
 This file holds the protocol; the kernels are in :mod:`samkit.functional`,
-the DDP duties in :mod:`._ddp`, the GradScaler's in :mod:`._amp`, and the
+the DDP duties in :mod:`._ddp`, FSDP2's in :mod:`._fsdp`, the GradScaler's
+in :mod:`._amp`, and the
 three axes of a variant in :mod:`.perturbation` (how ``e`` is made),
 :mod:`.policy` (which steps ascend) and :mod:`.mix` (what the base step
 receives).
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from .._checks import check_nonneg, check_pos
-from . import _amp, _ddp
+from . import _amp, _ddp, _fsdp
 from .batchnorm import freeze_bn_stats
 from .mix import Mix
 from .perturbation import L2, Adaptive, Perturbation
@@ -197,6 +198,7 @@ class SAM(torch.optim.Optimizer):
             base.defaults.setdefault(self.group_keys[key], value)
         for i, group in enumerate(base.param_groups):
             self._init_group(group, i)
+        _fsdp.refuse_fsdp1([p for group in base.param_groups for p in group["params"]])
 
         self.perturbation = perturbation or (Adaptive() if adaptive else L2())
         self.policy = policy
@@ -274,6 +276,11 @@ class SAM(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._init_group(param_group, len(self.param_groups))
         self.base_optimizer.add_param_group(param_group)
+        try:
+            _fsdp.refuse_fsdp1(self.param_groups[-1]["params"])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def _sam_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group as the ascent reads it: SAM's settings under their plain names."""
@@ -323,10 +330,12 @@ class SAM(torch.optim.Optimizer):
                 out.append((self._sam_group(group), params, grads))
         return out
 
-    def _backups_for(self, params: list[Tensor]) -> list[Tensor]:
-        return functional.buffers_like(self._backups, params)
+    def _backups_for(self, params: list[Tensor], keys: list[Tensor] | None = None) -> list[Tensor]:
+        """One weight buffer per parameter, keyed by ``keys`` (default: the parameters;
+        under FSDP the DTensor parameters, while ``params`` are their local shards)."""
+        return functional.buffers_like(self._backups, params if keys is None else keys, params)
 
-    def _view(self, gathered: Any, local: bool = False) -> StepView:
+    def _view(self, gathered: Any, local: bool = False, sharding: Any = None) -> StepView:
         return StepView(
             steps=self.steps,
             ascents=self.ascents,
@@ -336,6 +345,7 @@ class SAM(torch.optim.Optimizer):
             eps=self.ascent_eps,
             local=local,
             process_group=_ddp.process_group(self.model),
+            sharding=sharding,
         )
 
     def _all_params(self) -> list[Tensor]:
@@ -393,10 +403,14 @@ class SAM(torch.optim.Optimizer):
 
     def _first_step(self, zero_grad: bool, scaler: torch.amp.GradScaler | None) -> bool:
         self._open_step()
-        gathered = self._gather()
+        sharded = self._gather()
+        # FSDP2: the ascent runs on the local shards (the same list without DTensors)
+        gathered, sharding = _fsdp.localize(sharded)
+        if sharding is not None:
+            _fsdp.check_supported(self, scaler)
         found_inf = self._unscale_first_pass(gathered, scaler)
         local, self._local_first_pass = self._local_first_pass, False
-        view = self._view(gathered, local)
+        view = self._view(gathered, local, sharding)
         if self.rho_controller is not None:
             self.rho_controller.begin_step(view)
         factor = self.policy.rho_factor(view) if self.policy is not None else 1.0
@@ -407,10 +421,12 @@ class SAM(torch.optim.Optimizer):
             self.mix.before_ascent(view)
         # The ascent: u and its global norm, then w <- w + rho * d / ||u||, w kept exactly.
         foreach = self.foreach
-        ascent = functional.prepare_ascent(
-            active, self._backups_for, in_place=zero_grad, foreach=foreach
+        backups_for = (
+            self._backups_for if sharding is None else sharding.backups_for(self._backups_for)
         )
-        norm = functional.measure_(ascent, self.perturbation, foreach=foreach)
+        ascent = functional.prepare_ascent(active, backups_for, in_place=zero_grad, foreach=foreach)
+        reduce = None if sharding is None else sharding.reduce_
+        norm = functional.measure_(ascent, self.perturbation, foreach=foreach, reduce=reduce)
         if self._nonfinite(norm, found_inf, scaler, local):
             return self._skip_ascent(ascent, zero_grad)
         self._perturbed = functional.perturb_(
@@ -421,7 +437,7 @@ class SAM(torch.optim.Optimizer):
             False  # the second pass brings fresh scaled gradients: second_step unscales them
         )
         if zero_grad:
-            self._clear_grads(gathered)
+            self._clear_grads(sharded)
         return True
 
     @torch.compiler.disable
@@ -500,7 +516,9 @@ class SAM(torch.optim.Optimizer):
                 return None
             raise RuntimeError(
                 "SAM.step() needs a closure that does forward + backward and returns the loss, "
-                "or a preceding first_step() (see SAM.first_step)"
+                "or a preceding first_step() (see SAM.first_step). A framework that calls step() "
+                "without one needs glue: for Stable-Baselines3 use samkit.integrations.sb3.SAMPPO / SAMA2C; "
+                "for torch.distributed.checkpoint's get/set_state_dict use samkit.integrations.fsdp's"
             )
         kept = self._existing_grads(existing_grads)
         closure = torch.enable_grad()(closure)
@@ -629,14 +647,18 @@ class SAM(torch.optim.Optimizer):
             return False
         if self.max_grad_norm is not None:
             params = [p for _, group_params, _ in gathered for p in group_params]
+            # torch's clipping sums DTensor (FSDP2) norms over the shards itself
             total = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=self.foreach)
+            total = _fsdp.full(total)
         else:
+            gathered, sharding = _fsdp.localize(gathered)
             total = functional.global_norm(
                 [
                     functional.sq_norm(bucket, foreach=self.foreach)
                     for _, _, grads in gathered
                     for (_, _), (bucket,) in functional.group_by_device(grads).items()
-                ]
+                ],
+                reduce=None if sharding is None else sharding.reduce_,
             )
         return check and not bool(torch.isfinite(total))
 
@@ -765,7 +787,8 @@ def _base_optimizer(
     if not (inspect.isclass(base_class) and issubclass(base_class, torch.optim.Optimizer)):
         raise ValueError(
             f"Invalid base_optimizer value: {base_class!r}; expected a torch.optim.Optimizer "
-            "class when params are given (or pass an optimizer instance)"
+            "class when params are given (or pass an optimizer instance). In Stable-Baselines3's "
+            "policy_kwargs use samkit.integrations.sb3.SAMPPO / SAMA2C instead of optimizer_class=SAM"
         )
     accepted = _keywords_of(base_class)
     for name, was_given in given.items():

@@ -36,6 +36,8 @@ class StepView:
         eps: SAM's ``ascent_eps``.
         local: the first pass ran under DDP's ``no_sync`` (per-replica gradients).
         process_group: the DDP process group (``None``: the default group).
+        sharding: the FSDP2 shards' :class:`~samkit.optim._fsdp.Sharding`
+            (``None`` without FSDP2); ``gradients`` then hold local shards.
     """
 
     __slots__ = (
@@ -47,6 +49,7 @@ class StepView:
         "eps",
         "local",
         "process_group",
+        "sharding",
         "_sq_norm",
     )
 
@@ -61,6 +64,7 @@ class StepView:
         eps: float,
         local: bool,
         process_group: Any,
+        sharding: Any = None,
     ) -> None:
         self.steps = steps
         self.ascents = ascents
@@ -70,6 +74,7 @@ class StepView:
         self.eps = eps
         self.local = local
         self.process_group = process_group
+        self.sharding = sharding
         self._sq_norm: Tensor | None = None
 
     @property
@@ -88,7 +93,8 @@ class StepView:
 
         Under more than one replica it is averaged over the process group, so
         every replica reads the same value (with global ascent the values are
-        equal already). One collective, no host read.
+        equal already). One collective, no host read. Under FSDP2 it is the
+        squared norm of the whole gradient (summed over the shards).
         """
         if self._sq_norm is None:
             pieces = [
@@ -98,6 +104,9 @@ class StepView:
             ]
             if not pieces:
                 self._sq_norm = torch.zeros(())
+            elif self.sharding is not None:
+                reduce = self.sharding.reduce_
+                self._sq_norm = functional.global_norm(pieces, reduce=reduce).square()
             else:
                 total = functional.global_norm(pieces).square()
                 self._sq_norm = _ddp.average_scalar(total, self.process_group)
