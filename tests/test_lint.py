@@ -31,3 +31,27 @@ def test_ruff_clean(args: list[str]) -> None:
     assert proc.returncode == 0, (
         f"ruff {' '.join(args)} found problems:\n{proc.stdout}{proc.stderr}"
     )
+
+
+def test_no_merge_conflict_markers_are_left() -> None:
+    """A merge left half-resolved must not land (markers in docs do not break any other test)."""
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    markers = ("<<<<<<< ", ">>>>>>> ", "=======\n")
+    found = []
+    for name in listed.stdout.splitlines():
+        path = ROOT / name
+        if (
+            path.suffix not in {".py", ".md", ".toml", ".txt", ".cfg", ".yml", ".yaml", ""}
+            or not path.is_file()
+        ):
+            continue
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        except (UnicodeDecodeError, OSError):
+            continue
+        found += [f"{name}:{i + 1}" for i, line in enumerate(lines) if line.startswith(markers)]
+    assert not found, f"merge conflict markers left in: {found}"
