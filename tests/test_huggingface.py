@@ -135,7 +135,7 @@ def plain_loop(
                 sum(b["labels"].ne(-100).sum() for b in batches) / 1
             )  # as the Trainer counts
 
-            def backward_all():
+            def backward_all(batches=batches, num_items=num_items):
                 for b in batches:
                     with torch.autocast(
                         "cpu", dtype=dtype or torch.float32, enabled=dtype is not None

@@ -138,7 +138,7 @@ def plain_loop(
     for _ in range(epochs):
         for window in windows:
 
-            def closure():
+            def closure(window=window):
                 total = 0.0
                 for x, y in window:
                     with torch.autocast(
@@ -231,7 +231,7 @@ def test_16_mixed_with_grad_scaler_does_real_sam_steps():
 def test_16_mixed_overflow_skips_and_backs_off():
     module = Net()
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1e30))
-    trainer = fit(module, plugins=[plugin])
+    fit(module, plugins=[plugin])
     scaler = torch.amp.GradScaler("cpu", init_scale=1e30)
     net, _, _ = plain_loop(dtype=torch.float16, scaler=scaler)
     assert_same_weights(module.net, net)
