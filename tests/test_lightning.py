@@ -25,6 +25,7 @@ import samkit
 from samkit.integrations.lightning import SAMCallback, perturbed
 
 N, BATCH = 48, 8  # 6 batches per epoch
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 
@@ -376,3 +377,21 @@ def test_a_failing_second_pass_restores_the_weights():
         fit(module)
     for name, value in module.net.named_parameters():  # back at w exactly, no step taken
         assert torch.equal(value, before[name]), name
+
+
+def test_sharding_strategies_are_refused_with_the_supported_way():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from samkit.integrations.lightning import _check_supported
+
+    sam = sgd_sam(make_net().parameters())
+    trainer = type("FakeTrainer", (), {"strategy": FSDPStrategy()})()
+    with pytest.raises(
+        ValueError, match="Invalid strategy value: FSDPStrategy .* use a single-device or DDP"
+    ):
+        _check_supported(trainer, [sam])
+
+
+def test_bad_callback_setting():
+    with pytest.raises(ValueError, match="Invalid drop_perturbed_logs value"):
+        SAMCallback(drop_perturbed_logs="no")

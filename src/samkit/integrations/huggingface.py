@@ -185,7 +185,9 @@ class SAMTrainer(transformers.Trainer):
 
 
 class _ReportSkippedSteps(TrainerCallback):
-    """Tell the Trainer a step the GradScaler skipped was skipped (the scale backed off).
+    """Keep SAMTrainer's step bookkeeping in line with the Trainer's loop.
+
+    Above all, tell the Trainer a step the GradScaler skipped was skipped (the scale backed off).
 
     GradScaler lowers its scale in ``update()`` exactly when it found an
     inf/NaN in the step, and SAM reports an overflow in either pass to it.
@@ -194,6 +196,10 @@ class _ReportSkippedSteps(TrainerCallback):
     def __init__(self, trainer: SAMTrainer) -> None:
         self.trainer = trainer
         self.scale_before: float | None = None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The first micro-batch of a step: forget any left by a step that was cut short.
+        self.trainer._sam_window.clear()
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         scaler = self.trainer.accelerator.scaler
