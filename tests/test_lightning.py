@@ -382,7 +382,7 @@ def test_a_failing_second_pass_restores_the_weights():
 def test_sharding_strategies_are_refused_with_the_supported_way():
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from samkit.integrations.lightning import _check_supported
+    from samkit.integrations._lightning_common import _check_supported
 
     sam = sgd_sam(make_net().parameters())
     trainer = type("FakeTrainer", (), {"strategy": FSDPStrategy()})()
@@ -395,3 +395,19 @@ def test_sharding_strategies_are_refused_with_the_supported_way():
 def test_bad_callback_setting():
     with pytest.raises(ValueError, match="Invalid drop_perturbed_logs value"):
         SAMCallback(drop_perturbed_logs="no")
+
+
+def test_manual_step_without_closure_is_refused():
+    class NoClosure(Net):
+        def training_step(self, batch, batch_idx):
+            self.manual_backward(self.loss(batch))
+            self.optimizers().step()  # a plain optimizer's habit: SAM cannot do its second pass
+
+    module = NoClosure(manual="closure")
+    before = copy.deepcopy(dict(module.net.named_parameters()))
+    with pytest.raises(
+        RuntimeError, match=r"opt.step\(\) without a closure cannot run the pass at w \+ e"
+    ):
+        fit(module)
+    for name, value in module.net.named_parameters():
+        assert torch.equal(value, before[name]), name
