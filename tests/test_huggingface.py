@@ -312,3 +312,19 @@ def test_a_bad_setting_inside_sam_kwargs_fails_when_the_optimizer_is_built(tmp_p
     with pytest.raises(ValueError, match="Invalid eta value"):
         trainer.train()
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_an_optimizer_with_train_eval_modes_is_refused(tmp_path):
+    class ScheduleFreeLike(torch.optim.SGD):
+        def train(self):
+            pass
+
+        def eval(self):
+            pass
+
+    model = make_model()
+    base = ScheduleFreeLike(model.parameters(), lr=0.1)
+    trainer = SAMTrainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=make_dataset(),
+                         optimizers=(base, None))  # fmt: skip
+    with pytest.raises(ValueError, match="has train\\(\\)/eval\\(\\) modes"):
+        trainer.train()

@@ -130,6 +130,15 @@ class SAMTrainer(transformers.Trainer):
         """The Trainer's optimizer, wrapped in ``sam_class`` (a SAM passed in is kept)."""
         base = super().create_optimizer(model)
         opt_model = self.model if model is None else model
+        inner = base.base_optimizer if isinstance(base, SAM) else base
+        if callable(getattr(inner, "train", None)) or callable(getattr(inner, "eval", None)):
+            # The Trainer switches such optimizers (schedule-free) between modes
+            # that move the weights; SAM's ascent and restore would interleave.
+            raise ValueError(
+                f"Invalid optimizer value: {type(inner).__name__} has train()/eval() modes (a "
+                "schedule-free optimizer?), which SAMTrainer does not support; use an optimizer "
+                "without them (args.optim='adamw_torch', 'sgd', ...)"
+            )
         if isinstance(base, SAM):
             if base.model is None:
                 base.model = opt_model
