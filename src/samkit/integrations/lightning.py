@@ -52,8 +52,12 @@ value would change its direction, which SAM does not do.
 Refused, with an error naming what works: samkit variants with their own
 ``step(closure)`` (ESAM, mSAM), and strategies other than single-device and
 DDP (FSDP, DeepSpeed, XLA, model parallel), where the ascent norm would be a
-shard's. DDP is handled (the first pass runs under ``no_sync`` for
-``ddp_ascent="local"``) but not tested here.
+shard's; and, in manual optimization, ``opt.step()`` without a closure (the
+pass at ``w + e`` cannot run). DDP is handled (the first pass runs under
+``no_sync`` for ``ddp_ascent="local"``) but not tested here.
+
+The logic lives in :mod:`samkit.integrations._lightning_common`, shared with
+:mod:`samkit.integrations.pytorch_lightning` (the standalone package).
 """
 
 from __future__ import annotations
