@@ -1,53 +1,280 @@
-r"""The checks that need a CUDA GPU, as one script any GPU owner can rerun.
+"""Checks that need a GPU, for whoever has one: samkit's core on CUDA, and each framework's real CUDA path against samkit's plain loop.
 
-    python benchmarks/gpu_checks.py                 # every check, a table, exit 1 on any failure
-    python benchmarks/gpu_checks.py --only sync fp16 --json gpu.json
+    python benchmarks/gpu_checks.py                      # every check, on cuda
+    python benchmarks/gpu_checks.py --only lightning_16_mixed --json out.json
+    python benchmarks/gpu_checks.py --device cpu         # the same code on CPU (GradScaler forced)
 
-Checks (each prints PASS / FAIL with the measured numbers):
+Each check is one function in ``CHECKS`` returning a dict with ``ok`` and its
+measurements; add a section as another function and register it there. The
+run is deterministic (``torch.use_deterministic_algorithms``; the cuBLAS
+workspace variable is set before CUDA starts), so the framework and the
+plain loop must give the same bits; the largest weight difference is
+reported either way. Exit code 1 if a check fails.
 
-* ``foreach``  -- SAM's foreach kernels on CUDA equal its per-tensor path bit for
-  bit, for fp32, bf16 and fp16 parameters, and the restore is exact;
-* ``sync``     -- the ascent and the restore make no host synchronisation
-  (``torch.cuda.set_sync_debug_mode("error")`` raises on any);
-* ``fp16``     -- fp16 autocast + ``torch.amp.GradScaler("cuda")``: an overflow
-  injected in the first pass, then in the second, skips the step (weights and
-  optimizer state untouched, scale halved) and training goes on; without
-  overflow the scaled run equals the fp32 run to rounding;
-* ``bf16``     -- bf16 autocast trains (loss falls) and matches fp32 within
-  bf16's precision;
-* ``mixes``    -- GSAM and LookSAM under fp16 + GradScaler equal their fp32 runs
-  to rounding (both passes unscaled before mixing);
-* ``overhead`` -- ``benchmarks/overhead.py`` on the GPU (SAM's own cost per
-  step vs pytorch-optimizer's, SAM/SGD step time).
+Sections:
 
-Nothing here runs on CPU-only machines: without CUDA it says so and exits 2.
+* ``lightning_16_mixed``: ``precision="16-mixed"`` with the GradScaler
+  Lightning makes on CUDA, ``accumulate_grad_batches=2``, against
+  ``SAM.step(closure, scaler=...)``; then a run whose scale overflows fp16
+  (every step skipped, the scale halved each time, the weights untouched).
+* ``huggingface_fp16``: ``SAMTrainer`` with ``fp16=True`` (accelerate's
+  CUDA GradScaler and autocast), ``gradient_accumulation_steps=2``, against
+  the plain loop; then an overflowing run: every step reported skipped and
+  the linear LR schedule not advanced.
+
+Core sections (samkit's optimizer itself):
+
+* ``core_foreach``: SAM's foreach kernels on the device equal its per-tensor
+  path bit for bit, for fp32, bf16 and fp16 parameters;
+* ``core_no_host_sync``: the ascent and the restore make no host
+  synchronisation (``torch.cuda.set_sync_debug_mode("error")`` raises on any);
+* ``core_fp16_scaler``: fp16 autocast + GradScaler: an overflow injected in the
+  first pass, then in the second, skips the step (weights and optimizer state
+  untouched, scale halved) and training goes on;
+* ``core_bf16``: bf16 autocast trains and matches fp32 within bf16's precision;
+* ``core_mixes_scaler``: GSAM and LookSAM under fp16 + GradScaler equal their
+  fp32 runs to rounding (both passes unscaled before mixing);
+* ``core_overhead``: ``benchmarks/overhead.py`` on the GPU.
+
+With ``--device cpu`` the core sections that only mean something on CUDA
+(host syncs, the overhead benchmark) report themselves skipped.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
 import os
-import sys
-import time
-from collections.abc import Callable
-from typing import Any
 
-import torch
-from torch import nn
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA initialises
 
-import samkit
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
-CHECKS: dict[str, Callable[[], dict[str, Any]]] = {}
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import samkit  # noqa: E402
+from samkit._atomic import write_json_atomic  # noqa: E402
+
+DEVICE = "cuda"
 
 
-def check(name: str) -> Callable[[Callable[[], dict[str, Any]]], Callable[[], dict[str, Any]]]:
-    def register(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-        CHECKS[name] = fn
-        return fn
+def _max_difference(a: nn.Module, b: nn.Module, *, parameters_only: bool = False) -> float:
+    pairs = (
+        zip(a.parameters(), b.parameters())
+        if parameters_only
+        else zip(a.state_dict().values(), b.state_dict().values())
+    )
+    return max(
+        (x.detach().cpu().double() - y.detach().cpu().double()).abs().max().item() for x, y in pairs
+    )
 
-    return register
+
+# ------------------------------------------------------------ Lightning
+
+
+def _lightning_run(init_scale: float) -> dict:
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from torch.nn import functional as F
+
+    def make_net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(256, 32, generator=g), torch.randint(0, 10, (256,), generator=g)
+    batches = list(zip(x.split(32), y.split(32)))
+
+    def make_opt(params, **kw):
+        return samkit.SAM(torch.optim.SGD(params, lr=0.1, momentum=0.9), rho=0.1, **kw)
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_net()
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return make_opt(self.parameters())
+
+    module = Net()
+    plugin = MixedPrecision(
+        "16-mixed", DEVICE, scaler=torch.amp.GradScaler(DEVICE, init_scale=init_scale)
+    )
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="gpu" if DEVICE == "cuda" else "cpu",
+        devices=1,
+        plugins=[plugin],
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    trainer.fit(module, loader)
+
+    net = make_net().to(DEVICE)
+    opt = make_opt(net.parameters(), model=net)
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=init_scale)
+    for i in range(0, len(batches), 2):
+        window = batches[i : i + 2]
+
+        def closure(window=window):
+            for xb, yb in window:
+                with torch.autocast(DEVICE, dtype=torch.float16, cache_enabled=False):
+                    loss = F.cross_entropy(net(xb.to(DEVICE)), yb.to(DEVICE)) / 2
+                scaler.scale(loss).backward()
+            return loss
+
+        opt.step(closure, scaler=scaler)
+        scaler.update()
+        opt.zero_grad()
+    sam = trainer.optimizers[0]
+    return {
+        "max_weight_difference": _max_difference(module.net, net),
+        "scale": plugin.scaler.get_scale(),
+        "plain_loop_scale": scaler.get_scale(),
+        "steps": sam.steps,
+        "ascents": sam.ascents,
+        "global_step": trainer.global_step,
+        "changed_from_init": _max_difference(
+            module.net, make_net().to(DEVICE), parameters_only=True
+        ),
+    }
+
+
+def check_lightning_16_mixed() -> dict:
+    """Lightning ``16-mixed`` + CUDA GradScaler + accumulation == plain-loop SAM; overflow skips."""
+    normal = _lightning_run(2.0**16)
+    overflow = _lightning_run(2.0**100)
+    ok = (
+        normal["max_weight_difference"] == 0.0
+        and normal["scale"] == normal["plain_loop_scale"]
+        and normal["steps"] == normal["global_step"] == 4
+        and normal["ascents"] == 4
+        and overflow["max_weight_difference"] == 0.0
+        and overflow["changed_from_init"] == 0.0  # every step skipped
+        and overflow["scale"] == 2.0 ** (100 - 4)
+    )
+    return {"ok": ok, "normal": normal, "overflow": overflow}
+
+
+# ---------------------------------------------------------- Hugging Face
+
+
+def _huggingface_run(init_scale: float | None, tmp: str) -> dict:
+    import transformers
+    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+    from samkit.integrations.huggingface import SAMTrainer
+
+    transformers.logging.set_verbosity_error()
+
+    def make_model() -> nn.Module:
+        config = BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=16, num_labels=3,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        return BertForSequenceClassification(config)
+
+    g = torch.Generator().manual_seed(1)
+    ids, labels = (
+        torch.randint(0, 64, (64, 16), generator=g),
+        torch.randint(0, 3, (64,), generator=g),
+    )
+    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(64)]
+    args = TrainingArguments(
+        output_dir=tmp, use_cpu=DEVICE == "cpu", fp16=True, per_device_train_batch_size=8,
+        gradient_accumulation_steps=2, num_train_epochs=1, learning_rate=1e-3,
+        lr_scheduler_type="linear", train_sampling_strategy="sequential", report_to=[],
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = SAMTrainer(model=make_model(), args=args, train_dataset=data, sam_rho=0.1)
+    if init_scale is not None or DEVICE == "cpu":
+        trainer.accelerator.native_amp = True  # what accelerate does on CUDA (CPU: nothing)
+        trainer.accelerator.scaler = torch.amp.GradScaler(DEVICE, init_scale=init_scale or 2.0**16)
+    trainer.train()
+
+    # Plain loop: the trainer's optimizer settings, the Trainer's loss scaling.
+    model = make_model().to(DEVICE)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    params = dict(model.named_parameters())
+    groups = [
+        {**{k: v for k, v in grp.items() if k != "params"}, "lr": grp["initial_lr"],
+         "params": [params[names[id(p)]] for p in grp["params"]]}
+        for grp in trainer.sam.param_groups
+    ]  # fmt: skip
+    opt = samkit.SAM(type(trainer.sam.base_optimizer)(groups), rho=0.1, model=model)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 0, 4)
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=init_scale or 2.0**16)
+    skipped = 0
+    for start in range(0, 64, 16):
+        micro = [
+            {"input_ids": ids[i : i + 8].to(DEVICE), "labels": labels[i : i + 8].to(DEVICE)}
+            for i in (start, start + 8)
+        ]
+        items = sum(b["labels"].ne(-100).sum() for b in micro) / 1
+
+        def backward_all(micro=micro, items=items):
+            for b in micro:
+                with torch.autocast(DEVICE, dtype=torch.float16):
+                    loss = model(**b, num_items_in_batch=items).loss
+                scaler.scale(loss.float()).backward()
+
+        backward_all()
+        if opt.first_step(zero_grad=True, scaler=scaler):
+            backward_all()
+            scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if scaler.get_scale() < before:
+            skipped += 1
+        else:
+            sched.step()
+        opt.zero_grad()
+    return {
+        "max_weight_difference": _max_difference(trainer.model, model),
+        "scale": trainer.accelerator.scaler.get_scale(),
+        "plain_loop_scale": scaler.get_scale(),
+        "skipped_in_plain_loop": skipped,
+        "scheduler_steps": trainer.lr_scheduler.last_epoch,
+        "plain_loop_scheduler_steps": sched.last_epoch,
+        "sam_steps": trainer.sam.steps,
+        "global_step": trainer.state.global_step,
+    }
+
+
+def check_huggingface_fp16() -> dict:
+    """SAMTrainer ``fp16=True`` (CUDA GradScaler) + accumulation == plain loop; overflow reported skipped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        normal = _huggingface_run(None, tmp)
+        overflow = _huggingface_run(2.0**100, tmp)
+    ok = (
+        normal["max_weight_difference"] == 0.0
+        and normal["scale"] == normal["plain_loop_scale"]
+        and normal["sam_steps"] == normal["global_step"] == 4
+        and normal["scheduler_steps"] == normal["plain_loop_scheduler_steps"] == 4
+        and overflow["max_weight_difference"] == 0.0
+        and overflow["skipped_in_plain_loop"] == 4
+        and overflow["scheduler_steps"] == 0  # skipped steps do not advance the schedule
+    )
+    return {"ok": ok, "normal": normal, "overflow": overflow}
+
+
+# ------------------------------------------------------------ the core
 
 
 def _model(dtype: torch.dtype = torch.float32, width: int = 256, depth: int = 24) -> nn.Module:
@@ -56,13 +283,13 @@ def _model(dtype: torch.dtype = torch.float32, width: int = 256, depth: int = 24
     for _ in range(depth):
         layers += [nn.Linear(width, width), nn.LayerNorm(width), nn.GELU()]
     layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers).to("cuda", dtype)
+    return nn.Sequential(*layers).to(DEVICE, dtype)
 
 
 def _data(n: int = 256, width: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator(device="cuda").manual_seed(1)
-    return torch.randn(n, width, device="cuda", generator=g), torch.randint(
-        0, 10, (n,), device="cuda", generator=g
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    return torch.randn(n, width, device=DEVICE, generator=g), torch.randint(
+        0, 10, (n,), device=DEVICE, generator=g
     )
 
 
@@ -70,8 +297,7 @@ def _params(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-@check("foreach")
-def foreach_equals_per_tensor() -> dict[str, Any]:
+def check_core_foreach() -> dict[str, Any]:
     out: dict[str, Any] = {"ok": True}
     x, y = _data()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -100,8 +326,9 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scaler: Any = None
     return loss
 
 
-@check("sync")
-def no_host_sync_in_the_ascent() -> dict[str, Any]:
+def check_core_no_host_sync() -> dict[str, Any]:
+    if DEVICE != "cuda":
+        return {"ok": True, "skipped": "host syncs exist on CUDA only"}
     model = _model()
     x, y = _data()
     opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.01), rho=0.05)
@@ -126,14 +353,13 @@ def no_host_sync_in_the_ascent() -> dict[str, Any]:
     return {"ok": not errors, "errors": errors}
 
 
-@check("fp16")
-def fp16_grad_scaler() -> dict[str, Any]:
+def check_core_fp16_scaler() -> dict[str, Any]:
     x, y = _data()
     out: dict[str, Any] = {"ok": True}
     for bad_call in (1, 2):
         model = _model()
         opt = samkit.SAM(torch.optim.Adam(model.parameters(), lr=1e-3), rho=0.05)
-        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+        scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**12)
 
         def closure(
             poison: int | None = None,
@@ -143,7 +369,7 @@ def fp16_grad_scaler() -> dict[str, Any]:
         ) -> torch.Tensor:
             calls = calls if calls is not None else []
             calls.append(1)
-            with torch.autocast("cuda", dtype=torch.float16):
+            with torch.autocast(DEVICE, dtype=torch.float16):
                 loss = nn.functional.cross_entropy(model(x), y)
             bad = loss * float("inf") if poison == len(calls) else loss
             scaler.scale(bad).backward()
@@ -178,18 +404,17 @@ def fp16_grad_scaler() -> dict[str, Any]:
     return out
 
 
-@check("bf16")
-def bf16_autocast() -> dict[str, Any]:
+def check_core_bf16() -> dict[str, Any]:
     x, y = _data()
     losses: dict[str, list[float]] = {}
     for mode in ("fp32", "bf16"):
-        model = _model()
-        opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), rho=0.05)
+        model = _model(depth=3)
+        opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
         losses[mode] = []
-        for _ in range(20):
+        for _ in range(40):
 
             def closure(model: nn.Module = model, bf16: bool = mode == "bf16") -> torch.Tensor:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
                     loss = nn.functional.cross_entropy(model(x).float(), y)
                 loss.backward()
                 return loss
@@ -205,8 +430,7 @@ def bf16_autocast() -> dict[str, Any]:
     }
 
 
-@check("mixes")
-def mixes_under_the_scaler() -> dict[str, Any]:
+def check_core_mixes_scaler() -> dict[str, Any]:
     x, y = _data()
     out: dict[str, Any] = {"ok": True}
     builders = {
@@ -220,7 +444,7 @@ def mixes_under_the_scaler() -> dict[str, Any]:
         for scaled in (False, True):
             model = _model()
             opt = build(model.parameters())
-            scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10) if scaled else None
+            scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**10) if scaled else None
             for _ in range(4):
                 opt.step(lambda m=model, s=scaler: _loss(m, x, y, s), scaler=scaler)
                 if scaler is not None:
@@ -233,8 +457,9 @@ def mixes_under_the_scaler() -> dict[str, Any]:
     return out
 
 
-@check("overhead")
-def overhead_benchmark() -> dict[str, Any]:
+def check_core_overhead() -> dict[str, Any]:
+    if DEVICE != "cuda":
+        return {"ok": True, "skipped": "on CPU run benchmarks/overhead.py itself"}
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import overhead
 
@@ -242,42 +467,46 @@ def overhead_benchmark() -> dict[str, Any]:
     return {"ok": True, "ratios": result.get("ratios", {})}
 
 
+CHECKS: dict[str, Callable[[], dict]] = {
+    "core_foreach": check_core_foreach,
+    "core_no_host_sync": check_core_no_host_sync,
+    "core_fp16_scaler": check_core_fp16_scaler,
+    "core_bf16": check_core_bf16,
+    "core_mixes_scaler": check_core_mixes_scaler,
+    "core_overhead": check_core_overhead,
+    "lightning_16_mixed": check_lightning_16_mixed,
+    "huggingface_fp16": check_huggingface_fp16,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--only", nargs="+", choices=sorted(CHECKS), help="run these checks only")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEVICE
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", choices=sorted(CHECKS), help="run these checks only")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--json", help="write the results to this file")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
         print(
-            "gpu_checks.py: no CUDA device here; run it on a machine with an NVIDIA GPU",
+            "gpu_checks.py: no CUDA device (use --device cpu to run the same code on CPU)",
             file=sys.stderr,
         )
         return 2
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    failed = []
-    for name in args.only or list(CHECKS):
-        start = time.perf_counter()
+    DEVICE = args.device
+    torch.use_deterministic_algorithms(True)
+    results = {}
+    for name in args.only or CHECKS:
         try:
-            res = CHECKS[name]()
-        except (
-            Exception
-        ) as exc:  # a check that crashes is a failure, reported, not a traceback dump
-            res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        res["seconds"] = round(time.perf_counter() - start, 2)
-        results[name] = res
+            results[name] = CHECKS[name]()
+        except Exception as exc:  # report every section, then fail
+            results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         print(
-            f"{'PASS' if res['ok'] else 'FAIL'}  {name:10s} {json.dumps({k: v for k, v in res.items() if k != 'ok'}, default=str)}"
+            f"{name:24s} {'ok' if results[name]['ok'] else 'FAILED'}  {json.dumps(results[name])}"
         )
-        if not res["ok"]:
-            failed.append(name)
     if args.json:
-        from samkit._atomic import write_text_atomic
-
-        write_text_atomic(args.json, json.dumps(results, indent=2, default=str))
-    return 1 if failed else 0
+        write_json_atomic(args.json, results, indent=2)
+    return 0 if all(r["ok"] for r in results.values()) else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -676,10 +676,11 @@ class SAM(torch.optim.Optimizer):
             return {}
         raise RuntimeError(
             "SAM.step(closure): gradients were already accumulated before the step (backward outside the "
-            "closure, e.g. gradient accumulation over micro-batches or Lightning's accumulate_grad_batches); "
-            "the pass at w + e cannot recompute them, so the step would be wrong. Accumulate inside the "
-            "closure (loop over the micro-batches there, (loss / n).backward() each), call zero_grad() "
-            "before the step, or pass existing_grads='keep' to add them, as a fixed term, to both passes."
+            "closure, e.g. gradient accumulation over micro-batches); the pass at w + e cannot recompute "
+            "them, so the step would be wrong. Accumulate inside the closure (loop over the micro-batches "
+            "there, (loss / n).backward() each), call zero_grad() before the step, or pass "
+            "existing_grads='keep' to add them, as a fixed term, to both passes. (Lightning's "
+            "accumulate_grad_batches and HF's gradient_accumulation_steps: samkit.integrations does it.)"
         )
 
     # ---------------------------------------------------------------- state
