@@ -208,8 +208,8 @@ def buffers_like(
         if (
             buffer is None
             or buffer.dtype is not like.dtype
-            or buffer.device != like.device
             or buffer.shape != like.shape
+            or buffer.get_device() != like.get_device()  # an int: cheaper than comparing devices
         ):
             buffer = cache[key] = torch.empty_like(like, memory_format=torch.preserve_format)
         out.append(buffer)

@@ -320,12 +320,13 @@ class SAM(torch.optim.Optimizer):
         for group in self.param_groups:
             params, grads = [], []
             for p in group["params"]:
-                if p.grad is None or not p.requires_grad:
+                grad = p.grad
+                if grad is None or not p.requires_grad:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("SAM does not support sparse gradients")
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(grad)
             if params:
                 out.append((self._sam_group(group), params, grads))
         return out
