@@ -67,7 +67,12 @@ NOT_APPLICABLE = {"sam_on": "the paper's CNN has no normalisation layers"}
 DEFAULT_METHODS = [
     "sgd", "sam", "sam_every_k", "sam_every_k:scale_rho=false", "late_sam", "looksam:alpha=0.7",
     "looksam", "rst", "ae_sam", "saf", "mesa", "esam", "swp", "gsam", "fisher_sam", "msam",
+    # issue 12: SAM at SGD's cost
+    "momentum_sam", "momentum_sam:rho=0.5", "momentum_sam:rho=0.75", "momentum_sam:rho=3.0",
+    "momentum_sam_late:rho=0.5", "ksam", "vsam", "asam_every_k", "asam_every_k:scale_rho=false",
 ]  # fmt: skip
+#: (time vs SGD at most, share of SAM's gain at least, in every setting): issue 4's and issue 12's
+TARGETS = {"issue 4": (1.3, 0.7), "issue 12": (1.15, 0.9)}
 
 
 def _spec(token: str, rho: float | None, lr: float | None) -> MethodSpec:
@@ -216,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0.1,
         help="rho on SAM's scale, noisy labels (SAM paper: 0.1)",
     )
-    ap.add_argument("--time-rounds", type=int, default=20, help="interleaved timing: rounds")
+    ap.add_argument(
+        "--time-rounds",
+        type=int,
+        default=60,
+        help="interleaved timing: rounds (60 x 10 steps = the 600 steps of a training run, so "
+        "schedules such as late SAM or vSAM's warm-up weigh as in training)",
+    )
     ap.add_argument(
         "--time-steps", type=int, default=10, help="interleaved timing: steps per trial"
     )
@@ -285,13 +296,16 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(headers, rows)
 
-    winners = [
-        m for m in methods
-        if m not in ("sgd", "sam") and table[m]["time_vs_sgd"] <= 1.3
-        # accuracies are multiples of 1/1000: round away float noise (2.94/4.2 is exactly 0.7)
-        and all(round(k, 9) >= 0.7 for k in table[m]["keep"].values() if not math.isnan(k))
-        and not any(math.isnan(k) for k in table[m]["keep"].values())
-    ]  # fmt: skip
+    winners = {
+        issue: [
+            m for m in methods
+            if m not in ("sgd", "sam") and table[m]["time_vs_sgd"] <= max_time
+            # accuracies are multiples of 1/1000: round away float noise (2.94/4.2 is exactly 0.7)
+            and all(round(k, 9) >= min_keep for k in table[m]["keep"].values() if not math.isnan(k))
+            and not any(math.isnan(k) for k in table[m]["keep"].values())
+        ]
+        for issue, (max_time, min_keep) in TARGETS.items()
+    }  # fmt: skip
     gains = {
         str(n): settings[n]["sam"]["acc_mean"] - settings[n]["sgd"]["acc_mean"] for n in noises
     }
@@ -300,10 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         "SAM's gain over SGD (test accuracy points): "
         + ", ".join(f"noise {n}: {100 * g:+.1f}" for n, g in gains.items())
     )
-    print(
-        "target (<= 1.3x SGD's time, >= 70 % of SAM's gain in every setting): "
-        + (", ".join(winners) if winners else "no variant meets it")
-    )
+    for issue, (max_time, min_keep) in TARGETS.items():
+        print(
+            f"{issue}'s target (<= {max_time}x SGD's time, >= {100 * min_keep:.0f} % of SAM's gain "
+            "in every setting): "
+            + (", ".join(winners[issue]) if winners[issue] else "no variant meets it")
+        )
     write_json(
         str(out / "variants.json"),
         {

@@ -21,14 +21,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_nonneg
 from ..losses import MESA, SAF
 from ..optim.esam import ESAM
 from ..optim.gsam import GSAM
+from ..optim.ksam import KSAM
 from ..optim.looksam import LookSAM
+from ..optim.momentum_sam import MomentumSAM
 from ..optim.msam import MSAM
 from ..optim.perturbation import Fisher, NormOnly, RandomSubset
 from ..optim.policy import EveryK, GradNormTrigger, Late, RandomPolicy
 from ..optim.sam import SAM
+from ..optim.vsam import VSAM
 from .methods import (
     Method,
     OptimizerMethod,
@@ -38,7 +42,7 @@ from .methods import (
     register_method,
 )
 
-__all__ = ["ESAMMethod", "MSAMMethod", "SAFMethod", "MESAMethod", "FORWARD_ONLY"]
+__all__ = ["ESAMMethod", "KSAMMethod", "MSAMMethod", "SAFMethod", "MESAMethod", "FORWARD_ONLY"]
 
 #: cost of a forward pass without backward, in forward+backward passes
 FORWARD_ONLY = 1.0 / 3.0
@@ -375,6 +379,93 @@ _V: list[tuple[str, Any, str, dict[str, Any], float]] = [
 ]
 
 for _name, _builder, _desc, _defaults, _scale in _V:
+    register_method(
+        _name, _builder, description=_desc, defaults=_defaults, base="sgd", rho_scale=_scale
+    )
+
+
+# ------------------------------------------------ issue 12: SAM at SGD's cost
+# Momentum-SAM, K-SAM, vSAM and two combinations, in one block (to move as one).
+def _momentum_sam(model, spec, *, rho: float) -> Method:
+    return SAMMethod(MomentumSAM(_base(model, spec), rho=rho, model=model), "momentum_sam")
+
+
+def _momentum_sam_late(model, spec, *, rho: float, fraction: float) -> Method:
+    pol = Late(total_steps=spec.total_steps, fraction=fraction)
+    opt = MomentumSAM(_base(model, spec), rho=rho, policy=pol, model=model)
+    return SAMMethod(opt, "momentum_sam_late")
+
+
+def _asam_every_k(model, spec, *, rho: float, eta: float, k: int, scale_rho: bool) -> Method:
+    pol = EveryK(k, scale_rho=scale_rho)
+    opt = SAM(_base(model, spec), rho=rho, adaptive=True, eta=eta, policy=pol, model=model)
+    return SAMMethod(opt, "asam_every_k")
+
+
+class KSAMMethod(ESAMMethod):
+    """K-SAM: ESAM's per-sample closure; the selection forward counts 1/3, the top-k passes k/n."""
+
+    name = "ksam"
+
+
+def _ksam(model, spec, *, rho: float, fraction: float) -> Method:
+    return KSAMMethod(KSAM(_base(model, spec), rho=rho, fraction=fraction, model=model))
+
+
+def _vsam(model, spec, *, rho: float, warmup_epochs: float) -> Method:
+    warmup = check_nonneg("warmup_epochs", warmup_epochs)
+    opt = VSAM(
+        _base(model, spec),
+        warmup_steps=int(round(warmup * spec.steps_per_epoch)),
+        rho=rho,
+        model=model,
+    )
+    return SAMMethod(opt, "vsam")
+
+
+_CHEAP: list[tuple[str, Any, str, dict[str, Any], float]] = [
+    (
+        "momentum_sam",
+        _momentum_sam,
+        "Momentum-SAM, Becker et al. 2024 (arXiv 2401.12033): ascent along the optimizer's momentum, "
+        "no extra gradient; 1 pass (rho 0.5, 10x SAM's: the paper's 3 breaks training on the "
+        "5k-parameter CNN, docs/variants.md)",
+        {"rho": 0.5},
+        10.0,
+    ),
+    (
+        "momentum_sam_late",
+        _momentum_sam_late,
+        "Momentum-SAM on the last fraction of training only (arXiv 2410.10373's late phase); 1 pass",
+        {"rho": 0.5, "fraction": 0.2},
+        10.0,
+    ),
+    (
+        "asam_every_k",
+        _asam_every_k,
+        "ASAM every k steps, rho scaled by k (Composer's recipe on ASAM's ascent); 1 + 1/k passes",
+        {"rho": 0.5, "eta": 0.01, "k": 5, "scale_rho": True},
+        10.0,
+    ),
+    (
+        "ksam",
+        _ksam,
+        "K-SAM, Ni et al. 2022 (arXiv 2210.12864): both gradients on the top-k loss samples; "
+        "1/3 + 2 fraction passes",
+        {"rho": 0.05, "fraction": 1.0 / 3.0},
+        1.0,
+    ),
+    (
+        "vsam",
+        _vsam,
+        "vSAM, Deng et al. 2024 (arXiv 2403.08821): SAM on sampled steps, its second-order part "
+        "reused in between; adaptive cost",
+        {"rho": 0.05, "warmup_epochs": 3.0},
+        1.0,
+    ),
+]
+
+for _name, _builder, _desc, _defaults, _scale in _CHEAP:
     register_method(
         _name, _builder, description=_desc, defaults=_defaults, base="sgd", rho_scale=_scale
     )
