@@ -87,7 +87,7 @@ class KSAM(SAM):
 
     def __repr__(self) -> str:
         return (
-            f"KSAM(rho={self._sam_defaults['rho']}, fraction={self.fraction}, "
+            f"KSAM(rho={self.defaults[self.rho_key]}, fraction={self.fraction}, "
             f"base={self.base_optimizer!r})"
         )
 

@@ -20,8 +20,15 @@ paper's rule for Adam (its AdamW-MSAM; normalised, the bias correction of
 SAM's does.
 
 Step 0, before the base optimizer has made a buffer, is a plain base step
-at ``w`` (``opt.ascents`` stays 0); so is every step where ``v`` is zero.
-This is what the paper's implementation does (its buffer starts at zero).
+at ``w`` (``opt.ascents`` stays 0); a zero ``v`` gives ``e = 0``. This is
+what the paper's implementation does (its buffer starts at zero).
+
+Unlike the paper's code, which keeps the weights at ``w~`` between steps and
+moves them by adding and subtracting ``rho v / ||v||``, the weights rest at
+``w`` (copied back bit for bit, as in every samkit method), so evaluation
+and checkpoints see ``w``; the base optimizer's weight decay therefore acts
+on ``w``, where the paper's SGD applies it at ``w~`` (a difference of
+``wd * e``).
 
 The paper's radius is much larger than SAM's: rho = 3 in every experiment
 (CIFAR-100 WideResNet and ResNet-50, ImageNet ResNet-50 and ViT with AdamW),
@@ -162,6 +169,6 @@ class MomentumSAM(SAM):
 
     def __repr__(self) -> str:
         return (
-            f"MomentumSAM(rho={self._sam_defaults['rho']}, buffer={self.buffer!r}, "
+            f"MomentumSAM(rho={self.defaults[self.rho_key]}, buffer={self.buffer!r}, "
             f"policy={self.policy!r}, base={self.base_optimizer!r})"
         )

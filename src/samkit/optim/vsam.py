@@ -358,4 +358,4 @@ class VSAM(SAM):
         return self.mix.reused  # type: ignore[union-attr]
 
     def __repr__(self) -> str:
-        return f"VSAM(rho={self._sam_defaults['rho']}, policy={self.policy!r}, mix={self.mix!r}, base={self.base_optimizer!r})"
+        return f"VSAM(rho={self.defaults[self.rho_key]}, policy={self.policy!r}, mix={self.mix!r}, base={self.base_optimizer!r})"
