@@ -33,7 +33,9 @@ on ``w``, where the paper's SGD applies it at ``w~`` (a difference of
 The paper's radius is much larger than SAM's: rho = 3 in every experiment
 (CIFAR-100 WideResNet and ResNet-50, ImageNet ResNet-50 and ViT with AdamW),
 where SAM uses 0.2 on the same tasks (its repository's commands); that is
-the default here.
+the default here. It is an absolute length: on a 5k-parameter CNN (initial
+weight norm 5.5) rho = 3 destroys training and 0.5-0.75 works best
+(samkit's variants benchmark, docs/variants.md).
 
 MomentumSAM is :class:`~samkit.SAM` with the :class:`~samkit.Momentum`
 perturbation, whose ``needs_gradient = False`` makes ``step(closure)`` move
@@ -94,8 +96,10 @@ class MomentumSAM(SAM):
         params_or_optimizer, base_optimizer: as :class:`~samkit.SAM`. The base
             optimizer needs a momentum: SGD or RMSprop with ``momentum > 0``,
             or Adam, AdamW, NAdam, RAdam, Adamax.
-        rho: the radius, ``||e|| = rho`` (default 3.0, the paper's; SAM's
-            0.05-0.2 is far too small for this direction).
+        rho: the radius, ``||e|| = rho`` (default 3.0, the paper's, for its
+            ResNets and ViTs). It is absolute: on small models it must be
+            much smaller (0.5 on the 5k-parameter MNIST-1D CNN, where 3 puts
+            training at chance; docs/variants.md). Tune it once against SAM.
         buffer: the state key holding the momentum, for another optimizer
             (default: chosen from the base optimizer's type).
         **kwargs: the other :class:`~samkit.SAM` arguments, except
