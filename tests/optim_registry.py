@@ -285,10 +285,18 @@ class MethodInfo:
     name: str
     make_opt: Callable[..., samkit.SAM]  # (base_optimizer_instance, net, **sam_kwargs) -> SAM
     kwargs: Mapping[str, Any] = field(default_factory=dict)  # SAM keyword arguments
-    closure_kind: str = "standard"  # "standard" | "per_sample" (ESAM) | "micro_batch" (mSAM)
+    closure_kind: str = "standard"  # "standard" | "per_sample" (ESAM, K-SAM) | "micro_batch" (mSAM)
     group_rho: tuple[float, ...] | None = None
     micro_batches: int = 1
-    second_pass_call: int = 2  # which call of the closure is the backward at w + e
+    first_pass_call: int = (
+        1  # which call of the closure is the backward at w (K-SAM: after selecting)
+    )
+    second_pass_call: int = (
+        2  # which call of the closure is the backward at w + e (Momentum-SAM: 1)
+    )
+    bases: tuple[str, ...] | None = (
+        None  # the BASES it supports (None: all); the first is its fallback
+    )
     supports_scaler: bool = True
     supports_two_step: bool = True
     supports_ddp: bool = True
@@ -298,6 +306,13 @@ class MethodInfo:
 
     def model(self, seed: int) -> nn.Module:
         return make_model(seed, bn=self.needs_norm_layer)
+
+    def supports(self, base: BaseInfo) -> bool:
+        return self.bases is None or base.name in self.bases
+
+    def base(self, name: str) -> BaseInfo:
+        """The base optimizer ``name``, or this method's first one if it does not support it."""
+        return BASE_BY_NAME[name if self.bases is None or name in self.bases else self.bases[0]]
 
     def groups(self, model: nn.Module, rho: float | None = None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [{"params": ps} for ps in split_groups(model)]
@@ -381,6 +396,13 @@ class MethodInfo:
                 opt.step(self.closure(model, x, y, scaler=scaler), scaler=scaler)
             else:
                 opt.step(self.closure(model, x, y))
+        elif not opt.perturbation.needs_gradient:  # Momentum-SAM: perturb, then the only pass
+            opt.first_step(zero_grad=True, scaler=scaler)
+            self.closure(model, x, y, scaler=scaler)()
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.second_step()
         else:
             assert self.supports_two_step, self.name
             closure = self.closure(model, x, y, scaler=scaler)
@@ -530,6 +552,56 @@ METHODS: list[MethodInfo] = [
         bad_args=(
             ({"gamma": 0.0}, r"Invalid gamma value: 0\.0"),
             ({"beta": 2.0}, "Invalid beta value"),
+        ),
+    ),
+    MethodInfo(
+        "every_k_asam",
+        lambda base, net, k=2, **kw: samkit.SAM(base, adaptive=True, policy=samkit.EveryK(k), **kw),
+        {"rho": 0.5},
+    ),
+    MethodInfo(
+        "momentum_sam",
+        lambda base, net, **kw: samkit.MomentumSAM(base, **kw),
+        {"rho": 0.5},
+        second_pass_call=1,  # the only pass, at w + e
+        bases=("adam", "sgd_nesterov", "adamw", "rmsprop"),  # a momentum to follow
+        bad_args=(
+            *_COMMON_BAD,
+            ({"ascent_weight_decay": 0.1}, r"Invalid ascent_weight_decay value: 0\.1"),
+            ({"adaptive": True}, "Invalid adaptive value"),
+            ({"buffer": ""}, "Invalid buffer value"),
+        ),
+    ),
+    MethodInfo(
+        "momentum_sam_late",
+        lambda base, net, start=2, **kw: samkit.MomentumSAM(base, policy=samkit.Late(start), **kw),
+        {"rho": 0.5},
+        second_pass_call=1,
+        bases=("adam", "sgd_nesterov"),
+        bad_args=(({"start": -1}, "Invalid start_step value: -1"),),
+    ),
+    MethodInfo(
+        "ksam",
+        lambda base, net, **kw: samkit.KSAM(base, **kw),
+        {"rho": 0.05, "fraction": 0.5},
+        closure_kind="per_sample",
+        first_pass_call=2,  # after the selection forward
+        second_pass_call=3,
+        supports_two_step=False,
+        rho_zero_is_base=False,  # the base step sees the top-k samples only (its own file)
+        bad_args=(
+            ({"fraction": 0.0}, r"Invalid fraction value: 0\.0"),
+            ({"fraction": 1.5}, r"Invalid fraction value: 1\.5"),
+        ),
+    ),
+    MethodInfo(
+        "vsam",
+        lambda base, net, **kw: samkit.VSAM(base, warmup_steps=3, window=3, blocks=1, **kw),
+        {"rho": 0.05},
+        bad_args=(
+            ({"beta": 1.0}, r"Invalid beta value: 1\.0"),
+            ({"max_fraction": 0.0}, r"Invalid max_fraction value: 0\.0"),
+            ({"alpha": (0.1,)}, "Invalid alpha value"),
         ),
     ),
     MethodInfo(

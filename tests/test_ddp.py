@@ -330,8 +330,22 @@ def _family(rank):
     return out
 
 
+def _momentum_sam(rank):
+    """Momentum-SAM under DDP: its only pass is an ordinary all-reduced one."""
+    counter = {"allreduce": 0}
+    ddp = _ddp(make_model(), counter)
+    opt = samkit.MomentumSAM(make_base(ddp.parameters()), rho=5 * RHO, model=ddp)
+    _steps(rank, ddp, opt, explicit=False, scaler=None, poison={}, history=[], scales=[])
+    return {
+        "state": _snapshot(ddp.module),
+        "allreduce": counter["allreduce"],
+        "ascents": opt.ascents,
+    }
+
+
 SCENARIOS = {
     "family_local": _family,
+    "momentum_sam": _momentum_sam,
     "global": lambda r: _train(r, mode="global"),
     "local": lambda r: _train(r),
     "explicit_local": lambda r: _train(r, explicit=True),
@@ -490,6 +504,19 @@ def test_global_ascent_equals_single_process_full_batch(results):
     assert_close(r0["state"], simulate(mode="global")[0][0])
     # Both passes are all-reduced: one bucket per backward, two backwards per step.
     assert r0["allreduce"] == r1["allreduce"] == 2 * STEPS
+
+
+def test_momentum_sam_equals_single_process_full_batch(results):
+    """One all-reduced pass per step, at w + e from the (replica-identical) momentum."""
+    r0, r1 = load(results, "momentum_sam")
+    assert_identical(r0["state"], r1["state"])
+    model = make_model()
+    opt = samkit.MomentumSAM(make_base(model.parameters()), rho=5 * RHO, model=model)
+    for step in range(STEPS):
+        opt.step(_closure(model, *batch(step)))
+        opt.zero_grad()
+    assert_close(r0["state"], _snapshot(model))
+    assert r0["allreduce"] == STEPS and r0["ascents"] == opt.ascents == STEPS - 1
 
 
 def test_local_ascent_is_per_replica_and_first_pass_does_not_communicate(results):

@@ -35,6 +35,7 @@ __all__ = [
     "copy_",
     "add_scaled_",
     "mul_",
+    "neg_",
     "add_",
     "abs_plus_",
     "scale_for",
@@ -136,6 +137,15 @@ def mul_(tensors: TensorList, factor: float | Tensor | TensorList, *, foreach: b
     else:
         for t in tensors:
             t.mul_(factor)
+
+
+def neg_(tensors: TensorList, *, foreach: bool) -> None:
+    """``t = -t`` (exact; much cheaper than ``mul_(tensors, -1.0)`` on the foreach path)."""
+    if foreach:
+        torch._foreach_neg_(tensors)
+    else:
+        for t in tensors:
+            t.neg_()
 
 
 def add_(tensors: TensorList, others: TensorList, alpha: float = 1.0, *, foreach: bool) -> None:

@@ -29,19 +29,23 @@ from torch import Tensor, nn
 from .. import (
     ESAM,
     GSAM,
+    KSAM,
     MESA,
     MSAM,
     SAF,
     SAM,
+    VSAM,
     EveryK,
     Fisher,
     Late,
     LookSAM,
+    MomentumSAM,
     NormOnly,
     RandomPolicy,
     RandomSubset,
 )
 from .. import optim as _optim
+from .._checks import check_nonneg
 from .registry import (
     Amp,
     Method,
@@ -64,6 +68,7 @@ __all__ = [
     "OptimizerMethod",
     "SAMMethod",
     "ESAMMethod",
+    "KSAMMethod",
     "MSAMMethod",
     "SAFMethod",
     "MESAMethod",
@@ -431,3 +436,76 @@ def _mesa(model, spec, *, lam: float, tau: float, decay: float, start_epoch: flo
     return MESAMethod(
         _base(model, spec), MESA(model, lam=lam, tau=tau, decay=decay, start_step=start)
     )
+
+
+# ------------------------------------------------ SAM at SGD's cost (issue 12)
+@register(
+    "momentum_sam",
+    description="Momentum-SAM, Becker et al. 2024 (arXiv 2401.12033): ascent along the optimizer's "
+    "momentum, no extra gradient; 1 pass (rho 0.5, 10x SAM's: the paper's 3 breaks training on the "
+    "5k-parameter CNN, docs/variants.md)",
+    defaults={"rho": 0.5},
+    rho_scale=10.0,
+)
+def _momentum_sam(model, spec, *, rho: float) -> Method:
+    return SAMMethod(MomentumSAM(_base(model, spec), rho=rho, model=model), "momentum_sam")
+
+
+@register(
+    "momentum_sam_late",
+    description="Momentum-SAM on the last fraction of training only (arXiv 2410.10373's late "
+    "phase); 1 pass",
+    defaults={"rho": 0.5, "fraction": 0.2},
+    rho_scale=10.0,
+)
+def _momentum_sam_late(model, spec, *, rho: float, fraction: float) -> Method:
+    pol = Late(total_steps=spec.total_steps, fraction=fraction)
+    opt = MomentumSAM(_base(model, spec), rho=rho, policy=pol, model=model)
+    return SAMMethod(opt, "momentum_sam_late")
+
+
+@register(
+    "asam_every_k",
+    description="ASAM every k steps; 1 + 1/k passes (rho not scaled by k: Composer's x k on ASAM's "
+    "10x radius breaks training on the MNIST-1D CNN, docs/variants.md)",
+    defaults={"rho": 0.5, "eta": 0.01, "k": 5, "scale_rho": False},
+    rho_scale=10.0,
+)
+def _asam_every_k(model, spec, *, rho: float, eta: float, k: int, scale_rho: bool) -> Method:
+    pol = EveryK(k, scale_rho=scale_rho)
+    opt = SAM(_base(model, spec), rho=rho, adaptive=True, eta=eta, policy=pol, model=model)
+    return SAMMethod(opt, "asam_every_k")
+
+
+class KSAMMethod(ESAMMethod):
+    """K-SAM: ESAM's per-sample closure; the selection forward counts 1/3, the top-k passes k/n."""
+
+    name = "ksam"
+
+
+@register(
+    "ksam",
+    description="K-SAM, Ni et al. 2022 (arXiv 2210.12864): both gradients on the top-k loss "
+    "samples; 1/3 + 2 fraction passes",
+    defaults={"rho": 0.05, "fraction": 1.0 / 3.0},
+    per_sample_loss=True,
+)
+def _ksam(model, spec, *, rho: float, fraction: float) -> Method:
+    return KSAMMethod(KSAM(_base(model, spec), rho=rho, fraction=fraction, model=model))
+
+
+@register(
+    "vsam",
+    description="vSAM, Deng et al. 2024 (arXiv 2403.08821): SAM on sampled steps, its "
+    "second-order part reused in between; adaptive cost",
+    defaults={"rho": 0.05, "warmup_epochs": 3.0},
+)
+def _vsam(model, spec, *, rho: float, warmup_epochs: float) -> Method:
+    warmup = check_nonneg("warmup_epochs", warmup_epochs)
+    opt = VSAM(
+        _base(model, spec),
+        warmup_steps=int(round(warmup * spec.steps_per_epoch)),
+        rho=rho,
+        model=model,
+    )
+    return SAMMethod(opt, "vsam")

@@ -3,8 +3,9 @@
 A variant is SAM with a *perturbation* (how the ascent vector is made), a
 *policy* (which steps pay for the ascent) and a *mix* (what the base step
 receives from the two gradients), plus optionally a rho *controller*. GSAM and
-LookSAM are such combinations with constructors of their own; ESAM and mSAM
-change the step itself and use SAM's public protocol.
+LookSAM are such combinations with constructors of their own, and so is
+MomentumSAM (the Momentum perturbation, made before the only pass); ESAM,
+K-SAM and mSAM change the step itself and use SAM's public protocol.
 
 SAF and MESA are loss terms, not optimizers: see :mod:`samkit.losses`.
 """
@@ -12,14 +13,26 @@ SAF and MESA are loss terms, not optimizers: see :mod:`samkit.losses`.
 from .batchnorm import freeze_bn_stats
 from .esam import ESAM
 from .gsam import GSAM
+from .ksam import KSAM
 from .looksam import LookSAM
 from .mix import Mix, ReuseOrthogonal, SurrogateGap
+from .momentum_sam import MomentumSAM
 from .msam import MSAM
-from .perturbation import L2, Adaptive, Fisher, Masked, NormOnly, Perturbation, RandomSubset
+from .perturbation import (
+    L2,
+    Adaptive,
+    Fisher,
+    Masked,
+    Momentum,
+    NormOnly,
+    Perturbation,
+    RandomSubset,
+)
 from .policy import AdaptivePolicy, Always, EveryK, GradNormTrigger, Late, Policy, RandomPolicy
 from .rho import FollowLR, LambdaRho, ProportionalRho, RhoController
 from .sam import SAM
 from .view import StepView
+from .vsam import VSAM, PSFVariation, ReusePSF
 
 __all__ = [
     "SAM",
@@ -27,9 +40,13 @@ __all__ = [
     "LookSAM",
     "ESAM",
     "MSAM",
+    "MomentumSAM",
+    "KSAM",
+    "VSAM",
     "Perturbation",
     "L2",
     "Adaptive",
+    "Momentum",
     "Fisher",
     "Masked",
     "NormOnly",
@@ -41,9 +58,11 @@ __all__ = [
     "GradNormTrigger",
     "AdaptivePolicy",
     "Late",
+    "PSFVariation",
     "Mix",
     "SurrogateGap",
     "ReuseOrthogonal",
+    "ReusePSF",
     "RhoController",
     "FollowLR",
     "ProportionalRho",

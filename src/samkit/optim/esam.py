@@ -37,7 +37,19 @@ from .._checks import check_unit_interval
 from .perturbation import Perturbation, RandomSubset
 from .sam import SAM
 
-__all__ = ["ESAM"]
+__all__ = ["ESAM", "backward_mean"]
+
+
+def backward_mean(losses: Tensor, scaler: Any, *, method: str) -> None:
+    """Backward of the mean of the per-sample ``losses`` a closure returned
+    (ESAM's closure convention), scaled by ``scaler`` when it is enabled."""
+    if losses.dim() != 1:
+        raise ValueError(
+            f"Invalid closure value: {method}'s closure must return per-sample losses of shape [n] "
+            f"(reduction='none'), got shape {tuple(losses.shape)}"
+        )
+    loss = losses.mean()
+    (scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss).backward()
 
 
 class ESAM(SAM):
@@ -124,13 +136,7 @@ class ESAM(SAM):
             return super().step(None)
 
         def backward(losses: Tensor) -> None:
-            if losses.dim() != 1:
-                raise ValueError(
-                    f"Invalid closure value: ESAM's closure must return per-sample losses of shape [n] "
-                    f"(reduction='none'), got shape {tuple(losses.shape)}"
-                )
-            loss = losses.mean()
-            (scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss).backward()
+            backward_mean(losses, scaler, method="ESAM")
 
         with torch.enable_grad():
             with self.first_pass():

@@ -22,6 +22,9 @@ mix                         base step receives
 :class:`SurrogateGap`       ``g_s - alpha g_perp`` (GSAM)
 :class:`ReuseOrthogonal`    ``g_s`` on full steps, ``g + alpha ||g|| g_v/||g_v||``
                             in between (LookSAM)
+:class:`~samkit.optim.vsam.ReusePSF`
+                            ``g_s`` on SAM steps, ``g + beta^j (g_s - g)`` on
+                            the ``j``-th step after (vSAM)
 ==========================  ==============================================
 """
 

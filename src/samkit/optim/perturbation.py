@@ -18,9 +18,17 @@ perturbation    u                        d
 ==============  =======================  ===========================
 :class:`L2`     g                        g            (SAM)
 :class:`Adaptive` T g,  T = |w| + eta    T^2 g        (ASAM)
+:class:`Momentum` v                      -v           (Momentum-SAM)
 ==============  =======================  ===========================
 
 Other variants (Fisher, masks, random subsets) subclass :class:`Perturbation`.
+
+A perturbation with ``needs_gradient = False`` starts from a vector of the
+base optimizer's state instead of the gradient (:class:`Momentum`: the
+momentum buffer ``v``). SAM then perturbs *before* the forward pass, and a
+step costs one forward/backward pass, at ``w + e`` (see
+:meth:`samkit.SAM.first_step`). SAM copies that vector first: the
+perturbation works on the copy and never on the optimizer's state.
 """
 
 from __future__ import annotations
@@ -33,13 +41,34 @@ from torch import Tensor, nn
 from .. import functional as F
 from .._checks import check_pos as _check_pos
 
-__all__ = ["Perturbation", "L2", "Adaptive", "Fisher", "Masked", "NormOnly", "RandomSubset"]
+__all__ = [
+    "Perturbation",
+    "L2",
+    "Adaptive",
+    "Momentum",
+    "Fisher",
+    "Masked",
+    "NormOnly",
+    "RandomSubset",
+]
 
 
 class Perturbation:
     """Base class: the plain L2 (SAM) ascent, e = rho * g / ||g||."""
 
     name = "l2"
+    #: False: the ascent starts from :meth:`ascent_vector` (the base optimizer's
+    #: state), not from a gradient; SAM perturbs before the only forward pass.
+    needs_gradient = True
+
+    def ascent_vector(self, param: Tensor, state: Any) -> Tensor | None:
+        """Where the ascent of ``param`` starts when ``needs_gradient`` is False.
+
+        ``state`` is the base optimizer's per-parameter state. SAM copies the
+        returned tensor and hands the copy to :meth:`measure_` in place of the
+        gradient; ``None`` leaves ``param`` unperturbed. Not called otherwise.
+        """
+        return None
 
     def measure_(
         self,
@@ -98,6 +127,51 @@ class Adaptive(Perturbation):
 
     def direction_(self, params, grads, scratch, group, *, foreach):
         F.mul_(grads, scratch, foreach=foreach)  # d = T^2 g
+
+
+class Momentum(Perturbation):
+    r"""Momentum-SAM (Becker, Altrock and Risse, 2024, arXiv 2401.12033).
+
+    The ascent follows the base optimizer's momentum ``v`` instead of a fresh
+    gradient, so no extra gradient is needed:
+
+    .. math:: e = -\rho \frac{v}{\lVert v \rVert}
+
+    (one norm over every perturbed group). SGD's update is ``-lr v``: ``-v``
+    is where the optimizer is heading, so ``w + e`` is a large, normalised
+    Nesterov look-ahead; the paper's sign. For Adam ``v`` is the first moment
+    ``m`` (``exp_avg``); normalised, its bias correction drops out.
+
+    A parameter without the buffer yet (before the base optimizer's first
+    step) is not perturbed; when no parameter has one, the step does not
+    ascend. Use it through :class:`samkit.MomentumSAM`, which picks the
+    buffer for the base optimizer and checks it has one.
+
+    Args:
+        buffer: the key of ``v`` in the base optimizer's per-parameter state
+            (``"momentum_buffer"`` for SGD and RMSprop, ``"exp_avg"`` for the
+            Adam family).
+    """
+
+    name = "momentum"
+    needs_gradient = False
+
+    def __init__(self, buffer: str = "momentum_buffer") -> None:
+        if not isinstance(buffer, str) or not buffer:
+            raise ValueError(
+                f"Invalid buffer value: {buffer!r} (must be a state key, e.g. 'exp_avg')"
+            )
+        self.buffer = buffer
+
+    def ascent_vector(self, param, state):
+        entry = state.get(param)
+        return None if entry is None else entry.get(self.buffer)
+
+    def direction_(self, params, grads, scratch, group, *, foreach):
+        F.neg_(grads, foreach=foreach)  # d = -v
+
+    def __repr__(self) -> str:
+        return f"Momentum(buffer={self.buffer!r})"
 
 
 # --------------------------------------------------------------------------

@@ -45,6 +45,9 @@ class Policy:
 
     name = "policy"
     replica_consistent = False
+    #: Decides from the first-pass gradient (``view.gradients``): unusable with
+    #: a perturbation that needs no gradient (Momentum-SAM), which SAM refuses.
+    reads_gradients = False
 
     def should_ascend(self, view: StepView) -> bool:
         """Return True to pay for the ascent on this step (``view.steps`` steps done so far)."""
@@ -200,6 +203,7 @@ class GradNormTrigger(Policy):
 
     name = "grad_norm_trigger"
     replica_consistent = True
+    reads_gradients = True
 
     def __init__(
         self, total_steps: int, *, c_start: float = -1.0, c_end: float = 1.0, decay: float = 0.9

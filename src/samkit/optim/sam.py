@@ -13,6 +13,10 @@ rho-ball around the weights. Each step:
 The weights are copied into a buffer (allocated once) before the ascent and
 copied back, bit for bit, before the base step.
 
+A perturbation that needs no gradient (Momentum-SAM, arXiv 2401.12033:
+``e_t = -rho v_t / ||v_t||`` from the base optimizer's momentum) moves the
+weights *before* the forward pass, and the step costs one pass, at ``w + e``.
+
 This file holds the protocol; the kernels are in :mod:`samkit.functional`,
 the DDP duties in :mod:`._ddp`, FSDP2's in :mod:`._fsdp`, the GradScaler's
 in :mod:`._amp`, and the
@@ -214,6 +218,7 @@ class SAM(torch.optim.Optimizer):
         self.steps = 0  # completed SAM steps (ascending or not)
         self.ascents = 0  # steps that paid for the ascent
         self._backups: dict[Tensor, Tensor] = {}  # weight copies, allocated once
+        self._scratch: dict[Tensor, Tensor] = {}  # copies of state vectors (Momentum-SAM), likewise
         self._perturbed: list[tuple[list[Tensor], list[Tensor]]] | None = None
         self._pending = False  # first_step done, second_step not yet
         self._skip = False  # the pending step must not update the weights
@@ -315,12 +320,15 @@ class SAM(torch.optim.Optimizer):
         return f"{type(self).__name__}({', '.join(parts)}, base={self.base_optimizer!r})"
 
     # --------------------------------------------------------------- helpers
-    def _gather(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+    def _gather(
+        self, vector: Callable[[Tensor], Tensor | None] | None = None
+    ) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+        """``(group, params, grads)`` per group; ``vector(p)`` in place of ``p.grad`` if given."""
         out = []
         for group in self.param_groups:
             params, grads = [], []
             for p in group["params"]:
-                grad = p.grad
+                grad = p.grad if vector is None else vector(p)
                 if grad is None or not p.requires_grad:
                     continue
                 if grad.is_sparse:
@@ -360,8 +368,11 @@ class SAM(torch.optim.Optimizer):
         replica keeps its own gradient for its ascent; otherwise it does
         nothing. ``step(closure)`` uses it for you. The forward must run inside
         it too: DDP decides at forward time whether the backward all-reduces.
+        A perturbation that needs no gradient has no first pass: nothing either.
         """
-        self._local_first_pass = _ddp.uses_local_ascent(self.model, self.ddp_ascent)
+        self._local_first_pass = self.perturbation.needs_gradient and _ddp.uses_local_ascent(
+            self.model, self.ddp_ascent
+        )
         if self._local_first_pass:
             with _ddp.local_first_pass(self.model):  # type: ignore[arg-type]
                 yield
@@ -391,6 +402,20 @@ class SAM(torch.optim.Optimizer):
         that returns False they stay unscaled for the base step and the scaler
         records that, so call ``scaler.unscale_(opt)`` (e.g. to clip) only
         after a second pass.
+
+        With a perturbation that needs no gradient (``perturbation.needs_gradient``
+        is False: :class:`~samkit.MomentumSAM`) there is no first pass: call
+        ``first_step()`` *before* the forward, then run the one forward and
+        backward (at ``w + e`` if it returned True, at ``w`` otherwise), then
+        :meth:`second_step`::
+
+            opt.first_step()                  # w + e, from the optimizer's momentum
+            loss_fn(model(x), y).backward()   # the only pass
+            opt.second_step(zero_grad=True)   # back to w, base step
+
+        Gradients in ``.grad`` at that point would be added to the pass, so
+        ``zero_grad=True`` clears them. With a ``model=``, BatchNorm statistics
+        are then updated by that pass (the only one), as in the paper's code.
         """
         if self._pending:
             raise RuntimeError("first_step() was called twice; call second_step() in between")
@@ -403,19 +428,23 @@ class SAM(torch.optim.Optimizer):
             raise
 
     def _first_step(self, zero_grad: bool, scaler: torch.amp.GradScaler | None) -> bool:
+        by_gradient = self.perturbation.needs_gradient
+        if zero_grad and not by_gradient:
+            self.zero_grad()  # the only pass follows: what is in .grad would be added to it
         self._open_step()
-        sharded = self._gather()
+        sharded = self._gather() if by_gradient else self._gather(self._state_vector)
         # FSDP2: the ascent runs on the local shards (the same list without DTensors)
-        gathered, sharding = _fsdp.localize(sharded)
+        sources, sharding = _fsdp.localize(sharded)
         if sharding is not None:
             _fsdp.check_supported(self, scaler)
+        gathered = sources if by_gradient else []
         found_inf = self._unscale_first_pass(gathered, scaler)
         local, self._local_first_pass = self._local_first_pass, False
         view = self._view(gathered, local, sharding)
         if self.rho_controller is not None:
             self.rho_controller.begin_step(view)
         factor = self.policy.rho_factor(view) if self.policy is not None else 1.0
-        active = [entry for entry in gathered if entry[0]["rho"] * factor > 0]
+        active = [entry for entry in sources if entry[0]["rho"] * factor > 0]
         if not self._agree_to_ascend(view, bool(active)):
             return self._decline(found_inf, scaler, local)
         if self.mix is not None:
@@ -425,21 +454,40 @@ class SAM(torch.optim.Optimizer):
         backups_for = (
             self._backups_for if sharding is None else sharding.backups_for(self._backups_for)
         )
-        ascent = functional.prepare_ascent(active, backups_for, in_place=zero_grad, foreach=foreach)
+        ascent = functional.prepare_ascent(
+            active if by_gradient else self._scratch_copies(active),
+            backups_for,
+            in_place=zero_grad or not by_gradient,
+            foreach=foreach,
+        )
         reduce = None if sharding is None else sharding.reduce_
         norm = functional.measure_(ascent, self.perturbation, foreach=foreach, reduce=reduce)
         if self._nonfinite(norm, found_inf, scaler, local):
-            return self._skip_ascent(ascent, zero_grad)
+            return self._skip_ascent(ascent, zero_grad and by_gradient)
         self._perturbed = functional.perturb_(
             ascent, norm, self.perturbation, rho_factor=factor, eps=self.ascent_eps, foreach=foreach
         )
         self.ascents += 1
-        self._unscaled = (
-            False  # the second pass brings fresh scaled gradients: second_step unscales them
-        )
-        if zero_grad:
+        self._unscaled = False  # the pass at w + e brings scaled gradients: second_step unscales
+        if zero_grad and by_gradient:
             self._clear_grads(sharded)
         return True
+
+    def _state_vector(self, param: Tensor) -> Tensor | None:
+        """The base optimizer's vector the ascent of ``param`` starts from (Momentum-SAM)."""
+        return self.perturbation.ascent_vector(param, self.base_optimizer.state)
+
+    def _scratch_copies(
+        self, sources: Any
+    ) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+        """``sources`` with each vector copied into scratch space: the ascent never writes the optimizer's state."""
+        out = []
+        for group, params, vectors in sources:
+            copies = functional.buffers_like(self._scratch, params)
+            for (_, _), (dst, src) in functional.group_by_device(copies, vectors).items():
+                functional.copy_(dst, src, foreach=self.foreach)
+            out.append((group, params, copies))
+        return out
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -502,6 +550,11 @@ class SAM(torch.optim.Optimizer):
         returned. With ``scaler``, the closure must call
         ``scaler.scale(loss).backward()``; call ``scaler.update()`` afterwards.
 
+        With a perturbation that needs no gradient (:class:`~samkit.MomentumSAM`)
+        the weights move first and the closure runs once, at ``w + e``; the
+        loss returned is the loss there (at ``w`` on a step that does not
+        ascend, such as the first, before any momentum exists).
+
         Gradients already in ``.grad`` before the closure runs (micro-batches
         accumulated outside it) cannot be recomputed at ``w + e``, so by
         default (``existing_grads="error"``) the step refuses them: accumulate
@@ -523,10 +576,15 @@ class SAM(torch.optim.Optimizer):
             )
         kept = self._existing_grads(existing_grads)
         closure = torch.enable_grad()(closure)
-        with self.first_pass():
-            loss = closure()
+        by_gradient = self.perturbation.needs_gradient
+        if by_gradient:
+            with self.first_pass():
+                loss = closure()
         try:
-            if self.first_step(zero_grad=True, scaler=scaler):
+            if not by_gradient:  # the weights move first; the only pass adds to any kept gradients
+                self.first_step(zero_grad=False, scaler=scaler)
+                loss = closure()
+            elif self.first_step(zero_grad=True, scaler=scaler):
                 for p, g in kept.items():
                     p.grad = g
                 closure()
@@ -542,7 +600,9 @@ class SAM(torch.optim.Optimizer):
     # ------------------------------------------------- the protocol's pieces
     def _open_step(self) -> None:
         self._pending, self._skip, self._perturbed = True, False, None
-        if self.model is not None:
+        # BatchNorm statistics come from the pass at w; a perturbation without a
+        # gradient has none, and its only pass (at w + e) must update them.
+        if self.model is not None and self.perturbation.needs_gradient:
             self._bn_ctx = contextlib.ExitStack()
             self._bn_ctx.enter_context(freeze_bn_stats(self.model))
 
@@ -849,6 +909,18 @@ def _check_arguments(
     ):
         if value is not None and not isinstance(value, kind):
             raise ValueError(f"Invalid {name} value: {value!r} is not a samkit {kind.__name__}")
+    if perturbation is not None and not perturbation.needs_gradient:
+        # no first pass: nothing to mix, no gradient for a policy to read
+        if mix is not None:
+            raise ValueError(
+                f"Invalid mix value: {mix!r} mixes first- and second-pass gradients; "
+                f"{perturbation!r} perturbs before the only pass"
+            )
+        if policy is not None and policy.reads_gradients:
+            raise ValueError(
+                f"Invalid policy value: {policy!r} decides from the first-pass gradient; "
+                f"{perturbation!r} perturbs before any gradient exists"
+            )
 
 
 def _validate_state_dict(
