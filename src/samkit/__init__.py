@@ -21,6 +21,7 @@ from .optim import (
     LambdaRho,
     Late,
     LookSAM,
+    LossEquated,
     Masked,
     Mix,
     NormOnly,
@@ -33,6 +34,8 @@ from .optim import (
     RhoController,
     StepView,
     SurrogateGap,
+    ValidationPlateau,
+    ValidationSearch,
     freeze_bn_stats,
 )
 
@@ -63,6 +66,9 @@ __all__ = [
     "ReuseOrthogonal",
     "RhoController",
     "FollowLR",
+    "LossEquated",
+    "ValidationPlateau",
+    "ValidationSearch",
     "ProportionalRho",
     "LambdaRho",
     "StepView",

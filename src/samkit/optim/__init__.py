@@ -9,6 +9,7 @@ change the step itself and use SAM's public protocol.
 SAF and MESA are loss terms, not optimizers: see :mod:`samkit.losses`.
 """
 
+from .autorho import LossEquated, ValidationPlateau, ValidationSearch
 from .batchnorm import freeze_bn_stats
 from .esam import ESAM
 from .gsam import GSAM
@@ -46,6 +47,9 @@ __all__ = [
     "ReuseOrthogonal",
     "RhoController",
     "FollowLR",
+    "LossEquated",
+    "ValidationPlateau",
+    "ValidationSearch",
     "ProportionalRho",
     "LambdaRho",
     "StepView",

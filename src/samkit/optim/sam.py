@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from .._checks import check_nonneg, check_pos
-from . import _amp, _ddp
+from . import _amp, _ddp, autorho
 from .batchnorm import freeze_bn_stats
 from .mix import Mix
 from .perturbation import L2, Adaptive, Perturbation
@@ -69,7 +69,9 @@ class SAM(torch.optim.Optimizer):
             via a ``"rho"`` key (``"sam_rho"`` when the base optimizer uses
             ``"rho"`` itself, as Adadelta does: see :attr:`rho_key`); or a
             :class:`~samkit.optim.rho.RhoController`
-            that sets it every step (e.g. ``FollowLR(0.05)``). A group with
+            that sets it every step (e.g. ``FollowLR(0.05)``); or ``"auto"``
+            (no radius to choose: :mod:`samkit.optim.autorho`, which also
+            takes ``"auto:<controller>"``). A group with
             ``rho=0`` is not perturbed and does not count in the normaliser;
             ``rho=0`` everywhere is exactly the base optimizer.
         adaptive: ASAM (arXiv 2102.11600): scale the ascent element-wise by
@@ -128,7 +130,7 @@ class SAM(torch.optim.Optimizer):
         params_or_optimizer: Any,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
-        rho: float | RhoController = _RHO,
+        rho: float | str | RhoController = _RHO,
         adaptive: bool = False,
         eta: float = _ETA,
         ascent_weight_decay: float = _ZERO,
@@ -158,6 +160,9 @@ class SAM(torch.optim.Optimizer):
             "foreach": foreach is not None,
             "ascent_eps": ascent_eps != 1e-12,
         }
+        if isinstance(rho, str):  # "auto" / "auto:<name>": a self-tuning controller
+            rho = autorho.controller_from_name(rho)
+            rho.adapt_to(adaptive=bool(adaptive) or isinstance(perturbation, Adaptive))
         base = _base_optimizer(params_or_optimizer, base_optimizer, base_kwargs, given, foreach)
         controller = rho if isinstance(rho, RhoController) else None
         rho = controller.initial_rho if controller is not None else rho
@@ -412,6 +417,9 @@ class SAM(torch.optim.Optimizer):
         view = self._view(gathered, local)
         if self.rho_controller is not None:
             self.rho_controller.begin_step(view)
+            if self.rho_key != "rho":  # the gathered groups are copies: read the new rho
+                gathered = self._gather()
+                view = self._view(gathered, local)
         factor = self.policy.rho_factor(view) if self.policy is not None else 1.0
         active = [entry for entry in gathered if entry[0]["rho"] * factor > 0]
         if not self._agree_to_ascend(view, bool(active)):
