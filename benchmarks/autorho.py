@@ -21,12 +21,12 @@ out for validation; cosine learning rate; batch 100):
 =====================  ========================================  =========  ======
 setting                model / data                              base       epochs
 =====================  ========================================  =========  ======
-``cnn_clean``          MNIST-1D paper CNN, MNIST-1D              SGD 0.1    60
-``cnn_noise40``        same, 40 % symmetric label noise          SGD 0.1    60
+``cnn_clean``          MNIST-1D paper CNN, MNIST-1D              SGD 0.1    40
+``cnn_noise40``        same, 40 % symmetric label noise          SGD 0.1    40
 ``gru``                MNIST-1D paper GRU, MNIST-1D              SGD 0.1    30
-``mlp_digits_noise20`` MNIST-1D paper MLP, sklearn digits, 20 %  SGD 0.1    100
-``resnet_bn``          small ResNet with BatchNorm, MNIST-1D     SGD 0.1    30
-``cnn_adam``           MNIST-1D paper CNN, MNIST-1D              Adam 0.01  60
+``mlp_digits_noise20`` MNIST-1D paper MLP, sklearn digits, 20 %  SGD 0.1    60
+``resnet_bn``          small ResNet with BatchNorm, MNIST-1D     SGD 0.1    20
+``cnn_adam``           MNIST-1D paper CNN, MNIST-1D              Adam 0.01  40
 =====================  ========================================  =========  ======
 
 SGD has momentum 0.9 and weight decay 5e-4; Adam betas (0.9, 0.999), no
@@ -78,12 +78,12 @@ from samkit.optim import autorho  # noqa: E402
 SGD = {"base": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 ADAM = {"base": "adam", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0}
 SETTINGS: dict[str, dict[str, Any]] = {
-    "cnn_clean": {"dataset": "mnist1d", "model": "cnn", "noise": 0.0, "epochs": 60, **SGD},
-    "cnn_noise40": {"dataset": "mnist1d", "model": "cnn", "noise": 0.4, "epochs": 60, **SGD},
+    "cnn_clean": {"dataset": "mnist1d", "model": "cnn", "noise": 0.0, "epochs": 40, **SGD},
+    "cnn_noise40": {"dataset": "mnist1d", "model": "cnn", "noise": 0.4, "epochs": 40, **SGD},
     "gru": {"dataset": "mnist1d", "model": "gru", "noise": 0.0, "epochs": 30, **SGD},
-    "mlp_digits_noise20": {"dataset": "digits", "model": "mlp", "noise": 0.2, "epochs": 100, **SGD},
-    "resnet_bn": {"dataset": "mnist1d", "model": "resnet", "noise": 0.0, "epochs": 30, **SGD},
-    "cnn_adam": {"dataset": "mnist1d", "model": "cnn", "noise": 0.0, "epochs": 60, **ADAM},
+    "mlp_digits_noise20": {"dataset": "digits", "model": "mlp", "noise": 0.2, "epochs": 60, **SGD},
+    "resnet_bn": {"dataset": "mnist1d", "model": "resnet", "noise": 0.0, "epochs": 20, **SGD},
+    "cnn_adam": {"dataset": "mnist1d", "model": "cnn", "noise": 0.0, "epochs": 40, **ADAM},
 }
 GRID = (0.02, 0.05, 0.1, 0.2, 0.5)
 DEFAULT_RHO = 0.05
