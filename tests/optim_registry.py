@@ -482,13 +482,17 @@ METHODS: list[MethodInfo] = [
         {"rho": 0.05},
     ),
     # rho="auto" has the same battery as a fixed rho. "auto" is exactly what a user
-    # writes; the other entries start their controllers' adaptation within the
-    # battery's few steps (calibration over 2 steps, a validation report per step).
-    MethodInfo("auto", _auto(_DEFAULT_AUTO), {"rho": "auto"}, bad_args=_AUTO_BAD),
+    # writes (with a validation report after every step, as a training loop would
+    # after every epoch: the made-up losses raise rho within 5 steps); the other
+    # entries start their controllers' adaptation within the battery's few steps.
+    MethodInfo(
+        "auto", _auto(_DEFAULT_AUTO), {"rho": "auto"}, reports_validation=True, bad_args=_AUTO_BAD
+    ),
     MethodInfo(
         "auto_asam",
         _auto(_DEFAULT_AUTO, adaptive=True),
         {"rho": "auto"},
+        reports_validation=True,
         bad_args=(({"rho": "auto:x"}, r"Invalid rho value: 'auto:x'"),),
     ),
     MethodInfo(

@@ -394,3 +394,22 @@ def test_every_replica_uses_the_same_rho_under_local_ascent(ddp_results, name):
     assert {**r0["state"], "pending": None} == {**r1["state"], "pending": None}
     assert r0["norms"] != r1["norms"]  # the replicas' own gradients differ
     assert len(set(r0["rhos"])) > 1  # and the radius moved (the reports reached rank 1 too)
+
+
+@pytest.mark.parametrize(
+    "name", ["auto", "auto_asam", "validation_plateau", "validation_search", "loss_equated"]
+)
+def test_the_family_battery_sees_each_controller_move_its_radius(name):
+    """The registry entries that tests/test_family.py, test_ddp.py and test_compile.py run are
+    not a fixed rho in disguise: within the battery's 6 steps the radius changes."""
+    from optim_registry import BASE_BY_NAME, METHOD_BY_NAME, make_data
+
+    info = METHOD_BY_NAME[name]
+    model = info.model(0)
+    x, y = make_data(0)
+    opt = info.make(BASE_BY_NAME["sgd"], model)
+    rhos = []
+    for _ in range(6):
+        info.step(opt, model, x, y)
+        rhos.append(opt.param_groups[0]["rho"])
+    assert len(set(rhos)) > 1, rhos
