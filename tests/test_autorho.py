@@ -316,7 +316,10 @@ def test_a_controller_state_of_another_kind_or_incomplete_is_refused_and_changes
         {"name": "loss_equated"},
         {"best": "low"},
         {"rho": -1.0},
-        {"scales": [float("nan"), "x"]},
+        {"scales": [float("nan")]},
+        {"scales": [1.0, "x"]},
+        {"pending": [1.0]},
+        {"pending": [1.0, -1.0]},
     ):
         sd = opt.state_dict()
         sd["samkit"]["rho"] = {**sd["samkit"]["rho"], **corrupt}

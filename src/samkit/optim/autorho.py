@@ -193,6 +193,18 @@ def _check_state(name: str, values: dict[str, Any]) -> None:
     for key in ("rho", "initial_rho"):
         if not (isinstance(values[key], (int, float)) and 0 <= values[key] < math.inf):
             raise ValueError(f"Invalid state value: {name} {key} = {values[key]!r} (must be >= 0)")
+    scales, pending = values["scales"], values["pending"]
+    if not isinstance(scales, list) or not all(
+        isinstance(v, (int, float)) and 0 <= v < math.inf for v in scales
+    ):
+        raise ValueError(f"Invalid state value: {name} scales = {scales!r} (numbers >= 0)")
+    if (
+        not isinstance(pending, list)
+        or len(pending) != 2
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pending)
+        or pending[1] < 0
+    ):
+        raise ValueError(f"Invalid state value: {name} pending = {pending!r} (a sum and a count)")
 
 
 # --------------------------------------------------------------------- LE-SAM
