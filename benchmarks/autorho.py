@@ -355,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(c.split(":")[1] for c in CONTROLLERS),
         help="comma-separated, of: " + ", ".join(autorho.CONTROLLERS),
     )
+    p.add_argument(
+        "--only-controllers",
+        action="store_true",
+        help="train the controllers' runs only (to add one to a finished grid, in a process of its own)",
+    )
     p.add_argument("--timing", action="store_true", help="also time training steps interleaved")
     p.add_argument("--timing-trials", type=int, default=15)
     args = p.parse_args(argv)
@@ -375,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     candidates: list[float | str] = [*GRID, *CONTROLLERS]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
-    jobs = [(seed, s, c) for seed in seeds for s in names for c in candidates]
+    trained = CONTROLLERS if args.only_controllers else candidates
+    jobs = [(seed, s, c) for seed in seeds for s in names for c in trained]
     if not args.report_only:
         from tqdm.auto import tqdm
 
