@@ -15,6 +15,7 @@ group-with-rho-0 exclusion are exercised by every mode.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 import samkit
+from samkit.optim import autorho
 
 # --------------------------------------------------------------------- model
 
@@ -303,6 +305,7 @@ class MethodInfo:
     rho_zero_is_base: bool = True  # rho=0 gives the base optimizer's steps bit for bit
     needs_norm_layer: bool = False
     bad_args: tuple[tuple[Mapping[str, Any], str], ...] = ()
+    reports_validation: bool = False  # report a validation loss after every step (rho controllers)
 
     def model(self, seed: int) -> nn.Module:
         return make_model(seed, bn=self.needs_norm_layer)
@@ -414,6 +417,8 @@ class MethodInfo:
             else:
                 opt.second_step()
         opt.zero_grad()
+        if self.reports_validation:
+            opt.observe_validation(validation_loss(opt.steps))
 
     def base_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """The loss whose gradient the base optimizer sees at rho = 0."""
@@ -429,6 +434,37 @@ class MethodInfo:
 
     def __repr__(self) -> str:
         return self.name
+
+
+def validation_loss(step: int) -> float:
+    """A made-up validation loss that falls, then rises and plateaus (rho controllers react to both)."""
+    return 1.0 / (1 + step) + 0.05 * (step % 3)
+
+
+def _auto(
+    controller: type, controller_kw: Mapping[str, Any] | None = None, **sam_kw: Any
+) -> Callable[..., samkit.SAM]:
+    """SAM with a self-tuning rho. A string such as "auto" goes to SAM as it is (the user's
+    path); a number is the starting radius of ``controller`` (rho=0: the base optimizer).
+    Keywords the controller takes go to it, the others to SAM."""
+    accepted = set(inspect.signature(controller).parameters)
+
+    def make(
+        base: torch.optim.Optimizer, net: nn.Module, rho: Any = "auto", **kw: Any
+    ) -> samkit.SAM:
+        ckw = {**(controller_kw or {}), **{k: kw.pop(k) for k in list(kw) if k in accepted}}
+        radius = rho if isinstance(rho, str) else controller(rho, **ckw)
+        return samkit.SAM(base, rho=radius, **sam_kw, **kw)
+
+    return make
+
+
+_DEFAULT_AUTO = autorho.CONTROLLERS[autorho.DEFAULT_CONTROLLER]
+_AUTO_BAD = (
+    ({"rho": "automatic"}, r"Invalid rho value: 'automatic'"),
+    ({"rho": "auto:nope"}, r"Invalid rho value: 'auto:nope'"),
+    ({"rho": -1.0}, r"Invalid rho value: -1\.0"),
+)
 
 
 def _sam(base: torch.optim.Optimizer, net: nn.Module, **kw: Any) -> samkit.SAM:
@@ -466,6 +502,43 @@ METHODS: list[MethodInfo] = [
             base, rho=samkit.FollowLR(rho, rho_min=0.2 * rho), **kw
         ),
         {"rho": 0.05},
+    ),
+    # rho="auto" has the same battery as a fixed rho. "auto" is exactly what a user
+    # writes (with a validation report after every step, as a training loop would
+    # after every epoch: the made-up losses raise rho within 5 steps); the other
+    # entries start their controllers' adaptation within the battery's few steps.
+    MethodInfo(
+        "auto", _auto(_DEFAULT_AUTO), {"rho": "auto"}, reports_validation=True, bad_args=_AUTO_BAD
+    ),
+    MethodInfo(
+        "auto_asam",
+        _auto(_DEFAULT_AUTO, adaptive=True),
+        {"rho": "auto"},
+        reports_validation=True,
+        bad_args=(({"rho": "auto:x"}, r"Invalid rho value: 'auto:x'"),),
+    ),
+    MethodInfo(
+        "loss_equated",
+        _auto(samkit.LossEquated, {"calibration_steps": 2}),
+        {"rho": 0.05},
+        bad_args=(
+            ({"calibration_steps": 0}, "Invalid calibration_steps value: 0"),
+            ({"sigma": -1.0}, r"Invalid sigma value: -1\.0"),
+        ),
+    ),
+    MethodInfo(
+        "validation_plateau",
+        _auto(samkit.ValidationPlateau, {"patience": 1}),
+        {"rho": 0.05},
+        reports_validation=True,
+        bad_args=(({"factor": 0.5}, r"Invalid factor value: 0\.5"),),
+    ),
+    MethodInfo(
+        "validation_search",
+        _auto(samkit.ValidationSearch),
+        {"rho": 0.05},
+        reports_validation=True,
+        bad_args=(({"probe": 1.0}, r"Invalid probe/step value: 1\.0"),),
     ),
     MethodInfo(
         "fisher",

@@ -326,6 +326,7 @@ def _family(rank):
             "params": [p.detach().clone() for p in net.parameters()],
             "ascents": opt.ascents,
             "policy": opt.policy.state_dict() if opt.policy is not None else {},
+            "rho": [g[opt.rho_key] for g in opt.param_groups],
         }
     return out
 
@@ -708,6 +709,7 @@ def test_every_method_keeps_the_replicas_identical_under_local_ascent(results):
         assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"])), info.name
         assert a["ascents"] == b["ascents"] > 0, info.name
         assert str(a["policy"]) == str(b["policy"]), info.name
+        assert a["rho"] == b["rho"], info.name  # a rho controller's radius agrees too
 
 
 # 4 processes, two DDP subgroups {0, 1} and {2, 3}: GSAM and LookSAM average

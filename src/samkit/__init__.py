@@ -23,6 +23,7 @@ from .optim import (
     LambdaRho,
     Late,
     LookSAM,
+    LossEquated,
     Masked,
     Mix,
     Momentum,
@@ -39,6 +40,8 @@ from .optim import (
     RhoController,
     StepView,
     SurrogateGap,
+    ValidationPlateau,
+    ValidationSearch,
     freeze_bn_stats,
 )
 
@@ -75,6 +78,9 @@ __all__ = [
     "ReusePSF",
     "RhoController",
     "FollowLR",
+    "LossEquated",
+    "ValidationPlateau",
+    "ValidationSearch",
     "ProportionalRho",
     "LambdaRho",
     "StepView",

@@ -10,6 +10,7 @@ K-SAM and mSAM change the step itself and use SAM's public protocol.
 SAF and MESA are loss terms, not optimizers: see :mod:`samkit.losses`.
 """
 
+from .autorho import LossEquated, ValidationPlateau, ValidationSearch
 from .batchnorm import freeze_bn_stats
 from .esam import ESAM
 from .gsam import GSAM
@@ -65,6 +66,9 @@ __all__ = [
     "ReusePSF",
     "RhoController",
     "FollowLR",
+    "LossEquated",
+    "ValidationPlateau",
+    "ValidationSearch",
     "ProportionalRho",
     "LambdaRho",
     "StepView",

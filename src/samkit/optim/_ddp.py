@@ -44,6 +44,7 @@ __all__ = [
     "average_",
     "average_gradients",
     "average_scalar",
+    "sum_scalars",
 ]
 
 #: The DDP attributes (public and private) this module reads or writes.
@@ -179,3 +180,19 @@ def average_scalar(value: Tensor, group: Any) -> Tensor:
     total = value.reshape(1).clone()
     torch.distributed.all_reduce(total, group=group)
     return (total / world_size(group)).reshape(())
+
+
+def sum_scalars(values: Sequence[float], group: Any) -> list[float]:
+    """Python floats summed over ``group`` in one collective (float64, on the CPU for gloo,
+    on the current accelerator for NCCL); themselves when not distributed."""
+    if world_size(group) <= 1:
+        return [float(v) for v in values]
+    backend = torch.distributed.get_backend(group)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend == "nccl"
+        else torch.device("cpu")
+    )
+    total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total, group=group)
+    return [float(v) for v in total.tolist()]

@@ -87,7 +87,7 @@ class ESAM(SAM):
         params_or_optimizer: Any,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
-        rho: float = 0.05,
+        rho: float | str = 0.05,
         beta: float = 0.5,
         gamma: float = 0.5,
         seed: int = 0,

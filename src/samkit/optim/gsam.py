@@ -44,7 +44,9 @@ class GSAM(SAM):
 
     Args:
         params_or_optimizer, base_optimizer: as :class:`~samkit.SAM`.
-        rho: the radius at the peak learning rate (default 0.05).
+        rho: the radius at the peak learning rate (default 0.05), or ``"auto"``
+            (:mod:`samkit.optim.autorho`; its controller then sets rho instead
+            of the lr schedule, and ``follow_lr`` is ignored).
         alpha: weight of the ascent along :math:`g_\perp` (default 0.1; the
             paper tunes it per model; ``alpha=0`` is SAM with the rho schedule).
         follow_lr: tie rho to the learning rate (default True). Each step,
@@ -75,7 +77,7 @@ class GSAM(SAM):
         params_or_optimizer: Any,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
-        rho: float = 0.05,
+        rho: float | str = 0.05,
         alpha: float = 0.1,
         follow_lr: bool = True,
         rho_min: float = 0.0,
@@ -88,8 +90,11 @@ class GSAM(SAM):
                 "Invalid mix value: GSAM's mix is its surrogate-gap term; use SAM(..., mix=...)"
             )
         kwargs.pop("mix", None)
-        check_nonneg("rho", rho)
-        radius = FollowLR(rho, rho_min=rho_min, lr_min=lr_min) if follow_lr else rho
+        if isinstance(rho, str):  # "auto": a self-tuning controller replaces the lr schedule
+            radius: Any = rho
+        else:
+            check_nonneg("rho", rho)
+            radius = FollowLR(rho, rho_min=rho_min, lr_min=lr_min) if follow_lr else rho
         try:
             super().__init__(params_or_optimizer, base_optimizer, rho=radius, mix=mix, **kwargs)
         except ValueError as err:

@@ -73,7 +73,7 @@ class LookSAM(SAM):
         params_or_optimizer: Any,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
-        rho: float = 0.05,
+        rho: float | str = 0.05,
         k: int = 5,
         alpha: float = 0.7,
         **kwargs: Any,

@@ -64,7 +64,7 @@ class MSAM(SAM):
         params_or_optimizer: Any,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
-        rho: float = 0.05,
+        rho: float | str = 0.05,
         micro_batches: int = 4,
         **kwargs: Any,
     ) -> None:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from .._checks import check_nonneg, check_pos
-from . import _amp, _ddp, _fsdp
+from . import _amp, _ddp, _fsdp, autorho
 from .batchnorm import freeze_bn_stats
 from .mix import Mix
 from .perturbation import L2, Adaptive, Perturbation
@@ -74,7 +74,9 @@ class SAM(torch.optim.Optimizer):
             via a ``"rho"`` key (``"sam_rho"`` when the base optimizer uses
             ``"rho"`` itself, as Adadelta does: see :attr:`rho_key`); or a
             :class:`~samkit.optim.rho.RhoController`
-            that sets it every step (e.g. ``FollowLR(0.05)``). A group with
+            that sets it every step (e.g. ``FollowLR(0.05)``); or ``"auto"``
+            (no radius to choose: :mod:`samkit.optim.autorho`, which also
+            takes ``"auto:<controller>"``). A group with
             ``rho=0`` is not perturbed and does not count in the normaliser;
             ``rho=0`` everywhere is exactly the base optimizer.
         adaptive: ASAM (arXiv 2102.11600): scale the ascent element-wise by
@@ -133,7 +135,7 @@ class SAM(torch.optim.Optimizer):
         params_or_optimizer: Any,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
-        rho: float | RhoController = _RHO,
+        rho: float | str | RhoController = _RHO,
         adaptive: bool = False,
         eta: float = _ETA,
         ascent_weight_decay: float = _ZERO,
@@ -163,6 +165,9 @@ class SAM(torch.optim.Optimizer):
             "foreach": foreach is not None,
             "ascent_eps": ascent_eps != 1e-12,
         }
+        if isinstance(rho, str):  # "auto" / "auto:<name>": a self-tuning controller
+            rho = autorho.controller_from_name(rho)
+            rho.adapt_to(adaptive=bool(adaptive) or isinstance(perturbation, Adaptive))
         base = _base_optimizer(params_or_optimizer, base_optimizer, base_kwargs, given, foreach)
         controller = rho if isinstance(rho, RhoController) else None
         rho = controller.initial_rho if controller is not None else rho
@@ -219,6 +224,7 @@ class SAM(torch.optim.Optimizer):
         self.ascents = 0  # steps that paid for the ascent
         self._backups: dict[Tensor, Tensor] = {}  # weight copies, allocated once
         self._scratch: dict[Tensor, Tensor] = {}  # copies of state vectors (Momentum-SAM), likewise
+        self._group_copies: list[tuple[dict[str, Any], dict[str, Any]]] = []  # see _sam_group
         self._perturbed: list[tuple[list[Tensor], list[Tensor]]] | None = None
         self._pending = False  # first_step done, second_step not yet
         self._skip = False  # the pending step must not update the weights
@@ -295,7 +301,14 @@ class SAM(torch.optim.Optimizer):
             and self.group_keys["ascent_weight_decay"] == "ascent_weight_decay"
         ):
             return group
-        return {**group, **{key: group[name] for key, name in self.group_keys.items()}}
+        copy = {**group, **{key: group[name] for key, name in self.group_keys.items()}}
+        self._group_copies.append((copy, group))
+        return copy
+
+    def _reread_groups(self) -> None:
+        """Refresh the copies :meth:`_sam_group` made (a controller has just written rho)."""
+        for copy, group in self._group_copies:
+            copy.update({key: group[name] for key, name in self.group_keys.items()})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -325,6 +338,7 @@ class SAM(torch.optim.Optimizer):
     ) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
         """``(group, params, grads)`` per group; ``vector(p)`` in place of ``p.grad`` if given."""
         out = []
+        self._group_copies = []
         for group in self.param_groups:
             params, grads = [], []
             for p in group["params"]:
@@ -443,6 +457,7 @@ class SAM(torch.optim.Optimizer):
         view = self._view(gathered, local, sharding)
         if self.rho_controller is not None:
             self.rho_controller.begin_step(view)
+            self._reread_groups()  # under a renamed rho key the ascent reads copies of the groups
         factor = self.policy.rho_factor(view) if self.policy is not None else 1.0
         active = [entry for entry in sources if entry[0]["rho"] * factor > 0]
         if not self._agree_to_ascend(view, bool(active)):

@@ -1,0 +1,464 @@
+r"""Self-tuning rho: controllers that choose SAM's radius as training goes.
+
+``SAM(base, rho="auto")`` builds :func:`default_controller`; ``rho="auto:<name>"``
+picks a controller by name (:data:`CONTROLLERS`). Each is a
+:class:`~samkit.optim.rho.RhoController`: SAM calls ``begin_step(view)``
+before every ascent, and the training loop may report validation losses
+through ``opt.observe_validation(loss)`` (samkit's trainer does; without it
+every controller still works).
+
+Every controller keeps one scalar radius :math:`\rho_t` and writes
+:math:`\rho_t \cdot s_g` into each param group, where :math:`s_g` is the
+group's rho at construction divided by the controller's starting radius
+(1 unless a group set its own rho; a group with rho 0 stays unperturbed).
+The starting radius is 0.05 for SAM and 0.5 for ASAM (``adaptive=True``),
+samkit's defaults; ``rho=0`` is exactly the base optimizer.
+
+Controllers:
+
+* :class:`LossEquated` (LE-SAM, Wang et al., arXiv 2605.10183): the radius
+  that raises the linearised loss by a fixed budget,
+  :math:`\rho_t = \min(\sigma_t / (\lVert g_t \rVert + \varrho), \rho_{max})`.
+* :class:`ValidationPlateau` (ours): start at the default radius and raise it
+  whenever the validation loss stops improving (overfitting is what SAM's
+  radius regularises against); without validation it is plain SAM.
+* :class:`ValidationSearch` (ours, after LETS, Wang et al., arXiv
+  2408.08222): a finite-difference estimate, across epochs, of how the
+  validation loss responds to :math:`\log\rho`, followed downhill.
+
+Under DDP every replica writes the same radius: the gradient norm they read
+is averaged over the process group (:meth:`StepView.sq_grad_norm`), and a
+reported validation loss is summed over the group at the next step, so a
+loss reported on rank 0 only reaches every replica.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._checks import check_int, check_nonneg, check_pos
+from . import _ddp
+from .rho import RhoController
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .view import StepView
+
+__all__ = [
+    "AutoRho",
+    "LossEquated",
+    "ValidationPlateau",
+    "ValidationSearch",
+    "CONTROLLERS",
+    "DEFAULT_CONTROLLER",
+    "default_controller",
+    "controller_from_name",
+]
+
+#: Starting radius of an automatic controller: samkit's fixed-rho defaults.
+START_RHO = {"l2": 0.05, "adaptive": 0.5}
+
+
+class AutoRho(RhoController):
+    """Base class: one radius ``rho_t``, written as ``rho_t * s_g`` into every group.
+
+    Subclasses implement :meth:`next_rho` (called at every step with the
+    step's view) and may use :meth:`observe_validation`. Their state lives in
+    attributes named in ``_STATE`` (plain Python numbers, saved exactly).
+    """
+
+    name = "auto"
+    uses_validation = False
+    _STATE: tuple[str, ...] = ()
+
+    def __init__(self, rho: float | None = None) -> None:
+        super().__init__(START_RHO["l2"] if rho is None else rho)
+        self._rho_given = rho is not None
+        self.rho = self.initial_rho
+        self.scales: list[float] = []
+        self._pending = [0.0, 0.0]  # validation losses reported since the last step: sum, count
+
+    # ---- SAM's side of the protocol
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        super().bind(optimizer)
+        key = getattr(optimizer, "rho_key", "rho")
+        self.scales = [self._scale(g[key]) for g in optimizer.param_groups]
+
+    def adapt_to(self, *, adaptive: bool) -> None:
+        """Called by SAM before :meth:`bind`: the starting radius for ASAM when none was given."""
+        if adaptive and not self._rho_given:
+            self.initial_rho = self.rho = START_RHO["adaptive"]
+
+    def _scale(self, group_rho: float) -> float:
+        return float(group_rho) / self.initial_rho if self.initial_rho > 0 else 0.0
+
+    def begin_step(self, view: StepView) -> None:
+        # A non-finite gradient (a GradScaler overflow) makes a step that will be
+        # skipped: learn nothing from it, keep any validation report for later.
+        if not math.isfinite(float(view.sq_grad_norm())):
+            self._write()
+            return
+        if self.uses_validation:
+            self._gather_validation(view)
+        if self.initial_rho > 0:
+            self.rho = self.next_rho(view)
+        self._write()
+
+    def _write(self) -> None:
+        key = getattr(self.optimizer, "rho_key", "rho")
+        groups = self.optimizer.param_groups
+        while len(self.scales) < len(groups):  # groups added after construction
+            self.scales.append(self._scale(groups[len(self.scales)][key]))
+        for group, scale in zip(groups, self.scales):
+            group[key] = self.rho * scale
+
+    def next_rho(self, view: StepView) -> float:
+        raise NotImplementedError
+
+    # ---- validation feedback
+    def observe_validation(self, loss: float) -> None:
+        if not self.uses_validation:
+            return
+        loss = float(loss)
+        if math.isfinite(loss):
+            self._pending[0] += loss
+            self._pending[1] += 1.0
+
+    def _gather_validation(self, view: StepView) -> None:
+        """Apply the losses reported since the last step (summed over replicas under DDP)."""
+        total, count = self._pending
+        if view.distributed:
+            # Every step, so replicas that were told nothing still take part:
+            # a loss reported on one rank only reaches all of them, never a hang.
+            total, count = _ddp.sum_scalars([total, count], view.process_group)
+        self._pending = [0.0, 0.0]
+        if count > 0:
+            self.on_validation(total / count)
+
+    def on_validation(self, loss: float) -> None:
+        return None
+
+    # ---- state
+    def state_dict(self) -> dict[str, Any]:
+        state = {k: getattr(self, k) for k in ("rho", "initial_rho", *self._STATE)}
+        state["scales"] = list(self.scales)
+        state["pending"] = list(self._pending)
+        return {"name": self.name, **_copy(state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:  # a state dict from before this controller existed: start afresh
+            return
+        if not isinstance(state, dict) or state.get("name") != self.name:
+            raise ValueError(
+                f"Invalid state value: a rho controller state for {state.get('name')!r}, "
+                f"not {self.name!r}"
+                if isinstance(state, dict)
+                else "Invalid state value: the rho controller state is not a dict"
+            )
+        keys = ("rho", "initial_rho", "scales", "pending", *self._STATE)
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"Invalid state value: the {self.name} state has no {missing}")
+        values = {k: _copy(state[k]) for k in keys}
+        _check_state(self.name, values)
+        for k, v in values.items():
+            if k == "pending":
+                self._pending = v
+            else:
+                setattr(self, k, v)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rho={self.initial_rho})"
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _check_state(name: str, values: dict[str, Any]) -> None:
+    def numbers(v: Any) -> bool:
+        if isinstance(v, list):
+            return all(numbers(x) for x in v)
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    for key, value in values.items():
+        if not numbers(value):
+            raise ValueError(f"Invalid state value: {name} {key} = {value!r} (expected numbers)")
+    for key in ("rho", "initial_rho"):
+        if not (isinstance(values[key], (int, float)) and 0 <= values[key] < math.inf):
+            raise ValueError(f"Invalid state value: {name} {key} = {values[key]!r} (must be >= 0)")
+    scales, pending = values["scales"], values["pending"]
+    if not isinstance(scales, list) or not all(
+        isinstance(v, (int, float)) and 0 <= v < math.inf for v in scales
+    ):
+        raise ValueError(f"Invalid state value: {name} scales = {scales!r} (numbers >= 0)")
+    if (
+        not isinstance(pending, list)
+        or len(pending) != 2
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pending)
+        or pending[1] < 0
+    ):
+        raise ValueError(f"Invalid state value: {name} pending = {pending!r} (a sum and a count)")
+
+
+# --------------------------------------------------------------------- LE-SAM
+class LossEquated(AutoRho):
+    r"""LE-SAM: a fixed budget of loss increase instead of a fixed radius
+    (Wang, Liu, Xie, Gao, "Fix the Loss, Not the Radius", ICML 2026, arXiv 2605.10183).
+
+    .. math::
+
+        \rho_t = \min\Big(\frac{\sigma_t}{\lVert g_t \rVert + \varrho},\ \rho_{max}\Big),
+        \qquad e_t = \rho_t \frac{g_t}{\lVert g_t \rVert}
+
+    so the first-order rise of the loss, :math:`g_t^\top e_t = \rho_t \lVert g_t
+    \rVert`, is the budget :math:`\sigma_t` whatever the gradient's size.
+
+    The paper sets :math:`\sigma` by hand (0.35 for a ResNet-18 on CIFAR-100)
+    and anneals it to zero over the last epochs. Here, when ``sigma`` is not
+    given, it is *calibrated*: for the first ``calibration_steps`` steps
+    :math:`\rho_t = \rho` (the starting radius) while the mean
+    :math:`\overline{\lVert g \rVert}` is recorded, then :math:`\sigma =
+    \rho\, \overline{\lVert g \rVert}`: the budget SAM's default radius spends
+    at the start of training. The annealing follows the learning rate
+    (``anneal="lr"``: :math:`\sigma_t = \sigma \cdot lr_t / lr_0`, ``lr_0`` the
+    first group's learning rate at construction), because a controller does
+    not know how many steps are left; ``anneal=None`` keeps :math:`\sigma`.
+
+    Args:
+        rho: the starting radius (default 0.05; 0.5 for ASAM).
+        sigma: the loss budget; None (default) calibrates it as above.
+        rho_max: the ceiling on :math:`\rho_t` (default ``10 * rho``).
+        calibration_steps: steps that measure :math:`\overline{\lVert g \rVert}` (default 50).
+        anneal: ``"lr"`` (default) or None.
+        stability: :math:`\varrho` (default 1e-12).
+
+    With ASAM the gradient norm read is :math:`\lVert g \rVert`, not
+    :math:`\lVert T g \rVert`, so the budget is kept in proportion only.
+    """
+
+    name = "loss_equated"
+    _STATE = ("sigma", "rho_max", "norm_sum", "norm_count", "lr0")
+
+    def __init__(
+        self,
+        rho: float | None = None,
+        *,
+        sigma: float | None = None,
+        rho_max: float | None = None,
+        calibration_steps: int = 200,
+        anneal: str | None = None,
+        stability: float = 1e-12,
+    ) -> None:
+        super().__init__(rho)
+        self.sigma = None if sigma is None else check_nonneg("sigma", sigma)
+        self._rho_max_given = rho_max is not None
+        self.rho_max = check_pos("rho_max", rho_max) if rho_max is not None else None
+        self.calibration_steps = check_int("calibration_steps", calibration_steps, 1)
+        if anneal not in ("lr", None):
+            raise ValueError(f"Invalid anneal value: {anneal!r} (expected 'lr' or None)")
+        self.anneal = anneal
+        self.stability = check_pos("stability", stability)
+        self.norm_sum, self.norm_count = 0.0, 0
+        self.lr0: float | None = None
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        super().bind(optimizer)
+        if self.rho_max is None:
+            self.rho_max = 10.0 * self.initial_rho
+        group = optimizer.param_groups[0]
+        self.lr0 = float(group.get("initial_lr", group["lr"]))
+
+    def next_rho(self, view: StepView) -> float:
+        norm = float(view.sq_grad_norm()) ** 0.5
+        if self.sigma is None:
+            self.norm_sum += norm
+            self.norm_count += 1
+            if self.norm_count < self.calibration_steps:
+                return self.initial_rho
+            self.sigma = self.initial_rho * self.norm_sum / self.norm_count
+        sigma = self.sigma * self._anneal_factor()
+        return min(sigma / (norm + self.stability), self.rho_max)  # type: ignore[type-var]
+
+    def _anneal_factor(self) -> float:
+        if self.anneal != "lr" or not self.lr0:
+            return 1.0
+        return max(float(self.optimizer.param_groups[0]["lr"]) / self.lr0, 0.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"LossEquated(rho={self.initial_rho}, sigma={self.sigma}, rho_max={self.rho_max}, "
+            f"anneal={self.anneal!r})"
+        )
+
+
+# ----------------------------------------------------------- validation plateau
+class ValidationPlateau(AutoRho):
+    r"""Raise the radius when the validation loss stops improving (ours).
+
+    SAM's radius trades fitting the training set for flatness; the moment to
+    spend more of it is when the model starts fitting what does not
+    generalise, which the validation loss shows as a plateau or a rise. Each
+    reported validation loss :math:`v_k` is compared with the best so far:
+
+    .. math::
+
+        \text{if } v_k > (1 - \text{tol})\, v^\star \text{ for ``patience'' reports in a row:}
+        \quad \rho \leftarrow \min(\rho \cdot \text{factor},\ \rho_{max})
+
+    (the counter then restarts), like ``ReduceLROnPlateau`` turned around. The
+    radius never decreases: a plateau that more flatness cannot fix ends at
+    ``rho_max``. Without validation reports it is SAM at the starting radius.
+
+    Args:
+        rho: the starting radius (default 0.05; 0.5 for ASAM).
+        factor: the multiplier per plateau (default 1.5).
+        patience: reports without improvement before raising (default 2).
+        tol: the relative improvement that counts (default 1e-3).
+        rho_max: the ceiling (default ``8 * rho``).
+    """
+
+    name = "validation_plateau"
+    uses_validation = True
+    _STATE = ("best", "bad", "rho_max")
+
+    def __init__(
+        self,
+        rho: float | None = None,
+        *,
+        factor: float = 1.5,
+        patience: int = 2,
+        tol: float = 1e-3,
+        rho_max: float | None = None,
+    ) -> None:
+        super().__init__(rho)
+        self.factor = check_pos("factor", factor)
+        if self.factor < 1:
+            raise ValueError(f"Invalid factor value: {factor!r} (must be >= 1)")
+        self.patience = check_int("patience", patience, 1)
+        self.tol = check_nonneg("tol", tol)
+        self.rho_max = check_pos("rho_max", rho_max) if rho_max is not None else None
+        self.best: float | None = None
+        self.bad = 0
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        super().bind(optimizer)
+        if self.rho_max is None:
+            self.rho_max = 8.0 * self.initial_rho
+
+    def next_rho(self, view: StepView) -> float:
+        return self.rho
+
+    def on_validation(self, loss: float) -> None:
+        if self.best is None or loss < (1.0 - self.tol) * self.best:
+            self.best, self.bad = loss, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience:
+            self.rho = min(self.rho * self.factor, self.rho_max)  # type: ignore[type-var]
+            self.bad = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"ValidationPlateau(rho={self.initial_rho}, factor={self.factor}, "
+            f"patience={self.patience}, rho_max={self.rho_max})"
+        )
+
+
+# ------------------------------------------------------------ validation search
+class ValidationSearch(AutoRho):
+    r"""Follow the validation loss downhill in :math:`\log\rho` (ours, after LETS).
+
+    LETS (Wang, Jiang, Fu, Zhang, arXiv 2408.08222) learns rho by a
+    hypergradient of a validation objective, which needs a validation
+    gradient at every step. With only the validation *loss* once per epoch,
+    this controller estimates the derivative by finite differences instead
+    (a simultaneous-perturbation scheme, Spall 1992): from the first report
+    on, the radius alternates between :math:`\rho c` and :math:`\rho / c`
+    from one report to the next (arm :math:`a_k = \pm 1`), and with :math:`\Delta_k = v_k - v_{k-1}` the change
+    of validation loss over period :math:`k`,
+
+    .. math::
+
+        d_k = a_k\,\frac{\Delta_k - 2\Delta_{k-1} + \Delta_{k-2}}{4 \log c}
+        \approx \frac{\partial\, \Delta}{\partial \log\rho},
+        \qquad \log\rho \leftarrow \log\rho - \eta\,\operatorname{sign}(d_k)
+
+    (the second difference cancels the steady, slowing fall of the
+    validation loss, which is the same for both arms). The centre is clipped
+    to ``[rho / 8, 8 rho]``. Without validation reports it is SAM at the
+    starting radius.
+
+    Args:
+        rho: the starting radius (default 0.05; 0.5 for ASAM).
+        probe: :math:`c` (default 1.5).
+        step: :math:`e^\eta`, the centre's multiplier per report (default 1.15).
+    """
+
+    name = "validation_search"
+    uses_validation = True
+    _STATE = ("center", "arm", "last", "deltas")
+
+    def __init__(self, rho: float | None = None, *, probe: float = 1.5, step: float = 1.15) -> None:
+        super().__init__(rho)
+        self.probe = check_pos("probe", probe)
+        self.step = check_pos("step", step)
+        if self.probe <= 1 or self.step <= 1:
+            raise ValueError(f"Invalid probe/step value: {probe!r}/{step!r} (must be > 1)")
+        self.center = self.initial_rho
+        self.arm = 0.0  # no probing before the first report: without reports this is plain SAM
+        self.last: float | None = None
+        self.deltas: list[float] = []
+
+    def next_rho(self, view: StepView) -> float:
+        return self.center * self.probe**self.arm
+
+    def on_validation(self, loss: float) -> None:
+        if self.last is not None:
+            self.deltas = (self.deltas + [loss - self.last])[-3:]
+        self.last = loss
+        if len(self.deltas) == 3:
+            d0, d1, d2 = self.deltas
+            estimate = self.arm * (d2 - 2.0 * d1 + d0)
+            if estimate != 0.0:
+                move = -1.0 if estimate > 0 else 1.0
+                low, high = self.initial_rho / 8.0, self.initial_rho * 8.0
+                self.center = min(max(self.center * self.step**move, low), high)
+        self.arm = -self.arm if self.arm else 1.0
+
+    def __repr__(self) -> str:
+        return f"ValidationSearch(rho={self.initial_rho}, probe={self.probe}, step={self.step})"
+
+
+# --------------------------------------------------------------------- names
+CONTROLLERS: dict[str, type[AutoRho]] = {
+    LossEquated.name: LossEquated,
+    ValidationPlateau.name: ValidationPlateau,
+    ValidationSearch.name: ValidationSearch,
+}
+
+#: The controller ``rho="auto"`` builds (chosen by benchmarks/autorho.py).
+DEFAULT_CONTROLLER = ValidationPlateau.name
+
+
+def default_controller() -> AutoRho:
+    return CONTROLLERS[DEFAULT_CONTROLLER]()
+
+
+def controller_from_name(spec: str) -> AutoRho:
+    """``"auto"`` or ``"auto:<name>"`` -> a fresh controller (ValueError naming ``rho`` otherwise)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"Invalid rho value: {spec!r}")
+    head, _, name = spec.partition(":")
+    if head != "auto" or (_ and name not in CONTROLLERS):
+        raise ValueError(
+            f"Invalid rho value: {spec!r} (a number >= 0, a RhoController, 'auto', or one of "
+            f"{', '.join('auto:' + n for n in CONTROLLERS)})"
+        )
+    return CONTROLLERS[name or DEFAULT_CONTROLLER]()

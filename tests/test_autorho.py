@@ -1,0 +1,418 @@
+"""Self-tuning rho (samkit.optim.autorho): each controller against a hand computation.
+
+The laws every SAM method obeys (resume, foreach, DDP replicas, compile, bad
+arguments, GradScaler...) run over ``rho="auto"`` and each controller through
+their entries in tests/optim_registry.py. Here: what each controller computes,
+from the formulas of its docstring (LE-SAM, arXiv 2605.10183; the validation
+rules), written out independently of samkit in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from distributed_harness import load, run_scenarios
+from torch import nn
+
+import samkit
+from samkit.optim import autorho
+
+# ------------------------------------------------------------------ problem
+
+
+def _problem(seed: int = 0, groups: tuple[float, ...] | None = None, lr: float = 0.1, base=None):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    params = list(model.parameters())
+    if groups is None:
+        param_groups = [{"params": params}]
+    else:
+        param_groups = [
+            {"params": params[:2], "rho": groups[0]},
+            {"params": params[2:], "rho": groups[1]},
+        ]
+    base = (base or torch.optim.SGD)(param_groups, lr=lr)
+    return model, base
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+
+
+def _closure(model, x, y):
+    def closure():
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _grad_norm(model: nn.Module, x, y) -> float:
+    """||g|| at the model's current weights, in float64, by plain autograd on a copy."""
+    twin = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    twin.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    loss = nn.functional.mse_loss(twin(x.double()), y.double())
+    grads = torch.autograd.grad(loss, list(twin.parameters()))
+    return math.sqrt(sum(float((g * g).sum()) for g in grads))
+
+
+def _perturbation(model: nn.Module, opt: samkit.SAM, x, y) -> float:
+    """||e||: run the first pass and first_step, read w + e - w, then undo the step."""
+    w = [p.detach().clone() for p in model.parameters()]
+    _closure(model, x, y)()
+    assert opt.first_step()
+    e = math.sqrt(
+        sum(float(((p.detach() - q).double() ** 2).sum()) for p, q in zip(model.parameters(), w))
+    )
+    opt.abort_step()
+    opt.zero_grad()
+    return e
+
+
+# --------------------------------------------------------------- the names
+
+
+def test_auto_builds_the_default_controller_and_asam_starts_at_its_own_default():
+    model, base = _problem()
+    opt = samkit.SAM(base, rho="auto")
+    assert type(opt.rho_controller) is autorho.CONTROLLERS[autorho.DEFAULT_CONTROLLER]
+    assert opt.rho_controller.initial_rho == opt.param_groups[0]["rho"] == 0.05
+    model, base = _problem()
+    asam = samkit.SAM(base, rho="auto", adaptive=True)
+    assert asam.rho_controller.initial_rho == 0.5 and isinstance(asam.perturbation, samkit.Adaptive)
+    for name, cls in autorho.CONTROLLERS.items():
+        model, base = _problem()
+        assert type(samkit.SAM(base, rho=f"auto:{name}").rho_controller) is cls
+
+
+@pytest.mark.parametrize("bad", ["Auto", "auto:", "auto:fast", "0.05", "", "auto:loss_equated:x"])
+def test_a_bad_rho_string_is_refused_naming_rho(bad):
+    model, base = _problem()
+    with pytest.raises(ValueError, match="Invalid rho value"):
+        samkit.SAM(base, rho=bad)
+
+
+def test_the_class_form_refuses_a_bad_rho_string_before_building_the_base_optimizer(monkeypatch):
+    built = []
+    monkeypatch.setattr(torch.optim.SGD, "__init__", lambda *a, **k: built.append(1))
+    with pytest.raises(ValueError, match="Invalid rho value: 'atuo'"):
+        samkit.SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, rho="atuo", lr=0.1)
+    assert built == []
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: samkit.GSAM(torch.optim.SGD(ps, lr=0.1), rho="auto"),
+        lambda ps: samkit.LookSAM(torch.optim.SGD(ps, lr=0.1), rho="auto", k=2),
+        lambda ps: samkit.ESAM(torch.optim.SGD(ps, lr=0.1), rho="auto"),
+        lambda ps: samkit.MSAM(torch.optim.SGD(ps, lr=0.1), rho="auto"),
+        lambda ps: samkit.SAM(torch.optim.SGD(ps, lr=0.1), rho="auto", policy=samkit.EveryK(2)),
+    ],
+    ids=["gsam", "looksam", "esam", "msam", "every_k"],
+)
+def test_the_variants_take_rho_auto(make):
+    opt = make(nn.Linear(2, 2).parameters())
+    assert isinstance(opt.rho_controller, autorho.AutoRho)
+
+
+# ------------------------------------------------------------------- LE-SAM
+
+
+@pytest.mark.parametrize("sigma", [0.003, 0.5])
+def test_loss_equated_radius_is_the_budget_over_the_gradient_norm(sigma):
+    """rho_t = min(sigma / (||g_t|| + 1e-12), rho_max), so g.e = rho_t ||g|| = sigma when not capped."""
+    model, base = _problem()
+    opt = samkit.SAM(base, rho=samkit.LossEquated(sigma=sigma, rho_max=0.3, anneal=None))
+    for step in range(3):
+        x, y = _batch(step)
+        norm = _grad_norm(model, x, y)
+        expected = min(sigma / (norm + 1e-12), 0.3)
+        assert _perturbation(model, opt, x, y) == pytest.approx(expected, rel=1e-5)
+        assert opt.param_groups[0]["rho"] == pytest.approx(expected, rel=1e-6)
+        opt.step(_closure(model, x, y))
+        opt.zero_grad()
+    assert (sigma / norm < 0.3) == (sigma == 0.003)  # one case is capped, one is not
+
+
+def test_loss_equated_calibrates_its_budget_then_anneals_it_with_the_lr():
+    """sigma = rho_0 * mean ||g|| over the calibration steps; sigma_t = sigma * lr_t / lr_0."""
+    model, base = _problem(lr=0.0)  # the weights stay put: the gradients differ by batch only
+    ctrl = samkit.LossEquated(0.04, calibration_steps=3, rho_max=10.0, anneal="lr")
+    opt = samkit.SAM(base, rho=ctrl)
+    norms = []
+    for step in range(3):
+        x, y = _batch(step)
+        norms.append(_grad_norm(model, x, y))
+        rho = opt.param_groups[0]["rho"]
+        opt.step(_closure(model, x, y))
+        opt.zero_grad()
+        if step < 2:
+            assert opt.param_groups[0]["rho"] == 0.04 and ctrl.sigma is None
+    sigma = 0.04 * sum(norms) / 3
+    assert ctrl.sigma == pytest.approx(sigma, rel=1e-6)
+    assert opt.param_groups[0]["rho"] == pytest.approx(sigma / norms[2], rel=1e-5)
+    opt.param_groups[0]["lr"] = 0.0  # lr_0 was 0: no annealing is possible (and no division by 0)
+    x, y = _batch(3)
+    assert _perturbation(model, opt, x, y) == pytest.approx(
+        sigma / _grad_norm(model, x, y), rel=1e-5
+    )
+    del rho
+
+    model, base = _problem(lr=0.2)
+    opt = samkit.SAM(base, rho=samkit.LossEquated(sigma=0.01, rho_max=10.0, anneal="lr"))
+    opt.param_groups[0]["lr"] = 0.05  # a quarter of lr_0
+    x, y = _batch(0)
+    assert _perturbation(model, opt, x, y) == pytest.approx(
+        0.25 * 0.01 / _grad_norm(model, x, y), rel=1e-5
+    )
+
+
+def test_loss_equated_defaults_follow_the_paper_and_samkits_radius():
+    ctrl = samkit.LossEquated()
+    model, base = _problem()
+    samkit.SAM(base, rho=ctrl)
+    assert (ctrl.initial_rho, ctrl.rho_max, ctrl.calibration_steps, ctrl.anneal) == (
+        0.05,
+        0.5,
+        200,
+        None,
+    )
+
+
+# --------------------------------------------------------- validation rules
+
+
+def _train_with_reports(opt, model, reports):
+    """One step, then one report, per value; return rho as each step used it."""
+    used = []
+    for step, loss in enumerate(reports):
+        x, y = _batch(step)
+        opt.step(_closure(model, x, y))
+        used.append(opt.param_groups[0]["rho"])
+        opt.zero_grad()
+        opt.observe_validation(loss)
+    x, y = _batch(len(reports))
+    opt.step(_closure(model, x, y))
+    used.append(opt.param_groups[0]["rho"])
+    return used
+
+
+def test_validation_plateau_raises_rho_after_patience_reports_without_improvement():
+    reports = [1.0, 0.9, 0.95, 0.92, 0.8999, 0.85, 0.86, 0.87, 0.88, 0.84]
+    # hand computation: best 1.0, 0.9 (better); 0.95 bad 1; 0.92 bad 2 -> x1.5, reset; 0.8999 is not
+    # 0.1 % better than 0.9: bad 1; 0.85 best; 0.86 bad 1; 0.87 bad 2 -> x1.5; 0.88 bad 1; 0.84 best
+    rho = 0.05
+    expected = [
+        rho,
+        rho,
+        rho,
+        rho,
+        rho * 1.5,
+        rho * 1.5,
+        rho * 1.5,
+        rho * 1.5,
+        rho * 2.25,
+        rho * 2.25,
+        rho * 2.25,
+    ]
+    model, base = _problem()
+    opt = samkit.SAM(base, rho=samkit.ValidationPlateau(rho, factor=1.5, patience=2, tol=1e-3))
+    assert _train_with_reports(opt, model, reports) == pytest.approx(expected, rel=1e-12)
+
+
+def test_validation_plateau_stops_at_its_ceiling():
+    model, base = _problem()
+    opt = samkit.SAM(base, rho=samkit.ValidationPlateau(0.1, factor=2.0, patience=1, rho_max=0.3))
+    used = _train_with_reports(opt, model, [1.0, 1.0, 1.0, 1.0])
+    assert used == pytest.approx([0.1, 0.1, 0.2, 0.3, 0.3])
+
+
+def test_validation_search_moves_against_the_second_difference_of_the_validation_loss():
+    c, s, rho = 1.5, 1.15, 0.05
+    reports = [1.0, 0.8, 0.7, 0.66, 0.6, 0.59, 0.5]
+    # hand computation: no probe before the first report, then arm +1, flipping at every
+    # report; deltas d_k = v_k - v_{k-1}; from the 4th report on, the estimate
+    # arm_k (d_k - 2 d_{k-1} + d_{k-2}) moves the centre against its sign
+    center, arm, deltas, expected = rho, 0.0, [], [rho]
+    for k, v in enumerate(reports):
+        if k > 0:
+            deltas.append(v - reports[k - 1])
+        if len(deltas) >= 3:
+            estimate = arm * (deltas[-1] - 2 * deltas[-2] + deltas[-3])
+            center = min(max(center * (s if estimate < 0 else 1 / s), rho / 8), rho * 8)
+        arm = -arm if arm else 1.0
+        expected.append(center * c**arm)
+    model, base = _problem()
+    opt = samkit.SAM(base, rho=samkit.ValidationSearch(rho, probe=c, step=s))
+    used = _train_with_reports(opt, model, reports)
+    assert used == pytest.approx(expected, rel=1e-12)
+    assert len({round(r, 12) for r in used}) > 3  # it did move
+
+
+@pytest.mark.parametrize("name", ["validation_plateau", "validation_search"])
+def test_without_validation_reports_a_validation_controller_is_sam_at_its_starting_radius(name):
+    runs = []
+    for rho in (f"auto:{name}", 0.05):
+        model, base = _problem(3)
+        opt = samkit.SAM(base, rho=rho)
+        for step in range(5):
+            opt.step(_closure(model, *_batch(step)))
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_non_finite_validation_loss_is_ignored():
+    model, base = _problem()
+    opt = samkit.SAM(base, rho=samkit.ValidationPlateau(0.05, patience=1))
+    used = _train_with_reports(opt, model, [1.0, float("nan"), float("inf"), 2.0])
+    assert used == pytest.approx([0.05, 0.05, 0.05, 0.05, 0.075])
+
+
+# ------------------------------------------------------------------ groups
+
+
+@pytest.mark.parametrize("name", list(autorho.CONTROLLERS))
+def test_each_group_keeps_its_ratio_to_the_radius_and_rho_zero_stays_unperturbed(name):
+    model, base = _problem(groups=(0.1, 0.0))
+    opt = samkit.SAM(base, rho=f"auto:{name}")
+    for step, loss in enumerate([1.0, 1.0, 1.0, 1.0]):
+        opt.step(_closure(model, *_batch(step)))
+        opt.zero_grad()
+        opt.observe_validation(loss)
+        first, second = (g["rho"] for g in opt.param_groups)
+        assert first == pytest.approx(2.0 * opt.rho_controller.rho) and second == 0.0
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})  # the default rho: ratio 1
+    opt.step(_closure(model, *_batch(9)))
+    assert opt.param_groups[2]["rho"] == opt.rho_controller.rho
+
+
+def test_a_base_optimizer_with_its_own_rho_key_reads_this_steps_radius():
+    """Adadelta keeps its decay in "rho"; SAM's radius is "sam_rho", and the ascent must use
+    the value the controller has just written, not the one of the step before."""
+    model, base = _problem(lr=1.0, base=torch.optim.Adadelta)
+    opt = samkit.SAM(base, rho=samkit.FollowLR(0.08))
+    assert opt.rho_key == "sam_rho" and opt.param_groups[0]["rho"] == 0.9
+    opt.param_groups[0]["lr"] = 0.25
+    x, y = _batch(0)
+    assert _perturbation(model, opt, x, y) == pytest.approx(0.02, rel=1e-5)
+    assert opt.param_groups[0]["rho"] == 0.9  # Adadelta's decay untouched
+
+
+# ------------------------------------------------------------------- state
+
+
+def test_a_controller_state_of_another_kind_or_incomplete_is_refused_and_changes_nothing():
+    model, base = _problem()
+    opt = samkit.SAM(base, rho="auto:validation_plateau")
+    _train_with_reports(opt, model, [1.0, 1.1, 1.2])
+    good = opt.state_dict()
+    for corrupt in (
+        {"name": "loss_equated"},
+        {"best": "low"},
+        {"rho": -1.0},
+        {"scales": [float("nan")]},
+        {"scales": [1.0, "x"]},
+        {"pending": [1.0]},
+        {"pending": [1.0, -1.0]},
+    ):
+        sd = opt.state_dict()
+        sd["samkit"]["rho"] = {**sd["samkit"]["rho"], **corrupt}
+        with pytest.raises(ValueError, match="Invalid state value"):
+            opt.load_state_dict(sd)
+        assert opt.state_dict()["samkit"] == good["samkit"]
+    sd = opt.state_dict()
+    del sd["samkit"]["rho"]["bad"]
+    with pytest.raises(ValueError, match=r"has no \['bad'\]"):
+        opt.load_state_dict(sd)
+
+
+def test_a_checkpoint_from_a_fixed_rho_run_loads_and_the_controller_starts_afresh():
+    model, base = _problem()
+    fixed = samkit.SAM(base, rho=0.05)
+    fixed.step(_closure(model, *_batch(0)))
+    model2, base2 = _problem()
+    opt = samkit.SAM(base2, rho="auto")
+    opt.load_state_dict(fixed.state_dict())
+    assert (
+        opt.rho_controller.state_dict()
+        == samkit.SAM(_problem()[1], rho="auto").rho_controller.state_dict()
+    )
+
+
+# --------------------------------------------------------------------- DDP
+WORLD = 2
+
+
+def _ddp_rho(rank: int) -> dict:
+    """Each replica has its own data (local ascent); only rank 0 reports validation losses."""
+    import torch.distributed as dist
+
+    out = {}
+    for name in autorho.CONTROLLERS:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        ddp = nn.parallel.DistributedDataParallel(net)
+        ctrl = autorho.CONTROLLERS[name](0.05)
+        if name == "loss_equated":
+            ctrl.calibration_steps = 2
+        if name == "validation_plateau":
+            ctrl.patience = 1
+        opt = samkit.SAM(torch.optim.SGD(ddp.parameters(), lr=0.1), rho=ctrl, model=ddp)
+        rhos, norms = [], []
+        for step in range(6):
+            x, y = _batch(10 * step + rank)
+            opt.step(_closure(ddp, x, y))
+            rhos.append(opt.param_groups[0]["rho"])
+            norms.append(_grad_norm(net, x, y))
+            opt.zero_grad()
+            if rank == 0:
+                opt.observe_validation([1.0, 0.9, 0.95, 0.97, 0.99, 1.0][step])
+        dist.barrier()
+        out[name] = {"rhos": rhos, "norms": norms, "state": opt.state_dict()["samkit"]["rho"]}
+    return out
+
+
+SCENARIOS = {"rho": _ddp_rho}
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    return run_scenarios(
+        __name__, "SCENARIOS", world=WORLD, outdir=tmp_path_factory.mktemp("autorho")
+    )
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("name", list(autorho.CONTROLLERS))
+def test_every_replica_uses_the_same_rho_under_local_ascent(ddp_results, name):
+    r0, r1 = (r[name] for r in load(ddp_results, "rho"))
+    assert r0["rhos"] == r1["rhos"]  # bit for bit, every step
+    # the same state, except the inbox of reports not yet applied (rank 0's last report)
+    assert {**r0["state"], "pending": None} == {**r1["state"], "pending": None}
+    assert r0["norms"] != r1["norms"]  # the replicas' own gradients differ
+    assert len(set(r0["rhos"])) > 1  # and the radius moved (the reports reached rank 1 too)
+
+
+@pytest.mark.parametrize(
+    "name", ["auto", "auto_asam", "validation_plateau", "validation_search", "loss_equated"]
+)
+def test_the_family_battery_sees_each_controller_move_its_radius(name):
+    """The registry entries that tests/test_family.py, test_ddp.py and test_compile.py run are
+    not a fixed rho in disguise: within the battery's 6 steps the radius changes."""
+    from optim_registry import BASE_BY_NAME, METHOD_BY_NAME, make_data
+
+    info = METHOD_BY_NAME[name]
+    model = info.model(0)
+    x, y = make_data(0)
+    opt = info.make(BASE_BY_NAME["sgd"], model)
+    rhos = []
+    for _ in range(6):
+        info.step(opt, model, x, y)
+        rhos.append(opt.param_groups[0]["rho"])
+    assert len(set(rhos)) > 1, rhos
