@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .ggn import GGNOperator, GGNTraceResult, ggn_trace
 from .hessian import (
     DenseOperator,
     DensityResult,
@@ -28,12 +29,13 @@ from .hessian import (
     TraceResult,
     _check_int,
     _generator,
+    block_lanczos,
     hessian_trace,
     lanczos,
     spectral_density,
     top_eigenvalues,
 )
-from .hvp import HessianOperator, eval_mode, hvp, param_vector
+from .hvp import CurvatureOperator, HessianOperator, eval_mode, hvp, param_vector
 from .landscape import filter_normalized_direction, interpolate, loss_curve, loss_surface
 from .worst_case import (
     AverageCaseResult,
@@ -45,13 +47,18 @@ from .worst_case import (
 __all__ = [
     "summary",
     "HessianOperator",
+    "GGNOperator",
+    "CurvatureOperator",
     "DenseOperator",
     "hvp",
     "eval_mode",
     "param_vector",
     "lanczos",
+    "block_lanczos",
     "top_eigenvalues",
     "hessian_trace",
+    "ggn_trace",
+    "GGNTraceResult",
     "spectral_density",
     "EigenResult",
     "TraceResult",
