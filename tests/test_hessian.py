@@ -381,3 +381,27 @@ def test_new_estimators_need_fewer_products_for_the_same_error(mlp_problem):
     assert n_plain == n_grown == n_old == n_xtrace == 96
     assert grown < old < plain
     assert xtrace < plain
+
+
+def test_side_by_side_with_curvlinops(mlp_problem):
+    """The same matrices as curvlinops's operators (Hessian and GGN), and the same top eigenvalue."""
+    curvlinops = pytest.importorskip("curvlinops")
+    from scipy.sparse.linalg import eigsh
+
+    from samkit.sharpness import GGNOperator
+
+    model, x, y, h = mlp_problem
+    batches = list(zip(x.split([50, 50, 20]), y.split([50, 50, 20])))
+    params = list(model.parameters())
+    v = torch.randn(h.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for ours_cls, theirs_cls in (
+        (HessianOperator, curvlinops.HessianLinearOperator),
+        (GGNOperator, curvlinops.GGNLinearOperator),
+    ):
+        ours = ours_cls(model, F.cross_entropy, batches)
+        theirs = theirs_cls(model, nn.CrossEntropyLoss(), params, batches)
+        torch.testing.assert_close(ours.matvec(v), theirs @ v, rtol=1e-9, atol=1e-12)
+        top = float(eigsh(theirs.to_scipy(), k=1, which="LA", tol=1e-10)[0][0])
+        assert top_eigenvalues(ours, tol=1e-9, max_iter=150).eigenvalues[0] == pytest.approx(
+            top, rel=1e-7
+        )
