@@ -161,6 +161,33 @@ def _rademacher(op: Operator, gen: torch.Generator, k: int | None = None) -> Ten
     return (torch.randint(0, 2, shape, generator=gen).to(op.dtype) * 2 - 1).to(op.device)
 
 
+class _Rows:
+    """Basis rows in one buffer that doubles when full: taking the stacked basis
+    each step costs nothing (a fresh ``torch.stack`` would copy k rows of the
+    model's size per step)."""
+
+    def __init__(self, first: Tensor) -> None:
+        self.buf = first.new_empty(4, first.numel())
+        self.buf[0] = first
+        self.n = 1
+
+    def append(self, row: Tensor) -> None:
+        if self.n == self.buf.shape[0]:
+            grown = self.buf.new_empty(2 * self.n, self.buf.shape[1])
+            grown[: self.n] = self.buf
+            self.buf = grown
+        self.buf[self.n] = row
+        self.n += 1
+
+    @property
+    def rows(self) -> Tensor:
+        return self.buf[: self.n]
+
+    @property
+    def last(self) -> Tensor:
+        return self.buf[self.n - 1]
+
+
 def ritz_error_bounds(theta: Tensor, res: Tensor) -> Tensor:
     r"""A-posteriori error bounds of Ritz values from their residuals.
 
@@ -208,18 +235,18 @@ def lanczos(
     project = project or (lambda v: v)
     v = project(v0)
     v = v / v.norm()
-    basis = [v]
+    basis = _Rows(v)
     alphas: list[float] = []
     betas: list[float] = []
     theta = s = res = None
     t = torch.zeros(0, 0, dtype=torch.float64)
     for m in range(1, max_steps + 1):
-        w = op.matvec(basis[-1])
+        w = op.matvec(basis.last)
         if on_step is not None:
             on_step()
-        alpha = float(w @ basis[-1])
+        alpha = float(w @ basis.last)
         alphas.append(alpha)
-        vs = torch.stack(basis)
+        vs = basis.rows
         # full re-orthogonalisation, twice ("twice is enough", Parlett)
         w = w - vs.T @ (vs @ w)
         w = w - vs.T @ (vs @ w)
@@ -245,7 +272,7 @@ def lanczos(
         if m < max_steps:
             betas.append(beta)
             basis.append(w / beta)
-    return theta, s, torch.stack(basis), t, res
+    return theta, s, basis.rows.clone(), t, res
 
 
 def _matmat(op: Operator, vs: Tensor) -> Tensor:
@@ -676,8 +703,7 @@ class _Krylov:
 
     def __init__(self, op: Operator, v0: Tensor) -> None:
         self.op = op
-        v = v0 / v0.norm()
-        self.rows = [v]  # q_1 .. q_{k+1}: the last is the next vector
+        self.basis = _Rows(v0 / v0.norm())  # q_1 .. q_{k+1}: the last is the next vector
         self.alphas: list[float] = []
         self.betas: list[float] = []  # beta_j couples q_j and q_{j+1}
         self.exhausted = False  # invariant subspace reached or the basis spans everything
@@ -686,23 +712,27 @@ class _Krylov:
     def k(self) -> int:
         return len(self.alphas)
 
+    @property
+    def rows(self) -> Tensor:
+        return self.basis.rows
+
     def step(self) -> Tensor:
         """One product; returns the new next vector (the last row)."""
-        q = self.rows[-1]
+        q = self.basis.last
         w = self.op.matvec(q)
         self.alphas.append(float(w @ q))
-        basis = torch.stack(self.rows)
+        basis = self.basis.rows
         w = w - basis.T @ (basis @ w)
         w = w - basis.T @ (basis @ w)  # twice is enough (Parlett)
         beta = float(w.norm())
         scale = max(abs(a) for a in self.alphas)
         self.betas.append(beta)
-        if beta <= 1e-10 * max(scale, 1e-30) or len(self.rows) >= self.op.dim:
+        if beta <= 1e-10 * max(scale, 1e-30) or self.basis.n >= self.op.dim:
             self.exhausted = True
             w = torch.zeros_like(w)
         else:
             w = w / beta
-        self.rows.append(w)
+        self.basis.append(w)
         return w
 
     def tridiagonal(self) -> Tensor:
@@ -768,7 +798,7 @@ def _growing_deflation(
             hz = _blocks(op, z, block_size, ticker)
             quad.extend((hz * z).sum(1).double().tolist())
             signs = torch.cat([signs, z.to(torch.int8)])
-            proj = torch.cat([proj, (z @ torch.stack(krylov.rows).T).double().cpu()])
+            proj = torch.cat([proj, (z @ krylov.rows.T).double().cpu()])
             if tol is not None and len(quad) >= MIN_PROBES:
                 exact, d = deflated()
                 est = exact + float(d.mean())
