@@ -8,8 +8,12 @@ The loss is the sample-weighted mean over all the batches given,
     Hv = \nabla_w \big( \nabla_w L(w)^\top v \big),
 
 with ``loss_fn`` returning the *mean* loss of a batch (as
-``F.cross_entropy`` does), so the result does not depend on how the samples
-are split into batches. The model is evaluated in eval mode (BatchNorm with
+``F.cross_entropy`` and ``F.mse_loss`` do), so the result does not depend on
+how the samples are split into batches, even into batches of unequal size
+(:math:`L = \sum_b \ell_b` for a loss that sums, ``reduction="sum"``). A batch
+is an ``(x, y)`` pair: ``x`` whatever the model takes (a tensor, or a tuple /
+dict of tensors), ``y`` whatever the loss takes; a DataLoader, a list of
+pairs or one pair. The model is evaluated in eval mode (BatchNorm with
 its running statistics, dropout off), as PyHessian does (arXiv 1912.07145),
 so the Hessian is that of one deterministic function.
 
@@ -23,11 +27,18 @@ Two back-ends compute :math:`Hv`:
 - ``"autograd"`` (default): double backward. When the data fit in one chunk
   (``max_batch_size``) the gradient graph is built once and each product is a
   single backward pass through it (``cache_graph``), which measured fastest
-  on CPU (about 0.7x the time of re-running forward and backward, and 0.55x
-  forward-over-reverse, for the MNIST-1D CNN on 1000 samples).
+  on CPU (``benchmarks/sharpness.py --products``: about 0.8x the time of
+  re-running forward and backward, and 0.75x forward-over-reverse, for the
+  MNIST-1D CNN on 1000 samples). :meth:`HessianOperator.matmat` runs one
+  batched backward pass for many vectors (``is_grads_batched``).
 - ``"func"``: forward-over-reverse, ``jvp(grad(L))`` from :mod:`torch.func`;
   :meth:`HessianOperator.matmat` vectorises it over many vectors with
-  ``vmap``, which pays off on accelerators.
+  ``vmap``.
+
+Several vectors per pass (either back-end) cost as much per vector as one at
+a time on a CPU, or more on a large model; they are there for accelerators.
+:class:`CurvatureOperator` holds what every operator shares (batches,
+weights, loss, gradient); :mod:`.ggn` builds the Gauss-Newton operator on it.
 """
 
 from __future__ import annotations
