@@ -71,6 +71,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import json
 import math
 import statistics
 import sys
@@ -712,6 +713,53 @@ def bench_estimators(cfg: dict[str, Any], seeds: int) -> dict[str, Any]:
     return {"model": cfg["name"], "trace": exact, "rms_relative_error": out}
 
 
+GROUP_LABELS = {
+    "eig_tol": "top eigenvalue, same tol 1e-3",
+    "eig_acc": "top eigenvalue, equal accuracy",
+    "trace": "trace, equal accuracy",
+    "ggn": "GGN top eigenvalue (proxy), tol 1e-3",
+}
+
+
+def markdown(paths: list[Path]) -> str:
+    """The speed-up table of several runs' JSON files, one column entry per run."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    lines = [
+        "| model | measure | mode | vs PyHessian | vs curvlinops |",
+        "|---|---|---|---|---|",
+    ]
+    for i, result in enumerate(runs[0]["results"]):
+        name = (
+            f"{result['model']} ({result['parameters'] / 1e6:.2g}M)"
+            if result["parameters"] > 1e6
+            else f"{result['model']} ({result['parameters']:,})"
+        )
+        for group, label in GROUP_LABELS.items():
+            for mode in ("batch", "loader"):
+                cells = []
+                for peers in (
+                    ("pyhessian",),
+                    ("curvlinops", "curvlinops xtrace", "curvlinops hutch++"),
+                ):
+                    vals = []
+                    for run in runs:
+                        speed = run["results"][i]["speedups"]
+                        got = [
+                            speed[f"{group} {mode}: {peer}"]
+                            for peer in peers
+                            if f"{group} {mode}: {peer}" in speed
+                        ]
+                        if got:  # against curvlinops: its fastest estimator
+                            best = min(got, key=lambda r: r["median"])
+                            vals.append(
+                                f"{best['median']:.2f}x ({best['min']:.2f}-{best['max']:.2f})"
+                            )
+                    cells.append(", ".join(vals) if vals else "-")
+                tag = "one batch" if mode == "batch" else "data loader"
+                lines.append(f"| {name} | {label} | {tag} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["cnn", "resnet"], choices=["cnn", "resnet"])
@@ -743,7 +791,13 @@ def main() -> None:
         help="only the trace estimators' error at equal products, on the exact Hessian (CNN)",
     )
     ap.add_argument("--seeds", type=int, default=40, help="seeds for --estimators")
+    ap.add_argument(
+        "--table", nargs="+", type=Path, metavar="JSON", help="print the speed-up table of runs"
+    )
     args = ap.parse_args()
+    if args.table:
+        print(markdown(args.table))
+        return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
         f"{args.reps} interleaved repetitions",
