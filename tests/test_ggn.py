@@ -121,3 +121,30 @@ def test_ggn_bad_input(problem):
         op.matvec(torch.zeros(op.dim, dtype=torch.float64))
     with pytest.raises(ValueError, match="Invalid reduction value"):
         GGNOperator(model, nn.CrossEntropyLoss(reduction="none"), [(x, y)])
+
+
+def test_ggn_trace_equals_hessian_trace_for_piecewise_linear_nets():
+    # a ReLU net is linear in each parameter tensor, so d^2 z / dw_j^2 = 0 and tr H = tr G
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    model = model.double()
+    x = torch.randn(40, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    h = HessianOperator(model, F.cross_entropy, [(x, y)]).dense()
+    g = ggn_trace(model, F.cross_entropy, [(x, y)], exact=True)
+    assert g.trace == pytest.approx(float(h.trace()), rel=1e-9)
+    assert not torch.allclose(h, GGNOperator(model, F.cross_entropy, [(x, y)]).dense())
+    # not so with a smooth activation
+    model[1] = nn.Tanh()
+    h = HessianOperator(model, F.cross_entropy, [(x, y)]).dense()
+    g = ggn_trace(model, F.cross_entropy, [(x, y)], exact=True)
+    assert abs(g.trace - float(h.trace())) > 1e-4 * abs(g.trace)
+
+
+def test_ggn_trace_refuses_a_diverged_model(problem):
+    model, x, y, *_ = problem
+    bad = _mlp()
+    with torch.no_grad():
+        bad[2].bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="loss on the batches is nan"):
+        ggn_trace(bad, F.cross_entropy, [(x, y)])

@@ -49,6 +49,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from ._progress import progress_bar
+from .hessian import _generator
 from .hvp import CurvatureOperator, LossFn, batch_size, eval_mode
 
 __all__ = ["GGNOperator", "GGNTraceResult", "ggn_trace"]
@@ -162,7 +164,7 @@ class GGNTraceResult:
     n_samples: int
 
 
-def _output_hessian_sqrt(loss_fn: Any, z: Tensor, y: Any, scale: float) -> Tensor:
+def _output_hessian_sqrt(loss_fn: Any, z: Tensor, y: Any, scale: float) -> tuple[Tensor, float]:
     r"""Per-sample :math:`A_i` with :math:`A_i A_i^\top = \nabla^2_{z_i}` of the batch loss.
 
     The batch loss is a sum (or mean) over samples, so its Hessian in the
@@ -184,7 +186,8 @@ def _output_hessian_sqrt(loss_fn: Any, z: Tensor, y: Any, scale: float) -> Tenso
     h = cols.permute(1, 2, 0)  # (n, k, k)
     h = (h + h.transpose(1, 2)) / 2
     evals, evecs = torch.linalg.eigh(h)
-    return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)  # (n, k, k): A_i = V sqrt(Lambda)
+    # (n, k, k): A_i = V sqrt(Lambda), and the loss (checked for being finite by the caller)
+    return evecs * evals.clamp_min(0).sqrt().unsqueeze(1), float(loss.detach())
 
 
 def ggn_trace(
@@ -212,10 +215,12 @@ def ggn_trace(
     needs a model without data-dependent control flow or in-place updates of
     buffers (true in eval mode for standard layers). ``max_batch_size``
     bounds the samples vectorised at once (memory: that many gradients).
-    Not the Hessian trace: see the module docstring.
+    Not the Hessian trace (module docstring), except for networks that are
+    piecewise linear in each parameter tensor (ReLU, max-pooling, linear and
+    convolution layers, BatchNorm in eval mode, residual sums): there the
+    network's own second derivatives have a zero diagonal, so the two traces
+    coincide.
     """
-    from .hessian import _generator
-
     op = CurvatureOperator(
         model,
         loss_fn,
@@ -230,8 +235,6 @@ def ggn_trace(
     buffers = dict(model.named_buffers())
     terms: list[Tensor] = []
     weights: list[float] = []
-    from ._progress import progress_bar
-
     bar = progress_bar(len(op.batches), progress, "GGN trace")
     with eval_mode(model):
         for c, (x, y) in zip(op._weights, op.batches):
@@ -244,7 +247,8 @@ def ggn_trace(
                     f"Invalid model value: the GGN needs one output tensor, got {type(z).__name__}"
                 )
             n = batch_size((x, y))
-            a = _output_hessian_sqrt(op.loss_fn, z, y, 1.0)  # Hessian of the chunk's loss
+            a, loss = _output_hessian_sqrt(op.loss_fn, z, y, 1.0)  # Hessian of the chunk's loss
+            op._check_finite(loss)
             k = a.shape[1]
             if exact:
                 dirs = a  # (n, k, k): every column
