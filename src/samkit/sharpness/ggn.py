@@ -41,7 +41,7 @@ unbiased with one Rademacher vector :math:`u_i` per sample,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,7 +164,9 @@ class GGNTraceResult:
     n_samples: int
 
 
-def _output_hessian_sqrt(loss_fn: Any, z: Tensor, y: Any, scale: float) -> tuple[Tensor, float]:
+def _output_hessian_sqrt(
+    loss_fn: Any, z: Tensor, y: Any, check: Callable[[Tensor], None]
+) -> Tensor:
     r"""Per-sample :math:`A_i` with :math:`A_i A_i^\top = \nabla^2_{z_i}` of the batch loss.
 
     The batch loss is a sum (or mean) over samples, so its Hessian in the
@@ -177,7 +179,8 @@ def _output_hessian_sqrt(loss_fn: Any, z: Tensor, y: Any, scale: float) -> tuple
     k = flat.shape[1]
     zl = flat.clone().requires_grad_(True)
     with torch.enable_grad():
-        loss = loss_fn(zl.view_as(z), y) * scale
+        loss = loss_fn(zl.view_as(z), y)
+        check(loss)  # a non-finite loss is refused before any work on it
         gz = torch.autograd.grad(loss, zl, create_graph=True)[0]
         eye = torch.eye(k, dtype=z.dtype, device=z.device).unsqueeze(1).expand(k, n, k)
         cols = torch.autograd.grad(
@@ -186,8 +189,7 @@ def _output_hessian_sqrt(loss_fn: Any, z: Tensor, y: Any, scale: float) -> tuple
     h = cols.permute(1, 2, 0)  # (n, k, k)
     h = (h + h.transpose(1, 2)) / 2
     evals, evecs = torch.linalg.eigh(h)
-    # (n, k, k): A_i = V sqrt(Lambda), and the loss (checked for being finite by the caller)
-    return evecs * evals.clamp_min(0).sqrt().unsqueeze(1), float(loss.detach())
+    return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)  # (n, k, k): A_i = V sqrt(Lambda)
 
 
 def ggn_trace(
@@ -247,8 +249,7 @@ def ggn_trace(
                     f"Invalid model value: the GGN needs one output tensor, got {type(z).__name__}"
                 )
             n = batch_size((x, y))
-            a, loss = _output_hessian_sqrt(op.loss_fn, z, y, 1.0)  # Hessian of the chunk's loss
-            op._check_finite(loss)
+            a = _output_hessian_sqrt(op.loss_fn, z, y, op._check_finite)  # the chunk loss's
             k = a.shape[1]
             if exact:
                 dirs = a  # (n, k, k): every column
