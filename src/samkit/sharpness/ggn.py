@@ -249,7 +249,7 @@ def ggn_trace(
                     f"Invalid model value: the GGN needs one output tensor, got {type(z).__name__}"
                 )
             n = batch_size((x, y))
-            a = _output_hessian_sqrt(op.loss_fn, z, y, op._check_finite)  # the chunk loss's
+            a = _output_hessian_sqrt(op.loss_fn, z, y, op._check_finite)  # of the chunk loss
             k = a.shape[1]
             if exact:
                 dirs = a  # (n, k, k): every column
