@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all]'
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps curvlinops-for-pytorch==3.0.1  # see pyproject's bench extra
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,184 +1,822 @@
-"""Time to the top Hessian eigenvalue and the trace: samkit vs PyHessian.
+"""Hessian top eigenvalue and trace: samkit against PyHessian and curvlinops, in one process.
 
-Same model (the MNIST-1D paper's CNN, 5,210 parameters, briefly trained),
-same 1000 training samples, same process, CPU, interleaved repetitions.
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sharpness.py [--reps 3] [--models cnn resnet]
 
-Equal tolerance:
-- top eigenvalue: both at relative tolerance 1e-3 (PyHessian: change between
-  two power iterations; samkit: Lanczos residual bound, a stricter rule). The
-  table also shows each answer's error against a tight reference (Lanczos to 1e-9).
-- trace: equal standard error. PyHessian runs 100 Rademacher probes (its
-  maxIter; tol 0 so it does not stop early); samkit's deflated Hutchinson runs
-  until its own standard error is at most PyHessian's (``tol`` mode). PyHessian's
-  default rule (tol 1e-3 on the change of the running mean) is timed too: it
-  stops after a handful of probes, by chance, with a much larger error.
+Models (both briefly trained on MNIST-1D, evaluated in eval mode, CPU):
 
-PyHessian is run on CPU with ``cuda=False``, in both of its modes: one batch
-(it keeps the gradient graph and reuses it) and a data loader (batches of 100,
-forward and backward again for every product).
+- ``cnn``: the MNIST-1D paper's CNN (5,210 parameters), 1000 training samples;
+- ``resnet``: the study's ResNet widened to 100 channels (1,068,710 parameters,
+  BatchNorm), 128 training samples.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sharpness.py [--reps 3] [--dataset mnist1d]
+Each library is used the way its documentation shows:
+
+- PyHessian 0.1: ``hessian(model, criterion, data=(x, y) | dataloader=batches,
+  cuda=False)``; ``.eigenvalues(tol=...)`` (power iteration, its stopping rule:
+  relative change between two iterations) and ``.trace(maxIter=m, tol=0)``
+  (Hutchinson, m Rademacher probes);
+- curvlinops 3.0.1: ``HessianLinearOperator(model, loss, params, batches)``
+  (``check_deterministic=False``: its safety check is not part of the
+  computation, and leaving it out favours curvlinops), ``.to_scipy()`` with
+  ``scipy.sparse.linalg.eigsh(k=1, which="LA", tol=...)`` (ARPACK Lanczos),
+  and its ``hutchpp_trace`` / ``xtrace`` on the operator;
+- samkit: ``HessianOperator`` with ``top_eigenvalues`` (Lanczos, stops on a
+  Ritz-value error bound) and ``hessian_trace(tol=...)`` (Hutchinson deflated
+  by a Lanczos basis that grows with the probes, stops on its standard error).
+
+Two modes: one batch (every sample in one ``(x, y)``) and data loader (the same
+samples in batches of 100 for the CNN, 32 for the ResNet). PyHessian keeps the
+gradient graph in one-batch mode and recomputes it per batch in loader mode;
+curvlinops recomputes per batch in both; samkit regroups a loader's batches
+into one chunk and keeps the graph.
+
+Rows:
+
+- ``eig, tol 1e-3``: each library at relative tolerance 1e-3 under its own rule;
+  the error against the reference is shown.
+- ``eig, error <= A``: each library at the loosest tolerance of a ladder
+  (1e-2, 3e-3, 1e-3, ... 1e-9) whose relative error is at most A
+  (``--eig-accuracy``) for every repetition's seed (calibrated first in
+  one-batch mode; the loader mode computes the same iterates).
+- ``trace, stderr <= A``: samkit with ``tol=A`` (``--trace-accuracy``: 0.02 for
+  the CNN, 0.05 for the ResNet, where 0.02 would take PyHessian ~3500 probes), a
+  standard error of at most A times the trace, estimated from its own probes
+  (unbiased); PyHessian with the number of Hutchinson probes whose standard
+  error is A times the trace, from the spread of its probes in a pilot run;
+  curvlinops's Hutch++ and XTrace with at least as many products as samkit's
+  median. All are unbiased: their error over the repetitions against the
+  reference is shown (root mean square), so the accuracy is compared as
+  measured, not assumed.
+- GGN rows: the generalised Gauss-Newton matrix, a positive semi-definite
+  *proxy* of the Hessian (not the Hessian): samkit ``GGNOperator`` + Lanczos
+  against curvlinops ``GGNLinearOperator`` + eigsh at tol 1e-3, and samkit's
+  ``ggn_trace`` (one per-sample backward pass, unbiased for tr G).
+
+References: the top eigenvalue by samkit's Lanczos to tol 1e-9 on a float64
+copy of the model, the trace by samkit's estimator to a standard error of a
+quarter of the accuracy asked (0.5 % of the trace by default; at most 1000
+probes, its standard error is printed). PyHessian's trace
+on the ResNet runs at most ``--max-pyhessian-probes`` (default 50) probes
+and its time is scaled to the number needed (each probe is one product of
+the same cost); the table says so. Times are wall-clock for the whole call, building each
+library's operator included; repetitions are interleaved (repetition 1 of every
+row, then repetition 2, ...) and reported as the median and (min-max) spread;
+speed-ups are ratios of medians, with the spread of the per-repetition ratios.
+Peak memory: the highest resident set size above the level before the call,
+sampled every 5 ms in the first repetition (a sampling thread in every row
+alike).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import json
 import math
 import statistics
+import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from samkit.experiments.datasets import load_dataset
-from samkit.experiments.models import build_model
-from samkit.sharpness import HessianOperator, hessian_trace, top_eigenvalues
+from samkit.experiments.models import build_model, count_parameters
+from samkit.sharpness import (
+    GGNOperator,
+    HessianOperator,
+    ggn_trace,
+    hessian_trace,
+    top_eigenvalues,
+)
+
+LADDER = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 1e-7, 1e-8, 1e-9]
 
 
-def trained_cnn(dataset: str, steps: int, seed: int = 0):
-    data = load_dataset(dataset, seed=seed)
+# ------------------------------------------------------------------ models
+def _train(model: nn.Module, data: Any, steps: int, lr: float, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = build_model("cnn", in_len=data.in_len, num_classes=data.num_classes)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = len(data.train)
+    model.train()
     for _ in range(steps):
         idx = torch.randint(0, n, (100,))
         opt.zero_grad()
         F.cross_entropy(model(data.train.x[idx]), data.train.y[idx]).backward()
         opt.step()
-    return model.eval(), data
+    model.zero_grad(set_to_none=True)
+    return model.eval()
 
 
-def timed(fn):
+def setup(name: str, quick: bool) -> dict[str, Any]:
+    data = load_dataset("mnist1d", seed=0)
+    torch.manual_seed(0)
+    if name == "cnn":
+        model = build_model("cnn", in_len=data.in_len, num_classes=data.num_classes)
+        model = _train(model, data, 300 if quick else 1500, 1e-2)
+        samples, loader_batch, trace_accuracy = 1000, 100, 0.02
+    elif name == "resnet":
+        model = build_model("resnet", in_len=data.in_len, num_classes=data.num_classes, width=100)
+        model = _train(model, data, 50 if quick else 300, 1e-3)
+        samples, loader_batch = (64 if quick else 128), (16 if quick else 32)
+        trace_accuracy = 0.05
+    else:
+        raise SystemExit(f"unknown model {name!r} (choose cnn or resnet)")
+    x, y = data.train.x[:samples], data.train.y[:samples]
+    return {
+        "name": name,
+        "model": model,
+        "x": x,
+        "y": y,
+        "loader": list(zip(x.split(loader_batch), y.split(loader_batch))),
+        "params": count_parameters(model),
+        "trace_accuracy": trace_accuracy,
+    }
+
+
+def batches_of(cfg: dict[str, Any], mode: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(cfg["x"], cfg["y"])] if mode == "batch" else cfg["loader"]
+
+
+# ------------------------------------------------------------------ memory
+_PAGE = 4096
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the baseline is just higher
+        pass
+
+
+def peak_memory(fn: Callable[[], Any]) -> float:
+    """Peak resident memory above the level before ``fn`` (MiB), sampled every 5 ms."""
+    _trim()
+    base = _rss()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        th.join()
+    peak[0] = max(peak[0], _rss())
+    return (peak[0] - base) / 2**20
+
+
+# ------------------------------------------------------------------ peers
+def _pyhessian_module() -> Any:
+    import pyhessian  # noqa: F401  (registers the module)
+
+    return sys.modules["pyhessian.hessian"]
+
+
+class PyHessianRun:
+    """One PyHessian computation on a fresh copy of the model, products counted."""
+
+    def __init__(self, cfg: dict[str, Any], mode: str) -> None:
+        self.model = copy.deepcopy(cfg["model"])  # it leaves graphs in .grad: a copy per run
+        self.cfg, self.mode = cfg, mode
+        self.count = 0
+
+    def _build(self) -> Any:
+        mod = _pyhessian_module()
+        if self.mode == "batch":
+            h = mod.hessian(
+                self.model, nn.CrossEntropyLoss(), data=(self.cfg["x"], self.cfg["y"]), cuda=False
+            )
+        else:
+            h = mod.hessian(
+                self.model, nn.CrossEntropyLoss(), dataloader=self.cfg["loader"], cuda=False
+            )
+            inner = h.dataloader_hv_product
+
+            def counted(v: Any) -> Any:
+                self.count += 1
+                return inner(v)
+
+            h.dataloader_hv_product = counted
+        return h
+
+    def eig(self, tol: float, seed: int, max_iter: int = 1000) -> tuple[float, int]:
+        mod = _pyhessian_module()
+        inner = mod.hessian_vector_product
+
+        def counted(*a: Any) -> Any:
+            self.count += 1
+            return inner(*a)
+
+        mod.hessian_vector_product = counted
+        try:
+            torch.manual_seed(seed)
+            vals, _ = self._build().eigenvalues(maxIter=max_iter, tol=tol)
+        finally:
+            mod.hessian_vector_product = inner
+        return float(vals[0]), self.count
+
+    def trace(self, probes: int, seed: int, tol: float = 0.0) -> tuple[float, int, list[float]]:
+        mod = _pyhessian_module()
+        inner = mod.hessian_vector_product
+
+        def counted(*a: Any) -> Any:
+            self.count += 1
+            return inner(*a)
+
+        mod.hessian_vector_product = counted
+        try:
+            torch.manual_seed(seed)
+            samples = self._build().trace(maxIter=probes, tol=tol)
+        finally:
+            mod.hessian_vector_product = inner
+        return float(np.mean(samples)), self.count, [float(s) for s in samples]
+
+
+class CurvlinopsRun:
+    """A curvlinops operator (Hessian or GGN) with its products counted."""
+
+    def __init__(self, cfg: dict[str, Any], mode: str, kind: str = "hessian") -> None:
+        import curvlinops
+
+        cls = (
+            curvlinops.HessianLinearOperator if kind == "hessian" else curvlinops.GGNLinearOperator
+        )
+        model = cfg["model"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.op = cls(
+            model, nn.CrossEntropyLoss(), params, batches_of(cfg, mode), check_deterministic=False
+        )
+        self.count = 0
+        inner = self.op._matmat
+
+        def counted(m: list[torch.Tensor]) -> list[torch.Tensor]:
+            self.count += m[0].shape[-1]
+            return inner(m)
+
+        self.op._matmat = counted
+        self.dim = sum(p.numel() for p in params)
+
+    def eig(self, tol: float, seed: int) -> tuple[float, int]:
+        from scipy.sparse.linalg import eigsh
+
+        v0 = np.random.default_rng(seed).standard_normal(self.dim)
+        vals = eigsh(self.op.to_scipy(), k=1, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+        return float(vals[0]), self.count
+
+    def trace(self, method: str, matvecs: int, seed: int) -> tuple[float, int]:
+        import curvlinops
+
+        torch.manual_seed(seed)
+        fn = curvlinops.hutchpp_trace if method == "hutch++" else curvlinops.xtrace
+        return float(fn(self.op, matvecs)), self.count
+
+
+def samkit_eig(cfg: dict[str, Any], mode: str, tol: float, seed: int, ggn: bool = False):
+    cls = GGNOperator if ggn else HessianOperator
+    op = cls(cfg["model"], F.cross_entropy, batches_of(cfg, mode))
+    r = top_eigenvalues(op, tol=tol, max_iter=300, seed=seed)
+    return r.eigenvalues[0], op.n_matvecs
+
+
+def samkit_trace(cfg: dict[str, Any], mode: str, tol: float, seed: int, method: str = "deflated"):
+    op = HessianOperator(cfg["model"], F.cross_entropy, batches_of(cfg, mode))
+    r = hessian_trace(op, method=method, tol=tol, max_probes=5000, seed=seed)
+    return r.trace, op.n_matvecs
+
+
+# ------------------------------------------------------------------ harness
+class Table:
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def add(self, key: str, seconds: float, value: float, hvps: int | None, **extra: Any) -> None:
+        row = self.rows.setdefault(key, {"seconds": [], "values": [], "hvps": [], **extra})
+        row["seconds"].append(seconds)
+        row["values"].append(value)
+        row["hvps"].append(hvps)
+        row.update(extra)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t = time.perf_counter()
     out = fn()
     return time.perf_counter() - t, out
 
 
+def calibrate_eig(
+    name: str, run: Callable[[float, int], tuple[float, int]], ref: float, target: float, seeds
+) -> tuple[float, float]:
+    """Loosest tolerance of the ladder whose error is <= target for every seed."""
+    for tol in LADDER:
+        errs = [abs(run(tol, s)[0] - ref) / abs(ref) for s in seeds]
+        if max(errs) <= target:
+            return tol, max(errs)
+    raise SystemExit(f"{name}: no tolerance down to 1e-9 reaches a relative error of {target}")
+
+
+def bench_model(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    name = cfg["name"]
+    model = cfg["model"]
+    seeds = list(range(args.reps))
+    trace_accuracy = args.trace_accuracy or cfg["trace_accuracy"]
+    print(
+        f"\n== {name}: {cfg['params']:,} parameters, {len(cfg['x'])} samples, "
+        f"loader batches of {len(cfg['loader'][0][0])}",
+        flush=True,
+    )
+
+    # references
+    t0 = time.perf_counter()
+    ref_model = copy.deepcopy(model).double()
+    ref_op = HessianOperator(ref_model, F.cross_entropy, [(cfg["x"].double(), cfg["y"])])
+    eig_ref = top_eigenvalues(ref_op, tol=1e-9, max_iter=400, seed=123).eigenvalues[0]
+    del ref_op, ref_model
+    tr_ref_res = hessian_trace(
+        HessianOperator(model, F.cross_entropy, [(cfg["x"], cfg["y"])]),
+        tol=trace_accuracy / 4,
+        max_probes=1000,
+        seed=123,
+    )
+    tr_ref = tr_ref_res.trace
+    ggn_ref = top_eigenvalues(
+        GGNOperator(model, F.cross_entropy, [(cfg["x"], cfg["y"])]), tol=1e-8, max_iter=300
+    ).eigenvalues[0]
+    print(
+        f"reference top eigenvalue {eig_ref:.6g}; trace {tr_ref:.5g} +- {tr_ref_res.stderr:.2g} "
+        f"({tr_ref_res.n_matvecs} products); GGN top eigenvalue {ggn_ref:.6g} "
+        f"[{time.perf_counter() - t0:.0f} s]",
+        flush=True,
+    )
+
+    # calibrations (one-batch mode; untimed)
+    t0 = time.perf_counter()
+    acc = args.eig_accuracy
+    tols = {
+        "pyhessian": calibrate_eig(
+            "PyHessian", lambda tol, s: PyHessianRun(cfg, "batch").eig(tol, s), eig_ref, acc, seeds
+        ),
+        "curvlinops": calibrate_eig(
+            "curvlinops",
+            lambda tol, s: CurvlinopsRun(cfg, "batch").eig(tol, s),
+            eig_ref,
+            acc,
+            seeds,
+        ),
+        "samkit": calibrate_eig(
+            "samkit", lambda tol, s: samkit_eig(cfg, "batch", tol, s), eig_ref, acc, seeds
+        ),
+    }
+    pilot = PyHessianRun(cfg, "batch").trace(args.pilot_probes, 999)[2]
+    sd = statistics.stdev(pilot)
+    ph_probes = max(2, math.ceil((sd / (trace_accuracy * abs(tr_ref))) ** 2))
+    cap = args.max_pyhessian_probes or (50 if name == "resnet" else 10**9)
+    ph_probes_run = min(ph_probes, cap)
+    sk_products = [samkit_trace(cfg, "batch", trace_accuracy, s)[1] for s in seeds]
+    m = statistics.median(sk_products)
+    peer_matvecs = {"hutch++": 3 * math.ceil(m / 3), "xtrace": 2 * math.ceil(m / 2)}
+    print(
+        "equal-accuracy settings: eig tol "
+        + ", ".join(f"{k} {v[0]:g} (max error {v[1]:.1e})" for k, v in tols.items())
+        + f"; PyHessian Hutchinson probe SD {sd:.4g} -> {ph_probes} probes"
+        + (f" (run with {ph_probes_run}, time scaled)" if ph_probes_run < ph_probes else "")
+        + f"; samkit products {sk_products}; curvlinops matvecs {peer_matvecs}"
+        + f" [{time.perf_counter() - t0:.0f} s]",
+        flush=True,
+    )
+
+    scaled = (
+        f", time x{ph_probes / ph_probes_run:.2g} of {ph_probes_run}"
+        if ph_probes_run < ph_probes
+        else ""
+    )
+    # the rows: (key, group, library, mode, callable(seed) -> (value, hvps))
+    rows: list[tuple[str, str, str, str, Callable[[int], tuple[float, int | None]]]] = []
+    for mode in ("batch", "loader"):
+        tag = "one batch" if mode == "batch" else "loader"
+        rows += [
+            (
+                f"eig tol 1e-3 | pyhessian | {tag}",
+                "eig_tol",
+                "pyhessian",
+                mode,
+                lambda s, mode=mode: PyHessianRun(cfg, mode).eig(1e-3, s),
+            ),
+            (
+                f"eig tol 1e-3 | curvlinops | {tag}",
+                "eig_tol",
+                "curvlinops",
+                mode,
+                lambda s, mode=mode: CurvlinopsRun(cfg, mode).eig(1e-3, s),
+            ),
+            (
+                f"eig tol 1e-3 | samkit | {tag}",
+                "eig_tol",
+                "samkit",
+                mode,
+                lambda s, mode=mode: samkit_eig(cfg, mode, 1e-3, s),
+            ),
+        ]
+        for lib, fn in (
+            ("pyhessian", lambda t, s, mode=mode: PyHessianRun(cfg, mode).eig(t, s)),
+            ("curvlinops", lambda t, s, mode=mode: CurvlinopsRun(cfg, mode).eig(t, s)),
+            ("samkit", lambda t, s, mode=mode: samkit_eig(cfg, mode, t, s)),
+        ):
+            tol = tols[lib][0]
+            rows.append(
+                (
+                    f"eig err<={acc:g} | {lib} (tol {tol:g}) | {tag}",
+                    "eig_acc",
+                    lib,
+                    mode,
+                    lambda s, fn=fn, tol=tol: fn(tol, s),
+                )
+            )
+        rows += [
+            (
+                f"trace se<={trace_accuracy:g} | pyhessian ({ph_probes} probes{scaled}) | {tag}",
+                "trace",
+                "pyhessian",
+                mode,
+                lambda s, mode=mode: PyHessianRun(cfg, mode).trace(ph_probes_run, s)[:2],
+            ),
+            (
+                f"trace | curvlinops hutch++ ({peer_matvecs['hutch++']}) | {tag}",
+                "trace",
+                "curvlinops hutch++",
+                mode,
+                lambda s, mode=mode: CurvlinopsRun(cfg, mode).trace(
+                    "hutch++", peer_matvecs["hutch++"], s
+                ),
+            ),
+            (
+                f"trace | curvlinops xtrace ({peer_matvecs['xtrace']}) | {tag}",
+                "trace",
+                "curvlinops xtrace",
+                mode,
+                lambda s, mode=mode: CurvlinopsRun(cfg, mode).trace(
+                    "xtrace", peer_matvecs["xtrace"], s
+                ),
+            ),
+            (
+                f"trace se<={trace_accuracy:g} | samkit | {tag}",
+                "trace",
+                "samkit",
+                mode,
+                lambda s, mode=mode: samkit_trace(cfg, mode, trace_accuracy, s),
+            ),
+            (
+                f"GGN eig tol 1e-3 | curvlinops | {tag}",
+                "ggn",
+                "curvlinops",
+                mode,
+                lambda s, mode=mode: CurvlinopsRun(cfg, mode, "ggn").eig(1e-3, s),
+            ),
+            (
+                f"GGN eig tol 1e-3 | samkit | {tag}",
+                "ggn",
+                "samkit",
+                mode,
+                lambda s, mode=mode: samkit_eig(cfg, mode, 1e-3, s, ggn=True),
+            ),
+        ]
+    rows.append(
+        (
+            "GGN trace (per-sample, unbiased) | samkit | one batch",
+            "ggn_trace",
+            "samkit",
+            "batch",
+            lambda s: (
+                ggn_trace(model, F.cross_entropy, [(cfg["x"], cfg["y"])], seed=s).trace,
+                None,
+            ),
+        )
+    )
+
+    table = Table()
+    scale = ph_probes / ph_probes_run
+    warnings.simplefilter("ignore")
+    for rep in seeds:
+        for key, group, lib, mode, fn in rows:
+            if rep == 0:  # memory sampled in the first repetition (every row alike)
+                box: list[Any] = []
+                peak = peak_memory(lambda fn=fn, box=box: box.append(timed(lambda: fn(0))))
+                sec, (val, hv) = box[0]
+                table.rows.setdefault(key, {"seconds": [], "values": [], "hvps": []})
+                table.rows[key]["peak_mib"] = peak
+            else:
+                sec, (val, hv) = timed(lambda fn=fn, rep=rep: fn(rep))
+            if key.startswith("trace se") and lib == "pyhessian" and scale > 1:
+                sec, hv = sec * scale, ph_probes  # extrapolated: probes cost the same each
+            table.add(key, sec, val, hv, group=group, lib=lib, mode=mode)
+        print(f"  repetition {rep + 1}/{args.reps} done", flush=True)
+
+    refs = {
+        "eig_tol": eig_ref,
+        "eig_acc": eig_ref,
+        "trace": tr_ref,
+        "ggn": ggn_ref,
+        "ggn_trace": None,
+    }
+    print(
+        f"{'row':62s} {'median s':>9s} {'(min-max)':>15s} {'HVPs':>6s} {'value':>10s} "
+        f"{'error':>8s} {'peak MiB':>9s}"
+    )
+    out_rows = {}
+    for key, row in table.rows.items():
+        ref = refs[row["group"]]
+        med = statistics.median(row["seconds"])
+        vals = row["values"]
+        if ref is None:
+            err = ""
+        elif row["group"].startswith("trace"):
+            rms = math.sqrt(statistics.mean(((v - ref) / ref) ** 2 for v in vals))
+            err = f"{rms:8.1e}"  # root mean square over the repetitions
+        else:
+            err = f"{max(abs(v - ref) / abs(ref) for v in vals):8.1e}"  # worst repetition
+        hv = (
+            statistics.median(h for h in row["hvps"] if h is not None)
+            if any(h is not None for h in row["hvps"])
+            else None
+        )
+        spread = f"({min(row['seconds']):.3g}-{max(row['seconds']):.3g})"
+        print(
+            f"{key:62s} {med:9.3f} {spread:>15s} {'-' if hv is None else f'{hv:g}':>6s} "
+            f"{statistics.median(vals):10.5g} {err:>8s} {row['peak_mib']:9.1f}"
+        )
+        out_rows[key] = {**row, "median_seconds": med, "error": err.strip()}
+
+    print("speed-up = peer time / samkit time (median; per-repetition min-max):")
+    ratios = {}
+    for group, peers in (
+        ("eig_tol", ("pyhessian", "curvlinops")),
+        ("eig_acc", ("pyhessian", "curvlinops")),
+        ("trace", ("pyhessian", "curvlinops hutch++", "curvlinops xtrace")),
+        ("ggn", ("curvlinops",)),
+    ):
+        for mode in ("batch", "loader"):
+            ours = next(
+                r
+                for r in table.rows.values()
+                if r["group"] == group and r["lib"] == "samkit" and r["mode"] == mode
+            )
+            for peer in peers:
+                theirs = next(
+                    r
+                    for r in table.rows.values()
+                    if r["group"] == group and r["lib"] == peer and r["mode"] == mode
+                )
+                per = [a / b for a, b in zip(theirs["seconds"], ours["seconds"])]
+                med = statistics.median(theirs["seconds"]) / statistics.median(ours["seconds"])
+                label = f"{group} {mode}: {peer}"
+                ratios[label] = {"median": med, "min": min(per), "max": max(per)}
+                print(f"  {label:40s} {med:6.2f}x  ({min(per):.2f}-{max(per):.2f})")
+    return {
+        "model": name,
+        "parameters": cfg["params"],
+        "samples": len(cfg["x"]),
+        "eig_reference": eig_ref,
+        "trace_reference": tr_ref,
+        "ggn_eig_reference": ggn_ref,
+        "eig_tolerances": tols,
+        "pyhessian_trace_probes": ph_probes,
+        "rows": out_rows,
+        "speedups": ratios,
+    }
+
+
+def bench_products(cfg: dict[str, Any], reps: int) -> dict[str, Any]:
+    """Seconds per Hessian-vector product, by back-end and by library (one batch)."""
+    model = cfg["model"]
+    batch = [(cfg["x"], cfg["y"])]
+    dim = cfg["params"]
+    gen = torch.Generator().manual_seed(0)
+    vecs = {k: torch.randn(k, dim, generator=gen) for k in (1, 4, 16)}
+    cached = HessianOperator(model, F.cross_entropy, batch)
+    uncached = HessianOperator(model, F.cross_entropy, batch, cache_graph=False)
+    func = HessianOperator(model, F.cross_entropy, batch, backend="func")
+    ggn = GGNOperator(model, F.cross_entropy, batch)
+    cached.matvec(vecs[1][0])  # build the cached graphs outside the timing
+    ggn.matvec(vecs[1][0])
+    ph = PyHessianRun(cfg, "batch")._build()
+    mod = _pyhessian_module()
+    ph_v = [
+        t.view_as(p) for t, p in zip(vecs[1][0].split([p.numel() for p in ph.params]), ph.params)
+    ]
+    cvl = CurvlinopsRun(cfg, "batch").op
+    cases: dict[str, tuple[int, Callable[[], Any]]] = {
+        "samkit cached graph, 1 vector": (1, lambda: cached.matvec(vecs[1][0])),
+        "samkit cached graph, 4 vectors batched": (4, lambda: cached.matmat(vecs[4])),
+        "samkit cached graph, 16 vectors batched": (16, lambda: cached.matmat(vecs[16])),
+        "samkit forward+double backward, 1 vector": (1, lambda: uncached.matvec(vecs[1][0])),
+        "samkit torch.func jvp(grad), 1 vector": (1, lambda: func.matvec(vecs[1][0])),
+        "samkit torch.func vmap, 16 vectors": (16, lambda: func.matmat(vecs[16])),
+        "samkit GGN (cached), 1 vector": (1, lambda: ggn.matvec(vecs[1][0])),
+        "PyHessian one batch, 1 vector": (
+            1,
+            lambda: mod.hessian_vector_product(ph.gradsH, ph.params, ph_v),
+        ),
+        "curvlinops, 1 vector": (1, lambda: cvl @ vecs[1][0]),
+        "curvlinops, 16 vectors (vmap)": (16, lambda: cvl @ vecs[16].T),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(reps):
+        for key, (k, fn) in cases.items():
+            times[key].append(timed(fn)[0] / k)
+    print(
+        f"\n== {cfg['name']}: seconds per product (one batch of {len(cfg['x'])}; median of {reps})"
+    )
+    out = {}
+    for key, ts in times.items():
+        out[key] = statistics.median(ts)
+        print(f"  {key:45s} {1e3 * out[key]:8.1f} ms  ({1e3 * min(ts):.1f}-{1e3 * max(ts):.1f})")
+    return out
+
+
+def bench_estimators(cfg: dict[str, Any], seeds: int) -> dict[str, Any]:
+    """Root-mean-square error of the trace estimators at equal products, on the exact Hessian.
+
+    The Hessian is formed column by column (``op.dense()``: one product per
+    parameter, CNN only), then every estimator runs on it as a dense matrix over
+    ``seeds`` seeds: samkit's growing deflation, fixed deflation, XTrace and
+    Hutchinson, and curvlinops's Hutch++ and XTrace.
+    """
+    import curvlinops
+
+    from samkit.sharpness import DenseOperator
+
+    t0 = time.perf_counter()
+    op = HessianOperator(cfg["model"], F.cross_entropy, [(cfg["x"], cfg["y"])])
+    h = op.dense().double()
+    h = (h + h.T) / 2
+    exact = float(h.trace())
+    evals = torch.linalg.eigvalsh(h)
+    print(
+        f"\n== {cfg['name']}: exact Hessian ({op.dim} products, {time.perf_counter() - t0:.0f} s): "
+        f"trace {exact:.5g}, top eigenvalues {[round(float(e), 3) for e in evals.flip(0)[:5]]}, "
+        f"Frobenius norm {float(h.norm()):.4g}"
+    )
+    dense = DenseOperator(h)
+
+    def rms(fn: Callable[[int], float]) -> float:
+        return math.sqrt(statistics.mean(((fn(s) - exact) / exact) ** 2 for s in range(seeds)))
+
+    def peer(fn: Callable[..., Any], m: int) -> Callable[[int], float]:
+        def run(seed: int) -> float:
+            torch.manual_seed(seed)
+            return float(fn(h, m))
+
+        return run
+
+    out: dict[str, dict[int, float]] = {}
+    for m in (24, 48, 96):
+        row = {
+            "samkit Hutchinson": rms(
+                lambda s, m=m: hessian_trace(dense, method="hutchinson", n_probes=m, seed=s).trace
+            ),
+            "samkit XTrace": rms(
+                lambda s, m=m: hessian_trace(dense, method="xtrace", n_probes=m // 2, seed=s).trace
+            ),
+            "samkit deflated, 20 fixed steps": rms(
+                lambda s, m=m: (
+                    hessian_trace(dense, n_probes=m - 20, deflation_steps=20, seed=s).trace
+                )
+            ),
+            "samkit deflated, growing (default)": rms(
+                lambda s, m=m: hessian_trace(dense, n_probes=m // 3, seed=s).trace
+            ),
+            "curvlinops Hutch++": rms(peer(curvlinops.hutchpp_trace, m)),
+            "curvlinops XTrace": rms(peer(curvlinops.xtrace, m)),
+        }
+        out[m] = row
+        print(
+            f"  {m:3d} products: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True
+        )
+    return {"model": cfg["name"], "trace": exact, "rms_relative_error": out}
+
+
+GROUP_LABELS = {
+    "eig_tol": "top eigenvalue, same tol 1e-3",
+    "eig_acc": "top eigenvalue, equal accuracy",
+    "trace": "trace, equal accuracy",
+    "ggn": "GGN top eigenvalue (proxy), tol 1e-3",
+}
+
+
+def markdown(paths: list[Path]) -> str:
+    """The speed-up table of several runs' JSON files, one column entry per run."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    lines = [
+        "| model | measure | mode | vs PyHessian | vs curvlinops |",
+        "|---|---|---|---|---|",
+    ]
+    for i, result in enumerate(runs[0]["results"]):
+        name = (
+            f"{result['model']} ({result['parameters'] / 1e6:.2g}M)"
+            if result["parameters"] > 1e6
+            else f"{result['model']} ({result['parameters']:,})"
+        )
+        for group, label in GROUP_LABELS.items():
+            for mode in ("batch", "loader"):
+                cells = []
+                for peers in (
+                    ("pyhessian",),
+                    ("curvlinops", "curvlinops xtrace", "curvlinops hutch++"),
+                ):
+                    vals = []
+                    for run in runs:
+                        speed = run["results"][i]["speedups"]
+                        got = [
+                            speed[f"{group} {mode}: {peer}"]
+                            for peer in peers
+                            if f"{group} {mode}: {peer}" in speed
+                        ]
+                        if got:  # against curvlinops: its fastest estimator
+                            best = min(got, key=lambda r: r["median"])
+                            vals.append(
+                                f"{best['median']:.2f}x ({best['min']:.2f}-{best['max']:.2f})"
+                            )
+                    cells.append(", ".join(vals) if vals else "-")
+                tag = "one batch" if mode == "batch" else "data loader"
+                lines.append(f"| {name} | {label} | {tag} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="mnist1d")
-    ap.add_argument("--samples", type=int, default=1000)
-    ap.add_argument("--train-steps", type=int, default=1500)
+    ap.add_argument("--models", nargs="+", default=["cnn", "resnet"], choices=["cnn", "resnet"])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--eig-accuracy", type=float, default=1e-4)
     ap.add_argument(
-        "--deflation", type=int, default=20, help="samkit's Lanczos deflation steps for the trace"
+        "--trace-accuracy",
+        type=float,
+        default=None,
+        help="relative standard error of the trace rows (default 0.02 for the CNN, 0.05 for the "
+        "ResNet, where PyHessian would need thousands of probes for 0.02)",
+    )
+    ap.add_argument("--pilot-probes", type=int, default=30)
+    ap.add_argument(
+        "--max-pyhessian-probes",
+        type=int,
+        default=None,
+        help="run PyHessian's trace with at most this many probes and scale its time "
+        "(default: no limit for the CNN, 50 for the ResNet)",
+    )
+    ap.add_argument("--quick", action="store_true", help="smaller models and data (a smoke test)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--products", action="store_true", help="only time one product per back-end and library"
+    )
+    ap.add_argument(
+        "--estimators",
+        action="store_true",
+        help="only the trace estimators' error at equal products, on the exact Hessian (CNN)",
+    )
+    ap.add_argument("--seeds", type=int, default=40, help="seeds for --estimators")
+    ap.add_argument(
+        "--table", nargs="+", type=Path, metavar="JSON", help="print the speed-up table of runs"
     )
     args = ap.parse_args()
-
-    from pyhessian import hessian as PyHessian
-
-    model, data = trained_cnn(args.dataset, args.train_steps)
-    x, y = data.train.x[: args.samples], data.train.y[: args.samples]
-    loader = list(zip(x.split(100), y.split(100)))
+    if args.table:
+        print(markdown(args.table))
+        return
     print(
-        f"model: cnn, {sum(p.numel() for p in model.parameters())} parameters; {len(x)} samples of {args.dataset}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        f"{args.reps} interleaved repetitions",
+        flush=True,
     )
+    if args.estimators:
+        results = [bench_estimators(setup("cnn", args.quick), args.seeds)]
+    elif args.products:
+        results = [
+            bench_products(setup(name, args.quick), max(args.reps, 3)) for name in args.models
+        ]
+    else:
+        results = [bench_model(setup(name, args.quick), args) for name in args.models]
+    if args.json:
+        from samkit._atomic import write_json_atomic
 
-    ref_op = HessianOperator(model, F.cross_entropy, [(x, y)])
-    top_ref = top_eigenvalues(ref_op, tol=1e-9, max_iter=300).eigenvalues[0]
-
-    def pyh(mode: str):
-        m = copy.deepcopy(model)  # PyHessian leaves graphs in .grad: its own copy each time
-        kw = {"data": (x, y)} if mode == "batch" else {"dataloader": loader}
-        return PyHessian(m, F.cross_entropy, cuda=False, **kw)
-
-    rows: dict[str, list] = {}
-
-    def add(name, seconds, value, hvps, extra=""):
-        rows.setdefault(name, []).append((seconds, value, hvps, extra))
-
-    warnings.simplefilter("ignore")
-    ph_se_target = None
-    for rep in range(args.reps):
-        torch.manual_seed(rep)
-        # --- top eigenvalue
-        for mode in ("batch", "loader"):
-
-            def run_eig(mode=mode):
-                h = pyh(mode)
-                calls = [0]
-                orig = h.dataloader_hv_product if mode == "loader" else None
-                if orig is not None:
-
-                    def counted(v, orig=orig):
-                        calls[0] += 1
-                        return orig(v)
-
-                    h.dataloader_hv_product = counted
-                ev, _ = h.eigenvalues(maxIter=100, tol=args.tol)
-                return ev[0], calls[0]
-
-            sec, (val, n) = timed(run_eig)
-            add(f"eig  pyhessian ({mode})", sec, val, n or None)
-        # PyHessian's rule stops before its answer is within tol: also time it
-        # at a tolerance where its error is below samkit's at 1e-3
-        sec, (val, _) = timed(lambda: (pyh("batch").eigenvalues(maxIter=300, tol=1e-7)[0][0], None))
-        add("eig  pyhessian (batch, tol 1e-7)", sec, val, None)
-        for name, batches in (("one chunk", [(x, y)]), ("loader batches", loader)):
-
-            def run_ours(batches=batches, rep=rep):
-                op = HessianOperator(model, F.cross_entropy, batches)
-                r = top_eigenvalues(op, tol=args.tol, seed=rep)
-                return r.eigenvalues[0], op.n_matvecs
-
-            sec, (val, n) = timed(run_ours)
-            add(f"eig  samkit ({name})", sec, val, n)
-        # --- trace
-        for mode, tol in (("batch", args.tol), ("loader", args.tol), ("batch", 0.0)):
-
-            def run_tr(mode=mode, tol=tol):
-                h = pyh(mode)
-                s = h.trace(maxIter=100, tol=tol)
-                mean = sum(s) / len(s)
-                se = math.sqrt(sum((t - mean) ** 2 for t in s) / (len(s) - 1) / len(s))
-                return mean, len(s), se
-
-            sec, (val, n, se) = timed(run_tr)
-            tag = mode if tol else f"{mode}, 100 probes"
-            add(f"trace pyhessian ({tag})", sec, val, n, f"+- {se:.3g}")
-            if not tol:  # samkit's target: the standard error of PyHessian's full 100 probes
-                ph_se_target = (
-                    se / abs(val) if ph_se_target is None else min(ph_se_target, se / abs(val))
-                )
-        for name, batches in (("one chunk", [(x, y)]), ("loader batches", loader)):
-
-            def run_ours_tr(batches=batches, rep=rep, target=ph_se_target):
-                op = HessianOperator(model, F.cross_entropy, batches)
-                r = hessian_trace(
-                    op, tol=target, max_probes=1000, deflation_steps=args.deflation, seed=rep
-                )
-                return r.trace, op.n_matvecs, r.stderr
-
-            sec, (val, n, se) = timed(run_ours_tr)
-            add(f"trace samkit ({name})", sec, val, n, f"+- {se:.3g}")
-
-    print(f"reference top eigenvalue (Lanczos, tol 1e-9): {top_ref:.6g}")
-    print(f"{'measure':34s} {'median s':>9s} {'value':>12s} {'rel.err':>9s} {'HVPs':>6s}  note")
-    med = {}
-    for name, rs in rows.items():
-        secs = statistics.median(r[0] for r in rs)
-        med[name] = secs
-        val = statistics.median(r[1] for r in rs)
-        hv = rs[-1][2]
-        err = f"{abs(val - top_ref) / top_ref:9.1e}" if name.startswith("eig") else " " * 9
-        print(
-            f"{name:34s} {secs:9.3f} {val:12.5g} {err} {hv if hv is not None else '-':>6}  {rs[-1][3]}"
+        write_json_atomic(
+            args.json, {"args": vars(args) | {"json": str(args.json)}, "results": results}
         )
-    print("speed-up = PyHessian time / samkit time:")
-    for ph, ours in (
-        ("eig  pyhessian (batch)", "eig  samkit (one chunk)"),
-        ("eig  pyhessian (loader)", "eig  samkit (loader batches)"),
-        ("eig  pyhessian (batch, tol 1e-7)", "eig  samkit (one chunk)"),
-        ("trace pyhessian (batch, 100 probes)", "trace samkit (one chunk)"),
-        ("trace pyhessian (batch)", "trace samkit (one chunk)"),
-        ("trace pyhessian (loader)", "trace samkit (loader batches)"),
-    ):
-        print(f"  {ph:38s} / {ours:30s} {med[ph] / med[ours]:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,26 @@ def test_sharpness_json_matches_library(ckpts, capsys):
     assert "m0" in text and "worst-case" in text and "wrote" in text
 
 
+def test_sharpness_ggn_proxy_labelled_and_exact(ckpts, capsys):
+    from samkit.sharpness import GGNOperator, ggn_trace
+
+    d, a, _, data = ckpts
+    args = ["sharpness", str(d / "a.pt"), "--samples", "150", "--trace-samples", "2", "--ggn"]
+    assert main([*args, "--tol", "1e-6", "--out", str(d / "g.json"), "-q"]) == 0
+    r = json.loads((d / "g.json").read_text())["models"][0]["results"]
+    batches = [(data.train.x[:150], data.train.y[:150])]
+    ref = top_eigenvalues(GGNOperator(a, F.cross_entropy, batches), tol=1e-9, max_iter=200)
+    assert r["ggn_top_eig"] == pytest.approx(ref.eigenvalues[0], rel=1e-5)
+    assert r["ggn_trace"] == pytest.approx(
+        ggn_trace(a, F.cross_entropy, batches, seed=3).trace, rel=1e-6
+    )
+    assert "ggn top eig (proxy)" in capsys.readouterr().out
+    # progress bars are on by default in the CLI (stderr; tqdm switches itself off
+    # when stderr is not a terminal, so only the checkpoint header shows here)
+    assert main([*args, "--out", str(d / "h.json")]) == 0
+    assert "a.pt:" in capsys.readouterr().err
+
+
 def test_sharpness_default_out_and_density(ckpts):
     d, *_ = ckpts
     assert (

@@ -168,3 +168,136 @@ def test_bad_input():
         op.matvec(torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="vs"):
         op.matmat(torch.zeros(op.dim, dtype=torch.float64))
+
+
+# ------------------------------------------------- the user's own model, loss and loader
+
+
+def _regression_problem(n: int = 23):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def full(loss_fn):
+        def f(w):
+            ps = {k: t.view(s) for k, t, s in zip(names, w.split(sizes), shapes)}
+            return loss_fn(torch.func.functional_call(model, ps, (x,)), y)
+
+        return torch.autograd.functional.hessian(f, param_vector(model))
+
+    return model, x, y, full
+
+
+def test_dataloader_with_a_short_last_batch_and_mse():
+    # a DataLoader of 23 samples in batches of 5: the last batch has 3, and the
+    # mean over batches must weight it by 3/23, not 1/5
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, x, y, full = _regression_problem()
+    loader = DataLoader(TensorDataset(x, y), batch_size=5, shuffle=False)
+    ref = full(F.mse_loss)
+    for chunk in (None, 4, 2048):
+        op = HessianOperator(model, F.mse_loss, loader, max_batch_size=chunk)
+        torch.testing.assert_close(op.dense(), ref, rtol=1e-9, atol=1e-12)
+    # an nn.Module loss with reduction="sum" is the Hessian of the sum, read from the module
+    op = HessianOperator(model, nn.MSELoss(reduction="sum"), loader)
+    torch.testing.assert_close(op.dense(), full(nn.MSELoss(reduction="sum")), rtol=1e-9, atol=1e-9)
+    # max_samples reads only the first samples, cutting a batch
+    op = HessianOperator(model, F.mse_loss, loader, max_samples=12)
+    assert op.n_samples == 12
+    torch.testing.assert_close(
+        op.dense(),
+        _regression_hessian_on(model, x[:12], y[:12]),
+        rtol=1e-9,
+        atol=1e-12,
+    )
+
+
+def _regression_hessian_on(model, x, y):
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def f(w):
+        ps = {k: t.view(s) for k, t, s in zip(names, w.split(sizes), shapes)}
+        return F.mse_loss(torch.func.functional_call(model, ps, (x,)), y)
+
+    return torch.autograd.functional.hessian(f, param_vector(model))
+
+
+def test_dict_inputs_are_passed_to_the_model():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 2).double()
+            self.b = nn.Linear(1, 2).double()
+
+        def forward(self, inputs):
+            return self.a(inputs["signal"]) * torch.tanh(self.b(inputs["scale"]))
+
+    torch.manual_seed(0)
+    model = TwoInputs()
+    x = {"signal": torch.randn(10, 3, dtype=torch.float64), "scale": torch.rand(10, 1).double()}
+    y = torch.randn(10, 2, dtype=torch.float64)
+    batches = [({k: v[:4] for k, v in x.items()}, y[:4]), ({k: v[4:] for k, v in x.items()}, y[4:])]
+    op = HessianOperator(model, F.mse_loss, batches)
+    one = HessianOperator(model, F.mse_loss, [(x, y)])
+    torch.testing.assert_close(op.dense(), one.dense(), rtol=1e-10, atol=1e-12)
+    assert op.n_samples == 10
+
+
+def test_loss_checks_before_any_measurement():
+    model, x, y, _ = _regression_problem()
+    with pytest.raises(ValueError, match="Invalid reduction value"):
+        HessianOperator(model, nn.MSELoss(reduction="none"), [(x, y)])
+    op = HessianOperator(model, lambda out, t: (out - t).pow(2).mean(1), [(x, y)])
+    with pytest.raises(ValueError, match="expected a scalar"):
+        op.matvec(torch.zeros(op.dim, dtype=torch.float64))
+    bad = nn.Sequential(nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        bad[0].weight.fill_(float("nan"))
+    op = HessianOperator(bad, F.mse_loss, [(x, y)])
+    with pytest.raises(ValueError, match="loss on the batches is nan"):
+        op.matvec(torch.zeros(op.dim, dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_samples"):
+        HessianOperator(model, F.mse_loss, [(x, y)], max_samples=0)
+    with pytest.raises(ValueError, match="batches"):
+        HessianOperator(model, F.mse_loss, 5)
+
+
+def test_progress_bars_change_nothing(setup, monkeypatch):
+    """With progress=True the bars see every product and the results are the same."""
+    import samkit.sharpness._progress as progress
+    from samkit.sharpness import hessian_trace, spectral_density, top_eigenvalues
+
+    seen = []
+
+    class FakeBar:
+        def __init__(self, *a, **kw):
+            self.n = 0
+            seen.append(self)
+
+        def update(self, k=1):
+            self.n += k
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(
+        progress, "progress_bar", lambda total, enabled, *a, **k: FakeBar() if enabled else None
+    )
+    model, x, y, _ = setup
+    results = []
+    for bar in (False, True):
+        op = HessianOperator(model, F.cross_entropy, [(x, y)])
+        eig = top_eigenvalues(op, 2, tol=1e-6, progress=bar)
+        tr = hessian_trace(op, n_probes=6, progress=bar)
+        dens = spectral_density(op, n_steps=10, progress=bar)
+        results.append((eig.eigenvalues, tr.trace, dens.density.sum().item(), op.n_matvecs))
+    assert results[0] == results[1]
+    assert [b.n for b in seen] == [eig.n_matvecs, tr.n_matvecs, dens.n_matvecs]

@@ -5,10 +5,12 @@ Reads checkpoints written by the trainer (``samkit compare`` leaves them in
 on a fixed set of samples (default: the first 1000 training samples, with the
 labels trained on), with the model in eval mode:
 
-  top Hessian eigenvalue(s)   Lanczos, relative residual <= --tol
+  top Hessian eigenvalue(s)   Lanczos, relative error bound <= --tol
   Hessian trace               deflated Hutchinson, --trace-samples probes (+- standard error)
   worst-case sharpness        max L(w + d) - L(w) over |d| <= rho, --ascent-steps steps
   average-case sharpness      E L(w + d) - L(w), d Gaussian with E|d|^2 = rho^2 (--average)
+  GGN top eigenvalue, trace   the generalised Gauss-Newton matrix, a cheaper PSD proxy
+                              of the Hessian, not the Hessian (--ggn)
 
 Writes a JSON file (atomically) and prints a table.
 """
@@ -69,6 +71,12 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--average", action="store_true", help="also the average-case (Gaussian) sharpness"
+    )
+    p.add_argument(
+        "--ggn",
+        action="store_true",
+        help="also the top eigenvalue and trace of the generalised Gauss-Newton matrix "
+        "(a cheaper proxy, labelled ggn; not the Hessian)",
     )
     p.add_argument(
         "--density",
@@ -201,21 +209,23 @@ def run(args: argparse.Namespace) -> int:
     for path in args.checkpoints:
         model, batches, info = load_model_and_batches(path, args)
         t0 = time.perf_counter()
+        if progress:
+            print(f"{Path(path).name}:", file=sys.stderr, flush=True)
         op = sh.HessianOperator(model, F.cross_entropy, batches)
-        bar = _bar(4 if args.average else 3, progress, Path(path).name)
-        eig = top_eigenvalues(op, args.top_k, tol=args.tol, seed=args.seed)
-        _tick(bar)
+        eig = top_eigenvalues(op, args.top_k, tol=args.tol, seed=args.seed, progress=progress)
         tr = hessian_trace(
             op,
             n_probes=args.trace_samples,
             basis=eig.basis,
             tridiagonal=eig.tridiagonal,
             seed=args.seed + 1,
+            progress=progress,
         )
-        _tick(bar)
         density = None
         if args.density:
-            density = spectral_density(op, n_steps=min(80, op.dim), seed=args.seed + 2)
+            density = spectral_density(
+                op, n_steps=min(80, op.dim), seed=args.seed + 2, progress=progress
+            )
         op.release()
         wc = sh.worst_case_sharpness(
             model,
@@ -226,8 +236,8 @@ def run(args: argparse.Namespace) -> int:
             steps=args.ascent_steps,
             seed=args.seed,
             op=op,
+            progress=progress,
         )
-        _tick(bar)
         res: dict[str, Any] = {
             "loss": wc.loss,
             "hessian_top_eig": eig.eigenvalues[0],
@@ -246,13 +256,21 @@ def run(args: argparse.Namespace) -> int:
                 adaptive=args.adaptive,
                 seed=args.seed,
                 op=op,
+                progress=progress,
             )
             res["average_case_sharpness"] = avg.sharpness
             res["average_case_stderr"] = avg.stderr
-            _tick(bar)
-        if bar is not None:
-            bar.close()
         res["hessian_vector_products"] = op.n_matvecs
+        if args.ggn:
+            ggn_op = sh.GGNOperator(model, F.cross_entropy, batches)
+            ggn_eig = top_eigenvalues(ggn_op, tol=args.tol, seed=args.seed, progress=progress)
+            ggn_tr = sh.ggn_trace(
+                model, F.cross_entropy, batches, seed=args.seed + 3, progress=progress
+            )
+            res["ggn_top_eig"] = ggn_eig.eigenvalues[0]
+            res["ggn_trace"] = ggn_tr.trace
+            res["ggn_trace_stderr"] = ggn_tr.stderr
+            res["ggn_vector_products"] = ggn_op.n_matvecs
         res["seconds"] = time.perf_counter() - t0
         if density is not None:
             from ..sharpness.plots import plot_density, save_grid
@@ -283,6 +301,9 @@ def run(args: argparse.Namespace) -> int:
         }
         if args.average:
             row["average-case"] = res["average_case_sharpness"]
+        if args.ggn:
+            row["ggn top eig (proxy)"] = res["ggn_top_eig"]
+            row["ggn trace (proxy)"] = f"{res['ggn_trace']:.4g} +- {res['ggn_trace_stderr']:.2g}"
         rows.append(row)
 
     settings = {
@@ -292,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         "rho": args.rho,
         "adaptive": args.adaptive,
         "ascent_steps": args.ascent_steps,
+        "ggn": args.ggn,
         "seed": args.seed,
         "split": args.split,
         "samples": args.samples,
@@ -302,21 +324,6 @@ def run(args: argparse.Namespace) -> int:
     _print_table(rows)
     print(f"wrote {out}")
     return 0
-
-
-def _bar(total: int, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress bars are optional
-        return None
-    return tqdm(total=total, desc=desc, disable=None, leave=False, file=sys.stderr)
-
-
-def _tick(bar: Any) -> None:
-    if bar is not None:
-        bar.update()
 
 
 def _fmt(v: Any) -> str:

@@ -4,8 +4,12 @@ All measures are of the mean loss over a fixed set of batches, with the model
 in eval mode, and never modify the model:
 
 - :mod:`.hvp`: Hessian-vector products (double backward or torch.func).
-- :mod:`.hessian`: top eigenvalues (Lanczos / power iteration), trace
-  (deflated Hutchinson), spectral density (stochastic Lanczos quadrature).
+- :mod:`.hessian`: top eigenvalues (Lanczos, block Lanczos, power
+  iteration), trace (Hutchinson deflated by a growing Lanczos basis, XTrace,
+  plain Hutchinson), spectral density (stochastic Lanczos quadrature).
+- :mod:`.ggn`: the generalised Gauss-Newton matrix, a cheaper positive
+  semi-definite *proxy* of the Hessian (its operator and a per-sample trace),
+  labelled ``ggn`` wherever it appears.
 - :mod:`.worst_case`: worst-case loss in an L2 or adaptive rho-ball
   (multi-step projected ascent), average-case (Gaussian) sharpness.
 - :mod:`.landscape`: filter-normalised 1-D / 2-D landscapes and the linear
@@ -21,6 +25,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .ggn import GGNOperator, GGNTraceResult, ggn_trace
 from .hessian import (
     DenseOperator,
     DensityResult,
@@ -28,12 +33,13 @@ from .hessian import (
     TraceResult,
     _check_int,
     _generator,
+    block_lanczos,
     hessian_trace,
     lanczos,
     spectral_density,
     top_eigenvalues,
 )
-from .hvp import HessianOperator, eval_mode, hvp, param_vector
+from .hvp import CurvatureOperator, HessianOperator, eval_mode, hvp, param_vector
 from .landscape import filter_normalized_direction, interpolate, loss_curve, loss_surface
 from .worst_case import (
     AverageCaseResult,
@@ -45,13 +51,18 @@ from .worst_case import (
 __all__ = [
     "summary",
     "HessianOperator",
+    "GGNOperator",
+    "CurvatureOperator",
     "DenseOperator",
     "hvp",
     "eval_mode",
     "param_vector",
     "lanczos",
+    "block_lanczos",
     "top_eigenvalues",
     "hessian_trace",
+    "ggn_trace",
+    "GGNTraceResult",
     "spectral_density",
     "EigenResult",
     "TraceResult",
@@ -89,7 +100,8 @@ def summary(
     Returns ``{"hessian_top_eig", "hessian_trace", "worst_case_sharpness"}``
     (plus ``"hessian_eig_2"`` ... ``"hessian_eig_<top_k>"`` when ``top_k > 1``):
 
-    - the largest eigenvalue by Lanczos to relative residual ``eig_tol``;
+    - the largest eigenvalue by Lanczos, to a Ritz-value error bound of ``eig_tol``
+      (relative);
     - the trace by Hutchinson with ``trace_samples`` Rademacher probes,
       deflated by the Lanczos basis of the eigenvalue run (free: its
       :math:`Q^\top H Q` is the Lanczos matrix), unbiased;
@@ -99,39 +111,34 @@ def summary(
 
     Cost: about ``n_lanczos + trace_samples`` Hessian-vector products and
     ``ascent_steps`` gradients over the batches; a few seconds for a
-    5k-parameter network on 1000 samples on one CPU core.
+    5k-parameter network on 1000 samples on one CPU core. ``progress`` shows a
+    bar per stage (products, then ascent steps).
     """
     top_k = _check_int("top_k", top_k, 1)
     trace_samples = _check_int("trace_samples", trace_samples, 1)
     gen = _generator(seed)
     op = HessianOperator(model, loss_fn, batches, params=params, max_batch_size=max_batch_size)
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=3, desc="sharpness", disable=None, leave=False)
-        except ImportError:  # progress bars are optional
-            bar = None
-
-    def tick(what: str) -> None:
-        if bar is not None:
-            bar.set_postfix_str(what)
-            bar.update()
-
-    eig = top_eigenvalues(op, top_k, tol=eig_tol, max_iter=max_iter, seed=gen)
-    tick("eigenvalues")
+    eig = top_eigenvalues(op, top_k, tol=eig_tol, max_iter=max_iter, seed=gen, progress=progress)
     tr = hessian_trace(
-        op, n_probes=trace_samples, basis=eig.basis, tridiagonal=eig.tridiagonal, seed=gen
+        op,
+        n_probes=trace_samples,
+        basis=eig.basis,
+        tridiagonal=eig.tridiagonal,
+        seed=gen,
+        progress=progress,
     )
-    tick("trace")
     op.release()  # the ascent below needs no second-order graph
     wc = worst_case_sharpness(
-        model, loss_fn, None, rho=rho, adaptive=adaptive, steps=ascent_steps, seed=seed, op=op
+        model,
+        loss_fn,
+        None,
+        rho=rho,
+        adaptive=adaptive,
+        steps=ascent_steps,
+        seed=seed,
+        op=op,
+        progress=progress,
     )
-    tick("worst case")
-    if bar is not None:
-        bar.close()
     out = {
         "hessian_top_eig": float(eig.eigenvalues[0]),
         "hessian_trace": float(tr.trace),

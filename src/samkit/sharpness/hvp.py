@@ -8,8 +8,12 @@ The loss is the sample-weighted mean over all the batches given,
     Hv = \nabla_w \big( \nabla_w L(w)^\top v \big),
 
 with ``loss_fn`` returning the *mean* loss of a batch (as
-``F.cross_entropy`` does), so the result does not depend on how the samples
-are split into batches. The model is evaluated in eval mode (BatchNorm with
+``F.cross_entropy`` and ``F.mse_loss`` do), so the result does not depend on
+how the samples are split into batches, even into batches of unequal size
+(:math:`L = \sum_b \ell_b` for a loss that sums, ``reduction="sum"``). A batch
+is an ``(x, y)`` pair: ``x`` whatever the model takes (a tensor, or a tuple /
+dict of tensors), ``y`` whatever the loss takes; a DataLoader, a list of
+pairs or one pair. The model is evaluated in eval mode (BatchNorm with
 its running statistics, dropout off), as PyHessian does (arXiv 1912.07145),
 so the Hessian is that of one deterministic function.
 
@@ -23,16 +27,24 @@ Two back-ends compute :math:`Hv`:
 - ``"autograd"`` (default): double backward. When the data fit in one chunk
   (``max_batch_size``) the gradient graph is built once and each product is a
   single backward pass through it (``cache_graph``), which measured fastest
-  on CPU (about 0.7x the time of re-running forward and backward, and 0.55x
-  forward-over-reverse, for the MNIST-1D CNN on 1000 samples).
+  on CPU (``benchmarks/sharpness.py --products``: about 0.8x the time of
+  re-running forward and backward, and 0.75x forward-over-reverse, for the
+  MNIST-1D CNN on 1000 samples). :meth:`HessianOperator.matmat` runs one
+  batched backward pass for many vectors (``is_grads_batched``).
 - ``"func"``: forward-over-reverse, ``jvp(grad(L))`` from :mod:`torch.func`;
   :meth:`HessianOperator.matmat` vectorises it over many vectors with
-  ``vmap``, which pays off on accelerators.
+  ``vmap``.
+
+Several vectors per pass (either back-end) cost as much per vector as one at
+a time on a CPU, or more on a large model; they are there for accelerators.
+:class:`CurvatureOperator` holds what every operator shares (batches,
+weights, loss, gradient); :mod:`.ggn` builds the Gauss-Newton operator on it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -40,7 +52,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-__all__ = ["HessianOperator", "hvp", "eval_mode", "prepare_batches", "param_vector"]
+__all__ = [
+    "CurvatureOperator",
+    "HessianOperator",
+    "hvp",
+    "eval_mode",
+    "prepare_batches",
+    "param_vector",
+    "batch_size",
+]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -57,32 +77,67 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
-def _check_batch(i: int, batch: Any) -> tuple[Tensor, Tensor]:
+def _leaves(obj: Any) -> list[Tensor]:
+    """The tensors in a (nested) tuple / list / dict, in order."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _leaves(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _leaves(v)]
+    return []
+
+
+def _to_device(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def batch_size(batch: tuple[Any, Any]) -> int:
+    """Samples in an ``(x, y)`` batch: the leading size of its first tensor."""
+    x, y = batch
+    return int(next(iter(_leaves(x) or _leaves(y))).shape[0])
+
+
+def _check_batch(i: int, batch: Any) -> tuple[Any, Any]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise ValueError(
             f"Invalid batches value: item {i} is {type(batch).__name__}, expected an (x, y) pair"
         )
     x, y = batch
-    if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
-        raise ValueError(f"Invalid batches value: item {i} is not a pair of tensors")
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+    xs, ys = _leaves(x), _leaves(y)
+    if not xs:
+        raise ValueError(f"Invalid batches value: item {i} has no input tensor")
+    sizes = {t.shape[0] if t.dim() > 0 else None for t in xs + ys}
+    if len(sizes) != 1 or None in sizes or 0 in sizes:
         raise ValueError(
-            f"Invalid batches value: item {i} has {x.shape[0]} inputs and {y.shape[0]} targets"
+            f"Invalid batches value: item {i} has inputs and targets of different or zero "
+            f"batch sizes ({sorted(str(s) for s in sizes)})"
         )
     return x, y
 
 
 def prepare_batches(
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[tuple[Any, Any]],
     *,
     max_batch_size: int | None = 2048,
+    max_samples: int | None = None,
     device: torch.device | str | None = None,
-) -> list[tuple[Tensor, Tensor]]:
+) -> list[tuple[Any, Any]]:
     """Materialise ``batches`` and regroup them into as few chunks as allowed.
 
-    Samples are concatenated and re-split into chunks of ``max_batch_size``
-    (``None``: one chunk), which removes per-batch overhead; batches whose
-    shapes cannot be concatenated are kept as they are. The loss of the
+    ``batches`` is a DataLoader, a list of ``(x, y)`` pairs or one pair. ``x``
+    is what the model takes (a tensor, or a tuple / dict of tensors with the
+    samples along the first axis), ``y`` what the loss takes. Reading stops
+    after ``max_samples`` samples (the last batch is cut). Tensor batches are
+    concatenated and re-split into chunks of ``max_batch_size`` (``None``:
+    one chunk), which removes per-batch overhead; other batches, or batches
+    whose shapes cannot be concatenated, are kept as they are. The loss of the
     result, weighted by chunk size, equals that of the input.
     """
     if max_batch_size is not None and (
@@ -93,33 +148,69 @@ def prepare_batches(
         raise ValueError(
             f"Invalid max_batch_size value: {max_batch_size!r} (must be an int >= 1 or None)"
         )
-    if (
-        isinstance(batches, tuple)
-        and len(batches) == 2
-        and all(isinstance(t, Tensor) for t in batches)
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
     ):
-        batches = [batches]  # a single (x, y) pair
-    items = [_check_batch(i, b) for i, b in enumerate(batches)]
+        raise ValueError(
+            f"Invalid max_samples value: {max_samples!r} (must be an int >= 1 or None)"
+        )
+    if (
+        isinstance(batches, (tuple, list))
+        and len(batches) == 2
+        and (isinstance(batches[0], Tensor) or isinstance(batches[1], Tensor))
+    ):
+        batches = [tuple(batches)]  # a single (x, y) pair
+    if batches is None or not isinstance(batches, Iterable):
+        raise ValueError(
+            f"Invalid batches value: expected (x, y) pairs or a DataLoader, got {type(batches).__name__}"
+        )
+    items: list[tuple[Any, Any]] = []
+    taken = 0
+    for i, b in enumerate(batches):
+        x, y = _check_batch(i, b)
+        if max_samples is not None:
+            n_b = batch_size((x, y))
+            if taken + n_b > max_samples:
+                keep = max_samples - taken
+                x, y = _slice(x, keep), _slice(y, keep)
+                n_b = keep
+            taken += n_b
+        items.append((x, y))
+        if max_samples is not None and taken >= max_samples:
+            break
     if not items:
         raise ValueError("Invalid batches value: no batches given")
     if device is not None:
-        items = [(x.to(device), y.to(device)) for x, y in items]
+        items = [(_to_device(x, device), _to_device(y, device)) for x, y in items]
+    x0, y0 = items[0]
     same = all(
-        x.shape[1:] == items[0][0].shape[1:]
-        and y.shape[1:] == items[0][1].shape[1:]
-        and x.dtype == items[0][0].dtype
-        and y.dtype == items[0][1].dtype
+        isinstance(x, Tensor)
+        and isinstance(y, Tensor)
+        and x.shape[1:] == x0.shape[1:]
+        and y.shape[1:] == y0.shape[1:]
+        and x.dtype == x0.dtype
+        and y.dtype == y0.dtype
         for x, y in items
     )
     if not same:
         return items
     n = sum(x.shape[0] for x, _ in items)
     size = n if max_batch_size is None else max_batch_size
-    if len(items) == 1 and n <= size:
+    if all(x.shape[0] <= size for x, _ in items) and len(items) == 1:
         return items
     xs = torch.cat([x for x, _ in items])
     ys = torch.cat([y for _, y in items])
     return list(zip(xs.split(size), ys.split(size)))
+
+
+def _slice(obj: Any, n: int) -> Any:
+    if isinstance(obj, Tensor):
+        return obj[:n] if obj.dim() > 0 else obj
+    if isinstance(obj, dict):
+        return {k: _slice(v, n) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_slice(v, n) for v in obj)
+    return obj
 
 
 def _trainable(model: nn.Module, params: Sequence[str] | None) -> list[tuple[str, Tensor]]:
@@ -148,49 +239,43 @@ def param_vector(model: nn.Module, params: Sequence[str] | None = None) -> Tenso
     return torch.cat([p.detach().reshape(-1) for _, p in _trainable(model, params)])
 
 
-class HessianOperator:
-    r"""The Hessian of a model's mean loss over fixed batches, as an operator.
+def _reduction(loss_fn: Any, reduction: str | None) -> str:
+    if reduction is None:
+        reduction = getattr(loss_fn, "reduction", "mean")  # nn.Module losses carry theirs
+        if not isinstance(reduction, str):
+            reduction = "mean"
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"Invalid reduction value: {reduction!r} (the loss must return a scalar: 'mean' or 'sum')"
+        )
+    return reduction
 
-    Args:
-        model: the network. Put in eval mode while measuring; its flags are
-            restored after each call, its weights are never written.
-        loss_fn: ``loss_fn(model(x), y)`` -> scalar *mean* over the batch.
-        batches: (x, y) pairs, e.g. a list, a DataLoader, or one pair. Read
-            once and kept (moved to the parameters' device).
-        params: names of the parameters the Hessian is taken over (default:
-            all with ``requires_grad``); the others stay fixed.
-        max_batch_size: samples per forward pass after regrouping (``None``:
-            everything at once). Lower it if memory runs out.
-        backend: ``"autograd"`` (double backward) or ``"func"``
-            (forward-over-reverse with :mod:`torch.func`).
-        cache_graph: keep the gradient graph between products (autograd
-            back-end only). Default: when the data form a single chunk.
 
-    ``op.matvec(v)`` / ``op @ v`` gives :math:`Hv` for a flat ``v`` of length
-    ``op.dim``; ``op.matmat(V)`` the products for the rows of ``V``.
-    ``op.loss(w)`` and ``op.loss_and_grad(w)`` evaluate at any flat weight
-    vector ``w`` (default: the model's). ``op.n_matvecs`` counts products.
+class CurvatureOperator:
+    r"""What every curvature operator of a model's loss over fixed batches shares.
 
-    Example:
-        >>> import torch
-        >>> model = torch.nn.Linear(3, 1)
-        >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
-        >>> op = HessianOperator(model, torch.nn.functional.mse_loss, [(x, y)])
-        >>> hv = op @ torch.ones(op.dim)
-        >>> hv.shape
-        torch.Size([4])
+    The loss is :math:`L(w) = \frac{1}{N}\sum_b n_b\,\ell_b(w)` for a loss
+    that returns the batch mean (``reduction="mean"``, as ``F.cross_entropy``
+    and ``F.mse_loss`` do), or :math:`\sum_b \ell_b(w)` for a summed one
+    (``reduction="sum"``, taken from an ``nn.Module`` loss's own
+    ``reduction`` attribute when not given), so it does not depend on how the
+    samples are split into batches, even when the batches differ in size.
+
+    Subclasses define ``matvec``; ``matmat``, ``dense`` and ``@`` follow.
     """
+
+    kind = "curvature"
 
     def __init__(
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        batches: Iterable[tuple[Tensor, Tensor]],
+        batches: Iterable[tuple[Any, Any]],
         *,
         params: Sequence[str] | None = None,
         max_batch_size: int | None = 2048,
-        backend: str = "autograd",
-        cache_graph: bool | None = None,
+        max_samples: int | None = None,
+        reduction: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(
@@ -198,12 +283,10 @@ class HessianOperator:
             )
         if not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn value: {loss_fn!r} is not callable")
-        if backend not in ("autograd", "func"):
-            raise ValueError(f"Invalid backend value: {backend!r} (expected 'autograd' or 'func')")
+        self.reduction = _reduction(loss_fn, reduction)
         named = _trainable(model, params)
         self.model = model
         self.loss_fn = loss_fn
-        self.backend = backend
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.sizes = [p.numel() for _, p in named]
@@ -211,13 +294,14 @@ class HessianOperator:
         self.dim = self.w.numel()
         self.dtype = self.w.dtype
         self.device = self.w.device
-        self.batches = prepare_batches(batches, max_batch_size=max_batch_size, device=self.device)
-        self.n_samples = sum(x.shape[0] for x, _ in self.batches)
-        self._weights = [x.shape[0] / self.n_samples for x, _ in self.batches]
-        if cache_graph is None:
-            cache_graph = len(self.batches) == 1
-        self.cache_graph = bool(cache_graph) and backend == "autograd"
-        self._graph: tuple[Tensor, Tensor] | None = None
+        self.batches = prepare_batches(
+            batches, max_batch_size=max_batch_size, max_samples=max_samples, device=self.device
+        )
+        self.n_samples = sum(batch_size(b) for b in self.batches)
+        if self.reduction == "mean":
+            self._weights = [batch_size(b) / self.n_samples for b in self.batches]
+        else:
+            self._weights = [1.0] * len(self.batches)
         self.n_matvecs = 0
 
     # ----------------------------------------------------------- plumbing
@@ -238,18 +322,46 @@ class HessianOperator:
             )
         return v.to(device=self.device, dtype=self.dtype)
 
-    def _chunk_loss(
-        self, w: Tensor, x: Tensor, y: Tensor, buffers: dict[str, Tensor] | None = None
-    ) -> Tensor:
+    def _check_mat(self, vs: Tensor) -> Tensor:
+        if not isinstance(vs, Tensor) or vs.dim() != 2 or vs.shape[1] != self.dim:
+            shape = tuple(vs.shape) if isinstance(vs, Tensor) else type(vs).__name__
+            raise ValueError(f"Invalid vs value: expected shape (k, {self.dim}), got {shape}")
+        return vs.to(device=self.device, dtype=self.dtype)
+
+    def _output(self, w: Tensor, x: Any, buffers: dict[str, Tensor] | None = None) -> Any:
         tensors = self.unflatten(w)
         if buffers:
             tensors = {**buffers, **tensors}
-        return self.loss_fn(functional_call(self.model, tensors, (x,)), y)
+        return functional_call(self.model, tensors, (x,))
+
+    def _apply_loss(self, out: Any, y: Any) -> Tensor:
+        loss = self.loss_fn(out, y)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"Invalid loss_fn value: it returned {shape}, expected a scalar "
+                "(use reduction='mean' or 'sum')"
+            )
+        return loss
+
+    def _chunk_loss(
+        self, w: Tensor, x: Any, y: Any, buffers: dict[str, Tensor] | None = None
+    ) -> Tensor:
+        return self._apply_loss(self._output(w, x, buffers), y)
+
+    def _check_finite(self, value: Tensor | float) -> None:
+        if isinstance(value, Tensor):
+            value = value.detach()
+        if not math.isfinite(float(value)):
+            raise ValueError(
+                f"Invalid model value: its loss on the batches is {float(value)} "
+                "(diverged weights or bad data): nothing to measure"
+            )
 
     # ------------------------------------------------------------ values
     @torch.no_grad()
     def loss(self, w: Tensor | None = None, *, buffers: dict[str, Tensor] | None = None) -> float:
-        """Mean loss at the flat weights ``w`` (default: the model's)."""
+        """Loss at the flat weights ``w`` (default: the model's)."""
         w = self.w if w is None else self._check_vec("w", w)
         with eval_mode(self.model):
             total = sum(
@@ -259,7 +371,8 @@ class HessianOperator:
         return float(total)
 
     def loss_and_grad(self, w: Tensor | None = None) -> tuple[float, Tensor]:
-        """Mean loss and its gradient (flat) at ``w`` (default: the model's)."""
+        """Loss and its gradient (flat) at ``w`` (default: the model's)."""
+        at_model = w is None
         w = (self.w if w is None else self._check_vec("w", w)).detach().requires_grad_(True)
         total = 0.0
         g = torch.zeros_like(w)
@@ -268,20 +381,119 @@ class HessianOperator:
                 loss = self._chunk_loss(w, x, y) * c
                 g += torch.autograd.grad(loss, w)[0]
                 total += float(loss.detach())
+        if at_model:
+            self._check_finite(total)  # elsewhere a non-finite loss is the caller's finding
         return total, g
 
     def gradient(self) -> Tensor:
         return self.loss_and_grad()[1]
 
     # ---------------------------------------------------------- products
+    def matvec(self, v: Tensor) -> Tensor:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.matmat(v) if isinstance(v, Tensor) and v.dim() == 2 else self.matvec(v)
+
+    def matmat(self, vs: Tensor) -> Tensor:
+        """Products for the rows ``v_i`` of ``vs`` (shape ``(k, dim)``)."""
+        vs = self._check_mat(vs)
+        return torch.stack([self.matvec(v) for v in vs])
+
+    def release(self) -> None:
+        """Drop any cached graph (frees its memory)."""
+
+    def dense(self, block_size: int = 1) -> Tensor:
+        """The full ``dim x dim`` matrix, ``block_size`` columns per call (small models only)."""
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
+        return torch.cat([self.matmat(e) for e in eye.split(block_size)]).T.contiguous()
+
+
+class HessianOperator(CurvatureOperator):
+    r"""The Hessian of a model's loss over fixed batches, as an operator.
+
+    Args:
+        model: the network. Put in eval mode while measuring; its flags are
+            restored after each call, its weights are never written.
+        loss_fn: ``loss_fn(model(x), y)`` -> scalar, the batch *mean* (or the
+            sum, see ``reduction``). Any loss: ``F.cross_entropy``,
+            ``F.mse_loss``, an ``nn.Module`` loss, your own function.
+        batches: ``(x, y)`` pairs: a DataLoader, a list, or one pair. ``x`` is
+            what the model takes (a tensor, or a tuple / dict of tensors), ``y``
+            what the loss takes. Read once and kept (moved to the parameters'
+            device); batches of unequal sizes are weighted by their size.
+        params: names of the parameters the Hessian is taken over (default:
+            all with ``requires_grad``); the others stay fixed.
+        max_batch_size: samples per forward pass after regrouping (``None``:
+            everything at once). Lower it if memory runs out.
+        max_samples: read at most this many samples from ``batches``.
+        reduction: ``"mean"`` or ``"sum"``: what ``loss_fn`` does over a
+            batch (default: the loss module's ``reduction``, else ``"mean"``).
+        backend: ``"autograd"`` (double backward) or ``"func"``
+            (forward-over-reverse with :mod:`torch.func`).
+        cache_graph: keep the gradient graph between products (autograd
+            back-end only), trading memory for one forward and backward pass
+            per product. Default: when the data form a single chunk.
+
+    ``op.matvec(v)`` / ``op @ v`` gives :math:`Hv` for a flat ``v`` of length
+    ``op.dim``; ``op.matmat(V)`` the products for the rows of ``V``.
+    ``op.loss(w)`` and ``op.loss_and_grad(w)`` evaluate at any flat weight
+    vector ``w`` (default: the model's). ``op.n_matvecs`` counts products.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
+        >>> op = HessianOperator(model, torch.nn.functional.mse_loss, [(x, y)])
+        >>> hv = op @ torch.ones(op.dim)
+        >>> hv.shape
+        torch.Size([4])
+    """
+
+    kind = "hessian"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Iterable[tuple[Any, Any]],
+        *,
+        params: Sequence[str] | None = None,
+        max_batch_size: int | None = 2048,
+        max_samples: int | None = None,
+        reduction: str | None = None,
+        backend: str = "autograd",
+        cache_graph: bool | None = None,
+    ) -> None:
+        if backend not in ("autograd", "func"):
+            raise ValueError(f"Invalid backend value: {backend!r} (expected 'autograd' or 'func')")
+        super().__init__(
+            model,
+            loss_fn,
+            batches,
+            params=params,
+            max_batch_size=max_batch_size,
+            max_samples=max_samples,
+            reduction=reduction,
+        )
+        self.backend = backend
+        if cache_graph is None:
+            cache_graph = len(self.batches) == 1
+        self.cache_graph = bool(cache_graph) and backend == "autograd"
+        self._graph: tuple[Tensor, Tensor] | None = None
+
     def _cached_grad(self) -> tuple[Tensor, Tensor]:
         if self._graph is None:
             w = self.w.detach().clone().requires_grad_(True)
+            total = 0.0
             with eval_mode(self.model), torch.enable_grad():
                 g = None
                 for c, (x, y) in zip(self._weights, self.batches):
-                    gc = torch.autograd.grad(self._chunk_loss(w, x, y) * c, w, create_graph=True)[0]
+                    loss = self._chunk_loss(w, x, y) * c
+                    total += float(loss.detach())
+                    gc = torch.autograd.grad(loss, w, create_graph=True)[0]
                     g = gc if g is None else g + gc
+            self._check_finite(total)
             self._graph = (w, g)
         return self._graph
 
@@ -300,13 +512,15 @@ class HessianOperator:
             return torch.autograd.grad(g, w, v, retain_graph=True)[0]
         w = self.w.detach().clone().requires_grad_(True)
         out = torch.zeros_like(w)
+        total = 0.0
         with eval_mode(self.model), torch.enable_grad():
             for c, (x, y) in zip(self._weights, self.batches):
-                gc = torch.autograd.grad(self._chunk_loss(w, x, y) * c, w, create_graph=True)[0]
+                loss = self._chunk_loss(w, x, y) * c
+                total += float(loss.detach())
+                gc = torch.autograd.grad(loss, w, create_graph=True)[0]
                 out += torch.autograd.grad(gc, w, v)[0]
+        self._check_finite(total)
         return out
-
-    __matmul__ = matvec
 
     def _func_hvp(self, v: Tensor) -> Tensor:
         with eval_mode(self.model):
@@ -318,11 +532,12 @@ class HessianOperator:
         return out
 
     def matmat(self, vs: Tensor) -> Tensor:
-        """Products :math:`Hv_i` for the rows ``v_i`` of ``vs`` (shape ``(k, dim)``)."""
-        if not isinstance(vs, Tensor) or vs.dim() != 2 or vs.shape[1] != self.dim:
-            shape = tuple(vs.shape) if isinstance(vs, Tensor) else type(vs).__name__
-            raise ValueError(f"Invalid vs value: expected shape (k, {self.dim}), got {shape}")
-        vs = vs.to(device=self.device, dtype=self.dtype)
+        """Products :math:`Hv_i` for the rows ``v_i`` of ``vs`` (shape ``(k, dim)``).
+
+        Vectorised: one batched backward pass through the cached graph
+        (``is_grads_batched``), or ``vmap`` over forward-over-reverse.
+        """
+        vs = self._check_mat(vs)
         if self.backend == "func":
             self.n_matvecs += vs.shape[0]
             return vmap(self._func_hvp)(vs)
@@ -331,11 +546,6 @@ class HessianOperator:
             w, g = self._cached_grad()
             return torch.autograd.grad(g, w, vs, retain_graph=True, is_grads_batched=True)[0]
         return torch.stack([self.matvec(v) for v in vs])
-
-    def dense(self) -> Tensor:
-        """The full ``dim x dim`` Hessian, column by column (small models only)."""
-        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-        return torch.stack([self.matvec(e) for e in eye], dim=1)
 
 
 def hvp(

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ._progress import progress_bar
 from .hessian import _check_int, _check_pos, _generator
 from .hvp import HessianOperator, LossFn
 
@@ -111,6 +112,7 @@ def worst_case_sharpness(
     params: Sequence[str] | None = None,
     max_batch_size: int | None = 2048,
     op: HessianOperator | None = None,
+    progress: bool = False,
 ) -> WorstCaseResult:
     r"""Worst-case loss increase in the L2 (or adaptive) ``rho``-ball.
 
@@ -127,6 +129,7 @@ def worst_case_sharpness(
         seed: direction of the first step when the gradient is exactly zero.
         op: a ready :class:`HessianOperator` for the same model and data
             (reuses its batches); ``params``/``max_batch_size`` then unused.
+        progress: show a progress bar (ascent steps).
     """
     rho = _check_pos("rho", rho)
     eta = _check_pos("eta", eta, zero=True)
@@ -143,7 +146,10 @@ def worst_case_sharpness(
     z = torch.zeros_like(op.w)
     history: list[float] = []
     best, best_z = -math.inf, z.clone()
+    bar = progress_bar(steps, progress, "worst case")
     for i in range(steps):
+        if bar is not None:
+            bar.update()
         if i > 0:
             loss_i, g = op.loss_and_grad(op.w + lift(z))
             history.append(loss_i)
@@ -162,6 +168,8 @@ def worst_case_sharpness(
         zn = z.norm()
         if zn > rho:
             z = z * (rho / zn)
+    if bar is not None:
+        bar.close()
     last = op.loss(op.w + lift(z))
     history.append(last)
     if last > best:
@@ -189,12 +197,14 @@ def average_case_sharpness(
     params: Sequence[str] | None = None,
     max_batch_size: int | None = 2048,
     op: HessianOperator | None = None,
+    progress: bool = False,
 ) -> AverageCaseResult:
     r"""Mean loss increase under Gaussian weight noise.
 
     ``sigma`` is the per-coordinate standard deviation in the ball's
     coordinates (default ``rho / sqrt(dim)``); ``n_samples`` draws, each a
     full pass over the batches. Returns the mean and its standard error.
+    ``progress`` shows a bar of the draws.
     """
     rho = _check_pos("rho", rho)
     eta = _check_pos("eta", eta, zero=True)
@@ -205,9 +215,14 @@ def average_case_sharpness(
     gen = _generator(seed)
     base = op.loss()
     samples = []
+    bar = progress_bar(n_samples, progress, "average case")
     for _ in range(n_samples):
         z = torch.randn(op.dim, generator=gen, dtype=op.dtype).to(op.device) * sig
         samples.append(op.loss(op.w + (z if t is None else t * z)) - base)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
     mean = sum(samples) / n_samples
     se = (
         math.sqrt(sum((s - mean) ** 2 for s in samples) / (n_samples - 1) / n_samples)
