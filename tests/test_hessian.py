@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -253,9 +253,15 @@ def test_side_by_side_with_pyhessian(mlp_problem):
     assert abs(tr.trace - ph_mean) < 4 * math.hypot(tr.stderr, ph_se)
 
 
+@settings(derandomize=True, max_examples=200)
 @given(seed=st.integers(0, 2**16), tol=st.sampled_from([1e-2, 1e-3, 1e-4]))
 def test_lanczos_stops_within_tol_of_the_true_top_eigenvalue(seed, tol):
-    """The Ritz-value error bound is a bound: at the stop, |theta - lambda_max| <= tol |theta|."""
+    """The Ritz-value error bound is a bound: at the stop, |theta - lambda_max| <= tol |theta|.
+
+    A residual bound says *an* eigenvalue is near theta, not the largest; the
+    floor of MIN_KRYLOV steps is what keeps a start vector that barely sees the
+    top eigenvector from stopping on the second (0.9 % of seeds without it).
+    Derandomized so CI runs the same 200 cases; scan more with HYPOTHESIS seeds."""
     from samkit.sharpness.hessian import ritz_error_bounds
 
     g = torch.Generator().manual_seed(seed)
@@ -314,7 +320,9 @@ def test_block_lanczos_invariant_subspace_stops():
     a = q[:, :2] @ torch.diag(torch.tensor([5.0, 2.0], dtype=torch.float64)) @ q[:, :2].T
     res = top_eigenvalues(DenseOperator(a), 2, tol=1e-10, block_size=3)
     assert res.eigenvalues == pytest.approx([5.0, 2.0], abs=1e-9)
-    assert res.n_matvecs <= 6
+    # the tolerance may not stop it below MIN_KRYLOV (8) basis vectors; the third
+    # block step finds no new direction and stops it, long before 20 dimensions
+    assert res.n_matvecs <= 9
 
 
 def test_growing_deflation_exact_when_basis_spans_everything():
