@@ -500,7 +500,8 @@ class SAM(torch.optim.Optimizer):
                 return None
             raise RuntimeError(
                 "SAM.step() needs a closure that does forward + backward and returns the loss, "
-                "or a preceding first_step() (see SAM.first_step)"
+                "or a preceding first_step() (see SAM.first_step). A framework that calls step() "
+                "without one needs glue: for Stable-Baselines3 use samkit.integrations.sb3.SAMPPO / SAMA2C"
             )
         kept = self._existing_grads(existing_grads)
         closure = torch.enable_grad()(closure)
