@@ -362,3 +362,15 @@ def test_list_and_api(tmp_path, capsys):
     assert result.report_path.is_file() and "adam" in result.table
     with pytest.raises(ValueError, match="Invalid setting"):
         samkit.gan_study(optimizers=["adam"], out=tmp_path / "x")
+
+
+def test_each_mixture_has_its_own_size_unless_the_study_sets_one():
+    default = gan.build_config({})
+    assert (default.resolved("ring8").iterations, default.resolved("ring8").hidden) == (5000, 64)
+    grid25 = default.resolved("grid25")
+    assert (grid25.iterations, grid25.batch_size, grid25.hidden) == (8000, 256, 128)
+    given = gan.build_config({"iterations": 300, "hidden": 32})
+    assert [given.resolved(d).iterations for d in ("ring8", "grid25")] == [300, 300]
+    assert [given.resolved(d).batch_size for d in ("ring8", "grid25")] == [128, 256]
+    with pytest.raises(ValueError, match="Invalid hidden value"):
+        gan.build_players(default, 0)  # unresolved: which width?

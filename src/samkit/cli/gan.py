@@ -22,7 +22,7 @@ from .errors import UsageError
 
 EPILOG = """examples:
   samkit gan --quick                           # about 2 minutes: Ring-8, 4 methods, 2 seeds
-  samkit gan                                   # the full study: 5 seeds, 5000 iterations
+  samkit gan                                   # the full study: 5 seeds, Ring-8 and Grid-25
   samkit gan --datasets grid25 --rho 0.01,0.05,0.2 --seeds 10
   samkit gan --methods adam "sam_g:rho=0.1" --iterations 20000
   samkit gan --list                            # data sets and methods
@@ -50,8 +50,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--seeds", metavar="N|S,S,...", help="number of seeds, or a comma-separated list"
     )
-    p.add_argument("--iterations", type=int, help="training iterations (default 5000)")
-    p.add_argument("--batch-size", type=int, help="real and generated points per step (128)")
+    p.add_argument(
+        "--iterations", type=int, help="training iterations (default: Ring-8 5000, Grid-25 8000)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="real and generated points per step (Ring-8 128, Grid-25 256)",
+    )
+    p.add_argument("--hidden", type=int, help="width of both networks (Ring-8 64, Grid-25 128)")
     p.add_argument("--lr", type=float, help="Adam's learning rate for both players (1e-3)")
     p.add_argument("--eval-every", type=int, help="iterations between evaluations (500)")
     p.add_argument("--baseline", metavar="LABEL", help="the method verdicts compare against (adam)")
@@ -67,7 +74,11 @@ def _print_list() -> int:
 
     print("data sets:")
     for name, m in MIXTURES.items():
-        print(f"  {name:<8} {len(m.centers)} modes, standard deviation {m.std:g} ({m.source})")
+        iterations, batch, hidden = m.sizes
+        print(
+            f"  {name:<8} {len(m.centers)} modes, standard deviation {m.std:g} ({m.source}); "
+            f"{iterations} iterations, batch {batch}, width {hidden}"
+        )
     print("methods:")
     for name, info in GAN_METHODS.items():
         opts = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
@@ -90,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             "seeds": _seeds(args.seeds),
             "iterations": args.iterations,
             "batch_size": args.batch_size,
+            "hidden": args.hidden,
             "lr": args.lr,
             "eval_every": args.eval_every,
             "baseline": args.baseline,

@@ -58,6 +58,7 @@ The run folder::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -123,6 +124,8 @@ class Mixture:
     centers: tuple[tuple[float, float], ...]
     std: float
     source: str
+    #: the training size a study uses when it sets none: iterations, batch size, hidden width
+    sizes: tuple[int, int, int] = (5000, 128, 64)
 
     def centers_tensor(self) -> Tensor:
         return torch.tensor(self.centers, dtype=torch.float32)
@@ -148,6 +151,9 @@ MIXTURES: dict[str, Mixture] = {
         tuple((float(x), float(y)) for x in range(-4, 5, 2) for y in range(-4, 5, 2)),
         0.05,
         "Srivastava et al., arXiv 1705.07761; Lin et al., arXiv 1712.04086",
+        # 25 modes need wider networks and longer training than 8 (Adam covers
+        # about 1 of them after 5000 iterations of the Ring-8 size)
+        (8000, 256, 128),
     ),
 }
 
@@ -224,12 +230,12 @@ DEFAULTS: dict[str, Any] = {
     "methods": ["adam", "sam_g", "sam_d", "sam_both"],
     "rho": None,  # a list: each SAM method once per value
     "seeds": 5,
-    "iterations": 5000,
-    "batch_size": 128,
+    "iterations": None,  # None: the data set's own (Ring-8 5000, Grid-25 8000)
+    "batch_size": None,  # None: the data set's own (Ring-8 128, Grid-25 256)
     "lr": 1e-3,
     "beta1": 0.5,
     "z_dim": 16,
-    "hidden": 64,
+    "hidden": None,  # None: the data set's own (Ring-8 64, Grid-25 128)
     "depth": 3,
     "eval_every": 500,
     "eval_samples": 2500,
@@ -245,6 +251,8 @@ QUICK: dict[str, Any] = {
     "datasets": ["ring8"],
     "seeds": 2,
     "iterations": 2000,
+    "batch_size": 128,
+    "hidden": 64,
     "eval_every": 250,
     "eval_samples": 1000,
 }
@@ -259,12 +267,12 @@ class GANConfig:
     datasets: list[str]
     variants: list[Variant]
     seeds: list[int]
-    iterations: int
-    batch_size: int
+    iterations: int | None  # None: each data set's own (see :meth:`resolved`)
+    batch_size: int | None
     lr: float
     beta1: float
     z_dim: int
-    hidden: int
+    hidden: int | None
     depth: int
     eval_every: int
     eval_samples: int
@@ -298,6 +306,17 @@ class GANConfig:
     def labels(self) -> list[str]:
         return [v.label for v in self.variants]
 
+    def resolved(self, dataset: str) -> GANConfig:
+        """This study's settings for one data set: its own sizes where the study sets none."""
+        iterations, batch_size, hidden = MIXTURES[dataset].sizes
+        return dataclasses.replace(
+            self,
+            datasets=[dataset],
+            iterations=self.iterations or iterations,
+            batch_size=self.batch_size or batch_size,
+            hidden=self.hidden or hidden,
+        )
+
     def snapshot_iterations(self) -> list[int]:
         """Evenly spaced, ending at the last iteration."""
         n = self.snapshots
@@ -317,12 +336,12 @@ def build_config(s: dict[str, Any]) -> GANConfig:
     datasets = grid.check_names("datasets", s["datasets"], MIXTURES)
     variants = grid.variants(s["methods"], s["rho"], GAN_METHODS)
     seeds = grid.seed_list(s["seeds"])
-    st.check_int("iterations", s["iterations"], 1, 10**8)
-    st.check_int("batch_size", s["batch_size"], 2, 1 << 20)
+    st.check_int("iterations", s["iterations"], 1, 10**8, none_ok=True)
+    st.check_int("batch_size", s["batch_size"], 2, 1 << 20, none_ok=True)
     st.check_float("lr", s["lr"], 0.0, lo_open=True)
     st.check_float("beta1", s["beta1"], 0.0, 1.0, hi_open=True)
     st.check_int("z_dim", s["z_dim"], 1, 4096)
-    st.check_int("hidden", s["hidden"], 1, 65_536)
+    st.check_int("hidden", s["hidden"], 1, 65_536, none_ok=True)
     st.check_int("depth", s["depth"], 1, 64)
     st.check_int("eval_every", s["eval_every"], 1, 10**8)
     st.check_int("eval_samples", s["eval_samples"], 2, 20_000)
@@ -375,7 +394,10 @@ def _mlp(
 
 def build_players(config: GANConfig, seed: int) -> tuple[nn.Module, nn.Module]:
     """The generator (ReLU MLP, latent -> 2-D) and discriminator (LeakyReLU MLP, 2-D -> logit),
-    initialised from ``seed`` alone (every method of a seed starts from the same weights)."""
+    initialised from ``seed`` alone (every method of a seed starts from the same weights).
+    ``config``: resolved for one data set (:meth:`GANConfig.resolved`)."""
+    if config.hidden is None:
+        raise ValueError("Invalid hidden value: None (resolve the config for a data set first)")
     torch.manual_seed(seed)
     generator = _mlp(config.z_dim, 2, config.hidden, config.depth, nn.ReLU)
     discriminator = _mlp(2, 1, config.hidden, config.depth, lambda: nn.LeakyReLU(0.2))
@@ -461,6 +483,7 @@ def train_gan(
     found there is resumed: the run then ends with the same numbers as one
     that never stopped. ``on_iteration(i)`` is called after each iteration.
     """
+    config = config.resolved(mixture.name) if mixture.name in MIXTURES else config
     device = torch.device(config.device if config.device != "auto" else "cpu")
     generator, discriminator = build_players(config, seed)
     generator.to(device)
@@ -636,7 +659,7 @@ def _save_state(
 
 # ---------------------------------------------------------------------- study
 def _identity(config: GANConfig, dataset: str, variant: Variant, seed: int) -> dict[str, Any]:
-    d = config.to_dict()
+    d = config.resolved(dataset).to_dict()
     for key in ("datasets", "methods", "seeds", "baseline", "device", "checkpoint_every"):
         d.pop(key)
     return {"dataset": dataset, "method": variant.to_dict(), "seed": seed, **d}
@@ -950,7 +973,7 @@ def _figures(
     figures.append((f"{dataset}: metrics over training (mean over seeds)", png_base64(fig)))
 
     seed = config.seeds[0]
-    shots = [str(i) for i in config.snapshot_iterations()]
+    shots = [str(i) for i in config.resolved(dataset).snapshot_iterations()]
     centers = mixture.centers_tensor().numpy()
     fig, grid_axes = plt.subplots(
         len(config.labels),
@@ -969,10 +992,12 @@ def _figures(
                 ]
         for col, it in enumerate(shots):
             ax = grid_axes[row][col]
-            ax.scatter(centers[:, 0], centers[:, 1], s=12, c="tab:red", marker="x", lw=0.8)
             pts = np.array(points.get(it, []), dtype=float).reshape(-1, 2)
             if len(pts):
                 ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, c="tab:blue")
+            ax.scatter(
+                centers[:, 0], centers[:, 1], s=14, c="tab:red", marker="x", lw=0.8, zorder=3
+            )
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[])
             if row == 0:
                 ax.set_title(f"iteration {it}", fontsize=9)
@@ -1000,7 +1025,13 @@ def write_report(path: Path, config: GANConfig, summary: dict[str, Any], folder:
     sections.append(
         "<p>"
         + html.escape(
-            f"Final metrics after {config.iterations} iterations on {config.eval_samples} generated "
+            "Final metrics at the end of training ("
+            + ", ".join(
+                f"{d}: {config.resolved(d).iterations} iterations, batch "
+                f"{config.resolved(d).batch_size}, width {config.resolved(d).hidden}"
+                for d in config.datasets
+            )
+            + f") on {config.eval_samples} generated "
             "points, mean +- sample standard deviation over seeds (diverged runs left out). A "
             "sample is high quality within 3 standard deviations of a mode; a mode is covered with "
             f"at least {20 * config.eval_samples / 2500:g} high-quality samples. MMD: unbiased "
@@ -1046,7 +1077,8 @@ def gan_study(
         methods: names or ``"name:rho=..."`` specs from :data:`GAN_METHODS`
             (default ``adam``, ``sam_g``, ``sam_d``, ``sam_both``).
         rho: a value or list: each SAM method once per value.
-        seeds: a count or a list. ``iterations``: training iterations (default 5000).
+        seeds: a count or a list. ``iterations``: training iterations (default: the data
+            set's own, Ring-8 5000, Grid-25 8000; ``batch_size`` and ``hidden`` likewise).
         out: the run folder (default ``samkit-runs/gan-<datasets>-<hash>``); rerunning resumes it.
         quick: start from the ``--quick`` preset.
         progress: a progress bar per run (default: on a terminal); ``quiet``: no log lines.

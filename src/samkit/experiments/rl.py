@@ -108,7 +108,7 @@ RL_METHODS: dict[str, MethodDef] = {
     ),
     "looksam": MethodDef(
         "PPO with LookSAM (arXiv 2203.02714): SAM every k steps, the ascent direction reused between",
-        {"rho": 0.05, "k": 4, "alpha": 0.7},
+        {"rho": 0.05, "k": 4, "alpha": 0.2},
     ),
 }
 
@@ -180,6 +180,11 @@ class Axis:
     @property
     def is_action(self) -> bool:
         return not self.attributes and self.absolute is None
+
+    @property
+    def label(self) -> str:
+        """A short axis label for the plots."""
+        return "P(random action)" if self.is_action else self.description
 
 
 def _action_axis(levels: tuple[float, ...], coarse: tuple[float, ...]) -> Axis:
@@ -300,7 +305,7 @@ ENVS: dict[str, EnvSpec] = {
             _action_axis((0.0, 0.2, 0.4, 0.6, 0.8), (0.0, 0.4, 0.8)),
             Axis(
                 "link_mass",
-                "mass of both links x factor",
+                "link masses x factor",
                 (0.5, 1.0, 1.5, 2.0, 3.0, 4.0),
                 (1.0, 2.0, 4.0),
                 1.0,
@@ -308,7 +313,7 @@ ENVS: dict[str, EnvSpec] = {
             ),
             Axis(
                 "link_inertia",
-                "moment of inertia of both links x factor",
+                "link inertias x factor",
                 (0.5, 1.0, 2.0, 4.0, 8.0),
                 (1.0, 4.0, 8.0),
                 1.0,
@@ -316,7 +321,7 @@ ENVS: dict[str, EnvSpec] = {
             ),
             Axis(
                 "link_length",
-                "length of the first link x factor",
+                "first link length x factor",
                 (0.75, 1.0, 1.5, 2.0, 2.5),
                 (1.0, 2.0, 2.5),
                 1.0,
