@@ -120,9 +120,10 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         if log:
+            sizes = ", ".join(f"{d} {config.resolved(d).iterations}" for d in config.datasets)
             log(
                 f"samkit gan: {', '.join(config.datasets)} x [{', '.join(config.labels)}] x "
-                f"{len(config.seeds)} seed(s), {config.iterations} iterations -> {folder}"
+                f"{len(config.seeds)} seed(s), iterations {sizes} -> {folder}"
             )
         result = gan.run_checked(
             config, folder, progress=None if not args.quiet else False, log=log
