@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.samkit-installed
 
-.PHONY: venv demo test test-slow bench lint clean
+.PHONY: venv demo demo-rl demo-gan test test-slow bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,12 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/samkit compare --quick
+
+demo-rl: $(STAMP)
+	$(BIN)/samkit rl --quick
+
+demo-gan: $(STAMP)
+	$(BIN)/samkit gan --quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -89,9 +89,14 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-# The study (``samkit.compare`` / ``samkit.tune``) needs the experiments'
-# dependencies; it is imported on first use so ``import samkit`` stays torch-only.
-_LAZY = {"compare": "samkit.experiments.api", "tune": "samkit.experiments.tuning"}
+# The studies (``samkit.compare`` / ``tune`` / ``rl_study`` / ``gan_study``) need the experiments'
+# dependencies; each is imported on first use so ``import samkit`` stays torch-only.
+_LAZY = {
+    "compare": "samkit.experiments.api",
+    "tune": "samkit.experiments.tuning",
+    "rl_study": "samkit.experiments.rl",
+    "gan_study": "samkit.experiments.gan",
+}
 
 
 def __getattr__(name: str):

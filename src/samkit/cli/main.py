@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .errors import UsageError
 
-SUBCOMMANDS = ("compare", "tune", "sharpness", "landscape")
+SUBCOMMANDS = ("compare", "tune", "sharpness", "landscape", "rl", "gan")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -26,6 +26,11 @@ __all__ = [
     "format_table",
     "print_table",
     "write_report",
+    "write_page",
+    "html_table",
+    "html_figure",
+    "html_list",
+    "png_base64",
     "plot_pngs",
     "write_text_atomic",
 ]
@@ -307,6 +312,59 @@ th:first-child,td:first-child{text-align:left}img{max-width:100%}code{background
 """
 
 
+def html_table(headers: list[str], rows: list[list[str]]) -> str:
+    """An HTML table of text cells (escaped); the first column left-aligned."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_figure(caption: str, b64: str, name: str = "figure") -> str:
+    """A heading and an embedded PNG (base64, as :func:`png_base64` returns it)."""
+    return (
+        f"<h2>{html.escape(caption)}</h2>"
+        f"<img alt='{html.escape(name)}' src='data:image/png;base64,{b64}'>"
+    )
+
+
+def html_list(title: str, items: list[str]) -> str:
+    """A heading and a bulleted list of sentences (nothing when there are none)."""
+    if not items:
+        return ""
+    return (
+        f"<h2>{html.escape(title)}</h2><ul>"
+        + "".join(f"<li>{html.escape(v)}</li>" for v in items)
+        + "</ul>"
+    )
+
+
+def png_base64(fig: Any) -> str:
+    """A matplotlib figure as a base64 PNG (the figure is closed)."""
+    return _png(fig)
+
+
+def write_page(
+    path: str | os.PathLike[str], *, title: str, sections: list[str], settings: dict[str, Any]
+) -> None:
+    """Write a self-contained HTML page atomically: the title, the HTML
+    ``sections`` in order, and a table of the settings. Every study's report
+    (``compare``, ``tune``, ``rl``, ``gan``) is one of these."""
+    settings_rows = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td><code>{html.escape(str(v))}</code></td></tr>"
+        for k, v in settings.items()
+    )
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        *sections,
+        f"<h2>Settings</h2><table>{settings_rows}</table></body></html>",
+    ]
+    write_text_atomic(path, "\n".join(parts))
+
+
 def write_report(
     path: str | os.PathLike[str],
     *,
@@ -324,11 +382,6 @@ def write_report(
     """Write a self-contained HTML report (atomically): the table, the paired
     verdicts (one sentence per method), the notes, the figures, the settings."""
     cols = table_columns(rows) if rows else []
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _ in cols)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c[j])}</td>" for _, c in cols) + "</tr>"
-        for j in range(len(rows))
-    )
     figs = plot_pngs(rows, records, histories, interpolation, tune, metric)
     captions = {
         "curves": "Learning curves (mean over seeds).",
@@ -338,26 +391,12 @@ def write_report(
         "(Goodfellow et al., arXiv 1412.6544).",
         "tune": "Validation accuracy of each Optuna trial against rho.",
     }
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-    ]
+    sections = []
     if rows:
-        parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-    if verdicts:
-        parts.append("<h2>Paired verdicts</h2><ul>")
-        parts.extend(f"<li>{html.escape(v)}</li>" for v in verdicts)
-        parts.append("</ul>")
-    for note in notes or []:
-        parts.append(f"<p>{html.escape(note)}</p>")
-    for name, b64 in figs.items():
-        parts.append(
-            f"<h2>{html.escape(captions.get(name, name))}</h2><img alt='{name}' src='data:image/png;base64,{b64}'>"
+        sections.append(
+            html_table([h for h, _ in cols], [[c[j] for _, c in cols] for j in range(len(rows))])
         )
-    settings_rows = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td><code>{html.escape(str(v))}</code></td></tr>"
-        for k, v in settings.items()
-    )
-    parts.append(f"<h2>Settings</h2><table>{settings_rows}</table></body></html>")
-    write_text_atomic(path, "\n".join(parts))
+    sections.append(html_list("Paired verdicts", verdicts or []))
+    sections.extend(f"<p>{html.escape(note)}</p>" for note in notes or [])
+    sections.extend(html_figure(captions.get(name, name), b64, name) for name, b64 in figs.items())
+    write_page(path, title=title, sections=sections, settings=settings)

@@ -572,8 +572,11 @@ KEYS = frozenset(DEFAULTS)
 _SPEC_FIELDS = ("label", "base", "lr", "momentum", "weight_decay")
 
 
-def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a settings file; ValueError naming the file on any problem."""
+def load_toml(path: str | os.PathLike[str], keys: frozenset[str] = KEYS) -> dict[str, Any]:
+    """Read a settings file; ValueError naming the file on any problem.
+
+    ``keys``: the settings the file may hold (default: the comparative
+    study's; ``samkit rl`` and ``samkit gan`` pass their own)."""
     p = Path(path)
     try:
         text = p.read_bytes()
@@ -588,7 +591,7 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(
             f"Invalid config value: {str(path)!r} is not valid TOML ({reason})"
         ) from exc
-    unknown = sorted(set(data) - KEYS)
+    unknown = sorted(set(data) - keys)
     if unknown:
         raise ValueError(
             f"Invalid config value: unknown setting(s) {', '.join(unknown)} in {str(path)!r}"
@@ -596,12 +599,16 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def merge(*sources: dict[str, Any] | None) -> dict[str, Any]:
-    """Later sources win; ``None`` values do not override."""
-    out = dict(DEFAULTS)
+def merge(
+    *sources: dict[str, Any] | None, defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Later sources win; ``None`` values do not override. ``defaults``: the
+    starting point and the known keys (default: the comparative study's)."""
+    defaults = DEFAULTS if defaults is None else defaults
+    out = dict(defaults)
     for src in sources:
         for k, v in (src or {}).items():
-            if k not in KEYS:
+            if k not in defaults:
                 raise ValueError(f"Invalid setting: {k!r}")
             if v is not None:
                 out[k] = v

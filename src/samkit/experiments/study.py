@@ -617,13 +617,15 @@ def paired_verdicts(
     *,
     metric: str = "acc",
     maximize: bool = True,
+    unit: str | None = None,
 ) -> list[dict[str, Any]]:
     """For each label but the baseline: the paired test difference and one sentence.
 
     Differences are taken seed by seed (same data, initial weights and batches),
     over the seeds where both runs finished without diverging; their mean and
     standard error (sample std / sqrt(n)) give ``z = mean / se``. The verdict
-    says whether ``|z| > 2``.
+    says whether ``|z| > 2``. ``unit``: the words after the difference in the
+    sentence (default ``"test <metric>"``, or points of test accuracy).
     """
 
     def values(label: str) -> dict[int, float]:
@@ -639,7 +641,8 @@ def paired_verdicts(
         return sum(1 for r in records if r["label"] == label and r.get("diverged"))
 
     scale = 100.0 if _is_percent(metric) else 1.0
-    unit = "points of test accuracy" if _is_percent(metric) else f"test {metric}"
+    if unit is None:
+        unit = "points of test accuracy" if _is_percent(metric) else f"test {metric}"
     fmt = ".2f" if _is_percent(metric) else ".4g"
     base = values(baseline)
     out = []

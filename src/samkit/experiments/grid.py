@@ -1,0 +1,266 @@
+"""A grid of runs (condition x method x seed) in one run folder: what the RL and GAN studies share.
+
+``samkit rl`` (environments x methods x seeds) and ``samkit gan`` (data sets x
+methods x seeds) are built on the comparative study's machinery rather than on
+a copy of it:
+
+* settings: the checks of :mod:`~samkit.experiments.settings` (``check_int``,
+  ``check_float``, ...), its TOML reader and its merge of defaults < preset <
+  file < flags, with each study's own keys;
+* methods: ``"name"`` or ``"name:key=value,..."`` specs parsed by
+  :func:`~samkit.experiments.settings.parse_method` against a small table of
+  :class:`MethodDef` (options and their defaults); a ``--rho`` list runs each
+  sharpness-aware method once per value, as in ``samkit compare``;
+* the run folder: the folder lock (:func:`~samkit.experiments.folder.study_folder`),
+  atomic JSON (:func:`~samkit.experiments.study.write_json_atomic`), run names
+  (:func:`~samkit.experiments.study.run_key`), and resume: a run whose result
+  file holds the same settings (:func:`finished`) is not run again;
+* the summary: means over seeds with the sample standard deviation, and the
+  paired verdicts of :func:`~samkit.experiments.study.paired_verdicts` (the
+  difference to the baseline seed by seed, its standard error and ``|z| > 2``);
+* the report: :func:`~samkit.experiments.report.write_page`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .settings import LIMITS, check_float, check_label, parse_method
+from .study import paired_verdicts
+from .trainer import finite
+
+__all__ = [
+    "MethodDef",
+    "Variant",
+    "variants",
+    "seed_list",
+    "finished",
+    "normalise",
+    "stats",
+    "verdicts",
+    "default_out",
+    "check_names",
+]
+
+
+@dataclass(frozen=True)
+class MethodDef:
+    """A method of a study: one line of description and its options with their defaults.
+
+    ``rho_scale``: ``--rho r`` gives the method ``rho = rho_scale * r`` (ASAM: 10).
+    """
+
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    rho_scale: float = 1.0
+
+    @property
+    def uses_rho(self) -> bool:
+        return "rho" in self.defaults
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One column of a study: a method with its options (defaults filled in) and a label."""
+
+    label: str
+    method: str
+    options: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "method": self.method, "options": dict(self.options)}
+
+
+def _option(method: str, key: str, value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        raise ValueError(f"Invalid {key} value: {value!r} for method {method!r} (a number)")
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {key} value: {value!r} for method {method!r} (a number)")
+    if not math.isfinite(value):
+        raise ValueError(
+            f"Invalid {key} value: {value!r} for method {method!r} (must be a finite number)"
+        )
+    return value
+
+
+def variants(
+    tokens: Any, rhos: Any, registry: dict[str, MethodDef], *, what: str = "methods"
+) -> list[Variant]:
+    """The study's columns from method specs (names, ``"name:key=value,..."``, or tables).
+
+    Each option must be one the method takes (its defaults fill the rest);
+    ``rhos`` (a list, SAM's scale) runs each method with a ``rho`` option once
+    per value, labelled ``name(rho=r)`` when there are several. Labels must be
+    unique. ValueError naming the setting on any problem.
+    """
+    if isinstance(tokens, str):
+        tokens = [t for t in (s.strip() for s in tokens.split(",")) if t]
+    if not isinstance(tokens, list) or not tokens:
+        raise ValueError(f"Invalid {what} value: {tokens!r} (a non-empty list of method names)")
+    if len(tokens) > LIMITS["methods"]:
+        raise ValueError(
+            f"Invalid {what} value: {len(tokens)} methods (at most {LIMITS['methods']})"
+        )
+    expanded: list[Any] = []
+    for t in tokens:
+        if isinstance(t, str) and ":" not in t:
+            expanded.extend(s for s in (u.strip() for u in t.split(",")) if s)
+        else:
+            expanded.append(t)
+    rho_values: list[float] | None = None
+    if rhos is not None:
+        rho_values = rhos if isinstance(rhos, list) else [rhos]
+        if not rho_values or len(rho_values) > LIMITS["rho"]:
+            raise ValueError(f"Invalid rho value: {rhos!r} (1 to {LIMITS['rho']} values)")
+        rho_values = [check_float("rho", r, 0.0) for r in rho_values]
+    out: list[Variant] = []
+    for token in expanded:
+        entry = parse_method(token)
+        name = entry.pop("method")
+        if name not in registry:
+            raise ValueError(f"Invalid method value: {name!r} (choose from {', '.join(registry)})")
+        info = registry[name]
+        label = entry.pop("label", None)
+        unknown = sorted(set(entry) - set(info.defaults))
+        if unknown:
+            raise ValueError(
+                f"Invalid option for method {name!r}: {', '.join(map(str, unknown))} "
+                f"(it takes {', '.join(sorted(info.defaults)) or 'no options'})"
+            )
+        options = {k: _option(name, k, v) for k, v in entry.items()}
+        if "rho" in options:
+            check_float("rho", options["rho"], 0.0)
+        if info.uses_rho and "rho" not in options and rho_values:
+            for r in rho_values:
+                lab = label or name
+                if len(rho_values) > 1:
+                    lab = f"{lab}(rho={info.rho_scale * r:g})"
+                out.append(
+                    Variant(
+                        check_label(lab),
+                        name,
+                        {**info.defaults, **options, "rho": info.rho_scale * r},
+                    )
+                )
+        else:
+            out.append(Variant(check_label(label or name), name, {**info.defaults, **options}))
+    labels = [v.label for v in out]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"Invalid {what} value: duplicate labels {', '.join(dup)}")
+    return out
+
+
+def seed_list(value: Any) -> list[int]:
+    """A seed count (``5`` is seeds 0..4) or a list of distinct seeds; ValueError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= LIMITS["seeds"]:
+            raise ValueError(
+                f"Invalid seeds value: {value!r} (must be an int in [1, {LIMITS['seeds']}])"
+            )
+        return list(range(value))
+    if (
+        not isinstance(value, list)
+        or not value
+        or len(value) > LIMITS["seeds"]
+        or any(
+            isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= LIMITS["seed"]
+            for s in value
+        )
+    ):
+        raise ValueError(
+            f"Invalid seeds value: {value!r} (a count, or a non-empty list of at most "
+            f"{LIMITS['seeds']} ints in [0, {LIMITS['seed']}])"
+        )
+    if len(set(value)) != len(value):
+        raise ValueError(f"Invalid seeds value: {value!r} (duplicates)")
+    return list(value)
+
+
+def check_names(name: str, value: Any, known: dict[str, Any]) -> list[str]:
+    """A non-empty list of distinct names from ``known`` (a comma-separated string is split)."""
+    if isinstance(value, str):
+        value = [t for t in (s.strip() for s in value.split(",")) if t]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(
+            f"Invalid {name} value: {value!r} (a non-empty list; choose from {', '.join(known)})"
+        )
+    for v in value:
+        if v not in known:
+            raise ValueError(f"Invalid {name} value: {v!r} (choose from {', '.join(known)})")
+    if len(set(value)) != len(value):
+        raise ValueError(f"Invalid {name} value: {value!r} (duplicates)")
+    return list(value)
+
+
+def normalise(obj: Any) -> Any:
+    """``obj`` as it reads back from the JSON files (tuples as lists, NaN as null)."""
+    return json.loads(json.dumps(finite(obj)))
+
+
+def finished(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The record in ``path`` if it exists, parses and was made with ``identity``; else None."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("config") == normalise(identity):
+        return record
+    return None
+
+
+def stats(values: list[Any]) -> tuple[float, float, float]:
+    """Mean, sample standard deviation and standard error of the finite values (NaN if none)."""
+    vals = [
+        float(v)
+        for v in values
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ]
+    if not vals:
+        return math.nan, math.nan, math.nan
+    mean = statistics.fmean(vals)
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return mean, std, std / math.sqrt(len(vals))
+
+
+def verdicts(
+    values: dict[str, dict[int, float | None]],
+    baseline: str,
+    *,
+    metric: str,
+    unit: str,
+    maximize: bool = True,
+) -> list[dict[str, Any]]:
+    """Paired verdicts (:func:`~samkit.experiments.study.paired_verdicts`) of one
+    scalar per (label, seed): ``values[label][seed]``. A missing or non-finite
+    value counts as a run that did not finish."""
+    records = [
+        {
+            "label": label,
+            "seed": seed,
+            "final": {f"test_{metric}": v},
+            "diverged": v is None or not math.isfinite(v),
+        }
+        for label, by_seed in values.items()
+        for seed, v in by_seed.items()
+    ]
+    return paired_verdicts(
+        records, list(values), baseline, metric=metric, maximize=maximize, unit=unit
+    )
+
+
+def default_out(prefix: str, settings: dict[str, Any], *parts: str) -> Path:
+    """``samkit-runs/<prefix>-<parts>-<hash>``: the same settings give the same
+    folder, so rerunning a command resumes it."""
+    digest = hashlib.sha1(json.dumps(normalise(settings), sort_keys=True).encode()).hexdigest()[:8]
+    safe = [re.sub(r"[^A-Za-z0-9_.-]", "_", p)[:40] for p in parts]
+    return Path("samkit-runs") / "-".join([prefix, *safe, digest])
