@@ -138,6 +138,38 @@ class PaperLoopSAM:
         self.base.step()
 
 
+class KernelsOnlySAM:
+    """The five foreach kernels of an exact SAM step and nothing else (not a usable optimizer).
+
+    Per-tensor norms, one global norm, the backup copy, ``w += s g``, the
+    restore copy: what any implementation that restores exactly must launch
+    per step, with no checks, no grouping by device, no state. Its time is the
+    floor of per-tensor implementations, which the flat floor (no per-tensor
+    cost at all) is not.
+    """
+
+    def __init__(self, params: list[Tensor], base: torch.optim.Optimizer, rho: float) -> None:
+        self.params = list(params)
+        self.base = base
+        self.rho = rho
+        self.old = {p: torch.empty_like(p) for p in self.params}
+        self._backups = list(self.old.values())
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        grads = [p.grad for p in self.params]
+        norm = torch.stack(torch._foreach_norm(grads)).square().sum().sqrt()
+        torch._foreach_copy_(self._backups, self.params)
+        torch._foreach_add_(self.params, grads, alpha=float(self.rho / (norm + 1e-12)))
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        torch._foreach_copy_(self.params, self._backups)
+        self.base.step()
+
+
 # ----------------------------------------------------------------- models
 def many_tensor_model(tiny: bool) -> nn.Module:
     """A stack of transformer encoder layers: 12 tensors each, mixed sizes."""
@@ -207,6 +239,8 @@ class _Candidate:
             self.opt = PeerSAM(self.params, NoOpOptimizer, rho=RHO, **base_kw)
         elif kind == "loop":
             self.opt = PaperLoopSAM(self.params, NoOpOptimizer(self.params), rho=RHO)
+        elif kind == "kernels":
+            self.opt = KernelsOnlySAM(self.params, NoOpOptimizer(self.params), rho=RHO)
         else:
             raise ValueError(f"Invalid kind value: {kind!r}")
         self.kind = kind
@@ -219,7 +253,7 @@ class _Candidate:
             p.grad = b
 
     def first_step(self) -> None:
-        if self.kind == "loop":
+        if self.kind in ("loop", "kernels"):
             self.opt.first_step()
         else:
             self.opt.first_step(zero_grad=True)
@@ -287,6 +321,7 @@ CANDIDATES = [
     ("pytorch-optimizer", "peer"),
     ("pytorch-optimizer foreach=True", "peer-foreach"),
     ("plain loop (paper)", "loop"),
+    ("kernels only (floor)", "kernels"),
 ]
 
 
@@ -500,6 +535,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "samkit_ratio"
         ],
         "overhead_vs_loop_many": row(many, "plain loop (paper)")["samkit_ratio"],
+        # what the five kernels alone cost against the peer: no exact SAM can be below it
+        "kernels_only_vs_peer_many": row(many, "pytorch-optimizer")["samkit_ratio"]
+        * row(many, "kernels only (floor)")["vs_samkit"],
+        "samkit_vs_kernels_only_many": row(many, "kernels only (floor)")["samkit_ratio"],
         "overhead_vs_peer_large": row(large, "pytorch-optimizer")["samkit_ratio"],
         "overhead_vs_floor_large": row(large, "samkit")["vs_floor"],
         "sam_vs_sgd_step": row(full, "samkit SAM")["vs_sgd"],

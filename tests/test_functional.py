@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import samkit
@@ -216,3 +216,24 @@ def test_complex_sq_norm_foreach_equals_reference():
     assert torch.equal(a, b)
     expected = sum(float(x.abs().square().sum()) for x in xs)
     assert float(a) == pytest.approx(expected, rel=1e-6)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    norm=st.one_of(
+        st.floats(min_value=0.0, allow_infinity=True),
+        st.sampled_from([0.0, 1e-45, 1e-38, 3.4e38, float("inf"), float("nan")]),
+    ),
+    rho=st.one_of(st.floats(min_value=1e-8, max_value=1e4), st.sampled_from([0.05, 0.1, 2.0])),
+    eps=st.one_of(st.floats(min_value=1e-50, max_value=1.0), st.sampled_from([1e-12, 1e-46])),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_scale_for_is_the_tensor_arithmetic_bit_for_bit(norm, rho, eps, dtype):
+    """scale_for computes rho / (norm + eps) on the host; it must be the float the 0-d
+    tensor arithmetic gives (what samkit 0.1 used), including inf, nan and eps below
+    float32's range."""
+    t = torch.tensor(norm, dtype=dtype)
+    want = float(rho / (t + eps))
+    got = functional.scale_for(rho, t, eps)
+    assert isinstance(got, float)
+    assert got == want or (math.isnan(got) and math.isnan(want))

@@ -21,6 +21,8 @@ tensor is a plain memory load, not a device synchronisation.
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -181,10 +183,37 @@ def scale_for(rho: float, norm: Tensor, eps: float) -> float | Tensor:
     over parameter memory at no synchronisation cost; on an accelerator the
     tensor keeps the step free of host syncs.
     """
+    rounding = _FLOAT_ROUNDING.get(norm.dtype) if norm.device.type == "cpu" else None
+    if rounding is not None and isinstance(rho, (int, float)):
+        # The same float the tensor arithmetic gives, computed on the host: torch
+        # evaluates ``rho / t`` as ``t.reciprocal() * rho`` in the tensor's dtype,
+        # and each float32 operation equals the float64 one rounded to float32
+        # (53 >= 2 * 24 + 2 bits), so three roundings reproduce it bit for bit
+        # (tests/test_functional.py) without three tiny tensor operations a step.
+        denominator = rounding(norm.item() + rounding(eps))
+        if denominator != 0.0:  # (an eps below float32's range; the tensor path gives inf)
+            return rounding(rounding(1.0 / denominator) * rounding(rho))
     scale = rho / (norm + eps)
     if scale.device.type == "cpu":
         return float(scale)
     return scale
+
+
+_FLOAT32 = struct.Struct("f")
+
+
+def _round_float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (to +-inf beyond its range), as a Python float."""
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+_FLOAT_ROUNDING: dict[torch.dtype, Callable[[float], float]] = {
+    torch.float32: _round_float32,
+    torch.float64: float,
+}
 
 
 def add_scaled_(
