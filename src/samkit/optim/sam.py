@@ -470,11 +470,7 @@ class SAM(torch.optim.Optimizer):
         if zero_grad and not by_gradient:
             self.zero_grad()  # the only pass follows: what is in .grad would be added to it
         self._open_step()
-        sharded = self._gather() if by_gradient else self._gather(self._state_vector)
-        # FSDP2: the ascent runs on the local shards (the same list without DTensors)
-        sources, sharding = _fsdp.localize(sharded)
-        if sharding is not None:
-            _fsdp.check_supported(self, scaler)
+        sharded, sources, sharding = self._sources(by_gradient, scaler)
         gathered = sources if by_gradient else []
         found_inf = self._unscale_first_pass(gathered, scaler)
         local, self._local_first_pass = self._local_first_pass, False
@@ -490,15 +486,7 @@ class SAM(torch.optim.Optimizer):
             self.mix.before_ascent(view)
         # The ascent: u and its global norm, then w <- w + rho * d / ||u||, w kept exactly.
         foreach = self.foreach
-        backups_for = (
-            self._backups_for if sharding is None else sharding.backups_for(self._backups_for)
-        )
-        ascent = functional.prepare_ascent(
-            active if by_gradient else self._scratch_copies(active),
-            backups_for,
-            in_place=zero_grad or not by_gradient,
-            foreach=foreach,
-        )
+        ascent = self._prepare_ascent(active, sharding, zero_grad, by_gradient)
         reduce = None if sharding is None else sharding.reduce_
         norm = functional.measure_(ascent, self.perturbation, foreach=foreach, reduce=reduce)
         if self._nonfinite(norm, found_inf, scaler, local):
@@ -511,6 +499,29 @@ class SAM(torch.optim.Optimizer):
         if zero_grad and by_gradient:
             self._clear_grads(sharded)
         return True
+
+    def _sources(self, by_gradient: bool, scaler: Any) -> tuple[Any, Any, _fsdp.Sharding | None]:
+        """What the ascent starts from, per group: the gradients, or the base optimizer's
+        state vectors (Momentum-SAM); under FSDP2 also as local shards, with their sharding."""
+        sharded = self._gather() if by_gradient else self._gather(self._state_vector)
+        sources, sharding = _fsdp.localize(sharded)  # the same list when nothing is sharded
+        if sharding is not None:
+            _fsdp.check_supported(self, scaler)
+        return sharded, sources, sharding
+
+    def _prepare_ascent(
+        self, active: Any, sharding: _fsdp.Sharding | None, zero_grad: bool, by_gradient: bool
+    ) -> list[functional.AscentGroup]:
+        """The ascent's groups: directions (in ``.grad`` itself when it may be overwritten,
+        copies otherwise) and the weight backups, keyed by the DTensors under FSDP2."""
+        backups_for = self._backups_for
+        if sharding is not None:
+            backups_for = sharding.backups_for(backups_for)
+        directions = active if by_gradient else self._scratch_copies(active)
+        in_place = zero_grad or not by_gradient
+        return functional.prepare_ascent(
+            directions, backups_for, in_place=in_place, foreach=self.foreach
+        )
 
     def _state_vector(self, param: Tensor) -> Tensor | None:
         """The base optimizer's vector the ascent of ``param`` starts from (Momentum-SAM)."""
