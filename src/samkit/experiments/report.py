@@ -318,15 +318,15 @@ def _rho_series(
     moving: dict[str, list[list[float]]] = {}
     fixed: dict[str, float] = {}
     for r in records:
-        rhos = [_nan(h.get("rho")) for h in histories.get(r["key"]) or []]
+        rhos = [_nan(h.get("rho")) for h in histories.get(r.get("key")) or []]
         rhos = [v for v in rhos if math.isfinite(v)]
         if not rhos:
             continue
         option = ((r.get("config") or {}).get("method") or {}).get("options", {}).get("rho")
         if isinstance(option, str) or max(rhos) != min(rhos):
-            moving.setdefault(r["label"], []).append(rhos)
+            moving.setdefault(r.get("label", "?"), []).append(rhos)
         else:
-            fixed.setdefault(r["label"], rhos[0])
+            fixed.setdefault(r.get("label", "?"), rhos[0])
     return (moving, fixed) if moving else ({}, {})
 
 
