@@ -274,8 +274,9 @@ def markdown(summaries: list[dict], step_ratios: dict[str, dict[str, float]], co
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Time relative to SAM with rho=0.05 (median over seeds of the run-time ratio; "
-        "interleaved per-step ratio in brackets where measured):",
+        "Time relative to SAM with rho=0.05 (median over seeds of the run-time ratio, "
+        "its range over seeds in parentheses; interleaved per-step ratio in brackets "
+        "where measured):",
         "",
     ]
     lines += ["| setting | " + " | ".join(CONTROLLERS) + " |", "|---|" + "---|" * len(CONTROLLERS)]
@@ -287,7 +288,10 @@ def markdown(summaries: list[dict], step_ratios: dict[str, dict[str, float]], co
                 cells.append("-")
                 continue
             step = step_ratios.get(s["setting"], {}).get(c)
-            cells.append(f"{m['time_ratio']:.2f}" + (f" [{step:.3f}]" if step else ""))
+            lo, hi = m["time_ratio_range"]
+            cells.append(
+                f"{m['time_ratio']:.2f} ({lo:.2f}-{hi:.2f})" + (f" [{step:.3f}]" if step else "")
+            )
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -9,6 +9,7 @@ MODULES = [
     "samkit.optim.sam",
     "samkit.optim.batchnorm",
     "samkit.optim.rho",
+    "samkit.optim.autorho",
     "samkit.optim.gsam",
     "samkit.experiments.models",
     "samkit.sharpness.hvp",

@@ -328,3 +328,35 @@ def test_an_optimizer_with_train_eval_modes_is_refused(tmp_path):
                          optimizers=(base, None))  # fmt: skip
     with pytest.raises(ValueError, match="has train\\(\\)/eval\\(\\) modes"):
         trainer.train()
+
+
+def test_a_self_tuning_rho_hears_every_evaluation_loss(tmp_path):
+    from samkit.optim.autorho import ValidationPlateau
+
+    trainer = SAMTrainer(
+        model=make_model(),
+        args=args(tmp_path, num_train_epochs=4, eval_strategy="epoch"),
+        train_dataset=make_dataset(),
+        eval_dataset=make_dataset()[:8],
+        sam_rho="auto",
+    )
+    trainer.train()
+    losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(losses) == 4
+    controller = trainer.sam.rho_controller
+    # the first three reached the controller at the next steps; the last one waits
+    expected = ValidationPlateau()
+    expected.rho_max = 0.4
+    for loss in losses[:-1]:
+        expected.on_validation(loss)
+    assert (controller.rho, controller.best, controller.bad) == (
+        expected.rho,
+        pytest.approx(expected.best),
+        expected.bad,
+    )
+    assert controller._pending == [pytest.approx(losses[-1]), 1.0]
+
+
+def test_bad_self_tuning_rho_name_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Invalid sam_rho value: 'auto:nope'"):
+        SAMTrainer(model=make_model(), args=args(tmp_path), sam_rho="auto:nope")

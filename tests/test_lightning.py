@@ -411,3 +411,38 @@ def test_manual_step_without_closure_is_refused():
         fit(module)
     for name, value in module.net.named_parameters():
         assert torch.equal(value, before[name]), name
+
+
+class ScriptedValidation(Net):
+    """Logs a scripted validation loss per epoch; the sanity check logs one lower than all."""
+
+    LOSSES = (1.0, 0.9, 0.95, 0.92, 0.93)
+
+    def validation_step(self, batch, batch_idx):
+        value = 0.5 if self.trainer.sanity_checking else self.LOSSES[self.current_epoch]
+        self.log("val_loss", torch.tensor(value))
+
+
+def test_the_logged_val_loss_reaches_a_self_tuning_rho():
+    module = ScriptedValidation(
+        lambda p: samkit.SAM(torch.optim.SGD(p, lr=0.2, momentum=0.9), rho="auto")
+    )
+    trainer = pl.Trainer(
+        max_epochs=5,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,
+    )
+    trainer.fit(module, loader(), loader())
+    controller = trainer.optimizers[0].rho_controller
+    # reports 1.0, 0.9, 0.95, 0.92 applied (two without improvement: 0.05 -> 0.075);
+    # the last epoch's 0.93 waits for a next step; the sanity check's 0.5 was not reported
+    # (it would have made every report a non-improvement: 0.05 * 1.5**2)
+    assert controller.rho == pytest.approx(0.075)
+    assert controller.best == pytest.approx(0.9)
+    assert controller._pending == [pytest.approx(0.93), 1.0]
+    assert trainer.optimizers[0].param_groups[0]["rho"] == pytest.approx(0.075)

@@ -21,6 +21,7 @@ EPILOG = """examples:
   samkit compare --quick                       # about 2 minutes: SGD, Adam, SAM, ASAM, 2 seeds
   samkit compare                               # the full study (about 10 minutes)
   samkit compare --optimizers sgd sam --rho 0.02,0.05,0.1 --seeds 5
+  samkit compare --optimizers sgd,sam,sam:rho=auto --rho 0.02,0.05,0.1   # rho="auto" beside the grid
   samkit compare --noise 0.4 --model gru --epochs 100
   samkit compare --optimizers sgd "sam:base=adam,lr=0.01,label=sam-adam" adam
   samkit compare --config examples/compare.toml

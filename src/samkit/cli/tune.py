@@ -4,8 +4,11 @@ Each trial trains the method on the training split and scores it by its
 validation accuracy (mean over the seeds), never by the test set. The
 search is Optuna's TPE sampler (seeded), or a grid with ``--grid``; the trials
 are kept in a journal file in the run folder, so an interrupted search
-resumes. Writes ``tune.json`` (every trial and the recommendation) and
-``report.html`` (validation accuracy against rho).
+resumes. With ``--auto``, the method is also trained with a self-tuning
+rho (``rho="auto"``) on the same seeds and shown beside the search. Writes
+``tune.json`` (every trial, the recommendation, the automatic runs) and
+``report.html`` (validation accuracy against rho; each automatic run's rho
+over training).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ EPILOG = """examples:
   samkit tune --quick                          # a few trials of SAM on MNIST-1D
   samkit tune --method sam --trials 30 --tune-lr
   samkit tune --grid 0.01,0.02,0.05,0.1,0.2 --seeds 2
+  samkit tune --grid 0.02,0.05,0.1,0.2,0.5 --auto     # rho='auto' beside the grid
   samkit tune --method asam --rho-range 0.1,5 --noise 0.4
   samkit tune --model mymodels:make_model --data mydata:load --trials 10
 """
@@ -58,6 +62,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--sampler-seed", type=int, default=0, help="seed of the Optuna sampler (default 0)"
     )
+    p.add_argument(
+        "--auto",
+        nargs="?",
+        const="auto",
+        metavar="RHO[,RHO...]",
+        help="also train the method with a self-tuning rho on the same seeds and show it "
+        "beside the search: 'auto' (the default when the flag has no value), "
+        "'auto:loss_equated', ... (comma separated; 'sam:rho=auto' is read as 'auto')",
+    )
     p.set_defaults(func=run)
 
 
@@ -68,6 +81,27 @@ def _numbers(flag: str, text: str | None) -> list[float] | None:
         return [float(t) for t in text.split(",") if t.strip()]
     except ValueError as exc:
         raise UsageError(f"invalid --{flag} value: {text!r} (numbers separated by commas)") from exc
+
+
+def _auto(text: str | None, method: str) -> list[str] | None:
+    """``--auto`` -> the self-tuning radii: ``auto,auto:loss_equated`` or ``sam:rho=auto``."""
+    if text is None:
+        return None
+    out = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        name, sep, rest = token.partition(":rho=")
+        if sep:
+            if name.lower() != method:
+                raise UsageError(
+                    f"invalid --auto value: {token!r} (tuning {method!r}; give {method}:rho=...)"
+                )
+            token = rest
+        out.append(token)
+    if not out:
+        raise UsageError(f"invalid --auto value: {text!r} (auto, auto:<name>, ...)")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             tune_lr=args.tune_lr,
             sampler_seed=args.sampler_seed,
             base=args.base,
+            auto=_auto(args.auto, args.method.lower()),
         )
         settings = settings_from_args(args, tuning.QUICK)
         settings["optimizers"] = [spec.method]
@@ -123,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         f"{100 * best['value']:.2f} %" if metric in ("acc", "accuracy") else f"{best['value']:.4g}"
     )
     print(f"recommended: rho = {best['rho']:.4g}{lr_txt} (validation {metric} {shown})")
+    for auto in summary.get("auto", []):
+        print(tuning.auto_note(auto, best, metric in ("acc", "accuracy")))
     print(f"results: {result.results_path}\nreport:  {result.report_path}")
     return 0
 
@@ -151,3 +188,9 @@ def _print_trials(summary: dict[str, Any]) -> None:
             )
         else:
             print(f"{t['params']['rho']:>10.4g}  {acc:>9}")
+    for a in summary.get("auto", []):
+        if a.get("value") is None:
+            acc = "diverged"
+        else:
+            acc = f"{100 * a['value']:.2f}" if pct else f"{a['value']:.4g}"
+        print(f"{a['rho']:>10}  {'':>10}  {acc:>9}" if has_lr else f"{a['rho']:>10}  {acc:>9}")

@@ -254,6 +254,10 @@ def plot_pngs(
         axes[0].set_ylabel(what)
         figs["cost"] = _png(fig)
 
+    series, fixed = _rho_series(records, histories)
+    if series:
+        figs["rho"] = _png(rho_figure(series, fixed))
+
     if interpolation and interpolation.get("alphas"):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(interpolation["alphas"], interpolation["losses"], marker=".")
@@ -284,10 +288,80 @@ def plot_pngs(
             ls="--",
             label=f"recommended rho = {tune['best']['rho']:.3g}",
         )
+        for i, auto in enumerate(tune.get("auto") or []):
+            if auto.get("value") is not None:
+                ax.axhline(
+                    tscale * auto["value"],
+                    color=f"C{i + 1}",
+                    ls=":",
+                    label=f"rho = {auto['rho']} (final rho {auto.get('final_rho', math.nan):.3g})",
+                )
         ax.set(xscale="log", xlabel="rho", ylabel=tlabel, title=f"{tlabel.capitalize()} vs rho")
-        ax.legend()
+        ax.legend(fontsize=8)
         figs["tune"] = _png(fig)
+        auto_series = {
+            f"rho = {a['rho']}": [h for h in a.get("rho_history", []) if h]
+            for a in tune.get("auto") or []
+        }
+        auto_series = {k: v for k, v in auto_series.items() if v}
+        if auto_series:
+            grid = sorted({t["params"]["rho"] for t in trials})
+            figs["rho"] = _png(rho_figure(auto_series, {f"{r:.3g}": r for r in grid}))
     return figs
+
+
+def _rho_series(
+    records: list[dict[str, Any]], histories: dict[str, list[dict[str, Any]]]
+) -> tuple[dict[str, list[list[float]]], dict[str, float]]:
+    """Per label, each run's rho per epoch, for the methods whose rho moves
+    (a controller such as ``rho="auto"``); and the fixed radii beside them."""
+    moving: dict[str, list[list[float]]] = {}
+    fixed: dict[str, float] = {}
+    for r in records:
+        rhos = [_nan(h.get("rho")) for h in histories.get(r.get("key")) or []]
+        rhos = [v for v in rhos if math.isfinite(v)]
+        if not rhos:
+            continue
+        option = ((r.get("config") or {}).get("method") or {}).get("options", {}).get("rho")
+        if isinstance(option, str) or max(rhos) != min(rhos):
+            moving.setdefault(r.get("label", "?"), []).append(rhos)
+        else:
+            fixed.setdefault(r.get("label", "?"), rhos[0])
+    return (moving, fixed) if moving else ({}, {})
+
+
+def rho_figure(series: dict[str, list[list[float]]], fixed: dict[str, float]) -> Any:
+    """Each run's rho over training (one line per run, a colour per label);
+    the fixed radii as dotted horizontal lines."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (label, runs) in enumerate(series.items()):
+        for j, rhos in enumerate(runs):
+            ax.plot(
+                range(1, len(rhos) + 1),
+                rhos,
+                color=f"C{i}",
+                alpha=0.8,
+                marker="." if len(rhos) < 30 else None,
+                label=_plain(label) if j == 0 else None,
+            )
+    for label, rho in fixed.items():
+        if rho > 0:
+            ax.axhline(rho, color="grey", lw=0.8, ls=":")
+            ax.annotate(
+                _plain(label),
+                (1, rho),
+                fontsize=7,
+                color="grey",
+                xytext=(2, 2),
+                textcoords="offset points",
+            )
+    if all(v > 0 for runs in series.values() for rhos in runs for v in rhos):
+        ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="rho (end of epoch)", title="rho over training, each run")
+    ax.legend(fontsize=8)
+    return fig
 
 
 def records_by(
@@ -389,7 +463,10 @@ def write_report(
         "cost": "Accuracy against cost relative to SGD: wall time per epoch, and forward/backward passes per step.",
         "interpolation": "1-D linear interpolation of the training loss between two trained models "
         "(Goodfellow et al., arXiv 1412.6544).",
-        "tune": "Validation accuracy of each Optuna trial against rho.",
+        "tune": "Validation accuracy of each Optuna trial against rho "
+        "(dotted: the self-tuning rho runs, whose radius moves during training).",
+        "rho": "rho over training, one line per run, for the methods that choose their own "
+        "radius (rho='auto'); dotted: the fixed radii beside them.",
     }
     sections = []
     if rows:

@@ -676,10 +676,21 @@ def _method_tokens(value: Any) -> list[str | dict[str, Any]]:
         return list(list_methods())
     tokens: list[str | dict[str, Any]] = []
     for v in value:
-        if isinstance(v, str) and ":" not in v:
-            tokens.extend(t for t in (s.strip() for s in v.split(",")) if t)
-        else:
+        if not isinstance(v, str):
             tokens.append(v)
+            continue
+        # "sgd,sam,sam:rho=auto,base=adam": a comma starts a new method unless what
+        # follows is a key=value of the spec before it (options always have an "=")
+        first = True
+        for item in (s.strip() for s in v.split(",")):
+            if not item:
+                continue
+            spec_before = not first and isinstance(tokens[-1], str) and ":" in tokens[-1]
+            if spec_before and "=" in item.partition(":")[0]:
+                tokens[-1] = f"{tokens[-1]},{item}"
+            else:
+                tokens.append(item)
+            first = False
     if not tokens:
         raise ValueError(f"Invalid optimizers value: {value!r} (no method named)")
     return tokens
@@ -727,6 +738,10 @@ def _method_specs(s: dict[str, Any]) -> list[MethodSpec]:
                     )
                 )
         else:
+            rho = options.get("rho")
+            if isinstance(rho, str) and "label" not in fields:
+                # a self-tuning rho stands beside the grid: "sam(rho=auto)", not a second "sam"
+                fields["label"] = f"{name}(rho={rho.replace(':', '-')})"
             specs.append(MethodSpec(method=name, options=options, **fields))
     return specs
 

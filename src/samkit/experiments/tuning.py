@@ -55,6 +55,8 @@ class TuneSpec:
     tune_lr: bool = False
     sampler_seed: int = 0
     base: str | None = None
+    #: self-tuning radii trained beside the search (``"auto"``, ``"auto:<name>"``)
+    auto: list[str] | None = None
 
     def __post_init__(self) -> None:
         info = method_info(self.method)
@@ -85,6 +87,21 @@ class TuneSpec:
         check_int("sampler_seed", self.sampler_seed, 0, MAX_SAMPLER_SEED)
         if self.base is not None:
             st.check_choice("base", self.base, tuple(st.BASE_DEFAULTS))
+        if self.auto is not None:
+            from ..optim.autorho import controller_from_name
+
+            if not isinstance(self.auto, (list, tuple)) or not self.auto:
+                raise ValueError(
+                    f"Invalid auto value: {self.auto!r} (a list such as ['auto', 'auto:loss_equated'])"
+                )
+            for name in self.auto:
+                try:
+                    controller_from_name(name)
+                except ValueError as exc:
+                    raise ValueError(f"Invalid auto value: {name!r} ({exc})") from None
+            if len(set(self.auto)) != len(self.auto):
+                raise ValueError(f"Invalid auto value: {self.auto!r} (duplicates)")
+            self.auto = list(self.auto)
 
     @property
     def info(self) -> MethodInfo:
@@ -196,6 +213,8 @@ class OpenTune:
         if remaining:
             ostudy.optimize(self._objective(log), n_trials=remaining, catch=())
         summary = self._summarize(ostudy)
+        if self.spec.auto:
+            summary["auto"] = [self._run_auto(name, log) for name in self.spec.auto]
         write_json_atomic(self.out / "tune.json", summary)
         metric = self.problem.primary
         pct = metric in ("acc", "accuracy")
@@ -210,18 +229,123 @@ class OpenTune:
             settings={k: v for k, v in self.config.to_dict().items() if k != "methods"}
             | {"method": self.base.to_dict()},
             tune=summary,
-            notes=[f"Recommended rho = {best['rho']:.4g} (validation {metric} {shown})."],
+            notes=[f"Recommended rho = {best['rho']:.4g} (validation {metric} {shown})."]
+            + [auto_note(a, best, pct) for a in summary.get("auto", [])],
         )
         return TuneResult(self.out, summary)
+
+    def _train_seed(
+        self,
+        seed: int,
+        rho: float | str,
+        lr: float,
+        callbacks: list[Callable[[dict[str, Any]], None]],
+        state_path: Path | None = None,
+    ) -> Any:
+        """Train the method once on ``seed`` (the same data, model and schedule for every rho)."""
+        from .trainer import resolve_device, seed_everything, steps_per_epoch, train
+
+        cfg, problem = self.config, self.problem
+        data = problem.load(seed)
+        seed_everything(seed)
+        model = problem.build_model(data)
+        n_steps = steps_per_epoch(data.train, cfg.train.batch_size, seed)
+        tspec = self.base.train_spec(
+            total_steps=n_steps * cfg.train.epochs,
+            steps_per_epoch=n_steps,
+            epochs=cfg.train.epochs,
+        ).replace(lr=lr)
+        method = build_method(self.spec.method, model, tspec, rho=rho)
+        return train(
+            model,
+            method,
+            data,
+            cfg.train,
+            seed=seed,
+            loss_fn=problem.loss_fn,
+            metrics=problem.metrics,
+            maximize=problem.maximize,
+            device=resolve_device(cfg.device),
+            num_workers=cfg.num_workers,
+            callbacks=callbacks,
+            progress=False,
+            epoch_steps=n_steps,
+            state_path=state_path,
+        )
+
+    def _run_auto(self, name: str, log: Callable[[str], None] | None) -> dict[str, Any]:
+        """Train the method with ``rho=name`` on every seed, beside the search.
+
+        Each seed's result is kept in ``auto/`` (reused when the settings are
+        unchanged; an interrupted run resumes from its training state).
+        """
+        import json
+
+        from .study import write_json_atomic
+        from .trainer import finite
+
+        metric = self.problem.primary
+        folder = self.out / "auto"
+        folder.mkdir(exist_ok=True)
+        # what the stored runs were trained with, as it reads back from JSON
+        key = json.loads(
+            json.dumps(
+                finite(
+                    {"rho": name, "method": self.base.to_dict(), "settings": self.config.to_dict()}
+                )
+            )
+        )
+        values, histories, diverged = [], [], False
+        for seed in self.config.seeds:
+            stem = f"{name.replace(':', '-')}-seed{seed}"
+            path = folder / f"{stem}.json"
+            rec = None
+            if path.is_file():
+                try:
+                    rec = json.loads(path.read_text())
+                except ValueError:
+                    rec = None
+                if not isinstance(rec, dict) or rec.get("key") != key:
+                    rec = None
+            if rec is None:
+                res = self._train_seed(
+                    seed, name, self.base.lr, [], state_path=folder / f"{stem}.state.pt"
+                )
+                value = res.final.get(f"val_{metric}")
+                ok = not res.diverged and value is not None and math.isfinite(value)
+                rec = {
+                    "key": key,
+                    "value": value if ok else None,
+                    "test": res.final.get(f"test_{metric}"),
+                    "rho_history": [h.get("rho") for h in res.history],
+                }
+                write_json_atomic(path, rec)
+                (folder / f"{stem}.state.pt").unlink(missing_ok=True)
+                rec = json.loads(path.read_text())
+            if rec["value"] is None:
+                diverged = True
+            else:
+                values.append(rec["value"])
+            histories.append([v for v in rec["rho_history"] if v is not None])
+            if log:
+                shown = "diverged" if rec["value"] is None else _shown(rec["value"], metric)
+                final = histories[-1][-1] if histories[-1] else math.nan
+                log(f"  rho={name} seed {seed}: validation {metric} {shown}, final rho {final:.3g}")
+        finals = [h[-1] for h in histories if h]
+        return {
+            "rho": name,
+            "value": None if diverged else sum(values) / len(values),
+            "per_seed": values,
+            "final_rho": float(np.median(finals)) if finals else None,
+            "rho_history": histories,
+            **({"diverged": True} if diverged else {}),
+        }
 
     def _objective(self, log: Callable[[str], None] | None) -> Callable[[Any], float]:
         import optuna
 
-        from .trainer import resolve_device, seed_everything, steps_per_epoch, train
-
         cfg, spec, problem = self.config, self.spec, self.problem
         lo, hi = spec.range()
-        device = resolve_device(cfg.device)
         metric = problem.primary
 
         def objective(trial: optuna.Trial) -> float:
@@ -237,16 +361,6 @@ class OpenTune:
             )
             scores = []
             for s_i, seed in enumerate(cfg.seeds):
-                data = problem.load(seed)
-                seed_everything(seed)
-                model = problem.build_model(data)
-                n_steps = steps_per_epoch(data.train, cfg.train.batch_size, seed)
-                tspec = self.base.train_spec(
-                    total_steps=n_steps * cfg.train.epochs,
-                    steps_per_epoch=n_steps,
-                    epochs=cfg.train.epochs,
-                ).replace(lr=lr)
-                method = build_method(spec.method, model, tspec, rho=rho)
 
                 def report(rec: dict[str, Any], s_i: int = s_i) -> None:
                     value = rec.get(f"val_{metric}")
@@ -256,21 +370,7 @@ class OpenTune:
                     if s_i == 0 and trial.should_prune():
                         raise optuna.TrialPruned()
 
-                res = train(
-                    model,
-                    method,
-                    data,
-                    cfg.train,
-                    seed=seed,
-                    loss_fn=problem.loss_fn,
-                    metrics=problem.metrics,
-                    maximize=problem.maximize,
-                    device=device,
-                    num_workers=cfg.num_workers,
-                    callbacks=[report],
-                    progress=False,
-                    epoch_steps=n_steps,
-                )
+                res = self._train_seed(seed, rho, lr, [report])
                 value = res.final.get(f"val_{metric}")
                 if res.diverged or value is None or not math.isfinite(value):
                     trial.set_user_attr("diverged", True)
@@ -335,6 +435,23 @@ class OpenTune:
         }
 
 
+def _shown(value: float, metric: str) -> str:
+    return f"{100 * value:.2f} %" if metric in ("acc", "accuracy") else f"{value:.4g}"
+
+
+def auto_note(auto: dict[str, Any], best: dict[str, Any], pct: bool) -> str:
+    """One sentence: a self-tuning rho against the search's recommendation, on validation."""
+    if auto.get("value") is None:
+        return f"rho = {auto['rho']}: diverged on at least one seed."
+    scale, unit = (100.0, " points") if pct else (1.0, "")
+    diff = scale * (auto["value"] - best["value"])
+    return (
+        f"rho = {auto['rho']}: validation {scale * auto['value']:.4g} "
+        f"({diff:+.2f}{unit} against the recommended rho {best['rho']:.4g}), "
+        f"final rho {auto['final_rho']:.3g} (median over seeds), in one training per seed."
+    )
+
+
 @contextlib.contextmanager
 def open_tune(
     config: StudyConfig,
@@ -368,13 +485,13 @@ def open_tune(
         problem = check_study(config)
         lo, hi = spec.range()
         # the extremes of the search must build too (a rho the method refuses fails now)
-        for rho in [*(spec.grid or []), lo, hi]:
+        for rho in [*(spec.grid or []), lo, hi, *(spec.auto or [])]:
             _check_rho(config, problem, spec, base, rho)
         yield OpenTune(config, spec, base, path, problem, spec.n_trials(quick))
 
 
 def _check_rho(
-    config: StudyConfig, problem: Problem, spec: TuneSpec, base: MethodSpec, rho: float
+    config: StudyConfig, problem: Problem, spec: TuneSpec, base: MethodSpec, rho: float | str
 ) -> None:
     import copy
 
@@ -396,6 +513,7 @@ def tune(
     tune_lr: bool = False,
     sampler_seed: int = 0,
     base: str | None = None,
+    auto: list[str] | None = None,
     data: Any = None,
     loss: Callable[..., Any] | None = None,
     metrics: dict[str, Callable[..., Any]] | None = None,
@@ -416,7 +534,10 @@ def tune(
 
     Takes the model and data as :func:`samkit.compare` does. ``trials``
     (default 20), ``rho_range`` (log-uniform, default 0.005 to 1 times the
-    method's rho scale) or ``grid`` (exactly these values), ``sampler_seed``.
+    method's rho scale) or ``grid`` (exactly these values), ``sampler_seed``;
+    ``auto`` (e.g. ``["auto", "auto:loss_equated"]``): also train the method
+    with these self-tuning radii on the same seeds, reported beside the search
+    (``summary["auto"]``: validation score, each run's rho over training).
     Returns a :class:`TuneResult` (``best``, ``trials``, ``to_dict()``, paths).
     Interrupted, it resumes from the Optuna journal in ``out``.
     """
@@ -433,6 +554,7 @@ def tune(
         tune_lr=tune_lr,
         sampler_seed=sampler_seed,
         base=base,
+        auto=auto,
     )
     flat: dict[str, Any] = {**QUICK, "seeds": 3, "epochs": 30, **settings}
     flat.update(

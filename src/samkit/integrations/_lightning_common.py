@@ -110,6 +110,18 @@ class SAMCallbackMixin:
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
 
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        # A self-tuning rho (rho="auto") learns from the validation loss: report the
+        # logged "val_loss" to every SAM (a fixed rho ignores it). Not the sanity check's.
+        if trainer.sanity_checking or self._state(trainer) is None:
+            return
+        value = trainer.callback_metrics.get("val_loss")
+        if value is None:
+            return
+        for opt in trainer.optimizers:
+            if isinstance(opt, SAM):
+                opt.observe_validation(float(value))
+
     def _state(self, trainer: Any) -> _State | None:
         state = getattr(trainer.strategy.precision_plugin, "_samkit", None)
         return state if isinstance(state, _State) and state.owner is self else None

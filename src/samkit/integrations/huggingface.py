@@ -61,7 +61,9 @@ class SAMTrainer(transformers.Trainer):
     Takes the Trainer's arguments, plus:
 
     Args:
-        sam_rho: the ascent radius (default 0.05).
+        sam_rho: the ascent radius (default 0.05), a ``RhoController``, or
+            ``"auto"`` / ``"auto:<name>"`` (a self-tuning rho, told each
+            evaluation's ``eval_loss``).
         sam_adaptive: ASAM (arXiv 2102.11600) instead of SAM (default False).
         sam_class: :class:`samkit.SAM` (default) or a variant built the same
             way (``samkit.GSAM``, ``samkit.LookSAM``).
@@ -80,7 +82,7 @@ class SAMTrainer(transformers.Trainer):
     def __init__(
         self,
         *args: Any,
-        sam_rho: float = 0.05,
+        sam_rho: float | str | RhoController = 0.05,
         sam_adaptive: bool = False,
         sam_class: type[SAM] = SAM,
         sam_kwargs: dict[str, Any] | None = None,
@@ -107,7 +109,14 @@ class SAMTrainer(transformers.Trainer):
                         else "(use TrainingArguments.max_grad_norm)"
                     )
                 )
-        if not isinstance(sam_rho, RhoController):
+        if isinstance(sam_rho, str):  # a self-tuning rho: "auto" or "auto:<name>"
+            from ..optim.autorho import controller_from_name
+
+            try:
+                controller_from_name(sam_rho)
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("Invalid rho", "Invalid sam_rho", 1)) from None
+        elif not isinstance(sam_rho, RhoController):
             check_nonneg("sam_rho", sam_rho)  # the rest is checked when the optimizer is built
         if not isinstance(sam_adaptive, bool):
             raise ValueError(
@@ -214,6 +223,12 @@ class _ReportSkippedSteps(TrainerCallback):
         scaler = self.trainer.accelerator.scaler
         self.scale_before = scaler.get_scale() if scaler is not None else None
         self.trainer._sam_first_pass_unscaled = False
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # A self-tuning rho (sam_rho="auto") learns from the evaluation loss; a fixed one ignores it.
+        loss = (kwargs.get("metrics") or {}).get("eval_loss")
+        if loss is not None and self.trainer.optimizer is not None:
+            self.trainer.sam.observe_validation(float(loss))
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         scaler = self.trainer.accelerator.scaler

@@ -226,17 +226,18 @@ class LossEquated(AutoRho):
     :math:`\rho_t = \rho` (the starting radius) while the mean
     :math:`\overline{\lVert g \rVert}` is recorded, then :math:`\sigma =
     \rho\, \overline{\lVert g \rVert}`: the budget SAM's default radius spends
-    at the start of training. The annealing follows the learning rate
-    (``anneal="lr"``: :math:`\sigma_t = \sigma \cdot lr_t / lr_0`, ``lr_0`` the
-    first group's learning rate at construction), because a controller does
-    not know how many steps are left; ``anneal=None`` keeps :math:`\sigma`.
+    at the start of training. The paper's annealing is optional and follows the
+    learning rate (``anneal="lr"``: :math:`\sigma_t = \sigma \cdot lr_t / lr_0`,
+    ``lr_0`` the first group's learning rate at construction), because a
+    controller does not know how many steps are left; ``anneal=None`` (the
+    default) keeps :math:`\sigma`.
 
     Args:
         rho: the starting radius (default 0.05; 0.5 for ASAM).
         sigma: the loss budget; None (default) calibrates it as above.
         rho_max: the ceiling on :math:`\rho_t` (default ``10 * rho``).
-        calibration_steps: steps that measure :math:`\overline{\lVert g \rVert}` (default 50).
-        anneal: ``"lr"`` (default) or None.
+        calibration_steps: steps that measure :math:`\overline{\lVert g \rVert}` (default 200).
+        anneal: ``"lr"`` or None (default).
         stability: :math:`\varrho` (default 1e-12).
 
     With ASAM the gradient norm read is :math:`\lVert g \rVert`, not
@@ -322,6 +323,24 @@ class ValidationPlateau(AutoRho):
         patience: reports without improvement before raising (default 2).
         tol: the relative improvement that counts (default 1e-3).
         rho_max: the ceiling (default ``8 * rho``).
+
+    Example (``rho="auto"`` is this controller; a report applies at the next step):
+
+    >>> import torch, samkit
+    >>> model = torch.nn.Linear(2, 1)
+    >>> opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto")
+    >>> x, y = torch.randn(8, 2), torch.randn(8, 1)
+    >>> def closure():
+    ...     loss = torch.nn.functional.mse_loss(model(x), y)
+    ...     loss.backward()
+    ...     return loss
+    >>> for val_loss in [1.0, 0.9, 0.95, 0.92]:  # the last two do not improve on 0.9
+    ...     _ = opt.step(closure)
+    ...     opt.zero_grad()
+    ...     opt.observe_validation(val_loss)
+    >>> _ = opt.step(closure)
+    >>> opt.param_groups[0]["rho"]  # 0.05 * 1.5 after `patience` = 2 reports without improvement
+    0.075...
     """
 
     name = "validation_plateau"
