@@ -1,6 +1,14 @@
 """Hessian top eigenvalue and trace: samkit against PyHessian and curvlinops, in one process.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sharpness.py [--reps 3] [--models cnn resnet]
+        [--json out.json] [--cache DIR] [--groups eig_tol eig_acc trace ggn ggn_trace]
+    .venv/bin/python benchmarks/sharpness.py --table run1.json run2.json ...   # README table
+
+``--cache DIR`` keeps the trained weights (the ResNet's training takes ~5 minutes)
+and the reference values (~12 minutes for the ResNet), keyed by a SHA-256 of the
+weights and samples, for later runs. Every row and repetition is printed as it
+finishes, and with ``--json`` the rows so far are written after each one
+(``"partial": true``), so a run stopped early keeps what it measured.
 
 Models (both briefly trained on MNIST-1D, evaluated in eval mode, CPU):
 
@@ -51,8 +59,8 @@ Rows:
   against curvlinops ``GGNLinearOperator`` + eigsh at tol 1e-3, and samkit's
   ``ggn_trace`` (one per-sample backward pass, unbiased for tr G).
 
-References: the top eigenvalue by samkit's Lanczos to tol 1e-9 on a float64
-copy of the model, the trace by samkit's estimator to a standard error of a
+References: the top eigenvalues (Hessian and GGN) by samkit's Lanczos to tol
+1e-9 on a float64 copy of the model, the trace by samkit's estimator to a standard error of a
 quarter of the accuracy asked (0.5 % of the trace by default; at most 1000
 probes, its standard error is printed). PyHessian's trace
 on the ResNet runs at most ``--max-pyhessian-probes`` (default 50) probes
@@ -71,6 +79,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import hashlib
 import json
 import math
 import statistics
@@ -115,20 +124,35 @@ def _train(model: nn.Module, data: Any, steps: int, lr: float, seed: int = 0) ->
     return model.eval()
 
 
-def setup(name: str, quick: bool) -> dict[str, Any]:
+def setup(name: str, quick: bool, cache: Path | None = None) -> dict[str, Any]:
+    """The model, briefly trained (or its trained weights from ``cache``), and its data."""
     data = load_dataset("mnist1d", seed=0)
     torch.manual_seed(0)
     if name == "cnn":
         model = build_model("cnn", in_len=data.in_len, num_classes=data.num_classes)
-        model = _train(model, data, 300 if quick else 1500, 1e-2)
+        steps, lr = (300 if quick else 1500), 1e-2
         samples, loader_batch, trace_accuracy = 1000, 100, 0.02
     elif name == "resnet":
         model = build_model("resnet", in_len=data.in_len, num_classes=data.num_classes, width=100)
-        model = _train(model, data, 50 if quick else 300, 1e-3)
+        steps, lr = (50 if quick else 300), 1e-3
         samples, loader_batch = (64 if quick else 128), (16 if quick else 32)
         trace_accuracy = 0.05
     else:
         raise SystemExit(f"unknown model {name!r} (choose cnn or resnet)")
+    # the ResNet's 300 Adam steps take ~5 minutes on one thread: a cache keeps them
+    state_file = (
+        cache / f"{name}{'-quick' if quick else ''}_steps{steps}_state.pt" if cache else None
+    )
+    if state_file is not None and state_file.exists():
+        model.load_state_dict(torch.load(state_file, weights_only=True))
+        model.eval()
+        print(f"{name}: trained weights from {state_file}", flush=True)
+    else:
+        model = _train(model, data, steps, lr)
+        if state_file is not None:
+            from samkit._atomic import atomic_write_via
+
+            atomic_write_via(state_file, lambda tmp: torch.save(model.state_dict(), tmp))
     x, y = data.train.x[:samples], data.train.y[:samples]
     return {
         "name": name,
@@ -333,10 +357,51 @@ def calibrate_eig(
     raise SystemExit(f"{name}: no tolerance down to 1e-9 reaches a relative error of {target}")
 
 
-def bench_model(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+class ReferenceCache:
+    """Reference values of one model, kept in a JSON file under ``--cache`` (or nowhere).
+
+    The key is a SHA-256 of the weights and the samples, so a cached value is only
+    ever used for the very model and data it was computed on; the references are
+    the same computations either way (a cache saves the ResNet's ~20 minutes).
+    """
+
+    def __init__(self, path: Path | None, fingerprint: str) -> None:
+        self.path, self.fingerprint = path, fingerprint
+        stored = json.loads(path.read_text()) if path is not None and path.exists() else {}
+        self.values: dict[str, Any] = stored.get(fingerprint, {})
+        self.stored = stored
+
+    def get(self, key: str) -> Any:
+        return self.values.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self.values[key] = value
+        if self.path is not None:
+            from samkit._atomic import write_json_atomic
+
+            write_json_atomic(self.path, {**self.stored, self.fingerprint: self.values})
+
+
+def references_cache(cfg: dict[str, Any], cache: Path | None) -> ReferenceCache:
+    digest = hashlib.sha256()
+    for tensor in [*cfg["model"].state_dict().values(), cfg["x"], cfg["y"]]:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    path = cache / f"{cfg['name']}_references.json" if cache is not None else None
+    return ReferenceCache(path, digest.hexdigest())
+
+
+GROUPS = ("eig_tol", "eig_acc", "trace", "ggn", "ggn_trace")
+
+
+def bench_model(
+    cfg: dict[str, Any],
+    args: argparse.Namespace,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     name = cfg["name"]
     model = cfg["model"]
     seeds = list(range(args.reps))
+    groups = set(args.groups)
     trace_accuracy = args.trace_accuracy or cfg["trace_accuracy"]
     print(
         f"\n== {name}: {cfg['params']:,} parameters, {len(cfg['x'])} samples, "
@@ -344,61 +409,96 @@ def bench_model(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
         flush=True,
     )
 
-    # references
+    # references (cached by the weights' and data's fingerprint: they are the model's, not a run's)
     t0 = time.perf_counter()
-    ref_model = copy.deepcopy(model).double()
-    ref_op = HessianOperator(ref_model, F.cross_entropy, [(cfg["x"].double(), cfg["y"])])
-    eig_ref = top_eigenvalues(ref_op, tol=1e-9, max_iter=400, seed=123).eigenvalues[0]
-    del ref_op, ref_model
-    tr_ref_res = hessian_trace(
-        HessianOperator(model, F.cross_entropy, [(cfg["x"], cfg["y"])]),
-        tol=trace_accuracy / 4,
-        max_probes=1000,
-        seed=123,
-    )
-    tr_ref = tr_ref_res.trace
-    ggn_ref = top_eigenvalues(
-        GGNOperator(model, F.cross_entropy, [(cfg["x"], cfg["y"])]), tol=1e-8, max_iter=300
-    ).eigenvalues[0]
+    refs_cache = references_cache(cfg, args.cache)
+    eig_ref = refs_cache.get("eig")
+    if eig_ref is None and groups & {"eig_tol", "eig_acc"}:
+        ref_model = copy.deepcopy(model).double()
+        ref_op = HessianOperator(ref_model, F.cross_entropy, [(cfg["x"].double(), cfg["y"])])
+        eig_ref = float(top_eigenvalues(ref_op, tol=1e-9, max_iter=400, seed=123).eigenvalues[0])
+        del ref_op, ref_model
+        refs_cache.put("eig", eig_ref)
+    tr_key = f"trace se {trace_accuracy / 4:g}"
+    tr_cached = refs_cache.get(tr_key)
+    if tr_cached is None and "trace" in groups:
+        tr_ref_res = hessian_trace(
+            HessianOperator(model, F.cross_entropy, [(cfg["x"], cfg["y"])]),
+            tol=trace_accuracy / 4,
+            max_probes=1000,
+            seed=123,
+        )
+        tr_cached = {
+            "trace": float(tr_ref_res.trace),
+            "stderr": float(tr_ref_res.stderr),
+            "products": tr_ref_res.n_matvecs,
+        }
+        refs_cache.put(tr_key, tr_cached)
+    tr_ref = tr_cached["trace"] if tr_cached else None
+    ggn_ref = refs_cache.get("ggn float64")
+    if ggn_ref is None and "ggn" in groups:
+        ref_model = copy.deepcopy(model).double()
+        ref_op = GGNOperator(ref_model, F.cross_entropy, [(cfg["x"].double(), cfg["y"])])
+        ggn_ref = float(top_eigenvalues(ref_op, tol=1e-9, max_iter=300, seed=123).eigenvalues[0])
+        del ref_op, ref_model
+        refs_cache.put("ggn float64", ggn_ref)
     print(
-        f"reference top eigenvalue {eig_ref:.6g}; trace {tr_ref:.5g} +- {tr_ref_res.stderr:.2g} "
-        f"({tr_ref_res.n_matvecs} products); GGN top eigenvalue {ggn_ref:.6g} "
-        f"[{time.perf_counter() - t0:.0f} s]",
+        f"reference top eigenvalue {eig_ref}; trace "
+        + (
+            f"{tr_ref:.5g} +- {tr_cached['stderr']:.2g} ({tr_cached['products']} products)"
+            if tr_cached
+            else "-"
+        )
+        + f"; GGN top eigenvalue {ggn_ref} [{time.perf_counter() - t0:.0f} s"
+        + (f", cache {refs_cache.path}]" if refs_cache.path else "]"),
         flush=True,
     )
 
     # calibrations (one-batch mode; untimed)
     t0 = time.perf_counter()
     acc = args.eig_accuracy
-    tols = {
-        "pyhessian": calibrate_eig(
-            "PyHessian", lambda tol, s: PyHessianRun(cfg, "batch").eig(tol, s), eig_ref, acc, seeds
-        ),
-        "curvlinops": calibrate_eig(
-            "curvlinops",
-            lambda tol, s: CurvlinopsRun(cfg, "batch").eig(tol, s),
-            eig_ref,
-            acc,
-            seeds,
-        ),
-        "samkit": calibrate_eig(
-            "samkit", lambda tol, s: samkit_eig(cfg, "batch", tol, s), eig_ref, acc, seeds
-        ),
-    }
-    pilot = PyHessianRun(cfg, "batch").trace(args.pilot_probes, 999)[2]
-    sd = statistics.stdev(pilot)
-    ph_probes = max(2, math.ceil((sd / (trace_accuracy * abs(tr_ref))) ** 2))
-    cap = args.max_pyhessian_probes or (50 if name == "resnet" else 10**9)
-    ph_probes_run = min(ph_probes, cap)
-    sk_products = [samkit_trace(cfg, "batch", trace_accuracy, s)[1] for s in seeds]
-    m = statistics.median(sk_products)
-    peer_matvecs = {"hutch++": 3 * math.ceil(m / 3), "xtrace": 2 * math.ceil(m / 2)}
+    tols: dict[str, tuple[float, float]] = {}
+    if "eig_acc" in groups:
+        tols = {
+            "pyhessian": calibrate_eig(
+                "PyHessian",
+                lambda tol, s: PyHessianRun(cfg, "batch").eig(tol, s),
+                eig_ref,
+                acc,
+                seeds,
+            ),
+            "curvlinops": calibrate_eig(
+                "curvlinops",
+                lambda tol, s: CurvlinopsRun(cfg, "batch").eig(tol, s),
+                eig_ref,
+                acc,
+                seeds,
+            ),
+            "samkit": calibrate_eig(
+                "samkit", lambda tol, s: samkit_eig(cfg, "batch", tol, s), eig_ref, acc, seeds
+            ),
+        }
+    ph_probes = ph_probes_run = 1  # placeholders where the trace rows are not asked for
+    peer_matvecs = {"hutch++": 0, "xtrace": 0}
+    if "trace" in groups:
+        pilot = PyHessianRun(cfg, "batch").trace(args.pilot_probes, 999)[2]
+        sd = statistics.stdev(pilot)
+        ph_probes = max(2, math.ceil((sd / (trace_accuracy * abs(tr_ref))) ** 2))
+        cap = args.max_pyhessian_probes or (50 if name == "resnet" else 10**9)
+        ph_probes_run = min(ph_probes, cap)
+        sk_products = [samkit_trace(cfg, "batch", trace_accuracy, s)[1] for s in seeds]
+        m = statistics.median(sk_products)
+        peer_matvecs = {"hutch++": 3 * math.ceil(m / 3), "xtrace": 2 * math.ceil(m / 2)}
     print(
         "equal-accuracy settings: eig tol "
-        + ", ".join(f"{k} {v[0]:g} (max error {v[1]:.1e})" for k, v in tols.items())
-        + f"; PyHessian Hutchinson probe SD {sd:.4g} -> {ph_probes} probes"
-        + (f" (run with {ph_probes_run}, time scaled)" if ph_probes_run < ph_probes else "")
-        + f"; samkit products {sk_products}; curvlinops matvecs {peer_matvecs}"
+        + (", ".join(f"{k} {v[0]:g} (max error {v[1]:.1e})" for k, v in tols.items()) or "-")
+        + (
+            f"; PyHessian Hutchinson probe SD {sd:.4g} -> {ph_probes} probes"
+            + (f" (run with {ph_probes_run}, time scaled)" if ph_probes_run < ph_probes else "")
+            + f"; samkit products {sk_products}; curvlinops matvecs {peer_matvecs}"
+            if "trace" in groups
+            else ""
+        )
         + f" [{time.perf_counter() - t0:.0f} s]",
         flush=True,
     )
@@ -440,6 +540,8 @@ def bench_model(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
             ("curvlinops", lambda t, s, mode=mode: CurvlinopsRun(cfg, mode).eig(t, s)),
             ("samkit", lambda t, s, mode=mode: samkit_eig(cfg, mode, t, s)),
         ):
+            if lib not in tols:  # eig_acc not asked for
+                continue
             tol = tols[lib][0]
             rows.append(
                 (
@@ -511,8 +613,26 @@ def bench_model(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
         )
     )
 
+    rows = [row for row in rows if row[1] in groups]
     table = Table()
     scale = ph_probes / ph_probes_run
+    refs = {
+        "eig_tol": eig_ref,
+        "eig_acc": eig_ref,
+        "trace": tr_ref,
+        "ggn": ggn_ref,
+        "ggn_trace": None,
+    }
+    info = {
+        "model": name,
+        "parameters": cfg["params"],
+        "samples": len(cfg["x"]),
+        "eig_reference": eig_ref,
+        "trace_reference": tr_ref,
+        "ggn_eig_reference": ggn_ref,
+        "eig_tolerances": tols,
+        "pyhessian_trace_probes": ph_probes,
+    }
     warnings.simplefilter("ignore")
     for rep in seeds:
         for key, group, lib, mode, fn in rows:
@@ -527,19 +647,22 @@ def bench_model(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
             if key.startswith("trace se") and lib == "pyhessian" and scale > 1:
                 sec, hv = sec * scale, ph_probes  # extrapolated: probes cost the same each
             table.add(key, sec, val, hv, group=group, lib=lib, mode=mode)
+            # one line per row and repetition, and the rows so far on disk: a long run
+            # stopped early still leaves what it measured
+            print(f"    {key}: {sec:.3f} s, {val:.6g}, {hv} products", flush=True)
+            if progress is not None:
+                progress({**info, "partial": True, **summarize(table, refs, verbose=False)})
         print(f"  repetition {rep + 1}/{args.reps} done", flush=True)
+    return {**info, **summarize(table, refs, verbose=True)}
 
-    refs = {
-        "eig_tol": eig_ref,
-        "eig_acc": eig_ref,
-        "trace": tr_ref,
-        "ggn": ggn_ref,
-        "ggn_trace": None,
-    }
-    print(
-        f"{'row':62s} {'median s':>9s} {'(min-max)':>15s} {'HVPs':>6s} {'value':>10s} "
-        f"{'error':>8s} {'peak MiB':>9s}"
-    )
+
+def summarize(table: Table, refs: dict[str, float | None], verbose: bool) -> dict[str, Any]:
+    """Median time, spread, error per row; speed-ups wherever samkit and a peer both have a row."""
+    if verbose:
+        print(
+            f"{'row':62s} {'median s':>9s} {'(min-max)':>15s} {'HVPs':>6s} {'value':>10s} "
+            f"{'error':>8s} {'peak MiB':>9s}"
+        )
     out_rows = {}
     for key, row in table.rows.items():
         ref = refs[row["group"]]
@@ -558,13 +681,15 @@ def bench_model(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
             else None
         )
         spread = f"({min(row['seconds']):.3g}-{max(row['seconds']):.3g})"
-        print(
-            f"{key:62s} {med:9.3f} {spread:>15s} {'-' if hv is None else f'{hv:g}':>6s} "
-            f"{statistics.median(vals):10.5g} {err:>8s} {row['peak_mib']:9.1f}"
-        )
+        if verbose:
+            print(
+                f"{key:62s} {med:9.3f} {spread:>15s} {'-' if hv is None else f'{hv:g}':>6s} "
+                f"{statistics.median(vals):10.5g} {err:>8s} {row['peak_mib']:9.1f}"
+            )
         out_rows[key] = {**row, "median_seconds": med, "error": err.strip()}
 
-    print("speed-up = peer time / samkit time (median; per-repetition min-max):")
+    if verbose:
+        print("speed-up = peer time / samkit time (median; per-repetition min-max):")
     ratios = {}
     for group, peers in (
         ("eig_tol", ("pyhessian", "curvlinops")),
@@ -574,33 +699,31 @@ def bench_model(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     ):
         for mode in ("batch", "loader"):
             ours = next(
-                r
-                for r in table.rows.values()
-                if r["group"] == group and r["lib"] == "samkit" and r["mode"] == mode
+                (
+                    r
+                    for r in table.rows.values()
+                    if r["group"] == group and r["lib"] == "samkit" and r["mode"] == mode
+                ),
+                None,
             )
             for peer in peers:
                 theirs = next(
-                    r
-                    for r in table.rows.values()
-                    if r["group"] == group and r["lib"] == peer and r["mode"] == mode
+                    (
+                        r
+                        for r in table.rows.values()
+                        if r["group"] == group and r["lib"] == peer and r["mode"] == mode
+                    ),
+                    None,
                 )
+                if ours is None or theirs is None:  # not measured (yet)
+                    continue
                 per = [a / b for a, b in zip(theirs["seconds"], ours["seconds"])]
                 med = statistics.median(theirs["seconds"]) / statistics.median(ours["seconds"])
                 label = f"{group} {mode}: {peer}"
                 ratios[label] = {"median": med, "min": min(per), "max": max(per)}
-                print(f"  {label:40s} {med:6.2f}x  ({min(per):.2f}-{max(per):.2f})")
-    return {
-        "model": name,
-        "parameters": cfg["params"],
-        "samples": len(cfg["x"]),
-        "eig_reference": eig_ref,
-        "trace_reference": tr_ref,
-        "ggn_eig_reference": ggn_ref,
-        "eig_tolerances": tols,
-        "pyhessian_trace_probes": ph_probes,
-        "rows": out_rows,
-        "speedups": ratios,
-    }
+                if verbose:
+                    print(f"  {label:40s} {med:6.2f}x  ({min(per):.2f}-{max(per):.2f})")
+    return {"rows": out_rows, "speedups": ratios}
 
 
 def bench_products(cfg: dict[str, Any], reps: int) -> dict[str, Any]:
@@ -722,17 +845,26 @@ GROUP_LABELS = {
 
 
 def markdown(paths: list[Path]) -> str:
-    """The speed-up table of several runs' JSON files, one column entry per run."""
+    """The speed-up table of several runs' JSON files: per model, one entry per run that has it.
+
+    Runs may hold different models (``--models cnn`` in one, ``resnet`` in another);
+    a run stopped early (``"partial"``) contributes the rows it finished.
+    """
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        for result in run["results"]:
+            by_model.setdefault(result["model"], []).append(result)
     lines = [
         "| model | measure | mode | vs PyHessian | vs curvlinops |",
         "|---|---|---|---|---|",
     ]
-    for i, result in enumerate(runs[0]["results"]):
+    for results in by_model.values():
+        first = results[0]
         name = (
-            f"{result['model']} ({result['parameters'] / 1e6:.2g}M)"
-            if result["parameters"] > 1e6
-            else f"{result['model']} ({result['parameters']:,})"
+            f"{first['model']} ({first['parameters'] / 1e6:.2g}M)"
+            if first["parameters"] > 1e6
+            else f"{first['model']} ({first['parameters']:,})"
         )
         for group, label in GROUP_LABELS.items():
             for mode in ("batch", "loader"):
@@ -742,8 +874,8 @@ def markdown(paths: list[Path]) -> str:
                     ("curvlinops", "curvlinops xtrace", "curvlinops hutch++"),
                 ):
                     vals = []
-                    for run in runs:
-                        speed = run["results"][i]["speedups"]
+                    for result in results:
+                        speed = result["speedups"]
                         got = [
                             speed[f"{group} {mode}: {peer}"]
                             for peer in peers
@@ -755,9 +887,34 @@ def markdown(paths: list[Path]) -> str:
                                 f"{best['median']:.2f}x ({best['min']:.2f}-{best['max']:.2f})"
                             )
                     cells.append(", ".join(vals) if vals else "-")
+                if cells == ["-", "-"]:
+                    continue
                 tag = "one batch" if mode == "batch" else "data loader"
                 lines.append(f"| {name} | {label} | {tag} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + rows_markdown(by_model)
+
+
+def rows_markdown(by_model: dict[str, list[dict[str, Any]]]) -> str:
+    """Per row: median s, products, error, memory, from the last run given that has the row."""
+    lines = []
+    for model, results in by_model.items():
+        rows: dict[str, dict[str, Any]] = {}
+        for result in results:
+            rows.update(result["rows"])
+        lines += [
+            f"| {model}: row | repetitions | median s | products | error | peak MiB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, row in rows.items():
+            hvps = [h for h in row["hvps"] if h is not None]
+            products = f"{statistics.median(hvps):g}" if hvps else "-"
+            label = key.replace(" | ", ", ")  # a "|" would split the markdown cell
+            lines.append(
+                f"| {label} | {len(row['seconds'])} | {row['median_seconds']:.3g} | {products} "
+                f"| {row['error'] or '-'} | {row['peak_mib']:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def main() -> None:
@@ -779,6 +936,20 @@ def main() -> None:
         default=None,
         help="run PyHessian's trace with at most this many probes and scale its time "
         "(default: no limit for the CNN, 50 for the ResNet)",
+    )
+    ap.add_argument(
+        "--groups",
+        nargs="+",
+        default=list(GROUPS),
+        choices=GROUPS,
+        help="which rows to measure (default all): eig_tol, eig_acc (top eigenvalue at the same "
+        "tolerance, at equal accuracy), trace, ggn, ggn_trace",
+    )
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        help="keep the trained weights and the reference values here, reused by later runs on "
+        "the same weights and data",
     )
     ap.add_argument("--quick", action="store_true", help="smaller models and data (a smoke test)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -804,18 +975,36 @@ def main() -> None:
         flush=True,
     )
     if args.estimators:
-        results = [bench_estimators(setup("cnn", args.quick), args.seeds)]
+        results = [bench_estimators(setup("cnn", args.quick, args.cache), args.seeds)]
     elif args.products:
         results = [
-            bench_products(setup(name, args.quick), max(args.reps, 3)) for name in args.models
+            bench_products(setup(name, args.quick, args.cache), max(args.reps, 3))
+            for name in args.models
         ]
     else:
-        results = [bench_model(setup(name, args.quick), args) for name in args.models]
+        results = []
+        for name in args.models:
+            results.append(
+                bench_model(
+                    setup(name, args.quick, args.cache),
+                    args,
+                    lambda partial: save(args, [*results, partial]),
+                )
+            )
+    save(args, results)
+
+
+def save(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     if args.json:
         from samkit._atomic import write_json_atomic
 
         write_json_atomic(
-            args.json, {"args": vars(args) | {"json": str(args.json)}, "results": results}
+            args.json,
+            {
+                "args": vars(args)
+                | {"json": str(args.json), "cache": args.cache and str(args.cache)},
+                "results": results,
+            },
         )
 
 
