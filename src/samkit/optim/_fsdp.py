@@ -48,6 +48,7 @@ __all__ = [
     "localize",
     "check_supported",
     "refuse_fsdp1",
+    "holds_dtensors",
     "full",
 ]
 
@@ -182,6 +183,15 @@ def check_supported(optimizer: Any, scaler: Any) -> None:
             f"Invalid perturbation value: {perturbation!r} (ESAM's stochastic weight perturbation) would "
             "draw its mask per shard under FSDP2; not supported (beta=1 turns it off)"
         )
+
+
+def holds_dtensors(params: Sequence[Tensor]) -> bool:
+    """Whether any of ``params`` is a DTensor (FSDP2 shards them when fully_shard is applied,
+    before an optimizer is built over them); when none is, :func:`localize` is skipped."""
+    if all(type(p) in _PLAIN for p in params):
+        return False
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in params)
 
 
 def refuse_fsdp1(params: Sequence[Tensor]) -> None:

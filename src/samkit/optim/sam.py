@@ -151,6 +151,10 @@ class SAM(torch.optim.Optimizer):
         1
     """
 
+    #: whether a parameter is a DTensor (set in __init__ and add_param_group); an
+    #: instance unpickled without it takes the checked path
+    _sharded = True
+
     # GradScaler.step() calls our step() even on overflow, with grad_scale and
     # found_inf set, so the weights are always restored (see _amp).
     _step_supports_amp_scaling = True
@@ -232,7 +236,9 @@ class SAM(torch.optim.Optimizer):
             base.defaults.setdefault(self.group_keys[key], value)
         for i, group in enumerate(base.param_groups):
             self._init_group(group, i)
-        _fsdp.refuse_fsdp1([p for group in base.param_groups for p in group["params"]])
+        everything = [p for group in base.param_groups for p in group["params"]]
+        _fsdp.refuse_fsdp1(everything)
+        self._sharded = _fsdp.holds_dtensors(everything)  # FSDP2: the ascent runs on local shards
 
         self.perturbation = perturbation or (Adaptive() if adaptive else L2())
         self.policy = policy
@@ -317,6 +323,7 @@ class SAM(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        self._sharded = self._sharded or _fsdp.holds_dtensors(self.param_groups[-1]["params"])
 
     def _sam_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group as the ascent reads it: SAM's settings under their plain names."""
@@ -504,7 +511,9 @@ class SAM(torch.optim.Optimizer):
         """What the ascent starts from, per group: the gradients, or the base optimizer's
         state vectors (Momentum-SAM); under FSDP2 also as local shards, with their sharding."""
         sharded = self._gather() if by_gradient else self._gather(self._state_vector)
-        sources, sharding = _fsdp.localize(sharded)  # the same list when nothing is sharded
+        if not self._sharded:
+            return sharded, sharded, None
+        sources, sharding = _fsdp.localize(sharded)
         if sharding is not None:
             _fsdp.check_supported(self, scaler)
         return sharded, sources, sharding
