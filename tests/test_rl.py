@@ -247,3 +247,42 @@ def test_list_names_the_perturbations(capsys):
     assert rc == 0
     for name in ("CartPole-v1", "Acrobot-v1", "pole_length", "link_mass", "everyk", "looksam"):
         assert name in out
+
+
+def test_axis_differences_are_paired_by_seed_by_hand():
+    """The per-axis table's differences: each method's axis mean minus the baseline's on the
+    same seed, averaged, with the standard error of those differences (a diverged run is
+    left out of its pair)."""
+    config = rl.build_config(
+        {"envs": ["CartPole-v1"], "methods": ["ppo", "sam"], "seeds": [0, 1, 2]}
+    )
+    axes = [a.name for a in CARTPOLE.axes]
+
+    def record(label, seed, value, diverged=False):
+        means = {name: value + i for i, name in enumerate(axes)}
+        return {
+            "env": "CartPole-v1",
+            "label": label,
+            "method": label,
+            "seed": seed,
+            "diverged": diverged,
+            "train_time": 1.0,
+            "train_return_mean": 0.0,
+            "passes_per_step": 1.0,
+            "robustness": {"nominal": value, "robust": value, "axis_means": means},
+        }
+
+    ppo = [record("ppo", s, v) for s, v in enumerate([100.0, 200.0, 300.0])]
+    sam = [record("sam", 0, 130.0), record("sam", 1, 190.0), record("sam", 2, 0.0, diverged=True)]
+    summary = rl.summarize(config, ppo + sam)
+    row = next(r for r in summary["summary"] if r["label"] == "sam")
+    diffs = [30.0, -10.0]  # seed 2 diverged: out of the pair
+    mean = sum(diffs) / 2
+    se = (sum((d - mean) ** 2 for d in diffs) / 1) ** 0.5 / 2**0.5
+    for name in axes:
+        got = row["axes_vs_baseline"][name]
+        assert got["n"] == 2
+        assert got["mean"] == pytest.approx(mean) and got["se"] == pytest.approx(se)
+    assert "axes_vs_baseline" not in next(r for r in summary["summary"] if r["label"] == "ppo")
+    text = rl.format_axis_tables(summary["summary"])
+    assert f"(+{mean:.1f} +- {se:.1f})" in text

@@ -123,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
             )
         result = rl.run_checked(config, folder, progress=None if not args.quiet else False, log=log)
     print(result.table)
+    print()
+    print(result.axis_tables)
     if result.verdicts:
         print()
         for sentence in result.verdicts:

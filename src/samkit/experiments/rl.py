@@ -772,6 +772,10 @@ class RLResult:
         return format_table(self.rows)
 
     @property
+    def axis_tables(self) -> str:
+        return format_axis_tables(self.rows)
+
+    @property
     def results_path(self) -> Path:
         return self.out / "results.json"
 
@@ -780,7 +784,7 @@ class RLResult:
         return self.out / "report.html"
 
     def __str__(self) -> str:
-        return "\n".join([self.table, "", *self.verdicts])
+        return "\n".join([self.table, "", self.axis_tables, "", *self.verdicts])
 
 
 def _execute(
@@ -940,6 +944,7 @@ def summarize(config: RLConfig, records: list[dict[str, Any]]) -> dict[str, Any]
                 },
             }
             rows.append(row)
+        _add_axis_differences(config, env, mine, [r for r in rows if r["env"] == env])
         for metric, unit in (("nominal", "return"), ("robust", "robust return")):
             values = {
                 label: {
@@ -962,6 +967,30 @@ def summarize(config: RLConfig, records: list[dict[str, Any]]) -> dict[str, Any]
         "verdicts": verdicts,
         "runs": records,
     }
+
+
+def _add_axis_differences(
+    config: RLConfig, env: str, records: list[dict[str, Any]], rows: list[dict[str, Any]]
+) -> None:
+    """Each method's per-axis robustness minus the baseline's, paired by seed
+    (``row["axes_vs_baseline"][axis] = {"mean", "se", "n"}``; none for the baseline)."""
+    for axis in ENVS[env].axes:
+        values = {
+            label: {
+                r["seed"]: (None if r.get("diverged") else r["robustness"]["axis_means"][axis.name])
+                for r in records
+                if r["label"] == label
+            }
+            for label in config.labels
+        }
+        for v in grid.verdicts(values, config.baseline, metric=axis.name, unit="return"):
+            for row in rows:
+                if row["label"] == v["label"]:
+                    row.setdefault("axes_vs_baseline", {})[axis.name] = {
+                        "mean": v["mean"],
+                        "se": v["se"],
+                        "n": v["n"],
+                    }
 
 
 def _fmt(v: Any, spec: str = ".1f") -> str:
@@ -1001,16 +1030,32 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 
 def axis_table(rows: list[dict[str, Any]], env: str) -> tuple[list[str], list[list[str]]]:
-    """Per-axis robustness (mean return over the non-nominal levels) of one environment."""
+    """Per-axis robustness of one environment: the mean return over the axis' non-nominal
+    levels (mean over seeds), then the difference from the baseline paired by seed +- s.e."""
     mine = [r for r in rows if r["env"] == env]
     names = [a.name for a in ENVS[env].axes]
-    return ["method", *names], [
-        [r["label"], *(_fmt(r["axes"].get(n)) for n in names)] for r in mine
-    ]
+
+    def cell(row: dict[str, Any], name: str) -> str:
+        text = _fmt(row["axes"].get(name))
+        diff = row.get("axes_vs_baseline", {}).get(name)
+        if diff is not None and diff["mean"] is not None:
+            text += f" ({diff['mean']:+.1f} +- {_fmt(diff['se'])})"
+        return text
+
+    return ["method", *names], [[r["label"], *(cell(r, n) for n in names)] for r in mine]
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    headers, cells = table_rows(rows)
+def format_axis_tables(rows: list[dict[str, Any]]) -> str:
+    """:func:`axis_table` of every environment, as text."""
+    parts = []
+    for env in dict.fromkeys(r["env"] for r in rows):
+        headers, cells = axis_table(rows, env)
+        parts.append(f"{env}: robustness per axis (paired difference from the baseline +- s.e.)")
+        parts.append(_align(headers, cells))
+    return "\n".join(parts)
+
+
+def _align(headers: list[str], cells: list[list[str]]) -> str:
     widths = [
         max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)
     ]
@@ -1018,6 +1063,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    return _align(*table_rows(rows))
 
 
 # --------------------------------------------------------------------- report
