@@ -717,8 +717,7 @@ def check(config: GANConfig, out: Path) -> None:
 def open_study(config: GANConfig, out: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """Lock the run folder and check the study (ValueError before any training), then yield the folder."""
     folder_path = Path(out) if out is not None else default_out(config)
-    with study_folder(folder_path) as folder:
-        check(config, folder)
+    with grid.open_study(folder_path, lambda folder: check(config, folder)) as folder:
         yield folder
 
 
@@ -744,58 +743,48 @@ def run_checked(
 ) -> GANResult:
     """:func:`run` inside :func:`open_study`."""
     show = sys.stderr.isatty() if progress is None else progress
+
+    def execute(
+        dataset: str, variant: Variant, seed: int, runs: Path, key: str, identity: dict[str, Any]
+    ) -> dict[str, Any]:
+        out = train_gan(
+            config,
+            MIXTURES[dataset],
+            variant,
+            seed,
+            state_path=runs / f"{key}.state.pt",
+            identity=identity,
+            progress=show,
+            desc=f"{dataset} {variant.label} s{seed}",
+        )
+        samples = {"config": grid.normalise(identity), "snapshots": out.pop("snapshots")}
+        out.pop("weights")
+        write_json_atomic(runs / f"{key}.samples.json", samples)
+        return {
+            "key": key,
+            "dataset": dataset,
+            "label": variant.label,
+            "method": variant.method,
+            "seed": seed,
+            "config": identity,
+            "samples": f"{key}.samples.json",
+            **out,
+        }
+
+    def cleanup(runs: Path, key: str) -> None:  # the training state, once the result is written
+        (runs / f"{key}.state.pt").unlink(missing_ok=True)
+
     with study_folder(folder):
-        write_json_atomic(folder / "config.json", config.to_dict())
-        records: list[dict[str, Any]] = []
-        executed = 0
-        cells = [(d, v, s) for d in config.datasets for s in config.seeds for v in config.variants]
-        for i, (dataset, variant, seed) in enumerate(cells, 1):
-            runs = folder / "runs" / dataset
-            runs.mkdir(parents=True, exist_ok=True)
-            key = run_key(variant.label, seed)
-            identity = _identity(config, dataset, variant, seed)
-            result_path = runs / f"{key}.json"
-            done = grid.finished(result_path, identity)
-            if done is not None:
-                records.append(done)
-                if log:
-                    log(
-                        f"[{i}/{len(cells)}] {dataset} {variant.label} seed {seed}: done before, skipped"
-                    )
-                continue
-            state_path = runs / f"{key}.state.pt"
-            out = train_gan(
-                config,
-                MIXTURES[dataset],
-                variant,
-                seed,
-                state_path=state_path,
-                identity=identity,
-                progress=show,
-                desc=f"{dataset} {variant.label} s{seed}",
-            )
-            samples = {"config": grid.normalise(identity), "snapshots": out.pop("snapshots")}
-            out.pop("weights")
-            write_json_atomic(runs / f"{key}.samples.json", samples)
-            record = {
-                "key": key,
-                "dataset": dataset,
-                "label": variant.label,
-                "method": variant.method,
-                "seed": seed,
-                "config": identity,
-                "samples": f"{key}.samples.json",
-                **out,
-            }
-            write_json_atomic(result_path, record)
-            if state_path.exists():
-                state_path.unlink()
-            records.append(grid.normalise(record))
-            executed += 1
-            if log:
-                log(
-                    f"[{i}/{len(cells)}] {dataset} {variant.label} seed {seed}: {_describe(record)}"
-                )
+        records, executed = grid.run_cells(
+            folder,
+            config.to_dict(),
+            [(d, v, s) for d in config.datasets for s in config.seeds for v in config.variants],
+            identity=lambda dataset, variant, seed: _identity(config, dataset, variant, seed),
+            execute=execute,
+            describe=_describe,
+            log=log,
+            cleanup=cleanup,
+        )
         summary = summarize(config, records)
         write_json_atomic(folder / "results.json", summary)
         write_report(folder / "report.html", config, summary, folder)

@@ -23,11 +23,13 @@ a copy of it:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import re
 import statistics
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,8 @@ __all__ = [
     "verdicts",
     "default_out",
     "check_names",
+    "open_study",
+    "run_cells",
 ]
 
 
@@ -264,3 +268,63 @@ def default_out(prefix: str, settings: dict[str, Any], *parts: str) -> Path:
     digest = hashlib.sha1(json.dumps(normalise(settings), sort_keys=True).encode()).hexdigest()[:8]
     safe = [re.sub(r"[^A-Za-z0-9_.-]", "_", p)[:40] for p in parts]
     return Path("samkit-runs") / "-".join([prefix, *safe, digest])
+
+
+@contextlib.contextmanager
+def open_study(folder: Path, check: Callable[[Path], None]) -> Iterator[Path]:
+    """Lock ``folder`` and run ``check(folder)`` (a ValueError before any training), then yield it."""
+    from .folder import study_folder
+
+    with study_folder(folder) as locked:
+        check(locked)
+        yield locked
+
+
+def run_cells(
+    folder: Path,
+    settings: dict[str, Any],
+    cells: Sequence[tuple[str, Variant, int]],
+    *,
+    identity: Callable[[str, Variant, int], dict[str, Any]],
+    execute: Callable[[str, Variant, int, Path, str, dict[str, Any]], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+    log: Callable[[str], None] | None,
+    cleanup: Callable[[Path, str], None] | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """Run, or read back, every ``(condition, variant, seed)`` cell of a study in ``folder``.
+
+    Call it holding the folder's lock. ``settings`` go to ``config.json``; a
+    cell's result is ``runs/<condition>/<run key>.json``, reused when it holds
+    ``identity(condition, variant, seed)``; otherwise ``execute(condition,
+    variant, seed, runs folder, run key, identity)`` makes the record, which is
+    written atomically before ``cleanup(runs folder, run key)`` removes what a
+    run kept to resume. Returns the records (as they read back) and how many
+    cells ran.
+    """
+    from .study import run_key, write_json_atomic
+
+    write_json_atomic(folder / "config.json", settings)
+    records: list[dict[str, Any]] = []
+    executed = 0
+    for i, (condition, variant, seed) in enumerate(cells, 1):
+        runs = folder / "runs" / condition
+        runs.mkdir(parents=True, exist_ok=True)
+        key = run_key(variant.label, seed)
+        wanted = identity(condition, variant, seed)
+        result_path = runs / f"{key}.json"
+        tag = f"[{i}/{len(cells)}] {condition} {variant.label} seed {seed}"
+        done = finished(result_path, wanted)
+        if done is not None:
+            records.append(done)
+            if log:
+                log(f"{tag}: done before, skipped")
+            continue
+        record = execute(condition, variant, seed, runs, key, wanted)
+        write_json_atomic(result_path, record)
+        if cleanup is not None:
+            cleanup(runs, key)
+        records.append(normalise(record))
+        executed += 1
+        if log:
+            log(f"{tag}: {describe(record)}")
+    return records, executed

@@ -839,8 +839,7 @@ def _execute(
 def open_study(config: RLConfig, out: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """Lock the run folder and check the study (ValueError before any training), then yield the folder."""
     folder_path = Path(out) if out is not None else default_out(config)
-    with study_folder(folder_path) as folder:
-        check(config, folder)
+    with grid.open_study(folder_path, lambda folder: check(config, folder)) as folder:
         yield folder
 
 
@@ -867,29 +866,17 @@ def run_checked(
     """:func:`run` inside :func:`open_study`."""
     show = sys.stderr.isatty() if progress is None else progress
     with study_folder(folder):
-        write_json_atomic(folder / "config.json", config.to_dict())
-        records: list[dict[str, Any]] = []
-        executed = 0
-        cells = [(e, v, s) for e in config.envs for s in config.seeds for v in config.variants]
-        for i, (env, variant, seed) in enumerate(cells, 1):
-            runs = folder / "runs" / env
-            runs.mkdir(parents=True, exist_ok=True)
-            key = run_key(variant.label, seed)
-            result_path = runs / f"{key}.json"
-            done = grid.finished(result_path, _run_identity(config, env, variant, seed))
-            if done is not None:
-                records.append(done)
-                if log:
-                    log(
-                        f"[{i}/{len(cells)}] {env} {variant.label} seed {seed}: done before, skipped"
-                    )
-                continue
-            record = _execute(config, env, variant, seed, runs, show, log)
-            write_json_atomic(result_path, record)
-            records.append(grid.normalise(record))
-            executed += 1
-            if log:
-                log(f"[{i}/{len(cells)}] {env} {variant.label} seed {seed}: {_describe(record)}")
+        records, executed = grid.run_cells(
+            folder,
+            config.to_dict(),
+            [(e, v, s) for e in config.envs for s in config.seeds for v in config.variants],
+            identity=lambda env, variant, seed: _run_identity(config, env, variant, seed),
+            execute=lambda env, variant, seed, runs, key, _: _execute(
+                config, env, variant, seed, runs, show, log
+            ),
+            describe=_describe,
+            log=log,
+        )
         summary = summarize(config, records)
         write_json_atomic(folder / "results.json", summary)
         write_report(folder / "report.html", config, summary)
