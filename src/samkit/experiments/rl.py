@@ -465,10 +465,17 @@ def _make_model(env_spec: EnvSpec, variant: Variant, seed: int, device: str) -> 
     from ..integrations.sb3 import SAMPPO
 
     env = make_vec_env(env_spec.id, n_envs=env_spec.hyper["n_envs"], seed=seed)
+    from stable_baselines3.common.logger import Logger
+
     kwargs = dict(env_spec.ppo_kwargs(), seed=seed, device=device, verbose=0)
     if variant.method == "ppo":
-        return PPO("MlpPolicy", env, **kwargs)
-    return SAMPPO("MlpPolicy", env, **_sam_arguments(variant), **kwargs)
+        model = PPO("MlpPolicy", env, **kwargs)
+    else:
+        model = SAMPPO("MlpPolicy", env, **_sam_arguments(variant), **kwargs)
+    # SB3's default logger makes an empty temporary folder per learn(); the study
+    # records what it needs itself
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
 
 
 def _model_class(variant: Variant) -> Any:
