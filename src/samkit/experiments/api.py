@@ -24,12 +24,12 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import settings as st
 from .folder import study_folder
+from .grid import StudyResult
 from .problem import Problem, UserData, load_callable, load_user_data
 from .settings import MethodSpec, StudyConfig
 
@@ -43,43 +43,14 @@ __all__ = [
 ]
 
 
-@dataclass
-class CompareResult:
+class CompareResult(StudyResult):
     """What :func:`compare` returns: the summary, the verdicts and where the files are."""
-
-    out: Path
-    summary: dict[str, Any]
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        """One dict per method: means over seeds, costs, sharpness."""
-        return self.summary["summary"]
-
-    @property
-    def verdicts(self) -> list[str]:
-        """One sentence per method: its paired difference from the baseline."""
-        return [v["sentence"] for v in self.summary["verdicts"]]
 
     @property
     def table(self) -> str:
         from .report import format_table
 
         return format_table(self.rows)
-
-    @property
-    def results_path(self) -> Path:
-        return self.out / "results.json"
-
-    @property
-    def report_path(self) -> Path:
-        return self.out / "report.html"
-
-    def to_dict(self) -> dict[str, Any]:
-        """The content of ``results.json``."""
-        return self.summary
-
-    def __str__(self) -> str:
-        return "\n".join([self.table, "", *self.verdicts])
 
 
 def _spec_entry(m: Any) -> Any:

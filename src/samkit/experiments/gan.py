@@ -666,35 +666,14 @@ def _identity(config: GANConfig, dataset: str, variant: Variant, seed: int) -> d
 
 
 @dataclass
-class GANResult:
+class GANResult(grid.StudyResult):
     """What :func:`run` returns: the summary (``results.json``) and where the files are."""
 
-    out: Path
-    summary: dict[str, Any]
     executed: int = 0
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        return self.summary["summary"]
-
-    @property
-    def verdicts(self) -> list[str]:
-        return [v["sentence"] for v in self.summary["verdicts"]]
 
     @property
     def table(self) -> str:
         return format_table(self.rows)
-
-    @property
-    def results_path(self) -> Path:
-        return self.out / "results.json"
-
-    @property
-    def report_path(self) -> Path:
-        return self.out / "report.html"
-
-    def __str__(self) -> str:
-        return "\n".join([self.table, "", *self.verdicts])
 
 
 def check(config: GANConfig, out: Path) -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "check_names",
     "open_study",
     "run_cells",
+    "StudyResult",
 ]
 
 
@@ -328,3 +329,44 @@ def run_cells(
         if log:
             log(f"{tag}: {describe(record)}")
     return records, executed
+
+
+@dataclass
+class StudyResult:
+    """What a study returns: its summary (``results.json``) and where the files are.
+
+    ``table`` is each study's own; the rest is common to ``samkit compare``,
+    ``samkit rl`` and ``samkit gan``.
+    """
+
+    out: Path
+    summary: dict[str, Any]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per method (and condition): means over seeds, costs."""
+        return self.summary["summary"]
+
+    @property
+    def verdicts(self) -> list[str]:
+        """One sentence per method: its paired difference from the baseline."""
+        return [v["sentence"] for v in self.summary["verdicts"]]
+
+    @property
+    def table(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def results_path(self) -> Path:
+        return self.out / "results.json"
+
+    @property
+    def report_path(self) -> Path:
+        return self.out / "report.html"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The content of ``results.json``."""
+        return self.summary
+
+    def __str__(self) -> str:
+        return "\n".join([self.table, "", *self.verdicts])

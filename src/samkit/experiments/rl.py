@@ -759,20 +759,10 @@ def check(config: RLConfig, out: Path | None = None) -> None:
 
 
 @dataclass
-class RLResult:
+class RLResult(grid.StudyResult):
     """What :func:`run` returns: the summary (``results.json``) and where the files are."""
 
-    out: Path
-    summary: dict[str, Any]
     executed: int = 0
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        return self.summary["summary"]
-
-    @property
-    def verdicts(self) -> list[str]:
-        return [v["sentence"] for v in self.summary["verdicts"]]
 
     @property
     def table(self) -> str:
@@ -781,14 +771,6 @@ class RLResult:
     @property
     def axis_tables(self) -> str:
         return format_axis_tables(self.rows)
-
-    @property
-    def results_path(self) -> Path:
-        return self.out / "results.json"
-
-    @property
-    def report_path(self) -> Path:
-        return self.out / "report.html"
 
     def __str__(self) -> str:
         return "\n".join([self.table, "", self.axis_tables, "", *self.verdicts])
