@@ -49,6 +49,7 @@ def time_interleaved(
     number: int,
     warmup: int,
     device: torch.device | str | None = None,
+    rotate: bool = False,
 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate's ``fn``, one sample per trial.
 
@@ -58,6 +59,10 @@ def time_interleaved(
     calls; its value is their mean. The candidates take turns trial by trial,
     so sample ``i`` of every candidate was taken in the same round: compare
     candidates with :func:`paired_ratio`, summarise one with :func:`median`.
+    With ``rotate`` the order moves by one place each round, so every
+    candidate runs at every position equally often (in overhead.py the first
+    of a round ran 5-13 % slower on 10M parameters than the same code timed
+    in alternation: memory left in cache by whatever ran before).
     """
     if trials < 1 or number < 1 or warmup < 0:
         raise ValueError(
@@ -71,8 +76,11 @@ def time_interleaved(
         sync(device)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     clock = time.perf_counter
-    for _ in range(trials):
-        for name, (fn, setup) in candidates.items():
+    names = list(candidates)
+    for trial in range(trials):
+        shift = trial % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            fn, setup = candidates[name]
             total = 0.0
             for _ in range(number):
                 if setup is not None:

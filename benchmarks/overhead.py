@@ -42,6 +42,14 @@ per-tensor cost. (A fused "back up and add" kernel, which torch does not
 have, could save one pass: 7.) For reference the output also gives the time
 of one pass measured as a flat copy over 2.
 
+Two "kernels only" rows give the per-tensor floors: the five foreach kernels
+of an exact copy-restore step (what samkit does, as docs/architecture.md of
+the project requires: weights copied into buffers allocated once), and, for
+comparison only, the cheapest exact scheme there is, which samkit does *not*
+use: ``w + s g`` into new tensors and each parameter's ``.data`` swapped to it
+and back (no copies, but it breaks views of the weights, compiled graphs
+that assume fixed addresses, FSDP).
+
 Memory: bytes held between steps (samkit's weight backup) plus the peak of
 what a step allocates (``torch.profiler`` allocation events), in units of
 parameter bytes.
@@ -139,13 +147,15 @@ class PaperLoopSAM:
 
 
 class KernelsOnlySAM:
-    """The five foreach kernels of an exact SAM step and nothing else (not a usable optimizer).
+    """The five foreach kernels of an exact copy-restore SAM step and nothing else
+    (not a usable optimizer).
 
     Per-tensor norms, one global norm, the backup copy, ``w += s g``, the
-    restore copy: what any implementation that restores exactly must launch
+    restore copy: what an implementation that restores exactly by copying
+    into a buffer allocated once (samkit, by its architecture) must launch
     per step, with no checks, no grouping by device, no state. Its time is the
-    floor of per-tensor implementations, which the flat floor (no per-tensor
-    cost at all) is not.
+    floor of such per-tensor implementations, which the flat floor (no
+    per-tensor cost at all) is not.
     """
 
     def __init__(self, params: list[Tensor], base: torch.optim.Optimizer, rho: float) -> None:
@@ -167,6 +177,42 @@ class KernelsOnlySAM:
     @torch.no_grad()
     def second_step(self) -> None:
         torch._foreach_copy_(self.params, self._backups)
+        self.base.step()
+
+
+class KernelsOnlySwapSAM(KernelsOnlySAM):
+    """For comparison only, not what samkit does: exact SAM by swapping ``p.data``.
+
+    Per-tensor norms, one global norm, ``w + s g`` into new tensors, each
+    parameter's ``.data`` pointed at its new tensor and back: no copies at
+    all, the cheapest exact per-tensor scheme. samkit does not use it (the
+    project's architecture forbids swapping ``p.data``: views of a weight, CUDA
+    graphs and FSDP would not see ``w + e``); the row shows how far below the
+    copy-restore floor any exact per-tensor SAM can go on this machine.
+    """
+
+    def __init__(self, params: list[Tensor], base: torch.optim.Optimizer, rho: float) -> None:
+        self.params = list(params)
+        self.base = base
+        self.rho = rho
+        self.old = {}
+        self._held: list[Tensor] = []
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        grads = [p.grad for p in self.params]
+        norm = torch.stack(torch._foreach_norm(grads)).square().sum().sqrt()
+        moved = torch._foreach_add(self.params, grads, alpha=float(self.rho / (norm + 1e-12)))
+        self._held = [p.data for p in self.params]
+        for p, t in zip(self.params, moved):
+            p.data = t
+            p.grad = None
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        for p, w in zip(self.params, self._held):
+            p.data = w
+        self._held = []
         self.base.step()
 
 
@@ -241,6 +287,8 @@ class _Candidate:
             self.opt = PaperLoopSAM(self.params, NoOpOptimizer(self.params), rho=RHO)
         elif kind == "kernels":
             self.opt = KernelsOnlySAM(self.params, NoOpOptimizer(self.params), rho=RHO)
+        elif kind == "kernels-swap":
+            self.opt = KernelsOnlySwapSAM(self.params, NoOpOptimizer(self.params), rho=RHO)
         else:
             raise ValueError(f"Invalid kind value: {kind!r}")
         self.kind = kind
@@ -253,7 +301,7 @@ class _Candidate:
             p.grad = b
 
     def first_step(self) -> None:
-        if self.kind in ("loop", "kernels"):
+        if self.kind in ("loop", "kernels", "kernels-swap"):
             self.opt.first_step()
         else:
             self.opt.first_step(zero_grad=True)
@@ -322,11 +370,18 @@ CANDIDATES = [
     ("pytorch-optimizer foreach=True", "peer-foreach"),
     ("plain loop (paper)", "loop"),
     ("kernels only (floor)", "kernels"),
+    ("kernels only, p.data swap (not used)", "kernels-swap"),
 ]
 
 
 def bench_overhead(
-    label: str, template: nn.Module, *, trials: int, number: int, warmup: int
+    label: str,
+    template: nn.Module,
+    *,
+    trials: int,
+    number: int,
+    warmup: int,
+    reverse: bool = False,
 ) -> dict[str, Any]:
     torch.manual_seed(1)
     params = list(template.parameters())
@@ -334,7 +389,12 @@ def bench_overhead(
     n_params = sum(p.numel() for p in params)
     pbytes = _param_bytes(params)
     candidates = CANDIDATES + ([("samkit (baseline)", "samkit-baseline")] if BASELINE else [])
-    cands = [_Candidate(name, template, grads, kind) for name, kind in candidates]
+    # Where a candidate's tensors land in memory depends on when they are
+    # allocated, and on 10M parameters that alone moved a candidate's time by up
+    # to 15 % here; --reverse allocates them in the opposite order to show it.
+    order = candidates[::-1] if reverse else candidates
+    built = {name: _Candidate(name, template, grads, kind) for name, kind in order}
+    cands = [built[name] for name, _ in candidates]
 
     # The floor: the same 8 passes as 4 kernels on flat buffers of the same
     # size, i.e. with no per-tensor cost at all.
@@ -353,7 +413,7 @@ def bench_overhead(
     timed["_floor"] = (floor_step, None)
     timed["_copy"] = (lambda: flat_b.copy_(flat_w), None)
     timed["_base_step"] = (noop.step, None)
-    t = time_interleaved(timed, trials=trials, number=number, warmup=warmup)
+    t = time_interleaved(timed, trials=trials, number=number, warmup=warmup, rotate=True)
     base = t.pop("_base_step")
     t_pass = median(t.pop("_copy")) / 2
     floor = t.pop("_floor")
@@ -454,6 +514,7 @@ def bench_full_step(tiny: bool, *, trials: int, number: int, warmup: int) -> dic
         trials=trials,
         number=number,
         warmup=warmup,
+        rotate=True,
     )
     rows = [
         {"method": name, "seconds": median(v), "vs_sgd": paired_ratio(v, t["SGD"])}
@@ -489,6 +550,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="also time the samkit package in DIR (e.g. an older checkout's src/samkit) side by side",
     )
+    p.add_argument(
+        "--reverse",
+        action="store_true",
+        help="allocate the candidates' tensors in reverse order (memory placement moves "
+        "large-tensor timings by up to 15 %% on some machines)",
+    )
     args = p.parse_args(argv)
     if args.trials is not None and args.trials < 1:
         p.error(f"argument --trials: must be >= 1, got {args.trials}")
@@ -520,9 +587,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trials=trials,
         number=2 if tiny else 10,
         warmup=warm,
+        reverse=args.reverse,
     )
     large = bench_overhead(
-        "large tensors", large_model(tiny), trials=trials, number=1 if tiny else 2, warmup=warm
+        "large tensors",
+        large_model(tiny),
+        trials=trials,
+        number=1 if tiny else 2,
+        warmup=warm,
+        reverse=args.reverse,
     )
     full = bench_full_step(tiny, trials=trials, number=1, warmup=warm)
 
@@ -539,6 +612,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kernels_only_vs_peer_many": row(many, "pytorch-optimizer")["samkit_ratio"]
         * row(many, "kernels only (floor)")["vs_samkit"],
         "samkit_vs_kernels_only_many": row(many, "kernels only (floor)")["samkit_ratio"],
+        # the cheapest exact per-tensor scheme, which samkit's architecture rules out
+        "swap_kernels_only_vs_peer_many": row(many, "pytorch-optimizer")["samkit_ratio"]
+        * row(many, "kernels only, p.data swap (not used)")["vs_samkit"],
         "overhead_vs_peer_large": row(large, "pytorch-optimizer")["samkit_ratio"],
         "overhead_vs_floor_large": row(large, "samkit")["vs_floor"],
         "sam_vs_sgd_step": row(full, "samkit SAM")["vs_sgd"],
@@ -564,7 +640,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env_start["load_average_1min_end"] = env_end["load_average_1min"]
     result = {
         "environment": env_start,
-        "settings": {"size": args.size, "trials": trials, "rho": RHO},
+        "settings": {"size": args.size, "trials": trials, "rho": RHO, "reverse": args.reverse},
         "overhead": {"many": many, "large": large},
         "full_step": full,
         "ratios": ratios,

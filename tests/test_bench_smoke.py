@@ -101,7 +101,7 @@ def test_full_step_and_targets(result):
     for t in res["targets"].values():
         assert positive_finite(t["value"]) and isinstance(t["met"], bool)
     assert all(positive_finite(v) for v in res["ratios"].values())
-    assert res["settings"] == {"size": "tiny", "trials": 2, "rho": overhead.RHO}
+    assert res["settings"] == {"size": "tiny", "trials": 2, "rho": overhead.RHO, "reverse": False}
 
 
 @pytest.mark.parametrize("argv", [["--trials", "0"], ["--size", "huge"], ["--threads", "-1"]])
@@ -133,6 +133,17 @@ def test_time_interleaved_runs_setup_before_every_call():
     assert log[3:] == (["sa", "a", "sa", "a", "b", "b"]) * 3
     with pytest.raises(ValueError, match="trials=0"):
         common.time_interleaved({"a": (lambda: None, None)}, trials=0, number=1, warmup=0)
+
+
+def test_time_interleaved_rotates_the_order_when_asked():
+    common = load("_common")
+    log = []
+    calls = {k: (lambda k=k: log.append(k), None) for k in "abc"}
+    common.time_interleaved(calls, trials=4, number=1, warmup=0, rotate=True)
+    assert "".join(log) == "abc" + "bca" + "cab" + "abc"  # each name at each position
+    log.clear()
+    common.time_interleaved(calls, trials=2, number=1, warmup=0)
+    assert "".join(log) == "abcabc"
 
 
 def test_paired_ratio_cancels_a_common_slowdown():
@@ -182,3 +193,12 @@ def test_write_json_is_atomic_and_print_table_aligns(tmp_path, capsys):
     common.print_table(["name", "t"], [["a", 1234.4], ["bb", 0.123]])
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["| name | t    |", "|------|------|", "| a    | 1234 |", "| bb   | 0.12 |"]
+
+
+def test_reverse_allocation_order_keeps_the_rows_and_their_checks(tmp_path):
+    overhead = load("overhead")
+    res = overhead.main(["--size", "tiny", "--trials", "1", "--reverse"])
+    assert res["settings"]["reverse"] is True
+    for sec in res["overhead"].values():
+        assert [r["method"] for r in sec["rows"]] == [name for name, _ in overhead.CANDIDATES]
+        assert all(r["exact_restore"] and r["rel_error"] < 1e-5 for r in sec["rows"])
