@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given
@@ -125,3 +127,84 @@ def test_scaler_step_after_a_plain_first_step_restores_and_refuses():
         scaler.step(opt)
     assert torch.equal(w.detach(), torch.tensor([1.0, 2.0, -1.0]))
     assert not opt.perturbed
+
+
+def test_gsam_rho_follows_lr_in_groups_added_later_and_resumes():
+    """A group added with add_param_group follows its lr like the first ones, and the
+    checkpoint loads into the same setup (it was refused: a state for 1 group, not 2)."""
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+        opt = samkit.GSAM(torch.optim.SGD(model[0].parameters(), lr=0.1), rho=0.05)
+        opt.add_param_group({"params": model[2].parameters(), "lr": 0.2})
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
+        return model, opt, sched
+
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def train(model, opt, sched, steps):
+        for _ in range(steps):
+
+            def closure():
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.zero_grad()
+            opt.step(closure)
+            sched.step()
+
+    model, opt, sched = build()
+    train(model, opt, sched, 2)
+    # rho of each group = 0.05 * lr / its peak lr, set as a step begins: 0.5x at the second
+    assert [g["rho"] for g in opt.param_groups] == pytest.approx([0.025, 0.025])
+    ckpt = copy.deepcopy({"m": model.state_dict(), "o": opt.state_dict(), "s": sched.state_dict()})
+    train(model, opt, sched, 2)
+    model2, opt2, sched2 = build()
+    model2.load_state_dict(ckpt["m"])
+    opt2.load_state_dict(ckpt["o"])
+    sched2.load_state_dict(ckpt["s"])
+    train(model2, opt2, sched2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+@pytest.mark.parametrize("make", ["gsam", "looksam"])
+def test_stored_first_pass_gradients_follow_a_dtype_change(make):
+    """model.double() between steps: the mixes' stored gradients become float64 too
+    (a float32 copy would round g); the step matches a run that was float64 from the start."""
+    torch.manual_seed(0)
+    template = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def build(model):
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        if make == "gsam":
+            return samkit.GSAM(base, rho=0.05, alpha=0.3)
+        return samkit.LookSAM(base, rho=0.05, k=2, alpha=0.7)
+
+    def step(model, opt):
+        def closure():
+            loss = nn.functional.mse_loss(
+                model(x.to(model[0].weight.dtype)), y.to(model[0].weight.dtype)
+            )
+            loss.backward()
+            return loss
+
+        opt.zero_grad()
+        opt.step(closure)
+
+    a = copy.deepcopy(template)
+    opt_a = build(a)
+    step(a, opt_a)  # one float32 step: buffers are allocated in float32
+    b = copy.deepcopy(a).double()
+    a.double()
+    opt_b = build(b)
+    opt_b.load_state_dict(opt_a.state_dict())
+    for _ in range(3):
+        step(a, opt_a)
+        step(b, opt_b)
+    mix = opt_a.mix
+    stored = list(mix.first.buffers.values()) + list(getattr(mix, "orthogonal", {}).values())
+    assert stored and all(t.dtype is torch.float64 for t in stored)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

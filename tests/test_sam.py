@@ -987,3 +987,175 @@ def test_perturbed_tells_the_closure_which_pass_it_is_in():
 
     opt.step(closure)
     assert seen == [False, True] and not opt.perturbed
+
+
+# ------------------------------------------ torch's optimizer hooks, loading
+
+
+def test_torch_optimizer_hooks_register_and_run_on_sam():
+    """register_step_*/state_dict_*/load_state_dict_* hooks work as on a torch optimizer."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    calls = []
+    handles = [
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("step_pre")),
+        opt.register_step_post_hook(lambda o, a, k: calls.append("step_post")),
+        opt.register_state_dict_pre_hook(lambda o: calls.append("sd_pre")),
+        opt.register_state_dict_post_hook(lambda o, sd: {**sd, "tag": 1}),
+        opt.register_load_state_dict_pre_hook(
+            lambda o, sd: calls.append("load_pre") or {k: v for k, v in sd.items() if k != "tag"}
+        ),
+        opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post")),
+    ]
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+
+    def closure():
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    sd = opt.state_dict()
+    assert sd["tag"] == 1
+    opt.load_state_dict(sd)
+    assert calls == ["step_pre", "step_post", "sd_pre", "load_pre", "load_post"]
+    for h in handles:
+        h.remove()
+    opt.zero_grad()
+    opt.step(closure)
+    assert "tag" not in opt.state_dict() and len(calls) == 5
+
+
+def test_a_state_dict_of_sam_over_another_base_is_refused_clearly():
+    """Adadelta keeps SAM's radius under "sam_rho" (its own "rho" is a decay): loading such
+    a state dict into SAM over SGD must not read Adadelta's 0.9 as the radius."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+
+    def closure():
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    ada = samkit.SAM(torch.optim.Adadelta(model.parameters()), rho=0.05)
+    ada.step(closure)
+    sgd = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    with pytest.raises(ValueError, match="'sam_rho'.*another base optimizer"):
+        sgd.load_state_dict(ada.state_dict())
+    assert sgd.param_groups[0]["rho"] == 0.05
+    with pytest.raises(ValueError, match="'rho'.*another base optimizer"):
+        ada.load_state_dict(sgd.state_dict())
+    assert ada.param_groups[0]["rho"] == 0.9 and ada.param_groups[0]["sam_rho"] == 0.05
+    # SGD's state into Adam: torch's KeyError becomes a ValueError, nothing changes
+    sgd_m = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    sgd_m.zero_grad()
+    sgd_m.step(closure)
+    adam = samkit.SAM(torch.optim.Adam(model.parameters(), lr=0.1), rho=0.05)
+    adam.zero_grad()
+    adam.step(closure)
+    before = copy.deepcopy(adam.state_dict())
+    with pytest.raises(ValueError, match="Adam cannot load it"):
+        adam.load_state_dict(sgd_m.state_dict())
+    after = adam.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(
+        torch.equal(after["state"][i][k], v)
+        for i, s in before["state"].items()
+        for k, v in s.items()
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda m: samkit.SAM(torch.optim.SGD, rho=0.05), "the class SGD, not an optimizer"),
+        (lambda m: samkit.SAM(m, torch.optim.SGD, lr=0.1), r"pass model.parameters\(\)"),
+        (
+            lambda m: samkit.SAM(torch.optim.SGD(m.parameters(), lr=0.1), adaptive="yes"),
+            "Invalid adaptive value: 'yes'",
+        ),
+    ],
+)
+def test_common_construction_mistakes_name_the_fix(make, match):
+    with pytest.raises(ValueError, match=match):
+        make(nn.Linear(2, 2))
+
+
+def test_a_refused_construction_leaves_the_base_optimizer_as_it_was():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    base = torch.optim.SGD(
+        [{"params": model[0].parameters()}, {"params": model[1].parameters(), "rho": -1.0}], lr=0.1
+    )
+    groups_before = [set(g) for g in base.param_groups]
+    defaults_before = dict(base.defaults)
+    with pytest.raises(ValueError, match=r"rho \(param group 1\)"):
+        samkit.SAM(base, rho=0.05)
+    assert [set(g) for g in base.param_groups] == groups_before
+    assert base.defaults == defaults_before
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -0.05, float("inf")])
+def test_a_radius_set_to_nonsense_after_construction_is_refused_at_the_step(bad):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    opt.param_groups[0]["rho"] = bad
+    w0 = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+
+    def closure():
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="Invalid rho value"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters())) and not opt.perturbed
+
+
+@pytest.mark.parametrize("base_name", ["sgd", "adam"])
+def test_a_parameter_the_second_pass_does_not_reach_keeps_a_zero_gradient(base_name):
+    """zero_grad(set_to_none=False) and a head unused after the first step: plain torch
+    keeps stepping it with a zero gradient (momentum, weight decay, Adam's count); SAM
+    must too, not drop it from the base step."""
+
+    def make(model):
+        if base_name == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        return torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=0.01)
+
+    torch.manual_seed(0)
+    template = nn.ModuleDict({"body": nn.Linear(3, 3), "head": nn.Linear(3, 1)})
+    x = torch.randn(8, 3)
+    for rho in (0.0, 0.05):
+        model = copy.deepcopy(template)
+        opt = samkit.SAM(make(model), rho=rho)
+        ref = copy.deepcopy(template)  # plain torch, rho = 0's exact counterpart
+        base = make(ref)
+        after_first = None
+        for step in range(4):
+            for o, m in ((opt, model), (base, ref)):
+                o.zero_grad(set_to_none=False)
+
+                def closure(m=m, step=step):
+                    out = m["body"](x)
+                    if step == 0:
+                        out = m["head"](out)
+                    loss = out.square().mean()
+                    loss.backward()
+                    return loss
+
+                if o is opt:
+                    opt.step(closure)
+                else:
+                    closure()
+                    base.step()
+            if step == 0:
+                after_first = model["head"].weight.detach().clone()
+        head = model["head"]
+        assert head.weight.grad is not None and not head.weight.grad.any()  # a zero gradient
+        assert not torch.equal(head.weight, after_first), "the head was dropped from the base step"
+        if rho == 0.0:
+            assert torch.equal(head.weight, ref["head"].weight)

@@ -79,18 +79,10 @@ class GradientStore:
         Averaged, every replica mixes the same ``g`` into its update, so the
         weights stay equal; on DDP's own process group, never the default one.
         """
-        self.params = []
-        copies, grads = [], []
-        for _, params, group_grads in view.gradients:
-            for p, g in zip(params, group_grads):
-                buffer = self.buffers.get(p)
-                if buffer is None:
-                    buffer = self.buffers[p] = torch.empty_like(
-                        g, memory_format=torch.preserve_format
-                    )
-                self.params.append(p)
-                copies.append(buffer)
-                grads.append(g)
+        self.params = [p for _, params, _ in view.gradients for p in params]
+        grads = [g for _, _, group_grads in view.gradients for g in group_grads]
+        # reallocated when a gradient changed dtype, device or shape (model.double(), .to())
+        copies = functional.buffers_like(self.buffers, self.params, grads)
         for (_, _), (bucket_copies, bucket_grads) in functional.group_by_device(
             copies, grads
         ).items():
@@ -205,14 +197,7 @@ class ReuseOrthogonal(Mix):
         if not g_s:
             return
         coef = dot(g_s, g) / (dot(g, g) + view.eps)
-        stored = []
-        for p, second in zip(params, g_s):
-            buffer = self.orthogonal.get(p)
-            if buffer is None:
-                buffer = self.orthogonal[p] = torch.empty_like(
-                    second, memory_format=torch.preserve_format
-                )
-            stored.append(buffer)
+        stored = functional.buffers_like(self.orthogonal, params, g_s)
         for (device, _), (out, second, first) in functional.group_by_device(stored, g_s, g).items():
             c = coef.to(device)
             functional.copy_(out, first, foreach=view.foreach)
@@ -228,6 +213,8 @@ class ReuseOrthogonal(Mix):
             for p, g in zip(params, group_grads):
                 v = self.orthogonal.get(p)
                 if v is not None:
+                    if v.dtype != g.dtype or v.device != g.device:  # model.double(), .to()
+                        v = self.orthogonal[p] = v.to(g)
                     stored.append(v)
                     grads.append(g)
         if not grads:

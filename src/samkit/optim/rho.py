@@ -85,24 +85,34 @@ class ProportionalRho:
         self.optimizer = optimizer
         self.rho_min = float(rho_min)
         self.lr_min = float(lr_min)
-        self.rho_max = [float(g[self.key]) if rho_max is None else float(rho_max) for g in groups]
-        self.lr_max = [
-            float(g.get("initial_lr", g["lr"])) if lr_max is None else float(lr_max) for g in groups
-        ]
-        for i, lm in enumerate(self.lr_max):
-            if not lm > self.lr_min:
-                raise ValueError(
-                    f"Invalid lr_max value: {lm!r} for group {i} (must be > lr_min={self.lr_min})"
-                )
-        if any(r < self.rho_min for r in self.rho_max):
-            raise ValueError(
-                f"Invalid rho_min value: {rho_min!r} (larger than rho_max {self.rho_max})"
-            )
+        self._given = (rho_max, lr_max)
+        self.rho_max: list[float] = []
+        self.lr_max: list[float] = []
+        self._cover_groups()
         # Like an LR scheduler, set the value for the current lr now: under a
         # warm-up the first steps would otherwise run at rho_max.
         self.step()
 
+    def _cover_groups(self) -> None:
+        """Take the peak rho and lr of groups added since (``add_param_group``): their current ones."""
+        rho_max, lr_max = self._given
+        for i in range(len(self.rho_max), len(self.optimizer.param_groups)):
+            g = self.optimizer.param_groups[i]
+            rmax = float(g[self.key]) if rho_max is None else float(rho_max)
+            lmax = float(g.get("initial_lr", g["lr"])) if lr_max is None else float(lr_max)
+            if not lmax > self.lr_min:
+                raise ValueError(
+                    f"Invalid lr_max value: {lmax!r} for group {i} (must be > lr_min={self.lr_min})"
+                )
+            if rmax < self.rho_min:
+                raise ValueError(
+                    f"Invalid rho_min value: {self.rho_min!r} (larger than rho_max {rmax} of group {i})"
+                )
+            self.rho_max.append(rmax)
+            self.lr_max.append(lmax)
+
     def step(self) -> None:
+        self._cover_groups()
         for g, rmax, lmax in zip(self.optimizer.param_groups, self.rho_max, self.lr_max):
             frac = min(max((float(g["lr"]) - self.lr_min) / (lmax - self.lr_min), 0.0), 1.0)
             # This form of the interpolation is exact at both ends: rho_max at the peak lr.
@@ -111,6 +121,7 @@ class ProportionalRho:
     _STATE = ("rho_min", "lr_min", "rho_max", "lr_max")
 
     def state_dict(self) -> dict[str, Any]:
+        self._cover_groups()
         return {k: getattr(self, k) for k in self._STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -30,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -215,12 +217,16 @@ class SAM(torch.optim.Optimizer):
         # are the base optimizer's (properties below). Only the hook registries
         # that torch's step/state_dict machinery expects are set up here.
         self.base_optimizer = base
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = (
+            OrderedDict()
+        )
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = (
+            OrderedDict()
+        )
         self._patch_step_function()
 
         self._sam_defaults = {
@@ -232,6 +238,8 @@ class SAM(torch.optim.Optimizer):
         # "rho" is its decay): SAM's own then lives under "sam_<key>".
         self.group_keys = {k: f"sam_{k}" if k in base.defaults else k for k in _GROUP_KEYS}
         self.rho_key = self.group_keys["rho"]
+        for i, group in enumerate(base.param_groups):  # all checked before any is changed
+            self._check_group(group, i)
         for key, value in self._sam_defaults.items():
             base.defaults.setdefault(self.group_keys[key], value)
         for i, group in enumerate(base.param_groups):
@@ -263,6 +271,7 @@ class SAM(torch.optim.Optimizer):
         self._local_first_pass = False
         self._unscaled = False  # the pending step's gradients are unscaled already
         self._first_pass_scaled = False  # first_step was given an enabled GradScaler
+        self._cleared: Any = None  # the gradients first_step cleared (see second_step)
         if controller is not None:
             controller.bind(self)
 
@@ -310,10 +319,14 @@ class SAM(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    def _check_group(self, group: dict[str, Any], index: int | str) -> None:
+        for key, name in self.group_keys.items():
+            check_nonneg(f"{name} (param group {index})", group.get(name, self._sam_defaults[key]))
+
     def _init_group(self, group: dict[str, Any], index: int | str) -> None:
+        self._check_group(group, index)
         for key, name in self.group_keys.items():
             group.setdefault(name, self._sam_defaults[key])
-            check_nonneg(f"{name} (param group {index})", group[name])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._init_group(param_group, len(self.param_groups))
@@ -327,6 +340,11 @@ class SAM(torch.optim.Optimizer):
 
     def _sam_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group as the ascent reads it: SAM's settings under their plain names."""
+        rho = group[self.rho_key]
+        if not 0.0 <= rho < math.inf:  # (set after construction: NaN would silently mean no ascent)
+            raise ValueError(
+                f"Invalid {self.rho_key} value: {rho!r} in a param group (must be a finite number >= 0)"
+            )
         if (
             self.rho_key == "rho"
             and self.group_keys["eta"] == "eta"
@@ -557,6 +575,8 @@ class SAM(torch.optim.Optimizer):
         if not self._pending:
             raise RuntimeError("second_step() called without first_step()")
         ascended, skip, unscaled = self._close_step()
+        if self._cleared is not None:
+            self._fill_unreached_grads()
         grad_scale, found_inf = _amp.scaler_step_inputs(self)
         skip = skip or (isinstance(found_inf, Tensor) and bool(found_inf > 0))
         unscale, check = (
@@ -657,6 +677,7 @@ class SAM(torch.optim.Optimizer):
     # ------------------------------------------------- the protocol's pieces
     def _open_step(self) -> None:
         self._pending, self._skip, self._perturbed = True, False, None
+        self._cleared = None
         # BatchNorm statistics come from the pass at w; a perturbation without a
         # gradient has none, and its only pass (at w + e) must update them.
         if self.model is not None and self.perturbation.needs_gradient:
@@ -742,6 +763,7 @@ class SAM(torch.optim.Optimizer):
         return False
 
     def _clear_grads(self, gathered: Any) -> None:
+        self._cleared = gathered
         if type(self.base_optimizer).zero_grad is torch.optim.Optimizer.zero_grad:
             # What the default zero_grad(set_to_none=True) does, without walking
             # every group again: only these params have gradients.
@@ -750,6 +772,17 @@ class SAM(torch.optim.Optimizer):
                     p.grad = None
         else:
             self.zero_grad()
+
+    def _fill_unreached_grads(self) -> None:
+        """Zero gradients for the parameters whose first-pass gradients were cleared and
+        that the pass at ``w + e`` did not reach (an unused head or branch): they had a
+        gradient, so the base step must still see one (momentum, weight decay, Adam's
+        step count), as with ``zero_grad(set_to_none=False)`` and no SAM."""
+        for _, params, _ in self._cleared:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        self._cleared = None
 
     def _check_mix_units(self, ascended: bool) -> None:
         if self.mix is not None and ascended and not self._first_pass_scaled:
@@ -812,9 +845,12 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError(
                 "state_dict() between first_step() and second_step(): the weights are perturbed"
             )
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.base_optimizer.state_dict()
         sd["samkit"] = {
             "version": 2,
+            "rho_key": self.rho_key,
             "steps": self.steps,
             "ascents": self.ascents,
             "perturbation": self.perturbation.state_dict(),
@@ -822,6 +858,10 @@ class SAM(torch.optim.Optimizer):
             "mix": self.mix.state_dict(self._all_params()) if self.mix is not None else {},
             "rho": self.rho_controller.state_dict() if self.rho_controller is not None else {},
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -836,7 +876,18 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError(
                 "load_state_dict() between first_step() and second_step(): the weights are perturbed"
             )
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         base_sd, own = _validate_state_dict(state_dict, self.param_groups, self.group_keys.values())
+        saved_key = own.get("rho_key", self.rho_key) if own is not None else self.rho_key
+        if saved_key != self.rho_key:
+            raise ValueError(
+                f"Invalid state_dict value: it keeps SAM's radius under {saved_key!r}, this optimizer "
+                f"under {self.rho_key!r}: it was saved by SAM over another base optimizer "
+                f"(not {type(self.base_optimizer).__name__}); load it into the same kind"
+            )
         saved = self.base_optimizer.state_dict()
         keys = list(self.group_keys.values())
         previous = [{k: g[k] for k in keys} for g in self.param_groups]
@@ -845,7 +896,13 @@ class SAM(torch.optim.Optimizer):
         mix_snapshot = self.mix.state_dict(self._all_params()) if self.mix is not None else None
         counters = (self.steps, self.ascents)
         try:
-            self.base_optimizer.load_state_dict(base_sd)
+            try:
+                self.base_optimizer.load_state_dict(base_sd)
+            except (KeyError, TypeError, IndexError, RuntimeError) as error:
+                raise ValueError(
+                    f"Invalid state_dict value: {type(self.base_optimizer).__name__} cannot load it "
+                    f"({type(error).__name__}: {error}); was it saved by another base optimizer?"
+                ) from error
             for group, before in zip(self.param_groups, previous):
                 for key in keys:
                     group.setdefault(key, before[key])
@@ -862,6 +919,8 @@ class SAM(torch.optim.Optimizer):
                 self.mix.load_state_dict(mix_snapshot, self._all_params())  # type: ignore[arg-type]
             self.steps, self.ascents = counters
             raise
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _load_own(self, own: dict[str, Any]) -> None:
         self.steps = int(own["steps"])
@@ -903,6 +962,20 @@ def _base_optimizer(
         if isinstance(params_or_optimizer, SAM):
             raise ValueError("Invalid params_or_optimizer value: cannot wrap a SAM in a SAM")
         return params_or_optimizer
+    if inspect.isclass(params_or_optimizer) and issubclass(
+        params_or_optimizer, torch.optim.Optimizer
+    ):
+        name = params_or_optimizer.__name__
+        raise ValueError(
+            f"Invalid params_or_optimizer value: the class {name}, not an optimizer; pass an "
+            f"instance, SAM({name}(model.parameters(), ...), rho=...), or the parameters and the "
+            f"class, SAM(model.parameters(), {name}, rho=..., ...)"
+        )
+    if isinstance(params_or_optimizer, nn.Module):
+        raise ValueError(
+            f"Invalid params_or_optimizer value: a model ({type(params_or_optimizer).__name__}); "
+            "pass model.parameters() (or an optimizer instance)"
+        )
     if not (inspect.isclass(base_class) and issubclass(base_class, torch.optim.Optimizer)):
         raise ValueError(
             f"Invalid base_optimizer value: {base_class!r}; expected a torch.optim.Optimizer "
@@ -957,6 +1030,8 @@ def _check_arguments(
     if model is not None and not isinstance(model, nn.Module):
         raise ValueError(f"Invalid model value: expected an nn.Module, got {type(model).__name__}")
     _ddp.check_static_graph(model, ddp_ascent)
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"Invalid adaptive value: {adaptive!r} (must be True or False)")
     if perturbation is not None and adaptive:
         raise ValueError("Invalid adaptive value: give adaptive=True or a perturbation, not both")
     for name, value, kind in (
