@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given
@@ -154,3 +156,60 @@ def test_proportional_rho_applies_at_construction_like_an_lr_scheduler():
     rho_sched = samkit.ProportionalRho(opt)
     assert opt.param_groups[0]["rho"] == pytest.approx(0.025)
     assert rho_sched.rho_max == [0.1]
+
+
+@pytest.mark.parametrize("order", ["schedule_first", "optimizer_first"])
+def test_proportional_rho_resumes_bit_for_bit_in_either_load_order(order):
+    """Built after the optimizer's state was loaded, the constructor reads the scaled rho
+    as rho_max; loading the schedule's own state must put the right rho back."""
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+        return model, opt
+
+    def train(model, opt, sched, rho, steps):
+        for _ in range(steps):
+
+            def closure():
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.zero_grad()
+            opt.step(closure)
+            sched.step()
+            rho.step()
+
+    model, opt = build()
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    rho = samkit.ProportionalRho(opt)
+    train(model, opt, sched, rho, 3)
+    ckpt = copy.deepcopy(
+        {
+            "m": model.state_dict(),
+            "o": opt.state_dict(),
+            "s": sched.state_dict(),
+            "r": rho.state_dict(),
+        }
+    )
+    train(model, opt, sched, rho, 3)
+
+    model2, opt2 = build()
+    model2.load_state_dict(ckpt["m"])
+    if order == "optimizer_first":
+        opt2.load_state_dict(ckpt["o"])
+        sched2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt2, T_max=10)
+        sched2.load_state_dict(ckpt["s"])
+        rho2 = samkit.ProportionalRho(opt2)
+        rho2.load_state_dict(ckpt["r"])
+    else:
+        sched2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt2, T_max=10)
+        rho2 = samkit.ProportionalRho(opt2)
+        opt2.load_state_dict(ckpt["o"])
+        sched2.load_state_dict(ckpt["s"])
+        rho2.load_state_dict(ckpt["r"])
+    train(model2, opt2, sched2, rho2, 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))

@@ -87,7 +87,7 @@ __all__ = [
     "freeze_bn_stats",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # The studies (``samkit.compare`` / ``tune`` / ``rl_study`` / ``gan_study``) need the experiments'
 # dependencies; each is imported on first use so ``import samkit`` stays torch-only.

@@ -24,9 +24,9 @@ from .errors import UsageError, check_output_file
 from .sharpness import add_data_arguments, check_data_arguments, load_model_and_batches
 
 EPILOG = """examples:
-  samkit landscape runs/sam-rho0.05-seed0.pt                        # 1-D curve
-  samkit landscape runs/sam-rho0.05-seed0.pt --mode 2d --resolution 31
-  samkit landscape runs/sgd-seed0.pt --other runs/sam-rho0.05-seed0.pt   # SGD -> SAM path
+  samkit landscape runs/sam-seed0.pt                        # 1-D curve
+  samkit landscape runs/sam-seed0.pt --mode 2d --resolution 31
+  samkit landscape runs/sgd-seed0.pt --other runs/sam-seed0.pt   # SGD -> SAM path
 """
 
 

@@ -28,8 +28,8 @@ from .._atomic import write_json_atomic as _write_json_atomic
 from .errors import UsageError, check_output_file
 
 EPILOG = """examples:
-  samkit sharpness samkit-runs/compare-*/runs/sam-rho0.05-seed0.pt
-  samkit sharpness runs/sgd-seed0.pt runs/sam-rho0.05-seed0.pt --top-k 3 --out sharp.json
+  samkit sharpness samkit-runs/compare-*/runs/sam-seed0.pt
+  samkit sharpness runs/sgd-seed0.pt runs/sam-seed0.pt --top-k 3 --out sharp.json
   samkit sharpness model.pt --adaptive --rho 0.5 --average
   samkit sharpness model.pt --density spectrum.png      # eigenvalue density (SLQ) + raw .npz
 """

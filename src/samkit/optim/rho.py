@@ -136,6 +136,9 @@ class ProportionalRho:
         self.rho_min, self.lr_min = float(state["rho_min"]), float(state["lr_min"])
         self.rho_max = [float(v) for v in state["rho_max"]]
         self.lr_max = [float(v) for v in state["lr_max"]]
+        # rho for the current lr, whether the optimizer's state was loaded before
+        # or after this one (built after it, the constructor read a scaled rho)
+        self.step()
 
 
 class LambdaRho:
