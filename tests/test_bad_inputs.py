@@ -38,6 +38,10 @@ COMPARE = [
     (["--optimizers", "sgd", "asam:eta=nan"], "eta"),
     (["--optimizers", "sgd", "asam:eta=inf"], "eta"),
     (["--optimizers", "sgd", "sam:rho=-1"], "rho"),
+    # torch reads these as float32: above its range a run failed mid-way with a traceback
+    (["--lr", "1e39"], "Invalid lr value"),
+    (["--weight-decay", "1e308"], "Invalid weight_decay value"),
+    (["--optimizers", "sgd", "sam:lr=1e308"], "Invalid lr value"),
     (["--optimizers", "sgd", "sam:rho=abc"], "rho"),
     (["--optimizers", "sgd", "sam_on"], "normalisation"),
     (["--optimizers", "sgd", "msam:micro_batches=0"], "micro_batches"),
@@ -349,3 +353,42 @@ def test_corrupt_training_state_is_reported_before_training(tmp_path, capsys):
     line = _one_line(err)
     assert "sam-seed0.state.pt" in line and "delete it" in line
     assert not (out / "runs" / "sgd-seed0.json").exists()
+
+
+def _npz_files(folder):
+    """Files a user might hand in as --data that are not usable .npz archives."""
+    import numpy as np
+
+    good = folder / "good.npz"
+    np.savez(good, x_train=np.zeros((20, 4), "float32"), y_train=np.zeros(20, "int64"))
+    (folder / "trunc.npz").write_bytes(good.read_bytes()[:300])  # a cut-off download
+    np.savez(folder / "strx.npz", x_train=np.full((20, 4), "a"), y_train=np.zeros(20, "int64"))
+    (folder / "text.npz").write_text("x_train,y_train\n1,2\n")
+    np.save(folder / "single.npy", np.zeros(3))
+    (folder / "single.npy").rename(folder / "single.npz")  # one array, not an archive
+    return {
+        "trunc.npz": "File is not a zip file",
+        "strx.npz": "array x_train has dtype <U1",
+        "text.npz": "not an archive written by numpy.savez",
+        "single.npz": "a single array",
+    }
+
+
+def test_damaged_npz_files_are_refused_in_one_line(tmp_path, capsys):
+    fast = ["--model", "mlp", "--epochs", "1", "--seeds", "1", "-q"]
+    for name, match in _npz_files(tmp_path).items():
+        out = tmp_path / f"run-{name}"
+        argv = ["compare", "--data", str(tmp_path / name), *fast, "--out", str(out)]
+        rc, _, err = _cli(capsys, argv)
+        assert rc == 2, (name, err)
+        line = _one_line(err)
+        assert "Invalid data value" in line and match in line, line
+        assert "unsafely" not in line  # numpy's advice for pickles, wrong for a text file
+        assert not (out / "runs").exists()
+
+
+@pytest.mark.parametrize("cmd", ["sharpness", "landscape"])
+def test_an_empty_checkpoint_path_is_refused_in_one_line(cmd, capsys):
+    rc, _, err = _cli(capsys, [cmd, ""])
+    assert rc == 2, err
+    assert "invalid checkpoint value: '' (an empty path)" in _one_line(err)

@@ -161,6 +161,11 @@ def load_model_and_batches(path: str, args: argparse.Namespace) -> tuple[Any, li
 
 
 def check_data_arguments(args: argparse.Namespace) -> None:
+    paths = list(getattr(args, "checkpoints", None) or [])
+    paths += [getattr(args, name, None) for name in ("checkpoint", "other")]
+    for p in paths:
+        if p is not None and not str(p).strip():
+            raise UsageError(f"invalid checkpoint value: {p!r} (an empty path)")
     if args.samples is None or args.samples < 0:
         raise UsageError(f"invalid --samples value: {args.samples!r} (must be >= 0)")
     if args.batch_size is None or args.batch_size < 1:

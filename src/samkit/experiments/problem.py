@@ -36,6 +36,7 @@ import importlib.util
 import math
 import os
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,13 +320,24 @@ _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")
 
 def _load_npz(path: Path) -> UserData:
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an archive of named arrays")
+        with loaded as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "pickled" in reason:  # numpy's guess for any file that is not an archive
+            reason = "not an archive written by numpy.savez"
         raise ValueError(
             f"Invalid data value: {str(path)!r} is not a readable .npz ({reason})"
         ) from exc
+    for key, array in arrays.items():
+        if array.dtype.kind not in "biuf":
+            raise ValueError(
+                f"Invalid data value: {str(path)!r} array {key} has dtype {array.dtype} "
+                "(needs numbers: bool, int or float)"
+            )
     unknown = sorted(set(arrays) - set(_NPZ_KEYS))
     missing = [k for k in ("x_train", "y_train") if k not in arrays]
     if missing or unknown:

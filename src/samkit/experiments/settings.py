@@ -114,6 +114,10 @@ def check_int(
     return int(v)
 
 
+#: the largest float32: hyper-parameters torch's kernels read as float32 must stay below it
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_float(
     name: str,
     v: Any,
@@ -196,9 +200,10 @@ class TrainSpec:
 
     def __post_init__(self) -> None:
         check_choice("base", self.base, tuple(BASE_DEFAULTS))
-        self.lr = check_float("lr", self.lr, 0.0, lo_open=True)
+        # torch's kernels take these as float32: larger values fail mid-run
+        self.lr = check_float("lr", self.lr, 0.0, FLOAT32_MAX, lo_open=True)
         self.momentum = check_float("momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        self.weight_decay = check_float("weight_decay", self.weight_decay, 0.0)
+        self.weight_decay = check_float("weight_decay", self.weight_decay, 0.0, FLOAT32_MAX)
         for name in ("total_steps", "steps_per_epoch", "epochs"):
             check_int(name, getattr(self, name))
 
