@@ -60,3 +60,30 @@ def test_bad_input_exit_2(argv, match, tmp_path, capsys):
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and match in lines[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "change,where",
+    [
+        (["--method", "asam", "--grid", "0.5"], "method"),
+        (["--grid", "0.05", "--epochs", "2"], "epochs"),
+        (["--grid", "0.05", "--lr", "0.5"], "lr"),
+    ],
+)
+def test_a_folder_of_another_search_is_refused_not_resumed(tmp_path, capsys, change, where):
+    """Its trials were trained with other settings: resuming them would report them as
+    this search's (it printed "1 done before" and recommended the old trial's rho)."""
+    first = ["--dataset", "synthetic", "--train-size", "200", "--epochs", "1", "-q"]
+    rc, _, err = _run(capsys, *first, "--grid", "0.05", "--out", str(tmp_path))
+    assert rc == 0, err
+    before = (tmp_path / "tune.json").read_text()
+    later = [a for a in first if a not in ("--epochs", "1")] if "--epochs" in change else first
+    rc, _, err = _run(capsys, *later, *change, "--out", str(tmp_path))
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "holds a search with other settings" in lines[0], err
+    assert where in lines[0]
+    assert (tmp_path / "tune.json").read_text() == before  # nothing was touched
+    # the same search again resumes (nothing to do)
+    rc, _, err = _run(capsys, *first, "--grid", "0.05", "--out", str(tmp_path))
+    assert rc == 0, err

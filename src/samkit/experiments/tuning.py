@@ -20,6 +20,7 @@ The recommendation is the best trial; among trials within 0.1 point (or
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -487,7 +488,64 @@ def open_tune(
         # the extremes of the search must build too (a rho the method refuses fails now)
         for rho in [*(spec.grid or []), lo, hi, *(spec.auto or [])]:
             _check_rho(config, problem, spec, base, rho)
+        _claim_folder(path, config, spec, base)
         yield OpenTune(config, spec, base, path, problem, spec.n_trials(quick))
+
+
+def _claim_folder(path: Path, config: StudyConfig, spec: TuneSpec, base: MethodSpec) -> None:
+    """Record what the search's trials depend on; refuse a folder that holds another search.
+
+    Its trials (Optuna's journal) were trained with those settings: resuming
+    them under other ones (another method, lr, epochs, data) would report old
+    trials as new ones.
+    """
+    from .study import _normalise, _run_config, write_json_atomic
+
+    identity = _normalise(
+        {
+            "runs": [_run_config(config, base, seed) for seed in config.seeds],
+            "search": {
+                "method": spec.method,
+                "base": spec.base,
+                "rho_range": list(spec.rho_range) if spec.rho_range else None,
+                "grid": spec.grid,
+                "tune_lr": spec.tune_lr,
+                "sampler_seed": spec.sampler_seed,
+            },
+        }
+    )
+    record = path / "tune-settings.json"
+    if record.exists():
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if saved != identity:
+            raise ValueError(
+                f"Invalid out value: {str(path)!r} holds a search with other settings "
+                f"({_first_difference(saved, identity)}); give another --out, or delete it to "
+                "start over"
+            )
+        return
+    if (path / "optuna-journal.log").exists():
+        raise ValueError(
+            f"Invalid out value: {str(path)!r} holds a search whose settings were not recorded "
+            "(an older samkit); give another --out, or delete it to start over"
+        )
+    write_json_atomic(record, identity)
+
+
+def _first_difference(saved: Any, now: Any, where: str = "") -> str:
+    """The first setting that differs, as ``key: saved -> now``."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in sorted(set(saved) | set(now), key=str):
+            if saved.get(key) != now.get(key):
+                return _first_difference(saved.get(key), now.get(key), f"{where}{key}.")
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        for i, (a, b) in enumerate(zip(saved, now)):
+            if a != b:
+                return _first_difference(a, b, f"{where}{i}.")
+    return f"{where.rstrip('.') or 'settings'}: {saved!r} -> {now!r}"
 
 
 def _check_rho(
