@@ -374,3 +374,24 @@ def test_each_mixture_has_its_own_size_unless_the_study_sets_one():
     assert [given.resolved(d).batch_size for d in ("ring8", "grid25")] == [128, 256]
     with pytest.raises(ValueError, match="Invalid hidden value"):
         gan.build_players(default, 0)  # unresolved: which width?
+
+
+def test_a_method_whose_every_seed_diverges_gets_a_row_not_a_crash(tmp_path, capsys):
+    """Every seed of adam diverges at lr 1e30: the table shows '-' for it (it raised a
+    TypeError in the table, every rerun too) and the plot warns about nothing."""
+    import warnings
+
+    out = tmp_path / "g"
+    argv = [
+        "gan", "--datasets", "ring8", "--methods", "adam", "--seeds", "1",
+        "--iterations", "20", "--eval-every", "10", "--batch-size", "32",
+        "--lr", "1e30", "--out", str(out),
+    ]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" included
+        rc = main(argv)
+    printed, err = capsys.readouterr()
+    assert rc == 0, err
+    row = next(line for line in printed.splitlines() if line.startswith("ring8"))
+    assert "(1 diverged)" in row and "- +- -" in row
+    assert (out / "results.json").exists() and (out / "report.html").exists()

@@ -855,6 +855,10 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
 
 
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * fraction  # None: every seed diverged
+
+
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     headers = [
         "data",
@@ -877,7 +881,7 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                 r["label"],
                 str(r["runs"]),
                 f"{_fmt(r['modes_mean'], '.1f')} +- {_fmt(r['modes_std'], '.1f')}{div}",
-                f"{_fmt(100 * hq_m, '.1f')} +- {_fmt(100 * hq_s, '.1f')}",
+                f"{_fmt(_percent(hq_m), '.1f')} +- {_fmt(_percent(hq_s), '.1f')}",
                 f"{_fmt(r['mmd_mean'], '.4f')} +- {_fmt(r['mmd_std'], '.4f')}",
                 f"{_fmt(r['mode_kl_mean'], '.3f')} +- {_fmt(r['mode_kl_std'], '.3f')}",
                 _fmt(r["time_per_iteration"], ".4f"),
@@ -936,7 +940,8 @@ def _figures(
         panel.set(xlabel="iteration", title=name)
         if key == "mmd":
             panel.set_yscale("symlog", linthresh=1e-3)
-    panels[0].legend(fontsize=7)
+    if panels[0].get_legend_handles_labels()[0]:  # (none when every run diverged)
+        panels[0].legend(fontsize=7)
     fig.tight_layout()
     figures.append((f"{dataset}: metrics over training (mean over seeds)", png_base64(fig)))
 
