@@ -392,3 +392,35 @@ def test_an_empty_checkpoint_path_is_refused_in_one_line(cmd, capsys):
     rc, _, err = _cli(capsys, [cmd, ""])
     assert rc == 2, err
     assert "invalid checkpoint value: '' (an empty path)" in _one_line(err)
+
+
+def test_val_and_test_splits_of_user_data_are_checked_before_training(tmp_path, capsys):
+    """They are read only after the first epoch: each of these trained a run, then
+    failed with a traceback."""
+    import numpy as np
+
+    r = np.random.RandomState(0)
+    x, y = r.randn(60, 10).astype("float32"), r.randint(0, 3, 60)
+    cases = {
+        "featmis": ({"x_test": r.randn(20, 7).astype("float32"), "y_test": r.randint(0, 3, 20)},
+                    "fails on a batch of the test split"),
+        "testlab": ({"x_test": r.randn(20, 10).astype("float32"),
+                     "y_test": np.r_[r.randint(0, 3, 19), 7]},
+                    "test labels run from 0 to 7 but the model gives 3 logits"),
+        "vallab": ({"x_val": r.randn(20, 10).astype("float32"),
+                    "y_val": np.r_[9, r.randint(0, 3, 19)]},
+                   "val labels run from 0 to 9"),
+        "ytestfloat": ({"x_test": r.randn(20, 10).astype("float32"),
+                        "y_test": r.randint(0, 3, 20).astype("float32")},
+                       "the test targets are torch.float32"),
+    }  # fmt: skip
+    fast = ["--model", "mlp", "--epochs", "1", "--seeds", "1", "--no-sharpness", "-q"]
+    for name, (extra, match) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, x_train=x, y_train=y, **extra)
+        out = tmp_path / f"run-{name}"
+        rc, _, err = _cli(capsys, ["compare", "--data", str(path), *fast, "--out", str(out)])
+        assert rc == 2, (name, err)
+        line = _one_line(err)
+        assert match in line, line
+        assert not (out / "runs").exists() or not any((out / "runs").glob("*.json"))

@@ -240,22 +240,35 @@ def check_study(
         raise ValueError("Invalid train value: the training data yields no batch") from None
     x, y = _move(x, device), _move(y, device)
     amp = config.train.amp
-    try:
-        with torch.no_grad():
-            if amp is not None:
-                dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-                with torch.autocast(device.type, dtype=dtype):
-                    output = model(x)
-                output = output.float()
-            else:
-                output = model(x)
-    except Exception as exc:  # noqa: BLE001 - the model does not fit the data
-        raise ValueError(
-            f"Invalid model value: {config.model!r} fails on a batch of the data "
-            f"(x {_shape(x)}): {_first_line(exc)}"
-        ) from exc
+    output = _forward(config, model, x, device, "the data")
     _check_output(problem, output, y)
     per_sample = _check_loss_and_metrics(problem, output, y)
+    # the evaluation splits must fit too: they are read after the first epoch trained
+    for name, split in (("val", data.val), ("test", data.test)):
+        if split is None:
+            continue
+        try:
+            xs, ys = _move(next(iter(eval_batches(split, config.train.batch_size))), device)
+        except StopIteration:
+            raise ValueError(f"Invalid data value: the {name} split yields no batch") from None
+        except Exception as exc:  # noqa: BLE001 - a user split that cannot be read
+            raise ValueError(
+                f"Invalid data value: the {name} split cannot be read: {_first_line(exc)}"
+            ) from exc
+        if ys.dtype != y.dtype and (ys.is_floating_point() or y.is_floating_point()):
+            raise ValueError(
+                f"Invalid data value: the {name} targets are {ys.dtype}, the training "
+                f"targets {y.dtype}"
+            )
+        try:
+            out = _forward(config, model, xs, device, f"the {name} split")
+            _check_labels(problem, split, out, name)
+            _check_output(problem, out, ys)
+            _check_loss_and_metrics(problem, out, ys)
+        except ValueError as exc:
+            if f"{name} split" in str(exc) or f"{name} labels" in str(exc):
+                raise
+            raise ValueError(f"{exc} (the {name} split)") from exc
 
     n_steps = steps_per_epoch(data.train, config.train.batch_size, seed)
     tspec_kw = {
@@ -317,6 +330,38 @@ def _move(x: Any, device: torch.device) -> Any:
 
 def _shape(x: Any) -> str:
     return str(tuple(x.shape)) if torch.is_tensor(x) else type(x).__name__
+
+
+def _forward(
+    config: StudyConfig, model: torch.nn.Module, x: Any, device: torch.device, what: str
+) -> Any:
+    amp = config.train.amp
+    try:
+        with torch.no_grad():
+            if amp is not None:
+                dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+                with torch.autocast(device.type, dtype=dtype):
+                    return model(x).float()
+            return model(x)
+    except Exception as exc:  # noqa: BLE001 - the model does not fit the data
+        raise ValueError(
+            f"Invalid model value: {config.model!r} fails on a batch of {what} "
+            f"(x {_shape(x)}): {_first_line(exc)}"
+        ) from exc
+
+
+def _check_labels(problem: Problem, split: Any, output: Any, name: str) -> None:
+    """Every class label of an in-memory split is one of the model's outputs."""
+    tensors = getattr(split, "tensors", None)
+    if not (problem.task == "classification" and problem.config.loss is None and tensors):
+        return
+    y = tensors[-1]
+    if torch.is_tensor(y) and y.numel() and not y.is_floating_point():
+        if int(y.min()) < 0 or int(y.max()) >= output.shape[1]:
+            raise ValueError(
+                f"Invalid data value: {name} labels run from {int(y.min())} to {int(y.max())} "
+                f"but the model gives {output.shape[1]} logits"
+            )
 
 
 def _check_output(problem: Problem, output: Any, y: torch.Tensor) -> None:
