@@ -424,3 +424,23 @@ def test_val_and_test_splits_of_user_data_are_checked_before_training(tmp_path, 
         line = _one_line(err)
         assert match in line, line
         assert not (out / "runs").exists() or not any((out / "runs").glob("*.json"))
+
+
+def test_user_code_calling_sys_exit_is_an_error_not_a_silent_exit(tmp_path, capsys, monkeypatch):
+    """A model/data function (or its module) calling sys.exit ended samkit with that code
+    and no output (exit 0: "success")."""
+    (tmp_path / "exiting_mods.py").write_text(
+        "import sys\ndef model(**kw):\n    sys.exit(0)\ndef data():\n    sys.exit(3)\n"
+    )
+    (tmp_path / "exiting_import.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    fast = ["--seeds", "1", "--epochs", "1", "--no-sharpness", "-q"]
+    cases = [
+        (["--model", "exiting_mods:model", "--dataset", "synthetic"], "raised SystemExit: 0"),
+        (["--data", "exiting_mods:data", "--model", "mlp"], "raised SystemExit: 3"),
+        (["--model", "exiting_import:f", "--dataset", "synthetic"], "raised SystemExit: 3"),
+    ]
+    for i, (argv, match) in enumerate(cases):
+        rc, _, err = _cli(capsys, ["compare", *argv, *fast, "--out", str(tmp_path / f"o{i}")])
+        assert rc == 2, err
+        assert match in _one_line(err)

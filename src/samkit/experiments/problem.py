@@ -304,7 +304,7 @@ def load_callable(spec: Any, what: str) -> Callable[..., Any]:
             f"Invalid {what} value: {spec!r} (cannot import {module!r}: {exc}; run from the folder "
             "that holds it, or install it)"
         ) from exc
-    except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's module raised (or exited) while importing
         raise ValueError(
             f"Invalid {what} value: {spec!r} (importing {module!r} raised "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{_where(exc)})"
@@ -395,7 +395,7 @@ def load_user_data(spec: Any) -> UserData:
     fn = load_callable(spec, "data")
     try:
         out = fn()
-    except Exception as exc:  # noqa: BLE001 - the user's loader raised
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's loader raised (or exited)
         raise ValueError(
             f"Invalid data value: {spec!r} raised {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}{_where(exc)}"
@@ -581,7 +581,7 @@ class Problem:
                 ) from exc
         try:
             model = self.config.model_factory(**kwargs)
-        except Exception as exc:  # noqa: BLE001 - the user's factory raised
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's factory raised (or exited)
             raise ValueError(
                 f"Invalid model value: {self.config.model!r} raised {type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}{_where(exc)}"
