@@ -260,14 +260,12 @@ def check_study(
                 f"Invalid data value: the {name} targets are {ys.dtype}, the training "
                 f"targets {y.dtype}"
             )
+        out = _forward(config, model, xs, device, f"the {name} split")
+        _check_labels(problem, split, out, name)
         try:
-            out = _forward(config, model, xs, device, f"the {name} split")
-            _check_labels(problem, split, out, name)
             _check_output(problem, out, ys)
             _check_loss_and_metrics(problem, out, ys)
         except ValueError as exc:
-            if f"{name} split" in str(exc) or f"{name} labels" in str(exc):
-                raise
             raise ValueError(f"{exc} (the {name} split)") from exc
 
     n_steps = steps_per_epoch(data.train, config.train.batch_size, seed)
@@ -356,12 +354,19 @@ def _check_labels(problem: Problem, split: Any, output: Any, name: str) -> None:
     if not (problem.task == "classification" and problem.config.loss is None and tensors):
         return
     y = tensors[-1]
-    if torch.is_tensor(y) and y.numel() and not y.is_floating_point():
-        if int(y.min()) < 0 or int(y.max()) >= output.shape[1]:
-            raise ValueError(
-                f"Invalid data value: {name} labels run from {int(y.min())} to {int(y.max())} "
-                f"but the model gives {output.shape[1]} logits"
-            )
+    if torch.is_tensor(y) and not y.is_floating_point():
+        outside = _labels_outside(y, output.shape[1])
+        if outside:
+            raise ValueError(f"Invalid data value: {name} {outside}")
+
+
+def _labels_outside(y: torch.Tensor, classes: int) -> str | None:
+    """What is wrong with class labels ``y`` for ``classes`` logits (None: nothing)."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        return (
+            f"labels run from {int(y.min())} to {int(y.max())} but the model gives {classes} logits"
+        )
+    return None
 
 
 def _check_output(problem: Problem, output: Any, y: torch.Tensor) -> None:
@@ -385,11 +390,9 @@ def _check_output(problem: Problem, output: Any, y: torch.Tensor) -> None:
                 f"Invalid model value: a classifier must return logits of shape (batch, classes), "
                 f"got {_shape(output)}"
             )
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= output.shape[1]):
-            raise ValueError(
-                f"Invalid model value: labels run from {int(y.min())} to {int(y.max())} but the "
-                f"model gives {output.shape[1]} logits"
-            )
+        outside = _labels_outside(y, output.shape[1])
+        if outside:
+            raise ValueError(f"Invalid model value: {outside}")
 
 
 def _check_loss_and_metrics(problem: Problem, output: torch.Tensor, y: torch.Tensor) -> bool:

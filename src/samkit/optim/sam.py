@@ -242,8 +242,8 @@ class SAM(torch.optim.Optimizer):
             self._check_group(group, i)
         for key, value in self._sam_defaults.items():
             base.defaults.setdefault(self.group_keys[key], value)
-        for i, group in enumerate(base.param_groups):
-            self._init_group(group, i)
+        for group in base.param_groups:
+            self._init_group(group)
         everything = [p for group in base.param_groups for p in group["params"]]
         _fsdp.refuse_fsdp1(everything)
         self._sharded = _fsdp.holds_dtensors(everything)  # FSDP2: the ascent runs on local shards
@@ -323,13 +323,13 @@ class SAM(torch.optim.Optimizer):
         for key, name in self.group_keys.items():
             check_nonneg(f"{name} (param group {index})", group.get(name, self._sam_defaults[key]))
 
-    def _init_group(self, group: dict[str, Any], index: int | str) -> None:
-        self._check_group(group, index)
+    def _init_group(self, group: dict[str, Any]) -> None:
         for key, name in self.group_keys.items():
             group.setdefault(name, self._sam_defaults[key])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self._init_group(param_group, len(self.param_groups))
+        self._check_group(param_group, len(self.param_groups))
+        self._init_group(param_group)
         self.base_optimizer.add_param_group(param_group)
         try:
             _fsdp.refuse_fsdp1(self.param_groups[-1]["params"])
