@@ -425,17 +425,25 @@ class _Diagonal:
         return self.d * v
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("block_size", [1, 2])
-def test_float32_lanczos_accurate_in_a_million_dimensions(block_size):
-    # float32 products, as a float32 model gives; the float32 sums in Lanczos's
-    # alphas and betas over 1e6 entries once moved the top Ritz value by 2.9e-4
-    # (above the top eigenvalue); accumulated in float64 it is within 3e-6
+def test_float32_lanczos_accurate_in_a_million_dimensions(block_size, seed, threads):
+    # float32 products, as a float32 model gives. Float32 sums over 1e6 entries
+    # once moved the top Ritz value by 2.9e-4 (in T's entries, above the top
+    # eigenvalue) and by 5.6e-5 (in the re-orthogonalisation, below it, with an
+    # error that changed with the CPU's kernels: AVX2 and AVX-512 differ).
+    # docs/sharpness.md promises tol + 1e-6 relative on any CPU, with any thread
+    # count; measured 1e-8 to 7e-8.
     gen = torch.Generator().manual_seed(0)
     d = torch.rand(1_000_000, generator=gen, dtype=torch.float64) * 2 - 1
     d[:3] = torch.tensor([130.0, 83.0, 34.0], dtype=torch.float64)
-    res = top_eigenvalues(
-        _Diagonal(d.float()), 2, tol=1e-7, max_iter=60, block_size=block_size, seed=0
-    )
-    # float32 rounding of the entries themselves is 6e-8 relative; the float32
-    # re-orthogonalisation leaves a few 1e-6 in single-vector Lanczos
-    assert res.eigenvalues == pytest.approx([130.0, 83.0], rel=1e-5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        res = top_eigenvalues(
+            _Diagonal(d.float()), 2, tol=1e-7, max_iter=60, block_size=block_size, seed=seed
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert res.eigenvalues == pytest.approx([130.0, 83.0], rel=1e-6 + 1e-7)
