@@ -267,6 +267,56 @@ def test_without_validation_reports_a_validation_controller_is_sam_at_its_starti
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def _steps(opt, model, n: int, report_at: tuple[int, ...] = ()) -> None:
+    for step in range(n):
+        opt.step(_closure(model, *_batch(step)))
+        opt.zero_grad()
+        if step in report_at:
+            opt.observe_validation(1.0)
+
+
+@pytest.mark.parametrize("cls", [samkit.ValidationPlateau, samkit.ValidationSearch])
+def test_a_validation_controller_told_nothing_warns_once_naming_observe_validation(cls):
+    model, base = _problem()
+    opt = samkit.SAM(base, rho=cls(0.05, warn_after=4))
+    with pytest.warns(samkit.NoValidationWarning, match=r"observe_validation\(val_loss\)") as got:
+        _steps(opt, model, 12)
+    assert len(got) == 1
+    assert got[0].filename == __file__  # points at the user's call, not at samkit
+    assert "in 4 steps" in str(got[0].message) and "0.05" in str(got[0].message)
+
+
+@pytest.mark.parametrize(
+    "rho,report_at",
+    [
+        (lambda: samkit.ValidationPlateau(0.05, warn_after=4), (1,)),  # a report in time
+        (lambda: samkit.ValidationPlateau(0.05, warn_after=None), ()),  # silenced
+        (lambda: samkit.LossEquated(0.05, calibration_steps=2), ()),  # needs no validation
+        (lambda: 0.05, ()),  # fixed radius
+    ],
+    ids=["reported", "silenced", "loss_equated", "fixed"],
+)
+def test_no_warning_where_validation_arrives_or_is_not_needed(rho, report_at, recwarn):
+    model, base = _problem()
+    opt = samkit.SAM(base, rho=rho())
+    _steps(opt, model, 12, report_at)
+    assert not [w for w in recwarn if issubclass(w.category, samkit.NoValidationWarning)]
+
+
+def test_the_default_auto_warns_after_a_thousand_silent_steps():
+    assert autorho.WARN_AFTER == 1000
+    model, base = _problem()
+    opt = samkit.SAM(base, rho="auto")
+    with pytest.warns(samkit.NoValidationWarning):
+        _steps(opt, model, 1000)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
+def test_a_bad_warn_after_is_refused_naming_it(bad):
+    with pytest.raises(ValueError, match="warn_after"):
+        samkit.ValidationPlateau(warn_after=bad)
+
+
 def test_a_non_finite_validation_loss_is_ignored():
     model, base = _problem()
     opt = samkit.SAM(base, rho=samkit.ValidationPlateau(0.05, patience=1))

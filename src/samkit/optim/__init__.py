@@ -10,7 +10,7 @@ K-SAM and mSAM change the step itself and use SAM's public protocol.
 SAF and MESA are loss terms, not optimizers: see :mod:`samkit.losses`.
 """
 
-from .autorho import LossEquated, ValidationPlateau, ValidationSearch
+from .autorho import LossEquated, NoValidationWarning, ValidationPlateau, ValidationSearch
 from .batchnorm import freeze_bn_stats
 from .esam import ESAM
 from .gsam import GSAM
@@ -69,6 +69,7 @@ __all__ = [
     "LossEquated",
     "ValidationPlateau",
     "ValidationSearch",
+    "NoValidationWarning",
     "ProportionalRho",
     "LambdaRho",
     "StepView",

@@ -35,6 +35,9 @@ loss reported on rank 0 only reaches every replica.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "AutoRho",
+    "NoValidationWarning",
     "LossEquated",
     "ValidationPlateau",
     "ValidationSearch",
@@ -60,6 +64,13 @@ __all__ = [
 #: Starting radius of an automatic controller: samkit's fixed-rho defaults.
 START_RHO = {"l2": 0.05, "adaptive": 0.5}
 
+#: Steps without a validation report after which a validation controller warns.
+WARN_AFTER = 1000
+
+
+class NoValidationWarning(UserWarning):
+    """A validation-driven rho controller has been told no validation loss."""
+
 
 class AutoRho(RhoController):
     """Base class: one radius ``rho_t``, written as ``rho_t * s_g`` into every group.
@@ -67,18 +78,27 @@ class AutoRho(RhoController):
     Subclasses implement :meth:`next_rho` (called at every step with the
     step's view) and may use :meth:`observe_validation`. Their state lives in
     attributes named in ``_STATE`` (plain Python numbers, saved exactly).
+
+    A controller that learns from validation (``uses_validation``) and has
+    been told no validation loss in its first ``warn_after`` steps warns once
+    (:class:`NoValidationWarning`, naming ``observe_validation``): until a loss
+    is reported it is SAM at a fixed radius. ``warn_after=None`` silences it.
     """
 
     name = "auto"
     uses_validation = False
     _STATE: tuple[str, ...] = ()
 
-    def __init__(self, rho: float | None = None) -> None:
+    def __init__(self, rho: float | None = None, *, warn_after: int | None = WARN_AFTER) -> None:
         super().__init__(START_RHO["l2"] if rho is None else rho)
         self._rho_given = rho is not None
         self.rho = self.initial_rho
         self.scales: list[float] = []
         self._pending = [0.0, 0.0]  # validation losses reported since the last step: sum, count
+        self.warn_after = None if warn_after is None else check_int("warn_after", warn_after, 1)
+        # steps before the first validation report (None once one arrived or the warning
+        # was given); not saved: a resumed run counts again, and warns at most once more
+        self._unreported: int | None = 0
 
     # ---- SAM's side of the protocol
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
@@ -102,6 +122,7 @@ class AutoRho(RhoController):
             return
         if self.uses_validation:
             self._gather_validation(view)
+            self._check_reported()
         if self.initial_rho > 0:
             self.rho = self.next_rho(view)
         self._write()
@@ -135,7 +156,25 @@ class AutoRho(RhoController):
             total, count = _ddp.sum_scalars([total, count], view.process_group)
         self._pending = [0.0, 0.0]
         if count > 0:
+            self._unreported = None
             self.on_validation(total / count)
+
+    def _check_reported(self) -> None:
+        if self._unreported is None or self.warn_after is None:
+            return
+        self._unreported += 1
+        if self._unreported >= self.warn_after:
+            self._unreported = None
+            warnings.warn(
+                f"rho='auto' ({self.name}) learns from validation losses and none has been "
+                f"reported in {self.warn_after} steps: until one is, this is SAM with the fixed "
+                f"radius {self.rho:g}. Report each evaluation with "
+                "opt.observe_validation(val_loss) (samkit's trainer, Lightning and the Hugging "
+                "Face callback do), or choose a controller that needs none "
+                "(rho='auto:loss_equated'); warn_after=None silences this.",
+                NoValidationWarning,
+                stacklevel=_caller_level(),
+            )
 
     def on_validation(self, loss: float) -> None:
         return None
@@ -171,6 +210,20 @@ class AutoRho(RhoController):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rho={self.initial_rho})"
+
+
+_INTERNAL = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # samkit
+    os.path.dirname(os.path.abspath(torch.__file__)),  # torch's step wrappers
+)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside samkit and torch."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _copy(value: Any) -> Any:
@@ -323,6 +376,8 @@ class ValidationPlateau(AutoRho):
         patience: reports without improvement before raising (default 2).
         tol: the relative improvement that counts (default 1e-3).
         rho_max: the ceiling (default ``8 * rho``).
+        warn_after: steps without a validation report before one warning
+            (default 1000; None: never).
 
     Example (``rho="auto"`` is this controller; a report applies at the next step):
 
@@ -355,8 +410,9 @@ class ValidationPlateau(AutoRho):
         patience: int = 2,
         tol: float = 1e-3,
         rho_max: float | None = None,
+        warn_after: int | None = WARN_AFTER,
     ) -> None:
-        super().__init__(rho)
+        super().__init__(rho, warn_after=warn_after)
         self.factor = check_pos("factor", factor)
         if self.factor < 1:
             raise ValueError(f"Invalid factor value: {factor!r} (must be >= 1)")
@@ -418,14 +474,22 @@ class ValidationSearch(AutoRho):
         rho: the starting radius (default 0.05; 0.5 for ASAM).
         probe: :math:`c` (default 1.5).
         step: :math:`e^\eta`, the centre's multiplier per report (default 1.15).
+        warn_after: as for :class:`ValidationPlateau`.
     """
 
     name = "validation_search"
     uses_validation = True
     _STATE = ("center", "arm", "last", "deltas")
 
-    def __init__(self, rho: float | None = None, *, probe: float = 1.5, step: float = 1.15) -> None:
-        super().__init__(rho)
+    def __init__(
+        self,
+        rho: float | None = None,
+        *,
+        probe: float = 1.5,
+        step: float = 1.15,
+        warn_after: int | None = WARN_AFTER,
+    ) -> None:
+        super().__init__(rho, warn_after=warn_after)
         self.probe = check_pos("probe", probe)
         self.step = check_pos("step", step)
         if self.probe <= 1 or self.step <= 1:
