@@ -483,6 +483,8 @@ def _with(factory: Callable[[nn.Module], dict[str, Any]]) -> Callable[..., samki
 _COMMON_BAD = (
     ({"rho": -1.0}, r"Invalid rho value: -1\.0"),
     ({"rho": float("nan")}, r"Invalid rho value: nan"),
+    ({"foreach": "x"}, r"Invalid foreach value: 'x'"),
+    ({"skip_nonfinite": "yes"}, r"Invalid skip_nonfinite value: 'yes'"),
 )
 
 METHODS: list[MethodInfo] = [
@@ -643,6 +645,7 @@ METHODS: list[MethodInfo] = [
             ({"ascent_weight_decay": 0.1}, r"Invalid ascent_weight_decay value: 0\.1"),
             ({"adaptive": True}, "Invalid adaptive value"),
             ({"buffer": ""}, "Invalid buffer value"),
+            ({"buffer": "nope"}, "Invalid buffer value: 'nope'"),
         ),
     ),
     MethodInfo(

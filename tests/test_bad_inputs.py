@@ -38,6 +38,8 @@ COMPARE = [
     (["--optimizers", "sgd", "asam:eta=nan"], "eta"),
     (["--optimizers", "sgd", "asam:eta=inf"], "eta"),
     (["--optimizers", "sgd", "sam:rho=-1"], "rho"),
+    (["--optimizers", "sgd", "sam:rho=1e308"], "Invalid rho value: 1e+308"),
+    (["--optimizers", "sgd", "gsam:rho=1e39"], "Invalid rho value: 1e+39"),
     # torch reads these as float32: above its range a run failed mid-way with a traceback
     (["--lr", "1e39"], "Invalid lr value"),
     (["--weight-decay", "1e308"], "Invalid weight_decay value"),

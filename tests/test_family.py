@@ -23,6 +23,8 @@ its own test file; DDP replicas are in tests/test_ddp.py.
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 
 import pytest
 import torch
@@ -331,6 +333,119 @@ def test_loading_a_plain_torch_state_dict_keeps_each_groups_rho(info):
         g.pop("rho", None)
     opt.load_state_dict(plain.state_dict())
     assert [g["rho"] for g in opt.param_groups] == rhos
+
+
+# ------------------------------------------------------------ huge radii
+
+
+@pytest.mark.parametrize("info", METHODS, ids=lambda m: m.name)
+def test_a_radius_beyond_float32_is_refused(info):
+    """rho=1e308 gave NaN weights after one step, with no error."""
+    model = info.model(0)
+    with pytest.raises(ValueError, match=r"Invalid rho\S* value: 1e\+308"):
+        info.make(info.base("sgd"), model, rho=1e308)
+
+
+@pytest.mark.parametrize("info", METHODS, ids=lambda m: m.name)
+def test_an_overflowing_perturbation_never_gives_nan_weights(info):
+    """A radius within float32 whose pass at w + e overflows (1e30 on this tiny MLP):
+    such a step is skipped, weights and state untouched, with a warning (never NaN
+    weights, which the step after one such step gave)."""
+    model = info.model(14)
+    x, y = make_data(14)
+    opt = info.make(info.base("adam"), model, rho=1e30)
+    warned = 0
+    for _ in range(STEPS):
+        w, state = params_of(model), roundtrip(opt.base_optimizer.state_dict()["state"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            info.step(opt, model, x, y)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        ours = [c for c in caught if "the gradient at w + e overflows" in str(c.message)]
+        if ours:
+            assert re.search(r"rho = [\d.]+e\+(29|30)", str(ours[0].message))
+            assert issubclass(ours[0].category, RuntimeWarning)
+            assert all_equal(params_of(model), w)
+            assert state_equal(opt.base_optimizer.state_dict()["state"], state)
+            warned += 1
+    # (NormOnly perturbs BatchNorm's affine weights only, which Tanh saturates: finite)
+    assert warned or info.needs_norm_layer, "no step overflowed: the test needs a larger rho"
+
+
+# ------------------------------------------------------ closures and grads
+
+
+@pytest.mark.parametrize(
+    "info", [m for m in METHODS if m.closure_kind == "standard"], ids=lambda m: m.name
+)
+def test_a_closure_that_never_calls_backward_is_refused(info):
+    """A closure without backward() made a counted step that moved nothing."""
+    model = info.model(15)
+    x, y = make_data(15)
+    opt = info.make(info.base("adam"), model)
+    _train(info, opt, model, x, y, steps=2)  # state to leave untouched
+    w, state = params_of(model), roundtrip(opt.base_optimizer.state_dict())
+    for closure in (lambda: info.base_loss(model, x, y), lambda: torch.tensor(1.0)):
+        with pytest.raises(
+            ValueError, match=r"Invalid closure value.*must call loss\.backward\(\)"
+        ):
+            opt.step(closure)
+        assert all_equal(params_of(model), w) and not opt.perturbed and opt.steps == 2
+        assert state_equal(roundtrip(opt.base_optimizer.state_dict()), state)
+    _train(info, opt, model, x, y, steps=1)  # and training goes on
+    assert opt.steps == 3
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        m
+        for m in METHODS
+        if m.supports_two_step and m.name != "momentum_sam" and "late" not in m.name
+    ],
+    ids=lambda m: m.name,
+)
+def test_first_step_without_any_gradient_is_refused(info):
+    model = info.model(16)
+    opt = info.make(info.base("sgd"), model)
+    w = params_of(model)
+    with pytest.raises(RuntimeError, match=r"no parameter has a gradient.*loss\.backward\(\)"):
+        opt.first_step()
+    assert all_equal(params_of(model), w) and not opt.perturbed and opt.steps == 0
+    with pytest.raises(RuntimeError, match="without first_step"):
+        opt.second_step()
+
+
+# ------------------------------------------------- state dicts across methods
+
+
+@pytest.mark.parametrize("info", METHODS, ids=lambda m: m.name)
+def test_another_methods_state_dict_is_refused_unless_base_only(info):
+    """SAM(rho=0.05) became rho=3 after loading a Momentum-SAM's state dict, silently."""
+    x, y = make_data(17)
+    writer_model = info.model(17)
+    writer = info.make(info.base("adam"), writer_model)
+    _train(info, writer, writer_model, x, y, steps=2)
+    sd = roundtrip(writer.state_dict())
+    assert sd["samkit"]["method"] == writer.method
+    model = info.model(17)
+    groups = info.groups(model)
+    for g in groups:
+        g.pop("rho", None)
+    loader = samkit.SAM(info.base("adam").make(groups), rho=0.01)
+    if loader.method == writer.method:  # the same method with other settings: torch's rule
+        loader.load_state_dict(sd)
+        assert [g["rho"] for g in loader.param_groups] == [g["rho"] for g in writer.param_groups]
+        return
+    before = roundtrip(loader.state_dict())
+    with pytest.raises(ValueError, match=rf"written by {type(writer).__name__}.*base_only=True"):
+        loader.load_state_dict(sd)
+    assert state_equal(roundtrip(loader.state_dict()), before)
+    loader.load_state_dict(sd, base_only=True)
+    assert [g["rho"] for g in loader.param_groups] == [0.01] * len(groups)
+    assert loader.steps == 0 and loader.method == before["samkit"]["method"]
+    assert state_equal(loader.base_optimizer.state_dict()["state"], sd["state"])
+    assert [g["lr"] for g in loader.param_groups] == [g["lr"] for g in sd["param_groups"]]
 
 
 # -------------------------------------------------------------- GradScaler

@@ -105,6 +105,8 @@ def test_rho_follows_the_learning_rate_schedule():
         ({"alpha": "big"}, "Invalid alpha value"),
         ({"rho": -1.0}, "Invalid rho value: -1.0"),
         ({"rho_min": 1.0, "rho": 0.1}, "Invalid rho_min value"),
+        ({"rho": 1e308}, r"Invalid rho value: 1e\+308"),
+        ({"follow_lr": "no"}, "Invalid follow_lr value: 'no'"),  # was truthy: rho followed lr
     ],
 )
 def test_invalid_arguments_raise_value_error_naming_them(kwargs, match):

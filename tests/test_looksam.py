@@ -172,6 +172,7 @@ def test_unsupported_combinations_raise_clear_errors():
         ({"k": 0}, "Invalid k value: 0"),
         ({"k": 2.0}, "Invalid k value: 2.0"),
         ({"alpha": -1}, "Invalid alpha value: -1"),
+        ({"foreach": "x"}, "Invalid foreach value: 'x'"),
     ],
 )
 def test_invalid_arguments_raise_value_error_naming_them(kwargs, match):
@@ -180,3 +181,34 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, match):
 
 
 # ------------------------------------------------------------------- DDP
+
+
+def test_a_skipped_full_step_does_not_poison_the_steps_that_reuse_its_direction():
+    """With skip_nonfinite, a full step whose second pass is not finite is skipped; its
+    g_v must not be stored, or every step in between (which adds g_v) is NaN or skipped."""
+    model = make_model(3)
+    x, y = make_data(3)
+    opt = LookSAM(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), k=2, alpha=0.5,
+                  skip_nonfinite=True)  # fmt: skip
+    calls = []
+
+    def closure(poison_second=False):
+        calls.append(1)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        (loss * float("inf") if poison_second and len(calls) % 2 == 0 else loss).backward()
+        return loss
+
+    for _ in range(2):  # a full step (g_v stored) and one in between
+        opt.step(closure)
+        opt.zero_grad()
+    gv = {p: v.clone() for p, v in opt.mix.orthogonal.items()}
+    calls.clear()
+    w = params_of(model)
+    opt.step(lambda: closure(poison_second=True))  # a full step, skipped
+    opt.zero_grad()
+    assert all_equal(params_of(model), w)
+    assert all(torch.equal(opt.mix.orthogonal[p], v) for p, v in gv.items())
+    opt.step(closure)  # in between: reuses the g_v of the last good full step
+    assert opt.reused == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not all_equal(params_of(model), w), "the step in between was skipped"

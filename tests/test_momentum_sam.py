@@ -222,3 +222,65 @@ def test_the_perturbation_has_norm_rho_against_the_momentum(seed, rho):
     assert torch.equal(torch.cat([w.detach(), b.detach()]), before)
     assert float(e.norm()) == pytest.approx(rho, rel=1e-9)
     torch.testing.assert_close(e, -rho * v / v.norm(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("base", "buffer"),
+    [
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "nope"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "exp_avg"),
+        (lambda ps: torch.optim.Adam(ps, lr=0.1), "momentum_buffer"),
+        (lambda ps: torch.optim.Adam(ps, lr=0.1), "exp_avg_sq"),
+    ],
+)
+def test_a_buffer_the_base_optimizer_does_not_keep_is_refused(base, buffer):
+    """buffer="nope" was accepted and never perturbed: bit for bit SGD."""
+    w = nn.Parameter(torch.ones(3))
+    with pytest.raises(
+        ValueError, match=rf"Invalid buffer value: '{buffer}' \(\w+ keeps its momentum"
+    ):
+        samkit.MomentumSAM(base([w]), rho=0.5, buffer=buffer)
+    assert samkit.MomentumSAM(torch.optim.Adam([w]), buffer="exp_avg").buffer == "exp_avg"
+
+
+def test_a_buffer_missing_from_another_optimizers_state_is_refused_once_it_has_stepped():
+    """For an optimizer samkit does not know, the key is checked against its state."""
+    x, y, w, b = _problem(0)
+
+    def closure():
+        loss = _loss(x, y, w, b)
+        loss.backward()
+        return loss
+
+    opt = samkit.MomentumSAM(torch.optim.Adagrad([w, b], lr=0.1), rho=0.5, buffer="nope")
+    opt.step(closure)  # step 0: no state yet, a plain step
+    opt.zero_grad()
+    before = (w.detach().clone(), b.detach().clone())
+    with pytest.raises(ValueError, match=r"Invalid buffer value: 'nope' is not in .*'sum'"):
+        opt.step(closure)
+    assert torch.equal(w, before[0]) and torch.equal(b, before[1]) and opt.steps == 1
+    opt = samkit.MomentumSAM(torch.optim.Adagrad([w, b], lr=0.1), rho=0.5, buffer="sum")
+    for _ in range(2):  # a key it keeps: followed
+        opt.zero_grad()
+        opt.step(closure)
+    assert opt.ascents == 2  # (Adagrad keeps a zero "sum" from the start: e = 0 at step 0)
+
+
+def test_sam_refuses_a_momentum_sams_state_dict_that_would_set_its_radius():
+    """SAM(rho=0.05) became rho=3.0 after loading a MomentumSAM's state dict."""
+    x, y, w, b = _problem(1)
+
+    def closure():
+        loss = _loss(x, y, w, b)
+        loss.backward()
+        return loss
+
+    msam = samkit.MomentumSAM(torch.optim.SGD([w, b], lr=0.01, momentum=0.9), rho=3.0)
+    msam.step(closure)
+    sam = samkit.SAM(torch.optim.SGD([w, b], lr=0.01, momentum=0.9), rho=0.05)
+    with pytest.raises(ValueError, match=r"written by MomentumSAM \(perturbation=Momentum\)"):
+        sam.load_state_dict(msam.state_dict())
+    assert sam.param_groups[0]["rho"] == 0.05 and sam.state == {}
+    sam.load_state_dict(msam.state_dict(), base_only=True)
+    assert sam.param_groups[0]["rho"] == 0.05
+    assert torch.equal(sam.state[w]["momentum_buffer"], msam.state[w]["momentum_buffer"])

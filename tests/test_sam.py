@@ -1096,7 +1096,7 @@ def test_a_refused_construction_leaves_the_base_optimizer_as_it_was():
     assert base.defaults == defaults_before
 
 
-@pytest.mark.parametrize("bad", [float("nan"), -0.05, float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), -0.05, float("inf"), 1e308])
 def test_a_radius_set_to_nonsense_after_construction_is_refused_at_the_step(bad):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
@@ -1159,3 +1159,227 @@ def test_a_parameter_the_second_pass_does_not_reach_keeps_a_zero_gradient(base_n
         assert not torch.equal(head.weight, after_first), "the head was dropped from the base step"
         if rho == 0.0:
             assert torch.equal(head.weight, ref["head"].weight)
+
+
+# ------------------------------------------------------- silent wrong answers
+
+
+def _linear_closure(model, x, y):
+    def closure():
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_a_radius_beyond_float32_is_refused_wherever_it_comes_in():
+    """rho=1e308 gave NaN weights after one step: refused in the constructor, a new
+    param group and a state dict, and the largest float32 itself is still a radius."""
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"Invalid rho value: 1e\+308 .*largest float32"):
+        samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=1e308)
+    with pytest.raises(ValueError, match=r"Invalid rho value: 1e\+39"):
+        samkit.SAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=1e39)
+    samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=torch.finfo(torch.float32).max)
+    opt = samkit.SAM(torch.optim.SGD([model.weight], lr=0.1), rho=0.05)
+    with pytest.raises(ValueError, match=r"rho \(param group 1\) value: 1e\+308"):
+        opt.add_param_group({"params": [model.bias], "rho": 1e308})
+    sd = opt.state_dict()
+    sd["param_groups"][0]["rho"] = 1e308
+    with pytest.raises(ValueError, match=r"rho \(param group 0 of the state dict\) value: 1e\+308"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["rho"] == 0.05
+    with pytest.raises(ValueError, match=r"Invalid rho_max value: 1e\+308"):
+        samkit.ProportionalRho(opt, rho_max=1e308)
+
+
+def test_an_overflowing_radius_skips_the_step_with_a_warning_and_training_goes_on():
+    """rho=1e30 is a float32, but the pass at w + e overflows: the step is skipped like
+    one with a non-finite gradient (weights, state, scheduler untouched), with a warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    closure = _linear_closure(model, x, y)
+    opt.step(closure)  # a momentum buffer for the skipped step to leave alone
+    opt.param_groups[0]["rho"] = 1e30
+    w, state = params_of(model), roundtrip(opt.base_optimizer.state_dict())
+    with pytest.warns(RuntimeWarning, match=r"rho = 1e\+30 the gradient at w \+ e overflows"):
+        opt.zero_grad()
+        opt.step(closure)
+    assert all_equal(params_of(model), w)
+    assert state_equal(opt.base_optimizer.state_dict(), state)
+    assert opt.steps == 2 and opt.ascents == 2
+    # a disabled GradScaler checks nothing itself: the radius still asks for the check
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    with pytest.warns(RuntimeWarning, match="overflows"):
+        opt.zero_grad()
+        opt.step(closure, scaler=disabled)
+    assert all_equal(params_of(model), w) and opt.steps == 3
+    opt.param_groups[0]["rho"] = 0.05  # a sane radius trains on
+    opt.zero_grad()
+    opt.step(closure)
+    assert not all_equal(params_of(model), w)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # skip_nonfinite=False opts out of every check: the overflow reaches the weights
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=1e30, skip_nonfinite=False)
+    opt.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
+    assert not all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_radii_up_to_checked_rho_make_no_host_read_for_the_guard(monkeypatch):
+    """Only a radius above CHECKED_RHO pays for reading the pass at w + e."""
+    from samkit.optim import sam as sam_module
+
+    reads = []
+    original = sam_module.SAM._nonfinite_grads
+    monkeypatch.setattr(
+        sam_module.SAM, "_nonfinite_grads", lambda self, g: reads.append(1) or original(self, g)
+    )
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    closure = _linear_closure(model, torch.randn(4, 3), torch.randn(4, 2))
+    for rho, expected in ((sam_module.CHECKED_RHO, 0), (2 * sam_module.CHECKED_RHO, 1)):
+        reads.clear()
+        opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=1e-9), rho=rho)
+        opt.step(closure)
+        opt.zero_grad()
+        assert len(reads) == expected, rho
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"foreach": "x"}, r"Invalid foreach value: 'x' \(must be True, False or None\)"),
+        ({"foreach": 1}, "Invalid foreach value: 1"),
+        ({"skip_nonfinite": "yes"}, "Invalid skip_nonfinite value: 'yes'"),
+    ],
+)
+def test_flags_are_booleans_not_truthy_values(kwargs, match):
+    """foreach="x" was accepted (and repr showed foreach: None)."""
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=match):
+        samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        samkit.SAM(model.parameters(), torch.optim.SGD, lr=0.1, **kwargs)
+    with pytest.raises(ValueError, match=r"Invalid scale_rho value: 'no'"):
+        samkit.EveryK(2, scale_rho="no")
+    with pytest.raises(ValueError, match=r"Invalid base_only value: 'yes'"):
+        samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1)).load_state_dict({}, base_only="yes")
+    samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), foreach=False, skip_nonfinite=True)
+
+
+class _NeedsClosure(torch.optim.Optimizer):
+    """An optimizer whose step evaluates the loss itself, like L-BFGS."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    def step(self, closure):
+        return closure()
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda m: samkit.SAM(torch.optim.LBFGS(m.parameters()), rho=0.05), "LBFGS"),
+        (lambda m: samkit.SAM(m.parameters(), torch.optim.LBFGS, lr=1.0), "LBFGS"),
+        (lambda m: samkit.GSAM(torch.optim.LBFGS(m.parameters()), follow_lr=False), "LBFGS"),
+        (lambda m: samkit.SAM(_NeedsClosure(m.parameters())), "_NeedsClosure"),
+    ],
+)
+def test_a_base_optimizer_that_evaluates_the_loss_itself_is_refused(make, name):
+    """SAM(LBFGS(...)) was accepted and failed at the first step with LBFGS's TypeError."""
+    with pytest.raises(
+        ValueError, match=rf"Invalid base_optimizer value: {name}: its step\(closure\)"
+    ):
+        make(nn.Linear(2, 2))
+
+
+def test_a_closure_without_backward_is_refused_but_a_partly_unused_model_is_not():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(3, 3), "head": nn.Linear(3, 1)})
+    x = torch.randn(8, 3)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    w = params_of(model)
+    with pytest.raises(
+        ValueError, match=r"Invalid closure value.*closure must call loss\.backward"
+    ):
+        opt.step(lambda: model["body"](x).square().mean())
+    assert all_equal(params_of(model), w) and opt.steps == 0
+    with pytest.raises(RuntimeError, match=r"first_step\(\): no parameter has a gradient"):
+        opt.first_step()
+    assert all_equal(params_of(model), w) and not opt.perturbed and opt.steps == 0
+
+    def body_only():  # the head gets no gradient: a partly unused model is fine
+        loss = model["body"](x).square().mean()
+        loss.backward()
+        return loss
+
+    opt.step(body_only)
+    assert opt.steps == 1 and model["head"].weight.grad is None
+    assert not torch.equal(model["body"].weight, w[0]) and torch.equal(model["head"].weight, w[2])
+
+
+def test_a_state_dict_of_another_method_is_refused_and_its_base_part_loads_on_request():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    closure = _linear_closure(model, x, y)
+    asam = samkit.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=2.0, adaptive=True
+    )
+    asam.step(closure)
+    sd = roundtrip(asam.state_dict())
+    assert sd["samkit"]["method"] == {
+        "class": "SAM",
+        "perturbation": "Adaptive",
+        "policy": None,
+        "mix": None,
+        "rho": None,
+    }
+    sam = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    with pytest.raises(
+        ValueError, match=r"written by SAM \(perturbation=Adaptive\), and this optimizer is SAM:"
+    ):
+        sam.load_state_dict(sd)
+    assert sam.param_groups[0]["rho"] == 0.05 and sam.state == {}
+    sam.load_state_dict(sd, base_only=True)
+    assert sam.param_groups[0]["rho"] == 0.05 and sam.steps == 0
+    assert state_equal(sam.base_optimizer.state_dict()["state"], sd["state"])
+    # rho="auto"'s radius would become the fixed one; the other way round the
+    # controller starts afresh (tests/test_autorho.py) and sets the radius itself
+    auto = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho="auto")
+    auto.load_state_dict(sam.state_dict())
+    with pytest.raises(
+        ValueError, match=r"written by SAM \(rho=\w+\), and this optimizer is SAM \(rho=LossEq"
+    ):
+        samkit.SAM(
+            torch.optim.SGD(model.parameters(), lr=0.1), rho="auto:loss_equated"
+        ).load_state_dict(auto.state_dict())
+    with pytest.raises(ValueError, match=r"written by SAM \(rho=\w+\), and this optimizer is SAM:"):
+        sam.load_state_dict(auto.state_dict())
+
+
+def test_a_samkit_0_2_state_dict_without_its_method_loads_as_before():
+    """State dicts written before the method was recorded: unknown writer, accepted."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    closure = _linear_closure(model, torch.randn(4, 3), torch.randn(4, 2))
+    gsam = samkit.GSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.1)
+    gsam.step(closure)
+    sd = roundtrip(gsam.state_dict())
+    del sd["samkit"]["method"]
+    twin = samkit.GSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.1)
+    twin.load_state_dict(sd)
+    assert state_equal(twin.state_dict(), gsam.state_dict())
+    sam = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+    sam.load_state_dict(sd)  # as in 0.2: the groups (GSAM's radius) come with it
+    assert sam.steps == 1 and sam.param_groups[0]["rho"] == gsam.param_groups[0]["rho"]
+    sd["samkit"]["method"] = "GSAM"
+    with pytest.raises(ValueError, match="samkit method entry 'GSAM' is not a dict"):
+        sam.load_state_dict(sd)

@@ -20,7 +20,14 @@ __all__ = [
     "check_prob",
     "check_finite",
     "check_unit_interval",
+    "check_rho",
+    "check_flag",
+    "MAX_RHO",
 ]
+
+#: The largest radius accepted anywhere: the largest float32. A larger one
+#: cannot even be represented in float32 weights (``e`` would be inf).
+MAX_RHO = 3.4028234663852886e38
 
 
 def is_number(value: Any) -> bool:
@@ -44,6 +51,30 @@ def check_nonneg(name: str, value: Any) -> float:
     if not is_number(value) or not 0 <= float(value) < math.inf:
         raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
     return float(value)
+
+
+def check_rho(name: str, value: Any) -> float:
+    """A radius: a finite number in ``[0, MAX_RHO]`` (the largest float32)."""
+    if not is_number(value) or not 0 <= float(value) <= MAX_RHO:
+        raise ValueError(
+            f"Invalid {name} value: {value!r} (must be a finite number >= 0 and at most "
+            f"{MAX_RHO:.4g}, the largest float32: a larger radius overflows the weights)"
+        )
+    return float(value)
+
+
+def check_flag(name: str, value: Any, *, none: bool = False) -> bool | None:
+    """``True`` or ``False`` (or ``None`` with ``none=True``): not a truthy string or number."""
+    if value is None and none:
+        return None
+    if (
+        value is True
+        or value is False
+        or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+    ):
+        return bool(value)
+    expected = "True, False or None" if none else "True or False"
+    raise ValueError(f"Invalid {name} value: {value!r} (must be {expected})")
 
 
 def check_pos(name: str, value: Any, *, zero: bool = False) -> float:

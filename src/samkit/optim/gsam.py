@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_nonneg
+from .._checks import check_flag, check_rho
 from .mix import SurrogateGap
 from .rho import FollowLR
 from .sam import SAM
@@ -85,6 +85,7 @@ class GSAM(SAM):
         **kwargs: Any,
     ) -> None:
         mix = SurrogateGap(alpha)  # validates alpha
+        follow_lr = check_flag("follow_lr", follow_lr)
         if kwargs.get("mix") is not None:
             raise ValueError(
                 "Invalid mix value: GSAM's mix is its surrogate-gap term; use SAM(..., mix=...)"
@@ -93,7 +94,7 @@ class GSAM(SAM):
         if isinstance(rho, str):  # "auto": a self-tuning controller replaces the lr schedule
             radius: Any = rho
         else:
-            check_nonneg("rho", rho)
+            check_rho("rho", rho)
             radius = FollowLR(rho, rho_min=rho_min, lr_min=lr_min) if follow_lr else rho
         try:
             super().__init__(params_or_optimizer, base_optimizer, rho=radius, mix=mix, **kwargs)

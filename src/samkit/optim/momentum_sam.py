@@ -101,7 +101,10 @@ class MomentumSAM(SAM):
             much smaller (0.5 on the 5k-parameter MNIST-1D CNN, where 3 puts
             training at chance; docs/variants.md). Tune it once against SAM.
         buffer: the state key holding the momentum, for another optimizer
-            (default: chosen from the base optimizer's type).
+            (default: chosen from the base optimizer's type; for SGD, RMSprop
+            and the Adam family only their own key is accepted). A key the
+            base optimizer's state turns out not to hold is refused at the
+            first step after the base optimizer has stepped.
         **kwargs: the other :class:`~samkit.SAM` arguments, except
             ``perturbation``, ``adaptive``, ``mix`` and ``ascent_weight_decay``
             (no first-pass gradient to mix or decay) and a policy that reads
@@ -163,8 +166,16 @@ class MomentumSAM(SAM):
         super().__init__(
             params_or_optimizer, base_optimizer, rho=rho, perturbation=perturbation, **kwargs
         )
+        base = self.base_optimizer
         if buffer is None:
-            perturbation.buffer = momentum_buffer_key(self.base_optimizer, self.rho_key)
+            perturbation.buffer = momentum_buffer_key(base, self.rho_key)
+        elif type(base) in _FIRST_MOMENT + _MOMENTUM:
+            known = momentum_buffer_key(base, self.rho_key)
+            if buffer != known:
+                raise ValueError(
+                    f"Invalid buffer value: {buffer!r} ({type(base).__name__} keeps its momentum "
+                    f"under {known!r}; pass buffer={known!r} or leave buffer=None)"
+                )
 
     @property
     def buffer(self) -> str:

@@ -70,6 +70,13 @@ class Perturbation:
         """
         return None
 
+    def check_state(self, params: list[Tensor], state: Any) -> None:
+        """Called when :meth:`ascent_vector` gave no vector for any of ``params``
+        (the parameters of the groups with rho > 0) after the base optimizer
+        has stepped: raise ``ValueError`` when that is a mistake. Not called
+        otherwise."""
+        return None
+
     def measure_(
         self,
         params: list[Tensor],
@@ -166,6 +173,19 @@ class Momentum(Perturbation):
     def ascent_vector(self, param, state):
         entry = state.get(param)
         return None if entry is None else entry.get(self.buffer)
+
+    def check_state(self, params, state):
+        # The base optimizer has stepped (it keeps state) but not under this key:
+        # a wrong key would otherwise make every step a plain base step, silently.
+        for param in params:
+            entry = state.get(param)
+            if entry:
+                raise ValueError(
+                    f"Invalid buffer value: {self.buffer!r} is not in the base optimizer's state, "
+                    f"which has stepped and keeps {sorted(str(k) for k in entry)}; Momentum-SAM "
+                    "would never perturb. Pass the key of its momentum (or buffer=None for "
+                    "SGD, RMSprop and the Adam family)"
+                )
 
     def direction_(self, params, grads, scratch, group, *, foreach):
         F.neg_(grads, foreach=foreach)  # d = -v

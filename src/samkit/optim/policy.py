@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_int, check_prob, check_unit_interval, is_number
+from .._checks import check_flag, check_int, check_prob, check_unit_interval, is_number
 from .view import StepView
 
 __all__ = [
@@ -98,7 +98,7 @@ class EveryK(Policy):
 
     def __init__(self, k: int = 10, *, scale_rho: bool = True) -> None:
         self.k = check_int("k", k, 1)
-        self.scale_rho = bool(scale_rho)
+        self.scale_rho = check_flag("scale_rho", scale_rho)
 
     def should_ascend(self, view: StepView) -> bool:
         return view.steps % self.k == 0

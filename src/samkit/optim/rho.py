@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._checks import check_nonneg
+from .._checks import check_nonneg, check_rho
 
 if TYPE_CHECKING:  # pragma: no cover
     from .view import StepView
@@ -78,8 +78,8 @@ class ProportionalRho:
         lr_min: float = 0.0,
     ) -> None:
         groups, self.key = _groups(optimizer)
-        if rho_max is not None and not rho_max >= 0:
-            raise ValueError(f"Invalid rho_max value: {rho_max!r} (must be >= 0)")
+        if rho_max is not None:
+            check_rho("rho_max", rho_max)
         if not rho_min >= 0:
             raise ValueError(f"Invalid rho_min value: {rho_min!r} (must be >= 0)")
         self.optimizer = optimizer
@@ -190,7 +190,7 @@ class RhoController:
     name = "controller"
 
     def __init__(self, initial_rho: float) -> None:
-        self.initial_rho = check_nonneg("rho", initial_rho)
+        self.initial_rho = check_rho("rho", initial_rho)
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer

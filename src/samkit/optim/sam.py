@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,18 +39,25 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional
-from .._checks import check_nonneg, check_pos
+from .._checks import MAX_RHO, check_flag, check_nonneg, check_pos, check_rho
 from . import _amp, _ddp, _fsdp, autorho
 from .batchnorm import freeze_bn_stats
 from .mix import Mix
 from .perturbation import L2, Adaptive, Perturbation
-from .policy import Policy
+from .policy import Always, Policy
 from .rho import RhoController
 from .view import StepView
 
 __all__ = ["SAM"]
 
 _GROUP_KEYS = ("rho", "eta", "ascent_weight_decay")
+
+#: Above this radius (rho times the policy's factor) a step checks that the pass
+#: at ``w + e`` is finite, even with ``skip_nonfinite=None``. Below it ``e`` is
+#: at most ``rho`` per coordinate (``rho (|w| + eta)`` for ASAM) and the scale
+#: ``rho / (||u|| + eps)`` at most ``1e14``: the perturbation itself cannot
+#: overflow float32, and the hot path stays free of host reads.
+CHECKED_RHO = 100.0
 
 
 class _Default(float):
@@ -97,7 +104,8 @@ class SAM(torch.optim.Optimizer):
             ``**base_kwargs`` its arguments (the davda54/sam form: every
             keyword the class accepts reaches it; ``foreach`` reaches both).
         base_optimizer: the optimizer class, only with the second form.
-        rho: radius of the ascent (default 0.05; ASAM: 0.5 to 2.0), per group
+        rho: radius of the ascent (default 0.05; ASAM: 0.5 to 2.0; at most
+            the largest float32, 3.4e38), per group
             via a ``"rho"`` key (``"sam_rho"`` when the base optimizer uses
             ``"rho"`` itself, as Adadelta does: see :attr:`rho_key`); or a
             :class:`~samkit.optim.rho.RhoController`
@@ -122,7 +130,10 @@ class SAM(torch.optim.Optimizer):
             L2 norm before the base step.
         skip_nonfinite: skip a step whose gradient (either pass) is not
             finite, leaving weights and state untouched. Costs one host read
-            per pass; on by default only when a ``GradScaler`` is in use.
+            per pass; on by default only when a ``GradScaler`` is in use, and
+            for a step whose radius exceeds :data:`CHECKED_RHO` (100), whose
+            pass at ``w + e`` may overflow: such a step is skipped with a
+            ``RuntimeWarning``. ``False`` never checks.
         perturbation: how the ascent is made: a
             :class:`~samkit.optim.perturbation.Perturbation` (default
             :class:`L2`, or :class:`Adaptive` with ``adaptive=True``).
@@ -196,6 +207,8 @@ class SAM(torch.optim.Optimizer):
             "foreach": foreach is not None,
             "ascent_eps": ascent_eps != 1e-12,
         }
+        check_flag("foreach", foreach, none=True)
+        check_flag("skip_nonfinite", skip_nonfinite, none=True)
         if isinstance(rho, str):  # "auto" / "auto:<name>": a self-tuning controller
             rho = autorho.controller_from_name(rho)
             rho.adapt_to(adaptive=bool(adaptive) or isinstance(perturbation, Adaptive))
@@ -212,6 +225,7 @@ class SAM(torch.optim.Optimizer):
                 "backward(create_graph=True)); SAM restores the weights in place after the pass at w + e, "
                 "which invalidates that graph. Use a first-order base optimizer."
             )
+        _refuse_closure_stepping(base)
 
         # Optimizer.__init__ is not called: the param groups, state and defaults
         # are the base optimizer's (properties below). Only the hook registries
@@ -272,6 +286,7 @@ class SAM(torch.optim.Optimizer):
         self._unscaled = False  # the pending step's gradients are unscaled already
         self._first_pass_scaled = False  # first_step was given an enabled GradScaler
         self._cleared: Any = None  # the gradients first_step cleared (see second_step)
+        self._large_radius = 0.0  # the pending step's radius, when above CHECKED_RHO
         if controller is not None:
             controller.bind(self)
 
@@ -321,7 +336,8 @@ class SAM(torch.optim.Optimizer):
 
     def _check_group(self, group: dict[str, Any], index: int | str) -> None:
         for key, name in self.group_keys.items():
-            check_nonneg(f"{name} (param group {index})", group.get(name, self._sam_defaults[key]))
+            check = check_rho if key == "rho" else check_nonneg
+            check(f"{name} (param group {index})", group.get(name, self._sam_defaults[key]))
 
     def _init_group(self, group: dict[str, Any]) -> None:
         for key, name in self.group_keys.items():
@@ -341,9 +357,10 @@ class SAM(torch.optim.Optimizer):
     def _sam_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group as the ascent reads it: SAM's settings under their plain names."""
         rho = group[self.rho_key]
-        if not 0.0 <= rho < math.inf:  # (set after construction: NaN would silently mean no ascent)
+        if not 0.0 <= rho <= MAX_RHO:  # (set after construction: NaN would silently mean no ascent)
             raise ValueError(
-                f"Invalid {self.rho_key} value: {rho!r} in a param group (must be a finite number >= 0)"
+                f"Invalid {self.rho_key} value: {rho!r} in a param group (must be a finite number "
+                f">= 0 and at most {MAX_RHO:.4g}, the largest float32)"
             )
         if (
             self.rho_key == "rho"
@@ -496,6 +513,15 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()  # the only pass follows: what is in .grad would be added to it
         self._open_step()
         sharded, sources, sharding = self._sources(by_gradient, scaler)
+        if by_gradient and not sharded:
+            raise RuntimeError(
+                f"{type(self).__name__}.first_step(): no parameter has a gradient (every .grad is "
+                "None): nothing was back-propagated, so the step would silently do nothing. Call "
+                "loss.backward() (or scaler.scale(loss).backward()) before first_step()"
+            )
+        if not by_gradient and not sharded and self.steps:  # (the base has stepped: it keeps state)
+            perturbed = [p for g in self.param_groups if g[self.rho_key] > 0 for p in g["params"]]
+            self.perturbation.check_state(perturbed, self.base_optimizer.state)
         gathered = sources if by_gradient else []
         found_inf = self._unscale_first_pass(gathered, scaler)
         local, self._local_first_pass = self._local_first_pass, False
@@ -519,6 +545,9 @@ class SAM(torch.optim.Optimizer):
         self._perturbed = functional.perturb_(
             ascent, norm, self.perturbation, rho_factor=factor, eps=self.ascent_eps, foreach=foreach
         )
+        radius = max(entry[0]["rho"] for entry in active) * factor
+        if radius > CHECKED_RHO and self.skip_nonfinite is None and not _amp.is_enabled(scaler):
+            self._large_radius = radius  # second_step checks the pass at w + e (see CHECKED_RHO)
         self.ascents += 1
         self._unscaled = False  # the pass at w + e brings scaled gradients: second_step unscales
         if zero_grad and by_gradient:
@@ -574,6 +603,7 @@ class SAM(torch.optim.Optimizer):
         """
         if not self._pending:
             raise RuntimeError("second_step() called without first_step()")
+        radius, self._large_radius = self._large_radius, 0.0
         ascended, skip, unscaled = self._close_step()
         if self._cleared is not None:
             self._fill_unreached_grads()
@@ -583,6 +613,8 @@ class SAM(torch.optim.Optimizer):
             grad_scale is not None and not unscaled,
             self._checks_finite(found_inf is not None),
         )
+        guarded = bool(radius) and ascended and not check  # only this radius asks for the check
+        check = check or guarded
         clip = check or self.max_grad_norm is not None
         if not skip and (unscale or clip or self.mix is not None):
             gathered = self._gather()
@@ -591,9 +623,22 @@ class SAM(torch.optim.Optimizer):
                 _amp.unscale_by_(
                     [g for _, _, grads in gathered for g in grads], grad_scale, foreach=self.foreach
                 )
-            if self.mix is not None:
+            if self.mix is not None and check and ascended and found_inf is None:
+                # A mix keeps state from this step's gradients (LookSAM's g_v): it must
+                # not see a non-finite one, which would poison the steps that reuse it
+                # (a GradScaler's found_inf has checked them already).
+                skip = self._nonfinite_grads(gathered)
+            if self.mix is not None and not skip:
                 (self.mix.after_ascent if ascended else self.mix.after_plain)(self._view(gathered))
-            skip = clip and self._clip_or_check(gathered, check)
+            skip = skip or (clip and self._clip_or_check(gathered, check))
+            if skip and guarded:
+                warnings.warn(
+                    f"{type(self).__name__}: with rho = {radius:g} the gradient at w + e overflows "
+                    "(its norm is not finite): the step was skipped, weights and state untouched. "
+                    "Use a smaller rho",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         if not skip:
             self.base_optimizer.step()
         self.steps += 1
@@ -657,10 +702,12 @@ class SAM(torch.optim.Optimizer):
         if by_gradient:
             with self.first_pass():
                 loss = closure()
+            self._check_closure_backward()
         try:
             if not by_gradient:  # the weights move first; the only pass adds to any kept gradients
                 self.first_step(zero_grad=False, scaler=scaler)
                 loss = closure()
+                self._check_closure_backward()
             elif self.first_step(zero_grad=True, scaler=scaler):
                 for p, g in kept.items():
                     p.grad = g
@@ -674,10 +721,21 @@ class SAM(torch.optim.Optimizer):
             self.second_step()
         return loss
 
+    def _check_closure_backward(self) -> None:
+        """Refuse a closure after which no parameter has a gradient (it never called backward)."""
+        if all(p.grad is None for group in self.param_groups for p in group["params"]):
+            raise ValueError(
+                f"Invalid closure value: no gradient reached any parameter after it ran (every "
+                f".grad is None), so the {type(self).__name__} step would silently do nothing. The "
+                "closure must call loss.backward() (or scaler.scale(loss).backward()) and return "
+                "the loss"
+            )
+
     # ------------------------------------------------- the protocol's pieces
     def _open_step(self) -> None:
         self._pending, self._skip, self._perturbed = True, False, None
         self._cleared = None
+        self._large_radius = 0.0
         # BatchNorm statistics come from the pass at w; a perturbation without a
         # gradient has none, and its only pass (at w + e) must update them.
         if self.model is not None and self.perturbation.needs_gradient:
@@ -796,22 +854,27 @@ class SAM(torch.optim.Optimizer):
         """Clip the final gradient (``max_grad_norm``) and/or check it is finite; True = skip."""
         if not gathered:
             return False
-        if self.max_grad_norm is not None:
-            params = [p for _, group_params, _ in gathered for p in group_params]
-            # torch's clipping sums DTensor (FSDP2) norms over the shards itself
-            total = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=self.foreach)
-            total = _fsdp.full(total)
-        else:
-            gathered, sharding = _fsdp.localize(gathered)
-            total = functional.global_norm(
-                [
-                    functional.sq_norm(bucket, foreach=self.foreach)
-                    for _, _, grads in gathered
-                    for (_, _), (bucket,) in functional.group_by_device(grads).items()
-                ],
-                reduce=None if sharding is None else sharding.reduce_,
-            )
-        return check and not bool(torch.isfinite(total))
+        if self.max_grad_norm is None:
+            return check and self._nonfinite_grads(gathered)
+        params = [p for _, group_params, _ in gathered for p in group_params]
+        # torch's clipping sums DTensor (FSDP2) norms over the shards itself
+        total = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=self.foreach)
+        return check and not bool(torch.isfinite(_fsdp.full(total)))
+
+    def _nonfinite_grads(self, gathered: Any) -> bool:
+        """Whether the global norm of the gradients in ``gathered`` is not finite (a host read)."""
+        if not gathered:
+            return False
+        gathered, sharding = _fsdp.localize(gathered)
+        total = functional.global_norm(
+            [
+                functional.sq_norm(bucket, foreach=self.foreach)
+                for _, _, grads in gathered
+                for (_, _), (bucket,) in functional.group_by_device(grads).items()
+            ],
+            reduce=None if sharding is None else sharding.reduce_,
+        )
+        return not bool(torch.isfinite(total))
 
     def _existing_grads(self, mode: str) -> dict[Tensor, Tensor]:
         """Gradients present before ``step(closure)``: refused, or kept for both passes."""
@@ -850,6 +913,7 @@ class SAM(torch.optim.Optimizer):
         sd = self.base_optimizer.state_dict()
         sd["samkit"] = {
             "version": 2,
+            "method": self.method,
             "rho_key": self.rho_key,
             "steps": self.steps,
             "ascents": self.ascents,
@@ -864,14 +928,43 @@ class SAM(torch.optim.Optimizer):
                 sd = result
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    @property
+    def method(self) -> dict[str, str | None]:
+        """What this optimizer is, as its state dicts record it: the class and its
+        perturbation, policy, mix and rho controller (None: the default; plain SAM
+        is ``{"class": "SAM", "perturbation": "L2", "policy": None, "mix": None,
+        "rho": None}``). Their settings (rho, k, alpha, ...) are not part of it."""
+        policy = None if type(self.policy) is Always else self.policy
+        return {
+            "class": type(self).__name__,
+            "perturbation": _piece_name(self.perturbation),
+            "policy": _piece_name(policy),
+            "mix": _piece_name(self.mix),
+            "rho": _piece_name(self.rho_controller),
+        }
+
+    def load_state_dict(  # type: ignore[override]
+        self, state_dict: dict[str, Any], *, base_only: bool = False
+    ) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain torch optimizer's).
 
         Everything is checked before anything changes: on a bad state dict
         this raises ``ValueError`` and the optimizer is as it was. Groups of a
         plain torch state dict keep this optimizer's rho / eta /
         ascent_weight_decay.
+
+        A state dict records the method that wrote it (:attr:`method`); one of
+        another method (GSAM's into SAM, ``rho="auto"``'s into a fixed rho, ...)
+        is refused, since its radius and samkit state would silently become
+        this optimizer's (a fixed-rho one into an optimizer with a rho
+        controller loads, and the controller starts afresh). ``base_only=True``
+        loads only the base optimizer's part (its state and param groups:
+        momentum, Adam moments, lr), keeping this optimizer's rho / eta /
+        ascent_weight_decay and samkit state: the way to start one method from
+        another's run. State dicts of samkit 0.2, which do not record their
+        method, load as before.
         """
+        base_only = check_flag("base_only", base_only)
         if self._pending:
             raise RuntimeError(
                 "load_state_dict() between first_step() and second_step(): the weights are perturbed"
@@ -880,13 +973,33 @@ class SAM(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        base_sd, own = _validate_state_dict(state_dict, self.param_groups, self.group_keys.values())
+        base_sd, own = _validate_state_dict(
+            state_dict, self.param_groups, self.group_keys.values(), self.rho_key
+        )
+        written = own.get("method") if own is not None else None
         saved_key = own.get("rho_key", self.rho_key) if own is not None else self.rho_key
         if saved_key != self.rho_key:
             raise ValueError(
                 f"Invalid state_dict value: it keeps SAM's radius under {saved_key!r}, this optimizer "
                 f"under {self.rho_key!r}: it was saved by SAM over another base optimizer "
                 f"(not {type(self.base_optimizer).__name__}); load it into the same kind"
+            )
+        if base_only:
+            own = None  # this optimizer's samkit state, and its groups' SAM settings, stay
+            keys = set(self.group_keys.values())
+            base_sd = {
+                **base_sd,
+                "param_groups": [
+                    {k: v for k, v in g.items() if k not in keys} for g in base_sd["param_groups"]
+                ],
+            }
+        elif written is not None and not _same_method(written, self.method):
+            raise ValueError(
+                f"Invalid state_dict value: it was written by {_describe_method(written)}, and this "
+                f"optimizer is {_describe_method(self.method)}: loading it would give this one the "
+                "other's radius and samkit state. To start from that run's base optimizer state "
+                "(momentum, Adam moments, lr) and keep this optimizer's rho and settings, call "
+                "load_state_dict(state_dict, base_only=True)"
             )
         saved = self.base_optimizer.state_dict()
         keys = list(self.group_keys.values())
@@ -994,6 +1107,34 @@ def _base_optimizer(
     return base_class(params_or_optimizer, **base_kwargs)
 
 
+def _refuse_closure_stepping(base: torch.optim.Optimizer) -> None:
+    """Refuse a base optimizer whose ``step`` must evaluate the loss itself (L-BFGS).
+
+    SAM calls ``base.step()`` once, without a closure, on the gradient at
+    ``w + e``. An optimizer whose ``step(closure)`` requires the closure (a
+    line search, several loss evaluations per step) cannot take that step: it
+    would fail at the first step, or re-evaluate the loss at weights SAM did
+    not choose.
+    """
+    name = type(base).__name__
+    why = None
+    if isinstance(base, torch.optim.LBFGS):
+        why = "its step(closure) re-evaluates the loss and gradient several times per step"
+    else:
+        try:
+            closure = inspect.signature(type(base).step).parameters.get("closure")
+        except (TypeError, ValueError):  # pragma: no cover - a step without a signature
+            closure = None
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            why = "its step(closure) requires a closure, so it evaluates the loss itself"
+    if why is not None:
+        raise ValueError(
+            f"Invalid base_optimizer value: {name}: {why}. SAM takes the base step once, with "
+            "the gradient at w + e already in .grad and no closure; use an optimizer that steps "
+            "from .grad (SGD, Adam, AdamW, ...)"
+        )
+
+
 def _keywords_of(cls: type) -> set[str]:
     try:
         parameters = inspect.signature(cls.__init__).parameters
@@ -1019,7 +1160,7 @@ def _check_arguments(
     policy: Any,
     mix: Any,
 ) -> None:
-    check_nonneg("rho", rho)
+    check_rho("rho", rho)
     check_nonneg("eta", eta)
     check_nonneg("ascent_weight_decay", ascent_weight_decay)
     check_pos("ascent_eps", ascent_eps)
@@ -1056,7 +1197,7 @@ def _check_arguments(
 
 
 def _validate_state_dict(
-    state_dict: Any, groups: list[dict[str, Any]], keys: Any
+    state_dict: Any, groups: list[dict[str, Any]], keys: Any, rho_key: str
 ) -> tuple[dict[str, Any], Any]:
     """Split and check a state dict before anything is loaded; raise ValueError naming what is wrong."""
     if (
@@ -1081,7 +1222,8 @@ def _validate_state_dict(
             )
         for key in keys:
             if key in saved:
-                check_nonneg(f"{key} (param group {i} of the state dict)", saved[key])
+                check = check_rho if key == rho_key else check_nonneg
+                check(f"{key} (param group {i} of the state dict)", saved[key])
         if "lr" in saved and not (isinstance(saved["lr"], Tensor) or _finite_nonneg(saved["lr"])):
             raise ValueError(
                 f"Invalid lr (param group {i} of the state dict) value: {saved['lr']!r}"
@@ -1099,7 +1241,50 @@ def _validate_state_dict(
         for key in ("perturbation", "policy", "mix", "rho"):
             if key in own and not isinstance(own[key], dict):
                 raise ValueError(f"Invalid state_dict value: samkit {key} entry is not a dict")
+        method = own.get("method")
+        if method is not None and not (
+            isinstance(method, dict) and all(isinstance(k, str) for k in method)
+        ):
+            raise ValueError(
+                f"Invalid state_dict value: samkit method entry {method!r} is not a dict"
+            )
     return base_sd, own
+
+
+def _piece_name(piece: Any) -> str | None:
+    """A perturbation / policy / mix / rho controller as a state dict records it: its class
+    (and its inner perturbation's, if it wraps one); None for the default."""
+    if piece is None:
+        return None
+    inner = getattr(piece, "inner", None)
+    name = type(piece).__name__
+    return name if inner is None else f"{name}({_piece_name(inner)})"
+
+
+def _same_method(written: dict[str, Any], mine: dict[str, Any]) -> bool:
+    """Whether a state dict written by ``written`` may load into ``mine``: the same
+    class, perturbation, policy and mix, and the same rho controller -- or none in
+    the writer (a fixed-rho checkpoint starts a controller afresh; the controller,
+    not the loaded groups, sets the radius)."""
+    others = [k for k in {*written, *mine} if k != "rho"]
+    if any(written.get(k) != mine.get(k) for k in others):
+        return False
+    return written.get("rho") in (None, mine.get("rho"))
+
+
+#: what a piece is when not given: omitted from descriptions
+_DEFAULT_PIECES = {"perturbation": "L2", "policy": None, "mix": None, "rho": None}
+
+
+def _describe_method(method: dict[str, Any]) -> str:
+    """``GSAM (mix=SurrogateGap, rho=FollowLR)`` for an error message."""
+    pieces = [
+        f"{key}={method.get(key)}"
+        for key, default in _DEFAULT_PIECES.items()
+        if method.get(key, default) != default
+    ]
+    name = str(method.get("class", "?"))
+    return f"{name} ({', '.join(pieces)})" if pieces else name
 
 
 def _finite_nonneg(value: Any) -> bool:
