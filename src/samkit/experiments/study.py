@@ -31,7 +31,8 @@ off mid-way continues from its training-state file with the same numbers.
 Protocol (paired): for a given seed every method sees the same validation
 split, the same noisy labels, the same initial weights and the same batches
 in the same order, so per-seed differences between methods are paired. A
-run whose loss or weights become NaN is marked *diverged*: it is shown as
+run whose loss (training, or on any evaluated split) or weights become NaN
+or infinite is marked *diverged*: it is shown as
 such, left out of the means, the verdicts, the interpolation and the
 sharpness measures, and the study goes on.
 """
@@ -495,7 +496,7 @@ def run_study(
                 f = record["final"]
                 m = problem.primary
                 what = (
-                    "DIVERGED (NaN loss or weights), left out of the summary"
+                    "DIVERGED (non-finite loss or weights), left out of the summary"
                     if record["diverged"]
                     else f"test {m} {_num(f.get(f'test_{m}'))}"
                 )
