@@ -55,7 +55,7 @@ import torch
 
 from .._atomic import write_json_atomic as _write_json_atomic
 from .folder import study_folder
-from .problem import Data, Problem
+from .problem import Data, Problem, first_sample
 from .registry import build_method, method_info
 from .settings import MethodSpec, StudyConfig, TrainConfig
 from .trainer import (
@@ -233,6 +233,8 @@ def check_study(
     device = resolve_device(config.device)
     seed = config.seeds[0]
     data = problem.load(seed)
+    if not problem.builtin_data:
+        first_sample(data.train)  # labels that are strings fail in torch's batching, mid-run
     seed_everything(seed)
     model = problem.build_model(data).to(device)
     try:
