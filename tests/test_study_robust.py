@@ -330,3 +330,63 @@ def test_a_model_giving_nan_at_evaluation_is_diverged_not_scored(tmp_path, capsy
     (v,) = res["verdicts"]
     assert v["n"] == 0 and "no seed" in v["sentence"] and "4 diverged" in v["sentence"]
     assert err.count("DIVERGED") == 4
+
+
+@pytest.mark.parametrize("target", ["results.json", "runs/sgd-seed0.pt", "report.html"])
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_file(
+    target, tmp_path, capsys, monkeypatch
+):
+    """The results JSON, the checkpoint (torch.save) and the report each ended in up to
+    four chained tracebacks."""
+    import errno
+
+    from samkit import _atomic
+
+    out = tmp_path / "run"
+    dest = out / target
+    real = _atomic._temp_file
+
+    def temp_file(path, mode, encoding):
+        tmp, fh = real(path, mode, encoding)
+        if path == dest:
+            write = fh.write
+
+            def full(data):
+                write(data[: len(data) // 2])  # part of it reached the disk
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            fh.write = full
+        return tmp, fh
+
+    monkeypatch.setattr(_atomic, "_temp_file", temp_file)
+    argv = ["compare", *FAST, "--optimizers", "sgd", "--no-sharpness", "-q", "--out", str(out)]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err == f"samkit compare: error: no space left on device while writing {dest}\n"
+    assert not dest.exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    monkeypatch.undo()  # space again: the rerun finishes the study
+    assert main(argv) == 0
+    assert dest.is_file()
+
+
+def test_a_metrics_line_cut_off_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
+    import errno
+
+    from samkit import _atomic
+
+    log = tmp_path / "run.jsonl"
+    _atomic.append_line(log, '{"epoch": 1}')
+    real = os.write
+
+    def half(fd, data):
+        real(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_atomic.os, "write", half)
+    with pytest.raises(_atomic.NoSpaceError) as info:
+        _atomic.append_line(log, '{"epoch": 2, "train_loss": 0.5}')
+    monkeypatch.undo()
+    assert info.value.filename == str(log)
+    assert log.read_text() == '{"epoch": 1}\n'  # not half of the second line

@@ -20,7 +20,6 @@ Any other exception is a bug in samkit and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import sys
 import traceback
@@ -61,20 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: errno values of a full disk or an exhausted quota
-_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
 def _no_space(exc: BaseException) -> OSError | None:
-    """The OSError (the exception itself or one it was raised from) of a full disk."""
+    """The full-disk error in ``exc``'s chain (the one naming its file, if any), or None."""
+    from .._atomic import _NO_SPACE, NoSpaceError
+
+    found: list[OSError] = []
     seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in _NO_SPACE:
-            return e
-        e = e.__cause__ or e.__context__
-    return None
+            found.append(e)
+        todo += [e.__cause__, e.__context__]
+    ours = [e for e in found if isinstance(e, NoSpaceError)]  # these name the destination
+    named = [e for e in found if e.filename is not None]
+    return (ours or named or found or [None])[0]
 
 
 def _error_line(exc: BaseException, debug: bool = False) -> str | None:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from .._atomic import write_text_atomic
+from .._atomic import append_line, write_text_atomic
 from .checkpoint import atomic_torch_save, save_checkpoint
 from .problem import accuracy, batch_indexable
 from .registry import Amp, Method
@@ -350,9 +350,7 @@ def evaluate(
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(finite(record), allow_nan=False) + "\n")
-        fh.flush()
+    append_line(path, json.dumps(finite(record), allow_nan=False))
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
