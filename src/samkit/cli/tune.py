@@ -167,8 +167,12 @@ def run(args: argparse.Namespace) -> int:
 def _print_trials(summary: dict[str, Any]) -> None:
     pct = summary.get("metric", "acc") in ("acc", "accuracy")
     head = "val acc %" if pct else f"val {summary.get('metric')}"
-    rows = sorted(
-        (t for t in summary["trials"] if t["params"].get("rho") is not None),
+    rows = sorted(  # an interrupted trial that was tried again shows once, as the redo
+        (
+            t
+            for t in summary["trials"]
+            if t["params"].get("rho") is not None and not t.get("redone")
+        ),
         key=lambda t: t["params"]["rho"],
     )
     has_lr = any("lr" in t["params"] for t in rows)
