@@ -446,3 +446,164 @@ def test_user_code_calling_sys_exit_is_an_error_not_a_silent_exit(tmp_path, caps
         rc, _, err = _cli(capsys, ["compare", *argv, *fast, "--out", str(tmp_path / f"o{i}")])
         assert rc == 2, err
         assert match in _one_line(err)
+
+
+# ------------------------------------------- the user's own data and model code
+USER_MODULE = """
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+X = np.random.RandomState(0).randn(100, 6).astype("float32")
+Y = np.arange(100) % 3
+
+
+def arrays(x, y):
+    return (x[:80], y[:80]), (x[80:], y[80:])
+
+
+def string_labels():
+    return arrays(X, np.array(["cat", "dog", "eel"])[Y])
+
+
+def object_features():
+    return arrays(np.array([object()] * 100), Y)
+
+
+class Broken(Dataset):
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        return [][i]  # the user's bug: IndexError
+
+
+def broken_dataset():
+    return Broken(), TensorDataset(torch.tensor(X[80:]), torch.tensor(Y[80:]))
+
+
+class Named(Dataset):
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        return torch.tensor(X[i]), "abc"[Y[i]]
+
+
+def string_items():
+    return Named(), TensorDataset(torch.tensor(X[80:]), torch.tensor(Y[80:]))
+
+
+class NoWorkers(Broken):
+    def __getitem__(self, i):
+        if torch.utils.data.get_worker_info() is not None:
+            raise OSError("the file handle does not survive the fork")
+        return torch.tensor(X[i]), int(Y[i])
+
+
+def no_workers():
+    return NoWorkers(), TensorDataset(torch.tensor(X[80:]), torch.tensor(Y[80:]))
+
+
+def good():
+    return arrays(X, Y)
+
+
+class FailsInEval(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if not self.training:
+            raise RuntimeError("no eval mode here")
+        return self.lin(x)
+
+
+def fails_in_eval():
+    return FailsInEval()
+
+
+def model():
+    return nn.Linear(6, 3)
+"""
+
+
+def _line_of(text: str) -> int:
+    return next(i for i, line in enumerate(USER_MODULE.splitlines(), 1) if text in line)
+
+
+LINES = {
+    "bug": _line_of("[][i]"),
+    "raise_": _line_of("raise RuntimeError"),
+    "fork": _line_of("raise OSError"),
+}
+
+# (--data function, --model, expected text in the one line); {m}: the module's name
+USER_CODE = [
+    ("string_labels", "mlp", "Invalid train y value: dtype <U3 (strings), numbers expected"),
+    ("object_features", "mlp", "Invalid train x value: dtype object (Python objects)"),
+    ("string_items", "mlp", "Invalid train y value: dtype <U1 (strings)"),
+    (
+        "broken_dataset",
+        "mlp",
+        "in your data function {m}:broken_dataset: IndexError: list index out of range "
+        "({m}.py:{bug}, in Broken.__getitem__); --debug shows the traceback",
+    ),
+    # raised after the first epoch trained (the model is only put in eval mode then)
+    (
+        "good",
+        "{m}:fails_in_eval",
+        "in your model function {m}:fails_in_eval: RuntimeError: no eval mode here "
+        "({m}.py:{raise_}, in FailsInEval.forward)",
+    ),
+    # raised in a DataLoader worker: torch re-raises it with the traceback as text
+    (
+        "no_workers --num-workers 1",
+        "{m}:model",
+        "in your data function {m}:no_workers: OSError: the file handle does not survive the "
+        "fork ({m}.py:{fork}, in __getitem__)",
+    ),
+]
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    name = f"usercode_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    return name
+
+
+@pytest.mark.parametrize("data,model,match", USER_CODE, ids=[d[:20] for d, _, _ in USER_CODE])
+def test_user_data_and_model_errors_are_one_line(data, model, match, user_module, capsys):
+    """Each was a traceback (torch's TypeError on a string array, or the user's own
+    IndexError from deep inside samkit's batching)."""
+    m = user_module
+    data, *extra = data.split()
+    argv = ["compare", "--data", f"{m}:{data}", "--model", model.format(m=m), *extra]
+    fast = ["--optimizers", "sgd", "--seeds", "1", "--epochs", "1", "--no-sharpness", "-q"]
+    rc, _, err = _cli(capsys, [*argv, *fast, "--out", "o"])
+    assert rc == 2, err
+    line = _one_line(err)
+    assert line.startswith("samkit compare: error: ") and match.format(m=m, **LINES) in line, line
+
+
+def test_debug_prints_the_traceback_too(user_module, capsys):
+    m = user_module
+    argv = ["compare", "--data", f"{m}:broken_dataset", "--model", "mlp", "--seeds", "1", "-q"]
+    rc, _, err = _cli(capsys, [*argv, "--out", "o", "--debug"])
+    assert rc == 2
+    assert err.startswith("Traceback") and f'{m}.py", line {LINES["bug"]}, in __getitem__' in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("samkit compare: error: in your data function") and "--debug" not in last
+
+
+def test_every_subcommand_has_debug():
+    from samkit.cli.main import SUBCOMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(SUBCOMMANDS)
+    for name, parser in sub.choices.items():
+        assert "--debug" in parser.format_help(), name

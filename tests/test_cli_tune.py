@@ -87,3 +87,49 @@ def test_a_folder_of_another_search_is_refused_not_resumed(tmp_path, capsys, cha
     # the same search again resumes (nothing to do)
     rc, _, err = _run(capsys, *first, "--grid", "0.05", "--out", str(tmp_path))
     assert rc == 0, err
+
+
+def test_ctrl_c_in_a_trial_is_one_line_and_the_trial_is_redone(tmp_path, capfd, monkeypatch):
+    """Optuna printed its warning and a 25-line traceback, recorded the trial FAIL,
+    and the resumed search never ran it again (a killed one was redone)."""
+    from samkit.experiments import trainer
+
+    grid = ["--grid", "0.01,0.1,0.5", "--seeds", "1"]
+    rc, _, err = _run(capfd, *FAST, *grid, "--out", str(tmp_path / "whole"))
+    assert rc == 0, err
+    whole = json.loads((tmp_path / "whole" / "tune.json").read_text())
+
+    real, calls = trainer.train, []
+
+    def interrupted_second_trial(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "train", interrupted_second_trial)
+    cut = ["--out", str(tmp_path / "cut")]
+    rc, out, err = _run(capfd, *FAST, *grid, *cut)
+    assert rc == 130
+    assert err == "samkit tune: interrupted (finished runs are saved; rerun to resume)\n"
+    assert out == ""
+    monkeypatch.undo()
+
+    rc, out, err = _run(capfd, *FAST, *grid, *cut)
+    assert rc == 0, err
+    assert "Traceback" not in err and "Trial" not in err
+    again = json.loads((tmp_path / "cut" / "tune.json").read_text())
+
+    def complete(res):
+        return {t["params"]["rho"]: t["value"] for t in res["trials"] if t["state"] == "COMPLETE"}
+
+    assert complete(again) == complete(whole)  # the same trials, the same numbers
+    strip = lambda best: {k: v for k, v in best.items() if k != "trial"}  # noqa: E731
+    assert strip(again["best"]) == strip(whole["best"])
+    (failed,) = [t for t in again["trials"] if t["state"] == "FAIL"]
+    assert failed["redone"] is True
+    assert out.count(f"{failed['params']['rho']:>10.4g}") == 1  # shown once, as its redo
+    # a third run: everything is done, and the interrupted trial is not queued again
+    rc, _, err = _run(capfd, *FAST, *grid, *cut)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "cut" / "tune.json").read_text())["trials"] == again["trials"]

@@ -278,3 +278,115 @@ def test_resume_with_dropout_equals_never_stopping(tmp_path):
     res = train(model, method, data, config, state_path=state, progress=False)
     assert [r["train_loss"] for r in res.history] == [r["train_loss"] for r in ref.history]
     assert all(torch.equal(a, b) for a, b in zip(ref_w, model.parameters()))
+
+
+NAN_MODULE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    class EvalNaN(nn.Module):
+        # finite while training, NaN in eval mode (as a broken normalisation layer gives)
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 3)
+
+        def forward(self, x):
+            out = self.lin(x)
+            return out if self.training else out * float("nan")
+
+    def make_model():
+        return EvalNaN()
+
+    def load():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(260, 6, generator=g)
+        y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+        return TensorDataset(x[:200], y[:200]), TensorDataset(x[200:], y[200:])
+    """
+)
+
+
+def test_a_model_giving_nan_at_evaluation_is_diverged_not_scored(tmp_path, capsys, monkeypatch):
+    """Its NaN logits were scored as class 0 ("31.67 %" test accuracy, losses null, exit 0,
+    a verdict) with no word that anything was wrong."""
+    (tmp_path / "evalnan_mod.py").write_text(NAN_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["compare", "--model", "evalnan_mod:make_model", "--data", "evalnan_mod:load"]
+    rc = main(
+        [*argv, "--optimizers", "sgd,sam", "--seeds", "2", "--epochs", "2", "--no-sharpness"]
+        + ["--out", str(tmp_path / "o")]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = _strict((tmp_path / "o" / "results.json").read_text())
+    assert all(r["diverged"] and r["checkpoint"] is None for r in res["runs"])
+    assert all(r["epochs_run"] == 1 for r in res["runs"])  # stopped at the first evaluation
+    for row in res["summary"]:
+        assert row["n"] == 0 and row["diverged"] == 2 and row["test_acc_mean"] is None
+    assert "diverged (2/2)" in out and "%" not in out.split("test acc %")[1]
+    (v,) = res["verdicts"]
+    assert v["n"] == 0 and "no seed" in v["sentence"] and "4 diverged" in v["sentence"]
+    assert err.count("DIVERGED") == 4
+
+
+@pytest.mark.parametrize("target", ["results.json", "runs/sgd-seed0.pt", "report.html"])
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_file(
+    target, tmp_path, capsys, monkeypatch
+):
+    """The results JSON, the checkpoint (torch.save) and the report each ended in up to
+    four chained tracebacks."""
+    import errno
+
+    from samkit import _atomic
+
+    out = tmp_path / "run"
+    dest = out / target
+    real = _atomic._temp_file
+
+    def temp_file(path, mode, encoding):
+        tmp, fh = real(path, mode, encoding)
+        if path == dest:
+            write = fh.write
+
+            def full(data):
+                write(data[: len(data) // 2])  # part of it reached the disk
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            fh.write = full
+        return tmp, fh
+
+    monkeypatch.setattr(_atomic, "_temp_file", temp_file)
+    argv = ["compare", *FAST, "--optimizers", "sgd", "--no-sharpness", "-q", "--out", str(out)]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err == f"samkit compare: error: no space left on device while writing {dest}\n"
+    assert not dest.exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    monkeypatch.undo()  # space again: the rerun finishes the study
+    assert main(argv) == 0
+    assert dest.is_file()
+
+
+def test_a_metrics_line_cut_off_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
+    import errno
+
+    from samkit import _atomic
+
+    log = tmp_path / "run.jsonl"
+    _atomic.append_line(log, '{"epoch": 1}')
+    real = os.write
+
+    def half(fd, data):
+        real(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_atomic.os, "write", half)
+    with pytest.raises(_atomic.NoSpaceError) as info:
+        _atomic.append_line(log, '{"epoch": 2, "train_loss": 0.5}')
+    monkeypatch.undo()
+    assert info.value.filename == str(log)
+    assert log.read_text() == '{"epoch": 1}\n'  # not half of the second line

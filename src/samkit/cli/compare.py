@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, warn_if_no_plots
 
 EPILOG = """examples:
   samkit compare --quick                       # about 2 minutes: SGD, Adam, SAM, ASAM, 2 seeds
@@ -235,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
             study = stack.enter_context(api.open_study(config, out, drop_unfit=default_methods))
         except ValueError as exc:  # validation before any training: one line, exit 2
             raise UsageError(str(exc)) from exc
+        warn_if_no_plots("compare")
         if log:
             log(api.headline(study))
             if config.sharpness and not sharpness_available():

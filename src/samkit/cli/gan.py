@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .compare import _floats, _log, _seeds
-from .errors import UsageError
+from .errors import UsageError, warn_if_no_plots
 
 EPILOG = """examples:
   samkit gan --quick                           # about 2 minutes: Ring-8, 4 methods, 2 seeds
@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             folder = stack.enter_context(gan.open_study(config, out))
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+        warn_if_no_plots("gan")
         if log:
             sizes = ", ".join(f"{d} {config.resolved(d).iterations}" for d in config.datasets)
             log(

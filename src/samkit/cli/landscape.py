@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError, check_output_file
+from .errors import UsageError, check_output_file, require_plots
 from .sharpness import add_data_arguments, check_data_arguments, load_model_and_batches
 
 EPILOG = """examples:
@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         if args.out is not None
         else Path(args.checkpoint).with_suffix(f".landscape-{mode}.png")
     )
-    # both outputs are checked before the computation, not after it
+    # both outputs (and matplotlib) are checked before the computation, not after it
+    require_plots("the landscape plot")
     check_output_file(out, "--out", ".png")
     raw = check_output_file(out.with_suffix(".npz"), "--out", ".npz")
     progress = not args.quiet

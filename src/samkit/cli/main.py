@@ -2,8 +2,19 @@
 
 Each subcommand lives in ``samkit.cli.<name>`` and exposes
 ``add_parser(subparsers)`` (which sets ``func=run`` on its parser) and
-``run(args) -> int``. Bad input raises :class:`UsageError`; it is printed as
-one line on stderr and the command exits with code 2, without a traceback.
+``run(args) -> int``. Errors end as one line on stderr, without a traceback
+(``--debug``, on every subcommand, prints it too):
+
+* bad input raises :class:`UsageError`: exit code 2;
+* an exception raised inside the user's own ``--model`` / ``--data`` code is
+  named as such (``in your data function mod:load: IndexError: 0 (mod.py:35,
+  in ...)``): exit code 2;
+* a full disk (or quota) while writing the run folder: ``no space left on
+  device while writing PATH``, exit code 2 (every write is atomic: nothing
+  half-written is left);
+* Ctrl-C: what was finished is saved and a rerun resumes; exit code 130.
+
+Any other exception is a bug in samkit and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 
 from .errors import UsageError
@@ -40,7 +52,50 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.add_parser(sub)
+        sub.choices[name].add_argument(
+            "--debug",
+            action="store_true",
+            help="on an error, print the full traceback as well as the one-line message",
+        )
     return parser
+
+
+def _no_space(exc: BaseException) -> OSError | None:
+    """The full-disk error in ``exc``'s chain (the one naming its file, if any), or None."""
+    from .._atomic import _NO_SPACE, NoSpaceError
+
+    found: list[OSError] = []
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            found.append(e)
+        todo += [e.__cause__, e.__context__]
+    ours = [e for e in found if isinstance(e, NoSpaceError)]  # these name the destination
+    named = [e for e in found if e.filename is not None]
+    return (ours or named or found or [None])[0]
+
+
+def _error_line(exc: BaseException, debug: bool = False) -> str | None:
+    """The one line for an exception the CLI reports without a traceback (None: a bug)."""
+    if isinstance(exc, UsageError):
+        return str(exc)
+    full = _no_space(exc)
+    if full is not None:
+        where = full.filename if full.filename is not None else "the output folder"
+        return f"no space left on device while writing {where}"
+    if isinstance(exc, Exception):
+        from ..experiments.problem import user_code_error
+
+        line = user_code_error(exc)
+        if line is None or debug:
+            return line
+        return f"{line}; --debug shows the traceback"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,17 +104,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    debug = bool(getattr(args, "debug", False))
     try:
         return int(args.func(args) or 0)
-    except UsageError as exc:
-        print(f"samkit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         print(
             f"samkit {args.command}: interrupted (finished runs are saved; rerun to resume)",
             file=sys.stderr,
         )
         return 130
+    except Exception as exc:
+        line = _error_line(exc, debug)
+        if line is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"samkit {args.command}: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .compare import _floats, _log, _seeds
-from .errors import UsageError
+from .errors import UsageError, warn_if_no_plots
 
 EPILOG = """examples:
   samkit rl --quick                            # about 2 minutes: CartPole, PPO vs SAM, 2 seeds
@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             folder = stack.enter_context(rl.open_study(config, out))
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+        warn_if_no_plots("rl")
         if log:
             log(
                 f"samkit rl: {', '.join(config.envs)} x [{', '.join(config.labels)}] x "

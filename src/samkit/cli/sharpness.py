@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import write_json_atomic as _write_json_atomic
-from .errors import UsageError, check_output_file
+from .errors import UsageError, check_output_file, require_plots
 
 EPILOG = """examples:
   samkit sharpness samkit-runs/compare-*/runs/sam-seed0.pt
@@ -204,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--density takes one checkpoint")
     # every output is checked before the computation, not after it
     if args.density is not None:
+        require_plots("--density (a plot)")
         check_output_file(Path(args.density), "--density", ".png")
         check_output_file(Path(args.density).with_suffix(".npz"), "--density", ".npz")
     out = Path(args.out) if args.out is not None else _default_out(args.checkpoints)

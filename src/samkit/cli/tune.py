@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .compare import _log, add_common_arguments, settings_from_args
-from .errors import UsageError
+from .errors import UsageError, warn_if_no_plots
 
 EPILOG = """examples:
   samkit tune --quick                          # a few trials of SAM on MNIST-1D
@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+        warn_if_no_plots("tune")
         try:
             result = search.run(log=_log(args.quiet))
         except ValueError as exc:  # no trial completed
@@ -167,8 +168,12 @@ def run(args: argparse.Namespace) -> int:
 def _print_trials(summary: dict[str, Any]) -> None:
     pct = summary.get("metric", "acc") in ("acc", "accuracy")
     head = "val acc %" if pct else f"val {summary.get('metric')}"
-    rows = sorted(
-        (t for t in summary["trials"] if t["params"].get("rho") is not None),
+    rows = sorted(  # an interrupted trial that was tried again shows once, as the redo
+        (
+            t
+            for t in summary["trials"]
+            if t["params"].get("rho") is not None and not t.get("redone")
+        ),
         key=lambda t: t["params"]["rho"],
     )
     has_lr = any("lr" in t["params"] for t in rows)

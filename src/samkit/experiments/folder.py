@@ -23,6 +23,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .._atomic import no_space
+
 __all__ = ["FolderBusy", "study_folder", "check_writable", "clean_stale_temporaries"]
 
 LOCK_NAME = ".samkit.lock"
@@ -111,10 +113,16 @@ def study_folder(path: str | os.PathLike[str], *, clean: bool = True) -> Iterato
                 f"Invalid out value: {str(path)!r} is in use by another samkit process "
                 f"(pid {holder}); wait for it to finish or choose another --out"
             )
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+        except OSError as exc:
+            err = no_space(exc, path / LOCK_NAME)
+            if err is exc:
+                raise
+            raise err from exc
         _HELD[key] = 1
         try:
             if clean:

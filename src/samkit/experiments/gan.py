@@ -990,7 +990,7 @@ def write_report(path: Path, config: GANConfig, summary: dict[str, Any], folder:
     """``report.html``: the table, the paired verdicts, the metric curves and the scatter plots."""
     import html
 
-    from .report import html_figure, html_list, html_table, write_page
+    from .report import NO_PLOTS, html_figure, html_list, html_table, plots_available, write_page
 
     headers, cells = table_rows(summary["summary"])
     sections = [html_table(headers, cells)]
@@ -1014,11 +1014,14 @@ def write_report(path: Path, config: GANConfig, summary: dict[str, Any], folder:
         )
         + "</p>"
     )
+    plots = plots_available()
+    if not plots:
+        sections.append(f"<p><b>{html.escape(NO_PLOTS)}.</b></p>")
     for dataset in config.datasets:
         sections.append(
             f"<h2>{html.escape(dataset)} ({html.escape(MIXTURES[dataset].source)})</h2>"
         )
-        if any(r["dataset"] == dataset for r in summary["runs"]):
+        if plots and any(r["dataset"] == dataset for r in summary["runs"]):
             for caption, b64 in _figures(config, summary, dataset, folder):
                 sections.append(html_figure(caption, b64))
     write_page(

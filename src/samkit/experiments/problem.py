@@ -35,6 +35,7 @@ import importlib
 import importlib.util
 import math
 import os
+import re
 import sys
 import zipfile
 from collections.abc import Callable
@@ -60,6 +61,7 @@ __all__ = [
     "mse",
     "mae",
     "IndexedSubset",
+    "user_code_error",
 ]
 
 HIGHER_IS_BETTER = {"acc", "accuracy", "f1", "auc", "r2", "precision", "recall", "top1", "top5"}
@@ -137,8 +139,29 @@ def batch_indexable(ds: Any) -> bool:
     return isinstance(ds, (Split, TensorDataset))
 
 
+def _numbers(name: str, a: Any) -> Any:
+    """``a`` as an array of numbers, or a ValueError naming what it holds instead."""
+    if torch.is_tensor(a):
+        return a
+    try:
+        arr = np.asarray(a)
+    except Exception as exc:  # noqa: BLE001 - ragged lists and the like
+        raise ValueError(
+            f"Invalid {name} value: {type(a).__name__} that is not an array "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
+    if arr.dtype.kind not in "biuf":
+        what = {"U": "strings", "S": "bytes", "O": "Python objects"}.get(arr.dtype.kind, "")
+        hint = " (encode class labels as integers 0..K-1)" if name.endswith(" y") else ""
+        raise ValueError(
+            f"Invalid {name} value: dtype {arr.dtype}{' (' + what + ')' if what else ''}, "
+            f"numbers expected: bool, int or float{hint}"
+        )
+    return arr
+
+
 def _tensor(name: str, a: Any) -> Tensor:
-    t = torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a
+    t = torch.as_tensor(_numbers(name, a)) if not torch.is_tensor(a) else a
     if t.dtype == torch.float64:
         t = t.float()
     elif t.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -284,6 +307,82 @@ def _where(exc: BaseException) -> str:
     return f" at {Path(last.tb_frame.f_code.co_filename).name}:{last.tb_lineno}"
 
 
+#: the user's modules loaded by :func:`load_callable`: real file path -> [(what, spec)]
+_USER_FILES: dict[str, list[tuple[str, str]]] = {}
+
+
+def _installed(path: str) -> bool:
+    """True for a file of the Python installation (the standard library, site-packages)."""
+    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    return "site-packages" in Path(path).parts or any(
+        path.startswith(root + os.sep) for root in roots
+    )
+
+
+def _remember_user_file(mod: Any, what: str, spec: str) -> None:
+    file = getattr(mod, "__file__", None)
+    if isinstance(file, str) and not _installed(os.path.realpath(file)):
+        entries = _USER_FILES.setdefault(os.path.realpath(file), [])
+        if (what, spec) not in entries:
+            entries.append((what, spec))
+
+
+def user_code_error(exc: BaseException) -> str | None:
+    """One line for an exception raised inside the user's ``--model`` / ``--data`` code.
+
+    ``"in your data function mod:load: IndexError: 0 (mod.py:35, in Data.__getitem__)"``,
+    or None when no frame of the traceback is in a module that
+    :func:`load_callable` loaded (or in a file beside one: the user's helpers).
+    The innermost such frame names the place; its ``self`` (a Module or a
+    Dataset) or its name tells which of the user's functions it belongs to.
+    """
+    if not _USER_FILES:
+        return None
+    folders = {os.path.dirname(f) for f in _USER_FILES}
+
+    def users(file: str) -> bool:
+        file = os.path.realpath(file)
+        return file in _USER_FILES or os.path.dirname(file) in folders
+
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    owner: Any = None
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if users(tb.tb_frame.f_code.co_filename):
+            found = tb
+        tb = tb.tb_next
+    if found is not None:
+        file, line = found.tb_frame.f_code.co_filename, found.tb_lineno
+        func = found.tb_frame.f_code.co_name
+        owner = found.tb_frame.f_locals.get("self")
+    else:
+        # raised in a DataLoader worker: torch re-raises it here with the worker's
+        # traceback as text ("Caught IndexError in DataLoader worker process 0. ...")
+        frames = re.findall(r'File "(.+?)", line (\d+), in (\S+)', str(exc))
+        mine = [f for f in frames if users(f[0])]
+        if not mine or "DataLoader worker" not in text:
+            return None
+        file, line, func = mine[-1][0], int(mine[-1][1]), mine[-1][2]
+        last = str(exc).strip().splitlines()[-1]
+        text = last.partition(": ")[2] if last.startswith(type(exc).__name__) else text
+    file = os.path.realpath(file)
+    specs = _USER_FILES.get(file) or [e for entries in _USER_FILES.values() for e in entries]
+    kinds = {w for w, _ in specs}
+    if isinstance(owner, nn.Module):
+        kind: str | None = "model"
+    elif isinstance(owner, (TorchDataset, IterableDataset)) or (found is None and "data" in kinds):
+        kind = "data"  # (a DataLoader worker runs the data's code only)
+    else:
+        by_name = [w for w, sp in specs if sp.rpartition(":")[2] == func]
+        kind = by_name[0] if by_name else (next(iter(kinds)) if len(kinds) == 1 else None)
+    named = [sp for w, sp in specs if w == kind]
+    who = f"your {kind} function {named[0]}" if named else "your code"
+    if owner is not None and not isinstance(owner, type):
+        func = f"{type(owner).__name__}.{func}"
+    return f"in {who}: {type(exc).__name__}: {text} ({Path(file).name}:{line}, in {func})"
+
+
 def load_callable(spec: Any, what: str) -> Callable[..., Any]:
     """``"package.module:function"`` or ``"path/file.py:function"`` -> the function.
 
@@ -312,6 +411,7 @@ def load_callable(spec: Any, what: str) -> Callable[..., Any]:
     fn = getattr(mod, attr, None)
     if fn is None or not callable(fn):
         raise ValueError(f"Invalid {what} value: {spec!r} ({module!r} has no function {attr!r})")
+    _remember_user_file(mod, what, spec)
     return fn
 
 
@@ -417,7 +517,9 @@ class Data:
     num_classes: int | None = None
 
 
-def _first_sample(source: Any) -> tuple[Any, Any]:
+def first_sample(source: Any) -> tuple[Any, Any]:
+    """The first ``(x, y)`` of a training source; ValueError when it is not a pair
+    or holds strings or objects where numbers belong."""
     kind = _kind(source)
     if kind == "map":
         item = source[0]
@@ -430,7 +532,11 @@ def _first_sample(source: Any) -> tuple[Any, Any]:
         raise ValueError(
             f"Invalid train value: each item must be a pair (x, y), got {type(item).__name__}"
         )
-    return item[0], item[1]
+    x, y = item
+    _numbers("train y", y)  # string labels would fail inside torch's batching, mid-run
+    if isinstance(x, (str, bytes)) or (isinstance(x, np.ndarray) and x.dtype.kind not in "biuf"):
+        _numbers("train x", x)
+    return x, y
 
 
 def _default_loss(task: str, label_smoothing: float) -> Callable[[Tensor, Tensor], Tensor]:
@@ -494,7 +600,7 @@ class Problem:
             if config.user_data is None:
                 task = "classification"
             else:
-                _, y = _first_sample(config.user_data.train)
+                _, y = first_sample(config.user_data.train)
                 y = torch.as_tensor(np.asarray(y)) if not torch.is_tensor(y) else y
                 task = "regression" if y.is_floating_point() else "classification"
         return cls(config, task)

@@ -7,6 +7,8 @@
   base64 PNGs (matplotlib, Agg backend): learning curves, test accuracy with
   error bars (standard error over seeds), accuracy against cost, and the 1-D
   loss interpolation between the SGD and SAM solutions when it was measured.
+  Without matplotlib (a core install) the report has the tables and a note
+  saying how to get the plots (:data:`NO_PLOTS`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 from typing import Any
 
 from .._atomic import write_text_atomic
+from .._extras import available, install
 
 __all__ = [
     "table_columns",
@@ -33,7 +36,17 @@ __all__ = [
     "png_base64",
     "plot_pngs",
     "write_text_atomic",
+    "plots_available",
+    "NO_PLOTS",
 ]
+
+#: the report's note (and the command line's warning) when matplotlib is missing
+NO_PLOTS = f"matplotlib is not installed, so the report has no plots ({install('matplotlib')})"
+
+
+def plots_available() -> bool:
+    """True when matplotlib can be imported (the report's plots need it)."""
+    return available("matplotlib")
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -456,7 +469,8 @@ def write_report(
     """Write a self-contained HTML report (atomically): the table, the paired
     verdicts (one sentence per method), the notes, the figures, the settings."""
     cols = table_columns(rows) if rows else []
-    figs = plot_pngs(rows, records, histories, interpolation, tune, metric)
+    plots = plots_available()
+    figs = plot_pngs(rows, records, histories, interpolation, tune, metric) if plots else {}
     captions = {
         "curves": "Learning curves (mean over seeds).",
         "accuracy": "Final test accuracy per method.",
@@ -475,5 +489,7 @@ def write_report(
         )
     sections.append(html_list("Paired verdicts", verdicts or []))
     sections.extend(f"<p>{html.escape(note)}</p>" for note in notes or [])
+    if not plots:
+        sections.append(f"<p><b>{html.escape(NO_PLOTS)}.</b></p>")
     sections.extend(html_figure(captions.get(name, name), b64, name) for name, b64 in figs.items())
     write_page(path, title=title, sections=sections, settings=settings)

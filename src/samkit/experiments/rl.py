@@ -1135,7 +1135,7 @@ def write_report(path: Path, config: RLConfig, summary: dict[str, Any]) -> None:
     """``report.html``: the table, the paired verdicts, the per-axis table and the figures per environment."""
     import html
 
-    from .report import html_figure, html_list, html_table, write_page
+    from .report import NO_PLOTS, html_figure, html_list, html_table, plots_available, write_page
 
     rows = summary["summary"]
     headers, cells = table_rows(rows)
@@ -1154,12 +1154,15 @@ def write_report(path: Path, config: RLConfig, summary: dict[str, Any]) -> None:
         )
         + "</p>"
     )
+    plots = plots_available()
+    if not plots:
+        sections.append(f"<p><b>{html.escape(NO_PLOTS)}.</b></p>")
     for env in config.envs:
         sections.append(f"<h2>{html.escape(env)}</h2>")
         sections.append(f"<p>Hyper-parameters: {html.escape(ENVS[env].source)}.</p>")
         h, c = axis_table(rows, env)
         sections.append(html_table(h, c))
-        if any(r["env"] == env and not r.get("diverged") for r in summary["runs"]):
+        if plots and any(r["env"] == env and not r.get("diverged") for r in summary["runs"]):
             for caption, b64 in _figures(config, summary, env):
                 sections.append(html_figure(caption, b64))
     write_page(

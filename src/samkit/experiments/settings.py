@@ -44,8 +44,11 @@ from typing import Any
 
 try:
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
-    import tomli as tomllib  # type: ignore[no-redef]
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (samkit[experiments])
+    try:
+        import tomli as tomllib  # type: ignore[no-redef]
+    except ModuleNotFoundError:  # only --config needs it: say so there
+        tomllib = None  # type: ignore[assignment]
 
 __all__ = [
     "BASE_DEFAULTS",
@@ -582,6 +585,13 @@ def load_toml(path: str | os.PathLike[str], keys: frozenset[str] = KEYS) -> dict
 
     ``keys``: the settings the file may hold (default: the comparative
     study's; ``samkit rl`` and ``samkit gan`` pass their own)."""
+    if tomllib is None:
+        from .._extras import install
+
+        raise ValueError(
+            f"Invalid config value: reading {str(path)!r} needs tomli on Python 3.10 "
+            f"({install('tomli')})"
+        )
     p = Path(path)
     try:
         text = p.read_bytes()

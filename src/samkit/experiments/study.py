@@ -31,7 +31,8 @@ off mid-way continues from its training-state file with the same numbers.
 Protocol (paired): for a given seed every method sees the same validation
 split, the same noisy labels, the same initial weights and the same batches
 in the same order, so per-seed differences between methods are paired. A
-run whose loss or weights become NaN is marked *diverged*: it is shown as
+run whose loss (training, or on any evaluated split) or weights become NaN
+or infinite is marked *diverged*: it is shown as
 such, left out of the means, the verdicts, the interpolation and the
 sharpness measures, and the study goes on.
 """
@@ -54,7 +55,7 @@ import torch
 
 from .._atomic import write_json_atomic as _write_json_atomic
 from .folder import study_folder
-from .problem import Data, Problem
+from .problem import Data, Problem, first_sample
 from .registry import build_method, method_info
 from .settings import MethodSpec, StudyConfig, TrainConfig
 from .trainer import (
@@ -232,6 +233,8 @@ def check_study(
     device = resolve_device(config.device)
     seed = config.seeds[0]
     data = problem.load(seed)
+    if not problem.builtin_data:
+        first_sample(data.train)  # labels that are strings fail in torch's batching, mid-run
     seed_everything(seed)
     model = problem.build_model(data).to(device)
     try:
@@ -495,7 +498,7 @@ def run_study(
                 f = record["final"]
                 m = problem.primary
                 what = (
-                    "DIVERGED (NaN loss or weights), left out of the summary"
+                    "DIVERGED (non-finite loss or weights), left out of the summary"
                     if record["diverged"]
                     else f"test {m} {_num(f.get(f'test_{m}'))}"
                 )

@@ -21,8 +21,10 @@ problem's data for a number of epochs, streaming batches from DataLoaders:
   the early-stopping bookkeeping and whether the run already stopped;
 * with ``early_stopping=p`` training stops after ``p`` evaluations without a
   better validation score (the primary metric), and the best weights are kept;
-* a run whose training loss or weights become NaN or infinite is stopped and
-  marked ``diverged``; it writes no checkpoint;
+* a run whose training loss or weights become NaN or infinite, or whose loss
+  on an evaluated split is not finite (a model that gives NaN in eval mode
+  only, or on the test inputs only), is stopped and marked ``diverged``; it
+  writes no checkpoint;
 * the final (or best) model is saved as a samkit checkpoint
   (:mod:`samkit.experiments.checkpoint`) for the sharpness instruments.
 
@@ -51,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from .._atomic import write_text_atomic
+from .._atomic import append_line, write_text_atomic
 from .checkpoint import atomic_torch_save, save_checkpoint
 from .problem import accuracy, batch_indexable
 from .registry import Amp, Method
@@ -348,9 +350,7 @@ def evaluate(
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(finite(record), allow_nan=False) + "\n")
-        fh.flush()
+    append_line(path, json.dumps(finite(record), allow_nan=False))
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -609,7 +609,10 @@ def train(
                     shown = record.get(f"test_{primary}", record.get(f"val_{primary}", math.nan))
                     bar.set_postfix(loss=f"{train_loss:.3f}", **{primary: f"{shown:.3f}"})
 
-                if not (math.isfinite(train_loss) and weights_ok):
+                # any evaluated loss too: a model that is finite in training but NaN in
+                # eval mode (or on the test inputs) scored its NaN logits as class 0
+                losses_ok = all(math.isfinite(v) for k, v in record.items() if k.endswith("_loss"))
+                if not (losses_ok and weights_ok):
                     diverged = True
                 elif config.early_stopping is not None and do_eval:
                     score = sign * record[f"val_{primary}"]
@@ -644,14 +647,20 @@ def train(
             bar.close()
 
     final = dict(history[-1]) if history else {}
-    if config.early_stopping is not None and best[2] is not None:
+    restored = config.early_stopping is not None and best[2] is not None
+    if restored:
         model.load_state_dict(best[2])
         final = dict(history[best[1]])
     final["best_epoch"] = final.get("epoch", 0)
-    # a diverged run writes no checkpoint (NaN weights measure nothing), unless early
-    # stopping gave back its best, finite, weights
+    # a diverged run writes no checkpoint (its weights measure nothing, even when still
+    # finite but giving a NaN loss), unless early stopping gave back its best, finite, weights
     weights_ok = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    if checkpoint_path is not None and model_spec is not None and weights_ok:
+    if (
+        checkpoint_path is not None
+        and model_spec is not None
+        and weights_ok
+        and (restored or not diverged)
+    ):
         save_checkpoint(
             checkpoint_path,
             model,

@@ -5,12 +5,14 @@ primary metric on the validation split (mean over the seeds), never on the
 test set. The search is Optuna's TPE sampler, or a grid. Trials live in an
 Optuna journal in the run folder, so an interrupted search resumes:
 
-* trials left RUNNING by a killed process are marked FAIL and their
-  parameters queued again, so no trial stays stuck and none is lost;
+* trials left RUNNING by a killed process, and trials stopped by Ctrl-C, are
+  marked FAIL (``redone`` in ``tune.json``) and their parameters queued
+  again, so no trial stays stuck and none is lost;
 * the sampler is seeded from ``sampler_seed`` *and the number of trials
   already in the journal*, so a resumed search does not propose again the
   values its first, uninterrupted part proposed (a sampler reseeded with the
-  same seed would);
+  same seed would); a grid keeps ``sampler_seed`` (it knows which of its
+  points are done);
 * the folder is locked (one search per folder at a time).
 
 The recommendation is the best trial; among trials within 0.1 point (or
@@ -180,15 +182,34 @@ class OpenTune:
             study_name="samkit-tune", storage=storage, direction=direction, load_if_exists=True
         )
         existing = list(probe.trials)
-        # trials a killed process left RUNNING: mark them failed, and queue their values again
+        # trials a killed process left RUNNING: mark them failed, and queue their values
+        # again; likewise the trials a Ctrl-C stopped (Optuna marked those failed itself).
+        # The redo points back at its trial, so each is queued once.
         stuck = [t for t in existing if t.state == TrialState.RUNNING]
+        redone = {t.user_attrs.get("redo_of") for t in existing}
+        cut = [
+            t
+            for t in existing
+            if t.state == TrialState.FAIL
+            and t.user_attrs.get("interrupted")
+            and t.number not in redone
+        ]
         for t in stuck:
             probe.tell(t.number, state=TrialState.FAIL)
+        for t in stuck + cut:
             if t.params:
-                probe.enqueue_trial(dict(t.params), skip_if_exists=False)
+                probe.enqueue_trial(
+                    dict(t.params), user_attrs={"redo_of": t.number}, skip_if_exists=False
+                )
+        stuck += cut
         seed = _sampler_seed(self.spec.sampler_seed, len(existing))
         if self.spec.grid:
-            sampler: Any = optuna.samplers.GridSampler({"rho": self.spec.grid}, seed=seed)
+            # the grid's order (its shuffle) must stay that of the first run: its trials
+            # are stored by their place in it, so a reseeded grid would map a finished
+            # trial to another rho and run a value twice and another never
+            sampler: Any = optuna.samplers.GridSampler(
+                {"rho": self.spec.grid}, seed=self.spec.sampler_seed
+            )
         else:
             sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, self.n_trials))
         ostudy = optuna.create_study(
@@ -212,7 +233,13 @@ class OpenTune:
                 f"-> {self.out}"
             )
         if remaining:
-            ostudy.optimize(self._objective(log), n_trials=remaining, catch=())
+            # a trial that raises is reported by samkit itself (a Ctrl-C as one line):
+            # Optuna's own warning with the traceback would come first
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            try:
+                ostudy.optimize(self._objective(log), n_trials=remaining, catch=())
+            finally:
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
         summary = self._summarize(ostudy)
         if self.spec.auto:
             summary["auto"] = [self._run_auto(name, log) for name in self.spec.auto]
@@ -360,6 +387,14 @@ class OpenTune:
                 if spec.tune_lr
                 else self.base.lr
             )
+            try:
+                return trial_value(trial, rho, lr)
+            except KeyboardInterrupt:
+                # Optuna marks the trial failed; this tells the resumed search to redo it
+                trial.set_user_attr("interrupted", True)
+                raise
+
+        def trial_value(trial: optuna.Trial, rho: float, lr: float) -> float:
             scores = []
             for s_i, seed in enumerate(cfg.seeds):
 
@@ -391,6 +426,7 @@ class OpenTune:
     def _summarize(self, ostudy: Any) -> dict[str, Any]:
         from optuna.trial import TrialState
 
+        redone = {t.user_attrs.get("redo_of") for t in ostudy.trials}
         trials = [
             {
                 "number": t.number,
@@ -398,6 +434,8 @@ class OpenTune:
                 "value": t.value,
                 "state": t.state.name,
                 **({"diverged": True} if t.user_attrs.get("diverged") else {}),
+                # interrupted (Ctrl-C or killed), and tried again as a later trial
+                **({"redone": True} if t.number in redone else {}),
             }
             for t in ostudy.trials
         ]

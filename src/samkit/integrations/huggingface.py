@@ -43,8 +43,19 @@ import contextlib
 from typing import Any
 
 import torch
-import transformers
-from transformers import TrainerCallback
+
+from .._extras import reraise_missing
+
+try:
+    import transformers
+    from transformers import TrainerCallback
+except ImportError as error:  # the framework is an extra: say which
+    reraise_missing(
+        error,
+        "samkit.integrations.huggingface",
+        "transformers",
+        "pip install 'samkit[huggingface]'",
+    )
 
 from .._checks import check_nonneg
 from ..optim.rho import RhoController

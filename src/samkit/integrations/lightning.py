@@ -62,7 +62,14 @@ The logic lives in :mod:`samkit.integrations._lightning_common`, shared with
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import Callback
+from .._extras import reraise_missing
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError as error:  # the framework is an extra: say which
+    reraise_missing(
+        error, "samkit.integrations.lightning", "lightning", "pip install 'samkit[lightning]'"
+    )
 
 from ._lightning_common import SAMCallbackMixin, perturbed
 

@@ -9,7 +9,18 @@ registers this module's :class:`SAMCallback`; everything else is as in
 
 from __future__ import annotations
 
-from pytorch_lightning.callbacks import Callback
+from .._extras import reraise_missing
+
+try:
+    from pytorch_lightning.callbacks import Callback
+except ImportError as error:  # the framework is an extra: say which
+    reraise_missing(
+        error,
+        "samkit.integrations.pytorch_lightning",
+        "pytorch_lightning",
+        "pip install pytorch-lightning (or use samkit.integrations.lightning: "
+        "pip install 'samkit[lightning]')",
+    )
 
 from ._lightning_common import SAMCallbackMixin, perturbed
 

@@ -20,12 +20,28 @@ the ``KERAS_BACKEND`` environment variable (``tensorflow``, ``jax`` or
 
 from __future__ import annotations
 
+import importlib.util as _util
+import os as _os
+
 try:
     import keras as _keras
-except ImportError as error:  # pragma: no cover - depends on the environment
+except ImportError as error:
+    if (error.name or "").split(".")[0] == "keras" or _util.find_spec("keras") is None:
+        raise ModuleNotFoundError(
+            "samkit.keras needs Keras 3: pip install 'samkit[keras]' "
+            "(keras 3.15 with tensorflow, jax or torch as its backend)",
+            name="keras",
+        ) from error
+    # Keras is there, but the backend it was told to use (KERAS_BACKEND, else
+    # ~/.keras/keras.json, else tensorflow) is not
+    _chosen = _os.environ.get("KERAS_BACKEND")
     raise ImportError(
-        "samkit.keras needs Keras 3: pip install 'samkit[keras]' "
-        "(keras 3.15 with tensorflow, jax or torch as its backend)"
+        f"samkit.keras: Keras is installed but its backend "
+        f"{repr(_chosen) + ' (KERAS_BACKEND)' if _chosen else '(tensorflow unless ~/.keras/keras.json says otherwise)'} "
+        f"cannot be imported ({type(error).__name__}: {error}). Install that backend, or "
+        "choose an installed one before keras is first imported, e.g. KERAS_BACKEND=torch "
+        "(or jax, tensorflow)",
+        name=error.name,
     ) from error
 
 if not _keras.__version__.startswith("3."):  # pragma: no cover
