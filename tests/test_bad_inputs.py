@@ -279,6 +279,17 @@ def test_checkpoint_entries_are_validated(checkpoint, tmp_path, capsys, change, 
     assert rc == 2 and match in _one_line(err)
 
 
+@pytest.mark.parametrize("version", [99, "1", True, None, 1.0])
+@pytest.mark.parametrize("cmd", ["sharpness", "landscape"])
+def test_checkpoint_of_an_unknown_version_is_refused(checkpoint, tmp_path, capsys, cmd, version):
+    """A newer layout (or a hand-edited "1") was read as if it were version 1."""
+    bad, _ = _crafted(tmp_path, checkpoint, version=version)
+    rc, _, err = _cli(capsys, [cmd, str(bad), "--samples", "20", "-q"])
+    assert rc == 2, err
+    line = _one_line(err)
+    assert f"unknown version {version!r} (this samkit reads version 1)" in line, line
+
+
 def test_labels_from_a_checkpoint_are_printed_and_plotted_safely(checkpoint, tmp_path, capsys):
     ck = torch.load(checkpoint, weights_only=True)
     ck["meta"]["label"] = "\x1b]0;owned\x07\x1b[31m$\\frac{$"
