@@ -328,6 +328,9 @@ def test_labels_from_a_checkpoint_are_printed_and_plotted_safely(checkpoint, tmp
         (["sharpness", "--density", "{blocked}/d.png"], "cannot write"),
         (["sharpness", "--top-k", "100000"], "top-k"),
         (["sharpness", "--trace-samples", "1000000000"], "trace-samples"),
+        # no finite loss in a ball this large: it wrote -Infinity / NaN into the JSON
+        (["sharpness", "--rho", "1e308"], "invalid --rho value: 1e+308 (must be below 3.4e+38"),
+        (["sharpness", "--rho", "1e39"], "--rho"),
         (["landscape", "--out", "{blocked}/l.png"], "cannot write"),
         (["landscape", "--out", "{tmp}"], "--out"),
         (["landscape", "--resolution", "100000"], "resolution"),

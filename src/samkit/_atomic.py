@@ -5,19 +5,26 @@ data, plots) goes to a temporary file in the destination's folder, is flushed
 to disk, and is then renamed over the destination (``os.replace`` is atomic
 on POSIX and Windows). On any error the temporary file is removed and the old
 file, if any, is left as it was.
+
+JSON is strict: :func:`write_json_atomic` refuses NaN and infinities (a bare
+``NaN`` or ``-Infinity`` is not JSON, and most tools reject the file). Where a
+non-finite number is a legitimate result (a diverged run's loss, a standard
+error from one sample), the caller maps it to ``null`` explicitly with
+:func:`finite`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_write_via", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_open", "atomic_write_via", "finite", "write_json_atomic", "write_text_atomic"]
 
 
 @contextlib.contextmanager
@@ -66,8 +73,20 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         fh.write(text)
 
 
+def finite(x: Any) -> Any:
+    """NaN and infinities -> None, recursively: JSON that any tool can read."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int = 1) -> None:
-    """Write ``obj`` as JSON (NaN allowed, as Python's json writes it)."""
-    with atomic_open(path, "w") as fh:
-        json.dump(obj, fh, indent=indent, allow_nan=True)
+    """Write ``obj`` as strict JSON; ValueError (the old file kept) if it holds NaN or
+    an infinity: map those to null with :func:`finite` where they are expected."""
+    with atomic_open(path, "w") as fh:  # on an error the old file is left as it was
+        json.dump(obj, fh, indent=indent, allow_nan=False)
         fh.write("\n")
