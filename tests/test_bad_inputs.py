@@ -87,6 +87,9 @@ COMPARE = [
     (["--optimizers", "sgd", "--data", "json:loads"], "data"),
     (["--optimizers", "sgd", "--data", "nomodule:load"], "nomodule"),
     (["--optimizers", "sgd", "--optimizers", ""], "optimizer"),
+    # a rho list no method takes was ignored without a word
+    (["--optimizers", "sgd", "adam", "--rho", "0.1"], "Invalid rho value: 0.1 (no method here"),
+    (["--optimizers", "sgd", "sam:rho=0.1", "--rho", "0.2"], "no method here takes it: sam, sgd"),
 ]
 
 
@@ -203,6 +206,25 @@ def test_tune_bad_input(argv, match, capsys, tmp_path):
     line = _one_line(err)
     assert line.startswith("samkit tune: error:") and match in line, line
     assert not (out / "optuna-journal.log").exists()  # no trial started
+
+
+# (command, flags, expected text): samkit rl and samkit gan, refused before anything runs
+STUDIES = [
+    # --rho with no method that takes it was ignored without a word
+    ("rl", ["--methods", "ppo", "--rho", "0.1"], "Invalid rho value: 0.1 (no method here"),
+    ("gan", ["--methods", "adam", "--rho", "0.05,0.1"], "Invalid rho value: 0.05, 0.1 (no met"),
+    ("gan", ["--methods", "adam", "sam_g:rho=0.1", "--rho", "0.05"], "takes it: adam, sam_g"),
+]
+
+
+@pytest.mark.parametrize("cmd,argv,match", STUDIES, ids=[" ".join(a) for _, a, _ in STUDIES])
+def test_rl_and_gan_bad_input(cmd, argv, match, capsys, tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = _cli(capsys, [cmd, "--seeds", "1", "-q", "--out", str(out), *argv])
+    assert rc == 2, err
+    line = _one_line(err)
+    assert line.startswith(f"samkit {cmd}: error:") and match in line, line
+    assert not (out / "runs").exists()
 
 
 # ------------------------------------------------- sharpness and landscape

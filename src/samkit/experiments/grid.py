@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .settings import LIMITS, check_float, check_label, parse_method
+from .settings import LIMITS, check_float, check_label, parse_method, unused_rho
 from .study import paired_verdicts
 from .trainer import finite
 
@@ -102,7 +102,8 @@ def variants(
 
     Each option must be one the method takes (its defaults fill the rest);
     ``rhos`` (a list, SAM's scale) runs each method with a ``rho`` option once
-    per value, labelled ``name(rho=r)`` when there are several. Labels must be
+    per value, labelled ``name(rho=r)`` when there are several; a ``rhos`` list
+    that no method takes is refused (it would be ignored). Labels must be
     unique. ValueError naming the setting on any problem.
     """
     if isinstance(tokens, str):
@@ -126,6 +127,7 @@ def variants(
             raise ValueError(f"Invalid rho value: {rhos!r} (1 to {LIMITS['rho']} values)")
         rho_values = [check_float("rho", r, 0.0) for r in rho_values]
     out: list[Variant] = []
+    rho_used = False
     for token in expanded:
         entry = parse_method(token)
         name = entry.pop("method")
@@ -143,6 +145,7 @@ def variants(
         if "rho" in options:
             check_float("rho", options["rho"], 0.0)
         if info.uses_rho and "rho" not in options and rho_values:
+            rho_used = True
             for r in rho_values:
                 lab = label or name
                 if len(rho_values) > 1:
@@ -156,6 +159,8 @@ def variants(
                 )
         else:
             out.append(Variant(check_label(label or name), name, {**info.defaults, **options}))
+    if rho_values and not rho_used:
+        raise ValueError(unused_rho(rho_values, sorted({v.method for v in out})))
     labels = [v.label for v in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:

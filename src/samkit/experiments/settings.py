@@ -712,6 +712,15 @@ def _rho_list(value: Any) -> list[float] | None:
     return [check_float("rho", r, 0.0) for r in rhos]
 
 
+def unused_rho(rhos: list[float], methods: list[str]) -> str:
+    """The message for a rho list that no method takes (it was silently ignored)."""
+    return (
+        f"Invalid rho value: {', '.join(f'{r:g}' for r in rhos)} (no method here takes it: "
+        f"{', '.join(methods)}; give a SAM-type method that does not set its own rho, or "
+        "leave rho out)"
+    )
+
+
 def _method_specs(s: dict[str, Any]) -> list[MethodSpec]:
     from .registry import method_info
 
@@ -721,6 +730,7 @@ def _method_specs(s: dict[str, Any]) -> list[MethodSpec]:
     entries = [parse_method(t) for t in _method_tokens(s["optimizers"])]
     entries += [parse_method(t) for t in (s["methods"] or [])]
     specs: list[MethodSpec] = []
+    rho_used = False
     for e in entries:
         e = dict(e)
         name = e.pop("method")
@@ -731,6 +741,7 @@ def _method_specs(s: dict[str, Any]) -> list[MethodSpec]:
                 fields[k] = s[k]
         options = e
         if info.uses_rho and "rho" not in options and rhos:
+            rho_used = True
             for r in rhos:
                 label = fields.get("label") or name
                 if len(rhos) > 1:
@@ -748,6 +759,8 @@ def _method_specs(s: dict[str, Any]) -> list[MethodSpec]:
                 # a self-tuning rho stands beside the grid: "sam(rho=auto)", not a second "sam"
                 fields["label"] = f"{name}(rho={rho.replace(':', '-')})"
             specs.append(MethodSpec(method=name, options=options, **fields))
+    if rhos and not rho_used:
+        raise ValueError(unused_rho(rhos, sorted({m.method for m in specs})))
     return specs
 
 
