@@ -87,6 +87,10 @@ COMPARE = [
     (["--optimizers", "sgd", "--data", "json:loads"], "data"),
     (["--optimizers", "sgd", "--data", "nomodule:load"], "nomodule"),
     (["--optimizers", "sgd", "--optimizers", ""], "optimizer"),
+    # --dataset beside --data was ignored; a train size beyond the data was recorded as asked
+    (["--optimizers", "sgd", "--data", "x.npz", "--dataset", "digits"], "Invalid dataset value"),
+    (["--optimizers", "sgd", "--train-size", "5000"], "synthetic data set has 1801 training"),
+    (["--optimizers", "sgd", "--train-size", "5000", "--val-fraction", "0"], "has 2000 training"),
     # a rho list no method takes was ignored without a word
     (["--optimizers", "sgd", "adam", "--rho", "0.1"], "Invalid rho value: 0.1 (no method here"),
     (["--optimizers", "sgd", "sam:rho=0.1", "--rho", "0.2"], "no method here takes it: sam, sgd"),
@@ -98,7 +102,8 @@ def test_compare_bad_input_fails_before_training(argv, match, capsys, tmp_path):
     if "--device" in argv and "cuda:99" in argv and torch.cuda.device_count() > 99:
         pytest.skip("a machine with 100 GPUs")
     out = tmp_path / "run"
-    rc, _, err = _cli(capsys, ["compare", *FAST, "--out", str(out), *argv])
+    fast = FAST[2:] if "--data" in argv else FAST  # --dataset and --data together are refused
+    rc, _, err = _cli(capsys, ["compare", *fast, "--out", str(out), *argv])
     assert rc == 2, err
     line = _one_line(err)
     assert line.startswith("samkit compare: error:") and match in line, line
@@ -110,6 +115,7 @@ def test_compare_bad_input_fails_before_training(argv, match, capsys, tmp_path):
 
 # (TOML text, expected text)
 TOML = [
+    ('data = "x.npz"\n', "Invalid dataset value: 'synthetic' (a built-in data set; with your"),
     ("optimizers = 5\n", "optimizers"),
     ("out = 5\n", "out"),
     ('out = ""\n', "out"),
@@ -167,6 +173,8 @@ def test_toml_bad_input(text, match, capsys, tmp_path):
 
 
 TUNE = [
+    (["--dataset", "digits", "--data", "x.npz"], "Invalid dataset value: 'digits'"),
+    (["--train-size", "100000"], "has 1801 training samples"),
     (["--rho-range", "0.1,inf"], "rho_range"),
     (["--rho-range", "0.1"], "rho_range"),
     (["--rho-range", "nan,1"], "rho_range"),
@@ -225,6 +233,39 @@ def test_rl_and_gan_bad_input(cmd, argv, match, capsys, tmp_path):
     line = _one_line(err)
     assert line.startswith(f"samkit {cmd}: error:") and match in line, line
     assert not (out / "runs").exists()
+
+
+# (keyword arguments of samkit.compare, expected message regex): ValueError, nothing trained
+API = [
+    (dict(dataset="digits"), r"Invalid dataset value: 'digits' \(a built-in data set"),
+    (dict(train_size=200), r"Invalid train_size value: 200 \(your training data has 108 sampl"),
+]
+
+
+def _api_problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 4, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+@pytest.mark.parametrize("kwargs,match", API, ids=[repr(k)[:60] for k, _ in API])
+def test_api_bad_input_is_a_value_error_before_training(kwargs, match, tmp_path, monkeypatch):
+    import samkit
+
+    monkeypatch.chdir(tmp_path)
+    args = dict(
+        model=lambda: torch.nn.Linear(4, 2),
+        train=_api_problem(),
+        methods=["sgd", "sam"],
+        seeds=1,
+        epochs=1,
+        sharpness=False,
+        out=tmp_path / "run",
+        quiet=True,
+    )
+    with pytest.raises(ValueError, match=match):
+        samkit.compare(**{**args, **kwargs})
+    assert not list(tmp_path.rglob("*.json"))  # nothing trained, nowhere
 
 
 # ------------------------------------------------- sharpness and landscape

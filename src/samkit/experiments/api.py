@@ -92,6 +92,7 @@ def _user_parts(
     elif val is not None or test is not None:
         raise ValueError("Invalid train value: None (val= and test= need train=)")
     if "user_data" in user:
+        st.check_one_data_source(settings, {"data": user["user_data"]})
         settings["dataset"] = user["user_data"].name
     return user
 

@@ -604,6 +604,17 @@ def load_toml(path: str | os.PathLike[str], keys: frozenset[str] = KEYS) -> dict
     return data
 
 
+def check_one_data_source(*sources: dict[str, Any] | None) -> None:
+    """``dataset`` (a built-in data set) and ``data`` (your own) are two answers to
+    one question: given together, ``dataset`` was silently ignored."""
+    dataset = next((s["dataset"] for s in sources if s and s.get("dataset") is not None), None)
+    if dataset is not None and any(s and s.get("data") is not None for s in sources):
+        raise ValueError(
+            f"Invalid dataset value: {dataset!r} (a built-in data set; with your own data "
+            "(--data, data= or train=) leave dataset out)"
+        )
+
+
 def merge(
     *sources: dict[str, Any] | None, defaults: dict[str, Any] | None = None
 ) -> dict[str, Any]:
