@@ -8,6 +8,7 @@ been trained (no ``runs/sgd-seed0.json``).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,6 +240,19 @@ def test_rl_and_gan_bad_input(cmd, argv, match, capsys, tmp_path):
 API = [
     (dict(dataset="digits"), r"Invalid dataset value: 'digits' \(a built-in data set"),
     (dict(train_size=200), r"Invalid train_size value: 200 \(your training data has 108 sampl"),
+    # out="" is Path(""), the current folder: the study's files were scattered there
+    (dict(out=""), r"Invalid out value: '' \(a folder path"),
+    (dict(out="  "), r"Invalid out value: '  '"),
+    (dict(out=5), r"Invalid out value: 5"),
+    # truthy non-booleans were taken as True
+    (dict(quiet="yes"), r"Invalid quiet value: 'yes' \(must be true or false, a boolean, not a s"),
+    (dict(progress=5), r"Invalid progress value: 5 \(must be true or false, a boolean\)"),
+    (dict(quiet=0), r"Invalid quiet value: 0"),
+    # a bool is never a number
+    (dict(seeds=True), r"Invalid seeds value: True"),
+    (dict(rho=True), r"Invalid rho value: True"),
+    (dict(epochs=np.bool_(True)), r"Invalid epochs value"),
+    (dict(rho=np.float32("nan")), r"Invalid rho value: nan \(must be a finite number"),
 ]
 
 
@@ -266,6 +280,41 @@ def test_api_bad_input_is_a_value_error_before_training(kwargs, match, tmp_path,
     with pytest.raises(ValueError, match=match):
         samkit.compare(**{**args, **kwargs})
     assert not list(tmp_path.rglob("*.json"))  # nothing trained, nowhere
+
+
+@pytest.mark.parametrize(
+    "study,kwargs,match",
+    [
+        ("rl_study", dict(out=""), r"Invalid out value: ''"),
+        ("rl_study", dict(quiet="no"), r"Invalid quiet value: 'no'"),
+        ("rl_study", dict(quick=1), r"Invalid quick value: 1"),
+        ("gan_study", dict(out=""), r"Invalid out value: ''"),
+        ("gan_study", dict(progress="off"), r"Invalid progress value: 'off'"),
+        ("tune", dict(out=""), r"Invalid out value: ''"),
+        ("tune", dict(quiet="yes"), r"Invalid quiet value: 'yes'"),
+    ],
+)
+def test_other_studies_api_bad_input(study, kwargs, match, tmp_path, monkeypatch):
+    import samkit
+
+    monkeypatch.chdir(tmp_path)
+    args: dict = dict(seeds=1)
+    if study == "tune":
+        args = dict(
+            model=lambda: torch.nn.Linear(4, 2),
+            train=_api_problem(),
+            grid=[0.05],
+            seeds=1,
+            epochs=1,
+            quiet=True,
+        )
+    elif study == "gan_study":
+        args.update(datasets=["ring8"], iterations=2, quiet=True)
+    else:
+        args.update(envs=["CartPole-v1"], quiet=True)
+    with pytest.raises(ValueError, match=match):
+        getattr(samkit, study)(**{**args, **kwargs})
+    assert not list(tmp_path.rglob("*.json"))
 
 
 # ------------------------------------------------- sharpness and landscape

@@ -385,3 +385,41 @@ def test_worker_processes_give_the_same_numbers(tmp_path):
         (run,) = r.to_dict()["runs"]
         finals.append({k: v for k, v in run["final"].items() if k != "epoch_time"})
     assert finals[0] == finals[1]
+
+
+def test_numpy_scalars_are_numbers_everywhere(tmp_path):
+    """The optimizers took numpy.float32(0.05) as rho; the studies refused np.int64(1)
+    seeds and np.float32 rho. One rule: numbers are numbers (stored as plain Python,
+    so the run folder's JSON is written), a bool is not."""
+    from samkit.experiments import gan, rl
+    from samkit.experiments.tuning import TuneSpec
+
+    x, y = _problem()
+    r = samkit.compare(
+        model=_make,
+        train=(x[:100], y[:100]),
+        methods=["sgd", {"method": "sam", "rho": np.float32(0.1), "label": "sam01"}, "asam"],
+        seeds=np.int64(1),
+        epochs=np.int64(1),
+        batch_size=np.int32(25),
+        rho=np.float32(0.05),
+        lr=np.float64(0.05),
+        train_size=np.int64(80),
+        sharpness=False,
+        out=tmp_path / "o",
+        quiet=True,
+    )
+    d = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert d["settings"]["seeds"] == [0] and d["settings"]["train"]["epochs"] == 1
+    options = {m["label"]: m["options"]["rho"] for m in d["settings"]["methods"] if m["options"]}
+    assert options["sam01"] == pytest.approx(0.1) and options["asam"] == pytest.approx(0.5)
+    assert type(options["asam"]) is float and len(r.rows) == 3
+
+    cfg = rl.build_config(
+        {**rl.DEFAULTS, "envs": ["CartPole-v1"], "seeds": np.int64(2), "rho": [np.float32(0.1)]}
+    )
+    assert cfg.seeds == [0, 1] and json.dumps(cfg.to_dict())
+    cfg = gan.build_config({**gan.DEFAULTS, "seeds": np.int64(1), "iterations": np.int64(5)})
+    assert cfg.seeds == [0] and json.dumps(cfg.to_dict())
+    spec = TuneSpec(trials=np.int64(3), sampler_seed=np.uint8(1), grid=[np.float32(0.05)])
+    assert (type(spec.trials), type(spec.sampler_seed), type(spec.grid[0])) == (int, int, float)

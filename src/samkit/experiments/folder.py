@@ -20,10 +20,17 @@ import contextlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["FolderBusy", "study_folder", "check_writable", "clean_stale_temporaries"]
+__all__ = [
+    "FolderBusy",
+    "study_folder",
+    "run_folder",
+    "check_writable",
+    "clean_stale_temporaries",
+]
 
 LOCK_NAME = ".samkit.lock"
 _TMP = re.compile(r"^\..+\.tmp$")
@@ -32,6 +39,19 @@ _HELD: dict[str, int] = {}  # folder -> depth, for the nested use by one process
 
 class FolderBusy(ValueError):
     """Another process holds the folder's lock."""
+
+
+def run_folder(out: Any, default: Callable[[], Path]) -> Path:
+    """The run folder: ``out`` (a non-empty path), or ``default()`` when it is None.
+
+    ``Path("")`` is the current folder: an empty ``out`` would scatter a study's
+    files there, so it is refused, as the CLI refuses ``--out ''``.
+    """
+    if out is None:
+        return default()
+    if not isinstance(out, (str, os.PathLike)) or not str(os.fspath(out)).strip():
+        raise ValueError(f"Invalid out value: {out!r} (a folder path, or None for the default)")
+    return Path(out)
 
 
 def check_writable(path: Path) -> Path:

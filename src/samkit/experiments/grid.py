@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .settings import LIMITS, check_float, check_label, parse_method, unused_rho
+from .._checks import is_number
+from .settings import LIMITS, check_float, check_label, parse_method, plain, unused_rho
 from .study import paired_verdicts
 from .trainer import finite
 
@@ -84,15 +85,13 @@ class Variant:
 
 
 def _option(method: str, key: str, value: Any) -> Any:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if not is_number(value):  # numbers are numbers (NumPy's too); a bool or a string is not
         raise ValueError(f"Invalid {key} value: {value!r} for method {method!r} (a number)")
-    if not isinstance(value, (int, float)):
-        raise ValueError(f"Invalid {key} value: {value!r} for method {method!r} (a number)")
-    if not math.isfinite(value):
+    if not math.isfinite(float(value)):
         raise ValueError(
             f"Invalid {key} value: {value!r} for method {method!r} (must be a finite number)"
         )
-    return value
+    return plain(value)
 
 
 def variants(
@@ -170,6 +169,7 @@ def variants(
 
 def seed_list(value: Any) -> list[int]:
     """A seed count (``5`` is seeds 0..4) or a list of distinct seeds; ValueError otherwise."""
+    value = plain(value)
     if isinstance(value, int) and not isinstance(value, bool):
         if not 1 <= value <= LIMITS["seeds"]:
             raise ValueError(

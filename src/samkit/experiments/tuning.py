@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import settings as st
-from .folder import study_folder
+from .folder import run_folder, study_folder
 from .problem import Problem
 from .registry import MethodInfo, build_method, method_info
 from .settings import MethodSpec, StudyConfig, check_float, check_int
@@ -63,7 +63,7 @@ class TuneSpec:
         info = method_info(self.method)
         if not info.uses_rho:
             raise ValueError(f"Invalid method value: {self.method!r} has no rho to tune")
-        check_int("trials", self.trials, 1, MAX_TRIALS, none_ok=True)
+        self.trials = check_int("trials", self.trials, 1, MAX_TRIALS, none_ok=True)
         if self.rho_range is not None:
             if not isinstance(self.rho_range, (tuple, list)) or len(self.rho_range) != 2:
                 raise ValueError(f"Invalid rho_range value: {self.rho_range!r} (expected (LO, HI))")
@@ -85,7 +85,7 @@ class TuneSpec:
             if len(set(self.grid)) != len(self.grid):
                 raise ValueError(f"Invalid grid value: {self.grid!r} (duplicates)")
         st.check_bool("tune_lr", self.tune_lr)
-        check_int("sampler_seed", self.sampler_seed, 0, MAX_SAMPLER_SEED)
+        self.sampler_seed = check_int("sampler_seed", self.sampler_seed, 0, MAX_SAMPLER_SEED)
         if self.base is not None:
             st.check_choice("base", self.base, tuple(st.BASE_DEFAULTS))
         if self.auto is not None:
@@ -479,9 +479,7 @@ def open_tune(
         config.user_data is not None and config.user_data.val is not None
     ):
         raise ValueError("Invalid val_fraction value: 0 (tuning needs a validation split)")
-    folder = (
-        Path(out) if out is not None else st.default_out_dir(config, prefix=f"tune-{spec.method}")
-    )
+    folder = run_folder(out, lambda: st.default_out_dir(config, prefix=f"tune-{spec.method}"))
     with study_folder(folder) as path:
         problem = check_study(config)
         lo, hi = spec.range()
@@ -599,8 +597,9 @@ def tune(
     Returns a :class:`TuneResult` (``best``, ``trials``, ``to_dict()``, paths).
     Interrupted, it resumes from the Optuna journal in ``out``.
     """
-    from .api import _user_parts
+    from .api import _user_parts, check_flags
 
+    check_flags(quiet=quiet)
     unknown = sorted(set(settings) - st.KEYS)
     if unknown or {"optimizers", "methods", "rho"} & set(settings):
         raise ValueError(f"Invalid setting: {', '.join(unknown or sorted(settings))}")
