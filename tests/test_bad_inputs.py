@@ -282,6 +282,55 @@ def test_api_bad_input_is_a_value_error_before_training(kwargs, match, tmp_path,
     assert not list(tmp_path.rglob("*.json"))  # nothing trained, nowhere
 
 
+def _labels(kind):
+    y = torch.tensor([0, 1] * 60)
+    if kind == "negative":
+        y[::3] = -1
+    elif kind == "huge":
+        y[5] = 2**40
+    elif kind == "bool":
+        y = y.bool()
+    elif kind == "late":  # beyond the first batch: it failed mid-training (IndexError)
+        y[110] = -1
+    elif kind == "uint8":
+        y = y.to(torch.uint8) * 200
+    return y
+
+
+# (labels, expected message regex): the first words are about the labels, not the model
+LABELS = [
+    ("negative", r"^Invalid data value: labels must be in 0\.\.1 \(the model gives 2 logits\): "
+     r"found -1$"),
+    ("huge", r"^Invalid model value: (training )?labels must be in 0\.\.1 \(.*\): found 10995116"),
+    ("bool", r"^Invalid data value: labels are booleans: class labels are integers 0\.\.1"),
+    ("late", r"^Invalid data value: training labels must be in 0\.\.1 \(.*\): found -1$"),
+    ("uint8", r"^Invalid model value: (training )?labels must be in 0\.\.1 \(.*\): found 200$"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,match", LABELS, ids=[k for k, _ in LABELS])
+def test_labels_out_of_range_say_so_first(kind, match, tmp_path):
+    """Negative labels said "labels run from -1 to 1 but the model gives 3 logits"
+    (the model blamed); bool labels failed in the loss."""
+    import samkit
+
+    x = torch.randn(120, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=match):
+        samkit.compare(
+            model=lambda: torch.nn.Linear(4, 2),
+            train=(x, _labels(kind)),
+            methods=["sgd"],
+            seeds=1,
+            epochs=1,
+            batch_size=20,
+            val_fraction=0.0,
+            sharpness=False,
+            out=tmp_path / "run",
+            quiet=True,
+        )
+    assert not (tmp_path / "run" / "runs" / "sgd-seed0.json").exists()
+
+
 @pytest.mark.parametrize(
     "study,kwargs,match",
     [
@@ -532,10 +581,11 @@ def test_val_and_test_splits_of_user_data_are_checked_before_training(tmp_path, 
                     "fails on a batch of the test split"),
         "testlab": ({"x_test": r.randn(20, 10).astype("float32"),
                      "y_test": np.r_[r.randint(0, 3, 19), 7]},
-                    "test labels run from 0 to 7 but the model gives 3 logits"),
+                    "Invalid data value: test labels must be in 0..2 (the model gives 3 logits): "
+                    "found 7"),
         "vallab": ({"x_val": r.randn(20, 10).astype("float32"),
                     "y_val": np.r_[9, r.randint(0, 3, 19)]},
-                   "val labels run from 0 to 9"),
+                   "val labels must be in 0..2 (the model gives 3 logits): found 9"),
         "ytestfloat": ({"x_test": r.randn(20, 10).astype("float32"),
                         "y_test": r.randint(0, 3, 20).astype("float32")},
                        "the test targets are torch.float32"),

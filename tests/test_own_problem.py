@@ -287,7 +287,10 @@ def test_model_that_does_not_fit_the_data_fails_before_training(tmp_path):
             out=tmp_path / "o",
             quiet=True,
         )
-    with pytest.raises(ValueError, match="labels run from 0 to 1 but the model gives 1 logits"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid model value: labels must be in 0\.\.0 \(the model gives 1 logit\): found 1",
+    ):
         samkit.compare(
             model=lambda: nn.Linear(4, 1),
             train=(x[:100], y[:100]),

@@ -242,6 +242,7 @@ def check_study(
     amp = config.train.amp
     output = _forward(config, model, x, device, "the data")
     _check_output(problem, output, y)
+    _check_labels(problem, data.train, output, "training")  # not only its first batch
     per_sample = _check_loss_and_metrics(problem, output, y)
     # the evaluation splits must fit too: they are read after the first epoch trained
     for name, split in (("val", data.val), ("test", data.test)):
@@ -348,25 +349,52 @@ def _forward(
         ) from exc
 
 
+def _split_labels(split: Any) -> torch.Tensor | None:
+    """The labels of an in-memory split (a TensorDataset, a built-in split, or a subset of
+    either), without reading it sample by sample; None for any other source."""
+    from .datasets import Split
+    from .problem import IndexedSubset
+
+    if isinstance(split, IndexedSubset):
+        y = _split_labels(split.base)
+        return None if y is None else y[split.indices]
+    if isinstance(split, Split):
+        return split.y
+    tensors = getattr(split, "tensors", None)
+    return tensors[-1] if tensors and torch.is_tensor(tensors[-1]) else None
+
+
 def _check_labels(problem: Problem, split: Any, output: Any, name: str) -> None:
     """Every class label of an in-memory split is one of the model's outputs."""
-    tensors = getattr(split, "tensors", None)
-    if not (problem.task == "classification" and problem.config.loss is None and tensors):
+    if not (problem.task == "classification" and problem.config.loss is None):
         return
-    y = tensors[-1]
-    if torch.is_tensor(y) and not y.is_floating_point():
+    y = _split_labels(split)
+    if y is not None and not y.is_floating_point():
         outside = _labels_outside(y, output.shape[1])
         if outside:
-            raise ValueError(f"Invalid data value: {name} {outside}")
+            # the training split's arguments as for its first batch; val/test: that data
+            what = outside[0] if name == "training" else "data"
+            raise ValueError(f"Invalid {what} value: {name} {outside[1]}")
 
 
-def _labels_outside(y: torch.Tensor, classes: int) -> str | None:
-    """What is wrong with class labels ``y`` for ``classes`` logits (None: nothing)."""
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-        return (
-            f"labels run from {int(y.min())} to {int(y.max())} but the model gives {classes} logits"
-        )
-    return None
+def _labels_outside(y: torch.Tensor, classes: int) -> tuple[str, str] | None:
+    """What is wrong with class labels ``y`` for ``classes`` logits: (the argument to
+    blame, the reason), or None. The reason starts with the labels, never the model:
+    "labels must be in 0..2 (the model gives 3 logits): found -1"."""
+    if y.dtype == torch.bool:
+        return "data", f"labels are booleans: class labels are integers 0..{classes - 1} (y.long())"
+    if not y.numel():
+        return None
+    lo, hi = int(y.min()), int(y.max())
+    if lo >= 0 and hi < classes:
+        return None
+    found = ", ".join(str(v) for v in (lo, hi) if v < 0 or v >= classes)
+    logits = f"{classes} logit{'' if classes == 1 else 's'}"
+    # a negative label is always the data's; one too large may be the model's (too few logits)
+    return (
+        "data" if lo < 0 else "model",
+        f"labels must be in 0..{classes - 1} (the model gives {logits}): found {found}",
+    )
 
 
 def _check_output(problem: Problem, output: Any, y: torch.Tensor) -> None:
@@ -392,7 +420,7 @@ def _check_output(problem: Problem, output: Any, y: torch.Tensor) -> None:
             )
         outside = _labels_outside(y, output.shape[1])
         if outside:
-            raise ValueError(f"Invalid model value: {outside}")
+            raise ValueError(f"Invalid {outside[0]} value: {outside[1]}")
 
 
 def _check_loss_and_metrics(problem: Problem, output: torch.Tensor, y: torch.Tensor) -> bool:
