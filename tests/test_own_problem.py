@@ -426,3 +426,15 @@ def test_numpy_scalars_are_numbers_everywhere(tmp_path):
     assert cfg.seeds == [0] and json.dumps(cfg.to_dict())
     spec = TuneSpec(trials=np.int64(3), sampler_seed=np.uint8(1), grid=[np.float32(0.05)])
     assert (type(spec.trials), type(spec.sampler_seed), type(spec.grid[0])) == (int, int, float)
+
+
+def test_a_folder_holds_one_problem_of_your_own_too(tmp_path):
+    """Other data in the same out= was trained over the old runs without a word; the
+    task given explicitly, as it was inferred, is the same problem."""
+    x, y = _problem()
+    kw = dict(methods=["sgd"], seeds=1, epochs=1, sharpness=False, out=tmp_path, quiet=True)
+    samkit.compare(model=_make, train=(x[:100], y[:100]), **kw)
+    with pytest.raises(ValueError, match=r"holds a study of another problem \(data\.train\."):
+        samkit.compare(model=_make, train=(x[:100] + 1, y[:100]), **kw)
+    r = samkit.compare(model=_make, train=(x[:100], y[:100]), task="classification", **kw)
+    assert r.to_dict()["executed_runs"] == 1  # its identity changed: retrained, not refused

@@ -28,6 +28,8 @@ __all__ = [
     "FolderBusy",
     "study_folder",
     "run_folder",
+    "differences",
+    "describe_differences",
     "check_writable",
     "clean_stale_temporaries",
 ]
@@ -52,6 +54,35 @@ def run_folder(out: Any, default: Callable[[], Path]) -> Path:
     if not isinstance(out, (str, os.PathLike)) or not str(os.fspath(out)).strip():
         raise ValueError(f"Invalid out value: {out!r} (a folder path, or None for the default)")
     return Path(out)
+
+
+_MISSING = object()
+
+
+def differences(saved: Any, now: Any, where: str = "") -> list[tuple[str, Any, Any]]:
+    """The settings that differ between two JSON-like values, as ``(dotted key, saved,
+    now)`` leaves; a key on one side only has ``_MISSING`` on the other."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(saved) | set(now), key=str):
+            a, b = saved.get(key, _MISSING), now.get(key, _MISSING)
+            if a != b:
+                out += differences(a, b, f"{where}{key}.")
+        return out
+    return [] if saved == now else [(where.rstrip(".") or "settings", saved, now)]
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = "(none)" if value is _MISSING else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]], limit: int = 4) -> str:
+    """``"epochs: 1 -> 2, dataset: 'a' -> 'b'"``: the first ``limit`` differences,
+    each value cut short, and how many more there are (never both whole configs)."""
+    shown = [f"{key}: {_short(a)} -> {_short(b)}" for key, a, b in diffs[:limit]]
+    more = len(diffs) - limit
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def check_writable(path: Path) -> Path:

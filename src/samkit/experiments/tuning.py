@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import settings as st
-from .folder import run_folder, study_folder
+from .folder import describe_differences, differences, run_folder, study_folder
 from .problem import Problem
 from .registry import MethodInfo, build_method, method_info
 from .settings import MethodSpec, StudyConfig, check_float, check_int
@@ -519,10 +519,14 @@ def _claim_folder(path: Path, config: StudyConfig, spec: TuneSpec, base: MethodS
         except (OSError, ValueError):
             saved = None
         if saved != identity:
+            what = (
+                describe_differences(differences(_readable(saved), _readable(identity)))
+                if isinstance(saved, dict)
+                else "its tune-settings.json cannot be read"
+            )
             raise ValueError(
                 f"Invalid out value: {str(path)!r} holds a search with other settings "
-                f"({_first_difference(saved, identity)}); give another --out, or delete it to "
-                "start over"
+                f"({what}); give another --out, or delete it to start over"
             )
         return
     if (path / "optuna-journal.log").exists():
@@ -533,17 +537,14 @@ def _claim_folder(path: Path, config: StudyConfig, spec: TuneSpec, base: MethodS
     write_json_atomic(record, identity)
 
 
-def _first_difference(saved: Any, now: Any, where: str = "") -> str:
-    """The first setting that differs, as ``key: saved -> now``."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        for key in sorted(set(saved) | set(now), key=str):
-            if saved.get(key) != now.get(key):
-                return _first_difference(saved.get(key), now.get(key), f"{where}{key}.")
-    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
-        for i, (a, b) in enumerate(zip(saved, now)):
-            if a != b:
-                return _first_difference(a, b, f"{where}{i}.")
-    return f"{where.rstrip('.') or 'settings'}: {saved!r} -> {now!r}"
+def _readable(identity: dict[str, Any]) -> dict[str, Any]:
+    """A search's identity keyed as its settings: one run's settings (``train.epochs``,
+    ``method.lr``, ...), the ``seeds``, and ``search.*``; not one entry per seed."""
+    runs = identity.get("runs")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        return identity
+    first = {k: v for k, v in (runs[0] if runs else {}).items() if k != "seed"}
+    return {**first, "seeds": [r.get("seed") for r in runs], "search": identity.get("search")}
 
 
 def _check_rho(
