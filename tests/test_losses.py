@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from optim_registry import all_equal, params_of, roundtrip, state_equal
 from torch import nn
@@ -14,6 +14,8 @@ from samkit.losses import MESA, SAF, trajectory_kl
 
 
 @given(seed=st.integers(0, 100), tau=st.floats(0.5, 10.0))
+# float32 rounding of 1.1e-7 here: over the old abs=1e-7 (AVX2 and scalar kernels alike)
+@example(seed=23, tau=7.857142857142857)
 def test_trajectory_kl_matches_hand_computation(seed, tau):
     g = torch.Generator().manual_seed(seed)
     z, t = (
@@ -23,12 +25,16 @@ def test_trajectory_kl_matches_hand_computation(seed, tau):
     q = torch.softmax(t / tau, -1)
     p = torch.softmax(z / tau, -1)
     expect = (q * (q.log() - p.log())).sum(-1).mean()
-    assert float(trajectory_kl(z, t, tau)) == pytest.approx(float(expect), rel=1e-5, abs=1e-7)
+    # trajectory_kl works in float32: each log-softmax entry (|log q| ~ 1.4 here)
+    # carries ~1e-7 of rounding, which depends on the CPU's exp/log kernels (the
+    # example above reached 1.1e-7). abs=1e-5 is 100x that scale and under 0.4% of
+    # the smallest KL on this domain (2.7e-3): KL(p||q) for KL(q||p) still fails on 97%
+    # of the examples, a sum for the mean on all.
+    tol = {"rel": 1e-5, "abs": 1e-5}
+    assert float(trajectory_kl(z, t, tau)) == pytest.approx(float(expect), **tol)
     mask = torch.tensor([True, False, True, False, False, True])
     expect_masked = ((q * (q.log() - p.log())).sum(-1) * mask).sum() / 6
-    assert float(trajectory_kl(z, t, tau, mask)) == pytest.approx(
-        float(expect_masked), rel=1e-5, abs=1e-7
-    )
+    assert float(trajectory_kl(z, t, tau, mask)) == pytest.approx(float(expect_masked), **tol)
     assert float(trajectory_kl(z, z, tau)) == pytest.approx(0.0, abs=1e-6)
 
 
