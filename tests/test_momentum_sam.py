@@ -105,7 +105,7 @@ def test_step_zero_is_the_base_optimizers_step_bit_for_bit():
     """Before the base optimizer's first step there is no momentum: no ascent, one pass at w."""
     x, y, w, b = _problem(5)
     w2, b2 = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
-    opt = samkit.MomentumSAM(torch.optim.SGD([w, b], lr=0.1, momentum=0.9, nesterov=True))
+    opt = samkit.MomentumSAM(torch.optim.SGD([w, b], lr=0.1, momentum=0.9, nesterov=True), rho=3.0)
     ref = torch.optim.SGD([w2, b2], lr=0.1, momentum=0.9, nesterov=True)
     w0 = w.detach().clone()
     seen = []
@@ -164,7 +164,9 @@ def test_policies_on_the_step_count_combine():
     for policy, expected in ((samkit.Late(2), [False, False, True, True]),
                              (samkit.EveryK(2, scale_rho=False), [False, False, True, False])):  # fmt: skip
         x, y, w, b = _problem(9)
-        opt = samkit.MomentumSAM(torch.optim.SGD([w, b], lr=0.05, momentum=0.9), policy=policy)
+        opt = samkit.MomentumSAM(
+            torch.optim.SGD([w, b], lr=0.05, momentum=0.9), rho=3.0, policy=policy
+        )
         ascended = []
         for _ in range(4):
             before = opt.ascents
@@ -179,19 +181,20 @@ def test_base_optimizers_without_a_momentum_are_refused():
     with pytest.raises(
         ValueError, match=r"Invalid base_optimizer value: SGD param group 0 has momentum=0"
     ):
-        samkit.MomentumSAM(torch.optim.SGD([w], lr=0.1))
+        samkit.MomentumSAM(torch.optim.SGD([w], lr=0.1), rho=3.0)
     with pytest.raises(
         ValueError, match="Invalid base_optimizer value: .*not of Adagrad; pass buffer="
     ):
-        samkit.MomentumSAM(torch.optim.Adagrad([w], lr=0.1))
+        samkit.MomentumSAM(torch.optim.Adagrad([w], lr=0.1), rho=3.0)
     # a group with rho 0 is not perturbed and needs no momentum
     v = nn.Parameter(torch.zeros(2))
     opt = samkit.MomentumSAM(
-        torch.optim.SGD([{"params": [w], "momentum": 0.9}, {"params": [v], "rho": 0.0}], lr=0.1)
+        torch.optim.SGD([{"params": [w], "momentum": 0.9}, {"params": [v], "rho": 0.0}], lr=0.1),
+        rho=3.0,
     )
     assert opt.buffer == "momentum_buffer"
     # any state entry, named explicitly
-    opt = samkit.MomentumSAM(torch.optim.Adagrad([w], lr=0.1), buffer="sum")
+    opt = samkit.MomentumSAM(torch.optim.Adagrad([w], lr=0.1), rho=3.0, buffer="sum")
     assert repr(opt.perturbation) == "Momentum(buffer='sum')"
 
 
@@ -201,10 +204,12 @@ def test_combinations_without_a_first_pass_are_refused():
         samkit.SAM(torch.optim.SGD([w], lr=0.1, momentum=0.9), perturbation=samkit.Momentum(),
                    mix=samkit.SurrogateGap(0.1))  # fmt: skip
     with pytest.raises(ValueError, match="Invalid policy value: .* decides from the first-pass"):
-        samkit.MomentumSAM(torch.optim.SGD([w], lr=0.1, momentum=0.9),
+        samkit.MomentumSAM(torch.optim.SGD([w], lr=0.1, momentum=0.9), rho=3.0,
                            policy=samkit.GradNormTrigger(10))  # fmt: skip
     with pytest.raises(ValueError, match="Invalid perturbation value"):
-        samkit.MomentumSAM(torch.optim.SGD([w], lr=0.1, momentum=0.9), perturbation=samkit.L2())
+        samkit.MomentumSAM(
+            torch.optim.SGD([w], lr=0.1, momentum=0.9), rho=3.0, perturbation=samkit.L2()
+        )
 
 
 @given(seed=st.integers(0, 1000), rho=st.floats(0.01, 5.0))
@@ -240,7 +245,7 @@ def test_a_buffer_the_base_optimizer_does_not_keep_is_refused(base, buffer):
         ValueError, match=rf"Invalid buffer value: '{buffer}' \(\w+ keeps its momentum"
     ):
         samkit.MomentumSAM(base([w]), rho=0.5, buffer=buffer)
-    assert samkit.MomentumSAM(torch.optim.Adam([w]), buffer="exp_avg").buffer == "exp_avg"
+    assert samkit.MomentumSAM(torch.optim.Adam([w]), rho=0.5, buffer="exp_avg").buffer == "exp_avg"
 
 
 def test_a_buffer_missing_from_another_optimizers_state_is_refused_once_it_has_stepped():
@@ -284,3 +289,19 @@ def test_sam_refuses_a_momentum_sams_state_dict_that_would_set_its_radius():
     sam.load_state_dict(msam.state_dict(), base_only=True)
     assert sam.param_groups[0]["rho"] == 0.05
     assert torch.equal(sam.state[w]["momentum_buffer"], msam.state[w]["momentum_buffer"])
+
+
+def test_rho_is_required_and_the_error_says_how_to_pick_it():
+    """The paper's rho = 3.0 was the default and put small models at chance (issue 20)."""
+    w = nn.Parameter(torch.zeros(3))
+    with pytest.raises(
+        ValueError, match=r"Invalid rho value: None; Momentum-SAM needs its radius"
+    ) as err:
+        samkit.MomentumSAM(torch.optim.SGD([w], lr=0.1, momentum=0.9))
+    msg = str(err.value)
+    for data_point in ("rho=3.0 for ResNet-50", "0.25-0.5", "samkit tune"):
+        assert data_point in msg
+    # the davda54 form too
+    with pytest.raises(ValueError, match="Invalid rho value: None"):
+        samkit.MomentumSAM([w], torch.optim.SGD, lr=0.1, momentum=0.9)
+    assert samkit.MomentumSAM(torch.optim.SGD([w], lr=0.1, momentum=0.9), rho=0.5).rho_key == "rho"

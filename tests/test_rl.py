@@ -287,3 +287,12 @@ def test_axis_differences_are_paired_by_seed_by_hand():
     assert "axes_vs_baseline" not in next(r for r in summary["summary"] if r["label"] == "ppo")
     text = rl.format_axis_tables(summary["summary"])
     assert f"(+{mean:.1f} +- {se:.1f})" in text
+
+
+def test_everyk_keeps_composers_rho_scaling():
+    """EveryK's default no longer scales rho (issue 20); the RL study's `everyk` still does."""
+    from samkit.experiments.grid import Variant
+
+    kwargs = rl._sam_arguments(Variant("everyk", "everyk", {"rho": 0.05, "k": 4}))
+    policy = kwargs["sam_kwargs"]["policy"]
+    assert (policy.k, policy.scale_rho) == (4, True)

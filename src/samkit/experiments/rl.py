@@ -124,7 +124,8 @@ def _sam_arguments(variant: Variant) -> dict[str, Any]:
     if variant.method == "asam":
         return {"rho": o["rho"], "adaptive": True}
     if variant.method == "everyk":
-        return {"rho": o["rho"], "sam_kwargs": {"policy": samkit.EveryK(int(o["k"]))}}
+        policy = samkit.EveryK(int(o["k"]), scale_rho=True)  # Composer's recipe, as documented
+        return {"rho": o["rho"], "sam_kwargs": {"policy": policy}}
     if variant.method == "looksam":
         return {
             "rho": o["rho"],

@@ -177,12 +177,13 @@ class ReuseOrthogonal(Mix):
     and on the steps in between (one pass each) it adds it back, scaled to
     the current gradient: :math:`g + \alpha \frac{\lVert g \rVert}{\lVert g_v \rVert} g_v`.
     Pair it with a policy that ascends every k steps (:class:`~samkit.LookSAM`
-    does). ``g_v`` is saved in the state dict.
+    does). ``g_v`` is saved in the state dict. ``alpha`` defaults to 0.2, as
+    LookSAM's (the paper's 0.7 is for ViTs; see :mod:`samkit.optim.looksam`).
     """
 
     name = "reuse_orthogonal"
 
-    def __init__(self, alpha: float = 0.7) -> None:
+    def __init__(self, alpha: float = 0.2) -> None:
         self.alpha = check_nonneg("alpha", alpha)
         self.first = GradientStore()
         self.orthogonal: dict[Tensor, Tensor] = {}  # g_v per parameter

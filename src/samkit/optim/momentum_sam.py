@@ -32,10 +32,12 @@ on ``w``, where the paper's SGD applies it at ``w~`` (a difference of
 
 The paper's radius is much larger than SAM's: rho = 3 in every experiment
 (CIFAR-100 WideResNet and ResNet-50, ImageNet ResNet-50 and ViT with AdamW),
-where SAM uses 0.2 on the same tasks (its repository's commands); that is
-the default here. It is an absolute length: on a 5k-parameter CNN (initial
-weight norm 5.5) rho = 3 destroys training and 0.5-0.75 works best
-(samkit's variants benchmark, docs/variants.md).
+where SAM uses 0.2 on the same tasks (its repository's commands). It is an
+absolute length, so no one value fits models of every size: on a
+5k-parameter CNN (initial weight norm 5.5) rho = 3 destroys training and
+0.5-0.75 works best (samkit's variants benchmark, docs/variants.md). So
+``rho`` has no default: a value left out is a ``ValueError`` that says how
+to pick one.
 
 MomentumSAM is :class:`~samkit.SAM` with the :class:`~samkit.Momentum`
 perturbation, whose ``needs_gradient = False`` makes ``step(closure)`` move
@@ -89,6 +91,15 @@ def momentum_buffer_key(base: torch.optim.Optimizer, rho_key: str = "rho") -> st
     )
 
 
+_NO_RHO = (
+    "Invalid rho value: None; Momentum-SAM needs its radius (rho=...): an absolute length, so "
+    "no one value fits every model. The paper uses rho=3.0 for ResNet-50 and WideResNet on "
+    "CIFAR/ImageNet; on samkit's 5k-parameter MNIST-1D CNN and 28k-parameter ResNet 3.0 puts "
+    "training near chance and 0.25-0.5 works with SGD (0.05-0.1 with Adam on the CNN). Check a "
+    "few values against SAM once, or search with `samkit tune` (docs/variants.md)"
+)
+
+
 class MomentumSAM(SAM):
     r"""Momentum-SAM (arXiv 2401.12033); see the module docstring.
 
@@ -96,10 +107,12 @@ class MomentumSAM(SAM):
         params_or_optimizer, base_optimizer: as :class:`~samkit.SAM`. The base
             optimizer needs a momentum: SGD or RMSprop with ``momentum > 0``,
             or Adam, AdamW, NAdam, RAdam, Adamax.
-        rho: the radius, ``||e|| = rho`` (default 3.0, the paper's, for its
-            ResNets and ViTs). It is absolute: on small models it must be
-            much smaller (0.5 on the 5k-parameter MNIST-1D CNN, where 3 puts
-            training at chance; docs/variants.md). Tune it once against SAM.
+        rho: the radius, ``||e|| = rho``; required (no default since 0.3,
+            which had the paper's 3.0). It is absolute, so it depends on the
+            model: the paper's 3.0 for ResNet-50 / WideResNet on CIFAR and
+            ImageNet (and ViTs), 0.5 on the 5k-parameter MNIST-1D CNN, where 3
+            puts training at chance (docs/variants.md). Tune it once against
+            SAM (``samkit tune``).
         buffer: the state key holding the momentum, for another optimizer
             (default: chosen from the base optimizer's type; for SGD, RMSprop
             and the Adam family only their own key is accepted). A key the
@@ -145,10 +158,12 @@ class MomentumSAM(SAM):
         params_or_optimizer: Any,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
-        rho: float = 3.0,
+        rho: float | None = None,
         buffer: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if rho is None:
+            raise ValueError(_NO_RHO)
         for name in ("perturbation", "adaptive", "mix"):
             if kwargs.get(name):
                 raise ValueError(
