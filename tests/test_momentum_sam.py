@@ -305,3 +305,26 @@ def test_rho_is_required_and_the_error_says_how_to_pick_it():
     with pytest.raises(ValueError, match="Invalid rho value: None"):
         samkit.MomentumSAM([w], torch.optim.SGD, lr=0.1, momentum=0.9)
     assert samkit.MomentumSAM(torch.optim.SGD([w], lr=0.1, momentum=0.9), rho=0.5).rho_key == "rho"
+
+
+def test_the_momentum_perturbation_with_sgds_key_on_adam_is_refused_naming_adams_key():
+    """SAM(adam, perturbation=Momentum()) looked for "momentum_buffer" and never perturbed."""
+    x, y, w, b = _problem(2)
+
+    def closure():
+        loss = _loss(x, y, w, b)
+        loss.backward()
+        return loss
+
+    opt = samkit.SAM(torch.optim.Adam([w, b], lr=0.01), rho=0.1, perturbation=samkit.Momentum())
+    opt.step(closure)  # step 0: no state yet, a plain step
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"Momentum\('exp_avg'\) for the Adam family"):
+        opt.step(closure)
+    opt = samkit.SAM(
+        torch.optim.Adam([w, b], lr=0.01), rho=0.1, perturbation=samkit.Momentum("exp_avg")
+    )
+    for _ in range(2):
+        opt.step(closure)
+        opt.zero_grad()
+    assert opt.ascents == 1

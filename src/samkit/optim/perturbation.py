@@ -183,8 +183,8 @@ class Momentum(Perturbation):
                 raise ValueError(
                     f"Invalid buffer value: {self.buffer!r} is not in the base optimizer's state, "
                     f"which has stepped and keeps {sorted(str(k) for k in entry)}; Momentum-SAM "
-                    "would never perturb. Pass the key of its momentum (or buffer=None for "
-                    "SGD, RMSprop and the Adam family)"
+                    "would never perturb. Pass the key of its momentum (Momentum('exp_avg') for "
+                    "the Adam family), or use samkit.MomentumSAM(base, rho=...), which picks it"
                 )
 
     def direction_(self, params, grads, scratch, group, *, foreach):
