@@ -682,7 +682,7 @@ METHODS: list[MethodInfo] = [
     ),
     MethodInfo(
         "msam",
-        lambda base, net, **kw: samkit.MSAM(base, **kw),
+        lambda base, net, **kw: samkit.MicroBatchSAM(base, **kw),
         {"rho": 0.05, "micro_batches": 3},
         closure_kind="micro_batch",
         micro_batches=3,

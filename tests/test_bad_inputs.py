@@ -61,7 +61,7 @@ COMPARE = [
     (["--optimizers", "sgd", "sam:lr=0"], "lr"),
     (["--optimizers", "sgd", "sam:momentum=1"], "momentum"),
     (["--optimizers", "sgd", "sam:base=lbfgs"], "base"),
-    (["--amp", "fp16", "--optimizers", "sgd", "looksam"], "fp16"),
+    (["--amp", "fp16", "--optimizers", "sgd", "msam"], "fp16"),
     # values that used to fall back to defaults silently
     (["--optimizers", "sgd", "--rho", ""], "rho"),
     (["--optimizers", "sgd", "--out", ""], "out"),
@@ -189,7 +189,7 @@ TUNE = [
     (["--sampler-seed", "-1"], "sampler_seed"),
     (["--trials", "100000"], "trials"),
     (["--method", "asam", "--grid", "0.1", "--base", "rmsprop"], "base"),
-    (["--method", "looksam", "--grid", "0.1", "--amp", "fp16"], "fp16"),
+    (["--method", "msam", "--grid", "0.1", "--amp", "fp16"], "fp16"),
     (["--epochs", "0"], "epochs"),
 ]
 

@@ -210,3 +210,17 @@ def test_stored_first_pass_gradients_follow_a_dtype_change(make):
     stored = list(mix.first.buffers.values()) + list(getattr(mix, "orthogonal", {}).values())
     assert stored and all(t.dtype is torch.float64 for t in stored)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_the_follow_lr_hint_is_given_for_an_lr_range_error_only():
+    """An lr not above lr_min gets the follow_lr=False hint (FollowLR has no range to
+    follow); another error that merely names lr_max does not (it was decided by
+    matching "lr_max" in the message)."""
+    w = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"Invalid lr_max value: 0\.1 .*follow_lr=False"):
+        samkit.GSAM(torch.optim.SGD([w], lr=0.1), lr_min=0.1)
+    with pytest.raises(ValueError, match=r"Invalid lr_max value: 0\.0 .*follow_lr=False"):
+        samkit.GSAM(torch.optim.SGD([w], lr=0.0))
+    assert samkit.GSAM(torch.optim.SGD([w], lr=0.0), follow_lr=False).param_groups[0]["rho"] == 0.05
+    with pytest.raises(ValueError, match=r"got extra \['lr_max'\]\)$"):
+        samkit.GSAM(torch.optim.SGD([w], lr=0.1), lr_max=0.5)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import samkit
-from samkit.optim.msam import MSAM
+from samkit.optim.msam import MicroBatchSAM
 from samkit.optim.policy import EveryK
 
 
@@ -29,7 +29,7 @@ def _grad(w, x, y):
 def test_update_matches_hand_computation(seed, m, rho):
     x, y, w = _problem(seed)
     lr = 0.1
-    opt = MSAM(torch.optim.SGD([w], lr=lr), rho=rho, micro_batches=m)
+    opt = MicroBatchSAM(torch.optim.SGD([w], lr=lr), rho=rho, micro_batches=m)
     xs, ys = x.chunk(m), y.chunk(m)
     w0 = w.detach().clone()
 
@@ -52,7 +52,7 @@ def test_update_matches_hand_computation(seed, m, rho):
 def test_one_micro_batch_is_sam_bit_for_bit():
     x, y, w = _problem(1)
     w2 = nn.Parameter(w.detach().clone())
-    opt = MSAM(torch.optim.SGD([w], lr=0.1, momentum=0.9), rho=0.05, micro_batches=1)
+    opt = MicroBatchSAM(torch.optim.SGD([w], lr=0.1, momentum=0.9), rho=0.05, micro_batches=1)
     sam = samkit.SAM(torch.optim.SGD([w2], lr=0.1, momentum=0.9), rho=0.05)
     for _ in range(3):
 
@@ -96,11 +96,50 @@ def _closure(model, x, y, m):
 def test_unsupported_combinations_raise_clear_errors():
     w = nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="Invalid policy value: mSAM ascends on every micro-batch"):
-        MSAM(torch.optim.SGD([w], lr=0.1), policy=EveryK(2))
+        MicroBatchSAM(torch.optim.SGD([w], lr=0.1), policy=EveryK(2))
     with pytest.raises(ValueError, match="Invalid micro_batches value: 0"):
-        MSAM(torch.optim.SGD([w], lr=0.1), micro_batches=0)
-    opt = MSAM(torch.optim.SGD([w], lr=0.1))
+        MicroBatchSAM(torch.optim.SGD([w], lr=0.1), micro_batches=0)
+    opt = MicroBatchSAM(torch.optim.SGD([w], lr=0.1))
     with pytest.raises(
         ValueError, match="Invalid scaler value: mSAM does not support a GradScaler"
     ):
         opt.step(lambda j: w.sum(), scaler=torch.amp.GradScaler("cpu"))
+
+
+def test_msam_is_a_deprecated_alias_of_micro_batch_sam():
+    """``MSAM`` (samkit 0.2's name; Momentum-SAM's paper calls its method MSAM) still
+    builds micro-batch SAM, with a DeprecationWarning; it is not in ``__all__``."""
+    import samkit
+    from samkit.optim.msam import MSAM
+
+    assert samkit.MSAM is MSAM and "MSAM" not in samkit.__all__
+    assert "MicroBatchSAM" in samkit.__all__ and samkit.MicroBatchSAM is MicroBatchSAM
+    w = nn.Parameter(torch.ones(3))
+    with pytest.warns(DeprecationWarning, match="MicroBatchSAM"):
+        old = samkit.MSAM(torch.optim.SGD([w], lr=0.1), micro_batches=2)
+    assert isinstance(old, MicroBatchSAM) and old.micro_batches == 2
+    new = MicroBatchSAM(torch.optim.SGD([w], lr=0.1), micro_batches=2)
+    assert old.method == new.method and new.method["class"] == "MicroBatchSAM"
+
+
+def test_a_state_dict_written_by_msam_loads_into_micro_batch_sam():
+    """A checkpoint of samkit 0.2's ``MSAM`` records class "MSAM": the same method."""
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = MicroBatchSAM(torch.optim.SGD([w], lr=0.1, momentum=0.9), rho=0.05, micro_batches=2)
+    xs = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def closure(j):
+        loss = (xs[2 * j : 2 * j + 2] @ w).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    sd = opt.state_dict()
+    sd["samkit"]["method"]["class"] = "MSAM"
+    fresh = MicroBatchSAM(torch.optim.SGD([w], lr=0.1, momentum=0.9), rho=0.05, micro_batches=2)
+    fresh.load_state_dict(sd)
+    assert fresh.steps == opt.steps
+    assert torch.equal(
+        fresh.base_optimizer.state[w]["momentum_buffer"],
+        opt.base_optimizer.state[w]["momentum_buffer"],
+    )

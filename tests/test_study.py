@@ -301,10 +301,43 @@ def test_registry_capabilities_and_default_study():
 
     assert "msam" not in _method_tokens(None) and "mesa" not in _method_tokens(None)
     assert set(_method_tokens(["all"])) == set(list_methods())
-    assert not method_info("gsam").supports_scaler and method_info("sam").supports_scaler
+    assert method_info("gsam").supports_scaler and method_info("sam").supports_scaler
+    assert method_info("looksam").supports_scaler and not method_info("msam").supports_scaler
     assert method_info("saf").needs_index and method_info("esam").per_sample_loss
     with pytest.raises(ValueError, match="capability"):
         register_method("x-bad", lambda m, s: None, description="x", fast=True)
     with pytest.raises(ValueError, match="Invalid rho value"):
         MethodSpec("sam", options={"rho": float("nan")})
     assert MethodSpec("sam", options={"rho": "auto"}).options["rho"] == "auto"  # the builder's call
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_supports_scaler_says_what_the_optimizer_does(name):
+    """A method declares ``supports_scaler`` exactly when its step takes a GradScaler
+    (GSAM and LookSAM do: both passes are unscaled before mixing; mSAM refuses one)."""
+    from samkit.experiments.registry import Amp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    )
+    method = build_method(name, model, TrainSpec(total_steps=4, steps_per_epoch=2, epochs=2))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    method.amp = Amp("cpu", torch.bfloat16, scaler)
+    x, y, idx = torch.randn(8, 4), torch.randint(0, 3, (8,)), torch.arange(8)
+
+    def loss_fn(out, t):
+        return torch.nn.functional.cross_entropy(out, t, reduction="none")
+
+    before = [p.detach().clone() for p in model.parameters()]
+    if not method_info(name).supports_scaler:  # its optimizer refuses the scaler up front
+
+        def closure(*args):
+            raise AssertionError("the closure ran")
+
+        with pytest.raises(ValueError, match="Invalid scaler value"):
+            method.optimizer.step(closure, scaler=scaler)
+        return
+    loss = method.step(model, x, y, idx, loss_fn)
+    assert torch.isfinite(loss) and scaler.get_scale() == 2.0**8
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))

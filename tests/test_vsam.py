@@ -117,3 +117,43 @@ def test_vsam_assembles_the_schedule_and_the_reuse():
         samkit.VSAM(torch.optim.SGD([w], lr=0.1), warmup_steps=1, mix=samkit.ReusePSF())
     with pytest.raises(ValueError, match=r"Invalid blocks value: 6 \(must be <= window = 5\)"):
         samkit.PSFVariation(0, window=5, blocks=6)
+
+
+def test_stored_psf_follows_a_dtype_change():
+    """model.double() between steps: the kept psf is re-made in float64 (it was kept in
+    float32, rounding g_s - g); the run matches one that was float64 from the start."""
+    import copy
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def build(model):
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        return samkit.VSAM(base, warmup_steps=2, window=2, blocks=1, rho=0.05)
+
+    def step(model, opt):
+        dtype = model[0].weight.dtype
+
+        def closure():
+            loss = nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype))
+            loss.backward()
+            return loss
+
+        opt.zero_grad()
+        opt.step(closure)
+
+    opt_a = build(a)
+    step(a, opt_a)  # a float32 SAM step: psf is allocated in float32
+    b = copy.deepcopy(a).double()
+    a.double()
+    opt_b = build(b)
+    opt_b.load_state_dict(opt_a.state_dict())
+    ascents, reused = opt_a.ascents, opt_a.reused
+    for _ in range(8):
+        step(a, opt_a)
+        step(b, opt_b)
+    assert opt_a.ascents > ascents and opt_a.reused > reused  # both kinds of step ran
+    psf = list(opt_a.mix.psf.values())
+    assert psf and all(t.dtype is torch.float64 for t in psf)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

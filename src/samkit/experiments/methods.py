@@ -31,7 +31,6 @@ from .. import (
     GSAM,
     KSAM,
     MESA,
-    MSAM,
     SAF,
     SAM,
     VSAM,
@@ -39,6 +38,7 @@ from .. import (
     Fisher,
     Late,
     LookSAM,
+    MicroBatchSAM,
     MomentumSAM,
     NormOnly,
     RandomPolicy,
@@ -215,7 +215,6 @@ def _late_sam(model, spec, *, rho: float, fraction: float) -> Method:
     description="GSAM, Zhuang et al. 2022 (arXiv 2203.08065): surrogate-gap ascent, rho follows "
     "lr; 2 passes",
     defaults={"rho": 0.05, "alpha": 0.1, "rho_min": 0.0},
-    supports_scaler=False,
 )
 def _gsam(model, spec, *, rho: float, alpha: float, rho_min: float) -> Method:
     opt = GSAM(_base(model, spec), rho=rho, alpha=alpha, rho_min=rho_min, model=model)
@@ -228,7 +227,6 @@ def _gsam(model, spec, *, rho: float, alpha: float, rho_min: float) -> Method:
     "between; 1 + 1/k passes (alpha 0.2 here: the paper's 0.7 broke training on small models, "
     "docs/variants.md)",
     defaults={"rho": 0.05, "k": 5, "alpha": 0.2},
-    supports_scaler=False,
 )
 def _looksam(model, spec, *, rho: float, k: int, alpha: float) -> Method:
     opt = LookSAM(_base(model, spec), rho=rho, k=k, alpha=alpha, model=model)
@@ -281,7 +279,7 @@ class MSAMMethod(Method):
     name = "msam"
 
     def step(self, model, x, y, idx, loss_fn):
-        opt: MSAM = self.optimizer  # type: ignore[assignment]
+        opt: MicroBatchSAM = self.optimizer  # type: ignore[assignment]
         m = min(opt.micro_batches, y.shape[0])
         xs, ys = x.chunk(m), y.chunk(m)
         n = y.shape[0]
@@ -307,7 +305,9 @@ class MSAMMethod(Method):
     supports_scaler=False,
 )
 def _msam(model, spec, *, rho: float, micro_batches: int) -> Method:
-    return MSAMMethod(MSAM(_base(model, spec), rho=rho, micro_batches=micro_batches, model=model))
+    return MSAMMethod(
+        MicroBatchSAM(_base(model, spec), rho=rho, micro_batches=micro_batches, model=model)
+    )
 
 
 # ------------------------------------------------------------- loss terms

@@ -5,7 +5,7 @@ A variant is SAM with a *perturbation* (how the ascent vector is made), a
 receives from the two gradients), plus optionally a rho *controller*. GSAM and
 LookSAM are such combinations with constructors of their own, and so is
 MomentumSAM (the Momentum perturbation, made before the only pass); ESAM,
-K-SAM and mSAM change the step itself and use SAM's public protocol.
+K-SAM and mSAM (:class:`MicroBatchSAM`) change the step itself and use SAM's public protocol.
 
 SAF and MESA are loss terms, not optimizers: see :mod:`samkit.losses`.
 """
@@ -18,7 +18,8 @@ from .ksam import KSAM
 from .looksam import LookSAM
 from .mix import Mix, ReuseOrthogonal, SurrogateGap
 from .momentum_sam import MomentumSAM
-from .msam import MSAM
+from .msam import MSAM as MSAM  # deprecated alias of MicroBatchSAM, not in __all__
+from .msam import MicroBatchSAM
 from .perturbation import (
     L2,
     Adaptive,
@@ -40,7 +41,7 @@ __all__ = [
     "GSAM",
     "LookSAM",
     "ESAM",
-    "MSAM",
+    "MicroBatchSAM",
     "MomentumSAM",
     "KSAM",
     "VSAM",

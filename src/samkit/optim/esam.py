@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_unit_interval
+from . import _compile
 from .perturbation import Perturbation, RandomSubset
 from .sam import SAM
 
@@ -119,7 +120,7 @@ class ESAM(SAM):
         m = max(1, math.ceil(self.gamma * n))
         return torch.topk((after - before).reshape(-1), m, sorted=False).indices
 
-    @torch.compiler.disable(recursive=False)
+    @_compile.disable_frame
     def step(  # type: ignore[override]
         self,
         closure: Callable[..., Tensor] | None = None,

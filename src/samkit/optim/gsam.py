@@ -33,7 +33,7 @@ import torch
 
 from .._checks import check_flag, check_rho
 from .mix import SurrogateGap
-from .rho import FollowLR
+from .rho import FollowLR, LrRangeError
 from .sam import SAM
 
 __all__ = ["GSAM"]
@@ -98,10 +98,8 @@ class GSAM(SAM):
             radius = FollowLR(rho, rho_min=rho_min, lr_min=lr_min) if follow_lr else rho
         try:
             super().__init__(params_or_optimizer, base_optimizer, rho=radius, mix=mix, **kwargs)
-        except ValueError as err:
-            if follow_lr and "lr_max" in str(err):
-                raise ValueError(f"{err} -- or pass follow_lr=False to keep rho fixed") from None
-            raise
+        except LrRangeError as err:  # only FollowLR raises it: a group's lr is not above lr_min
+            raise ValueError(f"{err} -- or pass follow_lr=False to keep rho fixed") from None
 
     @property
     def alpha(self) -> float:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_unit_interval
+from . import _compile
 from .batchnorm import freeze_bn_stats
 from .esam import backward_mean
 from .sam import SAM
@@ -97,7 +98,7 @@ class KSAM(SAM):
         k = max(1, math.ceil(self.fraction * n))
         return torch.topk(losses.reshape(-1), k, sorted=False).indices
 
-    @torch.compiler.disable(recursive=False)
+    @_compile.disable_frame
     def step(  # type: ignore[override]
         self,
         closure: Callable[..., Tensor] | None = None,

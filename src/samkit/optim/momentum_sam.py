@@ -1,7 +1,7 @@
 r"""Momentum-SAM: SAM at SGD's cost (Becker, Altrock and Risse, 2024, arXiv 2401.12033).
 
 SAM spends a second forward/backward pass on the ascent direction
-:math:`g_t / \lVert g_t \rVert`. Momentum-SAM (MSAM) takes the direction
+:math:`g_t / \lVert g_t \rVert`. Momentum-SAM takes the direction
 from the base optimizer's momentum :math:`v_t` instead, which exists already:
 
 .. math::
@@ -15,7 +15,7 @@ few passes over the weights (the norm of ``v``, the backup, the restore).
 For SGD with momentum ``v`` is the momentum buffer (``-lr v`` is the update,
 so ``-v`` points where the optimizer is heading: a normalised Nesterov
 look-ahead of length rho); for Adam it is the first moment ``m``, the
-paper's rule for Adam (its AdamW-MSAM; normalised, the bias correction of
+paper's rule for Adam (its AdamW variant; normalised, the bias correction of
 ``m`` drops out). The norm runs over every perturbed parameter group, as
 SAM's does.
 

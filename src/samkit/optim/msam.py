@@ -18,6 +18,7 @@ per-replica m-sharpness.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,14 +26,18 @@ import torch
 from torch import Tensor
 
 from .. import functional
-from . import _ddp
+from . import _compile, _ddp
 from .sam import SAM
 
-__all__ = ["MSAM"]
+__all__ = ["MicroBatchSAM", "MSAM"]
 
 
-class MSAM(SAM):
-    r"""mSAM (arXiv 2302.09693); see the module docstring.
+class MicroBatchSAM(SAM):
+    r"""mSAM, micro-batch SAM (arXiv 2302.09693); see the module docstring.
+
+    Named ``MSAM`` up to samkit 0.2 (that name is a deprecated alias: "MSAM"
+    is also what the Momentum-SAM paper calls its method,
+    :class:`~samkit.optim.momentum_sam.MomentumSAM`).
 
     Args:
         params_or_optimizer, base_optimizer: as :class:`~samkit.SAM`.
@@ -86,7 +91,27 @@ class MSAM(SAM):
         self._acc: dict[Tensor, Tensor] = {}
 
     def __repr__(self) -> str:
-        return f"MSAM(rho={self._sam_defaults['rho']}, micro_batches={self.micro_batches}, base={self.base_optimizer!r})"
+        return f"MicroBatchSAM(rho={self._sam_defaults['rho']}, micro_batches={self.micro_batches}, base={self.base_optimizer!r})"
+
+    @property
+    def method(self) -> dict[str, str | None]:
+        """As :attr:`SAM.method`; the deprecated ``MSAM`` alias records ``MicroBatchSAM``."""
+        method = super().method
+        if method["class"] == "MSAM":
+            method["class"] = "MicroBatchSAM"
+        return method
+
+    def load_state_dict(  # type: ignore[override]
+        self, state_dict: dict[str, Any], *, base_only: bool = False
+    ) -> None:
+        """As :meth:`SAM.load_state_dict`; a state dict written by samkit 0.2's
+        ``MSAM`` (the same method) loads too."""
+        own = state_dict.get("samkit") if isinstance(state_dict, dict) else None
+        written = own.get("method") if isinstance(own, dict) else None
+        if isinstance(written, dict) and written.get("class") == "MSAM":
+            own = {**own, "method": {**written, "class": "MicroBatchSAM"}}
+            state_dict = {**state_dict, "samkit": own}
+        super().load_state_dict(state_dict, base_only=base_only)
 
     def _accumulate(self, into: dict[Tensor, Tensor]) -> None:
         """Add the current gradients into this step's accumulators (buffers allocated once)."""
@@ -101,7 +126,7 @@ class MSAM(SAM):
             ).items():
                 functional.add_(bucket_acc, bucket_grads, foreach=self.foreach)
 
-    @torch.compiler.disable(recursive=False)
+    @_compile.disable_frame
     def step(  # type: ignore[override]
         self,
         closure: Callable[[int], Tensor] | None = None,
@@ -111,7 +136,7 @@ class MSAM(SAM):
         """One mSAM step over ``micro_batches`` calls of ``closure(j)``; returns the mean loss at ``w``."""
         if closure is None:
             raise RuntimeError(
-                "MSAM.step() needs a closure(j) that does forward + backward on micro-batch j"
+                "MicroBatchSAM.step() needs a closure(j) that does forward + backward on micro-batch j"
             )
         if scaler is not None and scaler.is_enabled():
             raise ValueError(
@@ -158,3 +183,17 @@ class MSAM(SAM):
                     functional.mul_(bucket, 1.0 / m, foreach=self.foreach)
         self.second_step()
         return torch.stack(losses).mean()
+
+
+class MSAM(MicroBatchSAM):
+    """Deprecated alias of :class:`MicroBatchSAM` (renamed in samkit 0.3: Momentum-SAM
+    is "MSAM" in its paper); constructing it warns ``DeprecationWarning``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        warnings.warn(
+            "samkit.MSAM is deprecated: it was renamed MicroBatchSAM (micro-batch SAM); "
+            "MSAM will be removed in a later release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(*args, **kwargs)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
+from .. import functional
 from .._checks import check_pos as _check_pos
 
 __all__ = [
@@ -86,7 +86,7 @@ class Perturbation:
         *,
         foreach: bool,
     ) -> Tensor:
-        return F.sq_norm(grads, foreach=foreach)
+        return functional.sq_norm(grads, foreach=foreach)
 
     def direction_(
         self,
@@ -128,12 +128,12 @@ class Adaptive(Perturbation):
     name = "adaptive"
 
     def measure_(self, params, grads, scratch, group, *, foreach):
-        F.abs_plus_(scratch, params, group["eta"], foreach=foreach)  # scratch = T_w
-        F.mul_(grads, scratch, foreach=foreach)  # u = T g
-        return F.sq_norm(grads, foreach=foreach)
+        functional.abs_plus_(scratch, params, group["eta"], foreach=foreach)  # scratch = T_w
+        functional.mul_(grads, scratch, foreach=foreach)  # u = T g
+        return functional.sq_norm(grads, foreach=foreach)
 
     def direction_(self, params, grads, scratch, group, *, foreach):
-        F.mul_(grads, scratch, foreach=foreach)  # d = T^2 g
+        functional.mul_(grads, scratch, foreach=foreach)  # d = T^2 g
 
 
 class Momentum(Perturbation):
@@ -188,7 +188,7 @@ class Momentum(Perturbation):
                 )
 
     def direction_(self, params, grads, scratch, group, *, foreach):
-        F.neg_(grads, foreach=foreach)  # d = -v
+        functional.neg_(grads, foreach=foreach)  # d = -v
 
     def __repr__(self) -> str:
         return f"Momentum(buffer={self.buffer!r})"
@@ -222,7 +222,7 @@ class Fisher(Perturbation):
 
     def measure_(self, params, grads, scratch, group, *, foreach):
         # scratch = sqrt(1 + eta g^2), then u = g / scratch
-        F.copy_(scratch, grads, foreach=foreach)
+        functional.copy_(scratch, grads, foreach=foreach)
         if foreach:
             torch._foreach_mul_(scratch, scratch)
             torch._foreach_mul_(scratch, self.eta)
@@ -233,7 +233,7 @@ class Fisher(Perturbation):
             for s, g in zip(scratch, grads):
                 s.mul_(s).mul_(self.eta).add_(1.0).sqrt_()
                 g.div_(s)
-        return F.sq_norm(grads, foreach=foreach)
+        return functional.sq_norm(grads, foreach=foreach)
 
     def direction_(self, params, grads, scratch, group, *, foreach):
         if foreach:
@@ -308,7 +308,7 @@ class Masked(Perturbation):
         if off:
             g_off = [grads[i] for i in off]
             # 0 * ||g_off||^2 is 0 when finite and NaN otherwise
-            total = F.sq_norm(g_off, foreach=foreach) * 0.0
+            total = functional.sq_norm(g_off, foreach=foreach) * 0.0
             if foreach:
                 torch._foreach_zero_(g_off)
             else:
@@ -465,8 +465,8 @@ class RandomSubset(Perturbation):
         inv = 1.0 / self.beta
         for s in scratch:
             s.lt_(self.beta)  # m = [u < beta], as 1.0 / 0.0 in the weights' dtype
-        F.mul_(grads, scratch, foreach=foreach)
-        F.mul_(grads, inv, foreach=foreach)
+        functional.mul_(grads, scratch, foreach=foreach)
+        functional.mul_(grads, inv, foreach=foreach)
 
     def state_dict(self) -> dict[str, Any]:
         states = {k: g.get_state() for k, g in self._gens.items()}

@@ -49,6 +49,10 @@ def _groups(optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, Any]], str
     return optimizer.param_groups, key
 
 
+class LrRangeError(ValueError):
+    """A group's peak learning rate is not above ``lr_min``: rho has no lr range to follow."""
+
+
 class ProportionalRho:
     """Keep rho proportional to the learning rate (GSAM's schedule).
 
@@ -101,7 +105,7 @@ class ProportionalRho:
             rmax = float(g[self.key]) if rho_max is None else float(rho_max)
             lmax = float(g.get("initial_lr", g["lr"])) if lr_max is None else float(lr_max)
             if not lmax > self.lr_min:
-                raise ValueError(
+                raise LrRangeError(
                     f"Invalid lr_max value: {lmax!r} for group {i} (must be > lr_min={self.lr_min})"
                 )
             if rmax < self.rho_min:

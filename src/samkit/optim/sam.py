@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from .._checks import MAX_RHO, check_flag, check_nonneg, check_pos, check_rho
-from . import _amp, _ddp, _fsdp, autorho
+from . import _amp, _compile, _ddp, _fsdp, autorho
 from .batchnorm import freeze_bn_stats
 from .mix import Mix
 from .perturbation import L2, Adaptive, Perturbation
@@ -74,11 +74,12 @@ def _protocol(method: Callable[..., Any]) -> Callable[..., Any]:
     """A step method: under ``no_grad``, and opaque to ``torch.compile``.
 
     Under compilation it runs as ``torch.compiler.disable`` (dynamo would drop
-    SAM's attribute writes); in eager mode it skips that wrapper and the
-    ``no_grad`` decorator, which together cost more per step than SAM's own
+    SAM's attribute writes), made on first use (:mod:`._compile`: no
+    ``torch._dynamo`` import at load); in eager mode it skips that wrapper and
+    the ``no_grad`` decorator, which together cost more per step than SAM's own
     bookkeeping on a small model, and sets the grad mode directly.
     """
-    compiled = torch.compiler.disable(torch.no_grad()(method))
+    compiled = _compile.disable(torch.no_grad()(method))
 
     @functools.wraps(method)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -657,7 +658,7 @@ class SAM(torch.optim.Optimizer):
         """
         self._close_step()
 
-    @torch.compiler.disable(recursive=False)
+    @_compile.disable_frame
     def step(  # type: ignore[override]
         self,
         closure: Callable[[], Tensor] | None = None,

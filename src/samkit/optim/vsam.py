@@ -103,12 +103,8 @@ class ReusePSF(Mix):
         params, g, g_s = self.first.pairs()
         if not g_s:
             return
-        stored = []
-        for p, second in zip(params, g_s):
-            buffer = self.psf.get(p)
-            if buffer is None:
-                buffer = self.psf[p] = torch.empty_like(second, memory_format=torch.preserve_format)
-            stored.append(buffer)
+        # allocated once, re-made if g_s changed dtype, device or shape (model.double())
+        stored = functional.buffers_like(self.psf, params, g_s)
         for (_, _), (out, second, first) in functional.group_by_device(stored, g_s, g).items():
             functional.copy_(out, second, foreach=view.foreach)
             functional.add_(out, first, alpha=-1.0, foreach=view.foreach)  # psf = g_s - g
