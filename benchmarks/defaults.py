@@ -215,7 +215,7 @@ ROWS: list[Row] = [
         lambda c: SAMMethod(samkit.LookSAM(c.base), "looksam"),
     ),
     Row("ESAM", ("ESAM",), lambda c: ESAMMethod(samkit.ESAM(c.base))),
-    Row("MSAM (micro-batch)", ("MSAM",), lambda c: MSAMMethod(samkit.MSAM(c.base))),
+    Row("MicroBatchSAM", ("MicroBatchSAM",), lambda c: MSAMMethod(samkit.MicroBatchSAM(c.base))),
     Row("KSAM", ("KSAM",), lambda c: KSAMMethod(samkit.KSAM(c.base))),
     Row(
         "MomentumSAM",
