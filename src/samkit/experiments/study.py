@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from .._atomic import write_json_atomic as _write_json_atomic
+from .engine import Cell, Executor, InProcess, make_executor, run_cells
 from .folder import study_folder
 from .problem import Data, Problem, first_sample
 from .registry import build_method, method_info
@@ -437,6 +438,71 @@ def _check_states(config: StudyConfig, out: Path) -> None:
 
 
 # ------------------------------------------------------------------- runs
+@dataclass
+class CompareRun:
+    """One (method, seed) run of a comparative study: the task the engine executes.
+
+    Picklable (the study's settings, the method, the seed), so a worker
+    process or a Ray node can train it; the problem is built once per
+    process (``context.cache``) from the settings.
+    """
+
+    config: StudyConfig
+    spec: MethodSpec
+    seed: int
+    key: str
+    run_cfg: dict[str, Any]
+    do_sharp: bool
+    problem_key: str
+
+    def __call__(self, folder: Path, ctx: Any) -> dict[str, Any]:
+        problem = ctx.cache.get(self.problem_key)
+        if problem is None:
+            problem = ctx.cache[self.problem_key] = self.config.problem()
+        data = problem.load(self.seed)
+        return _execute(
+            self.config,
+            problem,
+            self.spec,
+            self.seed,
+            data,
+            self.key,
+            folder,
+            self.run_cfg,
+            self.do_sharp,
+            ctx.progress,
+            ctx.log,
+            resolve_device(self.config.device),
+        )
+
+
+def study_cells(config: StudyConfig, runs_dir: Path, *, threads: int | None = None) -> list[Cell]:
+    """The study's runs as engine cells, seed by seed (a run's identity: :func:`_run_config`,
+    with ``threads`` when the runs are pinned to a number of torch threads)."""
+    do_sharp = config.sharpness and sharpness_available()
+    problem_key = "compare:" + json.dumps(_normalise(config.to_dict()), sort_keys=True)
+    cells = []
+    for seed in config.seeds:
+        for spec in config.methods:
+            key = run_key(spec.label, seed)
+            run_cfg = _run_config(config, spec, seed)
+            if threads is not None:
+                run_cfg["threads"] = threads
+            run_cfg = _normalise(run_cfg)
+            task = CompareRun(config, spec, seed, key, run_cfg, do_sharp, problem_key)
+            cells.append(
+                Cell(
+                    f"{spec.label} seed {seed}",
+                    runs_dir,
+                    key,
+                    run_cfg,
+                    task,
+                    cleanup=(f"{key}.state.pt",),
+                )
+            )
+    return cells
+
+
 def run_study(
     config: StudyConfig,
     out_dir: str | os.PathLike[str],
@@ -444,68 +510,53 @@ def run_study(
     progress: bool | None = None,
     log: Callable[[str], None] | None = print,
     problem: Problem | None = None,
+    jobs: int | str = 1,
+    threads: int | None = None,
+    ray: str | None = None,
+    gpus_per_run: float | None = None,
+    executor: Executor | None = None,
 ) -> list[RunResult]:
     """Run (or resume) every (method x seed) run; returns them in grid order.
 
     ``log`` receives one line per run (None: silent); ``progress`` controls
     the per-epoch progress bar (default: when stderr is a TTY). Holds the
-    folder's lock while it runs.
+    folder's lock while it runs. ``jobs``, ``threads``, ``ray`` and
+    ``gpus_per_run`` choose the executor (:func:`~samkit.experiments.engine.make_executor`);
+    a run pinned to a number of torch threads records it in its config.
     """
     problem = problem or config.problem()
-    device = resolve_device(config.device)
+    if executor is None:
+        executor = make_executor(
+            jobs, threads, ray=ray, gpus_per_run=gpus_per_run, progress=progress, log=log
+        )
     with study_folder(out_dir) as out:
         runs_dir = out / "runs"
         runs_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "config.json", config.to_dict())
-        do_sharp = config.sharpness and sharpness_available()
-        grid = [(spec, seed) for seed in config.seeds for spec in config.methods]
-        results: list[RunResult] = []
-        for i, (spec, seed) in enumerate(grid, 1):
-            key = run_key(spec.label, seed)
-            result_path = runs_dir / f"{key}.json"
-            run_cfg = _normalise(_run_config(config, spec, seed))
-            if result_path.is_file():
-                try:
-                    done = json.loads(result_path.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    done = None
-                if isinstance(done, dict) and done.get("config") == run_cfg:
-                    results.append(RunResult(key, spec.label, seed, done, executed=False))
-                    if log:
-                        log(f"[{i}/{len(grid)}] {spec.label} seed {seed}: done before, skipped")
-                    continue
-            data = problem.load(seed)
-            record = _execute(
-                config,
-                problem,
-                spec,
-                seed,
-                data,
-                key,
-                runs_dir,
-                run_cfg,
-                do_sharp,
-                progress,
-                log,
-                device,
+        cells = study_cells(config, runs_dir, threads=executor.threads)
+        if isinstance(executor, InProcess):
+            for cell in cells:  # this process's problem (checked, and the user's objects)
+                executor.cache.setdefault(cell.task.problem_key, problem)
+        m = problem.primary
+
+        def describe(record: dict[str, Any]) -> str:
+            f = record["final"]
+            what = (
+                "DIVERGED (non-finite loss or weights), left out of the summary"
+                if record["diverged"]
+                else f"test {m} {_num(f.get(f'test_{m}'))}"
             )
-            write_json_atomic(result_path, record)
-            state = runs_dir / f"{key}.state.pt"
-            if state.exists():
-                state.unlink()
-            results.append(RunResult(key, spec.label, seed, _normalise(record), executed=True))
-            if log:
-                f = record["final"]
-                m = problem.primary
-                what = (
-                    "DIVERGED (non-finite loss or weights), left out of the summary"
-                    if record["diverged"]
-                    else f"test {m} {_num(f.get(f'test_{m}'))}"
-                )
-                log(
-                    f"[{i}/{len(grid)}] {spec.label} seed {seed}: {what}, "
-                    f"{record['time_per_epoch']:.2f} s/epoch"
-                )
+            return f"{what}, {record['time_per_epoch']:.2f} s/epoch"
+
+        outcomes = run_cells(
+            cells, executor=executor, log=log, describe=describe, write=write_json_atomic
+        )
+        results = []
+        for o in outcomes:
+            task = o.cell.task
+            if o.record is None:
+                continue  # failed (the engine said why); left out of the summary
+            results.append(RunResult(task.key, task.spec.label, task.seed, o.record, o.executed))
     return results
 
 
