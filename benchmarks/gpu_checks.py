@@ -58,7 +58,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import samkit  # noqa: E402
-from samkit._atomic import write_json_atomic  # noqa: E402
+from samkit._atomic import finite, write_json_atomic  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:24s} {'ok' if results[name]['ok'] else 'FAILED'}  {json.dumps(results[name])}"
         )
     if args.json:
-        write_json_atomic(args.json, results, indent=2)
+        write_json_atomic(args.json, finite(results), indent=2)
     return 0 if all(r["ok"] for r in results.values()) else 1
 
 

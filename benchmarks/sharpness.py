@@ -377,9 +377,9 @@ class ReferenceCache:
     def put(self, key: str, value: Any) -> None:
         self.values[key] = value
         if self.path is not None:
-            from samkit._atomic import write_json_atomic
+            from samkit._atomic import finite, write_json_atomic
 
-            write_json_atomic(self.path, {**self.stored, self.fingerprint: self.values})
+            write_json_atomic(self.path, finite({**self.stored, self.fingerprint: self.values}))
 
 
 def references_cache(cfg: dict[str, Any], cache: Path | None) -> ReferenceCache:
@@ -996,15 +996,17 @@ def main() -> None:
 
 def save(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     if args.json:
-        from samkit._atomic import write_json_atomic
+        from samkit._atomic import finite, write_json_atomic
 
-        write_json_atomic(
+        write_json_atomic(  # strict JSON: a non-finite estimate is null
             args.json,
-            {
-                "args": vars(args)
-                | {"json": str(args.json), "cache": args.cache and str(args.cache)},
-                "results": results,
-            },
+            finite(
+                {
+                    "args": vars(args)
+                    | {"json": str(args.json), "cache": args.cache and str(args.cache)},
+                    "results": results,
+                }
+            ),
         )
 
 

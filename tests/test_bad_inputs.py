@@ -8,6 +8,7 @@ been trained (no ``runs/sgd-seed0.json``).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,6 +90,13 @@ COMPARE = [
     (["--optimizers", "sgd", "--data", "json:loads"], "data"),
     (["--optimizers", "sgd", "--data", "nomodule:load"], "nomodule"),
     (["--optimizers", "sgd", "--optimizers", ""], "optimizer"),
+    # --dataset beside --data was ignored; a train size beyond the data was recorded as asked
+    (["--optimizers", "sgd", "--data", "x.npz", "--dataset", "digits"], "Invalid dataset value"),
+    (["--optimizers", "sgd", "--train-size", "5000"], "synthetic data set has 1801 training"),
+    (["--optimizers", "sgd", "--train-size", "5000", "--val-fraction", "0"], "has 2000 training"),
+    # a rho list no method takes was ignored without a word
+    (["--optimizers", "sgd", "adam", "--rho", "0.1"], "Invalid rho value: 0.1 (no method here"),
+    (["--optimizers", "sgd", "sam:rho=0.1", "--rho", "0.2"], "no method here takes it: sam, sgd"),
 ]
 
 
@@ -97,7 +105,8 @@ def test_compare_bad_input_fails_before_training(argv, match, capsys, tmp_path):
     if "--device" in argv and "cuda:99" in argv and torch.cuda.device_count() > 99:
         pytest.skip("a machine with 100 GPUs")
     out = tmp_path / "run"
-    rc, _, err = _cli(capsys, ["compare", *FAST, "--out", str(out), *argv])
+    fast = FAST[2:] if "--data" in argv else FAST  # --dataset and --data together are refused
+    rc, _, err = _cli(capsys, ["compare", *fast, "--out", str(out), *argv])
     assert rc == 2, err
     line = _one_line(err)
     assert line.startswith("samkit compare: error:") and match in line, line
@@ -109,6 +118,7 @@ def test_compare_bad_input_fails_before_training(argv, match, capsys, tmp_path):
 
 # (TOML text, expected text)
 TOML = [
+    ('data = "x.npz"\n', "Invalid dataset value: 'synthetic' (a built-in data set; with your"),
     ("optimizers = 5\n", "optimizers"),
     ("out = 5\n", "out"),
     ('out = ""\n', "out"),
@@ -166,6 +176,8 @@ def test_toml_bad_input(text, match, capsys, tmp_path):
 
 
 TUNE = [
+    (["--dataset", "digits", "--data", "x.npz"], "Invalid dataset value: 'digits'"),
+    (["--train-size", "100000"], "has 1801 training samples"),
     (["--rho-range", "0.1,inf"], "rho_range"),
     (["--rho-range", "0.1"], "rho_range"),
     (["--rho-range", "nan,1"], "rho_range"),
@@ -205,6 +217,155 @@ def test_tune_bad_input(argv, match, capsys, tmp_path):
     line = _one_line(err)
     assert line.startswith("samkit tune: error:") and match in line, line
     assert not (out / "optuna-journal.log").exists()  # no trial started
+
+
+# (command, flags, expected text): samkit rl and samkit gan, refused before anything runs
+STUDIES = [
+    # --rho with no method that takes it was ignored without a word
+    ("rl", ["--methods", "ppo", "--rho", "0.1"], "Invalid rho value: 0.1 (no method here"),
+    ("gan", ["--methods", "adam", "--rho", "0.05,0.1"], "Invalid rho value: 0.05, 0.1 (no met"),
+    ("gan", ["--methods", "adam", "sam_g:rho=0.1", "--rho", "0.05"], "takes it: adam, sam_g"),
+]
+
+
+@pytest.mark.parametrize("cmd,argv,match", STUDIES, ids=[" ".join(a) for _, a, _ in STUDIES])
+def test_rl_and_gan_bad_input(cmd, argv, match, capsys, tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = _cli(capsys, [cmd, "--seeds", "1", "-q", "--out", str(out), *argv])
+    assert rc == 2, err
+    line = _one_line(err)
+    assert line.startswith(f"samkit {cmd}: error:") and match in line, line
+    assert not (out / "runs").exists()
+
+
+# (keyword arguments of samkit.compare, expected message regex): ValueError, nothing trained
+API = [
+    (dict(dataset="digits"), r"Invalid dataset value: 'digits' \(a built-in data set"),
+    (dict(train_size=200), r"Invalid train_size value: 200 \(your training data has 108 sampl"),
+    # out="" is Path(""), the current folder: the study's files were scattered there
+    (dict(out=""), r"Invalid out value: '' \(a folder path"),
+    (dict(out="  "), r"Invalid out value: '  '"),
+    (dict(out=5), r"Invalid out value: 5"),
+    # truthy non-booleans were taken as True
+    (dict(quiet="yes"), r"Invalid quiet value: 'yes' \(must be true or false, a boolean, not a s"),
+    (dict(progress=5), r"Invalid progress value: 5 \(must be true or false, a boolean\)"),
+    (dict(quiet=0), r"Invalid quiet value: 0"),
+    # a bool is never a number
+    (dict(seeds=True), r"Invalid seeds value: True"),
+    (dict(rho=True), r"Invalid rho value: True"),
+    (dict(epochs=np.bool_(True)), r"Invalid epochs value"),
+    (dict(rho=np.float32("nan")), r"Invalid rho value: nan \(must be a finite number"),
+]
+
+
+def _api_problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 4, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+@pytest.mark.parametrize("kwargs,match", API, ids=[repr(k)[:60] for k, _ in API])
+def test_api_bad_input_is_a_value_error_before_training(kwargs, match, tmp_path, monkeypatch):
+    import samkit
+
+    monkeypatch.chdir(tmp_path)
+    args = dict(
+        model=lambda: torch.nn.Linear(4, 2),
+        train=_api_problem(),
+        methods=["sgd", "sam"],
+        seeds=1,
+        epochs=1,
+        sharpness=False,
+        out=tmp_path / "run",
+        quiet=True,
+    )
+    with pytest.raises(ValueError, match=match):
+        samkit.compare(**{**args, **kwargs})
+    assert not list(tmp_path.rglob("*.json"))  # nothing trained, nowhere
+
+
+def _labels(kind):
+    y = torch.tensor([0, 1] * 60)
+    if kind == "negative":
+        y[::3] = -1
+    elif kind == "huge":
+        y[5] = 2**40
+    elif kind == "bool":
+        y = y.bool()
+    elif kind == "late":  # beyond the first batch: it failed mid-training (IndexError)
+        y[110] = -1
+    elif kind == "uint8":
+        y = y.to(torch.uint8) * 200
+    return y
+
+
+# (labels, expected message regex): the first words are about the labels, not the model
+LABELS = [
+    ("negative", r"^Invalid data value: labels must be in 0\.\.1 \(the model gives 2 logits\): "
+     r"found -1$"),
+    ("huge", r"^Invalid model value: (training )?labels must be in 0\.\.1 \(.*\): found 10995116"),
+    ("bool", r"^Invalid data value: labels are booleans: class labels are integers 0\.\.1"),
+    ("late", r"^Invalid data value: training labels must be in 0\.\.1 \(.*\): found -1$"),
+    ("uint8", r"^Invalid model value: (training )?labels must be in 0\.\.1 \(.*\): found 200$"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,match", LABELS, ids=[k for k, _ in LABELS])
+def test_labels_out_of_range_say_so_first(kind, match, tmp_path):
+    """Negative labels said "labels run from -1 to 1 but the model gives 3 logits"
+    (the model blamed); bool labels failed in the loss."""
+    import samkit
+
+    x = torch.randn(120, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=match):
+        samkit.compare(
+            model=lambda: torch.nn.Linear(4, 2),
+            train=(x, _labels(kind)),
+            methods=["sgd"],
+            seeds=1,
+            epochs=1,
+            batch_size=20,
+            val_fraction=0.0,
+            sharpness=False,
+            out=tmp_path / "run",
+            quiet=True,
+        )
+    assert not (tmp_path / "run" / "runs" / "sgd-seed0.json").exists()
+
+
+@pytest.mark.parametrize(
+    "study,kwargs,match",
+    [
+        ("rl_study", dict(out=""), r"Invalid out value: ''"),
+        ("rl_study", dict(quiet="no"), r"Invalid quiet value: 'no'"),
+        ("rl_study", dict(quick=1), r"Invalid quick value: 1"),
+        ("gan_study", dict(out=""), r"Invalid out value: ''"),
+        ("gan_study", dict(progress="off"), r"Invalid progress value: 'off'"),
+        ("tune", dict(out=""), r"Invalid out value: ''"),
+        ("tune", dict(quiet="yes"), r"Invalid quiet value: 'yes'"),
+    ],
+)
+def test_other_studies_api_bad_input(study, kwargs, match, tmp_path, monkeypatch):
+    import samkit
+
+    monkeypatch.chdir(tmp_path)
+    args: dict = dict(seeds=1)
+    if study == "tune":
+        args = dict(
+            model=lambda: torch.nn.Linear(4, 2),
+            train=_api_problem(),
+            grid=[0.05],
+            seeds=1,
+            epochs=1,
+            quiet=True,
+        )
+    elif study == "gan_study":
+        args.update(datasets=["ring8"], iterations=2, quiet=True)
+    else:
+        args.update(envs=["CartPole-v1"], quiet=True)
+    with pytest.raises(ValueError, match=match):
+        getattr(samkit, study)(**{**args, **kwargs})
+    assert not list(tmp_path.rglob("*.json"))
 
 
 # ------------------------------------------------- sharpness and landscape
@@ -281,6 +442,17 @@ def test_checkpoint_entries_are_validated(checkpoint, tmp_path, capsys, change, 
     assert rc == 2 and match in _one_line(err)
 
 
+@pytest.mark.parametrize("version", [99, "1", True, None, 1.0])
+@pytest.mark.parametrize("cmd", ["sharpness", "landscape"])
+def test_checkpoint_of_an_unknown_version_is_refused(checkpoint, tmp_path, capsys, cmd, version):
+    """A newer layout (or a hand-edited "1") was read as if it were version 1."""
+    bad, _ = _crafted(tmp_path, checkpoint, version=version)
+    rc, _, err = _cli(capsys, [cmd, str(bad), "--samples", "20", "-q"])
+    assert rc == 2, err
+    line = _one_line(err)
+    assert f"unknown version {version!r} (this samkit reads version 1)" in line, line
+
+
 def test_labels_from_a_checkpoint_are_printed_and_plotted_safely(checkpoint, tmp_path, capsys):
     ck = torch.load(checkpoint, weights_only=True)
     ck["meta"]["label"] = "\x1b]0;owned\x07\x1b[31m$\\frac{$"
@@ -319,6 +491,9 @@ def test_labels_from_a_checkpoint_are_printed_and_plotted_safely(checkpoint, tmp
         (["sharpness", "--density", "{blocked}/d.png"], "cannot write"),
         (["sharpness", "--top-k", "100000"], "top-k"),
         (["sharpness", "--trace-samples", "1000000000"], "trace-samples"),
+        # no finite loss in a ball this large: it wrote -Infinity / NaN into the JSON
+        (["sharpness", "--rho", "1e308"], "invalid --rho value: 1e+308 (must be below 3.4e+38"),
+        (["sharpness", "--rho", "1e39"], "--rho"),
         (["landscape", "--out", "{blocked}/l.png"], "cannot write"),
         (["landscape", "--out", "{tmp}"], "--out"),
         (["landscape", "--resolution", "100000"], "resolution"),
@@ -408,10 +583,11 @@ def test_val_and_test_splits_of_user_data_are_checked_before_training(tmp_path, 
                     "fails on a batch of the test split"),
         "testlab": ({"x_test": r.randn(20, 10).astype("float32"),
                      "y_test": np.r_[r.randint(0, 3, 19), 7]},
-                    "test labels run from 0 to 7 but the model gives 3 logits"),
+                    "Invalid data value: test labels must be in 0..2 (the model gives 3 logits): "
+                    "found 7"),
         "vallab": ({"x_val": r.randn(20, 10).astype("float32"),
                     "y_val": np.r_[9, r.randint(0, 3, 19)]},
-                   "val labels run from 0 to 9"),
+                   "val labels must be in 0..2 (the model gives 3 logits): found 9"),
         "ytestfloat": ({"x_test": r.randn(20, 10).astype("float32"),
                         "y_test": r.randint(0, 3, 20).astype("float32")},
                        "the test targets are torch.float32"),

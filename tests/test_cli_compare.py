@@ -212,3 +212,62 @@ def test_interrupted_study_resumes_from_finished_runs(tmp_path, capsys, monkeypa
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["executed_runs"] == 2  # adam and sam; sgd was kept
     assert [r["label"] for r in res["runs"]] == ["sgd", "adam", "sam"]
+
+
+def test_rerun_with_other_settings_says_which_runs_are_kept_and_retrained(tmp_path, capsys):
+    """A rerun into the same --out with other settings retrained the changed runs and
+    overwrote their results without a word."""
+    loud = [a for a in FAST if a != "-q"]
+    rc, _, err = _run(capsys, *loud, "--optimizers", "sgd,sam", "--out", str(tmp_path))
+    assert rc == 0, err
+    assert "holds finished runs" not in err  # a fresh folder: nothing to say
+    rc, _, err = _run(capsys, *loud, "--optimizers", "sgd,sam:rho=0.1,adam", "--out", str(tmp_path))
+    assert rc == 0, err
+    lines = err.splitlines()
+    at = next(i for i, line in enumerate(lines) if "holds finished runs" in line)
+    assert lines[at].endswith("holds finished runs: 1 kept, 1 retrained with other settings, 1 new")
+    assert lines[at + 1 : at + 4] == [
+        "  kept: sgd (seed 0)",
+        "  retrained (method.options.rho: 0.05 -> 0.1): sam (seed 0)",
+        "  new: adam (seed 0)",
+    ]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["executed_runs"] == 2
+
+
+@pytest.mark.parametrize(
+    "change,diff",
+    [
+        (["--dataset", "digits"], "dataset: 'synthetic' -> 'digits'"),
+        (["--model", "mlp"], "model: 'cnn' -> 'mlp'"),
+        (["--noise", "0.2"], "noise: 0.0 -> 0.2"),
+        (["--train-size", "150"], "train_size: 200 -> 150"),
+        (["--val-fraction", "0.2"], "val_fraction: 0.1 -> 0.2"),
+    ],
+)
+def test_another_problem_in_the_same_folder_is_refused(tmp_path, capsys, change, diff):
+    """--dataset digits into a synthetic study's folder retrained every run on digits
+    and overwrote the checkpoints (one became another data set's)."""
+    argv = [*FAST, "--optimizers", "sgd", "--out", str(tmp_path)]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0, err
+    checkpoint = (tmp_path / "runs" / "sgd-seed0.pt").read_bytes()
+    for folder in ("this samkit's", "older", "without config.json"):
+        if folder == "older":  # written before the problem was recorded
+            cfg = json.loads((tmp_path / "config.json").read_text())
+            del cfg["problem"]
+            (tmp_path / "config.json").write_text(json.dumps(cfg))
+        elif folder == "without config.json":  # the finished runs say it
+            (tmp_path / "config.json").unlink()
+        rc, _, err = _run(capsys, *argv, *change)
+        assert rc == 2, err
+        line = err.strip()
+        assert len(line.splitlines()) == 1 and "Traceback" not in err
+        assert line == (
+            f"samkit compare: error: Invalid out value: {str(tmp_path)!r} holds a study of "
+            f"another problem ({diff}); give another --out, or delete it to start over"
+        )
+        assert (tmp_path / "runs" / "sgd-seed0.pt").read_bytes() == checkpoint
+    # more epochs are more of the same problem: retrained, not refused
+    rc, _, err = _run(capsys, *argv, "--epochs", "2")
+    assert rc == 0, err

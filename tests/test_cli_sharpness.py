@@ -191,3 +191,33 @@ def test_usage_errors(ckpts, capsys, argv, msg):
     assert main([a.format(d=d) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
+
+
+def _strict(text):
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in the JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_sharpness_json_is_strict_when_a_measure_is_not_finite(ckpts, capsys):
+    """A huge ball (and a standard error from one probe) gives non-finite measures:
+    they were written as bare NaN / Infinity, which is not JSON."""
+    d, *_ = ckpts
+    out = d / "huge.json"
+    argv = ["sharpness", str(d / "a.pt"), "--samples", "50", "--trace-samples", "1"]
+    rc = main([*argv, "--rho", "1e30", "--average", "--out", str(out), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    res = _strict(out.read_text())["models"][0]["results"]
+    assert res["hessian_trace_stderr"] is None  # inf from one probe, mapped to null
+    assert res["average_case_stderr"] is None
+
+
+def test_sharpness_ball_too_large_for_the_model_is_one_line(ckpts, capsys):
+    d, *_ = ckpts
+    argv = ["sharpness", str(d / "a.pt"), "--samples", "50", "--trace-samples", "2", "-q"]
+    rc = main([*argv, "--rho", "1e10", "--out", str(d / "big.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "Invalid rho value: 10000000000.0" in err and "too large" in err
+    assert not (d / "big.json").exists()

@@ -67,7 +67,10 @@ def test_bad_input_exit_2(argv, match, tmp_path, capsys):
     [
         (["--method", "asam", "--grid", "0.5"], "method"),
         (["--grid", "0.05", "--epochs", "2"], "epochs"),
-        (["--grid", "0.05", "--lr", "0.5"], "lr"),
+        (["--grid", "0.05", "--lr", "0.5"], "method.lr: 0.1 -> 0.5)"),
+        # it dumped both searches' settings, every run of each, in one 2 KB line
+        (["--grid", "0.05", "--seeds", "1"], "(seeds: [0, 1, 2] -> [0])"),
+        (["--grid", "0.1", "--dataset", "digits"], "dataset: 'synthetic' -> 'digits', "),
     ],
 )
 def test_a_folder_of_another_search_is_refused_not_resumed(tmp_path, capsys, change, where):
@@ -82,7 +85,8 @@ def test_a_folder_of_another_search_is_refused_not_resumed(tmp_path, capsys, cha
     assert rc == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "holds a search with other settings" in lines[0], err
-    assert where in lines[0]
+    assert where in lines[0], lines[0]
+    assert len(lines[0].replace(str(tmp_path), "OUT")) < 300, lines[0]  # only what differs
     assert (tmp_path / "tune.json").read_text() == before  # nothing was touched
     # the same search again resumes (nothing to do)
     rc, _, err = _run(capsys, *first, "--grid", "0.05", "--out", str(tmp_path))

@@ -139,6 +139,14 @@ def test_save_grid_round_trip(tmp_path):
     ]  # no temporary files left
     with pytest.raises(ValueError, match="path"):
         save_grid(tmp_path / "g.txt", xs=xs)
+    # far from the minimum the loss can overflow: null, never a bare Infinity / NaN
+    z[0, 0], z[1, 1] = np.inf, np.nan
+    r = save_grid(tmp_path / "h.json", meta={"range": float("inf")}, losses=z)
+    text = r.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    back = json.loads(text)
+    assert back["losses"][0][0] is None and back["losses"][1][1] is None
+    assert back["meta"] == {"range": None}
 
 
 def test_plots_write_png(tmp_path):

@@ -287,7 +287,10 @@ def test_model_that_does_not_fit_the_data_fails_before_training(tmp_path):
             out=tmp_path / "o",
             quiet=True,
         )
-    with pytest.raises(ValueError, match="labels run from 0 to 1 but the model gives 1 logits"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid model value: labels must be in 0\.\.0 \(the model gives 1 logit\): found 1",
+    ):
         samkit.compare(
             model=lambda: nn.Linear(4, 1),
             train=(x[:100], y[:100]),
@@ -385,3 +388,53 @@ def test_worker_processes_give_the_same_numbers(tmp_path):
         (run,) = r.to_dict()["runs"]
         finals.append({k: v for k, v in run["final"].items() if k != "epoch_time"})
     assert finals[0] == finals[1]
+
+
+def test_numpy_scalars_are_numbers_everywhere(tmp_path):
+    """The optimizers took numpy.float32(0.05) as rho; the studies refused np.int64(1)
+    seeds and np.float32 rho. One rule: numbers are numbers (stored as plain Python,
+    so the run folder's JSON is written), a bool is not."""
+    from samkit.experiments import gan, rl
+    from samkit.experiments.tuning import TuneSpec
+
+    x, y = _problem()
+    r = samkit.compare(
+        model=_make,
+        train=(x[:100], y[:100]),
+        methods=["sgd", {"method": "sam", "rho": np.float32(0.1), "label": "sam01"}, "asam"],
+        seeds=np.int64(1),
+        epochs=np.int64(1),
+        batch_size=np.int32(25),
+        rho=np.float32(0.05),
+        lr=np.float64(0.05),
+        train_size=np.int64(80),
+        sharpness=False,
+        out=tmp_path / "o",
+        quiet=True,
+    )
+    d = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert d["settings"]["seeds"] == [0] and d["settings"]["train"]["epochs"] == 1
+    options = {m["label"]: m["options"]["rho"] for m in d["settings"]["methods"] if m["options"]}
+    assert options["sam01"] == pytest.approx(0.1) and options["asam"] == pytest.approx(0.5)
+    assert type(options["asam"]) is float and len(r.rows) == 3
+
+    cfg = rl.build_config(
+        {**rl.DEFAULTS, "envs": ["CartPole-v1"], "seeds": np.int64(2), "rho": [np.float32(0.1)]}
+    )
+    assert cfg.seeds == [0, 1] and json.dumps(cfg.to_dict())
+    cfg = gan.build_config({**gan.DEFAULTS, "seeds": np.int64(1), "iterations": np.int64(5)})
+    assert cfg.seeds == [0] and json.dumps(cfg.to_dict())
+    spec = TuneSpec(trials=np.int64(3), sampler_seed=np.uint8(1), grid=[np.float32(0.05)])
+    assert (type(spec.trials), type(spec.sampler_seed), type(spec.grid[0])) == (int, int, float)
+
+
+def test_a_folder_holds_one_problem_of_your_own_too(tmp_path):
+    """Other data in the same out= was trained over the old runs without a word; the
+    task given explicitly, as it was inferred, is the same problem."""
+    x, y = _problem()
+    kw = dict(methods=["sgd"], seeds=1, epochs=1, sharpness=False, out=tmp_path, quiet=True)
+    samkit.compare(model=_make, train=(x[:100], y[:100]), **kw)
+    with pytest.raises(ValueError, match=r"holds a study of another problem \(data\.train\."):
+        samkit.compare(model=_make, train=(x[:100] + 1, y[:100]), **kw)
+    r = samkit.compare(model=_make, train=(x[:100], y[:100]), task="classification", **kw)
+    assert r.to_dict()["executed_runs"] == 1  # its identity changed: retrained, not refused

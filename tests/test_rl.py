@@ -209,6 +209,7 @@ def test_interrupted_study_resumes_to_the_uninterrupted_numbers(tmp_path, capsys
         (dict(methods=["looksam:alpha=2"]), "Invalid alpha value"),
         (dict(methods=["sam:rho=-0.1"]), "Invalid rho value"),
         (dict(rho=[0.1, float("inf")]), "Invalid rho value"),
+        (dict(methods=["ppo"], rho=[0.1]), r"Invalid rho value: 0\.1 \(no method here takes it"),
         (dict(seeds=0), "Invalid seeds value"),
         (dict(timesteps=100), "at least one rollout"),
         (dict(timesteps={"Acrobot-v1": 5000}), "not among the study's envs"),

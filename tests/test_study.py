@@ -128,6 +128,23 @@ def test_write_json_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["r.json"]
 
 
+def test_json_writer_refuses_non_finite_numbers(tmp_path):
+    """samkit's JSON is strict: a bare NaN / Infinity was written as Python's json does."""
+    from samkit._atomic import finite
+    from samkit._atomic import write_json_atomic as raw_writer
+
+    path = tmp_path / "r.json"
+    raw_writer(path, {"a": 1})
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            raw_writer(path, {"a": [1.0, bad]})
+    assert json.loads(path.read_text()) == {"a": 1}  # the old file kept
+    raw_writer(path, finite({"a": [1.0, math.nan], "b": (math.inf, 2)}))
+    assert json.loads(path.read_text()) == {"a": [1.0, None], "b": [None, 2]}
+    write_json_atomic(path, {"x": -math.inf})  # the study's writer maps them itself
+    assert json.loads(path.read_text()) == {"x": None}
+
+
 def test_sharpness_columns_when_available(tmp_path, monkeypatch):
     import types
 

@@ -6,6 +6,12 @@ to disk, and is then renamed over the destination (``os.replace`` is atomic
 on POSIX and Windows). On any error the temporary file is removed and the old
 file, if any, is left as it was; a full disk is a :class:`NoSpaceError` that
 names the file being written (the command line prints it as one line).
+
+JSON is strict: :func:`write_json_atomic` refuses NaN and infinities (a bare
+``NaN`` or ``-Infinity`` is not JSON, and most tools reject the file). Where a
+non-finite number is a legitimate result (a diverged run's loss, a standard
+error from one sample), the caller maps it to ``null`` explicitly with
+:func:`finite`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,6 +31,7 @@ __all__ = [
     "append_line",
     "atomic_open",
     "atomic_write_via",
+    "finite",
     "no_space",
     "write_json_atomic",
     "write_text_atomic",
@@ -135,8 +143,20 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         fh.write(text)
 
 
+def finite(x: Any) -> Any:
+    """NaN and infinities -> None, recursively: JSON that any tool can read."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int = 1) -> None:
-    """Write ``obj`` as JSON (NaN allowed, as Python's json writes it)."""
-    with atomic_open(path, "w") as fh:
-        json.dump(obj, fh, indent=indent, allow_nan=True)
+    """Write ``obj`` as strict JSON; ValueError (the old file kept) if it holds NaN or
+    an infinity: map those to null with :func:`finite` where they are expected."""
+    with atomic_open(path, "w") as fh:  # on an error the old file is left as it was
+        json.dump(obj, fh, indent=indent, allow_nan=False)
         fh.write("\n")

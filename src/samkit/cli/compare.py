@@ -191,6 +191,7 @@ def settings_from_args(args: argparse.Namespace, quick_preset: dict[str, Any]) -
         flags["rho"] = _floats("rho", args.rho)
     if getattr(args, "sharpness", None) is not None:
         flags["sharpness"] = args.sharpness
+    st.check_one_data_source(toml, flags)
     return st.merge(quick_preset if args.quick else None, toml, flags)
 
 

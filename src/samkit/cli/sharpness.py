@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._atomic import finite
 from .._atomic import write_json_atomic as _write_json_atomic
 from .errors import UsageError, check_output_file, require_plots
 
@@ -173,7 +174,23 @@ def check_data_arguments(args: argparse.Namespace) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    _write_json_atomic(path, obj, indent=2)
+    """Strict JSON: a non-finite measure (a loss that overflowed far from the
+    minimum, a standard error from one probe) is written as null."""
+    _write_json_atomic(path, finite(obj), indent=2)
+
+
+#: the weights are float32: a ball radius above this is an infinite perturbation
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_radius(rho: float) -> None:
+    """--rho: > 0, and a radius whose perturbed weights are representable at all."""
+    _positive("rho", rho)
+    if rho >= FLOAT32_MAX:
+        raise UsageError(
+            f"invalid --rho value: {rho!r} (must be below {FLOAT32_MAX:.3g}, the float32 range "
+            "of the weights: a larger ball gives no finite loss)"
+        )
 
 
 def _default_out(checkpoints: list[str]) -> Path:
@@ -199,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         if not 1 <= value <= high:
             raise UsageError(f"invalid --{flag} value: {value} (must be in [1, {high}])")
     _positive("tol", args.tol)
-    _positive("rho", args.rho)
+    check_radius(args.rho)
     if args.density is not None and len(args.checkpoints) > 1:
         raise UsageError("--density takes one checkpoint")
     # every output is checked before the computation, not after it
@@ -233,17 +250,10 @@ def run(args: argparse.Namespace) -> int:
                 op, n_steps=min(80, op.dim), seed=args.seed + 2, progress=progress
             )
         op.release()
-        wc = sh.worst_case_sharpness(
-            model,
-            F.cross_entropy,
-            None,
-            rho=args.rho,
-            adaptive=args.adaptive,
-            steps=args.ascent_steps,
-            seed=args.seed,
-            op=op,
-            progress=progress,
-        )
+        try:  # a ball too large for this model: one line, not a traceback
+            wc, avg = _balls(sh, model, op, args, progress)
+        except ValueError as exc:
+            raise UsageError(f"cannot measure {safe_label(path, 200)!r}: {exc}") from exc
         res: dict[str, Any] = {
             "loss": wc.loss,
             "hessian_top_eig": eig.eigenvalues[0],
@@ -253,17 +263,7 @@ def run(args: argparse.Namespace) -> int:
             "hessian_trace_stderr": tr.stderr,
             "worst_case_sharpness": wc.sharpness,
         }
-        if args.average:
-            avg = sh.average_case_sharpness(
-                model,
-                F.cross_entropy,
-                None,
-                rho=args.rho,
-                adaptive=args.adaptive,
-                seed=args.seed,
-                op=op,
-                progress=progress,
-            )
+        if avg is not None:
             res["average_case_sharpness"] = avg.sharpness
             res["average_case_stderr"] = avg.stderr
         res["hessian_vector_products"] = op.n_matvecs
@@ -330,6 +330,20 @@ def run(args: argparse.Namespace) -> int:
     _print_table(rows)
     print(f"wrote {out}")
     return 0
+
+
+def _balls(sh: Any, model: Any, op: Any, args: argparse.Namespace, progress: bool) -> Any:
+    """Worst-case (and with --average average-case) sharpness in the --rho ball."""
+    import torch.nn.functional as F
+
+    kw = {"rho": args.rho, "adaptive": args.adaptive, "seed": args.seed, "op": op}
+    wc = sh.worst_case_sharpness(
+        model, F.cross_entropy, None, steps=args.ascent_steps, progress=progress, **kw
+    )
+    avg = None
+    if args.average:
+        avg = sh.average_case_sharpness(model, F.cross_entropy, None, progress=progress, **kw)
+    return wc, avg
 
 
 def _fmt(v: Any) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import settings as st
-from .folder import study_folder
+from .folder import run_folder, study_folder
 from .grid import StudyResult
 from .problem import Problem, UserData, load_callable, load_user_data
 from .settings import MethodSpec, StudyConfig
@@ -92,6 +92,7 @@ def _user_parts(
     elif val is not None or test is not None:
         raise ValueError("Invalid train value: None (val= and test= need train=)")
     if "user_data" in user:
+        st.check_one_data_source(settings, {"data": user["user_data"]})
         settings["dataset"] = user["user_data"].name
     return user
 
@@ -135,10 +136,18 @@ def open_study(
     """Lock the run folder and validate everything (ValueError on any problem), then yield."""
     from .study import check_study
 
-    folder = Path(out) if out is not None else st.default_out_dir(config)
+    folder = run_folder(out, lambda: st.default_out_dir(config))
     with study_folder(folder) as path:
         problem = check_study(config, drop_unfit=drop_unfit, out_dir=path)
         yield OpenStudy(config, path, problem)
+
+
+def check_flags(**flags: Any) -> None:
+    """The API's switches are booleans (``progress`` may be None): ``quiet="no"`` is
+    truthy, so it was taken as quiet."""
+    for name, value in flags.items():
+        if not (value is None and name == "progress"):
+            st.check_bool(name, value)
 
 
 def _stderr(msg: str) -> None:
@@ -216,6 +225,7 @@ def compare(
     unknown = sorted(set(settings) - st.KEYS)
     if unknown or {"optimizers", "data", "out"} & set(settings):
         raise ValueError(f"Invalid setting: {', '.join(unknown or sorted(settings))}")
+    check_flags(quiet=quiet, progress=progress)
     flat: dict[str, Any] = dict(settings)
     flat.update(
         task=task,

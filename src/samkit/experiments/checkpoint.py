@@ -13,6 +13,9 @@ A checkpoint is one ``torch.save`` file holding::
 Writes are atomic (temporary file + ``os.replace``), so a crash never leaves
 a half-written checkpoint behind.
 
+A checkpoint of another ``version`` (a newer samkit's, or a hand-edited
+``"1"``) is refused by :func:`load_checkpoint`, never read as if it were this one.
+
 A checkpoint is a file a user hands us, so :func:`check_checkpoint` validates
 every entry before use and takes nothing from it as is: the model must be a
 built-in one with plain keyword values, the dataset entry may only hold the
@@ -43,6 +46,8 @@ __all__ = [
 ]
 
 FORMAT = "samkit-checkpoint"
+#: the checkpoint layouts this samkit reads (written by :func:`save_checkpoint`)
+VERSIONS = (1,)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -64,7 +69,7 @@ def save_checkpoint(
     atomic_torch_save(
         {
             "format": FORMAT,
-            "version": 1,
+            "version": VERSIONS[-1],
             "model": {"name": model_name, "kwargs": dict(model_kwargs)},
             "dataset": dict(dataset),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -87,6 +92,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"Invalid path value: {str(path)!r} is not a samkit checkpoint")
+    version = ckpt.get("version")
+    # exactly an int this samkit knows: not "1", not True, not a newer layout read as the old one
+    if type(version) is not int or version not in VERSIONS:
+        raise ValueError(
+            f"Invalid path value: {str(path)!r} is a samkit checkpoint of unknown version "
+            f"{safe_label(repr(version), 40)} (this samkit reads version "
+            f"{', '.join(map(str, VERSIONS))})"
+        )
     return ckpt
 
 

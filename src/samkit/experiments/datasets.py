@@ -227,7 +227,7 @@ def load_dataset(
         val_fraction: fraction of the training set held out for validation
             (0 to < 1; stratified by class). With 0 the validation split is empty.
         train_size: keep only this many training samples (after the split), for
-            quick runs; None keeps all.
+            quick runs; None keeps all. More than there are is refused.
         cache_dir: where generated data is cached (not part of ``spec``).
     """
     if name not in _DATASETS:
@@ -257,6 +257,13 @@ def load_dataset(
     x, y = arrays["x"], arrays["y"]
     train_idx, val_idx = _stratified_split(y, float(val_fraction), seed)
     if train_size is not None:
+        if train_size > len(train_idx):  # it was recorded as asked, and all were used
+            raise ValueError(
+                f"Invalid train_size value: {train_size} (the {name} data set has "
+                f"{len(train_idx)} training samples"
+                + (" after the validation split" if len(val_idx) else "")
+                + "; leave train_size out to use them all)"
+            )
         train_idx = train_idx[:train_size]
     num_classes = int(max(y.max(), arrays["y_test"].max()) + 1)
 

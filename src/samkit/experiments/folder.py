@@ -20,12 +20,21 @@ import contextlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from .._atomic import no_space
 
-__all__ = ["FolderBusy", "study_folder", "check_writable", "clean_stale_temporaries"]
+__all__ = [
+    "FolderBusy",
+    "study_folder",
+    "run_folder",
+    "differences",
+    "describe_differences",
+    "check_writable",
+    "clean_stale_temporaries",
+]
 
 LOCK_NAME = ".samkit.lock"
 _TMP = re.compile(r"^\..+\.tmp$")
@@ -34,6 +43,48 @@ _HELD: dict[str, int] = {}  # folder -> depth, for the nested use by one process
 
 class FolderBusy(ValueError):
     """Another process holds the folder's lock."""
+
+
+def run_folder(out: Any, default: Callable[[], Path]) -> Path:
+    """The run folder: ``out`` (a non-empty path), or ``default()`` when it is None.
+
+    ``Path("")`` is the current folder: an empty ``out`` would scatter a study's
+    files there, so it is refused, as the CLI refuses ``--out ''``.
+    """
+    if out is None:
+        return default()
+    if not isinstance(out, (str, os.PathLike)) or not str(os.fspath(out)).strip():
+        raise ValueError(f"Invalid out value: {out!r} (a folder path, or None for the default)")
+    return Path(out)
+
+
+_MISSING = object()
+
+
+def differences(saved: Any, now: Any, where: str = "") -> list[tuple[str, Any, Any]]:
+    """The settings that differ between two JSON-like values, as ``(dotted key, saved,
+    now)`` leaves; a key on one side only has ``_MISSING`` on the other."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(saved) | set(now), key=str):
+            a, b = saved.get(key, _MISSING), now.get(key, _MISSING)
+            if a != b:
+                out += differences(a, b, f"{where}{key}.")
+        return out
+    return [] if saved == now else [(where.rstrip(".") or "settings", saved, now)]
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = "(none)" if value is _MISSING else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]], limit: int = 4) -> str:
+    """``"epochs: 1 -> 2, dataset: 'a' -> 'b'"``: the first ``limit`` differences,
+    each value cut short, and how many more there are (never both whole configs)."""
+    shown = [f"{key}: {_short(a)} -> {_short(b)}" for key, a, b in diffs[:limit]]
+    more = len(diffs) - limit
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def check_writable(path: Path) -> Path:

@@ -73,9 +73,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._atomic import atomic_open
+from .._checks import is_number
 from . import grid
 from . import settings as st
-from .folder import study_folder
+from .folder import run_folder, study_folder
 from .grid import MethodDef, Variant
 from .study import run_key, write_json_atomic
 
@@ -332,7 +333,7 @@ def build_config(s: dict[str, Any]) -> GANConfig:
     unknown = sorted(set(s) - KEYS)
     if unknown:
         raise ValueError(f"Invalid setting: {', '.join(unknown)}")
-    s = {**DEFAULTS, **s}
+    s = st.plain({**DEFAULTS, **s})  # NumPy scalars are numbers too
     datasets = grid.check_names("datasets", s["datasets"], MIXTURES)
     variants = grid.variants(s["methods"], s["rho"], GAN_METHODS)
     seeds = grid.seed_list(s["seeds"])
@@ -695,7 +696,7 @@ def check(config: GANConfig, out: Path) -> None:
 @contextlib.contextmanager
 def open_study(config: GANConfig, out: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """Lock the run folder and check the study (ValueError before any training), then yield the folder."""
-    folder_path = Path(out) if out is not None else default_out(config)
+    folder_path = run_folder(out, lambda: default_out(config))
     with grid.open_study(folder_path, lambda folder: check(config, folder)) as folder:
         yield folder
 
@@ -1072,10 +1073,13 @@ def gan_study(
         settings,
         datasets=datasets,
         methods=methods,
-        rho=[rho] if isinstance(rho, (int, float)) and not isinstance(rho, bool) else rho,
+        rho=[rho] if is_number(rho) else rho,
         seeds=seeds,
         iterations=iterations,
     )
+    from .api import check_flags
+
+    check_flags(quick=quick, progress=progress, quiet=quiet)
     unknown = sorted(set(given) - KEYS)
     if unknown or "out" in settings:
         raise ValueError(f"Invalid setting: {', '.join(unknown or ['out'])}")

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .settings import LIMITS, check_float, check_label, parse_method
+from .._checks import is_number
+from .settings import LIMITS, check_float, check_label, parse_method, plain, unused_rho
 from .study import paired_verdicts
 from .trainer import finite
 
@@ -84,15 +85,13 @@ class Variant:
 
 
 def _option(method: str, key: str, value: Any) -> Any:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if not is_number(value):  # numbers are numbers (NumPy's too); a bool or a string is not
         raise ValueError(f"Invalid {key} value: {value!r} for method {method!r} (a number)")
-    if not isinstance(value, (int, float)):
-        raise ValueError(f"Invalid {key} value: {value!r} for method {method!r} (a number)")
-    if not math.isfinite(value):
+    if not math.isfinite(float(value)):
         raise ValueError(
             f"Invalid {key} value: {value!r} for method {method!r} (must be a finite number)"
         )
-    return value
+    return plain(value)
 
 
 def variants(
@@ -102,7 +101,8 @@ def variants(
 
     Each option must be one the method takes (its defaults fill the rest);
     ``rhos`` (a list, SAM's scale) runs each method with a ``rho`` option once
-    per value, labelled ``name(rho=r)`` when there are several. Labels must be
+    per value, labelled ``name(rho=r)`` when there are several; a ``rhos`` list
+    that no method takes is refused (it would be ignored). Labels must be
     unique. ValueError naming the setting on any problem.
     """
     if isinstance(tokens, str):
@@ -126,6 +126,7 @@ def variants(
             raise ValueError(f"Invalid rho value: {rhos!r} (1 to {LIMITS['rho']} values)")
         rho_values = [check_float("rho", r, 0.0) for r in rho_values]
     out: list[Variant] = []
+    rho_used = False
     for token in expanded:
         entry = parse_method(token)
         name = entry.pop("method")
@@ -143,6 +144,7 @@ def variants(
         if "rho" in options:
             check_float("rho", options["rho"], 0.0)
         if info.uses_rho and "rho" not in options and rho_values:
+            rho_used = True
             for r in rho_values:
                 lab = label or name
                 if len(rho_values) > 1:
@@ -156,6 +158,8 @@ def variants(
                 )
         else:
             out.append(Variant(check_label(label or name), name, {**info.defaults, **options}))
+    if rho_values and not rho_used:
+        raise ValueError(unused_rho(rho_values, sorted({v.method for v in out})))
     labels = [v.label for v in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -165,6 +169,7 @@ def variants(
 
 def seed_list(value: Any) -> list[int]:
     """A seed count (``5`` is seeds 0..4) or a list of distinct seeds; ValueError otherwise."""
+    value = plain(value)
     if isinstance(value, int) and not isinstance(value, bool):
         if not 1 <= value <= LIMITS["seeds"]:
             raise ValueError(

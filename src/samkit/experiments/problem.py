@@ -640,6 +640,13 @@ class Problem:
             else:
                 keep = order
             if cfg.train_size is not None:
+                if cfg.train_size > len(keep):
+                    raise ValueError(
+                        f"Invalid train_size value: {cfg.train_size} (your training data has "
+                        f"{len(keep)} samples"
+                        + (" after the validation split" if len(keep) < n else "")
+                        + "; leave train_size out to use them all)"
+                    )
                 keep = keep[: cfg.train_size]
             if val is not None or cfg.train_size is not None:
                 train = IndexedSubset(train, keep.sort().values)

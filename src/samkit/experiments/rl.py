@@ -63,9 +63,10 @@ from typing import Any
 import numpy as np
 
 from .._atomic import atomic_write_via
+from .._checks import is_number
 from . import grid
 from . import settings as st
-from .folder import study_folder
+from .folder import run_folder, study_folder
 from .grid import MethodDef, Variant
 from .study import run_key, write_json_atomic
 
@@ -401,7 +402,7 @@ def build_config(s: dict[str, Any]) -> RLConfig:
     unknown = sorted(set(s) - KEYS)
     if unknown:
         raise ValueError(f"Invalid setting: {', '.join(unknown)}")
-    s = {**DEFAULTS, **s}
+    s = st.plain({**DEFAULTS, **s})  # NumPy scalars are numbers too
     envs = grid.check_names("envs", s["envs"], ENVS)
     variants = grid.variants(s["methods"], s["rho"], RL_METHODS)
     for v in variants:
@@ -827,7 +828,7 @@ def _execute(
 @contextlib.contextmanager
 def open_study(config: RLConfig, out: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """Lock the run folder and check the study (ValueError before any training), then yield the folder."""
-    folder_path = Path(out) if out is not None else default_out(config)
+    folder_path = run_folder(out, lambda: default_out(config))
     with grid.open_study(folder_path, lambda folder: check(config, folder)) as folder:
         yield folder
 
@@ -1216,12 +1217,15 @@ def rl_study(
         settings,
         envs=envs,
         methods=methods,
-        rho=[rho] if isinstance(rho, (int, float)) and not isinstance(rho, bool) else rho,
+        rho=[rho] if is_number(rho) else rho,
         seeds=seeds,
         timesteps=timesteps,
         eval_episodes=eval_episodes,
         grid=grid,
     )
+    from .api import check_flags
+
+    check_flags(quick=quick, progress=progress, quiet=quiet)
     unknown = sorted(set(given) - KEYS)
     if unknown or "out" in settings:
         raise ValueError(f"Invalid setting: {', '.join(unknown or ['out'])}")

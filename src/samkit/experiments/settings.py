@@ -35,12 +35,15 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .._checks import is_number
 
 try:
     import tomllib
@@ -69,6 +72,7 @@ __all__ = [
     "check_int",
     "check_float",
     "check_bool",
+    "plain",
 ]
 
 #: Learning rate, momentum and weight decay used when the study does not set them,
@@ -101,8 +105,26 @@ _DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 
 
 # ------------------------------------------------------------------ checks
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+# Numbers are numbers, as in the optimizers (samkit._checks): a NumPy integer or
+# float scalar is accepted wherever an int or a float is, and stored as the plain
+# Python value (so it writes to JSON); a bool is never a number.
+_is_number = is_number
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and is_number(v)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every NumPy (or other ``numbers``) scalar made a plain int or
+    float, recursively through dicts, lists and tuples; anything else as it is."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if type(value) in (int, float) or not is_number(value):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def check_int(
@@ -112,7 +134,7 @@ def check_int(
     if v is None and none_ok:
         return None
     hi_txt = f" and <= {hi}" if hi is not None else ""
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+    if not _is_int(v) or v < lo or (hi is not None and v > hi):
         raise ValueError(f"Invalid {name} value: {v!r} (must be an int >= {lo}{hi_txt})")
     return int(v)
 
@@ -134,7 +156,7 @@ def check_float(
     """A finite number in the interval (NaN and infinities are refused)."""
     if v is None and none_ok:
         return None
-    ok = _is_number(v) and math.isfinite(v)
+    ok = _is_number(v) and math.isfinite(float(v))
     if ok:
         ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if not ok:
@@ -153,9 +175,8 @@ def check_float(
 def check_bool(name: str, v: Any) -> bool:
     """A real boolean: the TOML string ``"false"`` is not false, so it is refused."""
     if not isinstance(v, bool):
-        raise ValueError(
-            f"Invalid {name} value: {v!r} (must be true or false, a boolean, not a string)"
-        )
+        kind = ", not a string" if isinstance(v, str) else ""
+        raise ValueError(f"Invalid {name} value: {v!r} (must be true or false, a boolean{kind})")
     return v
 
 
@@ -208,7 +229,7 @@ class TrainSpec:
         self.momentum = check_float("momentum", self.momentum, 0.0, 1.0, hi_open=True)
         self.weight_decay = check_float("weight_decay", self.weight_decay, 0.0, FLOAT32_MAX)
         for name in ("total_steps", "steps_per_epoch", "epochs"):
-            check_int(name, getattr(self, name))
+            setattr(self, name, check_int(name, getattr(self, name)))
 
     def replace(self, **changes: Any) -> TrainSpec:
         return dataclasses.replace(self, **changes)
@@ -237,20 +258,26 @@ class TrainConfig:
     eval_train: bool = True
 
     def __post_init__(self) -> None:
-        check_int("epochs", self.epochs, 1, LIMITS["epochs"])
-        check_int("batch_size", self.batch_size, 1, LIMITS["batch_size"])
-        check_int("eval_batch_size", self.eval_batch_size, 1, LIMITS["batch_size"])
-        check_int("eval_every", self.eval_every, 1, LIMITS["epochs"])
+        self.epochs = check_int("epochs", self.epochs, 1, LIMITS["epochs"])
+        self.batch_size = check_int("batch_size", self.batch_size, 1, LIMITS["batch_size"])
+        self.eval_batch_size = check_int(
+            "eval_batch_size", self.eval_batch_size, 1, LIMITS["batch_size"]
+        )
+        self.eval_every = check_int("eval_every", self.eval_every, 1, LIMITS["epochs"])
         check_choice("schedule", self.schedule, SCHEDULES)
+        self.warmup_epochs = plain(self.warmup_epochs)
         check_float("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))
         if self.early_stopping is not None:
             try:
-                check_int("early_stopping", self.early_stopping, 1, LIMITS["epochs"])
+                self.early_stopping = check_int(
+                    "early_stopping", self.early_stopping, 1, LIMITS["epochs"]
+                )
             except ValueError:
                 raise ValueError(
                     f"Invalid early_stopping value: {self.early_stopping!r} "
                     "(a patience in epochs >= 1, or None)"
                 ) from None
+        self.label_smoothing = plain(self.label_smoothing)
         check_float("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
         check_bool("deterministic", self.deterministic)
         check_choice("amp", self.amp, AMP, none_ok=True)
@@ -262,7 +289,7 @@ def _check_option(method: str, key: str, value: Any) -> None:
     if value is None or isinstance(value, (bool, str)):
         return
     if _is_number(value):
-        if not math.isfinite(value):
+        if not math.isfinite(float(value)):
             raise ValueError(
                 f"Invalid {key} value: {value!r} for method {method!r} (must be a finite number)"
             )
@@ -297,6 +324,10 @@ class MethodSpec:
         check_choice("base", self.base, tuple(BASE_DEFAULTS))
         if not isinstance(self.options, dict):
             raise ValueError(f"Invalid options value: {self.options!r} (a dict)")
+        self.options = plain(self.options)
+        self.lr, self.momentum, self.weight_decay = plain(
+            (self.lr, self.momentum, self.weight_decay)
+        )
         unknown = sorted(set(self.options) - set(info.defaults))
         if unknown:
             raise ValueError(
@@ -389,15 +420,13 @@ class StudyConfig:
             not isinstance(self.seeds, list)
             or not self.seeds
             or len(self.seeds) > LIMITS["seeds"]
-            or any(
-                isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= LIMITS["seed"]
-                for s in self.seeds
-            )
+            or any(not _is_int(s) or not 0 <= s <= LIMITS["seed"] for s in self.seeds)
         ):
             raise ValueError(
                 f"Invalid seeds value: {self.seeds!r} (a non-empty list of at most "
                 f"{LIMITS['seeds']} ints in [0, {LIMITS['seed']}])"
             )
+        self.seeds = [int(s) for s in self.seeds]
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"Invalid seeds value: {self.seeds!r} (duplicates)")
         if not isinstance(self.train, TrainConfig):
@@ -420,6 +449,7 @@ class StudyConfig:
             not isinstance(k, str) for k in self.model_kwargs
         ):
             raise ValueError(f"Invalid model_kwargs value: {self.model_kwargs!r} (a table)")
+        self.model_kwargs = plain(self.model_kwargs)
         self.noise = check_float("noise", self.noise, 0.0, 1.0)
         if self.noise and self.user_data is not None:
             raise ValueError(
@@ -427,7 +457,9 @@ class StudyConfig:
                 "datasets only; corrupt your own labels yourself)"
             )
         self.val_fraction = check_float("val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
-        check_int("train_size", self.train_size, 1, LIMITS["train_size"], none_ok=True)
+        self.train_size = check_int(
+            "train_size", self.train_size, 1, LIMITS["train_size"], none_ok=True
+        )
         if (
             self.train.early_stopping is not None
             and self.val_fraction == 0
@@ -438,9 +470,13 @@ class StudyConfig:
                 "(val_fraction > 0)"
             )
         check_bool("sharpness", self.sharpness)
-        check_int("sharpness_samples", self.sharpness_samples, 1, LIMITS["sharpness_samples"])
+        self.sharpness_samples = check_int(
+            "sharpness_samples", self.sharpness_samples, 1, LIMITS["sharpness_samples"]
+        )
         check_bool("sharpness_cheap", self.sharpness_cheap)
-        check_int("interpolation_points", self.interpolation_points, 2, 1001)
+        self.interpolation_points = check_int(
+            "interpolation_points", self.interpolation_points, 2, 1001
+        )
         check_choice("task", self.task, TASKS, none_ok=True)
         if self.user_data is None and self.task == "regression":
             raise ValueError(
@@ -464,7 +500,7 @@ class StudyConfig:
                 f"Invalid baseline value: {self.baseline!r} (one of the labels: {', '.join(labels)})"
             )
         check_device(self.device)
-        check_int("num_workers", self.num_workers, 0, LIMITS["num_workers"])
+        self.num_workers = check_int("num_workers", self.num_workers, 0, LIMITS["num_workers"])
 
     @property
     def baseline_label(self) -> str:
@@ -614,6 +650,17 @@ def load_toml(path: str | os.PathLike[str], keys: frozenset[str] = KEYS) -> dict
     return data
 
 
+def check_one_data_source(*sources: dict[str, Any] | None) -> None:
+    """``dataset`` (a built-in data set) and ``data`` (your own) are two answers to
+    one question: given together, ``dataset`` was silently ignored."""
+    dataset = next((s["dataset"] for s in sources if s and s.get("dataset") is not None), None)
+    if dataset is not None and any(s and s.get("data") is not None for s in sources):
+        raise ValueError(
+            f"Invalid dataset value: {dataset!r} (a built-in data set; with your own data "
+            "(--data, data= or train=) leave dataset out)"
+        )
+
+
 def merge(
     *sources: dict[str, Any] | None, defaults: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -722,6 +769,15 @@ def _rho_list(value: Any) -> list[float] | None:
     return [check_float("rho", r, 0.0) for r in rhos]
 
 
+def unused_rho(rhos: list[float], methods: list[str]) -> str:
+    """The message for a rho list that no method takes (it was silently ignored)."""
+    return (
+        f"Invalid rho value: {', '.join(f'{r:g}' for r in rhos)} (no method here takes it: "
+        f"{', '.join(methods)}; give a SAM-type method that does not set its own rho, or "
+        "leave rho out)"
+    )
+
+
 def _method_specs(s: dict[str, Any]) -> list[MethodSpec]:
     from .registry import method_info
 
@@ -731,6 +787,7 @@ def _method_specs(s: dict[str, Any]) -> list[MethodSpec]:
     entries = [parse_method(t) for t in _method_tokens(s["optimizers"])]
     entries += [parse_method(t) for t in (s["methods"] or [])]
     specs: list[MethodSpec] = []
+    rho_used = False
     for e in entries:
         e = dict(e)
         name = e.pop("method")
@@ -741,6 +798,7 @@ def _method_specs(s: dict[str, Any]) -> list[MethodSpec]:
                 fields[k] = s[k]
         options = e
         if info.uses_rho and "rho" not in options and rhos:
+            rho_used = True
             for r in rhos:
                 label = fields.get("label") or name
                 if len(rhos) > 1:
@@ -758,13 +816,14 @@ def _method_specs(s: dict[str, Any]) -> list[MethodSpec]:
                 # a self-tuning rho stands beside the grid: "sam(rho=auto)", not a second "sam"
                 fields["label"] = f"{name}(rho={rho.replace(':', '-')})"
             specs.append(MethodSpec(method=name, options=options, **fields))
+    if rhos and not rho_used:
+        raise ValueError(unused_rho(rhos, sorted({m.method for m in specs})))
     return specs
 
 
 def _seeds(value: Any) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        check_int("seeds", value, 1, LIMITS["seeds"])
-        return list(range(value))
+    if _is_int(value):
+        return list(range(check_int("seeds", value, 1, LIMITS["seeds"])))
     if isinstance(value, list):
         return value  # StudyConfig checks the entries
     raise ValueError(f"Invalid seeds value: {value!r} (a count or a list of ints)")
@@ -777,6 +836,7 @@ def build_study(s: dict[str, Any], **user: Any) -> StudyConfig:
     ``model_factory``, ``loss``, ``metrics`` (from the Python API or from the
     CLI's ``module:function`` loaders).
     """
+    s = plain(s)
     if s.get("out") is not None and (not isinstance(s["out"], str) or not s["out"].strip()):
         raise ValueError(f"Invalid out value: {s['out']!r} (a folder path)")
     es = s["early_stopping"]

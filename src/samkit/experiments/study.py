@@ -39,6 +39,7 @@ sharpness measures, and the study goes on.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -55,7 +56,7 @@ import torch
 
 from .._atomic import write_json_atomic as _write_json_atomic
 from .engine import Cell, Executor, InProcess, make_executor, run_cells
-from .folder import study_folder
+from .folder import describe_differences, differences, study_folder
 from .problem import Data, Problem, first_sample
 from .registry import build_method, method_info
 from .settings import MethodSpec, StudyConfig, TrainConfig
@@ -84,6 +85,10 @@ __all__ = [
     "write_json_atomic",
     "sharpness_available",
     "SHARPNESS_KEYS",
+    "PROBLEM_KEYS",
+    "problem_identity",
+    "check_problem",
+    "resume_plan",
 ]
 
 SHARPNESS_KEYS = ("hessian_top_eig", "hessian_trace", "worst_case_sharpness")
@@ -184,8 +189,11 @@ def _train_identity(train_config: TrainConfig) -> dict[str, Any]:
     return d
 
 
-def _run_config(config: StudyConfig, spec: MethodSpec, seed: int) -> dict[str, Any]:
-    """The settings a run's result depends on (a change retrains it)."""
+def _run_config(
+    config: StudyConfig, spec: MethodSpec, seed: int, threads: int | None = None
+) -> dict[str, Any]:
+    """The settings a run's result depends on (a change retrains it); ``threads``:
+    the torch threads it trains on, when pinned (``--threads``, ``--jobs``)."""
     cfg = {
         "method": spec.to_dict(),
         "seed": seed,
@@ -205,6 +213,8 @@ def _run_config(config: StudyConfig, spec: MethodSpec, seed: int) -> dict[str, A
     for key in ("task", "loss", "metrics", "data", "model_factory"):
         if key in full:
             cfg[key] = full[key]
+    if threads is not None:
+        cfg["threads"] = threads
     return cfg
 
 
@@ -246,6 +256,7 @@ def check_study(
     amp = config.train.amp
     output = _forward(config, model, x, device, "the data")
     _check_output(problem, output, y)
+    _check_labels(problem, data.train, output, "training")  # not only its first batch
     per_sample = _check_loss_and_metrics(problem, output, y)
     # the evaluation splits must fit too: they are read after the first epoch trained
     for name, split in (("val", data.val), ("test", data.test)):
@@ -316,6 +327,7 @@ def check_study(
             "(val_fraction > 0 or your own val data)"
         )
     if out_dir is not None:
+        check_problem(config, problem, Path(out_dir))
         _check_states(config, Path(out_dir))
     return problem
 
@@ -352,25 +364,52 @@ def _forward(
         ) from exc
 
 
+def _split_labels(split: Any) -> torch.Tensor | None:
+    """The labels of an in-memory split (a TensorDataset, a built-in split, or a subset of
+    either), without reading it sample by sample; None for any other source."""
+    from .datasets import Split
+    from .problem import IndexedSubset
+
+    if isinstance(split, IndexedSubset):
+        y = _split_labels(split.base)
+        return None if y is None else y[split.indices]
+    if isinstance(split, Split):
+        return split.y
+    tensors = getattr(split, "tensors", None)
+    return tensors[-1] if tensors and torch.is_tensor(tensors[-1]) else None
+
+
 def _check_labels(problem: Problem, split: Any, output: Any, name: str) -> None:
     """Every class label of an in-memory split is one of the model's outputs."""
-    tensors = getattr(split, "tensors", None)
-    if not (problem.task == "classification" and problem.config.loss is None and tensors):
+    if not (problem.task == "classification" and problem.config.loss is None):
         return
-    y = tensors[-1]
-    if torch.is_tensor(y) and not y.is_floating_point():
+    y = _split_labels(split)
+    if y is not None and not y.is_floating_point():
         outside = _labels_outside(y, output.shape[1])
         if outside:
-            raise ValueError(f"Invalid data value: {name} {outside}")
+            # the training split's arguments as for its first batch; val/test: that data
+            what = outside[0] if name == "training" else "data"
+            raise ValueError(f"Invalid {what} value: {name} {outside[1]}")
 
 
-def _labels_outside(y: torch.Tensor, classes: int) -> str | None:
-    """What is wrong with class labels ``y`` for ``classes`` logits (None: nothing)."""
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-        return (
-            f"labels run from {int(y.min())} to {int(y.max())} but the model gives {classes} logits"
-        )
-    return None
+def _labels_outside(y: torch.Tensor, classes: int) -> tuple[str, str] | None:
+    """What is wrong with class labels ``y`` for ``classes`` logits: (the argument to
+    blame, the reason), or None. The reason starts with the labels, never the model:
+    "labels must be in 0..2 (the model gives 3 logits): found -1"."""
+    if y.dtype == torch.bool:
+        return "data", f"labels are booleans: class labels are integers 0..{classes - 1} (y.long())"
+    if not y.numel():
+        return None
+    lo, hi = int(y.min()), int(y.max())
+    if lo >= 0 and hi < classes:
+        return None
+    found = ", ".join(str(v) for v in (lo, hi) if v < 0 or v >= classes)
+    logits = f"{classes} logit{'' if classes == 1 else 's'}"
+    # a negative label is always the data's; one too large may be the model's (too few logits)
+    return (
+        "data" if lo < 0 else "model",
+        f"labels must be in 0..{classes - 1} (the model gives {logits}): found {found}",
+    )
 
 
 def _check_output(problem: Problem, output: Any, y: torch.Tensor) -> None:
@@ -396,7 +435,7 @@ def _check_output(problem: Problem, output: Any, y: torch.Tensor) -> None:
             )
         outside = _labels_outside(y, output.shape[1])
         if outside:
-            raise ValueError(f"Invalid model value: {outside}")
+            raise ValueError(f"Invalid {outside[0]} value: {outside[1]}")
 
 
 def _check_loss_and_metrics(problem: Problem, output: torch.Tensor, y: torch.Tensor) -> bool:
@@ -425,6 +464,77 @@ def _check_loss_and_metrics(problem: Problem, output: torch.Tensor, y: torch.Ten
                 f"Invalid metrics value: {name!r} fails on the model's output: {_first_line(exc)}"
             ) from exc
     return losses.dim() == 1
+
+
+#: What a study is *about*; a run folder holds one: the data (the data set or your
+#: own data, its label noise, training size and validation split), the model (with
+#: its arguments, or your factory), the task and the loss. Everything else (methods,
+#: rho, seeds, epochs, learning rate, batch size, ...) only adds or retrains runs.
+PROBLEM_KEYS = (
+    "dataset",
+    "data",
+    "noise",
+    "train_size",
+    "val_fraction",
+    "model",
+    "model_kwargs",
+    "model_factory",
+    "task",
+    "loss",
+)
+
+
+def problem_identity(config: StudyConfig, problem: Problem | None = None) -> dict[str, Any]:
+    """The study's problem (:data:`PROBLEM_KEYS`), as it reads back from ``config.json``;
+    with ``problem``, the task as resolved (inferred from the targets if not given)."""
+    d = config.to_dict()
+    identity = {k: d[k] for k in PROBLEM_KEYS if k in d}
+    if problem is not None:
+        identity["task"] = problem.task
+    return _normalise(identity)
+
+
+def _saved_problem(out: Path) -> dict[str, Any] | None:
+    """The problem of the runs already in ``out`` (None: none there, or not readable)."""
+    sources: list[Any] = []
+    with contextlib.suppress(OSError, ValueError):
+        sources.append(json.loads((out / "config.json").read_text(encoding="utf-8")))
+    saved = sources[0] if sources and isinstance(sources[0], dict) else None
+    if saved is not None and isinstance(saved.get("problem"), dict):
+        return saved["problem"]
+    if saved is None or "dataset" not in saved:  # no config.json: ask a finished run
+        runs = sorted((out / "runs").glob("*.json")) if (out / "runs").is_dir() else []
+        for path in runs:
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(record, dict) and isinstance(record.get("config"), dict):
+                    saved = record["config"]
+                    break
+    if saved is None or "dataset" not in saved or "model" not in saved:
+        return None
+    # written by a samkit before 0.3: the task is known only where it was given
+    identity = {k: saved[k] for k in PROBLEM_KEYS if k in saved}
+    if "task" not in identity and "data" not in identity:
+        identity["task"] = "classification"  # the built-in data sets
+    return identity
+
+
+def check_problem(config: StudyConfig, problem: Problem, out: Path) -> None:
+    """Refuse a run folder that holds another problem's runs (ValueError naming only
+    the settings that differ). Rerunning them under this one would overwrite finished
+    runs, checkpoints included, with another data set's or model's."""
+    saved = _saved_problem(out)
+    if saved is None:
+        return
+    now = problem_identity(config, problem)
+    if "task" not in saved:
+        now.pop("task")
+    diffs = differences(saved, now)
+    if diffs:
+        raise ValueError(
+            f"Invalid out value: {str(out)!r} holds a study of another problem "
+            f"({describe_differences(diffs)}); give another --out, or delete it to start over"
+        )
 
 
 def _check_states(config: StudyConfig, out: Path) -> None:
@@ -485,10 +595,7 @@ def study_cells(config: StudyConfig, runs_dir: Path, *, threads: int | None = No
     for seed in config.seeds:
         for spec in config.methods:
             key = run_key(spec.label, seed)
-            run_cfg = _run_config(config, spec, seed)
-            if threads is not None:
-                run_cfg["threads"] = threads
-            run_cfg = _normalise(run_cfg)
+            run_cfg = _normalise(_run_config(config, spec, seed, threads))
             task = CompareRun(config, spec, seed, key, run_cfg, do_sharp, problem_key)
             cells.append(
                 Cell(
@@ -532,7 +639,13 @@ def run_study(
     with study_folder(out_dir) as out:
         runs_dir = out / "runs"
         runs_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "config.json", config.to_dict())
+        grid = [(spec, seed) for seed in config.seeds for spec in config.methods]
+        if log:
+            for line in resume_plan(config, out, grid, threads=executor.threads):
+                log(line)
+        write_json_atomic(
+            out / "config.json", {**config.to_dict(), "problem": problem_identity(config, problem)}
+        )
         cells = study_cells(config, runs_dir, threads=executor.threads)
         if isinstance(executor, InProcess):
             for cell in cells:  # this process's problem (checked, and the user's objects)
@@ -558,6 +671,83 @@ def run_study(
                 continue  # failed (the engine said why); left out of the summary
             results.append(RunResult(task.key, task.spec.label, task.seed, o.record, o.executed))
     return results
+
+
+def _finished_record(path: Path) -> dict[str, Any] | None:
+    """A finished run's result file, or None (absent or unreadable: trained again)."""
+    if not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) else None
+
+
+def _runs_text(cells: list[tuple[str, int]], seeds: list[int], limit: int = 6) -> str:
+    """``"sgd (all seeds), sam (seeds 0, 1)"``: runs grouped by method, cut at ``limit``."""
+    by_label: dict[str, list[int]] = {}
+    for label, seed in cells:
+        by_label.setdefault(label, []).append(seed)
+    parts = []
+    for label, mine in by_label.items():
+        if len(seeds) > 1 and mine == seeds:
+            parts.append(f"{label} (all seeds)")
+        else:
+            listed = ", ".join(map(str, mine[:5])) + (", ..." if len(mine) > 5 else "")
+            parts.append(f"{label} (seed{'s' if len(mine) > 1 else ''} {listed})")
+    more = len(parts) - limit
+    return ", ".join(parts[:limit]) + (f" and {more} more methods" if more > 0 else "")
+
+
+def resume_plan(
+    config: StudyConfig,
+    out: Path,
+    grid: list[tuple[MethodSpec, int]] | None = None,
+    *,
+    threads: int | None = None,
+) -> list[str]:
+    """What rerunning into ``out`` does with the runs already there, in a few short
+    lines: which are kept, which are retrained because their settings changed (and
+    which settings), which are new. Empty for a folder without finished runs."""
+    grid = grid or [(spec, seed) for seed in config.seeds for spec in config.methods]
+    runs_dir = out / "runs"
+    finished = {p.stem for p in runs_dir.glob("*.json")} if runs_dir.is_dir() else set()
+    if not finished:
+        return []
+    kept: list[tuple[str, int]] = []
+    changed: list[tuple[str, int]] = []
+    new: list[tuple[str, int]] = []
+    changes: list[tuple[str, Any, Any]] = []
+    for spec, seed in grid:
+        key = run_key(spec.label, seed)
+        done = _finished_record(runs_dir / f"{key}.json") if key in finished else None
+        finished.discard(key)
+        if done is None:
+            new.append((spec.label, seed))
+            continue
+        run_cfg = _normalise(_run_config(config, spec, seed, threads))
+        diffs = differences(done.get("config"), run_cfg)
+        if not diffs:
+            kept.append((spec.label, seed))
+            continue
+        changed.append((spec.label, seed))
+        changes += [d for d in diffs if d not in changes]
+    seeds = list(config.seeds)
+    lines = [
+        f"samkit compare: {out} holds finished runs: {len(kept)} kept, "
+        f"{len(changed)} retrained with other settings, {len(new)} new"
+    ]
+    if kept:
+        lines.append(f"  kept: {_runs_text(kept, seeds)}")
+    if changed:
+        lines.append(f"  retrained ({describe_differences(changes, 3)}): ")
+        lines[-1] += _runs_text(changed, seeds)
+    if new:
+        lines.append(f"  new: {_runs_text(new, seeds)}")
+    if finished:
+        lines.append(f"  {len(finished)} other finished run(s) in the folder are left as they are")
+    return lines
 
 
 def _num(v: Any) -> str:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from .._atomic import append_line, write_text_atomic
+from .._atomic import append_line, finite, write_text_atomic
 from .checkpoint import atomic_torch_save, save_checkpoint
 from .engine.core import fault_point
 from .problem import accuracy, batch_indexable
@@ -158,17 +158,6 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
         return 1.0
     span = max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-
-def finite(x: Any) -> Any:
-    """NaN and infinities -> None, recursively: JSON that any tool can read."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
-    return x
 
 
 # ------------------------------------------------------------------ batches

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import settings as st
-from .folder import study_folder
+from .folder import describe_differences, differences, run_folder, study_folder
 from .problem import Problem
 from .registry import MethodInfo, build_method, method_info
 from .settings import MethodSpec, StudyConfig, check_float, check_int
@@ -65,7 +65,7 @@ class TuneSpec:
         info = method_info(self.method)
         if not info.uses_rho:
             raise ValueError(f"Invalid method value: {self.method!r} has no rho to tune")
-        check_int("trials", self.trials, 1, MAX_TRIALS, none_ok=True)
+        self.trials = check_int("trials", self.trials, 1, MAX_TRIALS, none_ok=True)
         if self.rho_range is not None:
             if not isinstance(self.rho_range, (tuple, list)) or len(self.rho_range) != 2:
                 raise ValueError(f"Invalid rho_range value: {self.rho_range!r} (expected (LO, HI))")
@@ -87,7 +87,7 @@ class TuneSpec:
             if len(set(self.grid)) != len(self.grid):
                 raise ValueError(f"Invalid grid value: {self.grid!r} (duplicates)")
         st.check_bool("tune_lr", self.tune_lr)
-        check_int("sampler_seed", self.sampler_seed, 0, MAX_SAMPLER_SEED)
+        self.sampler_seed = check_int("sampler_seed", self.sampler_seed, 0, MAX_SAMPLER_SEED)
         if self.base is not None:
             st.check_choice("base", self.base, tuple(st.BASE_DEFAULTS))
         if self.auto is not None:
@@ -517,9 +517,7 @@ def open_tune(
         config.user_data is not None and config.user_data.val is not None
     ):
         raise ValueError("Invalid val_fraction value: 0 (tuning needs a validation split)")
-    folder = (
-        Path(out) if out is not None else st.default_out_dir(config, prefix=f"tune-{spec.method}")
-    )
+    folder = run_folder(out, lambda: st.default_out_dir(config, prefix=f"tune-{spec.method}"))
     with study_folder(folder) as path:
         problem = check_study(config)
         lo, hi = spec.range()
@@ -559,10 +557,14 @@ def _claim_folder(path: Path, config: StudyConfig, spec: TuneSpec, base: MethodS
         except (OSError, ValueError):
             saved = None
         if saved != identity:
+            what = (
+                describe_differences(differences(_readable(saved), _readable(identity)))
+                if isinstance(saved, dict)
+                else "its tune-settings.json cannot be read"
+            )
             raise ValueError(
                 f"Invalid out value: {str(path)!r} holds a search with other settings "
-                f"({_first_difference(saved, identity)}); give another --out, or delete it to "
-                "start over"
+                f"({what}); give another --out, or delete it to start over"
             )
         return
     if (path / "optuna-journal.log").exists():
@@ -573,17 +575,14 @@ def _claim_folder(path: Path, config: StudyConfig, spec: TuneSpec, base: MethodS
     write_json_atomic(record, identity)
 
 
-def _first_difference(saved: Any, now: Any, where: str = "") -> str:
-    """The first setting that differs, as ``key: saved -> now``."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        for key in sorted(set(saved) | set(now), key=str):
-            if saved.get(key) != now.get(key):
-                return _first_difference(saved.get(key), now.get(key), f"{where}{key}.")
-    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
-        for i, (a, b) in enumerate(zip(saved, now)):
-            if a != b:
-                return _first_difference(a, b, f"{where}{i}.")
-    return f"{where.rstrip('.') or 'settings'}: {saved!r} -> {now!r}"
+def _readable(identity: dict[str, Any]) -> dict[str, Any]:
+    """A search's identity keyed as its settings: one run's settings (``train.epochs``,
+    ``method.lr``, ...), the ``seeds``, and ``search.*``; not one entry per seed."""
+    runs = identity.get("runs")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        return identity
+    first = {k: v for k, v in (runs[0] if runs else {}).items() if k != "seed"}
+    return {**first, "seeds": [r.get("seed") for r in runs], "search": identity.get("search")}
 
 
 def _check_rho(
@@ -637,8 +636,9 @@ def tune(
     Returns a :class:`TuneResult` (``best``, ``trials``, ``to_dict()``, paths).
     Interrupted, it resumes from the Optuna journal in ``out``.
     """
-    from .api import _user_parts
+    from .api import _user_parts, check_flags
 
+    check_flags(quiet=quiet)
     unknown = sorted(set(settings) - st.KEYS)
     if unknown or {"optimizers", "methods", "rho"} & set(settings):
         raise ValueError(f"Invalid setting: {', '.join(unknown or sorted(settings))}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import atomic_write_via
+from .._atomic import atomic_write_via, finite
 
 __all__ = ["save_grid", "plot_curves", "plot_surface", "plot_density"]
 
@@ -30,17 +30,19 @@ def save_grid(
     """Save arrays to ``path`` (``.npz``, or ``.json`` for plain lists) atomically.
 
     ``meta`` (JSON-serialisable) is stored as a ``meta`` JSON string in the
-    ``.npz``, or as a ``meta`` key in the ``.json``.
+    ``.npz``, or as a ``meta`` key in the ``.json``. JSON is strict: a NaN or an
+    infinite loss (far from the minimum) is written as null.
     """
     path = Path(path)
     if path.suffix == ".json":
         obj = {k: np.asarray(v).tolist() for k, v in arrays.items()}
         if meta:
             obj["meta"] = meta
+        text = json.dumps(finite(obj), indent=1, allow_nan=False)
 
         def write(tmp: str) -> None:
             with open(tmp, "w") as fh:
-                json.dump(obj, fh, indent=1)
+                fh.write(text)
 
         _atomic(path, write, ".json")
         return path
@@ -48,7 +50,7 @@ def save_grid(
         raise ValueError(f"Invalid path value: {str(path)!r} (expected a .npz or .json file)")
     arrs = {k: np.asarray(v) for k, v in arrays.items()}
     if meta:
-        arrs["meta"] = np.asarray(json.dumps(meta))
+        arrs["meta"] = np.asarray(json.dumps(finite(meta), allow_nan=False))
 
     def write_npz(tmp: str) -> None:
         with open(tmp, "wb") as fh:  # a file object: np.savez must not append ".npz" to the name

@@ -158,7 +158,12 @@ def worst_case_sharpness(
         gz = lift(g)  # chain rule: dL/dz = T g
         norm = gz.norm()
         if not torch.isfinite(norm):
-            raise ValueError("Invalid model value: the loss gradient is not finite")
+            if i == 0:
+                raise ValueError("Invalid model value: the loss gradient is not finite")
+            raise ValueError(
+                f"Invalid rho value: {rho!r} (the loss gradient is not finite at the perturbed "
+                "weights: the ball is too large for this model)"
+            )
         if norm == 0:
             if i > 0:
                 break  # stationary inside the ball

@@ -33,7 +33,7 @@ FAULT_ENV = "SAMKIT_FAULT_KILL"
 
 def normalise(obj: Any) -> Any:
     """``obj`` as it reads back from the JSON files (tuples as lists, NaN as null)."""
-    from ..trainer import finite
+    from ..._atomic import finite
 
     return json.loads(json.dumps(finite(obj)))
 
@@ -273,7 +273,7 @@ def run_cells(
         from ..._atomic import write_json_atomic
 
         def write(path: Path, obj: Any) -> None:
-            from ..trainer import finite
+            from ..._atomic import finite
 
             write_json_atomic(path, finite(obj))
 
