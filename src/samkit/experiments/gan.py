@@ -1068,6 +1068,9 @@ def gan_study(
     quick: bool = False,
     progress: bool | None = None,
     quiet: bool = False,
+    jobs: int | str | None = None,
+    threads: int | None = None,
+    ray: str | None = None,
     **settings: Any,
 ) -> GANResult:
     """Adam against SAM on the generator, the discriminator or both, on Ring-8 and Grid-25.
@@ -1082,6 +1085,8 @@ def gan_study(
         out: the run folder (default ``samkit-runs/gan-<datasets>-<hash>``); rerunning resumes it.
         quick: start from the ``--quick`` preset.
         progress: a progress bar per run (default: on a terminal); ``quiet``: no log lines.
+        jobs, threads, ray: runs at once, torch threads per run, a Ray cluster's
+            address (as in :func:`samkit.compare`).
         **settings: ``batch_size``, ``lr``, ``beta1``, ``z_dim``, ``hidden``,
             ``depth``, ``eval_every``, ``eval_samples``, ``snapshots``,
             ``checkpoint_every``, ``baseline``, ``device``.
@@ -1109,4 +1114,5 @@ def gan_study(
     merged = st.merge(QUICK if quick else None, given, defaults=DEFAULTS)
     config = build_config(merged)
     log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    return run(config, out, progress=progress, log=log)
+    how = st.execution({"jobs": jobs, "threads": threads, "ray": ray})
+    return run(config, out, progress=progress, log=log, **how)

@@ -1225,6 +1225,9 @@ def rl_study(
     quick: bool = False,
     progress: bool | None = None,
     quiet: bool = False,
+    jobs: int | str | None = None,
+    threads: int | None = None,
+    ray: str | None = None,
     **settings: Any,
 ) -> RLResult:
     """PPO against PPO with SAM (and variants) on classic-control tasks, paired over seeds.
@@ -1241,6 +1244,8 @@ def rl_study(
         out: the run folder (default ``samkit-runs/rl-<envs>-<hash>``); rerunning resumes it.
         quick: start from the ``--quick`` preset (CartPole, PPO and SAM, two seeds).
         progress: a progress bar per run (default: on a terminal); ``quiet``: no log lines.
+        jobs, threads, ray: runs at once, torch threads per run, a Ray cluster's
+            address (as in :func:`samkit.compare`).
         **settings: ``baseline``, ``curve_points``, ``device``.
 
     Returns:
@@ -1269,4 +1274,5 @@ def rl_study(
     merged = st.merge(QUICK if quick else None, given, defaults=DEFAULTS)
     config = build_config(merged)
     log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    return run(config, out, progress=progress, log=log)
+    how = st.execution({"jobs": jobs, "threads": threads, "ray": ray})
+    return run(config, out, progress=progress, log=log, **how)

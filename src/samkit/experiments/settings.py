@@ -601,7 +601,31 @@ DEFAULTS: dict[str, Any] = {
     "amp": None,
     "baseline": None,
     "out": None,
+    # how the runs are executed (not what they compute; not in config.json):
+    "jobs": 1,  # runs at once: a number or "auto" (one per GPU, else per physical core)
+    "threads": None,  # torch threads per run (None: not pinned); recorded in each run's config
+    "ray": None,  # a Ray cluster's address: the runs as Ray tasks
 }
+
+#: the settings that choose the executor, not the study (see :func:`execution`)
+EXECUTION_KEYS = ("jobs", "threads", "ray")
+
+
+def execution(s: dict[str, Any]) -> dict[str, Any]:
+    """``jobs``, ``threads`` and ``ray`` of merged settings, checked (ValueError naming
+    the setting): the keyword arguments of :func:`~samkit.experiments.engine.make_executor`."""
+    from .engine import check_jobs
+    from .engine.executors import check_threads
+
+    ray = s.get("ray")
+    if ray is not None and (not isinstance(ray, str) or not ray.strip()):
+        raise ValueError(f"Invalid ray value: {ray!r} (a cluster address, host:port or 'auto')")
+    return {
+        "jobs": check_jobs(1 if s.get("jobs") is None else s["jobs"]),
+        "threads": check_threads(s.get("threads")),
+        "ray": ray,
+    }
+
 
 #: ``--quick``: two seeds, fewer epochs, the core methods, cheap sharpness.
 QUICK: dict[str, Any] = {

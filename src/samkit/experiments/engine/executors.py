@@ -285,6 +285,8 @@ class LocalPool(Executor):
                 self._procs[k] = self._conns[k] = None
                 continue
             kind, payload, lines, seconds = msg
+            if kind == "ok" and self.devices[k] is not None:  # the one GPU it was given
+                payload = {**payload, "placement": {"cuda_visible_devices": self.devices[k]}}
             if kind == "ok":
                 events.append(Event(index, "ok", payload, lines, seconds=seconds))
             else:
