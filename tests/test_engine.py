@@ -254,3 +254,58 @@ def test_ctrl_c_stops_every_worker_and_the_folder_resumes(tmp_path, reference):
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert len(res["runs"]) == 4 and all(r["epochs_run"] == 6 for r in res["runs"])
+
+
+TUNE = ["tune", "--dataset", "synthetic", "--train-size", "120", "--epochs", "2", "--seeds", "1"]
+TUNE += ["--model", "mlp", "--batch-size", "40", "--grid", "0.01,0.05,0.1,0.2", "-q"]
+
+
+def _journal_complete(path):
+    done = []
+    if not path.exists():
+        return done
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(
+        study_name="samkit-tune", storage=JournalStorage(JournalFileBackend(str(path)))
+    )
+    return [
+        (t.number, t.params["rho"], t.value)
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    ]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc (Linux)")
+def test_tune_jobs_2_resumes_after_kill_9_without_repeating_finished_trials(tmp_path, capsys):
+    pytest.importorskip("optuna")
+    out = tmp_path / "t"
+    argv = [*TUNE, "--jobs", "2", "--threads", "1", "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *argv], env=env, cwd=tmp_path)
+    journal = out / "optuna-journal.log"
+    deadline = time.time() + 180
+    before = []
+    while time.time() < deadline and proc.poll() is None:
+        before = _journal_complete(journal)
+        if before:
+            break
+        time.sleep(0.3)
+    proc.kill()  # kill -9 of the driver: its workers go with it
+    proc.wait(30)
+    assert before, "no trial finished before the kill"
+    before = _journal_complete(journal)
+    rc = main([*argv])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    res = json.loads((out / "tune.json").read_text())
+    complete = [t for t in res["trials"] if t["state"] == "COMPLETE"]
+    assert sorted(t["params"]["rho"] for t in complete) == [0.01, 0.05, 0.1, 0.2]  # each once
+    for number, rho, value in before:  # finished before the kill: kept, not trained again
+        assert {"number": number, "rho": rho, "value": value} in [
+            {"number": t["number"], "rho": t["params"]["rho"], "value": t["value"]}
+            for t in complete
+        ]

@@ -166,7 +166,15 @@ class OpenTune:
         self.config, self.spec, self.base, self.out = config, spec, base, out
         self.problem, self.n_trials = problem, n_trials
 
-    def run(self, *, log: Callable[[str], None] | None = None) -> TuneResult:
+    def run(
+        self,
+        *,
+        log: Callable[[str], None] | None = None,
+        jobs: int | str = 1,
+        threads: int | None = None,
+        ray: str | None = None,
+    ) -> TuneResult:
+        """Run the remaining trials, ``jobs`` at once (:mod:`~samkit.experiments.tune_parallel`)."""
         import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -236,10 +244,20 @@ class OpenTune:
             # a trial that raises is reported by samkit itself (a Ctrl-C as one line):
             # Optuna's own warning with the traceback would come first
             optuna.logging.set_verbosity(optuna.logging.ERROR)
-            try:
-                ostudy.optimize(self._objective(log), n_trials=remaining, catch=())
-            finally:
-                optuna.logging.set_verbosity(optuna.logging.WARNING)
+            if ray is not None:
+                raise ValueError(
+                    f"Invalid ray value: {ray!r} (samkit tune runs its trials on this machine; "
+                    "use --jobs)"
+                )
+            if jobs != 1 or threads is not None:
+                from .tune_parallel import run_parallel
+
+                run_parallel(self, ostudy, remaining, jobs, threads, log)
+            else:
+                try:
+                    ostudy.optimize(self._objective(log), n_trials=remaining, catch=())
+                finally:
+                    optuna.logging.set_verbosity(optuna.logging.WARNING)
         summary = self._summarize(ostudy)
         if self.spec.auto:
             summary["auto"] = [self._run_auto(name, log) for name in self.spec.auto]
@@ -675,5 +693,6 @@ def tune(
     merged = st.merge(flat)
     config = st.build_study(merged, loss=loss, metrics=metrics, **user)
     log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    how = st.execution(merged)
     with open_tune(config, spec, out, lr=merged["lr"], weight_decay=merged["weight_decay"]) as t:
-        return t.run(log=log)
+        return t.run(log=log, **how)
