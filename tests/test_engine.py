@@ -309,3 +309,56 @@ def test_tune_jobs_2_resumes_after_kill_9_without_repeating_finished_trials(tmp_
             {"number": t["number"], "rho": t["params"]["rho"], "value": t["value"]}
             for t in complete
         ]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """Two Ray nodes on localhost, one CPU each (started and stopped here)."""
+    pytest.importorskip("ray")
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RAY_USAGE_STATS_ENABLED="0")
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    common = ["--include-dashboard=false", "--disable-usage-stats"]
+
+    def start(*args):
+        subprocess.run(
+            [*ray_cli, "start", *args], env=env, check=True, capture_output=True, timeout=180
+        )
+
+    try:
+        start("--head", f"--port={port}", "--num-cpus=1", *common)
+        start(f"--address=127.0.0.1:{port}", "--num-cpus=1")
+        yield {"address": f"127.0.0.1:{port}", "start": start}
+    finally:
+        subprocess.run([*ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_a_two_node_ray_cluster_gives_the_numbers_of_one_job(
+    tmp_path, capsys, reference, ray_cluster
+):
+    ref_out, ref = reference
+    res, err = _compare(capsys, tmp_path / "r", "--ray", ray_cluster["address"], "--threads", "1")
+    assert _timeless(res) == _timeless(ref)
+    assert "study: 4 runs, Ray cluster" in err
+    _same_weights(ref_out, tmp_path / "r")  # the nodes' files, written by the driver
+
+
+def test_a_ray_node_with_two_gpus_gives_each_run_one_device(tmp_path, capsys, ray_cluster):
+    ray_cluster["start"](f"--address={ray_cluster['address']}", "--num-cpus=2", "--num-gpus=2")
+    out = tmp_path / "g"
+    rc = main(
+        ["compare", *TINY, "--seeds", "1", "--out", str(out), "--ray", ray_cluster["address"]]
+    )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    devices = [r["placement"]["cuda_visible_devices"] for r in runs]
+    assert len(devices) == 2 and all(d in ("0", "1") for d in devices)  # one entry each
