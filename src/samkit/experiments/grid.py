@@ -16,7 +16,7 @@ a copy of it:
   (:func:`~samkit.experiments.study.run_key`), and resume: a run whose result
   file holds the same settings (:func:`finished`) is not run again;
 * the summary: means over seeds with the sample standard deviation, and the
-  paired verdicts of :func:`~samkit.experiments.study.paired_verdicts` (the
+  paired verdicts of :func:`~samkit.experiments.stats.paired_verdicts` (the
   difference to the baseline seed by seed, its standard error and ``|z| > 2``);
 * the report: :func:`~samkit.experiments.report.write_page`.
 """
@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import re
-import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 from .._checks import is_number
 from .engine import finished, normalise
 from .settings import LIMITS, check_float, check_label, parse_method, plain, unused_rho
-from .study import paired_verdicts
+from .stats import paired_verdicts, stats
 
 __all__ = [
     "MethodDef",
@@ -210,20 +209,6 @@ def check_names(name: str, value: Any, known: dict[str, Any]) -> list[str]:
     return list(value)
 
 
-def stats(values: list[Any]) -> tuple[float, float, float]:
-    """Mean, sample standard deviation and standard error of the finite values (NaN if none)."""
-    vals = [
-        float(v)
-        for v in values
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ]
-    if not vals:
-        return math.nan, math.nan, math.nan
-    mean = statistics.fmean(vals)
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return mean, std, std / math.sqrt(len(vals))
-
-
 def verdicts(
     values: dict[str, dict[int, float | None]],
     baseline: str,
@@ -232,7 +217,7 @@ def verdicts(
     unit: str,
     maximize: bool = True,
 ) -> list[dict[str, Any]]:
-    """Paired verdicts (:func:`~samkit.experiments.study.paired_verdicts`) of one
+    """Paired verdicts (:func:`~samkit.experiments.stats.paired_verdicts`) of one
     scalar per (label, seed): ``values[label][seed]``. A missing or non-finite
     value counts as a run that did not finish."""
     records = [

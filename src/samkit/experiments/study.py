@@ -45,7 +45,6 @@ import json
 import math
 import os
 import re
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -60,6 +59,9 @@ from .folder import describe_differences, differences, study_folder
 from .problem import Data, Problem, first_sample
 from .registry import build_method, method_info
 from .settings import MethodSpec, StudyConfig, TrainConfig
+from .stats import finite_number as _finite
+from .stats import paired_verdicts
+from .stats import stats as _stats
 from .trainer import (
     ResumeError,
     eval_batches,
@@ -639,6 +641,8 @@ def run_study(
     with study_folder(out_dir) as out:
         runs_dir = out / "runs"
         runs_dir.mkdir(parents=True, exist_ok=True)
+        cells = study_cells(config, runs_dir, threads=executor.threads)
+        executor.check(cells[0])  # the runs can go where they are sent, before any file
         grid = [(spec, seed) for seed in config.seeds for spec in config.methods]
         if log:
             for line in resume_plan(config, out, grid, threads=executor.threads):
@@ -646,7 +650,6 @@ def run_study(
         write_json_atomic(
             out / "config.json", {**config.to_dict(), "problem": problem_identity(config, problem)}
         )
-        cells = study_cells(config, runs_dir, threads=executor.threads)
         if isinstance(executor, InProcess):
             for cell in cells:  # this process's problem (checked, and the user's objects)
                 executor.cache.setdefault(cell.task.problem_key, problem)
@@ -826,19 +829,6 @@ def _execute(
 
 
 # ---------------------------------------------------------------- summary
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _stats(values: list[Any]) -> tuple[float, float, float]:
-    vals = [v for v in values if _finite(v)]
-    if not vals:
-        return float("nan"), float("nan"), float("nan")
-    mean = statistics.fmean(vals)
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return mean, std, std / math.sqrt(len(vals))
-
-
 def summarize(
     records: list[dict[str, Any]], labels: list[str] | None = None, *, metric: str = "acc"
 ) -> list[dict[str, Any]]:
@@ -896,91 +886,6 @@ def summarize(
             else float("nan")
         )
     return rows
-
-
-def _is_percent(metric: str) -> bool:
-    return metric.lower() in ("acc", "accuracy")
-
-
-def paired_verdicts(
-    records: list[dict[str, Any]],
-    labels: list[str],
-    baseline: str,
-    *,
-    metric: str = "acc",
-    maximize: bool = True,
-    unit: str | None = None,
-) -> list[dict[str, Any]]:
-    """For each label but the baseline: the paired test difference and one sentence.
-
-    Differences are taken seed by seed (same data, initial weights and batches),
-    over the seeds where both runs finished without diverging; their mean and
-    standard error (sample std / sqrt(n)) give ``z = mean / se``. The verdict
-    says whether ``|z| > 2``. ``unit``: the words after the difference in the
-    sentence (default ``"test <metric>"``, or points of test accuracy).
-    """
-
-    def values(label: str) -> dict[int, float]:
-        return {
-            r["seed"]: r["final"].get(f"test_{metric}")
-            for r in records
-            if r["label"] == label
-            and not r.get("diverged")
-            and _finite(r["final"].get(f"test_{metric}"))
-        }
-
-    def diverged(label: str) -> int:
-        return sum(1 for r in records if r["label"] == label and r.get("diverged"))
-
-    scale = 100.0 if _is_percent(metric) else 1.0
-    if unit is None:
-        unit = "points of test accuracy" if _is_percent(metric) else f"test {metric}"
-    fmt = ".2f" if _is_percent(metric) else ".4g"
-    base = values(baseline)
-    out = []
-    for label in labels:
-        if label == baseline:
-            continue
-        mine = values(label)
-        seeds = sorted(set(mine) & set(base))
-        diffs = [scale * (mine[s] - base[s]) for s in seeds]
-        n = len(diffs)
-        left = diverged(label) + diverged(baseline)
-        note = f" ({left} diverged run(s) left out)" if left else ""
-        v: dict[str, Any] = {"label": label, "baseline": baseline, "n": n, "metric": metric}
-        if n == 0:
-            v.update(mean=None, se=None, z=None, exceeds=False)
-            v["sentence"] = (
-                f"{label}: no seed on which both it and {baseline} finished, so no comparison{note}."
-            )
-        elif n == 1:
-            v.update(mean=diffs[0], se=None, z=None, exceeds=False)
-            v["sentence"] = (
-                f"{label}: {diffs[0]:+{fmt}} {unit} against {baseline} on one seed; "
-                f"one seed gives no standard error, so run more seeds before reading anything "
-                f"into it{note}."
-            )
-        else:
-            mean = statistics.fmean(diffs)
-            se = statistics.stdev(diffs) / math.sqrt(n)
-            z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
-            exceeds = abs(z) > 2
-            better = (mean > 0) == maximize
-            if exceeds:
-                tail = (
-                    f"beyond two, so the difference is unlikely to be seed noise "
-                    f"({label} is {'better' if better else 'worse'})"
-                )
-            else:
-                tail = "within two, so this study cannot tell them apart"
-            z_txt = "infinitely many" if math.isinf(z) else f"{abs(z):.1f}"
-            v.update(mean=mean, se=se, z=z, exceeds=exceeds, better=better)
-            v["sentence"] = (
-                f"{label}: {mean:+{fmt}} ± {se:{fmt}} {unit} against {baseline}, paired over {n} "
-                f"seeds: {z_txt} standard errors, {tail}{note}."
-            )
-        out.append(v)
-    return out
 
 
 def finish(
