@@ -36,7 +36,7 @@ from pathlib import Path
 
 STUDY = ["--quick", "--no-sharpness"]
 SMALL = [
-    "--dataset", "synthetic", "--train-size", "2000", "--model", "mlp", "--epochs", "8",
+    "--dataset", "synthetic", "--model", "mlp", "--epochs", "8",
     "--seeds", "2", "--optimizers", "sgd,adam,sam,asam", "--no-sharpness",
 ]  # fmt: skip
 

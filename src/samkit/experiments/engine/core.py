@@ -38,15 +38,16 @@ def normalise(obj: Any) -> Any:
     return json.loads(json.dumps(finite(obj)))
 
 
-def finished(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The record in ``path`` if it exists, parses and was made with ``identity``; else None."""
+def finished(path: Path, identity: Any, field: str = "config") -> dict[str, Any] | None:
+    """The record in ``path`` if it exists, parses and was made with ``identity``
+    (its ``field``); else None."""
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if isinstance(record, dict) and record.get("config") == normalise(identity):
+    if isinstance(record, dict) and record.get(field) == normalise(identity):
         return record
     return None
 
@@ -98,6 +99,7 @@ class Cell:
     task: Callable[[Path, RunContext], dict[str, Any]]
     cleanup: tuple[str, ...] = ()
     gpus: float = 0.0
+    identity_field: str = "config"  # the record's field that holds the identity
 
     @property
     def result_path(self) -> Path:
@@ -299,7 +301,7 @@ def run_cells(
                 i = queue.popleft()
                 cell = cells[i]
                 if attempts[i] == 0:
-                    done = finished(cell.result_path, cell.identity)
+                    done = finished(cell.result_path, cell.identity, cell.identity_field)
                     if done is not None:
                         outcomes[i] = Outcome(cell, done, executed=False)
                         progress.done += 1
