@@ -81,22 +81,22 @@ def main() -> int:
             import ray  # noqa: F401
         except ImportError:
             use_ray = False
-    if use_ray:
-        port = _free_port()
-        t0 = time.perf_counter()
-        common = ["--include-dashboard=false", "--disable-usage-stats"]
-        subprocess.run(
-            [*ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1", *common],
-            env=env, check=True, capture_output=True,
-        )  # fmt: skip
-        subprocess.run(
-            [*ray_cli, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1"],
-            env=env, check=True, capture_output=True,
-        )  # fmt: skip
-        ray_startup = time.perf_counter() - t0
-        modes.append(("Ray, 2 nodes", ["--ray", f"127.0.0.1:{port}", "--threads", "1"], 2))
     results: dict[str, dict[str, float]] = {}
     try:
+        if use_ray:
+            port = _free_port()
+            t0 = time.perf_counter()
+            common = ["--include-dashboard=false", "--disable-usage-stats"]
+            subprocess.run(
+                [*ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1", *common],
+                env=env, check=True, capture_output=True,
+            )  # fmt: skip
+            subprocess.run(
+                [*ray_cli, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1"],
+                env=env, check=True, capture_output=True,
+            )  # fmt: skip
+            ray_startup = time.perf_counter() - t0
+            modes.append(("Ray, 2 nodes", ["--ray", f"127.0.0.1:{port}", "--threads", "1"], 2))
         with tempfile.TemporaryDirectory(prefix="samkit-scaling-") as tmp:
             times: dict[str, list[tuple[float, list[float]]]] = {m: [] for m, _, _ in modes}
             for r in range(args.repeats):  # interleaved: outside load hits every mode alike
