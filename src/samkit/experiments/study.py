@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from .._atomic import write_json_atomic as _write_json_atomic
-from .engine import Cell, Executor, InProcess, make_executor, run_cells
+from .engine import Cell, Executor, InProcess, make_executor, normalise, run_cells
 from .folder import describe_differences, differences, study_folder
 from .problem import Data, Problem, first_sample
 from .registry import build_method, method_info
@@ -220,8 +220,7 @@ def _run_config(
     return cfg
 
 
-def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(finite(obj)))
+_normalise = normalise  # the engine's: as a record reads back from its JSON file
 
 
 # ------------------------------------------------------------------ checks
