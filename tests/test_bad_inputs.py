@@ -97,6 +97,14 @@ COMPARE = [
     # a rho list no method takes was ignored without a word
     (["--optimizers", "sgd", "adam", "--rho", "0.1"], "Invalid rho value: 0.1 (no method here"),
     (["--optimizers", "sgd", "sam:rho=0.1", "--rho", "0.2"], "no method here takes it: sam, sgd"),
+    # the executor (issue 19)
+    (
+        ["--optimizers", "sgd", "--jobs", "0"],
+        "Invalid jobs value: 0 (an int in [1, 1024] or 'auto')",
+    ),
+    (["--optimizers", "sgd", "--jobs", "lots"], "Invalid jobs value: 'lots'"),
+    (["--optimizers", "sgd", "--threads", "0"], "Invalid threads value: 0"),
+    (["--optimizers", "sgd", "--ray", " "], "Invalid ray value: ' '"),
 ]
 
 
@@ -151,6 +159,10 @@ TOML = [
     ("sharpness_samples = 0\n", "sharpness_samples"),
     ("epoch = 3\n", "epoch"),
     ("epochs = [1,\n", "not valid TOML"),
+    ("jobs = 0\n", "Invalid jobs value: 0"),
+    ("jobs = true\n", "Invalid jobs value: True"),
+    ('threads = "2"\n', "Invalid threads value: '2'"),
+    ("ray = 5\n", "Invalid ray value: 5"),
 ]
 
 
@@ -191,6 +203,8 @@ TUNE = [
     (["--method", "asam", "--grid", "0.1", "--base", "rmsprop"], "base"),
     (["--method", "msam", "--grid", "0.1", "--amp", "fp16"], "fp16"),
     (["--epochs", "0"], "epochs"),
+    (["--jobs", "0"], "Invalid jobs value: 0"),
+    (["--ray", "127.0.0.1:1"], "samkit tune runs its trials on this machine; use --jobs"),
 ]
 
 
@@ -225,6 +239,8 @@ STUDIES = [
     ("rl", ["--methods", "ppo", "--rho", "0.1"], "Invalid rho value: 0.1 (no method here"),
     ("gan", ["--methods", "adam", "--rho", "0.05,0.1"], "Invalid rho value: 0.05, 0.1 (no met"),
     ("gan", ["--methods", "adam", "sam_g:rho=0.1", "--rho", "0.05"], "takes it: adam, sam_g"),
+    ("rl", ["--jobs", "0"], "Invalid jobs value: 0"),
+    ("gan", ["--threads", "0"], "Invalid threads value: 0"),
 ]
 
 
@@ -255,6 +271,10 @@ API = [
     (dict(rho=True), r"Invalid rho value: True"),
     (dict(epochs=np.bool_(True)), r"Invalid epochs value"),
     (dict(rho=np.float32("nan")), r"Invalid rho value: nan \(must be a finite number"),
+    (dict(jobs=0), r"Invalid jobs value: 0 \(an int in \[1, 1024\] or 'auto'\)"),
+    (dict(threads=2.5), r"Invalid threads value: 2.5"),
+    # a model made by a lambda cannot travel to a worker process: said before any training
+    (dict(jobs=2), r"Invalid jobs value: 2 \(the runs cannot be sent to worker processes"),
 ]
 
 

@@ -22,6 +22,7 @@ EXTRA = {
     "lightning": "lightning",
     "transformers": "huggingface",
     "keras": "keras",
+    "ray": "distributed",
 }
 
 

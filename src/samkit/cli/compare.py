@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .common import add_execution_arguments, execution_flags
 from .errors import UsageError, warn_if_no_plots
 
 EPILOG = """examples:
@@ -68,6 +69,7 @@ def add_parser(subparsers: Any) -> None:
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``compare`` and ``tune``."""
+    add_execution_arguments(p)
     p.add_argument("--config", metavar="FILE", help="TOML settings file (flags override it)")
     p.add_argument(
         "--quick", action="store_true", help="a short run (about 2 minutes on a laptop CPU)"
@@ -184,6 +186,7 @@ def settings_from_args(args: argparse.Namespace, quick_preset: dict[str, Any]) -
         "amp": args.amp,
         "baseline": args.baseline,
         "out": args.out,
+        **execution_flags(args),
     }
     if getattr(args, "optimizers", None) is not None:
         flags["optimizers"] = args.optimizers
@@ -226,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args, st.QUICK)
         config = api.study_from_settings(settings)
+        how = st.execution(settings)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     out = Path(settings["out"]) if settings["out"] else st.default_out_dir(config)
@@ -241,7 +245,12 @@ def run(args: argparse.Namespace) -> int:
             log(api.headline(study))
             if config.sharpness and not sharpness_available():
                 log("samkit compare: samkit.sharpness is not available; sharpness columns skipped")
-        result = study.run(progress=None if not args.quiet else False, log=log)
+        try:
+            result = study.run(progress=None if not args.quiet else False, log=log, **how)
+        except ValueError as exc:
+            if not str(exc).startswith(("Invalid jobs", "Invalid ray", "Invalid gpus")):
+                raise
+            raise UsageError(str(exc)) from exc  # the executor refused, before any training
     title = f"{config.dataset} / {config.model}" + (
         f", {config.noise:.0%} label noise" if config.noise else ""
     )

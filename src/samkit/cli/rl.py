@@ -17,6 +17,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+from .common import add_execution_arguments, execution_flags
 from .compare import _floats, _log, _seeds
 from .errors import UsageError, warn_if_no_plots
 
@@ -65,6 +66,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--device", help="cpu (default), cuda, cuda:N, mps, auto")
     p.add_argument("--out", metavar="DIR", help="run folder (default: samkit-runs/rl-...-<hash>)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    add_execution_arguments(p)
     p.add_argument("--list", action="store_true", help="list environments and methods, then exit")
     p.set_defaults(func=run)
 
@@ -107,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         }
         merged = st.merge(rl.QUICK if args.quick else None, toml, flags, defaults=rl.DEFAULTS)
         config = rl.build_config(merged)
+        how = st.execution(execution_flags(args))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     out = Path(merged["out"]) if merged["out"] else rl.default_out(config)
@@ -122,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
                 f"samkit rl: {', '.join(config.envs)} x [{', '.join(config.labels)}] x "
                 f"{len(config.seeds)} seed(s) -> {folder}"
             )
-        result = rl.run_checked(config, folder, progress=None if not args.quiet else False, log=log)
+        result = rl.run_checked(
+            config, folder, progress=None if not args.quiet else False, log=log, **how
+        )
     print(result.table)
     print()
     print(result.axis_tables)

@@ -124,6 +124,12 @@ def run(args: argparse.Namespace) -> int:
         settings["optimizers"] = [spec.method]
         settings["sharpness"] = False
         config = api.study_from_settings(settings)
+        how = st.execution(settings)
+        if how["ray"] is not None:
+            raise ValueError(
+                f"Invalid ray value: {how['ray']!r} (samkit tune runs its trials on this "
+                "machine; use --jobs)"
+            )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     out = (
@@ -147,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from exc
         warn_if_no_plots("tune")
         try:
-            result = search.run(log=_log(args.quiet))
+            result = search.run(log=_log(args.quiet), **how)
         except ValueError as exc:  # no trial completed
             raise UsageError(str(exc)) from exc
     summary = result.summary

@@ -120,11 +120,28 @@ class OpenStudy:
         self.config, self.out, self.problem = config, out, problem
 
     def run(
-        self, *, progress: bool | None = None, log: Callable[[str], None] | None = None
+        self,
+        *,
+        progress: bool | None = None,
+        log: Callable[[str], None] | None = None,
+        jobs: int | str = 1,
+        threads: int | None = None,
+        ray: str | None = None,
     ) -> CompareResult:
+        """Train (or resume) every run, ``jobs`` at once (see
+        :func:`~samkit.experiments.engine.make_executor`), and summarise."""
         from .study import finish, run_study
 
-        results = run_study(self.config, self.out, progress=progress, log=log, problem=self.problem)
+        results = run_study(
+            self.config,
+            self.out,
+            progress=progress,
+            log=log,
+            problem=self.problem,
+            jobs=jobs,
+            threads=threads,
+            ray=ray,
+        )
         summary = finish(self.config, results, self.out, log=log, problem=self.problem)
         return CompareResult(self.out, summary)
 
@@ -178,6 +195,9 @@ def compare(
     num_workers: int | None = None,
     progress: bool | None = None,
     quiet: bool = False,
+    jobs: int | str | None = None,
+    threads: int | None = None,
+    ray: str | None = None,
     **settings: Any,
 ) -> CompareResult:
     """Compare SGD, Adam, SAM and its variants on a model and data, paired over seeds.
@@ -209,6 +229,11 @@ def compare(
         num_workers: DataLoader worker processes.
         progress: per-epoch progress bars (default: on a terminal). ``quiet``:
             no log lines on stderr.
+        jobs: runs trained at once: 1 (default, in this process), N worker
+            processes, or ``"auto"`` (one per GPU, else one per physical core).
+        threads: torch threads per run (default: not pinned with one job, an
+            even share of the cores with several); recorded in each run's config.
+        ray: the address of a Ray cluster: the runs as Ray tasks there.
         **settings: any other study setting (``dataset``, ``model_kwargs``,
             ``noise``, ``val_fraction``, ``train_size``, ``schedule``,
             ``warmup_epochs``, ``early_stopping``, ``label_smoothing``,
@@ -239,6 +264,9 @@ def compare(
         device=device,
         amp=amp,
         num_workers=num_workers,
+        jobs=jobs,
+        threads=threads,
+        ray=ray,
     )
     if methods is not None:
         flat["optimizers"] = [
@@ -246,13 +274,14 @@ def compare(
         ]
     user = _user_parts(model, data, train, val, test, flat)
     merged = st.merge(flat)
+    how = st.execution(merged)
     default_methods = methods is None and not merged["methods"]
     config = st.build_study(merged, loss=loss, metrics=metrics, **user)
     log = None if quiet else _stderr
     with open_study(config, out, drop_unfit=default_methods) as study:
         if log:
             log(headline(study))
-        return study.run(progress=progress, log=log)
+        return study.run(progress=progress, log=log, **how)
 
 
 def headline(study: OpenStudy) -> str:

@@ -707,11 +707,55 @@ def run(
     *,
     progress: bool | None = None,
     log: Callable[[str], None] | None = print,
+    jobs: int | str = 1,
+    threads: int | None = None,
+    ray: str | None = None,
 ) -> GANResult:
     """Check, then run (or resume) every (data set, method, seed) run; write
-    ``results.json`` and ``report.html``. Holds the folder's lock throughout."""
+    ``results.json`` and ``report.html``. Holds the folder's lock throughout.
+    ``jobs``/``threads``/``ray``: the executor (:func:`~samkit.experiments.engine.make_executor`)."""
     with open_study(config, out) as folder:
-        return run_checked(config, folder, progress=progress, log=log)
+        return run_checked(
+            config, folder, progress=progress, log=log, jobs=jobs, threads=threads, ray=ray
+        )
+
+
+@dataclass
+class GANRun:
+    """One (data set, method, seed) run: the task the study engine executes."""
+
+    config: GANConfig
+    dataset: str
+    variant: Variant
+    seed: int
+    key: str
+    identity: dict[str, Any]
+
+    def __call__(self, runs: Path, ctx: Any) -> dict[str, Any]:
+        key, identity = self.key, self.identity
+        out = train_gan(
+            self.config,
+            MIXTURES[self.dataset],
+            self.variant,
+            self.seed,
+            state_path=runs / f"{key}.state.pt",
+            identity=identity,
+            progress=ctx.progress,
+            desc=f"{self.dataset} {self.variant.label} s{self.seed}",
+        )
+        samples = {"config": grid.normalise(identity), "snapshots": out.pop("snapshots")}
+        out.pop("weights")
+        write_json_atomic(runs / f"{key}.samples.json", samples)
+        return {
+            "key": key,
+            "dataset": self.dataset,
+            "label": self.variant.label,
+            "method": self.variant.method,
+            "seed": self.seed,
+            "config": identity,
+            "samples": f"{key}.samples.json",
+            **out,
+        }
 
 
 def run_checked(
@@ -720,50 +764,29 @@ def run_checked(
     *,
     progress: bool | None = None,
     log: Callable[[str], None] | None = print,
+    jobs: int | str = 1,
+    threads: int | None = None,
+    ray: str | None = None,
 ) -> GANResult:
     """:func:`run` inside :func:`open_study`."""
+    from .engine import make_executor
+
     show = sys.stderr.isatty() if progress is None else progress
-
-    def execute(
-        dataset: str, variant: Variant, seed: int, runs: Path, key: str, identity: dict[str, Any]
-    ) -> dict[str, Any]:
-        out = train_gan(
-            config,
-            MIXTURES[dataset],
-            variant,
-            seed,
-            state_path=runs / f"{key}.state.pt",
-            identity=identity,
-            progress=show,
-            desc=f"{dataset} {variant.label} s{seed}",
-        )
-        samples = {"config": grid.normalise(identity), "snapshots": out.pop("snapshots")}
-        out.pop("weights")
-        write_json_atomic(runs / f"{key}.samples.json", samples)
-        return {
-            "key": key,
-            "dataset": dataset,
-            "label": variant.label,
-            "method": variant.method,
-            "seed": seed,
-            "config": identity,
-            "samples": f"{key}.samples.json",
-            **out,
-        }
-
-    def cleanup(runs: Path, key: str) -> None:  # the training state, once the result is written
-        (runs / f"{key}.state.pt").unlink(missing_ok=True)
-
+    executor = make_executor(jobs, threads, ray=ray, progress=show, log=log)
     with study_folder(folder):
         records, executed = grid.run_cells(
             folder,
             config.to_dict(),
             [(d, v, s) for d in config.datasets for s in config.seeds for v in config.variants],
             identity=lambda dataset, variant, seed: _identity(config, dataset, variant, seed),
-            execute=execute,
+            task=lambda dataset, variant, seed, key, identity: GANRun(
+                config, dataset, variant, seed, key, identity
+            ),
             describe=_describe,
             log=log,
-            cleanup=cleanup,
+            # the training state, once the result is written
+            cleanup=lambda key: (f"{key}.state.pt",),
+            executor=executor,
         )
         summary = summarize(config, records)
         write_json_atomic(folder / "results.json", summary)
@@ -1045,6 +1068,9 @@ def gan_study(
     quick: bool = False,
     progress: bool | None = None,
     quiet: bool = False,
+    jobs: int | str | None = None,
+    threads: int | None = None,
+    ray: str | None = None,
     **settings: Any,
 ) -> GANResult:
     """Adam against SAM on the generator, the discriminator or both, on Ring-8 and Grid-25.
@@ -1059,6 +1085,8 @@ def gan_study(
         out: the run folder (default ``samkit-runs/gan-<datasets>-<hash>``); rerunning resumes it.
         quick: start from the ``--quick`` preset.
         progress: a progress bar per run (default: on a terminal); ``quiet``: no log lines.
+        jobs, threads, ray: runs at once, torch threads per run, a Ray cluster's
+            address (as in :func:`samkit.compare`).
         **settings: ``batch_size``, ``lr``, ``beta1``, ``z_dim``, ``hidden``,
             ``depth``, ``eval_every``, ``eval_samples``, ``snapshots``,
             ``checkpoint_every``, ``baseline``, ``device``.
@@ -1086,4 +1114,5 @@ def gan_study(
     merged = st.merge(QUICK if quick else None, given, defaults=DEFAULTS)
     config = build_config(merged)
     log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    return run(config, out, progress=progress, log=log)
+    how = st.execution({"jobs": jobs, "threads": threads, "ray": ray})
+    return run(config, out, progress=progress, log=log, **how)

@@ -16,7 +16,7 @@ a copy of it:
   (:func:`~samkit.experiments.study.run_key`), and resume: a run whose result
   file holds the same settings (:func:`finished`) is not run again;
 * the summary: means over seeds with the sample standard deviation, and the
-  paired verdicts of :func:`~samkit.experiments.study.paired_verdicts` (the
+  paired verdicts of :func:`~samkit.experiments.stats.paired_verdicts` (the
   difference to the baseline seed by seed, its standard error and ``|z| > 2``);
 * the report: :func:`~samkit.experiments.report.write_page`.
 """
@@ -28,16 +28,15 @@ import hashlib
 import json
 import math
 import re
-import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .._checks import is_number
+from .engine import finished, normalise
 from .settings import LIMITS, check_float, check_label, parse_method, plain, unused_rho
-from .study import paired_verdicts
-from .trainer import finite
+from .stats import paired_verdicts, stats
 
 __all__ = [
     "MethodDef",
@@ -210,38 +209,6 @@ def check_names(name: str, value: Any, known: dict[str, Any]) -> list[str]:
     return list(value)
 
 
-def normalise(obj: Any) -> Any:
-    """``obj`` as it reads back from the JSON files (tuples as lists, NaN as null)."""
-    return json.loads(json.dumps(finite(obj)))
-
-
-def finished(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The record in ``path`` if it exists, parses and was made with ``identity``; else None."""
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if isinstance(record, dict) and record.get("config") == normalise(identity):
-        return record
-    return None
-
-
-def stats(values: list[Any]) -> tuple[float, float, float]:
-    """Mean, sample standard deviation and standard error of the finite values (NaN if none)."""
-    vals = [
-        float(v)
-        for v in values
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ]
-    if not vals:
-        return math.nan, math.nan, math.nan
-    mean = statistics.fmean(vals)
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return mean, std, std / math.sqrt(len(vals))
-
-
 def verdicts(
     values: dict[str, dict[int, float | None]],
     baseline: str,
@@ -250,7 +217,7 @@ def verdicts(
     unit: str,
     maximize: bool = True,
 ) -> list[dict[str, Any]]:
-    """Paired verdicts (:func:`~samkit.experiments.study.paired_verdicts`) of one
+    """Paired verdicts (:func:`~samkit.experiments.stats.paired_verdicts`) of one
     scalar per (label, seed): ``values[label][seed]``. A missing or non-finite
     value counts as a run that did not finish."""
     records = [
@@ -292,48 +259,53 @@ def run_cells(
     cells: Sequence[tuple[str, Variant, int]],
     *,
     identity: Callable[[str, Variant, int], dict[str, Any]],
-    execute: Callable[[str, Variant, int, Path, str, dict[str, Any]], dict[str, Any]],
+    task: Callable[[str, Variant, int, str, dict[str, Any]], Callable[..., dict[str, Any]]],
     describe: Callable[[dict[str, Any]], str],
     log: Callable[[str], None] | None,
-    cleanup: Callable[[Path, str], None] | None = None,
+    cleanup: Callable[[str], tuple[str, ...]] | None = None,
+    executor: Any = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Run, or read back, every ``(condition, variant, seed)`` cell of a study in ``folder``.
 
-    Call it holding the folder's lock. ``settings`` go to ``config.json``; a
-    cell's result is ``runs/<condition>/<run key>.json``, reused when it holds
-    ``identity(condition, variant, seed)``; otherwise ``execute(condition,
-    variant, seed, runs folder, run key, identity)`` makes the record, which is
-    written atomically before ``cleanup(runs folder, run key)`` removes what a
-    run kept to resume. Returns the records (as they read back) and how many
-    cells ran.
+    The study engine (:func:`~samkit.experiments.engine.run_cells`) for
+    ``samkit rl`` and ``samkit gan``. Call it holding the folder's lock.
+    ``settings`` go to ``config.json``; a cell's result is
+    ``runs/<condition>/<run key>.json``, reused when it holds
+    ``identity(condition, variant, seed)`` (with ``threads`` when the
+    executor pins them); otherwise ``task(condition, variant, seed, run key,
+    identity)`` (called with the runs folder and a run context) makes the
+    record, which the driver writes atomically before it removes the files
+    ``cleanup(run key)`` names. Returns the records (as they read back) and
+    how many cells ran.
     """
+    from .engine import Cell, InProcess
+    from .engine import run_cells as engine_run
     from .study import run_key, write_json_atomic
 
+    executor = executor or InProcess(log=log)
     write_json_atomic(folder / "config.json", settings)
-    records: list[dict[str, Any]] = []
-    executed = 0
-    for i, (condition, variant, seed) in enumerate(cells, 1):
-        runs = folder / "runs" / condition
-        runs.mkdir(parents=True, exist_ok=True)
+    engine_cells = []
+    for condition, variant, seed in cells:
         key = run_key(variant.label, seed)
         wanted = identity(condition, variant, seed)
-        result_path = runs / f"{key}.json"
-        tag = f"[{i}/{len(cells)}] {condition} {variant.label} seed {seed}"
-        done = finished(result_path, wanted)
-        if done is not None:
-            records.append(done)
-            if log:
-                log(f"{tag}: done before, skipped")
-            continue
-        record = execute(condition, variant, seed, runs, key, wanted)
-        write_json_atomic(result_path, record)
-        if cleanup is not None:
-            cleanup(runs, key)
-        records.append(normalise(record))
-        executed += 1
-        if log:
-            log(f"{tag}: {describe(record)}")
-    return records, executed
+        if executor.threads is not None:
+            wanted = {**wanted, "threads": executor.threads}
+        wanted = normalise(wanted)
+        engine_cells.append(
+            Cell(
+                f"{condition} {variant.label} seed {seed}",
+                folder / "runs" / condition,
+                key,
+                wanted,
+                task(condition, variant, seed, key, wanted),
+                cleanup=cleanup(key) if cleanup is not None else (),
+            )
+        )
+    outcomes = engine_run(
+        engine_cells, executor=executor, log=log, describe=describe, write=write_json_atomic
+    )
+    records = [o.record for o in outcomes if o.record is not None]
+    return records, sum(o.executed and o.record is not None for o in outcomes)
 
 
 @dataclass

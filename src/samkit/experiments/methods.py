@@ -59,7 +59,7 @@ from .registry import (
     register,
     register_method,
 )
-from .settings import BASE_DEFAULTS, TrainSpec
+from .types import BASE_DEFAULTS, TrainSpec
 
 __all__ = [
     "TrainSpec",

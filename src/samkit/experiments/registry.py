@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .settings import BASE_DEFAULTS, TrainSpec
+from .types import BASE_DEFAULTS, TrainSpec
 
 __all__ = [
     "Amp",

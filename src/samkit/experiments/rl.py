@@ -786,6 +786,7 @@ def _execute(
     folder: Path,
     progress: bool,
     log: Callable[[str], None] | None,
+    identity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     spec = ENVS[env]
     key = run_key(variant.label, seed)
@@ -822,7 +823,7 @@ def _execute(
         )
         record["eval_time"] = time.perf_counter() - t0
         record["checkpoint"] = zip_path.name
-    record["config"] = grid.normalise(_run_identity(config, env, variant, seed))
+    record["config"] = grid.normalise(identity or _run_identity(config, env, variant, seed))
     return record
 
 
@@ -840,11 +841,40 @@ def run(
     *,
     progress: bool | None = None,
     log: Callable[[str], None] | None = print,
+    jobs: int | str = 1,
+    threads: int | None = None,
+    ray: str | None = None,
 ) -> RLResult:
     """Check, then run (or resume) every (environment, method, seed) run; write
-    ``results.json`` and ``report.html``. Holds the folder's lock throughout."""
+    ``results.json`` and ``report.html``. Holds the folder's lock throughout.
+    ``jobs``/``threads``/``ray``: the executor (:func:`~samkit.experiments.engine.make_executor`)."""
     with open_study(config, out) as folder:
-        return run_checked(config, folder, progress=progress, log=log)
+        return run_checked(
+            config, folder, progress=progress, log=log, jobs=jobs, threads=threads, ray=ray
+        )
+
+
+@dataclass
+class RLRun:
+    """One (environment, method, seed) run: the task the study engine executes."""
+
+    config: RLConfig
+    env: str
+    variant: Variant
+    seed: int
+    identity: dict[str, Any]
+
+    def __call__(self, folder: Path, ctx: Any) -> dict[str, Any]:
+        return _execute(
+            self.config,
+            self.env,
+            self.variant,
+            self.seed,
+            folder,
+            ctx.progress,
+            ctx.log,
+            self.identity,
+        )
 
 
 def run_checked(
@@ -853,20 +883,27 @@ def run_checked(
     *,
     progress: bool | None = None,
     log: Callable[[str], None] | None = print,
+    jobs: int | str = 1,
+    threads: int | None = None,
+    ray: str | None = None,
 ) -> RLResult:
     """:func:`run` inside :func:`open_study`."""
+    from .engine import make_executor
+
     show = sys.stderr.isatty() if progress is None else progress
+    executor = make_executor(jobs, threads, ray=ray, progress=show, log=log)
     with study_folder(folder):
         records, executed = grid.run_cells(
             folder,
             config.to_dict(),
             [(e, v, s) for e in config.envs for s in config.seeds for v in config.variants],
             identity=lambda env, variant, seed: _run_identity(config, env, variant, seed),
-            execute=lambda env, variant, seed, runs, key, _: _execute(
-                config, env, variant, seed, runs, show, log
+            task=lambda env, variant, seed, key, identity: RLRun(
+                config, env, variant, seed, identity
             ),
             describe=_describe,
             log=log,
+            executor=executor,
         )
         summary = summarize(config, records)
         write_json_atomic(folder / "results.json", summary)
@@ -1189,6 +1226,9 @@ def rl_study(
     quick: bool = False,
     progress: bool | None = None,
     quiet: bool = False,
+    jobs: int | str | None = None,
+    threads: int | None = None,
+    ray: str | None = None,
     **settings: Any,
 ) -> RLResult:
     """PPO against PPO with SAM (and variants) on classic-control tasks, paired over seeds.
@@ -1205,6 +1245,8 @@ def rl_study(
         out: the run folder (default ``samkit-runs/rl-<envs>-<hash>``); rerunning resumes it.
         quick: start from the ``--quick`` preset (CartPole, PPO and SAM, two seeds).
         progress: a progress bar per run (default: on a terminal); ``quiet``: no log lines.
+        jobs, threads, ray: runs at once, torch threads per run, a Ray cluster's
+            address (as in :func:`samkit.compare`).
         **settings: ``baseline``, ``curve_points``, ``device``.
 
     Returns:
@@ -1233,4 +1275,5 @@ def rl_study(
     merged = st.merge(QUICK if quick else None, given, defaults=DEFAULTS)
     config = build_config(merged)
     log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    return run(config, out, progress=progress, log=log)
+    how = st.execution({"jobs": jobs, "threads": threads, "ray": ray})
+    return run(config, out, progress=progress, log=log, **how)

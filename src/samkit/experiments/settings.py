@@ -31,19 +31,15 @@ before anything is trained; the bounds (:data:`LIMITS`) keep a typo such as
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
-import numbers
 import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-from .._checks import is_number
 
 try:
     import tomllib
@@ -75,164 +71,24 @@ __all__ = [
     "plain",
 ]
 
-#: Learning rate, momentum and weight decay used when the study does not set them,
-#: per base optimizer. Found on MNIST-1D with the paper's CNN (docs/compare.md).
-BASE_DEFAULTS: dict[str, dict[str, float]] = {
-    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
-    "adam": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.0},
-    "adamw": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-2},
-}
-
-#: Upper bounds: far above any sensible study, low enough that a typo fails at once.
-LIMITS = {
-    "seeds": 1000,  # runs per method
-    "seed": 2**31 - 1,
-    "epochs": 100_000,
-    "batch_size": 1 << 24,
-    "train_size": 10**9,
-    "sharpness_samples": 10**7,
-    "num_workers": 256,
-    "methods": 1000,
-    "rho": 100,  # values in the --rho list
-    "label": 100,  # characters
-}
-
-TASKS = ("classification", "regression")
-AMP = ("bf16", "fp16")
-SCHEDULES = ("cosine", "constant")
-_LABEL = re.compile(r"[A-Za-z0-9_.()=,+-]+")
-_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
-
-
-# ------------------------------------------------------------------ checks
-# Numbers are numbers, as in the optimizers (samkit._checks): a NumPy integer or
-# float scalar is accepted wherever an int or a float is, and stored as the plain
-# Python value (so it writes to JSON); a bool is never a number.
-_is_number = is_number
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and is_number(v)
-
-
-def plain(value: Any) -> Any:
-    """``value`` with every NumPy (or other ``numbers``) scalar made a plain int or
-    float, recursively through dicts, lists and tuples; anything else as it is."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(plain(v) for v in value)
-    if type(value) in (int, float) or not is_number(value):
-        return value
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
-
-
-def check_int(
-    name: str, v: Any, lo: int = 1, hi: int | None = None, *, none_ok: bool = False
-) -> int | None:
-    """An int in ``[lo, hi]`` (a float such as ``3.0`` is refused: say what you mean)."""
-    if v is None and none_ok:
-        return None
-    hi_txt = f" and <= {hi}" if hi is not None else ""
-    if not _is_int(v) or v < lo or (hi is not None and v > hi):
-        raise ValueError(f"Invalid {name} value: {v!r} (must be an int >= {lo}{hi_txt})")
-    return int(v)
-
-
-#: the largest float32: hyper-parameters torch's kernels read as float32 must stay below it
-FLOAT32_MAX = 3.4028234663852886e38
-
-
-def check_float(
-    name: str,
-    v: Any,
-    lo: float = -math.inf,
-    hi: float = math.inf,
-    *,
-    lo_open: bool = False,
-    hi_open: bool = False,
-    none_ok: bool = False,
-) -> float | None:
-    """A finite number in the interval (NaN and infinities are refused)."""
-    if v is None and none_ok:
-        return None
-    ok = _is_number(v) and math.isfinite(float(v))
-    if ok:
-        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        if hi == math.inf:
-            bound = f"{'>' if lo_open else '>='} {lo:g}" if lo > -math.inf else ""
-        elif lo == -math.inf:
-            bound = f"{'<' if hi_open else '<='} {hi:g}"
-        else:
-            bound = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ValueError(
-            f"Invalid {name} value: {v!r} (must be a finite number {bound})".replace(" )", ")")
-        )
-    return float(v)
-
-
-def check_bool(name: str, v: Any) -> bool:
-    """A real boolean: the TOML string ``"false"`` is not false, so it is refused."""
-    if not isinstance(v, bool):
-        kind = ", not a string" if isinstance(v, str) else ""
-        raise ValueError(f"Invalid {name} value: {v!r} (must be true or false, a boolean{kind})")
-    return v
-
-
-def check_choice(name: str, v: Any, choices: tuple[str, ...], *, none_ok: bool = False) -> Any:
-    if v is None and none_ok:
-        return None
-    if not isinstance(v, str) or v not in choices:
-        raise ValueError(f"Invalid {name} value: {v!r} (choose from {', '.join(choices)})")
-    return v
-
-
-def check_label(v: Any) -> str:
-    if not isinstance(v, str) or not _LABEL.fullmatch(v) or len(v) > LIMITS["label"]:
-        raise ValueError(
-            f"Invalid label value: {v!r} (letters, digits and _.()=,+- only, "
-            f"at most {LIMITS['label']} characters)"
-        )
-    return v
-
-
-def check_device(v: Any) -> str:
-    if not isinstance(v, str) or not _DEVICE.fullmatch(v):
-        raise ValueError(f"Invalid device value: {v!r} (auto, cpu, cuda, cuda:N or mps)")
-    return v
-
-
-# ------------------------------------------------------------------- types
-@dataclass
-class TrainSpec:
-    """Hyper-parameters shared by every method.
-
-    ``momentum`` is SGD's momentum, or Adam's beta1. ``total_steps``,
-    ``steps_per_epoch`` and ``epochs`` describe the run, for methods whose
-    behaviour depends on its length (RST's schedule, late SAM, MESA's start).
-    """
-
-    base: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    total_steps: int = 1
-    steps_per_epoch: int = 1
-    epochs: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check_choice("base", self.base, tuple(BASE_DEFAULTS))
-        # torch's kernels take these as float32: larger values fail mid-run
-        self.lr = check_float("lr", self.lr, 0.0, FLOAT32_MAX, lo_open=True)
-        self.momentum = check_float("momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        self.weight_decay = check_float("weight_decay", self.weight_decay, 0.0, FLOAT32_MAX)
-        for name in ("total_steps", "steps_per_epoch", "epochs"):
-            setattr(self, name, check_int(name, getattr(self, name)))
-
-    def replace(self, **changes: Any) -> TrainSpec:
-        return dataclasses.replace(self, **changes)
+from .types import (  # the shared types and checks (a leaf module), re-exported
+    _LABEL,
+    AMP,
+    BASE_DEFAULTS,
+    LIMITS,
+    SCHEDULES,
+    TASKS,
+    TrainSpec,
+    _is_int,
+    _is_number,
+    check_bool,
+    check_choice,
+    check_device,
+    check_float,
+    check_int,
+    check_label,
+    plain,
+)
 
 
 @dataclass
@@ -601,7 +457,31 @@ DEFAULTS: dict[str, Any] = {
     "amp": None,
     "baseline": None,
     "out": None,
+    # how the runs are executed (not what they compute; not in config.json):
+    "jobs": 1,  # runs at once: a number or "auto" (one per GPU, else per physical core)
+    "threads": None,  # torch threads per run (None: not pinned); recorded in each run's config
+    "ray": None,  # a Ray cluster's address: the runs as Ray tasks
 }
+
+#: the settings that choose the executor, not the study (see :func:`execution`)
+EXECUTION_KEYS = ("jobs", "threads", "ray")
+
+
+def execution(s: dict[str, Any]) -> dict[str, Any]:
+    """``jobs``, ``threads`` and ``ray`` of merged settings, checked (ValueError naming
+    the setting): the keyword arguments of :func:`~samkit.experiments.engine.make_executor`."""
+    from .engine import check_jobs
+    from .engine.executors import check_threads
+
+    ray = s.get("ray")
+    if ray is not None and (not isinstance(ray, str) or not ray.strip()):
+        raise ValueError(f"Invalid ray value: {ray!r} (a cluster address, host:port or 'auto')")
+    return {
+        "jobs": check_jobs(1 if s.get("jobs") is None else s["jobs"]),
+        "threads": check_threads(s.get("threads")),
+        "ray": ray,
+    }
+
 
 #: ``--quick``: two seeds, fewer epochs, the core methods, cheap sharpness.
 QUICK: dict[str, Any] = {

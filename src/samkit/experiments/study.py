@@ -45,7 +45,6 @@ import json
 import math
 import os
 import re
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -55,10 +54,14 @@ from typing import Any
 import torch
 
 from .._atomic import write_json_atomic as _write_json_atomic
+from .engine import Cell, Executor, InProcess, make_executor, normalise, run_cells
 from .folder import describe_differences, differences, study_folder
 from .problem import Data, Problem, first_sample
 from .registry import build_method, method_info
 from .settings import MethodSpec, StudyConfig, TrainConfig
+from .stats import finite_number as _finite
+from .stats import paired_verdicts
+from .stats import stats as _stats
 from .trainer import (
     ResumeError,
     eval_batches,
@@ -188,8 +191,11 @@ def _train_identity(train_config: TrainConfig) -> dict[str, Any]:
     return d
 
 
-def _run_config(config: StudyConfig, spec: MethodSpec, seed: int) -> dict[str, Any]:
-    """The settings a run's result depends on (a change retrains it)."""
+def _run_config(
+    config: StudyConfig, spec: MethodSpec, seed: int, threads: int | None = None
+) -> dict[str, Any]:
+    """The settings a run's result depends on (a change retrains it); ``threads``:
+    the torch threads it trains on, when pinned (``--threads``, ``--jobs``)."""
     cfg = {
         "method": spec.to_dict(),
         "seed": seed,
@@ -209,11 +215,12 @@ def _run_config(config: StudyConfig, spec: MethodSpec, seed: int) -> dict[str, A
     for key in ("task", "loss", "metrics", "data", "model_factory"):
         if key in full:
             cfg[key] = full[key]
+    if threads is not None:
+        cfg["threads"] = threads
     return cfg
 
 
-def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(finite(obj)))
+_normalise = normalise  # the engine's: as a record reads back from its JSON file
 
 
 # ------------------------------------------------------------------ checks
@@ -542,6 +549,68 @@ def _check_states(config: StudyConfig, out: Path) -> None:
 
 
 # ------------------------------------------------------------------- runs
+@dataclass
+class CompareRun:
+    """One (method, seed) run of a comparative study: the task the engine executes.
+
+    Picklable (the study's settings, the method, the seed), so a worker
+    process or a Ray node can train it; the problem is built once per
+    process (``context.cache``) from the settings.
+    """
+
+    config: StudyConfig
+    spec: MethodSpec
+    seed: int
+    key: str
+    run_cfg: dict[str, Any]
+    do_sharp: bool
+    problem_key: str
+
+    def __call__(self, folder: Path, ctx: Any) -> dict[str, Any]:
+        problem = ctx.cache.get(self.problem_key)
+        if problem is None:
+            problem = ctx.cache[self.problem_key] = self.config.problem()
+        data = problem.load(self.seed)
+        return _execute(
+            self.config,
+            problem,
+            self.spec,
+            self.seed,
+            data,
+            self.key,
+            folder,
+            self.run_cfg,
+            self.do_sharp,
+            ctx.progress,
+            ctx.log,
+            resolve_device(self.config.device),
+        )
+
+
+def study_cells(config: StudyConfig, runs_dir: Path, *, threads: int | None = None) -> list[Cell]:
+    """The study's runs as engine cells, seed by seed (a run's identity: :func:`_run_config`,
+    with ``threads`` when the runs are pinned to a number of torch threads)."""
+    do_sharp = config.sharpness and sharpness_available()
+    problem_key = "compare:" + json.dumps(_normalise(config.to_dict()), sort_keys=True)
+    cells = []
+    for seed in config.seeds:
+        for spec in config.methods:
+            key = run_key(spec.label, seed)
+            run_cfg = _normalise(_run_config(config, spec, seed, threads))
+            task = CompareRun(config, spec, seed, key, run_cfg, do_sharp, problem_key)
+            cells.append(
+                Cell(
+                    f"{spec.label} seed {seed}",
+                    runs_dir,
+                    key,
+                    run_cfg,
+                    task,
+                    cleanup=(f"{key}.state.pt",),
+                )
+            )
+    return cells
+
+
 def run_study(
     config: StudyConfig,
     out_dir: str | os.PathLike[str],
@@ -549,69 +618,60 @@ def run_study(
     progress: bool | None = None,
     log: Callable[[str], None] | None = print,
     problem: Problem | None = None,
+    jobs: int | str = 1,
+    threads: int | None = None,
+    ray: str | None = None,
+    gpus_per_run: float | None = None,
+    executor: Executor | None = None,
 ) -> list[RunResult]:
     """Run (or resume) every (method x seed) run; returns them in grid order.
 
     ``log`` receives one line per run (None: silent); ``progress`` controls
     the per-epoch progress bar (default: when stderr is a TTY). Holds the
-    folder's lock while it runs.
+    folder's lock while it runs. ``jobs``, ``threads``, ``ray`` and
+    ``gpus_per_run`` choose the executor (:func:`~samkit.experiments.engine.make_executor`);
+    a run pinned to a number of torch threads records it in its config.
     """
     problem = problem or config.problem()
-    device = resolve_device(config.device)
+    if executor is None:
+        executor = make_executor(
+            jobs, threads, ray=ray, gpus_per_run=gpus_per_run, progress=progress, log=log
+        )
     with study_folder(out_dir) as out:
         runs_dir = out / "runs"
         runs_dir.mkdir(parents=True, exist_ok=True)
+        cells = study_cells(config, runs_dir, threads=executor.threads)
+        executor.check(cells[0])  # the runs can go where they are sent, before any file
         grid = [(spec, seed) for seed in config.seeds for spec in config.methods]
         if log:
-            for line in resume_plan(config, out, grid):
+            for line in resume_plan(config, out, grid, threads=executor.threads):
                 log(line)
         write_json_atomic(
             out / "config.json", {**config.to_dict(), "problem": problem_identity(config, problem)}
         )
-        do_sharp = config.sharpness and sharpness_available()
-        results: list[RunResult] = []
-        for i, (spec, seed) in enumerate(grid, 1):
-            key = run_key(spec.label, seed)
-            result_path = runs_dir / f"{key}.json"
-            run_cfg = _normalise(_run_config(config, spec, seed))
-            done = _finished_record(result_path)
-            if done is not None and done.get("config") == run_cfg:
-                results.append(RunResult(key, spec.label, seed, done, executed=False))
-                if log:
-                    log(f"[{i}/{len(grid)}] {spec.label} seed {seed}: done before, skipped")
-                continue
-            data = problem.load(seed)
-            record = _execute(
-                config,
-                problem,
-                spec,
-                seed,
-                data,
-                key,
-                runs_dir,
-                run_cfg,
-                do_sharp,
-                progress,
-                log,
-                device,
+        if isinstance(executor, InProcess):
+            for cell in cells:  # this process's problem (checked, and the user's objects)
+                executor.cache.setdefault(cell.task.problem_key, problem)
+        m = problem.primary
+
+        def describe(record: dict[str, Any]) -> str:
+            f = record["final"]
+            what = (
+                "DIVERGED (non-finite loss or weights), left out of the summary"
+                if record["diverged"]
+                else f"test {m} {_num(f.get(f'test_{m}'))}"
             )
-            write_json_atomic(result_path, record)
-            state = runs_dir / f"{key}.state.pt"
-            if state.exists():
-                state.unlink()
-            results.append(RunResult(key, spec.label, seed, _normalise(record), executed=True))
-            if log:
-                f = record["final"]
-                m = problem.primary
-                what = (
-                    "DIVERGED (non-finite loss or weights), left out of the summary"
-                    if record["diverged"]
-                    else f"test {m} {_num(f.get(f'test_{m}'))}"
-                )
-                log(
-                    f"[{i}/{len(grid)}] {spec.label} seed {seed}: {what}, "
-                    f"{record['time_per_epoch']:.2f} s/epoch"
-                )
+            return f"{what}, {record['time_per_epoch']:.2f} s/epoch"
+
+        outcomes = run_cells(
+            cells, executor=executor, log=log, describe=describe, write=write_json_atomic
+        )
+        results = []
+        for o in outcomes:
+            task = o.cell.task
+            if o.record is None:
+                continue  # failed (the engine said why); left out of the summary
+            results.append(RunResult(task.key, task.spec.label, task.seed, o.record, o.executed))
     return results
 
 
@@ -643,7 +703,11 @@ def _runs_text(cells: list[tuple[str, int]], seeds: list[int], limit: int = 6) -
 
 
 def resume_plan(
-    config: StudyConfig, out: Path, grid: list[tuple[MethodSpec, int]] | None = None
+    config: StudyConfig,
+    out: Path,
+    grid: list[tuple[MethodSpec, int]] | None = None,
+    *,
+    threads: int | None = None,
 ) -> list[str]:
     """What rerunning into ``out`` does with the runs already there, in a few short
     lines: which are kept, which are retrained because their settings changed (and
@@ -664,7 +728,7 @@ def resume_plan(
         if done is None:
             new.append((spec.label, seed))
             continue
-        run_cfg = _normalise(_run_config(config, spec, seed))
+        run_cfg = _normalise(_run_config(config, spec, seed, threads))
         diffs = differences(done.get("config"), run_cfg)
         if not diffs:
             kept.append((spec.label, seed))
@@ -764,19 +828,6 @@ def _execute(
 
 
 # ---------------------------------------------------------------- summary
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _stats(values: list[Any]) -> tuple[float, float, float]:
-    vals = [v for v in values if _finite(v)]
-    if not vals:
-        return float("nan"), float("nan"), float("nan")
-    mean = statistics.fmean(vals)
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return mean, std, std / math.sqrt(len(vals))
-
-
 def summarize(
     records: list[dict[str, Any]], labels: list[str] | None = None, *, metric: str = "acc"
 ) -> list[dict[str, Any]]:
@@ -834,91 +885,6 @@ def summarize(
             else float("nan")
         )
     return rows
-
-
-def _is_percent(metric: str) -> bool:
-    return metric.lower() in ("acc", "accuracy")
-
-
-def paired_verdicts(
-    records: list[dict[str, Any]],
-    labels: list[str],
-    baseline: str,
-    *,
-    metric: str = "acc",
-    maximize: bool = True,
-    unit: str | None = None,
-) -> list[dict[str, Any]]:
-    """For each label but the baseline: the paired test difference and one sentence.
-
-    Differences are taken seed by seed (same data, initial weights and batches),
-    over the seeds where both runs finished without diverging; their mean and
-    standard error (sample std / sqrt(n)) give ``z = mean / se``. The verdict
-    says whether ``|z| > 2``. ``unit``: the words after the difference in the
-    sentence (default ``"test <metric>"``, or points of test accuracy).
-    """
-
-    def values(label: str) -> dict[int, float]:
-        return {
-            r["seed"]: r["final"].get(f"test_{metric}")
-            for r in records
-            if r["label"] == label
-            and not r.get("diverged")
-            and _finite(r["final"].get(f"test_{metric}"))
-        }
-
-    def diverged(label: str) -> int:
-        return sum(1 for r in records if r["label"] == label and r.get("diverged"))
-
-    scale = 100.0 if _is_percent(metric) else 1.0
-    if unit is None:
-        unit = "points of test accuracy" if _is_percent(metric) else f"test {metric}"
-    fmt = ".2f" if _is_percent(metric) else ".4g"
-    base = values(baseline)
-    out = []
-    for label in labels:
-        if label == baseline:
-            continue
-        mine = values(label)
-        seeds = sorted(set(mine) & set(base))
-        diffs = [scale * (mine[s] - base[s]) for s in seeds]
-        n = len(diffs)
-        left = diverged(label) + diverged(baseline)
-        note = f" ({left} diverged run(s) left out)" if left else ""
-        v: dict[str, Any] = {"label": label, "baseline": baseline, "n": n, "metric": metric}
-        if n == 0:
-            v.update(mean=None, se=None, z=None, exceeds=False)
-            v["sentence"] = (
-                f"{label}: no seed on which both it and {baseline} finished, so no comparison{note}."
-            )
-        elif n == 1:
-            v.update(mean=diffs[0], se=None, z=None, exceeds=False)
-            v["sentence"] = (
-                f"{label}: {diffs[0]:+{fmt}} {unit} against {baseline} on one seed; "
-                f"one seed gives no standard error, so run more seeds before reading anything "
-                f"into it{note}."
-            )
-        else:
-            mean = statistics.fmean(diffs)
-            se = statistics.stdev(diffs) / math.sqrt(n)
-            z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
-            exceeds = abs(z) > 2
-            better = (mean > 0) == maximize
-            if exceeds:
-                tail = (
-                    f"beyond two, so the difference is unlikely to be seed noise "
-                    f"({label} is {'better' if better else 'worse'})"
-                )
-            else:
-                tail = "within two, so this study cannot tell them apart"
-            z_txt = "infinitely many" if math.isinf(z) else f"{abs(z):.1f}"
-            v.update(mean=mean, se=se, z=z, exceeds=exceeds, better=better)
-            v["sentence"] = (
-                f"{label}: {mean:+{fmt}} ± {se:{fmt}} {unit} against {baseline}, paired over {n} "
-                f"seeds: {z_txt} standard errors, {tail}{note}."
-            )
-        out.append(v)
-    return out
 
 
 def finish(

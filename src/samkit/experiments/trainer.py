@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .._atomic import append_line, finite, write_text_atomic
 from .checkpoint import atomic_torch_save, save_checkpoint
+from .engine.core import fault_point
 from .problem import accuracy, batch_indexable
 from .registry import Amp, Method
 from .settings import TrainConfig
@@ -627,6 +628,7 @@ def train(
                         },
                         state_path,
                     )
+                    fault_point(Path(state_path).name, record["epoch"])
                 # callbacks see the record once its state is safe (an Optuna pruner may raise)
                 for cb in callbacks:
                     cb(record)

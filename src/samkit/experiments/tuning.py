@@ -166,7 +166,15 @@ class OpenTune:
         self.config, self.spec, self.base, self.out = config, spec, base, out
         self.problem, self.n_trials = problem, n_trials
 
-    def run(self, *, log: Callable[[str], None] | None = None) -> TuneResult:
+    def run(
+        self,
+        *,
+        log: Callable[[str], None] | None = None,
+        jobs: int | str = 1,
+        threads: int | None = None,
+        ray: str | None = None,
+    ) -> TuneResult:
+        """Run the remaining trials, ``jobs`` at once (:mod:`~samkit.experiments.tune_parallel`)."""
         import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -236,10 +244,20 @@ class OpenTune:
             # a trial that raises is reported by samkit itself (a Ctrl-C as one line):
             # Optuna's own warning with the traceback would come first
             optuna.logging.set_verbosity(optuna.logging.ERROR)
-            try:
-                ostudy.optimize(self._objective(log), n_trials=remaining, catch=())
-            finally:
-                optuna.logging.set_verbosity(optuna.logging.WARNING)
+            if ray is not None:
+                raise ValueError(
+                    f"Invalid ray value: {ray!r} (samkit tune runs its trials on this machine; "
+                    "use --jobs)"
+                )
+            if jobs != 1 or threads is not None:
+                from .tune_parallel import run_parallel
+
+                run_parallel(self, ostudy, remaining, jobs, threads, log)
+            else:
+                try:
+                    ostudy.optimize(self._objective(log), n_trials=remaining, catch=())
+                finally:
+                    optuna.logging.set_verbosity(optuna.logging.WARNING)
         summary = self._summarize(ostudy)
         if self.spec.auto:
             summary["auto"] = [self._run_auto(name, log) for name in self.spec.auto]
@@ -309,7 +327,6 @@ class OpenTune:
         """
         import json
 
-        from .study import write_json_atomic
         from .trainer import finite
 
         metric = self.problem.primary
@@ -323,42 +340,32 @@ class OpenTune:
                 )
             )
         )
-        values, histories, diverged = [], [], False
+        from .engine import Cell, InProcess, run_cells
+
+        def describe(rec: dict[str, Any]) -> str:
+            shown = "diverged" if rec["value"] is None else _shown(rec["value"], metric)
+            rhos = [v for v in rec["rho_history"] if v is not None]
+            return f"validation {metric} {shown}, final rho {rhos[-1] if rhos else math.nan:.3g}"
+
+        cells = []
         for seed in self.config.seeds:
             stem = f"{name.replace(':', '-')}-seed{seed}"
-            path = folder / f"{stem}.json"
-            rec = None
-            if path.is_file():
-                try:
-                    rec = json.loads(path.read_text())
-                except ValueError:
-                    rec = None
-                if not isinstance(rec, dict) or rec.get("key") != key:
-                    rec = None
-            if rec is None:
-                res = self._train_seed(
-                    seed, name, self.base.lr, [], state_path=folder / f"{stem}.state.pt"
-                )
-                value = res.final.get(f"val_{metric}")
-                ok = not res.diverged and value is not None and math.isfinite(value)
-                rec = {
-                    "key": key,
-                    "value": value if ok else None,
-                    "test": res.final.get(f"test_{metric}"),
-                    "rho_history": [h.get("rho") for h in res.history],
-                }
-                write_json_atomic(path, rec)
-                (folder / f"{stem}.state.pt").unlink(missing_ok=True)
-                rec = json.loads(path.read_text())
+            task = AutoRun(self, name, seed, key)
+            cells.append(
+                Cell(f"rho={name} seed {seed}", folder, stem, key, task, (f"{stem}.state.pt",))
+            )
+            cells[-1].identity_field = "key"
+        executor = InProcess()
+        outcomes = run_cells(cells, executor=executor, log=log, describe=describe)
+        values, histories, diverged = [], [], False
+        for o in outcomes:
+            rec = o.record
+            assert rec is not None
             if rec["value"] is None:
                 diverged = True
             else:
                 values.append(rec["value"])
             histories.append([v for v in rec["rho_history"] if v is not None])
-            if log:
-                shown = "diverged" if rec["value"] is None else _shown(rec["value"], metric)
-                final = histories[-1][-1] if histories[-1] else math.nan
-                log(f"  rho={name} seed {seed}: validation {metric} {shown}, final rho {final:.3g}")
         finals = [h[-1] for h in histories if h]
         return {
             "rho": name,
@@ -471,6 +478,31 @@ class OpenTune:
             "settings": self.config.to_dict(),
             "trials": trials,
             "best": best,
+        }
+
+
+@dataclass
+class AutoRun:
+    """One seed of a self-tuning radius trained beside the search (an engine task)."""
+
+    search: OpenTune
+    name: str
+    seed: int
+    key: Any
+
+    def __call__(self, folder: Path, ctx: Any) -> dict[str, Any]:
+        metric = self.search.problem.primary
+        stem = f"{self.name.replace(':', '-')}-seed{self.seed}"
+        res = self.search._train_seed(
+            self.seed, self.name, self.search.base.lr, [], state_path=folder / f"{stem}.state.pt"
+        )
+        value = res.final.get(f"val_{metric}")
+        ok = not res.diverged and value is not None and math.isfinite(value)
+        return {
+            "key": self.key,
+            "value": value if ok else None,
+            "test": res.final.get(f"test_{metric}"),
+            "rho_history": [h.get("rho") for h in res.history],
         }
 
 
@@ -675,5 +707,6 @@ def tune(
     merged = st.merge(flat)
     config = st.build_study(merged, loss=loss, metrics=metrics, **user)
     log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    how = st.execution(merged)
     with open_tune(config, spec, out, lr=merged["lr"], weight_decay=merged["weight_decay"]) as t:
-        return t.run(log=log)
+        return t.run(log=log, **how)

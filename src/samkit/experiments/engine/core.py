@@ -1,0 +1,420 @@
+"""Cells, the in-process executor and the one run loop (:func:`run_cells`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Cell",
+    "Executor",
+    "InProcess",
+    "Outcome",
+    "RunContext",
+    "StudyProgress",
+    "fault_point",
+    "finished",
+    "normalise",
+    "run_cells",
+]
+
+#: test hook: ``"<file name>@<epoch>@<marker file>"`` kills the process that saves
+#: that training state at that epoch with SIGKILL, once (the marker remembers it)
+FAULT_ENV = "SAMKIT_FAULT_KILL"
+
+
+def normalise(obj: Any) -> Any:
+    """``obj`` as it reads back from the JSON files (tuples as lists, NaN as null)."""
+    from ..._atomic import finite
+
+    return json.loads(json.dumps(finite(obj)))
+
+
+def finished(path: Path, identity: Any, field: str = "config") -> dict[str, Any] | None:
+    """The record in ``path`` if it exists, parses and was made with ``identity``
+    (its ``field``); else None."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get(field) == normalise(identity):
+        return record
+    return None
+
+
+def fault_point(file_name: str, epoch: int) -> None:
+    """Where a test kills a worker mid-run (see :data:`FAULT_ENV`); nothing otherwise."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    name, at, marker = spec.split("@", 2)
+    if name != file_name or int(at) != epoch or os.path.exists(marker):
+        return
+    Path(marker).write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class RunContext:
+    """What a cell's task gets besides its folder.
+
+    ``cache``: per process, what the runs may share (a study's problem and
+    data); ``log``: lines about the run (a worker sends them to the driver,
+    which prefixes the run's name); ``threads``/``devices``: where it runs.
+    """
+
+    progress: bool = False
+    log: Callable[[str], None] | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    devices: str | None = None
+
+
+@dataclass
+class Cell:
+    """One run of a study.
+
+    ``task(folder, context) -> record`` trains it (picklable for the process
+    and Ray executors: a module-level function or a small dataclass); its
+    files are ``<folder>/<stem>.*`` and its result ``<folder>/<stem>.json``,
+    finished when that file's ``config`` equals ``identity``. ``cleanup``:
+    files in ``folder`` removed once the result is written (what the run kept
+    to resume). ``gpus``: the GPUs the run declares (Ray).
+    """
+
+    name: str
+    folder: Path
+    stem: str
+    identity: dict[str, Any]
+    task: Callable[[Path, RunContext], dict[str, Any]]
+    cleanup: tuple[str, ...] = ()
+    gpus: float = 0.0
+    identity_field: str = "config"  # the record's field that holds the identity
+
+    @property
+    def result_path(self) -> Path:
+        return self.folder / f"{self.stem}.json"
+
+
+@dataclass
+class Outcome:
+    """A cell's result: its record as it reads back (None if it failed)."""
+
+    cell: Cell
+    record: dict[str, Any] | None
+    executed: bool
+    error: str | None = None
+    attempts: int = 0
+
+
+@dataclass
+class Event:
+    """What an executor reports about a cell it ran: ``kind`` ok, error or died."""
+
+    index: int
+    kind: str
+    record: dict[str, Any] | None = None
+    lines: list[str] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)
+    error: BaseException | None = None
+    reason: str = ""
+    seconds: float = 0.0
+
+
+class Executor:
+    """Runs cells. ``slots``: runs at once; ``threads``: torch threads per run (None: unpinned)."""
+
+    name = "executor"
+    slots = 1
+    threads: int | None = None
+    remote = False  # the run's files travel with it (no shared file system)
+
+    def start(self) -> None:
+        """Before the first cell."""
+
+    def check(self, cell: Cell) -> None:
+        """ValueError if ``cell`` cannot be run here (before any work)."""
+
+    def free(self) -> bool:
+        raise NotImplementedError
+
+    def running(self) -> int:
+        raise NotImplementedError
+
+    def submit(self, index: int, cell: Cell) -> None:
+        raise NotImplementedError
+
+    def wait(self) -> list[Event]:
+        """Block until at least one submitted cell is over."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop every run now (Ctrl-C, an error): what they saved lets them resume."""
+
+    def close(self) -> None:
+        """After the last cell."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+class InProcess(Executor):
+    """The runs one after another in this process (``jobs=1``): today's loop.
+
+    A run's exception (and Ctrl-C) propagates as it is. With ``threads`` the
+    run trains on that many torch threads (restored afterwards).
+    """
+
+    name = "in-process"
+
+    def __init__(self, threads: int | None = None, *, progress: bool = False, log: Any = None):
+        self.threads, self.progress, self.log = threads, progress, log
+        self.cache: dict[str, Any] = {}
+        self._events: list[Event] = []
+
+    def free(self) -> bool:
+        return not self._events
+
+    def running(self) -> int:
+        return len(self._events)
+
+    def submit(self, index: int, cell: Cell) -> None:
+        import torch
+
+        before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        ctx = RunContext(self.progress, self.log, self.cache, self.threads)
+        t0 = time.perf_counter()
+        try:
+            record = cell.task(cell.folder, ctx)
+        finally:
+            if self.threads is not None:
+                torch.set_num_threads(before)
+        self._events.append(Event(index, "ok", record, seconds=time.perf_counter() - t0))
+
+    def wait(self) -> list[Event]:
+        out, self._events = self._events, []
+        return out
+
+    def describe(self) -> str:
+        return "1 run at a time in this process"
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return (
+        f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    )
+
+
+class StudyProgress:
+    """The study's line: runs done / running / left, elapsed, estimated time left, failures."""
+
+    def __init__(self, total: int, slots: int) -> None:
+        self.total, self.slots = total, max(1, slots)
+        self.done = self.failed = self.running = 0
+        self.t0 = time.perf_counter()
+        self.run_times: list[float] = []
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        left = self.total - self.done - self.failed - self.running
+        if self.run_times:
+            per_run = sum(self.run_times) / len(self.run_times)
+            eta = f"about {_clock(per_run * (left + 0.5 * self.running) / self.slots)} left"
+        else:
+            eta = "time left not known yet"
+        failed = f", {self.failed} failed" if self.failed else ""
+        return (
+            f"study: {self.done}/{self.total} done, {self.running} running, {left} left"
+            f"{failed}; {_clock(elapsed)} elapsed, {eta}"
+        )
+
+
+def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    from ..._atomic import atomic_open
+
+    for name, data in files.items():
+        with atomic_open(folder / name, "wb") as fh:
+            fh.write(data)
+
+
+def run_cells(
+    cells: Sequence[Cell],
+    *,
+    executor: Executor | None = None,
+    log: Callable[[str], None] | None = None,
+    describe: Callable[[dict[str, Any]], str] | None = None,
+    write: Callable[[Path, Any], None] | None = None,
+    retries: int = 2,
+) -> list[Outcome]:
+    """Run, or read back, every cell; the outcomes in the cells' order.
+
+    In order: a cell whose result file holds its identity is read back
+    (``done before, skipped``); the others go to ``executor`` (default
+    :class:`InProcess`) as slots free up. The driver writes each result with
+    ``write(path, record)`` (atomic JSON), then removes the cell's
+    ``cleanup`` files. A worker that dies mid-run (killed, out of memory, a
+    lost node) is replaced and its run retried, from its last training
+    state, up to ``retries`` times; then the run is failed with the reason
+    and the study goes on. An exception in a run, or Ctrl-C, stops every
+    worker and propagates: the folder resumes.
+    """
+    if write is None:
+        from ..._atomic import write_json_atomic
+
+        def write(path: Path, obj: Any) -> None:
+            from ..._atomic import finite
+
+            write_json_atomic(path, finite(obj))
+
+    executor = executor or InProcess(log=log)
+    n = len(cells)
+    outcomes: list[Outcome | None] = [None] * n
+    attempts = [0] * n
+    queue: deque[int] = deque(range(n))
+    executor.start()
+    parallel = executor.slots > 1 or executor.remote
+    progress = StudyProgress(n, executor.slots)
+    checked = False
+
+    def study_line() -> None:
+        if parallel and log:
+            log(progress.line())
+
+    if parallel and log:
+        log(f"study: {n} runs, {executor.describe()}")
+    try:
+        while queue or executor.running():
+            while queue and executor.free():
+                i = queue.popleft()
+                cell = cells[i]
+                if attempts[i] == 0:
+                    done = finished(cell.result_path, cell.identity, cell.identity_field)
+                    if done is not None:
+                        outcomes[i] = Outcome(cell, done, executed=False)
+                        progress.done += 1
+                        if log:
+                            log(f"[{i + 1}/{n}] {cell.name}: done before, skipped")
+                        continue
+                if not checked:
+                    executor.check(cell)
+                    checked = True
+                cell.folder.mkdir(parents=True, exist_ok=True)
+                attempts[i] += 1
+                progress.running += 1
+                executor.submit(i, cell)
+            if not executor.running():
+                continue
+            for ev in executor.wait():
+                cell = cells[ev.index]
+                progress.running -= 1
+                if log:
+                    for line in ev.lines:
+                        log(f"  {cell.name}: {line.strip()}")
+                if ev.kind == "error":
+                    assert ev.error is not None
+                    raise ev.error
+                if ev.kind == "died":
+                    if attempts[ev.index] <= retries:
+                        if log:
+                            log(
+                                f"  {cell.name}: {ev.reason}; retrying from its last checkpoint "
+                                f"(try {attempts[ev.index] + 1} of {retries + 1})"
+                            )
+                        queue.appendleft(ev.index)
+                        continue
+                    reason = f"{ev.reason} ({attempts[ev.index]} tries)"
+                    outcomes[ev.index] = Outcome(cell, None, True, reason, attempts[ev.index])
+                    progress.failed += 1
+                    if log:
+                        log(f"[{ev.index + 1}/{n}] {cell.name}: FAILED: {reason}")
+                    study_line()
+                    continue
+                record = ev.record
+                assert record is not None
+                if ev.files:
+                    _write_files(cell.folder, ev.files)
+                write(cell.result_path, record)
+                for name in cell.cleanup:
+                    (cell.folder / name).unlink(missing_ok=True)
+                outcomes[ev.index] = Outcome(
+                    cell, normalise(record), True, attempts=attempts[ev.index]
+                )
+                progress.done += 1
+                progress.run_times.append(ev.seconds)
+                if log:
+                    what = describe(record) if describe else "done"
+                    log(f"[{ev.index + 1}/{n}] {cell.name}: {what}")
+                study_line()
+    except BaseException:
+        executor.stop()
+        raise
+    finally:
+        executor.close()
+    return [o for o in outcomes if o is not None]
+
+
+def worker_signals() -> None:
+    """In a worker: Ctrl-C is the driver's to handle (it stops the workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):  # and it ends with its driver, even on kill -9
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+
+
+def user_modules() -> list[tuple[str, str]]:
+    """The user's modules loaded from a file or the current folder: (module name, file).
+
+    A worker imports them (under the same names) before it reads a task, so
+    the task's functions resolve there as they do here.
+    """
+    from ..problem import _USER_FILES
+
+    out = []
+    for name, mod in list(sys.modules.items()):
+        file = getattr(mod, "__file__", None)
+        if isinstance(file, str) and os.path.realpath(file) in _USER_FILES:
+            out.append((name, os.path.realpath(file)))
+    return out
+
+
+def import_user_modules(mods: list[tuple[str, str]]) -> None:
+    """In a worker: import the driver's user modules under their names.
+
+    A file that exists here is loaded from its path; one that does not (a Ray
+    node without the driver's files) is imported by its file name, as Ray's
+    ``py_modules`` ships it.
+    """
+    import importlib
+    import importlib.util
+
+    for name, path in mods:
+        if name in sys.modules:
+            continue
+        if os.path.isfile(path):
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                continue
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        else:
+            sys.modules[name] = importlib.import_module(Path(path).stem)

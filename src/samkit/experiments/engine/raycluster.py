@@ -1,0 +1,185 @@
+"""Runs as Ray tasks on an existing cluster (``ray=ADDRESS``, ``samkit[distributed]``).
+
+Each run is one task declaring ``num_cpus=threads`` and ``num_gpus`` (one
+GPU per run when the cluster has GPUs, unless ``gpus_per_run`` says
+otherwise): Ray gives the task exactly that many devices
+(``CUDA_VISIBLE_DEVICES``, recorded in the run's ``placement``). The
+user's ``--model``/``--data`` files go with Ray's runtime environment
+(``py_modules``). A task trains in a scratch folder on its node with the
+files the run already has (its training state), and returns its record and
+files: the driver writes them into the one run folder, so the nodes need no
+shared file system. A task whose node or worker dies is retried by the
+engine (from the training state the driver holds, if any).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .core import Cell, Event, Executor, RunContext, import_user_modules, user_modules
+
+__all__ = ["RayExecutor"]
+
+_CACHE: dict[str, Any] = {}  # per Ray worker process: what the runs may share
+
+
+def _ray_run(
+    mods: list[tuple[str, str]], payload: bytes, files: dict[str, bytes], threads: int
+) -> tuple[dict[str, Any], list[str], dict[str, bytes], float, str | None]:
+    """The task: train one run in a scratch folder; its record, log lines and files."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import_user_modules(mods)
+    task = pickle.loads(payload)
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="samkit-run-") as tmp:
+        folder = Path(tmp)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        record = task(folder, RunContext(False, lines.append, _CACHE, threads, devices))
+        out = {
+            p.name: p.read_bytes()
+            for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".") and files.get(p.name) != p.read_bytes()
+        }
+    return record, lines, out, time.perf_counter() - t0, devices
+
+
+class RayExecutor(Executor):
+    """Runs as tasks of the Ray cluster at ``address`` (``"auto"``: the local one)."""
+
+    name = "ray"
+    remote = True
+
+    def __init__(
+        self,
+        address: str,
+        jobs: int | None,
+        threads: int,
+        *,
+        gpus_per_run: float | None = None,
+    ) -> None:
+        if not isinstance(address, str) or not address.strip():
+            raise ValueError(f"Invalid ray value: {address!r} (a cluster address, host:port)")
+        if gpus_per_run is not None and (
+            isinstance(gpus_per_run, bool)
+            or not isinstance(gpus_per_run, (int, float))
+            or not 0 <= gpus_per_run <= 64
+        ):
+            raise ValueError(f"Invalid gpus_per_run value: {gpus_per_run!r} (a number in [0, 64])")
+        self.address, self.jobs, self.threads = address, jobs, threads
+        self.gpus_per_run = gpus_per_run
+        self.slots = jobs or 1
+        self._pending: dict[Any, int] = {}
+        self._ray: Any = None
+
+    def start(self) -> None:
+        try:
+            import ray
+        except ImportError as exc:
+            from ..._extras import install
+
+            raise ValueError(
+                f"Invalid ray value: {self.address!r} (running on a Ray cluster needs ray: "
+                f"{install('ray')})"
+            ) from exc
+        files = sorted({path for _, path in user_modules()})
+        env = {"py_modules": files} if files else None
+        try:
+            ray.init(
+                address=self.address,
+                runtime_env=env,
+                logging_level="ERROR",
+                log_to_driver=False,
+                ignore_reinit_error=True,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ValueError(
+                f"Invalid ray value: {self.address!r} (cannot connect: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from exc
+        self._ray = ray
+        res = ray.cluster_resources()
+        gpus = self.gpus_per_run
+        if gpus is None:
+            gpus = 1 if res.get("GPU", 0) >= 1 else 0
+        self.gpus = gpus
+        cpu_slots = max(1, int(res.get("CPU", 1) // self.threads))
+        gpu_slots = int(res.get("GPU", 0) // gpus) if gpus else cpu_slots
+        self.slots = self.jobs or max(1, min(cpu_slots, gpu_slots))
+        self._remote = ray.remote(_ray_run).options(
+            num_cpus=self.threads, num_gpus=gpus, max_retries=0
+        )
+
+    def describe(self) -> str:
+        gpu = f", {self.gpus:g} GPU(s)" if getattr(self, "gpus", 0) else ""
+        return f"Ray cluster {self.address}: {self.slots} runs at once, {self.threads} CPU(s){gpu} each"
+
+    def check(self, cell: Cell) -> None:
+        try:
+            pickle.dumps(cell.task)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(
+                f"Invalid ray value: {self.address!r} (the runs cannot be sent to the cluster: "
+                f"{type(exc).__name__}: {exc}; define the model and data in a module file)"
+            ) from exc
+
+    def free(self) -> bool:
+        return len(self._pending) < self.slots
+
+    def running(self) -> int:
+        return len(self._pending)
+
+    def submit(self, index: int, cell: Cell) -> None:
+        files = {
+            p.name: p.read_bytes()
+            for p in sorted(cell.folder.glob(f"{cell.stem}.*"))
+            if p.is_file() and p.name != f"{cell.stem}.json"
+        }
+        ref = self._remote.remote(user_modules(), pickle.dumps(cell.task), files, self.threads)
+        self._pending[ref] = index
+
+    def wait(self) -> list[Event]:
+        ray = self._ray
+        ready, _ = ray.wait(list(self._pending), num_returns=1)
+        events = []
+        for ref in ready:
+            index = self._pending.pop(ref)
+            try:
+                record, lines, files, seconds, devices = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.as_instanceof_cause()
+                err = getattr(exc, "cause", None) or cause
+                events.append(Event(index, "error", error=err))
+                continue
+            except ray.exceptions.RayError as exc:  # a worker or node lost
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                events.append(Event(index, "died", reason=f"its Ray task was lost: {reason[:200]}"))
+                continue
+            if self.gpus and devices is not None:
+                record = {**record, "placement": {"cuda_visible_devices": devices}}
+            events.append(Event(index, "ok", record, lines, files, seconds=seconds))
+        return events
+
+    def stop(self) -> None:
+        if self._ray is None:
+            return
+        for ref in list(self._pending):
+            try:
+                self._ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001, S110 - already over
+                pass
+        self._pending.clear()
+
+    def close(self) -> None:
+        if self._ray is not None:
+            self._ray.shutdown()
+            self._ray = None

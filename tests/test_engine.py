@@ -1,0 +1,364 @@
+"""The study engine (issue 19): one run loop for compare, rl and gan; its executors
+(in-process, worker processes, Ray) give the same numbers; a worker killed mid-run
+is retried from its last checkpoint; Ctrl-C stops every worker and the folder resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from samkit.cli.main import main
+from samkit.experiments import engine
+from samkit.experiments.engine import Cell, run_cells
+from samkit.experiments.engine.core import Event, Executor
+
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--train-size",
+    "120",
+    "--epochs",
+    "2",
+    "--seeds",
+    "2",
+    "--optimizers",
+    "sgd,sam",
+    "--no-sharpness",
+    "--batch-size",
+    "40",
+    "--model",
+    "mlp",
+]
+
+
+def _timeless(obj):
+    """results.json without what depends on the clock (times and their ratios)."""
+    if isinstance(obj, dict):
+        return {k: _timeless(v) for k, v in obj.items() if "time" not in k}
+    if isinstance(obj, list):
+        return [_timeless(v) for v in obj]
+    return obj
+
+
+def _compare(capsys, out, *extra):
+    rc = main(["compare", *TINY, "--out", str(out), *extra])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return json.loads((out / "results.json").read_text()), captured.err
+
+
+def _weights(out):
+    return {
+        p.name: torch.load(p, map_location="cpu", weights_only=False)["state_dict"]
+        for p in sorted((out / "runs").glob("*.pt"))
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The tiny study with --jobs 1 --threads 1 (in this process)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    rc = main(["compare", *TINY, "--out", str(out), "--jobs", "1", "--threads", "1", "-q"])
+    assert rc == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert list(wa) == list(wb) and len(wa) == 4
+    for name in wa:
+        for k in wa[name]:
+            assert torch.equal(wa[name][k], wb[name][k]), (name, k)
+
+
+def test_two_worker_processes_give_the_numbers_of_one_job_to_the_bit(tmp_path, capsys, reference):
+    ref_out, ref = reference
+    res, err = _compare(capsys, tmp_path / "j2", "--jobs", "2", "--threads", "1")
+    assert _timeless(res) == _timeless(ref)
+    assert all(r["config"]["threads"] == 1 for r in res["runs"])
+    _same_weights(ref_out, tmp_path / "j2")
+    # one line for the study, and one per run named by the run
+    assert "study: 4 runs, 2 worker processes, 1 thread(s) each" in err
+    assert "study: 4/4 done, 0 running, 0 left" in err and "elapsed" in err
+    assert "] sam seed 1: test acc" in err
+
+
+def test_threads_are_part_of_a_runs_identity(tmp_path, capsys, reference):
+    ref_out, _ = reference
+    out = tmp_path / "o"
+    import shutil
+
+    shutil.copytree(ref_out, out)
+    (out / ".samkit.lock").unlink(missing_ok=True)
+    _, err = _compare(capsys, out, "--threads", "1")
+    assert err.count("done before, skipped") == 4  # same threads: kept
+    _, err = _compare(capsys, out, "--threads", "2")
+    assert "done before, skipped" not in err  # other threads: trained again
+    assert "4 retrained with other settings" in err
+
+
+def test_a_worker_killed_mid_run_is_retried_from_its_checkpoint(
+    tmp_path, capsys, monkeypatch, reference
+):
+    _, ref = reference
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(engine.core.FAULT_ENV, f"sam-seed0.state.pt@1@{marker}")
+    res, err = _compare(capsys, tmp_path / "k", "--jobs", "2", "--threads", "1")
+    assert marker.exists()  # the worker did kill itself after epoch 1 of sam seed 0
+    assert "sam seed 0: its worker process was killed (SIGKILL); retrying" in err
+    assert _timeless(res) == _timeless(ref)
+    lines = (tmp_path / "k" / "runs" / "sam-seed0.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]  # epoch 1 not trained twice
+    assert not list((tmp_path / "k" / "runs").glob("*.state.pt"))
+
+
+class _Dying(Executor):
+    """Every run's worker dies."""
+
+    slots = 2
+    name = "dying"
+
+    def __init__(self):
+        self.live = []
+
+    def free(self):
+        return len(self.live) < self.slots
+
+    def running(self):
+        return len(self.live)
+
+    def submit(self, index, cell):
+        self.live.append(index)
+
+    def wait(self):
+        out, self.live = [Event(i, "died", reason="out of memory") for i in self.live], []
+        return out
+
+
+def _ok(folder, ctx):
+    return {"config": {"n": 1}, "value": 3}
+
+
+def test_a_run_whose_worker_keeps_dying_is_failed_with_the_reason(tmp_path):
+    cells = [
+        Cell("a seed 0", tmp_path, "a", {"n": 1}, _ok),
+        Cell("b", tmp_path, "b", {"n": 1}, _ok),
+    ]
+    lines = []
+    out = run_cells(cells, executor=_Dying(), log=lines.append, retries=2)
+    assert [o.error for o in out] == ["out of memory (3 tries)"] * 2
+    assert [o.attempts for o in out] == [3, 3] and not list(tmp_path.glob("*.json"))
+    assert any("[1/2] a seed 0: FAILED: out of memory (3 tries)" in x for x in lines)
+    assert "2 failed" in lines[-1]
+    # the in-process executor: the driver writes the result, a rerun skips it
+    out = run_cells(cells, log=lines.append)
+    assert [o.record["value"] for o in out] == [3, 3] and all(o.executed for o in out)
+    out = run_cells(cells, log=lines.append)
+    assert not any(o.executed for o in out)
+
+
+def _where(folder, ctx):
+    return {"config": {}, "devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": ctx.threads}
+
+
+def test_jobs_auto_reads_the_devices_a_run_may_use(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    n, threads, devices = engine.auto_plan()
+    assert (n, devices) == (2, ["3", "5"]) and threads >= 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    n, threads, devices = engine.auto_plan()
+    assert n == engine.physical_cores() and threads == 1 and devices == [None] * n
+    # each worker sees exactly its own device, and the run records it
+    pool = engine.LocalPool(2, 1, ["3", "5"])
+    cells = [Cell(f"r{i}", tmp_path, f"r{i}", {}, _where) for i in range(2)]
+    out = run_cells(cells, executor=pool)
+    got = sorted(o.record["devices"] for o in out)
+    assert got == ["3", "5"]
+    assert all(o.record["placement"]["cuda_visible_devices"] == o.record["devices"] for o in out)
+    assert all(o.record["threads"] == 1 for o in out)
+
+
+DRIVER = """
+import sys
+from samkit.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _children(pid):
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def _cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
+def _running(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc (Linux)")
+def test_ctrl_c_stops_every_worker_and_the_folder_resumes(tmp_path, reference):
+    _, ref = reference
+    out = tmp_path / "c"
+    argv = ["compare", *TINY, "--epochs", "6", "--out", str(out), "--jobs", "2", "--threads", "1"]
+    argv += ["-q"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *argv], env=env, cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "runs").glob("*.state.pt")):
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert workers, "no worker started"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) != 0
+    workers = [w for w in workers if "resource_tracker" not in _cmdline(w)]
+    assert workers
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_running(w) for w in workers):
+        time.sleep(0.2)
+    alive = [w for w in workers if _running(w)]
+    assert not alive, f"workers left running: {alive}"
+    # the folder resumes (its lock was released) and finishes
+    rc = main(
+        [
+            "compare",
+            *TINY,
+            "--epochs",
+            "6",
+            "--out",
+            str(out),
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
+            "-q",
+        ]
+    )
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["runs"]) == 4 and all(r["epochs_run"] == 6 for r in res["runs"])
+
+
+TUNE = ["tune", "--dataset", "synthetic", "--train-size", "120", "--epochs", "2", "--seeds", "1"]
+TUNE += ["--model", "mlp", "--batch-size", "40", "--grid", "0.01,0.05,0.1,0.2", "-q"]
+
+
+def _journal_complete(path):
+    done = []
+    if not path.exists():
+        return done
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(
+        study_name="samkit-tune", storage=JournalStorage(JournalFileBackend(str(path)))
+    )
+    return [
+        (t.number, t.params["rho"], t.value)
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    ]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc (Linux)")
+def test_tune_jobs_2_resumes_after_kill_9_without_repeating_finished_trials(tmp_path, capsys):
+    pytest.importorskip("optuna")
+    out = tmp_path / "t"
+    argv = [*TUNE, "--jobs", "2", "--threads", "1", "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *argv], env=env, cwd=tmp_path)
+    journal = out / "optuna-journal.log"
+    deadline = time.time() + 180
+    before = []
+    while time.time() < deadline and proc.poll() is None:
+        before = _journal_complete(journal)
+        if before:
+            break
+        time.sleep(0.3)
+    proc.kill()  # kill -9 of the driver: its workers go with it
+    proc.wait(30)
+    assert before, "no trial finished before the kill"
+    before = _journal_complete(journal)
+    rc = main([*argv])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    res = json.loads((out / "tune.json").read_text())
+    complete = [t for t in res["trials"] if t["state"] == "COMPLETE"]
+    assert sorted(t["params"]["rho"] for t in complete) == [0.01, 0.05, 0.1, 0.2]  # each once
+    for number, rho, value in before:  # finished before the kill: kept, not trained again
+        assert {"number": number, "rho": rho, "value": value} in [
+            {"number": t["number"], "rho": t["params"]["rho"], "value": t["value"]}
+            for t in complete
+        ]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """Two Ray nodes on localhost, one CPU each (started and stopped here)."""
+    pytest.importorskip("ray")
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RAY_USAGE_STATS_ENABLED="0")
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    common = ["--include-dashboard=false", "--disable-usage-stats"]
+
+    def start(*args):
+        subprocess.run(
+            [*ray_cli, "start", *args], env=env, check=True, capture_output=True, timeout=180
+        )
+
+    try:
+        start("--head", f"--port={port}", "--num-cpus=1", *common)
+        start(f"--address=127.0.0.1:{port}", "--num-cpus=1")
+        yield {"address": f"127.0.0.1:{port}", "start": start}
+    finally:
+        subprocess.run([*ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_a_two_node_ray_cluster_gives_the_numbers_of_one_job(
+    tmp_path, capsys, reference, ray_cluster
+):
+    ref_out, ref = reference
+    res, err = _compare(capsys, tmp_path / "r", "--ray", ray_cluster["address"], "--threads", "1")
+    assert _timeless(res) == _timeless(ref)
+    assert "study: 4 runs, Ray cluster" in err
+    _same_weights(ref_out, tmp_path / "r")  # the nodes' files, written by the driver
+
+
+def test_a_ray_node_with_two_gpus_gives_each_run_one_device(tmp_path, capsys, ray_cluster):
+    ray_cluster["start"](f"--address={ray_cluster['address']}", "--num-cpus=2", "--num-gpus=2")
+    out = tmp_path / "g"
+    rc = main(
+        ["compare", *TINY, "--seeds", "1", "--out", str(out), "--ray", ray_cluster["address"]]
+    )
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    devices = [r["placement"]["cuda_visible_devices"] for r in runs]
+    assert len(devices) == 2 and all(d in ("0", "1") for d in devices)  # one entry each
