@@ -219,7 +219,11 @@ def test_ctrl_c_stops_every_worker_and_the_folder_resumes(tmp_path, reference):
     out = tmp_path / "c"
     argv = ["compare", *TINY, "--epochs", "6", "--out", str(out), "--jobs", "2", "--threads", "1"]
     argv += ["-q"]
+    # every run holds after its first epoch (SAMKIT_FAULT_HOLD names a file never made),
+    # so the study is mid-run when SIGINT comes, however fast the machine: it once
+    # finished first (exit 0) on an idle one
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env["SAMKIT_FAULT_HOLD"] = str(tmp_path / "never")
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, *argv], env=env, cwd=tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline and not list((out / "runs").glob("*.state.pt")):

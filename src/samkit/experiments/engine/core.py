@@ -29,6 +29,10 @@ __all__ = [
 #: test hook: ``"<file name>@<epoch>@<marker file>"`` kills the process that saves
 #: that training state at that epoch with SIGKILL, once (the marker remembers it)
 FAULT_ENV = "SAMKIT_FAULT_KILL"
+#: test hook: ``"<file>"`` holds every process that saves a training state there,
+#: after each epoch, until that file exists (at most 10 minutes): a study that is
+#: surely mid-run when a test interrupts it, however fast the machine
+HOLD_ENV = "SAMKIT_FAULT_HOLD"
 
 
 def normalise(obj: Any) -> Any:
@@ -53,7 +57,13 @@ def finished(path: Path, identity: Any, field: str = "config") -> dict[str, Any]
 
 
 def fault_point(file_name: str, epoch: int) -> None:
-    """Where a test kills a worker mid-run (see :data:`FAULT_ENV`); nothing otherwise."""
+    """Where a test kills or holds a worker mid-run (:data:`FAULT_ENV`, :data:`HOLD_ENV`);
+    nothing otherwise."""
+    hold = os.environ.get(HOLD_ENV)
+    if hold:
+        deadline = time.monotonic() + 600
+        while not os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.05)
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
