@@ -225,13 +225,15 @@ def test_ctrl_c_stops_every_worker_and_the_folder_resumes(tmp_path, reference):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     env["SAMKIT_FAULT_HOLD"] = str(tmp_path / "never")
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, *argv], env=env, cwd=tmp_path)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((out / "runs").glob("*.state.pt")):
+    # both workers started and held (so the driver waits on them, not mid-start)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list((out / "runs").glob("*.state.pt"))) < 2:
         time.sleep(0.2)
+    time.sleep(0.5)
     workers = _children(proc.pid)
     assert workers, "no worker started"
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) != 0
+    assert proc.wait(120) != 0
     workers = [w for w in workers if "resource_tracker" not in _cmdline(w)]
     assert workers
     deadline = time.time() + 10
