@@ -184,8 +184,12 @@ def test_jobs_auto_reads_the_devices_a_run_may_use(monkeypatch, tmp_path):
     assert all(o.record["threads"] == 1 for o in out)
 
 
+# The driver as a user runs it in a terminal, where Ctrl-C raises KeyboardInterrupt:
+# started in the background by a non-interactive shell (as CI may start the suite),
+# a process inherits SIGINT ignored, and Python then installs no handler for it.
 DRIVER = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from samkit.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
