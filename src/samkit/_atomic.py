@@ -62,6 +62,23 @@ def _temp_file(path: Path, mode: str, encoding: str | None) -> tuple[str, IO[Any
 
 
 @contextlib.contextmanager
+def _discarding(path: Path) -> Iterator[list[str]]:
+    """On any error in the block: remove the temporary files it listed, and raise a
+    full disk as :class:`NoSpaceError` naming ``path`` (the destination)."""
+    temps: list[str] = []
+    try:
+        yield temps
+    except BaseException as exc:
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        err = no_space(exc, path)
+        if err is exc:
+            raise
+        raise err from exc
+
+
+@contextlib.contextmanager
 def atomic_open(
     path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8"
 ) -> Iterator[IO[Any]]:
@@ -71,23 +88,15 @@ def atomic_open(
     file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    tmp = None
-    try:
+    with _discarding(path) as temps:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp, fh = _temp_file(path, mode, encoding)
+        temps.append(tmp)
         with fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        err = no_space(exc, path)
-        if err is exc:
-            raise
-        raise err from exc
 
 
 def atomic_write_via(
@@ -98,21 +107,13 @@ def atomic_write_via(
     ``suffix`` lets writers that pick a format from the extension (".png") see the right one.
     """
     path = Path(path)
-    tmp = None
-    try:
+    with _discarding(path) as temps:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
         os.close(fd)
+        temps.append(tmp)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        err = no_space(exc, path)
-        if err is exc:
-            raise
-        raise err from exc
     return path
 
 
