@@ -24,31 +24,35 @@ either a built-in dataset and model (by name), or the user's own:
 The CLI reads the user's code from ``module:function`` (a module importable
 from the current folder or an installed package, or ``path/to/file.py``) and
 data from ``path.npz`` (arrays ``x_train, y_train, x_test, y_test``, optional
-``x_val, y_val``; read without pickle).
+``x_val, y_val``; read without pickle): :mod:`~samkit.experiments.userdata`
+(re-exported here).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib
-import importlib.util
 import math
-import os
-import re
-import sys
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset as TorchDataset
-from torch.utils.data import IterableDataset, TensorDataset
+from torch.utils.data import TensorDataset
+
+from .userdata import (  # the user's data and code (re-exported: their home until 0.3)
+    IndexedSubset,
+    UserData,
+    _numbers,
+    _where,
+    as_source,
+    load_callable,
+    load_user_data,
+    source_kind,
+    user_code_error,
+)
 
 __all__ = [
     "UserData",
@@ -112,397 +116,6 @@ def higher_is_better(name: str, metric: Any) -> bool:
     return name.lower() in HIGHER_IS_BETTER
 
 
-# --------------------------------------------------------------- user data
-class IndexedSubset(TorchDataset):
-    """``base[indices[i]]``; batch indexing (a tensor of positions) when the base allows it."""
-
-    def __init__(self, base: Any, indices: Tensor) -> None:
-        self.base, self.indices = base, indices
-
-    def __len__(self) -> int:
-        return int(self.indices.numel())
-
-    def __getitem__(self, index: Any) -> Any:
-        return (
-            self.base[self.indices[index]]
-            if torch.is_tensor(index)
-            else self.base[int(self.indices[index])]
-        )
-
-
-def batch_indexable(ds: Any) -> bool:
-    """True when ``ds[index_tensor]`` gives a whole batch at once (no per-sample collate)."""
-    from .datasets import Split
-
-    if isinstance(ds, IndexedSubset):
-        return batch_indexable(ds.base)
-    return isinstance(ds, (Split, TensorDataset))
-
-
-def _numbers(name: str, a: Any) -> Any:
-    """``a`` as an array of numbers, or a ValueError naming what it holds instead."""
-    if torch.is_tensor(a):
-        return a
-    try:
-        arr = np.asarray(a)
-    except Exception as exc:  # noqa: BLE001 - ragged lists and the like
-        raise ValueError(
-            f"Invalid {name} value: {type(a).__name__} that is not an array "
-            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-        ) from None
-    if arr.dtype.kind not in "biuf":
-        what = {"U": "strings", "S": "bytes", "O": "Python objects"}.get(arr.dtype.kind, "")
-        hint = " (encode class labels as integers 0..K-1)" if name.endswith(" y") else ""
-        raise ValueError(
-            f"Invalid {name} value: dtype {arr.dtype}{' (' + what + ')' if what else ''}, "
-            f"numbers expected: bool, int or float{hint}"
-        )
-    return arr
-
-
-def _tensor(name: str, a: Any) -> Tensor:
-    t = torch.as_tensor(_numbers(name, a)) if not torch.is_tensor(a) else a
-    if t.dtype == torch.float64:
-        t = t.float()
-    elif t.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
-        t = t.long()
-    if not (t.is_floating_point() or t.dtype in (torch.int64, torch.bool)):
-        raise ValueError(f"Invalid {name} value: dtype {t.dtype} (numbers expected)")
-    if t.dim() == 0:
-        raise ValueError(f"Invalid {name} value: a scalar (an array with one row per sample)")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"Invalid {name} value: holds NaN or infinite entries")
-    return t
-
-
-def _pair(name: str, xy: Any) -> TensorDataset:
-    if len(xy) != 2:
-        raise ValueError(f"Invalid {name} value: expected a pair (x, y), got {len(xy)} items")
-    x, y = _tensor(f"{name} x", xy[0]), _tensor(f"{name} y", xy[1])
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"Invalid {name} value: x has {x.shape[0]} rows, y has {y.shape[0]} (one each per sample)"
-        )
-    if x.shape[0] == 0:
-        raise ValueError(f"Invalid {name} value: no samples")
-    return TensorDataset(x, y)
-
-
-def as_source(name: str, obj: Any, *, factory_ok: bool = False) -> Any:
-    """A map-style Dataset, an IterableDataset or (``factory_ok``) a batch factory from ``obj``."""
-    if obj is None:
-        return None
-    if isinstance(obj, torch.utils.data.DataLoader):
-        raise ValueError(
-            f"Invalid {name} value: a DataLoader (pass its dataset, so every method sees the same "
-            "batches in the same order, or a factory train(seed=, epoch=) returning the batches)"
-        )
-    if isinstance(obj, (TorchDataset, IterableDataset)):
-        if not isinstance(obj, IterableDataset):
-            try:
-                n = len(obj)  # type: ignore[arg-type]
-            except TypeError as exc:
-                raise ValueError(
-                    f"Invalid {name} value: a map-style Dataset needs __len__ ({exc})"
-                ) from None
-            if n == 0:
-                raise ValueError(f"Invalid {name} value: an empty dataset")
-        return obj
-    if isinstance(obj, (tuple, list)):
-        return _pair(name, obj)
-    if callable(obj) and factory_ok:
-        return obj
-    what = "a Dataset, a pair (x, y) of arrays" + (
-        ", or a factory (seed=, epoch=)" if factory_ok else ""
-    )
-    raise ValueError(f"Invalid {name} value: {type(obj).__name__} ({what})")
-
-
-def _kind(source: Any) -> str:
-    if source is None:
-        return "none"
-    if isinstance(source, IterableDataset):
-        return "iterable"
-    if isinstance(source, TorchDataset):
-        return "map"
-    return "factory"
-
-
-@dataclass
-class UserData:
-    """The user's data: ``train`` (required), ``val`` (optional) and ``test`` (optional)."""
-
-    name: str
-    train: Any
-    val: Any = None
-    test: Any = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"Invalid data value: {self.name!r} (a name)")
-        self.train = as_source("train", self.train, factory_ok=True)
-        if self.train is None:
-            raise ValueError("Invalid train value: None (the training data is required)")
-        self.val = as_source("val", self.val)
-        self.test = as_source("test", self.test)
-
-    @property
-    def kind(self) -> str:
-        return _kind(self.train)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Name, kinds and sizes (and a content hash of array data): changes retrain."""
-
-        def describe(source: Any) -> Any:
-            if source is None:
-                return None
-            d: dict[str, Any] = {"kind": _kind(source)}
-            if d["kind"] == "map":
-                d["len"] = len(source)
-            if isinstance(source, TensorDataset):
-                h = hashlib.sha1()
-                for t in source.tensors:
-                    h.update(str((tuple(t.shape), str(t.dtype))).encode())
-                    h.update(t.detach().cpu().contiguous().numpy().tobytes())
-                d["sha1"] = h.hexdigest()[:12]
-            return d
-
-        return {
-            "name": self.name,
-            "train": describe(self.train),
-            "val": describe(self.val),
-            "test": describe(self.test),
-        }
-
-
-def _import_module(module: str, spec: str, what: str) -> Any:
-    if module.endswith(".py") or os.sep in module or "/" in module:
-        path = Path(module)
-        if not path.is_file():
-            raise ValueError(f"Invalid {what} value: {spec!r} ({module} is not a file)")
-        name = f"samkit_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
-        loader_spec = importlib.util.spec_from_file_location(name, path)
-        if loader_spec is None or loader_spec.loader is None:
-            raise ValueError(f"Invalid {what} value: {spec!r} (cannot load {module})")
-        mod = importlib.util.module_from_spec(loader_spec)
-        sys.modules[name] = mod
-        loader_spec.loader.exec_module(mod)
-        return mod
-    # the current folder first, as `python -m` does, so a user's module beside
-    # their data is found without installing it
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    return importlib.import_module(module)
-
-
-def _where(exc: BaseException) -> str:
-    tb = exc.__traceback__
-    last = None
-    while tb is not None:
-        last = tb
-        tb = tb.tb_next
-    if last is None:
-        return ""
-    return f" at {Path(last.tb_frame.f_code.co_filename).name}:{last.tb_lineno}"
-
-
-#: the user's modules loaded by :func:`load_callable`: real file path -> [(what, spec)]
-_USER_FILES: dict[str, list[tuple[str, str]]] = {}
-
-
-def _installed(path: str) -> bool:
-    """True for a file of the Python installation (the standard library, site-packages)."""
-    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    return "site-packages" in Path(path).parts or any(
-        path.startswith(root + os.sep) for root in roots
-    )
-
-
-def _remember_user_file(mod: Any, what: str, spec: str) -> None:
-    file = getattr(mod, "__file__", None)
-    if isinstance(file, str) and not _installed(os.path.realpath(file)):
-        entries = _USER_FILES.setdefault(os.path.realpath(file), [])
-        if (what, spec) not in entries:
-            entries.append((what, spec))
-
-
-def user_code_error(exc: BaseException) -> str | None:
-    """One line for an exception raised inside the user's ``--model`` / ``--data`` code.
-
-    ``"in your data function mod:load: IndexError: 0 (mod.py:35, in Data.__getitem__)"``,
-    or None when no frame of the traceback is in a module that
-    :func:`load_callable` loaded (or in a file beside one: the user's helpers).
-    The innermost such frame names the place; its ``self`` (a Module or a
-    Dataset) or its name tells which of the user's functions it belongs to.
-    """
-    if not _USER_FILES:
-        return None
-    folders = {os.path.dirname(f) for f in _USER_FILES}
-
-    def users(file: str) -> bool:
-        file = os.path.realpath(file)
-        return file in _USER_FILES or os.path.dirname(file) in folders
-
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    owner: Any = None
-    found = None
-    tb = exc.__traceback__
-    while tb is not None:
-        if users(tb.tb_frame.f_code.co_filename):
-            found = tb
-        tb = tb.tb_next
-    if found is not None:
-        file, line = found.tb_frame.f_code.co_filename, found.tb_lineno
-        func = found.tb_frame.f_code.co_name
-        owner = found.tb_frame.f_locals.get("self")
-    else:
-        # raised in a DataLoader worker: torch re-raises it here with the worker's
-        # traceback as text ("Caught IndexError in DataLoader worker process 0. ...")
-        frames = re.findall(r'File "(.+?)", line (\d+), in (\S+)', str(exc))
-        mine = [f for f in frames if users(f[0])]
-        if not mine or "DataLoader worker" not in text:
-            return None
-        file, line, func = mine[-1][0], int(mine[-1][1]), mine[-1][2]
-        last = str(exc).strip().splitlines()[-1]
-        text = last.partition(": ")[2] if last.startswith(type(exc).__name__) else text
-    file = os.path.realpath(file)
-    specs = _USER_FILES.get(file) or [e for entries in _USER_FILES.values() for e in entries]
-    kinds = {w for w, _ in specs}
-    if isinstance(owner, nn.Module):
-        kind: str | None = "model"
-    elif isinstance(owner, (TorchDataset, IterableDataset)) or (found is None and "data" in kinds):
-        kind = "data"  # (a DataLoader worker runs the data's code only)
-    else:
-        by_name = [w for w, sp in specs if sp.rpartition(":")[2] == func]
-        kind = by_name[0] if by_name else (next(iter(kinds)) if len(kinds) == 1 else None)
-    named = [sp for w, sp in specs if w == kind]
-    who = f"your {kind} function {named[0]}" if named else "your code"
-    if owner is not None and not isinstance(owner, type):
-        func = f"{type(owner).__name__}.{func}"
-    return f"in {who}: {type(exc).__name__}: {text} ({Path(file).name}:{line}, in {func})"
-
-
-def load_callable(spec: Any, what: str) -> Callable[..., Any]:
-    """``"package.module:function"`` or ``"path/file.py:function"`` -> the function.
-
-    Import errors become one ``ValueError`` naming ``what`` (the setting), the
-    spec and the reason (with the file and line when the user's code raised).
-    """
-    if not isinstance(spec, str) or spec.count(":") < 1:
-        raise ValueError(f"Invalid {what} value: {spec!r} (expected module:function)")
-    module, _, attr = spec.rpartition(":")
-    if not module or not attr.isidentifier():
-        raise ValueError(f"Invalid {what} value: {spec!r} (expected module:function)")
-    try:
-        mod = _import_module(module, spec, what)
-    except ValueError:
-        raise
-    except ModuleNotFoundError as exc:
-        raise ValueError(
-            f"Invalid {what} value: {spec!r} (cannot import {module!r}: {exc}; run from the folder "
-            "that holds it, or install it)"
-        ) from exc
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's module raised (or exited) while importing
-        raise ValueError(
-            f"Invalid {what} value: {spec!r} (importing {module!r} raised "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{_where(exc)})"
-        ) from exc
-    fn = getattr(mod, attr, None)
-    if fn is None or not callable(fn):
-        raise ValueError(f"Invalid {what} value: {spec!r} ({module!r} has no function {attr!r})")
-    _remember_user_file(mod, what, spec)
-    return fn
-
-
-_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val")
-
-
-def _load_npz(path: Path) -> UserData:
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError("a single array, not an archive of named arrays")
-        with loaded as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "pickled" in reason:  # numpy's guess for any file that is not an archive
-            reason = "not an archive written by numpy.savez"
-        raise ValueError(
-            f"Invalid data value: {str(path)!r} is not a readable .npz ({reason})"
-        ) from exc
-    for key, array in arrays.items():
-        if array.dtype.kind not in "biuf":
-            raise ValueError(
-                f"Invalid data value: {str(path)!r} array {key} has dtype {array.dtype} "
-                "(needs numbers: bool, int or float)"
-            )
-    unknown = sorted(set(arrays) - set(_NPZ_KEYS))
-    missing = [k for k in ("x_train", "y_train") if k not in arrays]
-    if missing or unknown:
-        raise ValueError(
-            f"Invalid data value: {str(path)!r} (needs arrays x_train, y_train, optional x_test, "
-            f"y_test, x_val, y_val; {'missing ' + ', '.join(missing) if missing else 'unknown ' + ', '.join(unknown)})"
-        )
-    for a, b in (("x_test", "y_test"), ("x_val", "y_val")):
-        if (a in arrays) != (b in arrays):
-            raise ValueError(
-                f"Invalid data value: {str(path)!r} has {a if a in arrays else b} alone"
-            )
-    pair = lambda s: (arrays[f"x_{s}"], arrays[f"y_{s}"]) if f"x_{s}" in arrays else None  # noqa: E731
-    return UserData(name=path.name, train=pair("train"), val=pair("val"), test=pair("test"))
-
-
-def _as_user_data(name: str, out: Any) -> UserData:
-    if isinstance(out, UserData):
-        return out
-    if isinstance(out, dict):
-        unknown = sorted(set(out) - {"train", "val", "test"})
-        if unknown or "train" not in out:
-            raise ValueError(
-                f"Invalid data value: {name!r} returned a dict with keys {sorted(out)} "
-                "(expected train, and optional val, test)"
-            )
-        return UserData(name, out["train"], out.get("val"), out.get("test"))
-    # (train, test) or (train, val, test) of datasets or (x, y) pairs; a bare (x, y)
-    # pair of arrays is ambiguous with (train, test), so it is refused
-    if (
-        isinstance(out, (tuple, list))
-        and len(out) in (2, 3)
-        and not any(torch.is_tensor(p) or isinstance(p, np.ndarray) for p in out)
-    ):
-        parts = list(out)
-        if len(parts) == 2:
-            return UserData(name, parts[0], None, parts[1])
-        return UserData(name, parts[0], parts[1], parts[2])
-    raise ValueError(
-        f"Invalid data value: {name!r} returned {type(out).__name__} (expected (train, test), "
-        "(train, val, test) or a dict with those keys)"
-    )
-
-
-def load_user_data(spec: Any) -> UserData:
-    """``path.npz`` or ``module:function`` (returning ``(train, test)``, ``(train, val,
-    test)`` or a dict with those keys) -> :class:`UserData`."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"Invalid data value: {spec!r} (a path.npz or module:function)")
-    if spec.endswith(".npz"):
-        path = Path(spec)
-        if not path.is_file():
-            raise ValueError(f"Invalid data value: {spec!r} is not a file")
-        return _load_npz(path)
-    fn = load_callable(spec, "data")
-    try:
-        out = fn()
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's loader raised (or exited)
-        raise ValueError(
-            f"Invalid data value: {spec!r} raised {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}{_where(exc)}"
-        ) from exc
-    return _as_user_data(spec, out)
-
-
 # ------------------------------------------------------------------ problem
 @dataclass
 class Data:
@@ -520,7 +133,7 @@ class Data:
 def first_sample(source: Any) -> tuple[Any, Any]:
     """The first ``(x, y)`` of a training source; ValueError when it is not a pair
     or holds strings or objects where numbers belong."""
-    kind = _kind(source)
+    kind = source_kind(source)
     if kind == "map":
         item = source[0]
     else:
@@ -539,7 +152,7 @@ def first_sample(source: Any) -> tuple[Any, Any]:
     return x, y
 
 
-def _default_loss(task: str, label_smoothing: float) -> Callable[[Tensor, Tensor], Tensor]:
+def default_loss(task: str, label_smoothing: float) -> Callable[[Tensor, Tensor], Tensor]:
     if task == "classification":
 
         def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
@@ -582,7 +195,7 @@ class Problem:
         if config.loss is not None:
             self.loss_fn = per_sample_loss(config.loss)
         else:
-            self.loss_fn = _default_loss(task, config.train.label_smoothing)
+            self.loss_fn = default_loss(task, config.train.label_smoothing)
         if config.metrics is not None:
             self.metrics = dict(config.metrics)
         elif task == "classification":
@@ -737,3 +350,6 @@ def cfg_load_builtin(cfg: Any, seed: int) -> Any:
         val_fraction=cfg.val_fraction,
         train_size=cfg.train_size,
     )
+
+
+_default_loss = default_loss  # its name before 0.3

@@ -29,7 +29,9 @@ problem's data for a number of epochs, streaming batches from DataLoaders:
   (:mod:`samkit.experiments.checkpoint`) for the sharpness instruments.
 
 Call :func:`seed_everything` before building the model so that its
-initialisation is reproducible too.
+initialisation is reproducible too. The batches and :func:`evaluate` live in
+:mod:`~samkit.experiments.batches`, the training-state file in
+:mod:`~samkit.experiments.trainstate` (both re-exported here).
 """
 
 from __future__ import annotations
@@ -49,16 +51,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
 
 from .._atomic import append_line, finite, write_text_atomic
-from .checkpoint import atomic_torch_save, save_checkpoint
+from .batches import eval_batches, evaluate, steps_per_epoch, to_device, train_batches
+from .checkpoint import save_checkpoint
 from .engine.core import fault_point
-from .problem import accuracy, batch_indexable
+from .problem import accuracy, default_loss
 from .registry import Amp, Method
 from .settings import TrainConfig
+from .trainstate import ResumeError, _set_rng_state, load_state, save_state
+from .userdata import source_kind
 
 __all__ = [
     "TrainConfig",
@@ -79,10 +82,6 @@ __all__ = [
 
 Callback = Callable[[dict[str, Any]], None]
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-class ResumeError(ValueError):
-    """A training-state file that cannot be resumed from."""
 
 
 def seed_everything(seed: int) -> None:
@@ -160,226 +159,8 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
 
 
-# ------------------------------------------------------------------ batches
-def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    # drop the last partial batch: every step then has the same size (and cost)
-    return [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [perm]
-
-
-def _kind(source: Any) -> str:
-    if isinstance(source, IterableDataset):
-        return "iterable"
-    if isinstance(source, torch.utils.data.Dataset):
-        return "map"
-    return "factory"
-
-
-def _pair(item: Any) -> tuple[Any, Tensor]:
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise ValueError(
-            f"Invalid batch value: each batch must be a pair (x, y), got {type(item).__name__}"
-        )
-    x, y = item
-    if not torch.is_tensor(y):
-        y = torch.as_tensor(np.asarray(y))
-    if not torch.is_tensor(x) and isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    return x, y
-
-
-def _loader_kwargs(num_workers: int, pin: bool, seed: int) -> dict[str, Any]:
-    # An explicit generator: the loader then never draws from torch's global RNG
-    # (dropout's), and worker RNGs (random augmentations) follow the run's seed and epoch.
-    return {
-        "num_workers": num_workers,
-        "pin_memory": pin,
-        "generator": torch.Generator().manual_seed(seed),
-    }
-
-
-def train_batches(
-    source: Any,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    *,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-) -> Iterator[tuple[Any, Tensor, Tensor]]:
-    """``(x, y, idx)`` for one epoch; the order depends on ``(seed, epoch)`` only."""
-    kind = _kind(source)
-    kw = _loader_kwargs(num_workers, pin_memory, seed * 100_003 + epoch)
-    if kind == "map":
-        batches = _batches(len(source), batch_size, seed, epoch)
-        if batch_indexable(source) and num_workers == 0 and not pin_memory:
-            # in-memory tensors, no workers: a DataLoader would only add its per-batch cost
-            loader: Any = (source[idx] for idx in batches)
-        elif batch_indexable(source):
-            loader = DataLoader(source, sampler=batches, batch_size=None, **kw)
-        else:
-            loader = DataLoader(source, batch_sampler=[b.tolist() for b in batches], **kw)
-        for item, idx in zip(loader, batches):
-            x, y = _pair(item)
-            yield x, y, idx
-        return
-    if kind == "iterable":
-        if callable(getattr(source, "set_epoch", None)):
-            source.set_epoch(epoch)
-        it: Any = DataLoader(source, batch_size=batch_size, drop_last=True, **kw)
-    else:
-        it = source(seed=seed, epoch=epoch)
-    start = 0
-    for item in it:
-        x, y = _pair(item)
-        idx = torch.arange(start, start + y.shape[0])
-        start += y.shape[0]
-        yield x, y, idx
-
-
-def eval_batches(
-    source: Any, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False
-) -> Iterator[tuple[Any, Tensor]]:
-    """The whole split in order, ``batch_size`` samples at a time."""
-    kw = _loader_kwargs(num_workers, pin_memory, 0)
-    if _kind(source) == "map":
-        n = len(source)
-        if batch_indexable(source):
-            chunks = [torch.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-            if num_workers == 0 and not pin_memory:
-                loader: Any = (source[c] for c in chunks)
-            else:
-                loader = DataLoader(source, sampler=chunks, batch_size=None, **kw)
-        else:
-            loader = DataLoader(source, batch_size=batch_size, shuffle=False, **kw)
-    elif _kind(source) == "iterable":
-        loader = DataLoader(source, batch_size=batch_size, **kw)
-    else:  # a factory: its own batches, in its epoch-0 order (the order does not matter here)
-        loader = source(seed=0, epoch=0)
-    for item in loader:
-        yield _pair(item)
-
-
-def steps_per_epoch(source: Any, batch_size: int, seed: int = 0) -> int:
-    """Steps in one epoch: exact for map-style data, else counted on epoch 0."""
-    if _kind(source) == "map":
-        return len(_batches(len(source), batch_size, seed, 0))
-    if _kind(source) == "iterable":
-        with contextlib.suppress(TypeError):
-            return max(1, len(DataLoader(source, batch_size=batch_size, drop_last=True)))
-    return max(1, sum(1 for _ in train_batches(source, batch_size, seed, 0)))
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if torch.is_tensor(x):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-
-
-def _default_loss(label_smoothing: float) -> LossFn:
-    def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(output, target, reduction="none", label_smoothing=label_smoothing)
-
-    return cross_entropy
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    source: Any,
-    loss_fn: LossFn | None = None,
-    metrics: dict[str, Callable[..., Any]] | None = None,
-    *,
-    batch_size: int = 2000,
-    device: torch.device | str | None = None,
-    amp: Amp | None = None,
-    num_workers: int = 0,
-) -> dict[str, float]:
-    """Mean loss and metrics of ``model`` on ``source`` (eval mode).
-
-    Metrics are means over the samples: each batch's value is weighted by its
-    size. Default: cross-entropy and accuracy (``acc``). An empty or missing
-    split gives NaN.
-    """
-    loss_fn = loss_fn or _default_loss(0.0)
-    metrics = {"acc": accuracy} if metrics is None else metrics
-    out: dict[str, float] = {"loss": float("nan"), **{k: float("nan") for k in metrics}}
-    if source is None:
-        return out
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in ("loss", *metrics)}
-    n = 0
-    try:
-        for x, y in eval_batches(source, batch_size, num_workers=num_workers):
-            x, y = _to(x, dev), _to(y, dev)
-            if amp is not None:
-                with torch.autocast(amp.device_type, dtype=amp.dtype):
-                    output = model(x)
-                output = output.float()
-            else:
-                output = model(x)
-            b = int(y.shape[0])
-            losses = loss_fn(output, y).double()
-            sums["loss"] += losses.sum() if losses.dim() == 1 else losses * b
-            for k, fn in metrics.items():
-                v = fn(output, y)
-                sums[k] += (v.double() if torch.is_tensor(v) else float(v)) * b
-            n += b
-    finally:
-        model.train(was_training)
-    if n == 0:
-        return out
-    return {k: float(v) / n for k, v in sums.items()}
-
-
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     append_line(path, json.dumps(finite(record), allow_nan=False))
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-_STATE_KEYS = ("model", "method", "history", "train_time", "best", "bad_epochs")
-
-
-def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check a training-state file; :class:`ResumeError` if it cannot be resumed."""
-    hint = "delete it to restart this run from its first epoch"
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user error
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ResumeError(
-            f"Invalid training state: {str(path)!r} cannot be read ({reason[:200]}); {hint}"
-        ) from exc
-    if not isinstance(st, dict) or any(k not in st for k in _STATE_KEYS):
-        raise ResumeError(f"Invalid training state: {str(path)!r} is incomplete; {hint}")
-    if (
-        not isinstance(st["history"], list)
-        or not all(isinstance(r, dict) for r in st["history"])
-        or not isinstance(st["best"], (list, tuple))
-        or len(st["best"]) != 3
-    ):
-        raise ResumeError(f"Invalid training state: {str(path)!r} is malformed; {hint}")
-    return st
 
 
 def train(
@@ -437,7 +218,7 @@ def train(
         raise ValueError(
             "Invalid early_stopping value: early stopping needs a validation split (val_fraction > 0)"
         )
-    if data.val is not None and _kind(data.val) == "map" and len(data.val) == 0:
+    if data.val is not None and source_kind(data.val) == "map" and len(data.val) == 0:
         if config.early_stopping is not None:
             raise ValueError(
                 "Invalid early_stopping value: early stopping needs a validation split "
@@ -445,7 +226,7 @@ def train(
             )
     if checkpoint_path is not None and model_spec is None:
         raise ValueError("Invalid model_spec value: None (needed to write a checkpoint)")
-    loss_fn = loss_fn or _default_loss(config.label_smoothing)
+    loss_fn = loss_fn or default_loss("classification", config.label_smoothing)
     metrics = {"acc": accuracy} if metrics is None else dict(metrics)
     primary = next(iter(metrics))
     if maximize is None:
@@ -461,7 +242,7 @@ def train(
     pin = dev.type == "cuda"
     val_source = (
         data.val
-        if data.val is not None and (_kind(data.val) != "map" or len(data.val) > 0)
+        if data.val is not None and (source_kind(data.val) != "map" or len(data.val) > 0)
         else None
     )
 
@@ -550,7 +331,9 @@ def train(
                     f = lr_factor(step, total, config.schedule, warmup)
                     for g, lr in zip(method.optimizer.param_groups, base_lrs):
                         g["lr"] = lr * f
-                    loss_sum += method.step(model, _to(x, dev), _to(y, dev), idx, loss_fn).double()
+                    loss_sum += method.step(
+                        model, to_device(x, dev), to_device(y, dev), idx, loss_fn
+                    ).double()
                     step += 1
                     n_batches += 1
                 if n_batches == 0:
@@ -614,19 +397,17 @@ def train(
                     if bad_epochs >= config.early_stopping:
                         stopped = True
                 if state_path is not None:
-                    atomic_torch_save(
-                        {
-                            "model": model.state_dict(),
-                            "method": method.state_dict(),
-                            "history": history,
-                            "train_time": train_time,
-                            "best": list(best),
-                            "bad_epochs": bad_epochs,
-                            "stopped": stopped,
-                            "diverged": diverged,
-                            "rng": _rng_state(dev),
-                        },
+                    save_state(
                         state_path,
+                        model,
+                        method,
+                        history=history,
+                        train_time=train_time,
+                        best=best,
+                        bad_epochs=bad_epochs,
+                        stopped=stopped,
+                        diverged=diverged,
+                        device=dev,
                     )
                     fault_point(Path(state_path).name, record["epoch"])
                 # callbacks see the record once its state is safe (an Optuna pruner may raise)

@@ -17,14 +17,15 @@ reproducible run to run (a grid search is: it runs the same points). With
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TuneTrial", "run_parallel"]
+from .engine import Cell, make_executor
+from .tune_search import OpenTune
+from .tune_trial import STUDY_NAME, suggest, trial_line, trial_value
 
-STUDY_NAME = "samkit-tune"
+__all__ = ["TuneTrial", "run_parallel"]
 
 
 @dataclass
@@ -46,8 +47,6 @@ class TuneTrial:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        from .tuning import OpenTune
-
         key = "tune:" + self.journal
         problem = ctx.cache.get(key)
         if problem is None:
@@ -60,27 +59,13 @@ class TuneTrial:
         )
         trial = optuna.Trial(study, self.trial_id)
         search = OpenTune(self.config, self.spec, self.base, folder, problem, 0)
-        metric, epochs = problem.primary, self.config.train.epochs
-        scores = []
-        for s_i, seed in enumerate(self.config.seeds):
-
-            def report(rec: dict[str, Any], s_i: int = s_i) -> None:
-                value = rec.get(f"val_{metric}")
-                if value is None or not math.isfinite(value):
-                    return
-                trial.report(value, s_i * epochs + rec["epoch"])
-                if s_i == 0 and trial.should_prune():
-                    raise optuna.TrialPruned()
-
-            try:
-                res = search._train_seed(seed, self.rho, self.lr, [report])
-            except optuna.TrialPruned:
-                return {"state": "pruned"}
-            value = res.final.get(f"val_{metric}")
-            if res.diverged or value is None or not math.isfinite(value):
-                return {"state": "pruned", "diverged": True}
-            scores.append(value)
-        return {"state": "complete", "value": sum(scores) / len(scores)}
+        try:
+            value = trial_value(search, trial, self.rho, self.lr)
+        except optuna.TrialPruned:
+            return {"state": "pruned"}
+        if value is None:
+            return {"state": "pruned", "diverged": True}
+        return {"state": "complete", "value": value}
 
 
 def _tell(ostudy: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
@@ -101,13 +86,8 @@ def run_parallel(
     import optuna
     from optuna.trial import TrialState
 
-    from .engine import Cell, make_executor
-    from .tuning import _shown
-
     executor = make_executor(jobs, threads)
     spec, cfg = search.spec, search.config
-    lo, hi = spec.range()
-    metric = search.problem.primary
     journal = str(search.out / "optuna-journal.log")
     trials: dict[int, Any] = {}
     asked = 0
@@ -116,16 +96,7 @@ def run_parallel(
         while asked < remaining or executor.running():
             while asked < remaining and executor.free():
                 trial = ostudy.ask()
-                rho = (
-                    trial.suggest_categorical("rho", spec.grid)
-                    if spec.grid
-                    else trial.suggest_float("rho", lo, hi, log=True)
-                )
-                lr = (
-                    trial.suggest_float("lr", search.base.lr / 10, search.base.lr * 10, log=True)
-                    if spec.tune_lr
-                    else search.base.lr
-                )
+                rho, lr = suggest(trial, search)
                 task = TuneTrial(
                     cfg,
                     spec,
@@ -165,16 +136,12 @@ def run_parallel(
                 if out["state"] == "complete":
                     _tell(ostudy, trial, out["value"])
                     if log:
-                        lr_txt = f", lr {lr:.3g}" if spec.tune_lr else ""
-                        log(
-                            f"  trial {trial.number}: rho {rho:.4g}{lr_txt} -> validation "
-                            f"{metric} {_shown(out['value'], metric)}"
-                        )
+                        log(trial_line(search, trial.number, rho, lr, out["value"]))
                 else:
                     if out.get("diverged"):
                         trial.set_user_attr("diverged", True)
                         if log:
-                            log(f"  trial {trial.number}: rho {rho:.4g} diverged (pruned)")
+                            log(trial_line(search, trial.number, rho, lr, None))
                     _tell(ostudy, trial, state=TrialState.PRUNED)
     except BaseException:
         executor.stop()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -31,13 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import settings as st
 from .folder import describe_differences, differences, run_folder, study_folder
 from .problem import Problem
 from .registry import MethodInfo, build_method, method_info
 from .settings import MethodSpec, StudyConfig, check_float, check_int
+from .tune_search import OpenTune, TuneResult
 
 __all__ = ["tune", "TuneResult", "TuneSpec", "open_tune", "QUICK"]
 
@@ -118,411 +116,6 @@ class TuneSpec:
         return len(self.grid) if self.grid else (self.trials or (6 if quick else 20))
 
 
-@dataclass
-class TuneResult:
-    """What :func:`tune` returns."""
-
-    out: Path
-    summary: dict[str, Any]
-
-    @property
-    def best(self) -> dict[str, Any]:
-        return self.summary["best"]
-
-    @property
-    def trials(self) -> list[dict[str, Any]]:
-        return self.summary["trials"]
-
-    @property
-    def results_path(self) -> Path:
-        return self.out / "tune.json"
-
-    @property
-    def report_path(self) -> Path:
-        return self.out / "report.html"
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.summary
-
-
-def _sampler_seed(seed: int, existing: int) -> int:
-    if existing == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, existing]).generate_state(1)[0])
-
-
-class OpenTune:
-    """A validated search holding its folder's lock."""
-
-    def __init__(
-        self,
-        config: StudyConfig,
-        spec: TuneSpec,
-        base: MethodSpec,
-        out: Path,
-        problem: Problem,
-        n_trials: int,
-    ) -> None:
-        self.config, self.spec, self.base, self.out = config, spec, base, out
-        self.problem, self.n_trials = problem, n_trials
-
-    def run(
-        self,
-        *,
-        log: Callable[[str], None] | None = None,
-        jobs: int | str = 1,
-        threads: int | None = None,
-        ray: str | None = None,
-    ) -> TuneResult:
-        """Run the remaining trials, ``jobs`` at once (:mod:`~samkit.experiments.tune_parallel`)."""
-        import optuna
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-        from optuna.trial import TrialState
-
-        from .report import write_report
-        from .study import write_json_atomic
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = JournalStorage(JournalFileBackend(str(self.out / "optuna-journal.log")))
-        direction = "maximize" if self.problem.maximize else "minimize"
-        probe = optuna.create_study(
-            study_name="samkit-tune", storage=storage, direction=direction, load_if_exists=True
-        )
-        existing = list(probe.trials)
-        # trials a killed process left RUNNING: mark them failed, and queue their values
-        # again; likewise the trials a Ctrl-C stopped (Optuna marked those failed itself).
-        # The redo points back at its trial, so each is queued once.
-        stuck = [t for t in existing if t.state == TrialState.RUNNING]
-        redone = {t.user_attrs.get("redo_of") for t in existing}
-        cut = [
-            t
-            for t in existing
-            if t.state == TrialState.FAIL
-            and t.user_attrs.get("interrupted")
-            and t.number not in redone
-        ]
-        for t in stuck:
-            probe.tell(t.number, state=TrialState.FAIL)
-        for t in stuck + cut:
-            if t.params:
-                probe.enqueue_trial(
-                    dict(t.params), user_attrs={"redo_of": t.number}, skip_if_exists=False
-                )
-        stuck += cut
-        seed = _sampler_seed(self.spec.sampler_seed, len(existing))
-        if self.spec.grid:
-            # the grid's order (its shuffle) must stay that of the first run: its trials
-            # are stored by their place in it, so a reseeded grid would map a finished
-            # trial to another rho and run a value twice and another never
-            sampler: Any = optuna.samplers.GridSampler(
-                {"rho": self.spec.grid}, seed=self.spec.sampler_seed
-            )
-        else:
-            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, self.n_trials))
-        ostudy = optuna.create_study(
-            study_name="samkit-tune",
-            storage=storage,
-            sampler=sampler,
-            direction=direction,
-            load_if_exists=True,
-            pruner=optuna.pruners.MedianPruner(
-                n_startup_trials=5, n_warmup_steps=self.config.train.epochs // 2
-            ),
-        )
-        done = [t for t in ostudy.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-        remaining = max(0, self.n_trials - len(done))
-        if log:
-            c = self.config
-            log(
-                f"samkit tune: {self.spec.method} on {c.dataset} / {c.model}, {len(c.seeds)} "
-                f"seed(s), {c.train.epochs} epochs, {self.n_trials} trials ({len(done)} done "
-                f"before{', ' + str(len(stuck)) + ' interrupted, queued again' if stuck else ''}) "
-                f"-> {self.out}"
-            )
-        if remaining:
-            # a trial that raises is reported by samkit itself (a Ctrl-C as one line):
-            # Optuna's own warning with the traceback would come first
-            optuna.logging.set_verbosity(optuna.logging.ERROR)
-            if ray is not None:
-                raise ValueError(
-                    f"Invalid ray value: {ray!r} (samkit tune runs its trials on this machine; "
-                    "use --jobs)"
-                )
-            if jobs != 1 or threads is not None:
-                from .tune_parallel import run_parallel
-
-                run_parallel(self, ostudy, remaining, jobs, threads, log)
-            else:
-                try:
-                    ostudy.optimize(self._objective(log), n_trials=remaining, catch=())
-                finally:
-                    optuna.logging.set_verbosity(optuna.logging.WARNING)
-        summary = self._summarize(ostudy)
-        if self.spec.auto:
-            summary["auto"] = [self._run_auto(name, log) for name in self.spec.auto]
-        write_json_atomic(self.out / "tune.json", summary)
-        metric = self.problem.primary
-        pct = metric in ("acc", "accuracy")
-        best = summary["best"]
-        shown = f"{100 * best['value']:.2f} %" if pct else f"{best['value']:.4g}"
-        write_report(
-            self.out / "report.html",
-            title=f"samkit tune: {self.spec.method} on {self.config.dataset} / {self.config.model}",
-            rows=[],
-            records=[],
-            histories={},
-            settings={k: v for k, v in self.config.to_dict().items() if k != "methods"}
-            | {"method": self.base.to_dict()},
-            tune=summary,
-            notes=[f"Recommended rho = {best['rho']:.4g} (validation {metric} {shown})."]
-            + [auto_note(a, best, pct) for a in summary.get("auto", [])],
-        )
-        return TuneResult(self.out, summary)
-
-    def _train_seed(
-        self,
-        seed: int,
-        rho: float | str,
-        lr: float,
-        callbacks: list[Callable[[dict[str, Any]], None]],
-        state_path: Path | None = None,
-    ) -> Any:
-        """Train the method once on ``seed`` (the same data, model and schedule for every rho)."""
-        from .trainer import resolve_device, seed_everything, steps_per_epoch, train
-
-        cfg, problem = self.config, self.problem
-        data = problem.load(seed)
-        seed_everything(seed)
-        model = problem.build_model(data)
-        n_steps = steps_per_epoch(data.train, cfg.train.batch_size, seed)
-        tspec = self.base.train_spec(
-            total_steps=n_steps * cfg.train.epochs,
-            steps_per_epoch=n_steps,
-            epochs=cfg.train.epochs,
-        ).replace(lr=lr)
-        method = build_method(self.spec.method, model, tspec, rho=rho)
-        return train(
-            model,
-            method,
-            data,
-            cfg.train,
-            seed=seed,
-            loss_fn=problem.loss_fn,
-            metrics=problem.metrics,
-            maximize=problem.maximize,
-            device=resolve_device(cfg.device),
-            num_workers=cfg.num_workers,
-            callbacks=callbacks,
-            progress=False,
-            epoch_steps=n_steps,
-            state_path=state_path,
-        )
-
-    def _run_auto(self, name: str, log: Callable[[str], None] | None) -> dict[str, Any]:
-        """Train the method with ``rho=name`` on every seed, beside the search.
-
-        Each seed's result is kept in ``auto/`` (reused when the settings are
-        unchanged; an interrupted run resumes from its training state).
-        """
-        import json
-
-        from .trainer import finite
-
-        metric = self.problem.primary
-        folder = self.out / "auto"
-        folder.mkdir(exist_ok=True)
-        # what the stored runs were trained with, as it reads back from JSON
-        key = json.loads(
-            json.dumps(
-                finite(
-                    {"rho": name, "method": self.base.to_dict(), "settings": self.config.to_dict()}
-                )
-            )
-        )
-        from .engine import Cell, InProcess, run_cells
-
-        def describe(rec: dict[str, Any]) -> str:
-            shown = "diverged" if rec["value"] is None else _shown(rec["value"], metric)
-            rhos = [v for v in rec["rho_history"] if v is not None]
-            return f"validation {metric} {shown}, final rho {rhos[-1] if rhos else math.nan:.3g}"
-
-        cells = []
-        for seed in self.config.seeds:
-            stem = f"{name.replace(':', '-')}-seed{seed}"
-            task = AutoRun(self, name, seed, key)
-            cells.append(
-                Cell(f"rho={name} seed {seed}", folder, stem, key, task, (f"{stem}.state.pt",))
-            )
-            cells[-1].identity_field = "key"
-        executor = InProcess()
-        outcomes = run_cells(cells, executor=executor, log=log, describe=describe)
-        values, histories, diverged = [], [], False
-        for o in outcomes:
-            rec = o.record
-            assert rec is not None
-            if rec["value"] is None:
-                diverged = True
-            else:
-                values.append(rec["value"])
-            histories.append([v for v in rec["rho_history"] if v is not None])
-        finals = [h[-1] for h in histories if h]
-        return {
-            "rho": name,
-            "value": None if diverged else sum(values) / len(values),
-            "per_seed": values,
-            "final_rho": float(np.median(finals)) if finals else None,
-            "rho_history": histories,
-            **({"diverged": True} if diverged else {}),
-        }
-
-    def _objective(self, log: Callable[[str], None] | None) -> Callable[[Any], float]:
-        import optuna
-
-        cfg, spec, problem = self.config, self.spec, self.problem
-        lo, hi = spec.range()
-        metric = problem.primary
-
-        def objective(trial: optuna.Trial) -> float:
-            rho = (
-                trial.suggest_categorical("rho", spec.grid)
-                if spec.grid
-                else trial.suggest_float("rho", lo, hi, log=True)
-            )
-            lr = (
-                trial.suggest_float("lr", self.base.lr / 10, self.base.lr * 10, log=True)
-                if spec.tune_lr
-                else self.base.lr
-            )
-            try:
-                return trial_value(trial, rho, lr)
-            except KeyboardInterrupt:
-                # Optuna marks the trial failed; this tells the resumed search to redo it
-                trial.set_user_attr("interrupted", True)
-                raise
-
-        def trial_value(trial: optuna.Trial, rho: float, lr: float) -> float:
-            scores = []
-            for s_i, seed in enumerate(cfg.seeds):
-
-                def report(rec: dict[str, Any], s_i: int = s_i) -> None:
-                    value = rec.get(f"val_{metric}")
-                    if value is None or not math.isfinite(value):  # an epoch without evaluation
-                        return
-                    trial.report(value, s_i * cfg.train.epochs + rec["epoch"])
-                    if s_i == 0 and trial.should_prune():
-                        raise optuna.TrialPruned()
-
-                res = self._train_seed(seed, rho, lr, [report])
-                value = res.final.get(f"val_{metric}")
-                if res.diverged or value is None or not math.isfinite(value):
-                    trial.set_user_attr("diverged", True)
-                    if log:
-                        log(f"  trial {trial.number}: rho {rho:.4g} diverged (pruned)")
-                    raise optuna.TrialPruned()
-                scores.append(value)
-            value = sum(scores) / len(scores)
-            if log:
-                lr_txt = f", lr {lr:.3g}" if spec.tune_lr else ""
-                shown = f"{100 * value:.2f} %" if metric in ("acc", "accuracy") else f"{value:.4g}"
-                log(f"  trial {trial.number}: rho {rho:.4g}{lr_txt} -> validation {metric} {shown}")
-            return value
-
-        return objective
-
-    def _summarize(self, ostudy: Any) -> dict[str, Any]:
-        from optuna.trial import TrialState
-
-        redone = {t.user_attrs.get("redo_of") for t in ostudy.trials}
-        trials = [
-            {
-                "number": t.number,
-                "params": dict(t.params),
-                "value": t.value,
-                "state": t.state.name,
-                **({"diverged": True} if t.user_attrs.get("diverged") else {}),
-                # interrupted (Ctrl-C or killed), and tried again as a later trial
-                **({"redone": True} if t.number in redone else {}),
-            }
-            for t in ostudy.trials
-        ]
-        complete = [t for t in ostudy.trials if t.state == TrialState.COMPLETE]
-        if not complete:
-            raise ValueError(
-                "Invalid trials value: no trial completed (all pruned, diverged or failed); "
-                "try more epochs, a smaller lr or another --rho-range"
-            )
-        sign = 1.0 if self.problem.maximize else -1.0
-        top = max(sign * t.value for t in complete)
-        pct = self.problem.primary in ("acc", "accuracy")
-        tol = 1e-3 if pct else 1e-3 * max(1.0, abs(top))
-        near = [t for t in complete if sign * t.value >= top - tol]
-        best_t = min(near, key=lambda t: (t.params["rho"], -sign * t.value))
-        best = {
-            "rho": best_t.params["rho"],
-            "value": best_t.value,
-            "trial": best_t.number,
-        }
-        if pct:
-            best["val_acc"] = best_t.value
-        if self.spec.tune_lr:
-            best["lr"] = best_t.params["lr"]
-        return {
-            "format": "samkit-tune",
-            "version": 2,
-            "method": self.spec.method,
-            "metric": self.problem.primary,
-            "maximize": self.problem.maximize,
-            "base": self.base.base,
-            "lr": self.base.lr,
-            "settings": self.config.to_dict(),
-            "trials": trials,
-            "best": best,
-        }
-
-
-@dataclass
-class AutoRun:
-    """One seed of a self-tuning radius trained beside the search (an engine task)."""
-
-    search: OpenTune
-    name: str
-    seed: int
-    key: Any
-
-    def __call__(self, folder: Path, ctx: Any) -> dict[str, Any]:
-        metric = self.search.problem.primary
-        stem = f"{self.name.replace(':', '-')}-seed{self.seed}"
-        res = self.search._train_seed(
-            self.seed, self.name, self.search.base.lr, [], state_path=folder / f"{stem}.state.pt"
-        )
-        value = res.final.get(f"val_{metric}")
-        ok = not res.diverged and value is not None and math.isfinite(value)
-        return {
-            "key": self.key,
-            "value": value if ok else None,
-            "test": res.final.get(f"test_{metric}"),
-            "rho_history": [h.get("rho") for h in res.history],
-        }
-
-
-def _shown(value: float, metric: str) -> str:
-    return f"{100 * value:.2f} %" if metric in ("acc", "accuracy") else f"{value:.4g}"
-
-
-def auto_note(auto: dict[str, Any], best: dict[str, Any], pct: bool) -> str:
-    """One sentence: a self-tuning rho against the search's recommendation, on validation."""
-    if auto.get("value") is None:
-        return f"rho = {auto['rho']}: diverged on at least one seed."
-    scale, unit = (100.0, " points") if pct else (1.0, "")
-    diff = scale * (auto["value"] - best["value"])
-    return (
-        f"rho = {auto['rho']}: validation {scale * auto['value']:.4g} "
-        f"({diff:+.2f}{unit} against the recommended rho {best['rho']:.4g}), "
-        f"final rho {auto['final_rho']:.3g} (median over seeds), in one training per seed."
-    )
-
-
 @contextlib.contextmanager
 def open_tune(
     config: StudyConfig,
@@ -540,7 +133,7 @@ def open_tune(
         raise ValueError(
             "Invalid method value: samkit tune needs optuna (pip install 'samkit[tune]')"
         ) from exc
-    from .study import check_study
+    from .study_checks import check_study
 
     base = MethodSpec(method=spec.method, base=spec.base or "", lr=lr, weight_decay=weight_decay)
     config.methods = [base]
@@ -567,9 +160,11 @@ def _claim_folder(path: Path, config: StudyConfig, spec: TuneSpec, base: MethodS
     them under other ones (another method, lr, epochs, data) would report old
     trials as new ones.
     """
-    from .study import _normalise, _run_config, write_json_atomic
+    from .engine import normalise
+    from .runfiles import write_json_atomic
+    from .study import _run_config
 
-    identity = _normalise(
+    identity = normalise(
         {
             "runs": [_run_config(config, base, seed) for seed in config.seeds],
             "search": {

@@ -23,6 +23,7 @@ __all__ = [
     "fault_point",
     "finished",
     "normalise",
+    "read_record",
     "run_cells",
 ]
 
@@ -42,16 +43,22 @@ def normalise(obj: Any) -> Any:
     return json.loads(json.dumps(finite(obj)))
 
 
-def finished(path: Path, identity: Any, field: str = "config") -> dict[str, Any] | None:
-    """The record in ``path`` if it exists, parses and was made with ``identity``
-    (its ``field``); else None."""
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The run record (a JSON object) in ``path``; None when it is absent or unreadable."""
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if isinstance(record, dict) and record.get(field) == normalise(identity):
+    return record if isinstance(record, dict) else None
+
+
+def finished(path: Path, identity: Any, field: str = "config") -> dict[str, Any] | None:
+    """The record in ``path`` if it exists, parses and was made with ``identity``
+    (its ``field``); else None."""
+    record = read_record(path)
+    if record is not None and record.get(field) == normalise(identity):
         return record
     return None
 
@@ -396,7 +403,7 @@ def user_modules() -> list[tuple[str, str]]:
     A worker imports them (under the same names) before it reads a task, so
     the task's functions resolve there as they do here.
     """
-    from ..problem import _USER_FILES
+    from ..userdata import _USER_FILES
 
     out = []
     for name, mod in list(sys.modules.items()):

@@ -1,0 +1,94 @@
+"""A run's training state: the file that lets an interrupted run continue with the same numbers.
+
+Written atomically after every epoch by :func:`~samkit.experiments.trainer.train`
+(:func:`save_state`): the model, the method, the history, the early-stopping
+bookkeeping, whether the run already stopped or diverged, and the RNG states.
+:func:`load_state` reads and checks one (:class:`ResumeError` if it cannot be
+resumed from).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_torch_save
+from .registry import Method
+
+__all__ = ["ResumeError", "load_state", "save_state"]
+
+
+class ResumeError(ValueError):
+    """A training-state file that cannot be resumed from."""
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+_STATE_KEYS = ("model", "method", "history", "train_time", "best", "bad_epochs")
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a training-state file; :class:`ResumeError` if it cannot be resumed."""
+    hint = "delete it to restart this run from its first epoch"
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user error
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ResumeError(
+            f"Invalid training state: {str(path)!r} cannot be read ({reason[:200]}); {hint}"
+        ) from exc
+    if not isinstance(st, dict) or any(k not in st for k in _STATE_KEYS):
+        raise ResumeError(f"Invalid training state: {str(path)!r} is incomplete; {hint}")
+    if (
+        not isinstance(st["history"], list)
+        or not all(isinstance(r, dict) for r in st["history"])
+        or not isinstance(st["best"], (list, tuple))
+        or len(st["best"]) != 3
+    ):
+        raise ResumeError(f"Invalid training state: {str(path)!r} is malformed; {hint}")
+    return st
+
+
+def save_state(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    method: Method,
+    *,
+    history: list[dict[str, Any]],
+    train_time: float,
+    best: tuple[float, int, Any],
+    bad_epochs: int,
+    stopped: bool,
+    diverged: bool,
+    device: torch.device,
+) -> None:
+    """Write the training state to ``path`` atomically (read back by :func:`load_state`)."""
+    atomic_torch_save(
+        {
+            "model": model.state_dict(),
+            "method": method.state_dict(),
+            "history": history,
+            "train_time": train_time,
+            "best": list(best),
+            "bad_epochs": bad_epochs,
+            "stopped": stopped,
+            "diverged": diverged,
+            "rng": _rng_state(device),
+        },
+        path,
+    )
