@@ -35,7 +35,7 @@ from .folder import describe_differences, differences, run_folder, study_folder
 from .problem import Problem
 from .registry import MethodInfo, build_method, method_info
 from .settings import MethodSpec, StudyConfig, check_float, check_int
-from .tune_search import OpenTune, TuneResult
+from .tune_search import OpenTune, TuneResult, auto_note  # noqa: F401 - auto_note: the CLI
 
 __all__ = ["tune", "TuneResult", "TuneSpec", "open_tune", "QUICK"]
 
