@@ -27,19 +27,36 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import re
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._checks import is_number
 from .engine import finished, normalise
-from .settings import LIMITS, check_float, check_label, parse_method, plain, unused_rho
+from .settings import (
+    LIMITS,
+    check_device,
+    check_float,
+    check_label,
+    execution,
+    merge,
+    parse_method,
+    plain,
+    unused_rho,
+)
 from .stats import paired_verdicts, stats
+from .types import MethodDef
 
 __all__ = [
     "MethodDef",
+    "RENAMED",
+    "current_name",
+    "accept_renamed",
     "Variant",
     "variants",
     "seed_list",
@@ -51,24 +68,60 @@ __all__ = [
     "check_names",
     "open_study",
     "run_cells",
+    "run_study",
+    "call_study",
+    "baseline_and_device",
+    "check_device_works",
+    "summary_row",
+    "cost_ratio",
+    "paired_by_seed",
     "StudyResult",
 ]
 
 
-@dataclass(frozen=True)
-class MethodDef:
-    """A method of a study: one line of description and its options with their defaults.
+#: Method names renamed since 0.2 (old -> new). The old name is still accepted,
+#: with a FutureWarning; its runs keep their label, and a run folder written under
+#: the old name is reused (:func:`accept_renamed`).
+RENAMED = {"everyk": "sam_every_k"}
 
-    ``rho_scale``: ``--rho r`` gives the method ``rho = rho_scale * r`` (ASAM: 10).
-    """
 
-    description: str
-    defaults: dict[str, Any] = field(default_factory=dict)
-    rho_scale: float = 1.0
+def current_name(method: str) -> str:
+    """``method``'s name now (a FutureWarning naming the new one for a renamed method)."""
+    new = RENAMED.get(method)
+    if new is None:
+        return method
+    warnings.warn(
+        f"method {method!r} is now called {new!r} (the old name still works, for now)",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return new
 
-    @property
-    def uses_rho(self) -> bool:
-        return "rho" in self.defaults
+
+def accept_renamed(path: Path, identity: Any) -> None:
+    """Reuse a run written under a method's old name: when the record in ``path``
+    was made with ``identity`` but for the old name (``everyk`` for ``sam_every_k``),
+    its identity and method are rewritten to the new name, so that the run counts
+    as finished (:func:`finished`) instead of training again."""
+    if not path.is_file():
+        return
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    stored = record.get("config") if isinstance(record, dict) else None
+    method = stored.get("method") if isinstance(stored, dict) else None
+    if not isinstance(method, dict) or method.get("method") not in RENAMED:
+        return
+    renamed = {**stored, "method": {**method, "method": RENAMED[method["method"]]}}
+    if renamed != normalise(identity):
+        return
+    record["config"] = renamed
+    if record.get("method") in RENAMED:
+        record["method"] = RENAMED[record["method"]]
+    from .study import write_json_atomic
+
+    write_json_atomic(path, record)
 
 
 @dataclass(frozen=True)
@@ -78,6 +131,10 @@ class Variant:
     label: str
     method: str
     options: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.method in RENAMED:  # Variant(label, "everyk", ...) built by hand
+            object.__setattr__(self, "method", current_name(self.method))
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "method": self.method, "options": dict(self.options)}
@@ -128,7 +185,9 @@ def variants(
     rho_used = False
     for token in expanded:
         entry = parse_method(token)
-        name = entry.pop("method")
+        name = written = entry.pop("method")
+        if name not in registry and RENAMED.get(name) in registry:
+            name = current_name(written)
         if name not in registry:
             raise ValueError(f"Invalid method value: {name!r} (choose from {', '.join(registry)})")
         info = registry[name]
@@ -145,7 +204,7 @@ def variants(
         if info.uses_rho and "rho" not in options and rho_values:
             rho_used = True
             for r in rho_values:
-                lab = label or name
+                lab = label or written
                 if len(rho_values) > 1:
                     lab = f"{lab}(rho={info.rho_scale * r:g})"
                 out.append(
@@ -156,7 +215,7 @@ def variants(
                     )
                 )
         else:
-            out.append(Variant(check_label(label or name), name, {**info.defaults, **options}))
+            out.append(Variant(check_label(label or written), name, {**info.defaults, **options}))
     if rho_values and not rho_used:
         raise ValueError(unused_rho(rho_values, sorted({v.method for v in out})))
     labels = [v.label for v in out]
@@ -244,11 +303,16 @@ def default_out(prefix: str, settings: dict[str, Any], *parts: str) -> Path:
 
 
 @contextlib.contextmanager
-def open_study(folder: Path, check: Callable[[Path], None]) -> Iterator[Path]:
-    """Lock ``folder`` and run ``check(folder)`` (a ValueError before any training), then yield it."""
-    from .folder import study_folder
+def open_study(
+    out: str | os.PathLike[str] | None,
+    default: Callable[[], Path],
+    check: Callable[[Path], None],
+) -> Iterator[Path]:
+    """Lock the run folder (``out``, else ``default()``) and run ``check(folder)``
+    (a ValueError before any training), then yield it."""
+    from .folder import run_folder, study_folder
 
-    with study_folder(folder) as locked:
+    with study_folder(run_folder(out, default)) as locked:
         check(locked)
         yield locked
 
@@ -291,6 +355,7 @@ def run_cells(
         if executor.threads is not None:
             wanted = {**wanted, "threads": executor.threads}
         wanted = normalise(wanted)
+        accept_renamed(folder / "runs" / condition / f"{key}.json", wanted)
         engine_cells.append(
             Cell(
                 f"{condition} {variant.label} seed {seed}",
@@ -306,6 +371,158 @@ def run_cells(
     )
     records = [o.record for o in outcomes if o.record is not None]
     return records, sum(o.executed and o.record is not None for o in outcomes)
+
+
+def baseline_and_device(s: dict[str, Any], labels: list[str], preferred: str) -> tuple[str, str]:
+    """The checked ``baseline`` (default: ``preferred`` when it is a label, else the
+    first label) and ``device`` of merged settings; the ``out`` setting checked too."""
+    baseline = s["baseline"]
+    if baseline is None:
+        baseline = preferred if preferred in labels else labels[0]
+    elif baseline not in labels:
+        raise ValueError(
+            f"Invalid baseline value: {baseline!r} (one of the labels: {', '.join(labels)})"
+        )
+    device = check_device(s["device"])
+    if s.get("out") is not None and (not isinstance(s["out"], str) or not s["out"].strip()):
+        raise ValueError(f"Invalid out value: {s['out']!r} (a folder path)")
+    return baseline, device
+
+
+def check_device_works(device: str) -> None:
+    """ValueError naming ``device`` when this machine cannot train on it."""
+    from .trainer import resolve_device
+
+    try:
+        resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"Invalid device value: {device!r} ({exc})") from exc
+
+
+def summary_row(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The head of a summary row: the label's method, its runs, how many finished and diverged."""
+    n = sum(not r.get("diverged") for r in runs)
+    return {
+        "label": label,
+        "method": runs[0]["method"],
+        "runs": len(runs),
+        "n": n,
+        "diverged": len(runs) - n,
+    }
+
+
+def cost_ratio(value: float | None, base: float | None) -> float:
+    """``value / base`` (a cost relative to the baseline's); NaN without a positive base."""
+    return value / base if base and base > 0 else math.nan
+
+
+def paired_by_seed(
+    records: list[dict[str, Any]],
+    labels: list[str],
+    baseline: str,
+    value: Callable[[dict[str, Any]], float | None],
+    *,
+    metric: str,
+    unit: str,
+    maximize: bool = True,
+    where: tuple[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`verdicts` of ``value(run)`` for the runs of each label (a diverged run
+    counts as unfinished). ``where=(key, condition)``: each verdict gets
+    ``v[key] = condition`` and its sentence starts with ``"<condition>: "``."""
+    values = {
+        label: {
+            r["seed"]: (None if r.get("diverged") else value(r))
+            for r in records
+            if r["label"] == label
+        }
+        for label in labels
+    }
+    out = verdicts(values, baseline, metric=metric, unit=unit, maximize=maximize)
+    if where is not None:
+        key, condition = where
+        for v in out:
+            v[key] = condition
+            v["sentence"] = f"{condition}: {v['sentence']}"
+    return out
+
+
+def run_study(
+    folder: Path,
+    settings: dict[str, Any],
+    cells: Sequence[tuple[str, Variant, int]],
+    *,
+    identity: Callable[[str, Variant, int], dict[str, Any]],
+    task: Callable[[str, Variant, int, str, dict[str, Any]], Callable[..., dict[str, Any]]],
+    describe: Callable[[dict[str, Any]], str],
+    summarize: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    report: Callable[[dict[str, Any]], None],
+    progress: bool | None,
+    log: Callable[[str], None] | None,
+    jobs: int | str,
+    threads: int | None,
+    ray: str | None,
+    cleanup: Callable[[str], tuple[str, ...]] | None = None,
+) -> tuple[dict[str, Any], int]:
+    """A study's ``run_checked``: every cell (:func:`run_cells`) on the executor of
+    ``jobs``/``threads``/``ray``, then ``summarize(records)`` written to
+    ``results.json`` and ``report(summary)``. Returns the summary as it reads
+    back and how many cells ran."""
+    from .engine import make_executor
+    from .folder import study_folder
+    from .study import write_json_atomic
+
+    show = sys.stderr.isatty() if progress is None else progress
+    executor = make_executor(jobs, threads, ray=ray, progress=show, log=log)
+    with study_folder(folder):
+        records, executed = run_cells(
+            folder,
+            settings,
+            cells,
+            identity=identity,
+            task=task,
+            describe=describe,
+            log=log,
+            cleanup=cleanup,
+            executor=executor,
+        )
+        summary = summarize(records)
+        write_json_atomic(folder / "results.json", summary)
+        report(summary)
+    return normalise(summary), executed
+
+
+def call_study(
+    given: dict[str, Any],
+    *,
+    keys: frozenset[str],
+    defaults: dict[str, Any],
+    preset: dict[str, Any],
+    build: Callable[[dict[str, Any]], Any],
+    run: Callable[..., Any],
+    out: str | os.PathLike[str] | None,
+    quick: bool,
+    progress: bool | None,
+    quiet: bool,
+    jobs: int | str | None,
+    threads: int | None,
+    ray: str | None,
+) -> Any:
+    """A study from Python (``rl_study``, ``gan_study``): the ``given`` settings (None:
+    not given; a single ``rho`` is a list of one) over the ``preset`` when ``quick``,
+    over ``defaults``; ``build(merged)`` is the config, ``run(config, out, ...)`` runs it."""
+    from .api import check_flags
+
+    if is_number(given.get("rho")):
+        given = {**given, "rho": [given["rho"]]}
+    check_flags(quick=quick, progress=progress, quiet=quiet)
+    unknown = sorted(set(given) - keys)
+    if unknown or "out" in given:
+        raise ValueError(f"Invalid setting: {', '.join(unknown or ['out'])}")
+    config = build(merge(preset if quick else None, given, defaults=defaults))
+    log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    how = execution({"jobs": jobs, "threads": threads, "ray": ray})
+    return run(config, out, progress=progress, log=log, **how)
 
 
 @dataclass
