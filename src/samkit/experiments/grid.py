@@ -85,7 +85,7 @@ __all__ = [
 RENAMED = {"everyk": "sam_every_k"}
 
 
-def current_name(method: str) -> str:
+def current_name(method: str, *, stacklevel: int = 3) -> str:
     """``method``'s name now (a FutureWarning naming the new one for a renamed method)."""
     new = RENAMED.get(method)
     if new is None:
@@ -93,7 +93,7 @@ def current_name(method: str) -> str:
     warnings.warn(
         f"method {method!r} is now called {new!r} (the old name still works, for now)",
         FutureWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
     return new
 
@@ -134,7 +134,7 @@ class Variant:
 
     def __post_init__(self) -> None:
         if self.method in RENAMED:  # Variant(label, "everyk", ...) built by hand
-            object.__setattr__(self, "method", current_name(self.method))
+            object.__setattr__(self, "method", current_name(self.method, stacklevel=4))
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "method": self.method, "options": dict(self.options)}
