@@ -9,16 +9,22 @@ a copy of it:
   file < flags, with each study's own keys;
 * methods: ``"name"`` or ``"name:key=value,..."`` specs parsed by
   :func:`~samkit.experiments.settings.parse_method` against a small table of
-  :class:`MethodDef` (options and their defaults); a ``--rho`` list runs each
-  sharpness-aware method once per value, as in ``samkit compare``;
+  :class:`MethodDef` (options and their defaults; the same class ``samkit
+  compare``'s registry entries extend); a ``--rho`` list runs each
+  sharpness-aware method once per value, as in ``samkit compare``; a renamed
+  method's old name (:data:`RENAMED`) is read as the new one, with a FutureWarning;
 * the run folder: the folder lock (:func:`~samkit.experiments.folder.study_folder`),
   atomic JSON (:func:`~samkit.experiments.study.write_json_atomic`), run names
   (:func:`~samkit.experiments.study.run_key`), and resume: a run whose result
-  file holds the same settings (:func:`finished`) is not run again;
+  file holds the same settings (:func:`finished`) is not run again, nor one
+  written under a method's old name (:func:`accept_renamed`); :func:`run_study`
+  is every study's ``run_checked``, :func:`call_study` its Python entry point;
 * the summary: means over seeds with the sample standard deviation, and the
   paired verdicts of :func:`~samkit.experiments.stats.paired_verdicts` (the
-  difference to the baseline seed by seed, its standard error and ``|z| > 2``);
-* the report: :func:`~samkit.experiments.report.write_page`.
+  difference to the baseline seed by seed, its standard error and ``|z| > 2``),
+  one row head (:func:`summary_row`) and one verdict loop (:func:`paired_by_seed`);
+* the report: :func:`~samkit.experiments.report.study_sections` and
+  :func:`~samkit.experiments.report.write_page`.
 """
 
 from __future__ import annotations
@@ -67,7 +73,6 @@ __all__ = [
     "default_out",
     "check_names",
     "open_study",
-    "run_cells",
     "run_study",
     "call_study",
     "baseline_and_device",
@@ -317,62 +322,6 @@ def open_study(
         yield locked
 
 
-def run_cells(
-    folder: Path,
-    settings: dict[str, Any],
-    cells: Sequence[tuple[str, Variant, int]],
-    *,
-    identity: Callable[[str, Variant, int], dict[str, Any]],
-    task: Callable[[str, Variant, int, str, dict[str, Any]], Callable[..., dict[str, Any]]],
-    describe: Callable[[dict[str, Any]], str],
-    log: Callable[[str], None] | None,
-    cleanup: Callable[[str], tuple[str, ...]] | None = None,
-    executor: Any = None,
-) -> tuple[list[dict[str, Any]], int]:
-    """Run, or read back, every ``(condition, variant, seed)`` cell of a study in ``folder``.
-
-    The study engine (:func:`~samkit.experiments.engine.run_cells`) for
-    ``samkit rl`` and ``samkit gan``. Call it holding the folder's lock.
-    ``settings`` go to ``config.json``; a cell's result is
-    ``runs/<condition>/<run key>.json``, reused when it holds
-    ``identity(condition, variant, seed)`` (with ``threads`` when the
-    executor pins them); otherwise ``task(condition, variant, seed, run key,
-    identity)`` (called with the runs folder and a run context) makes the
-    record, which the driver writes atomically before it removes the files
-    ``cleanup(run key)`` names. Returns the records (as they read back) and
-    how many cells ran.
-    """
-    from .engine import Cell, InProcess
-    from .engine import run_cells as engine_run
-    from .study import run_key, write_json_atomic
-
-    executor = executor or InProcess(log=log)
-    write_json_atomic(folder / "config.json", settings)
-    engine_cells = []
-    for condition, variant, seed in cells:
-        key = run_key(variant.label, seed)
-        wanted = identity(condition, variant, seed)
-        if executor.threads is not None:
-            wanted = {**wanted, "threads": executor.threads}
-        wanted = normalise(wanted)
-        accept_renamed(folder / "runs" / condition / f"{key}.json", wanted)
-        engine_cells.append(
-            Cell(
-                f"{condition} {variant.label} seed {seed}",
-                folder / "runs" / condition,
-                key,
-                wanted,
-                task(condition, variant, seed, key, wanted),
-                cleanup=cleanup(key) if cleanup is not None else (),
-            )
-        )
-    outcomes = engine_run(
-        engine_cells, executor=executor, log=log, describe=describe, write=write_json_atomic
-    )
-    records = [o.record for o in outcomes if o.record is not None]
-    return records, sum(o.executed and o.record is not None for o in outcomes)
-
-
 def baseline_and_device(s: dict[str, Any], labels: list[str], preferred: str) -> tuple[str, str]:
     """The checked ``baseline`` (default: ``preferred`` when it is a label, else the
     first label) and ``device`` of merged settings; the ``out`` setting checked too."""
@@ -464,32 +413,54 @@ def run_study(
     ray: str | None,
     cleanup: Callable[[str], tuple[str, ...]] | None = None,
 ) -> tuple[dict[str, Any], int]:
-    """A study's ``run_checked``: every cell (:func:`run_cells`) on the executor of
-    ``jobs``/``threads``/``ray``, then ``summarize(records)`` written to
-    ``results.json`` and ``report(summary)``. Returns the summary as it reads
-    back and how many cells ran."""
-    from .engine import make_executor
+    """A study's ``run_checked``, holding the folder's lock: run, or read back, every
+    ``(condition, variant, seed)`` cell on the executor of ``jobs``/``threads``/``ray``
+    (the study engine, :func:`~samkit.experiments.engine.run_cells`), then write
+    ``summarize(records)`` to ``results.json`` and call ``report(summary)``.
+
+    ``settings`` go to ``config.json``; a cell's result is
+    ``runs/<condition>/<run key>.json``, reused when it holds
+    ``identity(condition, variant, seed)`` (with ``threads`` when the executor
+    pins them); otherwise ``task(condition, variant, seed, run key, identity)``
+    (called with the runs folder and a run context) makes the record, which the
+    driver writes atomically before it removes the files ``cleanup(run key)``
+    names. Returns the summary as it reads back and how many cells ran.
+    """
+    from .engine import Cell, make_executor
+    from .engine import run_cells as engine_run
     from .folder import study_folder
-    from .study import write_json_atomic
+    from .study import run_key, write_json_atomic
 
     show = sys.stderr.isatty() if progress is None else progress
     executor = make_executor(jobs, threads, ray=ray, progress=show, log=log)
     with study_folder(folder):
-        records, executed = run_cells(
-            folder,
-            settings,
-            cells,
-            identity=identity,
-            task=task,
-            describe=describe,
-            log=log,
-            cleanup=cleanup,
-            executor=executor,
+        write_json_atomic(folder / "config.json", settings)
+        engine_cells = []
+        for condition, variant, seed in cells:
+            key = run_key(variant.label, seed)
+            wanted = identity(condition, variant, seed)
+            if executor.threads is not None:
+                wanted = {**wanted, "threads": executor.threads}
+            wanted = normalise(wanted)
+            accept_renamed(folder / "runs" / condition / f"{key}.json", wanted)
+            engine_cells.append(
+                Cell(
+                    f"{condition} {variant.label} seed {seed}",
+                    folder / "runs" / condition,
+                    key,
+                    wanted,
+                    task(condition, variant, seed, key, wanted),
+                    cleanup=cleanup(key) if cleanup is not None else (),
+                )
+            )
+        outcomes = engine_run(
+            engine_cells, executor=executor, log=log, describe=describe, write=write_json_atomic
         )
+        records = [o.record for o in outcomes if o.record is not None]
         summary = summarize(records)
         write_json_atomic(folder / "results.json", summary)
         report(summary)
-    return normalise(summary), executed
+    return normalise(summary), sum(o.executed and o.record is not None for o in outcomes)
 
 
 def call_study(
