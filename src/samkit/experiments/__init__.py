@@ -17,4 +17,6 @@ Modules (import what you need; nothing is loaded eagerly, so importing
 - :mod:`.report`: tables and the self-contained HTML report
 - :mod:`.folder`: one study per folder (a lock), stale temporary files
 - :mod:`.checkpoint`: ``save_checkpoint`` / ``load_checkpoint`` / ``check_checkpoint``
+- :mod:`.rl`, :mod:`.gan`: ``samkit rl`` and ``samkit gan``, a package each;
+  :mod:`.grid`: what the two share (method specs, the run folder, summary, verdicts)
 """
