@@ -18,5 +18,6 @@ Modules (import what you need; nothing is loaded eagerly, so importing
 - :mod:`.folder`: one study per folder (a lock), stale temporary files
 - :mod:`.checkpoint`: ``save_checkpoint`` / ``load_checkpoint`` / ``check_checkpoint``
 - :mod:`.rl`, :mod:`.gan`: ``samkit rl`` and ``samkit gan``, a package each;
-  :mod:`.grid`: what the two share (method specs, the run folder, summary, verdicts)
+  :mod:`.grid` and :mod:`.grid_run`: what the two share (method specs, summary,
+  verdicts; the run folder and the running)
 """

@@ -17,8 +17,8 @@ a copy of it:
   atomic JSON (:func:`~samkit.experiments.study.write_json_atomic`), run names
   (:func:`~samkit.experiments.study.run_key`), and resume: a run whose result
   file holds the same settings (:func:`finished`) is not run again, nor one
-  written under a method's old name (:func:`accept_renamed`); :func:`run_study`
-  is every study's ``run_checked``, :func:`call_study` its Python entry point;
+  written under a method's old name; the running itself is in
+  :mod:`~samkit.experiments.grid_run` (``run_study``, ``call_study``);
 * the summary: means over seeds with the sample standard deviation, and the
   paired verdicts of :func:`~samkit.experiments.stats.paired_verdicts` (the
   difference to the baseline seed by seed, its standard error and ``|z| > 2``),
@@ -29,15 +29,12 @@ a copy of it:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import re
-import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +46,6 @@ from .settings import (
     check_device,
     check_float,
     check_label,
-    execution,
-    merge,
     parse_method,
     plain,
     unused_rho,
@@ -62,7 +57,6 @@ __all__ = [
     "MethodDef",
     "RENAMED",
     "current_name",
-    "accept_renamed",
     "Variant",
     "variants",
     "seed_list",
@@ -72,9 +66,6 @@ __all__ = [
     "verdicts",
     "default_out",
     "check_names",
-    "open_study",
-    "run_study",
-    "call_study",
     "baseline_and_device",
     "check_device_works",
     "summary_row",
@@ -86,7 +77,7 @@ __all__ = [
 
 #: Method names renamed since 0.2 (old -> new). The old name is still accepted,
 #: with a FutureWarning; its runs keep their label, and a run folder written under
-#: the old name is reused (:func:`accept_renamed`).
+#: the old name is reused (:func:`~samkit.experiments.grid_run.accept_renamed`).
 RENAMED = {"everyk": "sam_every_k"}
 
 
@@ -101,32 +92,6 @@ def current_name(method: str, *, stacklevel: int = 3) -> str:
         stacklevel=stacklevel,
     )
     return new
-
-
-def accept_renamed(path: Path, identity: Any) -> None:
-    """Reuse a run written under a method's old name: when the record in ``path``
-    was made with ``identity`` but for the old name (``everyk`` for ``sam_every_k``),
-    its identity and method are rewritten to the new name, so that the run counts
-    as finished (:func:`finished`) instead of training again."""
-    if not path.is_file():
-        return
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    stored = record.get("config") if isinstance(record, dict) else None
-    method = stored.get("method") if isinstance(stored, dict) else None
-    if not isinstance(method, dict) or method.get("method") not in RENAMED:
-        return
-    renamed = {**stored, "method": {**method, "method": RENAMED[method["method"]]}}
-    if renamed != normalise(identity):
-        return
-    record["config"] = renamed
-    if record.get("method") in RENAMED:
-        record["method"] = RENAMED[record["method"]]
-    from .study import write_json_atomic
-
-    write_json_atomic(path, record)
 
 
 @dataclass(frozen=True)
@@ -307,21 +272,6 @@ def default_out(prefix: str, settings: dict[str, Any], *parts: str) -> Path:
     return Path("samkit-runs") / "-".join([prefix, *safe, digest])
 
 
-@contextlib.contextmanager
-def open_study(
-    out: str | os.PathLike[str] | None,
-    default: Callable[[], Path],
-    check: Callable[[Path], None],
-) -> Iterator[Path]:
-    """Lock the run folder (``out``, else ``default()``) and run ``check(folder)``
-    (a ValueError before any training), then yield it."""
-    from .folder import run_folder, study_folder
-
-    with study_folder(run_folder(out, default)) as locked:
-        check(locked)
-        yield locked
-
-
 def baseline_and_device(s: dict[str, Any], labels: list[str], preferred: str) -> tuple[str, str]:
     """The checked ``baseline`` (default: ``preferred`` when it is a label, else the
     first label) and ``device`` of merged settings; the ``out`` setting checked too."""
@@ -394,106 +344,6 @@ def paired_by_seed(
             v[key] = condition
             v["sentence"] = f"{condition}: {v['sentence']}"
     return out
-
-
-def run_study(
-    folder: Path,
-    settings: dict[str, Any],
-    cells: Sequence[tuple[str, Variant, int]],
-    *,
-    identity: Callable[[str, Variant, int], dict[str, Any]],
-    task: Callable[[str, Variant, int, str, dict[str, Any]], Callable[..., dict[str, Any]]],
-    describe: Callable[[dict[str, Any]], str],
-    summarize: Callable[[list[dict[str, Any]]], dict[str, Any]],
-    report: Callable[[dict[str, Any]], None],
-    progress: bool | None,
-    log: Callable[[str], None] | None,
-    jobs: int | str,
-    threads: int | None,
-    ray: str | None,
-    cleanup: Callable[[str], tuple[str, ...]] | None = None,
-) -> tuple[dict[str, Any], int]:
-    """A study's ``run_checked``, holding the folder's lock: run, or read back, every
-    ``(condition, variant, seed)`` cell on the executor of ``jobs``/``threads``/``ray``
-    (the study engine, :func:`~samkit.experiments.engine.run_cells`), then write
-    ``summarize(records)`` to ``results.json`` and call ``report(summary)``.
-
-    ``settings`` go to ``config.json``; a cell's result is
-    ``runs/<condition>/<run key>.json``, reused when it holds
-    ``identity(condition, variant, seed)`` (with ``threads`` when the executor
-    pins them); otherwise ``task(condition, variant, seed, run key, identity)``
-    (called with the runs folder and a run context) makes the record, which the
-    driver writes atomically before it removes the files ``cleanup(run key)``
-    names. Returns the summary as it reads back and how many cells ran.
-    """
-    from .engine import Cell, make_executor
-    from .engine import run_cells as engine_run
-    from .folder import study_folder
-    from .study import run_key, write_json_atomic
-
-    show = sys.stderr.isatty() if progress is None else progress
-    executor = make_executor(jobs, threads, ray=ray, progress=show, log=log)
-    with study_folder(folder):
-        write_json_atomic(folder / "config.json", settings)
-        engine_cells = []
-        for condition, variant, seed in cells:
-            key = run_key(variant.label, seed)
-            wanted = identity(condition, variant, seed)
-            if executor.threads is not None:
-                wanted = {**wanted, "threads": executor.threads}
-            wanted = normalise(wanted)
-            accept_renamed(folder / "runs" / condition / f"{key}.json", wanted)
-            engine_cells.append(
-                Cell(
-                    f"{condition} {variant.label} seed {seed}",
-                    folder / "runs" / condition,
-                    key,
-                    wanted,
-                    task(condition, variant, seed, key, wanted),
-                    cleanup=cleanup(key) if cleanup is not None else (),
-                )
-            )
-        outcomes = engine_run(
-            engine_cells, executor=executor, log=log, describe=describe, write=write_json_atomic
-        )
-        records = [o.record for o in outcomes if o.record is not None]
-        summary = summarize(records)
-        write_json_atomic(folder / "results.json", summary)
-        report(summary)
-    return normalise(summary), sum(o.executed and o.record is not None for o in outcomes)
-
-
-def call_study(
-    given: dict[str, Any],
-    *,
-    keys: frozenset[str],
-    defaults: dict[str, Any],
-    preset: dict[str, Any],
-    build: Callable[[dict[str, Any]], Any],
-    run: Callable[..., Any],
-    out: str | os.PathLike[str] | None,
-    quick: bool,
-    progress: bool | None,
-    quiet: bool,
-    jobs: int | str | None,
-    threads: int | None,
-    ray: str | None,
-) -> Any:
-    """A study from Python (``rl_study``, ``gan_study``): the ``given`` settings (None:
-    not given; a single ``rho`` is a list of one) over the ``preset`` when ``quick``,
-    over ``defaults``; ``build(merged)`` is the config, ``run(config, out, ...)`` runs it."""
-    from .api import check_flags
-
-    if is_number(given.get("rho")):
-        given = {**given, "rho": [given["rho"]]}
-    check_flags(quick=quick, progress=progress, quiet=quiet)
-    unknown = sorted(set(given) - keys)
-    if unknown or "out" in given:
-        raise ValueError(f"Invalid setting: {', '.join(unknown or ['out'])}")
-    config = build(merge(preset if quick else None, given, defaults=defaults))
-    log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    how = execution({"jobs": jobs, "threads": threads, "ray": ray})
-    return run(config, out, progress=progress, log=log, **how)
 
 
 @dataclass

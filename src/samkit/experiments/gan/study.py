@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import grid
-from ..grid import Variant, call_study
+from .. import grid, grid_run
+from ..grid import Variant
+from ..grid_run import call_study
 from ..study import run_key, write_json_atomic
 from .config import DEFAULTS, KEYS, QUICK, GANConfig, build_config, default_out
 from .data import MIXTURES
@@ -61,7 +62,9 @@ def check(config: GANConfig, out: Path) -> None:
 @contextlib.contextmanager
 def open_study(config: GANConfig, out: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """Lock the run folder and check the study (ValueError before any training), then yield the folder."""
-    with grid.open_study(out, lambda: default_out(config), lambda f: check(config, f)) as folder:
+    with grid_run.open_study(
+        out, lambda: default_out(config), lambda f: check(config, f)
+    ) as folder:
         yield folder
 
 
@@ -133,7 +136,7 @@ def run_checked(
     ray: str | None = None,
 ) -> GANResult:
     """:func:`run` inside :func:`open_study`."""
-    summary, executed = grid.run_study(
+    summary, executed = grid_run.run_study(
         folder,
         config.to_dict(),
         [(d, v, s) for d in config.datasets for s in config.seeds for v in config.variants],

@@ -49,7 +49,7 @@ mid-episode), so keep runs short enough to lose.
 
 A run folder written before ``everyk`` was renamed ``sam_every_k`` is resumed
 by the old command: its runs count as finished (see
-:func:`~samkit.experiments.grid.accept_renamed`).
+:func:`~samkit.experiments.grid_run.accept_renamed`).
 
 The package: :mod:`.envs` (the environments and their perturbation grids),
 :mod:`.config` (methods, defaults, :func:`build_config`), :mod:`.training`,

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..._atomic import atomic_write_via
-from .. import grid
-from ..grid import Variant, call_study
+from .. import grid, grid_run
+from ..grid import Variant
+from ..grid_run import call_study
 from ..study import run_key, write_json_atomic
 from .config import DEFAULTS, KEYS, PROTOCOL, QUICK, RLConfig, build_config, default_out
 from .envs import ENVS
@@ -111,7 +112,7 @@ def _execute(
     key = run_key(variant.label, seed)
     train_path, zip_path = folder / f"{key}.train.json", folder / f"{key}.zip"
     train_id = grid.normalise(_train_identity(config, env, variant, seed))
-    grid.accept_renamed(train_path, train_id)
+    grid_run.accept_renamed(train_path, train_id)
     trained = grid.finished(train_path, train_id)
     model = None
     if trained is not None and (trained["diverged"] or zip_path.is_file()):
@@ -150,7 +151,9 @@ def _execute(
 @contextlib.contextmanager
 def open_study(config: RLConfig, out: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """Lock the run folder and check the study (ValueError before any training), then yield the folder."""
-    with grid.open_study(out, lambda: default_out(config), lambda f: check(config, f)) as folder:
+    with grid_run.open_study(
+        out, lambda: default_out(config), lambda f: check(config, f)
+    ) as folder:
         yield folder
 
 
@@ -207,7 +210,7 @@ def run_checked(
     ray: str | None = None,
 ) -> RLResult:
     """:func:`run` inside :func:`open_study`."""
-    summary, executed = grid.run_study(
+    summary, executed = grid_run.run_study(
         folder,
         config.to_dict(),
         [(e, v, s) for e in config.envs for s in config.seeds for v in config.variants],
