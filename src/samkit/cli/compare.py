@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_execution_arguments, execution_flags
+from .common import (
+    add_execution_arguments,
+    execution_flags,
+    floats,
+    print_outcome,
+    seeds,
+    stderr_log,
+)
 from .errors import UsageError, warn_if_no_plots
 
 EPILOG = """examples:
@@ -138,30 +144,6 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _floats(name: str, text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(t) for t in text.replace(" ", ",").split(",") if t]
-    except ValueError as exc:
-        raise UsageError(
-            f"invalid --{name} value: {text!r} (expected numbers separated by commas)"
-        ) from exc
-
-
-def _seeds(text: str | None) -> int | list[int] | None:
-    if text is None:
-        return None
-    try:
-        if "," in text:
-            return [int(t) for t in text.split(",") if t.strip()]
-        return int(text)
-    except ValueError as exc:
-        raise UsageError(
-            f"invalid --seeds value: {text!r} (a count or comma-separated ints)"
-        ) from exc
-
-
 def settings_from_args(args: argparse.Namespace, quick_preset: dict[str, Any]) -> dict[str, Any]:
     """Merge defaults / quick preset / TOML / flags into one settings dict."""
     from ..experiments import settings as st
@@ -173,7 +155,7 @@ def settings_from_args(args: argparse.Namespace, quick_preset: dict[str, Any]) -
         "model": args.model,
         "task": args.task,
         "noise": args.noise,
-        "seeds": _seeds(args.seeds),
+        "seeds": seeds(args.seeds),
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -191,7 +173,7 @@ def settings_from_args(args: argparse.Namespace, quick_preset: dict[str, Any]) -
     if getattr(args, "optimizers", None) is not None:
         flags["optimizers"] = args.optimizers
     if getattr(args, "rho", None) is not None:
-        flags["rho"] = _floats("rho", args.rho)
+        flags["rho"] = floats("rho", args.rho)
     if getattr(args, "sharpness", None) is not None:
         flags["sharpness"] = args.sharpness
     st.check_one_data_source(toml, flags)
@@ -214,10 +196,6 @@ def _print_list() -> int:
     return 0
 
 
-def _log(quiet: bool) -> Any:
-    return None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-
-
 def run(args: argparse.Namespace) -> int:
     if args.list:
         return _print_list()
@@ -234,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     out = Path(settings["out"]) if settings["out"] else st.default_out_dir(config)
     default_methods = settings["optimizers"] in (None, ["all"], "all") and not settings["methods"]
-    log = _log(args.quiet)
+    log = stderr_log(args.quiet)
     with contextlib.ExitStack() as stack:
         try:
             study = stack.enter_context(api.open_study(config, out, drop_unfit=default_methods))
@@ -255,9 +233,5 @@ def run(args: argparse.Namespace) -> int:
         f", {config.noise:.0%} label noise" if config.noise else ""
     )
     print_table(result.rows, title=title)
-    if result.verdicts:
-        print()
-        for sentence in result.verdicts:
-            print(sentence)
-    print(f"results: {result.results_path}\nreport:  {result.report_path}")
+    print_outcome(result)
     return 0

@@ -13,13 +13,9 @@ interrupted run from its last saved iteration.
 from __future__ import annotations
 
 import argparse
-import contextlib
-from pathlib import Path
 from typing import Any
 
-from .common import add_execution_arguments, execution_flags
-from .compare import _floats, _log, _seeds
-from .errors import UsageError, warn_if_no_plots
+from .common import add_grid_arguments, print_methods, run_grid_study
 
 EPILOG = """examples:
   samkit gan --quick                           # about 2 minutes: Ring-8, 4 methods, 2 seeds
@@ -38,19 +34,20 @@ def add_parser(subparsers: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", metavar="FILE", help="TOML settings file (flags override it)")
-    p.add_argument("--quick", action="store_true", help="a short run (about 2 minutes on a CPU)")
-    p.add_argument("--datasets", nargs="+", metavar="NAME", help="ring8, grid25 (default both)")
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        metavar="SPEC",
-        help="adam, sam_g, sam_d, sam_both, or 'name:rho=...' (default all four)",
+    add_grid_arguments(
+        p,
+        conditions=("--datasets", "NAME", "ring8, grid25 (default both)"),
+        methods_help="adam, sam_g, sam_d, sam_both, or 'name:rho=...' (default all four)",
+        rho_help="rho values: each SAM method once per value",
+        baseline="adam",
+        out="samkit-runs/gan-...-<hash>",
+        own=_own_arguments,
+        list_help="list data sets and methods, then exit",
     )
-    p.add_argument("--rho", metavar="R[,R...]", help="rho values: each SAM method once per value")
-    p.add_argument(
-        "--seeds", metavar="N|S,S,...", help="number of seeds, or a comma-separated list"
-    )
+    p.set_defaults(func=run)
+
+
+def _own_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--iterations", type=int, help="training iterations (default: Ring-8 5000, Grid-25 8000)"
     )
@@ -62,13 +59,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--hidden", type=int, help="width of both networks (Ring-8 64, Grid-25 128)")
     p.add_argument("--lr", type=float, help="Adam's learning rate for both players (1e-3)")
     p.add_argument("--eval-every", type=int, help="iterations between evaluations (500)")
-    p.add_argument("--baseline", metavar="LABEL", help="the method verdicts compare against (adam)")
-    p.add_argument("--device", help="cpu (default), cuda, cuda:N, mps, auto")
-    p.add_argument("--out", metavar="DIR", help="run folder (default: samkit-runs/gan-...-<hash>)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-    add_execution_arguments(p)
-    p.add_argument("--list", action="store_true", help="list data sets and methods, then exit")
-    p.set_defaults(func=run)
 
 
 def _print_list() -> int:
@@ -81,10 +71,7 @@ def _print_list() -> int:
             f"  {name:<8} {len(m.centers)} modes, standard deviation {m.std:g} ({m.source}); "
             f"{iterations} iterations, batch {batch}, width {hidden}"
         )
-    print("methods:")
-    for name, info in GAN_METHODS.items():
-        opts = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
-        print(f"  {name:<9} {info.description}" + (f" [{opts}]" if opts else ""))
+    print_methods(GAN_METHODS, 9)
     return 0
 
 
@@ -92,50 +79,23 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         return _print_list()
     from ..experiments import gan
-    from ..experiments import settings as st
 
-    try:
-        toml = st.load_toml(args.config, keys=gan.KEYS) if args.config else {}
-        flags = {
-            "datasets": args.datasets,
-            "methods": args.methods,
-            "rho": _floats("rho", args.rho),
-            "seeds": _seeds(args.seeds),
-            "iterations": args.iterations,
-            "batch_size": args.batch_size,
-            "hidden": args.hidden,
-            "lr": args.lr,
-            "eval_every": args.eval_every,
-            "baseline": args.baseline,
-            "device": args.device,
-            "out": args.out,
-        }
-        merged = st.merge(gan.QUICK if args.quick else None, toml, flags, defaults=gan.DEFAULTS)
-        config = gan.build_config(merged)
-        how = st.execution(execution_flags(args))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    out = Path(merged["out"]) if merged["out"] else gan.default_out(config)
-    log = _log(args.quiet)
-    with contextlib.ExitStack() as stack:
-        try:  # the folder's lock and every check, before any training: one line, exit 2
-            folder = stack.enter_context(gan.open_study(config, out))
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
-        warn_if_no_plots("gan")
-        if log:
-            sizes = ", ".join(f"{d} {config.resolved(d).iterations}" for d in config.datasets)
-            log(
-                f"samkit gan: {', '.join(config.datasets)} x [{', '.join(config.labels)}] x "
-                f"{len(config.seeds)} seed(s), iterations {sizes} -> {folder}"
-            )
-        result = gan.run_checked(
-            config, folder, progress=None if not args.quiet else False, log=log, **how
+    own = {
+        "datasets": args.datasets,
+        "iterations": args.iterations,
+        "batch_size": args.batch_size,
+        "hidden": args.hidden,
+        "lr": args.lr,
+        "eval_every": args.eval_every,
+    }
+
+    def headline(config: Any) -> str:
+        sizes = ", ".join(f"{d} {config.resolved(d).iterations}" for d in config.datasets)
+        return (
+            f"{', '.join(config.datasets)} x [{', '.join(config.labels)}] x "
+            f"{len(config.seeds)} seed(s), iterations {sizes}"
         )
-    print(result.table)
-    if result.verdicts:
-        print()
-        for sentence in result.verdicts:
-            print(sentence)
-    print(f"results: {result.results_path}\nreport:  {result.report_path}")
-    return 0
+
+    return run_grid_study(
+        args, "gan", gan, own, headline=headline, tables=lambda result: [result.table]
+    )

@@ -19,7 +19,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .compare import _log, add_common_arguments, settings_from_args
+from .common import stderr_log
+from .compare import add_common_arguments, settings_from_args
 from .errors import UsageError, warn_if_no_plots
 
 EPILOG = """examples:
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from exc
         warn_if_no_plots("tune")
         try:
-            result = search.run(log=_log(args.quiet), **how)
+            result = search.run(log=stderr_log(args.quiet), **how)
         except ValueError as exc:  # no trial completed
             raise UsageError(str(exc)) from exc
     summary = result.summary

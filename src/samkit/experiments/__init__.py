@@ -25,4 +25,7 @@ Modules (import what you need; nothing is loaded eagerly, so importing
 - :mod:`.report`: tables and the self-contained HTML report
 - :mod:`.folder`: one study per folder (a lock), stale temporary files
 - :mod:`.checkpoint`: ``save_checkpoint`` / ``load_checkpoint`` / ``check_checkpoint``
+- :mod:`.rl`, :mod:`.gan`: ``samkit rl`` and ``samkit gan``, a package each;
+  :mod:`.grid` and :mod:`.grid_run`: what the two share (method specs, summary,
+  verdicts; the run folder and the running)
 """

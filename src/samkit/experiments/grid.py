@@ -9,37 +9,54 @@ a copy of it:
   file < flags, with each study's own keys;
 * methods: ``"name"`` or ``"name:key=value,..."`` specs parsed by
   :func:`~samkit.experiments.settings.parse_method` against a small table of
-  :class:`MethodDef` (options and their defaults); a ``--rho`` list runs each
-  sharpness-aware method once per value, as in ``samkit compare``;
+  :class:`MethodDef` (options and their defaults; the same class ``samkit
+  compare``'s registry entries extend); a ``--rho`` list runs each
+  sharpness-aware method once per value, as in ``samkit compare``; a renamed
+  method's old name (:data:`RENAMED`) is read as the new one, with a FutureWarning;
 * the run folder: the folder lock (:func:`~samkit.experiments.folder.study_folder`),
   atomic JSON (:func:`~samkit.experiments.study.write_json_atomic`), run names
   (:func:`~samkit.experiments.study.run_key`), and resume: a run whose result
-  file holds the same settings (:func:`finished`) is not run again;
+  file holds the same settings (:func:`finished`) is not run again, nor one
+  written under a method's old name; the running itself is in
+  :mod:`~samkit.experiments.grid_run` (``run_study``, ``call_study``);
 * the summary: means over seeds with the sample standard deviation, and the
   paired verdicts of :func:`~samkit.experiments.stats.paired_verdicts` (the
-  difference to the baseline seed by seed, its standard error and ``|z| > 2``);
-* the report: :func:`~samkit.experiments.report.write_page`.
+  difference to the baseline seed by seed, its standard error and ``|z| > 2``),
+  one row head (:func:`summary_row`) and one verdict loop (:func:`paired_by_seed`);
+* the report: :func:`~samkit.experiments.report.study_sections` and
+  :func:`~samkit.experiments.report.write_page`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._checks import is_number
 from .engine import finished, normalise
-from .settings import LIMITS, check_float, check_label, parse_method, plain, unused_rho
+from .settings import (
+    LIMITS,
+    check_device,
+    check_float,
+    check_label,
+    parse_method,
+    plain,
+    unused_rho,
+)
 from .stats import paired_verdicts, stats
+from .types import MethodDef
 
 __all__ = [
     "MethodDef",
+    "RENAMED",
+    "current_name",
     "Variant",
     "variants",
     "seed_list",
@@ -49,26 +66,32 @@ __all__ = [
     "verdicts",
     "default_out",
     "check_names",
-    "open_study",
-    "run_cells",
+    "baseline_and_device",
+    "check_device_works",
+    "summary_row",
+    "cost_ratio",
+    "paired_by_seed",
     "StudyResult",
 ]
 
 
-@dataclass(frozen=True)
-class MethodDef:
-    """A method of a study: one line of description and its options with their defaults.
+#: Method names renamed since 0.2 (old -> new). The old name is still accepted,
+#: with a FutureWarning; its runs keep their label, and a run folder written under
+#: the old name is reused (:func:`~samkit.experiments.grid_run.accept_renamed`).
+RENAMED = {"everyk": "sam_every_k"}
 
-    ``rho_scale``: ``--rho r`` gives the method ``rho = rho_scale * r`` (ASAM: 10).
-    """
 
-    description: str
-    defaults: dict[str, Any] = field(default_factory=dict)
-    rho_scale: float = 1.0
-
-    @property
-    def uses_rho(self) -> bool:
-        return "rho" in self.defaults
+def current_name(method: str, *, stacklevel: int = 3) -> str:
+    """``method``'s name now (a FutureWarning naming the new one for a renamed method)."""
+    new = RENAMED.get(method)
+    if new is None:
+        return method
+    warnings.warn(
+        f"method {method!r} is now called {new!r} (the old name still works, for now)",
+        FutureWarning,
+        stacklevel=stacklevel,
+    )
+    return new
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,10 @@ class Variant:
     label: str
     method: str
     options: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.method in RENAMED:  # Variant(label, "everyk", ...) built by hand
+            object.__setattr__(self, "method", current_name(self.method, stacklevel=4))
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "method": self.method, "options": dict(self.options)}
@@ -128,7 +155,9 @@ def variants(
     rho_used = False
     for token in expanded:
         entry = parse_method(token)
-        name = entry.pop("method")
+        name = written = entry.pop("method")
+        if name not in registry and RENAMED.get(name) in registry:
+            name = current_name(written)
         if name not in registry:
             raise ValueError(f"Invalid method value: {name!r} (choose from {', '.join(registry)})")
         info = registry[name]
@@ -145,7 +174,7 @@ def variants(
         if info.uses_rho and "rho" not in options and rho_values:
             rho_used = True
             for r in rho_values:
-                lab = label or name
+                lab = label or written
                 if len(rho_values) > 1:
                     lab = f"{lab}(rho={info.rho_scale * r:g})"
                 out.append(
@@ -156,7 +185,7 @@ def variants(
                     )
                 )
         else:
-            out.append(Variant(check_label(label or name), name, {**info.defaults, **options}))
+            out.append(Variant(check_label(label or written), name, {**info.defaults, **options}))
     if rho_values and not rho_used:
         raise ValueError(unused_rho(rho_values, sorted({v.method for v in out})))
     labels = [v.label for v in out]
@@ -243,69 +272,78 @@ def default_out(prefix: str, settings: dict[str, Any], *parts: str) -> Path:
     return Path("samkit-runs") / "-".join([prefix, *safe, digest])
 
 
-@contextlib.contextmanager
-def open_study(folder: Path, check: Callable[[Path], None]) -> Iterator[Path]:
-    """Lock ``folder`` and run ``check(folder)`` (a ValueError before any training), then yield it."""
-    from .folder import study_folder
-
-    with study_folder(folder) as locked:
-        check(locked)
-        yield locked
-
-
-def run_cells(
-    folder: Path,
-    settings: dict[str, Any],
-    cells: Sequence[tuple[str, Variant, int]],
-    *,
-    identity: Callable[[str, Variant, int], dict[str, Any]],
-    task: Callable[[str, Variant, int, str, dict[str, Any]], Callable[..., dict[str, Any]]],
-    describe: Callable[[dict[str, Any]], str],
-    log: Callable[[str], None] | None,
-    cleanup: Callable[[str], tuple[str, ...]] | None = None,
-    executor: Any = None,
-) -> tuple[list[dict[str, Any]], int]:
-    """Run, or read back, every ``(condition, variant, seed)`` cell of a study in ``folder``.
-
-    The study engine (:func:`~samkit.experiments.engine.run_cells`) for
-    ``samkit rl`` and ``samkit gan``. Call it holding the folder's lock.
-    ``settings`` go to ``config.json``; a cell's result is
-    ``runs/<condition>/<run key>.json``, reused when it holds
-    ``identity(condition, variant, seed)`` (with ``threads`` when the
-    executor pins them); otherwise ``task(condition, variant, seed, run key,
-    identity)`` (called with the runs folder and a run context) makes the
-    record, which the driver writes atomically before it removes the files
-    ``cleanup(run key)`` names. Returns the records (as they read back) and
-    how many cells ran.
-    """
-    from .engine import Cell, InProcess
-    from .engine import run_cells as engine_run
-    from .study import run_key, write_json_atomic
-
-    executor = executor or InProcess(log=log)
-    write_json_atomic(folder / "config.json", settings)
-    engine_cells = []
-    for condition, variant, seed in cells:
-        key = run_key(variant.label, seed)
-        wanted = identity(condition, variant, seed)
-        if executor.threads is not None:
-            wanted = {**wanted, "threads": executor.threads}
-        wanted = normalise(wanted)
-        engine_cells.append(
-            Cell(
-                f"{condition} {variant.label} seed {seed}",
-                folder / "runs" / condition,
-                key,
-                wanted,
-                task(condition, variant, seed, key, wanted),
-                cleanup=cleanup(key) if cleanup is not None else (),
-            )
+def baseline_and_device(s: dict[str, Any], labels: list[str], preferred: str) -> tuple[str, str]:
+    """The checked ``baseline`` (default: ``preferred`` when it is a label, else the
+    first label) and ``device`` of merged settings; the ``out`` setting checked too."""
+    baseline = s["baseline"]
+    if baseline is None:
+        baseline = preferred if preferred in labels else labels[0]
+    elif baseline not in labels:
+        raise ValueError(
+            f"Invalid baseline value: {baseline!r} (one of the labels: {', '.join(labels)})"
         )
-    outcomes = engine_run(
-        engine_cells, executor=executor, log=log, describe=describe, write=write_json_atomic
-    )
-    records = [o.record for o in outcomes if o.record is not None]
-    return records, sum(o.executed and o.record is not None for o in outcomes)
+    device = check_device(s["device"])
+    if s.get("out") is not None and (not isinstance(s["out"], str) or not s["out"].strip()):
+        raise ValueError(f"Invalid out value: {s['out']!r} (a folder path)")
+    return baseline, device
+
+
+def check_device_works(device: str) -> None:
+    """ValueError naming ``device`` when this machine cannot train on it."""
+    from .trainer import resolve_device
+
+    try:
+        resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"Invalid device value: {device!r} ({exc})") from exc
+
+
+def summary_row(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The head of a summary row: the label's method, its runs, how many finished and diverged."""
+    n = sum(not r.get("diverged") for r in runs)
+    return {
+        "label": label,
+        "method": runs[0]["method"],
+        "runs": len(runs),
+        "n": n,
+        "diverged": len(runs) - n,
+    }
+
+
+def cost_ratio(value: float | None, base: float | None) -> float:
+    """``value / base`` (a cost relative to the baseline's); NaN without a positive base."""
+    return value / base if base and base > 0 else math.nan
+
+
+def paired_by_seed(
+    records: list[dict[str, Any]],
+    labels: list[str],
+    baseline: str,
+    value: Callable[[dict[str, Any]], float | None],
+    *,
+    metric: str,
+    unit: str,
+    maximize: bool = True,
+    where: tuple[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`verdicts` of ``value(run)`` for the runs of each label (a diverged run
+    counts as unfinished). ``where=(key, condition)``: each verdict gets
+    ``v[key] = condition`` and its sentence starts with ``"<condition>: "``."""
+    values = {
+        label: {
+            r["seed"]: (None if r.get("diverged") else value(r))
+            for r in records
+            if r["label"] == label
+        }
+        for label in labels
+    }
+    out = verdicts(values, baseline, metric=metric, unit=unit, maximize=maximize)
+    if where is not None:
+        key, condition = where
+        for v in out:
+            v[key] = condition
+            v["sentence"] = f"{condition}: {v['sentence']}"
+    return out
 
 
 @dataclass

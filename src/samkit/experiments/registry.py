@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .types import BASE_DEFAULTS, TrainSpec
+from .types import BASE_DEFAULTS, MethodDef, TrainSpec
 
 __all__ = [
     "Amp",
@@ -196,13 +196,15 @@ class SAMMethod(Method):
         return loss.detach()
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    """A registered method and what the study needs to know about it.
+@dataclass(frozen=True, kw_only=True)
+class MethodInfo(MethodDef):
+    """A registered method and what the study needs to know about it: a
+    :class:`~samkit.experiments.types.MethodDef` (``description``, ``defaults``,
+    ``rho_scale``, ``uses_rho``; the one description of a method every study shares)
+    plus its name, builder and capabilities.
 
     ``base``: the base optimizer used when the study sets none (None: the
-    method fixes its own). ``rho_scale``: a study run with ``--rho r`` gives it
-    ``rho = rho_scale * r`` (ASAM: 10). ``in_default_study``: part of a plain
+    method fixes its own). ``in_default_study``: part of a plain
     ``samkit compare`` (the slowest are left to ``--optimizers all``).
     Capabilities, checked before any training: ``supports_scaler`` (fp16 AMP),
     ``needs_index`` (per-sample memory: map-style training data only),
@@ -212,19 +214,12 @@ class MethodInfo:
 
     name: str
     builder: Callable[..., Method]
-    description: str
-    defaults: dict[str, Any]
     base: str | None
-    rho_scale: float = 1.0
     in_default_study: bool = True
     supports_scaler: bool = True
     needs_index: bool = False
     per_sample_loss: bool = False
     classification_only: bool = False
-
-    @property
-    def uses_rho(self) -> bool:
-        return "rho" in self.defaults
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -317,7 +312,13 @@ def register_method(
         if not isinstance(value, bool):
             raise ValueError(f"Invalid {key} value: {value!r} (a boolean)")
     _REGISTRY[name] = MethodInfo(
-        name, builder, description, dict(defaults or {}), base, float(rho_scale), **capabilities
+        description,
+        dict(defaults or {}),
+        float(rho_scale),
+        name=name,
+        builder=builder,
+        base=base,
+        **capabilities,
     )
 
 

@@ -27,6 +27,9 @@ from .._extras import available, install
 __all__ = [
     "table_columns",
     "format_table",
+    "fmt",
+    "text_table",
+    "study_sections",
     "print_table",
     "write_report",
     "write_page",
@@ -49,10 +52,22 @@ def plots_available() -> bool:
     return available("matplotlib")
 
 
-def _fmt(v: Any, spec: str) -> str:
+def fmt(v: Any, spec: str = ".1f") -> str:
+    """A number as ``format(v, spec)``; ``-`` for None, NaN, infinity or a non-number."""
     if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return "-"
     return format(v, spec)
+
+
+def text_table(headers: list[str], cells: list[list[str]]) -> str:
+    """Text cells as a plain table: left-aligned columns, a rule under the headers."""
+    widths = [
+        max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
 
 
 def _metric(rows: list[dict[str, Any]]) -> str:
@@ -66,7 +81,7 @@ def _score_cell(r: dict[str, Any], metric: str) -> str:
     div = r.get("diverged", 0) or 0
     if not r.get("n"):
         return f"diverged ({div}/{r.get('runs', div)})" if div else "-"
-    cell = f"{_fmt(None if mean is None else scale * mean, spec)} +- {_fmt(None if std is None else scale * std, spec)}"
+    cell = f"{fmt(None if mean is None else scale * mean, spec)} +- {fmt(None if std is None else scale * std, spec)}"
     return cell + (f" ({div} diverged)" if div else "")
 
 
@@ -84,10 +99,10 @@ def table_columns(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         ("method", [r["label"] for r in rows]),
         ("seeds", [str(r.get("runs", r["n"])) for r in rows]),
         (head, [_score_cell(r, metric) for r in rows]),
-        ("train loss", [_fmt(r["train_loss_mean"], ".4f") for r in rows]),
-        ("s/epoch", [_fmt(r["time_per_epoch"], ".3f") for r in rows]),
-        (f"cost vs {ref} (time)", [_fmt(r["cost_time"], ".2f") + "x" for r in rows]),
-        (f"cost vs {ref} (passes)", [_fmt(r["cost_passes"], ".2f") + "x" for r in rows]),
+        ("train loss", [fmt(r["train_loss_mean"], ".4f") for r in rows]),
+        ("s/epoch", [fmt(r["time_per_epoch"], ".3f") for r in rows]),
+        (f"cost vs {ref} (time)", [fmt(r["cost_time"], ".2f") + "x" for r in rows]),
+        (f"cost vs {ref} (passes)", [fmt(r["cost_passes"], ".2f") + "x" for r in rows]),
     ]
     for key, name, spec in (
         ("hessian_top_eig", "top eig", ".3g"),
@@ -95,7 +110,7 @@ def table_columns(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         ("worst_case_sharpness", "worst-case", ".3g"),
     ):
         if any(key in r for r in rows):
-            cols.append((name, [_fmt(r.get(key), spec) for r in rows]))
+            cols.append((name, [fmt(r.get(key), spec) for r in rows]))
     return cols
 
 
@@ -450,6 +465,21 @@ def write_page(
         f"<h2>Settings</h2><table>{settings_rows}</table></body></html>",
     ]
     write_text_atomic(path, "\n".join(parts))
+
+
+def study_sections(
+    table: tuple[list[str], list[list[str]]], verdicts: list[dict[str, Any]], note: str
+) -> tuple[list[str], bool]:
+    """The opening of a ``samkit rl`` / ``samkit gan`` report, and whether plots can be made:
+    the table (headers, cells), the paired verdicts, the note on how to read them, and
+    :data:`NO_PLOTS` without matplotlib."""
+    sections = [html_table(*table)]
+    sections.append(html_list("Paired verdicts", [v["sentence"] for v in verdicts]))
+    sections.append("<p>" + html.escape(note) + "</p>")
+    plots = plots_available()
+    if not plots:
+        sections.append(f"<p><b>{html.escape(NO_PLOTS)}.</b></p>")
+    return sections, plots
 
 
 def write_report(

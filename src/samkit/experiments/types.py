@@ -3,7 +3,9 @@ experiments), so that :mod:`.settings`, :mod:`.registry` and :mod:`.methods` all
 it and none of them the others at import time.
 
 :class:`TrainSpec` (what every method is built with), the base optimizers' defaults,
-the bounds of every setting and the checks that name the setting in their ValueError.
+the bounds of every setting and the checks that name the setting in their ValueError;
+:class:`MethodDef`, what every study knows of a method (compare's registry entries
+extend it; ``samkit rl`` and ``samkit gan`` list theirs as plain ones).
 :mod:`.settings` re-exports all of it.
 """
 
@@ -26,6 +28,7 @@ __all__ = [
     "SCHEDULES",
     "FLOAT32_MAX",
     "TrainSpec",
+    "MethodDef",
     "plain",
     "check_int",
     "check_float",
@@ -193,3 +196,24 @@ class TrainSpec:
 
     def replace(self, **changes: Any) -> TrainSpec:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class MethodDef:
+    """A method as a study sees it: one line of description, its options with
+    their defaults, and how ``--rho`` reaches it.
+
+    ``rho_scale``: ``--rho r`` gives the method ``rho = rho_scale * r`` (ASAM: 10).
+    ``samkit compare``'s registry entries (:class:`~samkit.experiments.registry.MethodInfo`)
+    are these plus a builder and capabilities; ``samkit rl`` and ``samkit gan`` use
+    them as they are.
+    """
+
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    rho_scale: float = 1.0
+
+    @property
+    def uses_rho(self) -> bool:
+        """Sharpness-aware: the method takes a ``rho`` option (``--rho`` applies to it)."""
+        return "rho" in self.defaults
