@@ -1,7 +1,10 @@
 """The SAM optimizer battery: laws that every (base optimizer x SAM mode) must obey.
 
-The registry (tests/optim_registry.py) lists the base optimizers and SAM modes;
-most tests run over all of their combinations.
+The registry (tests/optim_registry.py) lists the base optimizers and the methods;
+most tests here run over every base with every method declaring a closed-form
+ascent (plain SAM and ASAM, with ascent weight decay, gradient clipping or
+per-group radii: ``methods("closed_form_ascent")``), whose ``e`` the registry
+computes from the papers' formulas.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from hypothesis import strategies as st
 from optim_registry import (
     BASE_BY_NAME,
     BASES,
-    MODE_BY_NAME,
-    MODES,
+    METHOD_BY_NAME,
     all_equal,
     closure_for,
     loss_fn,
     make_data,
     make_model,
+    methods,
     params_of,
     roundtrip,
     state_equal,
@@ -33,7 +36,10 @@ from torch import nn
 import samkit
 from samkit import functional
 
-COMBOS = [pytest.param(b, m, id=f"{b.name}-{m.name}") for b in BASES for m in MODES]
+MODES = methods("closed_form_ascent")
+COMBOS = [
+    pytest.param(b, m, id=f"{b.name}-{m.name}") for b in BASES for m in MODES if m.supports(b)
+]
 # The battery multiplies hypothesis examples by 30 combinations: each combination
 # gets a fifth of the profile's budget (the profile's scaling is kept).
 FEW = settings(max_examples=max(3, settings.default.max_examples // 5))
@@ -62,7 +68,7 @@ def _run(opt, model, x, y, steps, form):
 
 def _base_run(base, mode, model, x, y, steps):
     """The base optimizer alone (with the mode's gradient clipping, which is not part of SAM's ascent)."""
-    clip = mode.sam_kwargs.get("max_grad_norm")
+    clip = mode.kwargs.get("max_grad_norm")
     for _ in range(steps):
         base.zero_grad()
         loss_fn(model, x, y).backward()
@@ -135,7 +141,7 @@ def test_update_matches_the_paper(base, mode, seed):
 
         # Reference: the base optimizer fed the gradient at w + e (clipped if asked).
         g2 = _grads_at(twin, w_adv, x, y)
-        clip = mode.sam_kwargs.get("max_grad_norm")
+        clip = mode.kwargs.get("max_grad_norm")
         if clip is not None:
             n = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g2]))
             g2 = [g * min(1.0, clip / (float(n) + 1e-6)) for g in g2]
@@ -146,7 +152,7 @@ def test_update_matches_the_paper(base, mode, seed):
 
 
 def test_rho_zero_group_is_neither_perturbed_nor_counted():
-    mode = MODE_BY_NAME["per_group_rho"]
+    mode = METHOD_BY_NAME["per_group_rho"]
     model = make_model(0)
     x, y = make_data(0)
     opt = mode.make(BASE_BY_NAME["sgd"], model)
@@ -222,11 +228,11 @@ def _sched(kind, opt, total):
 def test_plain_torch_optimizer_loads_sam_state_dict(base):
     model = make_model(1)
     x, y = make_data(1)
-    opt = MODE_BY_NAME["l2"].make(base, model)
+    opt = METHOD_BY_NAME["sam"].make(base, model)
     _run(opt, model, x, y, 2, "closure")
     sd = roundtrip(opt.state_dict())
     assert sd["samkit"]["steps"] == 2 and sd["samkit"]["ascents"] == 2
-    plain = base.make(MODE_BY_NAME["l2"].groups(make_model(1)))
+    plain = base.make(METHOD_BY_NAME["sam"].groups(make_model(1)))
     plain.load_state_dict(sd)
     assert state_equal(plain.state_dict()["state"], opt.base_optimizer.state_dict()["state"])
     assert [g["lr"] for g in plain.param_groups] == [g["lr"] for g in opt.param_groups]
@@ -346,7 +352,7 @@ def test_lr_schedulers_drive_the_base_lr_without_warnings(kind, form):
     x, y = make_data(6)
     model, ref_model = make_model(6), make_model(6)
     base = BASE_BY_NAME["sgd_nesterov"]
-    opt = MODE_BY_NAME["l2"].make(base, model)
+    opt = METHOD_BY_NAME["sam"].make(base, model)
     ref = base.make([ref_model.parameters()])
     sched, ref_sched = _sched(kind, opt, 6), _sched(kind, ref, 6)
     lrs = []
@@ -628,7 +634,7 @@ def test_copy_and_pickle_keep_the_base_optimizer(how):
 
     model = make_model(15)
     x, y = make_data(15)
-    opt = MODE_BY_NAME["asam"].make(BASE_BY_NAME["adam"], model)
+    opt = METHOD_BY_NAME["asam"].make(BASE_BY_NAME["adam"], model)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # installs a step wrapper
     _run(opt, model, x, y, 2, "closure")
     sched.step()
