@@ -35,6 +35,7 @@ import pytest
 import torch
 from optim_registry import (
     BASE_BY_NAME,
+    BASES,
     HORIZON,
     METHOD_BY_NAME,
     METHODS,
@@ -51,9 +52,9 @@ import samkit
 from samkit.optim import _fsdp
 
 
-def _pairs(infos, bases=None):
-    pairs = method_base_pairs(infos) if bases is None else method_base_pairs(infos, bases)
-    return [pytest.param(m, b, id=f"{m.name}-{b.name}") for m, b in pairs]
+def _pairs(infos, bases=BASES):
+    """Each method with each of ``bases`` it supports, as pytest params."""
+    return [pytest.param(m, b, id=f"{m.name}-{b.name}") for m, b in method_base_pairs(infos, bases)]
 
 
 def _names(info):
