@@ -1,15 +1,20 @@
-"""A registry of base optimizers and SAM modes for the SAM test battery.
+"""One registry of base optimizers and of the methods of the SAM family, for every battery.
 
 Like torch's ``OptimizerInfo`` (torch/testing/_internal/common_optimizers.py):
 each :class:`BaseInfo` knows how to build one torch optimizer on a list of
-param groups, and each :class:`ModeInfo` knows how to wrap it in
-:class:`samkit.SAM` and, independently of samkit's kernels, what the ascent
-vector ``e`` must be (the formulas of the papers, written out element-wise in
-float64). Tests parametrize over ``BASES x MODES``.
+param groups, and each :class:`MethodInfo` knows how to wrap it in its SAM
+method, which closure that method takes, and the capabilities it declares
+(GradScaler, the two-step form, DDP, FSDP2, a first-pass gradient, the steps it
+ascends on, rho=0 being the base optimizer, a closed-form ascent, the
+arguments it refuses, ...). A law runs over ``methods(<capability>)``: every
+method that declares what it needs, and no law skips at run time. For the
+methods with a closed-form ascent, :meth:`MethodInfo.reference_e` is, independently
+of samkit's kernels, what the ascent vector ``e`` must be (the formulas of the
+papers, written out element-wise in float64).
 
 The tiny model has three param groups (first layer; second layer's weight;
 second layer's bias), so per-group keys, the global norm across groups and the
-group-with-rho-0 exclusion are exercised by every mode.
+group-with-rho-0 exclusion are exercised by every method.
 """
 
 from __future__ import annotations
@@ -116,114 +121,6 @@ BASES: list[BaseInfo] = [
 BASE_BY_NAME = {b.name: b for b in BASES}
 
 
-# --------------------------------------------------------------------- modes
-
-
-@dataclass(frozen=True)
-class ModeInfo:
-    """One SAM configuration and the paper's formula for its ascent vector."""
-
-    name: str
-    sam_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    group_rho: tuple[float, ...] | None = (
-        None  # per-group "rho" keys, one per group of split_groups
-    )
-
-    @property
-    def rho(self) -> float:
-        return float(self.sam_kwargs.get("rho", 0.05))
-
-    def groups(self, model: nn.Module, rho: float | None = None) -> list[dict[str, Any]]:
-        """Param groups for the base optimizer (with per-group rho keys when the mode has them)."""
-        out: list[dict[str, Any]] = [{"params": ps} for ps in split_groups(model)]
-        if self.group_rho is not None:
-            for g, r in zip(out, self.group_rho):
-                g["rho"] = r if rho is None else rho
-        return out
-
-    def make(
-        self,
-        base: BaseInfo,
-        model: nn.Module,
-        *,
-        rho: float | None = None,
-        base_kw: Mapping[str, Any] | None = None,
-        **extra: Any,
-    ) -> samkit.SAM:
-        """Build base optimizer + SAM on ``model``; ``rho`` overrides every rho (global and per group)."""
-        kw = dict(self.sam_kwargs)
-        if rho is not None:
-            kw["rho"] = rho
-        kw.update(extra)
-        opt = base.make(self.groups(model, rho), **(base_kw or {}))
-        return samkit.SAM(opt, **kw)
-
-    # The paper's ascent, element-wise in float64, independent of samkit.
-    def reference_e(self, groups: Sequence[dict[str, Any]]) -> list[list[Tensor | None]]:
-        """``e`` per parameter (None where the parameter has no gradient).
-
-        ``groups`` are SAM's param groups (with their rho / eta /
-        ascent_weight_decay keys) whose params hold the first-pass ``.grad``.
-
-        L2 (Foret et al., arXiv 2010.01412): ``e = rho g / ||g||``.
-        ASAM (Kwon et al., arXiv 2102.11600): ``e = rho T^2 g / ||T g||``,
-        ``T = |w| + eta``. The gradient first gets ``+ wd * w`` (ascent weight
-        decay). ``||.||`` is one norm over all groups whose rho is > 0.
-        """
-        adaptive = bool(self.sam_kwargs.get("adaptive", False))
-        us, ds = [], []
-        sq = torch.zeros((), dtype=torch.float64)
-        for group in groups:
-            u_g, d_g = [], []
-            for p in group["params"]:
-                if p.grad is None or not p.requires_grad:
-                    u_g.append(None)
-                    d_g.append(None)
-                    continue
-                w = p.detach().double()
-                g = p.grad.double() + group["ascent_weight_decay"] * w
-                if adaptive:
-                    t = w.abs() + group["eta"]
-                    u, d = t * g, t * t * g
-                else:
-                    u, d = g, g
-                if group["rho"] > 0:
-                    sq = sq + (u * u).sum()
-                u_g.append(u)
-                d_g.append(d)
-            us.append(u_g)
-            ds.append(d_g)
-        norm = sq.sqrt()
-        eps = 1e-12
-        out: list[list[Tensor | None]] = []
-        for group, d_g in zip(groups, ds):
-            rho = group["rho"]
-            out.append(
-                [
-                    None
-                    if d is None
-                    else (rho / (norm + eps)) * d
-                    if rho > 0
-                    else torch.zeros_like(d)
-                    for d in d_g
-                ]
-            )
-        return out
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-MODES: list[ModeInfo] = [
-    ModeInfo("l2", {"rho": 0.05}),
-    ModeInfo("asam", {"rho": 0.5, "adaptive": True, "eta": 0.01}),
-    ModeInfo("ascent_wd", {"rho": 0.05, "ascent_weight_decay": 0.1}),
-    ModeInfo("max_grad_norm", {"rho": 0.05, "max_grad_norm": 0.05}),
-    ModeInfo("per_group_rho", {"rho": 0.05}, group_rho=(0.1, 0.03, 0.0)),
-]
-MODE_BY_NAME = {m.name: m for m in MODES}
-
-
 # ------------------------------------------------------------------ helpers
 
 
@@ -269,10 +166,13 @@ def roundtrip(obj: Any) -> Any:
 
 # ------------------------------------------------------------------ methods
 #
-# Every method of the SAM family, for the battery in tests/test_family.py: how
-# to build it on a base optimizer and a model, which closure it takes, and what
-# it supports. A new method = one entry here (and its own hand-computation test
-# in its own file).
+# Every method of the SAM family, once: how to build it on a base optimizer and
+# a model, which closure it takes, and the capabilities it declares. Each law
+# (tests/test_family.py, test_sam.py, test_compile.py, test_ddp.py) runs over
+# ``methods(<the capability it needs>)``, never over a list of its own, and no
+# law skips at run time. A new method = one entry here (and its own
+# hand-computation test in its own file); tests/test_family.py fails while a
+# public class of samkit has no entry.
 
 
 def per_sample_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -280,32 +180,91 @@ def per_sample_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return ((model(x) - y) ** 2).mean(dim=1)
 
 
+# The steps a method ascends on (a declared capability, which the laws that need
+# an ascending step read, and tests/test_family.py checks against the library).
+HORIZON = 8  # the laws' steps are counted within the first HORIZON
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The steps on which a method ascends, by SAM's step count before the step (0, 1, ...)."""
+
+    label: str
+    rule: Callable[[int], bool]
+
+    def __call__(self, step: int) -> bool:
+        return bool(self.rule(step))
+
+    def __repr__(self) -> str:
+        return self.label
+
+
+EVERY_STEP = Steps("every step", lambda step: True)
+
+
+def every(k: int, start: int = 0) -> Steps:
+    """EveryK(k) (from ``start``), Late(start) (k=1); Momentum-SAM from step 1 (no momentum before)."""
+    return Steps(f"every {k} from {start}", lambda s: s >= start and (s - start) % k == 0)
+
+
+def drawn(p: float, seed: int) -> Steps:
+    """RandomPolicy(p, seed): step i ascends iff the i-th draw of a CPU generator seeded ``seed`` is below p."""
+    g = torch.Generator().manual_seed(seed)
+    draws = tuple(float(torch.rand((), generator=g)) < p for _ in range(HORIZON))
+    return Steps(f"drawn p={p} seed={seed}", lambda s: s < HORIZON and draws[s])
+
+
+def observed(pattern: str) -> Steps:
+    """A policy deciding from gradient statistics (AE-SAM, vSAM's PSF variation): its decisions
+    on the battery's data ("1" ascends), one character per step; no ascent is declared after."""
+    return Steps(f"observed {pattern}", lambda s: s < len(pattern) and pattern[s] == "1")
+
+
 @dataclass(frozen=True)
 class MethodInfo:
-    """One method of the SAM family and its capabilities."""
+    """One method of the SAM family and the capabilities it declares.
+
+    Capabilities (what laws select on, with :func:`methods`):
+
+    * ``closure_kind``: "standard" | "per_sample" (ESAM, K-SAM) | "micro_batch" (mSAM);
+      ``first_pass_call`` / ``second_pass_call``: which call of the closure is the
+      backward at ``w`` / at ``w + e`` (K-SAM selects first; Momentum-SAM has one pass, at ``w + e``);
+    * ``needs_gradient``: the ascent starts from the first pass's gradient (Momentum-SAM's
+      from the base optimizer's momentum; equal to ``perturbation.needs_gradient``);
+    * ``ascends``: the steps it ascends on (its policy's pattern, :class:`Steps`);
+    * ``supports_scaler`` (a GradScaler, or refused with "Invalid scaler value"),
+      ``supports_two_step`` (first_step / second_step by hand), ``supports_ddp``
+      (replicas under local ascent, tests/test_ddp.py), ``supports_fsdp2`` (accepted on
+      FSDP2's shards, or refused before any weight moves);
+    * ``rho_zero_is_base``: rho=0 gives the base optimizer's steps bit for bit;
+    * ``closed_form_ascent``: plain SAM / ASAM (no policy, controller, mix or other
+      perturbation): ``e`` is :meth:`reference_e`, the papers' formula (tests/test_sam.py);
+    * ``bad_args``: arguments it refuses, with the error's regex;
+    * ``reports_validation``: a validation loss is reported after every step (rho controllers).
+    """
 
     name: str
     make_opt: Callable[..., samkit.SAM]  # (base_optimizer_instance, net, **sam_kwargs) -> SAM
     kwargs: Mapping[str, Any] = field(default_factory=dict)  # SAM keyword arguments
-    closure_kind: str = "standard"  # "standard" | "per_sample" (ESAM, K-SAM) | "micro_batch" (mSAM)
+    closure_kind: str = "standard"
     group_rho: tuple[float, ...] | None = None
     micro_batches: int = 1
-    first_pass_call: int = (
-        1  # which call of the closure is the backward at w (K-SAM: after selecting)
-    )
-    second_pass_call: int = (
-        2  # which call of the closure is the backward at w + e (Momentum-SAM: 1)
-    )
+    first_pass_call: int = 1
+    second_pass_call: int = 2
     bases: tuple[str, ...] | None = (
         None  # the BASES it supports (None: all); the first is its fallback
     )
+    needs_gradient: bool = True
+    ascends: Steps = EVERY_STEP
     supports_scaler: bool = True
     supports_two_step: bool = True
     supports_ddp: bool = True
-    rho_zero_is_base: bool = True  # rho=0 gives the base optimizer's steps bit for bit
+    supports_fsdp2: bool = True
+    rho_zero_is_base: bool = True
+    closed_form_ascent: bool = False
     needs_norm_layer: bool = False
     bad_args: tuple[tuple[Mapping[str, Any], str], ...] = ()
-    reports_validation: bool = False  # report a validation loss after every step (rho controllers)
+    reports_validation: bool = False
 
     def model(self, seed: int) -> nn.Module:
         return make_model(seed, bn=self.needs_norm_layer)
@@ -317,7 +276,15 @@ class MethodInfo:
         """The base optimizer ``name``, or this method's first one if it does not support it."""
         return BASE_BY_NAME[name if self.bases is None or name in self.bases else self.bases[0]]
 
+    def ascent_step(self, at_least: int) -> int:
+        """The first step, from ``at_least``, on which this method declares an ascent."""
+        for step in range(at_least, HORIZON):
+            if self.ascends(step):
+                return step
+        raise LookupError(f"{self.name} declares no ascent in steps {at_least}..{HORIZON - 1}")
+
     def groups(self, model: nn.Module, rho: float | None = None) -> list[dict[str, Any]]:
+        """Param groups for the base optimizer (with per-group rho keys when the method has them)."""
         out: list[dict[str, Any]] = [{"params": ps} for ps in split_groups(model)]
         if self.group_rho is not None:
             for g, r in zip(out, self.group_rho):
@@ -399,7 +366,7 @@ class MethodInfo:
                 opt.step(self.closure(model, x, y, scaler=scaler), scaler=scaler)
             else:
                 opt.step(self.closure(model, x, y))
-        elif not opt.perturbation.needs_gradient:  # Momentum-SAM: perturb, then the only pass
+        elif not self.needs_gradient:  # Momentum-SAM: perturb, then the only pass
             opt.first_step(zero_grad=True, scaler=scaler)
             self.closure(model, x, y, scaler=scaler)()
             if scaler is not None:
@@ -431,6 +398,60 @@ class MethodInfo:
     @property
     def forms(self) -> tuple[str, ...]:
         return ("closure", "explicit") if self.supports_two_step else ("closure",)
+
+    # The paper's ascent, element-wise in float64, independent of samkit.
+    def reference_e(self, groups: Sequence[dict[str, Any]]) -> list[list[Tensor | None]]:
+        """``e`` per parameter (None where the parameter has no gradient), for the methods
+        declaring ``closed_form_ascent``.
+
+        ``groups`` are SAM's param groups (with their rho / eta /
+        ascent_weight_decay keys) whose params hold the first-pass ``.grad``.
+
+        L2 (Foret et al., arXiv 2010.01412): ``e = rho g / ||g||``.
+        ASAM (Kwon et al., arXiv 2102.11600): ``e = rho T^2 g / ||T g||``,
+        ``T = |w| + eta``. The gradient first gets ``+ wd * w`` (ascent weight
+        decay). ``||.||`` is one norm over all groups whose rho is > 0.
+        """
+        assert self.closed_form_ascent, f"{self.name} declares no closed-form ascent"
+        adaptive = bool(self.kwargs.get("adaptive", False))
+        us, ds = [], []
+        sq = torch.zeros((), dtype=torch.float64)
+        for group in groups:
+            u_g, d_g = [], []
+            for p in group["params"]:
+                if p.grad is None or not p.requires_grad:
+                    u_g.append(None)
+                    d_g.append(None)
+                    continue
+                w = p.detach().double()
+                g = p.grad.double() + group["ascent_weight_decay"] * w
+                if adaptive:
+                    t = w.abs() + group["eta"]
+                    u, d = t * g, t * t * g
+                else:
+                    u, d = g, g
+                if group["rho"] > 0:
+                    sq = sq + (u * u).sum()
+                u_g.append(u)
+                d_g.append(d)
+            us.append(u_g)
+            ds.append(d_g)
+        norm = sq.sqrt()
+        eps = 1e-12
+        out: list[list[Tensor | None]] = []
+        for group, d_g in zip(groups, ds):
+            rho = group["rho"]
+            out.append(
+                [
+                    None
+                    if d is None
+                    else (rho / (norm + eps)) * d
+                    if rho > 0
+                    else torch.zeros_like(d)
+                    for d in d_g
+                ]
+            )
+        return out
 
     def __repr__(self) -> str:
         return self.name
@@ -488,16 +509,23 @@ _COMMON_BAD = (
 )
 
 METHODS: list[MethodInfo] = [
-    MethodInfo("sam", _sam, {"rho": 0.05}, bad_args=_COMMON_BAD),
+    MethodInfo("sam", _sam, {"rho": 0.05}, closed_form_ascent=True, bad_args=_COMMON_BAD),
     MethodInfo(
         "asam",
         _sam,
         {"rho": 0.5, "adaptive": True, "eta": 0.01},
+        closed_form_ascent=True,
         bad_args=(({"eta": -1.0}, "Invalid eta value"),),
     ),
-    MethodInfo("ascent_wd", _sam, {"rho": 0.05, "ascent_weight_decay": 0.1}),
-    MethodInfo("max_grad_norm", _sam, {"rho": 0.05, "max_grad_norm": 0.05}),
-    MethodInfo("per_group_rho", _sam, {"rho": 0.05}, group_rho=(0.1, 0.03, 0.0)),
+    MethodInfo(
+        "ascent_wd", _sam, {"rho": 0.05, "ascent_weight_decay": 0.1}, closed_form_ascent=True
+    ),
+    MethodInfo(
+        "max_grad_norm", _sam, {"rho": 0.05, "max_grad_norm": 0.05}, closed_form_ascent=True
+    ),
+    MethodInfo(
+        "per_group_rho", _sam, {"rho": 0.05}, group_rho=(0.1, 0.03, 0.0), closed_form_ascent=True
+    ),
     MethodInfo(
         "follow_lr",
         lambda base, net, rho=0.05, **kw: samkit.SAM(
@@ -544,7 +572,10 @@ METHODS: list[MethodInfo] = [
     ),
     MethodInfo(
         "fisher",
-        lambda base, net, eta=1.0, **kw: samkit.SAM(base, perturbation=samkit.Fisher(eta), **kw),
+        # with the Always policy spelt out (what policy=None does): every public policy has an entry
+        lambda base, net, eta=1.0, **kw: samkit.SAM(
+            base, perturbation=samkit.Fisher(eta), policy=samkit.Always(), **kw
+        ),
         {"rho": 0.05},
         bad_args=(({"eta": 0.0}, "Invalid eta value: 0.0"),),
     ),
@@ -553,6 +584,7 @@ METHODS: list[MethodInfo] = [
         _with(lambda m: {"perturbation": samkit.NormOnly(m)}),
         {"rho": 0.5},
         needs_norm_layer=True,
+        supports_fsdp2=False,  # selects tensors by identity
     ),
     MethodInfo(
         "masked_asam",
@@ -562,6 +594,7 @@ METHODS: list[MethodInfo] = [
             }
         ),
         {"rho": 0.5},
+        supports_fsdp2=False,  # selects tensors by identity
     ),
     MethodInfo(
         "random_subset",
@@ -569,6 +602,7 @@ METHODS: list[MethodInfo] = [
             base, perturbation=samkit.RandomSubset(beta, seed=3), **kw
         ),
         {"rho": 0.05},
+        supports_fsdp2=False,  # its mask would be drawn per shard
         bad_args=(
             ({"beta": 0.0}, r"Invalid beta value: 0\.0"),
             ({"beta": 1.5}, "Invalid beta value"),
@@ -578,6 +612,7 @@ METHODS: list[MethodInfo] = [
         "every_k",
         lambda base, net, k=2, **kw: samkit.SAM(base, policy=samkit.EveryK(k), **kw),
         {"rho": 0.05},
+        ascends=every(2),
         bad_args=(({"k": 0}, "Invalid k value: 0"),),
     ),
     MethodInfo(
@@ -586,6 +621,7 @@ METHODS: list[MethodInfo] = [
             base, policy=samkit.RandomPolicy(p, seed=1), **kw
         ),
         {"rho": 0.05},
+        ascends=drawn(0.5, seed=1),
         bad_args=(({"p": 1.5}, r"Invalid p value: 1\.5"),),
     ),
     MethodInfo(
@@ -594,18 +630,22 @@ METHODS: list[MethodInfo] = [
             base, policy=samkit.GradNormTrigger(8, c_start=-2.0, c_end=0.0, decay=decay), **kw
         ),
         {"rho": 0.05},
+        # the falling gradient norm meets the rising threshold after 4 steps
+        ascends=observed("11110000"),
         bad_args=(({"decay": 1.0}, r"Invalid decay value: 1\.0"),),
     ),
     MethodInfo(
         "late",
         lambda base, net, start=2, **kw: samkit.SAM(base, policy=samkit.Late(start), **kw),
         {"rho": 0.05},
+        ascends=every(1, start=2),
         bad_args=(({"start": -1}, "Invalid start_step value: -1"),),
     ),
     MethodInfo(
         "gsam",
         lambda base, net, **kw: samkit.GSAM(base, **kw),
         {"rho": 0.05, "alpha": 0.3},
+        supports_fsdp2=False,  # its mix keeps per-parameter gradients
         bad_args=(
             ({"alpha": -0.1}, r"Invalid alpha value: -0\.1"),
             ({"rho_min": 1.0}, "Invalid rho_min value"),
@@ -615,6 +655,8 @@ METHODS: list[MethodInfo] = [
         "looksam",
         lambda base, net, **kw: samkit.LookSAM(base, **kw),
         {"rho": 0.05, "k": 2, "alpha": 0.4},
+        ascends=every(2),
+        supports_fsdp2=False,  # its mix keeps per-parameter gradients
         bad_args=(({"k": 0}, "Invalid k value: 0"), ({"alpha": -1}, "Invalid alpha value: -1")),
     ),
     MethodInfo(
@@ -624,6 +666,7 @@ METHODS: list[MethodInfo] = [
         closure_kind="per_sample",
         second_pass_call=3,  # after the selection forward
         supports_two_step=False,
+        supports_fsdp2=False,  # its weight perturbation's mask would be drawn per shard
         bad_args=(
             ({"gamma": 0.0}, r"Invalid gamma value: 0\.0"),
             ({"beta": 2.0}, "Invalid beta value"),
@@ -633,12 +676,15 @@ METHODS: list[MethodInfo] = [
         "every_k_asam",
         lambda base, net, k=2, **kw: samkit.SAM(base, adaptive=True, policy=samkit.EveryK(k), **kw),
         {"rho": 0.5},
+        ascends=every(2),
     ),
     MethodInfo(
         "momentum_sam",
         lambda base, net, **kw: samkit.MomentumSAM(base, **kw),
         {"rho": 0.5},
         second_pass_call=1,  # the only pass, at w + e
+        needs_gradient=False,  # the ascent follows the base optimizer's momentum
+        ascends=every(1, start=1),  # step 0 has no momentum to follow
         bases=("adam", "sgd_nesterov", "adamw", "rmsprop"),  # a momentum to follow
         bad_args=(
             *_COMMON_BAD,
@@ -653,6 +699,8 @@ METHODS: list[MethodInfo] = [
         lambda base, net, start=2, **kw: samkit.MomentumSAM(base, policy=samkit.Late(start), **kw),
         {"rho": 0.5},
         second_pass_call=1,
+        needs_gradient=False,
+        ascends=every(1, start=2),
         bases=("adam", "sgd_nesterov"),
         bad_args=(({"start": -1}, "Invalid start_step value: -1"),),
     ),
@@ -674,6 +722,9 @@ METHODS: list[MethodInfo] = [
         "vsam",
         lambda base, net, **kw: samkit.VSAM(base, warmup_steps=3, window=3, blocks=1, **kw),
         {"rho": 0.05},
+        # SAM on its 3 warm-up steps, then its PSF variation decides per window
+        ascends=observed("11100110"),
+        supports_fsdp2=False,  # its mix keeps per-parameter gradients
         bad_args=(
             ({"beta": 1.0}, r"Invalid beta value: 1\.0"),
             ({"max_fraction": 0.0}, r"Invalid max_fraction value: 0\.0"),
@@ -694,3 +745,25 @@ METHODS: list[MethodInfo] = [
     ),
 ]
 METHOD_BY_NAME = {m.name: m for m in METHODS}
+
+
+def methods(*capabilities: str, **declared: Any) -> list[MethodInfo]:
+    """The methods declaring each of ``capabilities`` (flags that are true) and each of
+    ``declared`` (``closure_kind="standard"``). Never empty: a law with no method to
+    run over is an error at collection, not a silent pass."""
+    chosen = [
+        m
+        for m in METHODS
+        if all(getattr(m, c) for c in capabilities)
+        and all(getattr(m, k) == v for k, v in declared.items())
+    ]
+    if not chosen:
+        raise LookupError(f"no method declares {capabilities} {declared}")
+    return chosen
+
+
+def method_base_pairs(
+    infos: Sequence[MethodInfo], bases: Sequence[BaseInfo] = BASES
+) -> list[tuple[MethodInfo, BaseInfo]]:
+    """Each method with each of ``bases`` it supports."""
+    return [(m, b) for m in infos for b in bases if m.supports(b)]

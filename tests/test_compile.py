@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_registry import BASE_BY_NAME, METHODS, make_data, make_model, params_of
+from optim_registry import BASE_BY_NAME, METHOD_BY_NAME, make_data, make_model, methods, params_of
 
 STEPS = 4
 
@@ -38,7 +38,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("info", METHODS, ids=lambda m: m.name)
+@pytest.mark.parametrize("info", methods(), ids=lambda m: m.name)
 def test_compiled_training_step_equals_eager(info):
     """aot_eager traces the step as the default backend does, without code generation: the same bits."""
     eager = _run(info, compiled=False, backend="eager")
@@ -50,7 +50,7 @@ def test_compiled_training_step_equals_eager(info):
 @pytest.mark.parametrize("name", ["sam", "gsam"])
 def test_inductor_compiled_training_step_matches_eager(name):
     """The default backend generates fused kernels: equal to float rounding."""
-    info = next(m for m in METHODS if m.name == name)
+    info = METHOD_BY_NAME[name]
     eager = _run(info, compiled=False, backend="eager")
     compiled = _run(info, compiled=True, backend="inductor")
     assert compiled[1:] == eager[1:]
@@ -77,7 +77,7 @@ def test_compiled_model_in_a_plain_loop_equals_eager(name):
     compiled module); Dynamo guards on ``track_running_stats`` and traces that
     pass separately, so the statistics still move once per step.
     """
-    info = next(m for m in METHODS if m.name == name)
+    info = METHOD_BY_NAME[name]
     eager = _run_compiled_model(info, backend=None)
     compiled = _run_compiled_model(info, backend="aot_eager")
     assert compiled[2:] == eager[2:]
@@ -87,7 +87,7 @@ def test_compiled_model_in_a_plain_loop_equals_eager(name):
 
 
 def test_inductor_compiled_model_matches_eager():
-    info = next(m for m in METHODS if m.name == "sam")
+    info = METHOD_BY_NAME["sam"]
     eager = _run_compiled_model(info, backend=None)
     compiled = _run_compiled_model(info, backend="inductor")
     assert compiled[2:] == eager[2:]

@@ -306,14 +306,12 @@ def _forward_outside_first_pass(rank):
 # ------------------------------------------------- the family, and subgroups
 def _family(rank):
     """Every DDP-capable method of the registry under local ascent, on this rank's half."""
-    from optim_registry import BASE_BY_NAME, METHODS, make_data
+    from optim_registry import BASE_BY_NAME, make_data, methods
 
     from samkit.optim._ddp import DDP_ATTRIBUTES
 
     out = {}
-    for info in METHODS:
-        if not info.supports_ddp:
-            continue
+    for info in methods("supports_ddp"):
         net = info.model(21)
         ddp = nn.parallel.DistributedDataParallel(net)
         if info.name == "sam":
@@ -698,13 +696,11 @@ def test_example_script_trains_and_keeps_replicas_identical():
 def test_every_method_keeps_the_replicas_identical_under_local_ascent(results):
     """Each replica ascends along its own gradient; what the base step receives
     (mixes, policies' decisions, ESAM's selection) must still agree across replicas."""
-    from optim_registry import METHODS
+    from optim_registry import methods
 
     r0, r1 = load(results, "family_local")
     assert r0["missing_ddp_attributes"] == [], "torch's DDP changed: update samkit/optim/_ddp.py"
-    for info in METHODS:
-        if not info.supports_ddp:
-            continue
+    for info in methods("supports_ddp"):
         a, b = r0[info.name], r1[info.name]
         assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"])), info.name
         assert a["ascents"] == b["ascents"] > 0, info.name

@@ -1,7 +1,11 @@
-"""The SAM optimizer battery: laws that every (base optimizer x SAM mode) must obey.
+"""The SAM optimizer battery: laws that every (base optimizer x method) declaring what they need obeys.
 
-The registry (tests/optim_registry.py) lists the base optimizers and SAM modes;
-most tests run over all of their combinations.
+The registry (tests/optim_registry.py) lists the base optimizers and the methods.
+The update and rho=0 laws here run over every base with every method declaring a
+closed-form ascent (plain SAM and ASAM, with ascent weight decay, gradient
+clipping or per-group radii: ``methods("closed_form_ascent")``), whose ``e`` the
+registry computes from the papers' formulas; the closure and gradient laws over
+every method declaring what they need (tests/test_family.py has the rest).
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ from hypothesis import strategies as st
 from optim_registry import (
     BASE_BY_NAME,
     BASES,
-    MODE_BY_NAME,
-    MODES,
+    METHOD_BY_NAME,
     all_equal,
     closure_for,
     loss_fn,
     make_data,
     make_model,
+    methods,
     params_of,
     roundtrip,
     state_equal,
@@ -33,7 +37,16 @@ from torch import nn
 import samkit
 from samkit import functional
 
-COMBOS = [pytest.param(b, m, id=f"{b.name}-{m.name}") for b in BASES for m in MODES]
+MODES = methods("closed_form_ascent")
+
+
+def _combos(infos):
+    return [
+        pytest.param(b, m, id=f"{b.name}-{m.name}") for b in BASES for m in infos if m.supports(b)
+    ]
+
+
+COMBOS = _combos(MODES)
 # The battery multiplies hypothesis examples by 30 combinations: each combination
 # gets a fifth of the profile's budget (the profile's scaling is kept).
 FEW = settings(max_examples=max(3, settings.default.max_examples // 5))
@@ -62,7 +75,7 @@ def _run(opt, model, x, y, steps, form):
 
 def _base_run(base, mode, model, x, y, steps):
     """The base optimizer alone (with the mode's gradient clipping, which is not part of SAM's ascent)."""
-    clip = mode.sam_kwargs.get("max_grad_norm")
+    clip = mode.kwargs.get("max_grad_norm")
     for _ in range(steps):
         base.zero_grad()
         loss_fn(model, x, y).backward()
@@ -135,7 +148,7 @@ def test_update_matches_the_paper(base, mode, seed):
 
         # Reference: the base optimizer fed the gradient at w + e (clipped if asked).
         g2 = _grads_at(twin, w_adv, x, y)
-        clip = mode.sam_kwargs.get("max_grad_norm")
+        clip = mode.kwargs.get("max_grad_norm")
         if clip is not None:
             n = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g2]))
             g2 = [g * min(1.0, clip / (float(n) + 1e-6)) for g in g2]
@@ -146,7 +159,7 @@ def test_update_matches_the_paper(base, mode, seed):
 
 
 def test_rho_zero_group_is_neither_perturbed_nor_counted():
-    mode = MODE_BY_NAME["per_group_rho"]
+    mode = METHOD_BY_NAME["per_group_rho"]
     model = make_model(0)
     x, y = make_data(0)
     opt = mode.make(BASE_BY_NAME["sgd"], model)
@@ -222,11 +235,11 @@ def _sched(kind, opt, total):
 def test_plain_torch_optimizer_loads_sam_state_dict(base):
     model = make_model(1)
     x, y = make_data(1)
-    opt = MODE_BY_NAME["l2"].make(base, model)
+    opt = METHOD_BY_NAME["sam"].make(base, model)
     _run(opt, model, x, y, 2, "closure")
     sd = roundtrip(opt.state_dict())
     assert sd["samkit"]["steps"] == 2 and sd["samkit"]["ascents"] == 2
-    plain = base.make(MODE_BY_NAME["l2"].groups(make_model(1)))
+    plain = base.make(METHOD_BY_NAME["sam"].groups(make_model(1)))
     plain.load_state_dict(sd)
     assert state_equal(plain.state_dict()["state"], opt.base_optimizer.state_dict()["state"])
     assert [g["lr"] for g in plain.param_groups] == [g["lr"] for g in opt.param_groups]
@@ -235,11 +248,11 @@ def test_plain_torch_optimizer_loads_sam_state_dict(base):
 # --------------------------------------------------- zero and missing grads
 
 
-@pytest.mark.parametrize(("base", "mode"), COMBOS)
+@pytest.mark.parametrize(("base", "mode"), _combos(methods(closure_kind="standard")))
 def test_params_without_grad_and_frozen_params_are_untouched(base, mode):
-    model = make_model(4)
+    model = mode.model(4)
     x, y = make_data(4)
-    ref = make_model(4)
+    ref = mode.model(4)
     unused = torch.nn.Parameter(torch.randn(3, 2))  # in the optimizer, never in the graph
     frozen = torch.nn.Parameter(torch.randn(4), requires_grad=False)
     model.get_submodule("0").weight.requires_grad_(False)  # a frozen layer weight
@@ -346,7 +359,7 @@ def test_lr_schedulers_drive_the_base_lr_without_warnings(kind, form):
     x, y = make_data(6)
     model, ref_model = make_model(6), make_model(6)
     base = BASE_BY_NAME["sgd_nesterov"]
-    opt = MODE_BY_NAME["l2"].make(base, model)
+    opt = METHOD_BY_NAME["sam"].make(base, model)
     ref = base.make([ref_model.parameters()])
     sched, ref_sched = _sched(kind, opt, 6), _sched(kind, ref, 6)
     lrs = []
@@ -402,11 +415,16 @@ def test_add_param_group_gets_sam_defaults_and_is_stepped():
 # ---------------------------------------------------- closure conventions
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+# (the loss it returns is at w; no BatchNorm, whose statistics depend on the batch)
+@pytest.mark.parametrize(
+    "mode",
+    methods(closure_kind="standard", needs_gradient=True, needs_norm_layer=False),
+    ids=lambda m: m.name,
+)
 def test_gradient_accumulation_in_the_closure_equals_the_full_batch(mode):
     x, y = make_data(9, n=12)
-    base = BASE_BY_NAME["adam"]
-    m_full, m_acc = make_model(9), make_model(9)
+    base = mode.base("adam")
+    m_full, m_acc = mode.model(9), mode.model(9)
     o_full, o_acc = mode.make(base, m_full), mode.make(base, m_acc)
     for _ in range(3):
         with torch.no_grad():
@@ -628,7 +646,7 @@ def test_copy_and_pickle_keep_the_base_optimizer(how):
 
     model = make_model(15)
     x, y = make_data(15)
-    opt = MODE_BY_NAME["asam"].make(BASE_BY_NAME["adam"], model)
+    opt = METHOD_BY_NAME["asam"].make(BASE_BY_NAME["adam"], model)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # installs a step wrapper
     _run(opt, model, x, y, 2, "closure")
     sched.step()
@@ -643,17 +661,19 @@ def test_copy_and_pickle_keep_the_base_optimizer(how):
     assert state_equal(opt.state_dict(), o2.state_dict())
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@pytest.mark.parametrize(
+    "mode", methods("supports_two_step", "needs_gradient"), ids=lambda m: m.name
+)
 def test_first_step_without_zero_grad_keeps_the_gradients(mode):
     x, y = make_data(16)
-    m1, m2 = make_model(16), make_model(16)
-    o1, o2 = mode.make(BASE_BY_NAME["sgd"], m1), mode.make(BASE_BY_NAME["sgd"], m2)
+    m1, m2 = mode.model(16), mode.model(16)
+    o1, o2 = mode.make(mode.base("sgd"), m1), mode.make(mode.base("sgd"), m2)
     for m in (m1, m2):
         loss_fn(m, x, y).backward()
     g = [p.grad.clone() for p in m2.parameters()]
-    o1.first_step(zero_grad=True)
-    o2.first_step(zero_grad=False)
-    assert all(p.grad is None for p in m1.parameters())
+    assert o1.first_step(zero_grad=True) == o2.first_step(zero_grad=False) == mode.ascends(0)
+    if mode.ascends(0):  # (a step that does not ascend keeps the gradient for the base step)
+        assert all(p.grad is None for p in m1.parameters())
     assert all_equal(
         [p.grad for p in m2.parameters()], g
     )  # untouched, though ASAM / wd work in place
