@@ -38,6 +38,7 @@ __all__ = [
     "is_enabled",
     "unscale_",
     "unscale_first_pass",
+    "check_mix_units",
     "mark_unscaled",
     "scaler_step_inputs",
     "unscale_by_",
@@ -79,6 +80,17 @@ def unscale_first_pass(step: Step, grads: list[Tensor], scaler: Any) -> None:
         return
     step.found_inf, step.found_per_device = unscale_(grads, scaler)
     step.unscaled = True  # second_step must not unscale these again
+
+
+def check_mix_units(step: Step, mix: Any, name: str) -> None:
+    """Refuse ``scaler.step(opt)`` after a first step without the scaler when a mix combines
+    the two passes' gradients: they would be in different units."""
+    if mix is not None and step.ascended and not step.first_pass_scaled:
+        raise ValueError(
+            "Invalid scaler value: scaler.step(opt) after first_step() without the scaler: "
+            f"{name} mixes first- and second-pass gradients, which would be in "
+            "different units. Call first_step(scaler=scaler) (or step(closure, scaler=scaler))."
+        )
 
 
 def mark_unscaled(

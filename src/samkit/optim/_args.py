@@ -28,7 +28,7 @@ __all__ = [
     "ZERO",
     "Checked",
     "check",
-    "check_group",
+    "init_groups",
     "check_group_rho",
     "existing_grads",
     "check_closure_backward",
@@ -230,13 +230,18 @@ def _check_values(kw: dict[str, Any]) -> None:
             )
 
 
-def check_group(
-    group: dict[str, Any], index: int | str, names: dict[str, str], defaults: dict[str, float]
+def init_groups(
+    groups: list[dict[str, Any]], names: dict[str, str], defaults: dict[str, float], start: int = 0
 ) -> None:
-    """A param group's SAM settings (``names``: setting -> group key), or their defaults."""
-    for key, name in names.items():
-        check = check_rho if key == "rho" else check_nonneg
-        check(f"{name} (param group {index})", group.get(name, defaults[key]))
+    """Check every group's SAM settings (``names``: setting -> group key), then give each
+    group the defaults it lacks; nothing changes unless every group passes."""
+    for index, group in enumerate(groups, start):
+        for key, name in names.items():
+            check = check_rho if key == "rho" else check_nonneg
+            check(f"{name} (param group {index})", group.get(name, defaults[key]))
+    for group in groups:
+        for key, name in names.items():
+            group.setdefault(name, defaults[key])
 
 
 def check_group_rho(group: dict[str, Any], rho_key: str) -> None:

@@ -20,19 +20,15 @@ restores the weights bit for bit and releases BatchNorm; what it leaves
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import functional
+from .view import Gathered
 
 __all__ = ["Step"]
-
-Gathered = Sequence[tuple[Any, list[Tensor], list[Tensor]]]
-
 
 @dataclass(eq=False)
 class Step:
@@ -74,6 +70,17 @@ class Step:
     def perturbed(self) -> bool:
         """The weights are at ``w + e`` now."""
         return self.restore is not None
+
+    def fill_unreached_grads(self) -> None:
+        """Zero gradients for the parameters whose first-pass gradients were cleared and
+        that the pass at ``w + e`` did not reach (an unused head or branch): they had a
+        gradient, so the base step must still see one (momentum, weight decay, Adam's
+        step count), as with ``zero_grad(set_to_none=False)`` and no SAM."""
+        for _, params, _ in self.cleared or ():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        self.cleared = None
 
     def close(self, *, foreach: bool) -> None:
         """Copy ``w`` back (bit for bit) and release BatchNorm; both at most once."""

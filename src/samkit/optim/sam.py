@@ -17,23 +17,17 @@ A perturbation that needs no gradient (Momentum-SAM, arXiv 2401.12033:
 ``e_t = -rho v_t / ||v_t||`` from the base optimizer's momentum) moves the
 weights *before* the forward pass, and the step costs one pass, at ``w + e``.
 
-This file holds the protocol; one step's state is a :class:`._step.Step`
-(its docstring is the protocol's state machine), the kernels are in
-:mod:`samkit.functional` (:func:`samkit.functional.sam_ascent` is the whole
-ascent on one screen), the argument checks in :mod:`._args`, the state dict
-in :mod:`._state`, the DDP duties in :mod:`._ddp`, FSDP2's in :mod:`._fsdp`,
-the GradScaler's in :mod:`._amp`, and the three axes of a variant in
-:mod:`.perturbation` (how ``e`` is made), :mod:`.policy` (which steps ascend)
-and :mod:`.mix` (what the base step receives). They see the step through a
-:class:`.view.StepView`, never this object.
+This file holds the protocol; one step's state is a :class:`._step.Step`,
+whose docstring is the protocol's state machine. :func:`samkit.functional.sam_ascent`
+is the whole ascent on one screen; docs/architecture.md maps the other modules.
+The pieces of a variant (perturbation, policy, mix, rho controller) see a step
+through a :class:`.view.StepView`, never this object.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,19 +37,15 @@ from torch import Tensor, nn
 from .. import functional
 from . import _amp, _args, _compile, _ddp, _fsdp, _state
 from ._step import Step
+from ._wrapper import Wrapper
 from .batchnorm import freeze_bn_stats
 from .mix import Mix
 from .perturbation import L2, Adaptive, Perturbation
 from .policy import Policy
 from .rho import RhoController
-from .view import RhoGroups, StepView, sam_settings
+from .view import Gathered, RhoGroups, StepView, sam_settings
 
 __all__ = ["SAM"]
-
-_GROUP_KEYS = ("rho", "eta", "ascent_weight_decay")
-
-#: ``(group, params, grads)`` per param group, as a step gathers them
-Gathered = list[tuple[Any, list[Tensor], list[Tensor]]]
 
 #: Above this radius (rho times the policy's factor) a step checks that the pass
 #: at ``w + e`` is finite, even with ``skip_nonfinite=None``. Below it ``e`` is
@@ -64,51 +54,8 @@ Gathered = list[tuple[Any, list[Tensor], list[Tensor]]]
 #: overflow float32, and the hot path stays free of host reads.
 CHECKED_RHO = 100.0
 
-_HOOKS = (
-    "_optimizer_step_pre_hooks",
-    "_optimizer_step_post_hooks",
-    "_optimizer_state_dict_pre_hooks",
-    "_optimizer_state_dict_post_hooks",
-    "_optimizer_load_state_dict_pre_hooks",
-    "_optimizer_load_state_dict_post_hooks",
-)
 
-
-def _protocol(method: Callable[..., Any]) -> Callable[..., Any]:
-    """A step method: under ``no_grad``, and opaque to ``torch.compile``.
-
-    Under compilation it runs as ``torch.compiler.disable`` (dynamo would drop
-    SAM's attribute writes), made on first use (:mod:`._compile`: no
-    ``torch._dynamo`` import at load); in eager mode it skips that wrapper and
-    the ``no_grad`` decorator, which together cost more per step than SAM's own
-    bookkeeping on a small model, and sets the grad mode directly.
-    """
-    compiled = _compile.disable(torch.no_grad()(method))
-
-    @functools.wraps(method)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
-            return compiled(*args, **kwargs)
-        enabled = torch.is_grad_enabled()
-        torch.set_grad_enabled(False)
-        try:
-            return method(*args, **kwargs)
-        finally:
-            torch.set_grad_enabled(enabled)
-
-    return run
-
-
-def _forwarded(name: str) -> Any:
-    """The base optimizer's attribute ``name``, read and written through SAM."""
-    return property(
-        lambda self: getattr(self.base_optimizer, name),
-        lambda self, value: setattr(self.base_optimizer, name, value),
-        doc=f"The base optimizer's ``{name}``.",
-    )
-
-
-class SAM(_state.StateDict, torch.optim.Optimizer):
+class SAM(_state.StateDict, Wrapper):
     r"""Wrap a torch optimizer so each step is a sharpness-aware step.
 
     Args:
@@ -216,13 +163,8 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
             foreach=foreach, ascent_eps=ascent_eps,
         )  # fmt: skip
         checked = _args.check(params_or_optimizer, base_optimizer, base_kwargs, keywords)
-        # Optimizer.__init__ is not called: the param groups, state and defaults
-        # are the base optimizer's (properties below). Only the hook registries
-        # that torch's step/state_dict machinery expects are set up here.
-        self.base_optimizer = base = checked.base
-        for hooks in _HOOKS:
-            setattr(self, hooks, OrderedDict())
-        self._patch_step_function()
+        super().__init__(checked.base)  # param_groups, state, defaults: the base's (._wrapper)
+        base = checked.base
         self._sam_defaults = {"rho": float(checked.rho), "eta": float(eta)}
         self._sam_defaults["ascent_weight_decay"] = float(ascent_weight_decay)
         self._init_groups(base)
@@ -244,22 +186,17 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
     def _init_groups(self, base: torch.optim.Optimizer) -> None:
         # A base optimizer may use one of SAM's group keys for itself (Adadelta's
         # "rho" is its decay): SAM's own then lives under "sam_<key>".
-        self.group_keys = {k: f"sam_{k}" if k in base.defaults else k for k in _GROUP_KEYS}
+        self.group_keys = {
+            k: f"sam_{k}" if k in base.defaults else k
+            for k in ("rho", "eta", "ascent_weight_decay")
+        }
         self.rho_key = self.group_keys["rho"]
-        for i, group in enumerate(base.param_groups):  # all checked before any is changed
-            _args.check_group(group, i, self.group_keys, self._sam_defaults)
+        _args.init_groups(base.param_groups, self.group_keys, self._sam_defaults)
         for key, value in self._sam_defaults.items():
             base.defaults.setdefault(self.group_keys[key], value)
-        for group in base.param_groups:
-            self._init_group(group)
         everything = [p for group in base.param_groups for p in group["params"]]
         _fsdp.refuse_fsdp1(everything)
         self._sharded = _fsdp.holds_dtensors(everything)  # FSDP2: the ascent runs on local shards
-
-    # ------------------------------------------------------------ forwarding
-    param_groups = _forwarded("param_groups")
-    state = _forwarded("state")
-    defaults = _forwarded("defaults")
 
     @property
     def perturbed(self) -> bool:
@@ -273,25 +210,9 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
         """A step is open: :meth:`first_step` done, :meth:`second_step` not yet."""
         return self._step is not None and self._step.opened
 
-    # Optimizer.__getstate__ keeps only defaults / state / param_groups, which
-    # here live in the base optimizer: copy and pickle would lose it. Keep
-    # everything except the step wrapper an LR scheduler installs on the
-    # instance (a closure, not picklable; torch's optimizers drop it too).
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("step", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-    def _init_group(self, group: dict[str, Any]) -> None:
-        for key, name in self.group_keys.items():
-            group.setdefault(name, self._sam_defaults[key])
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _args.check_group(param_group, len(self.param_groups), self.group_keys, self._sam_defaults)
-        self._init_group(param_group)
+        index = len(self.param_groups)
+        _args.init_groups([param_group], self.group_keys, self._sam_defaults, start=index)
         self.base_optimizer.add_param_group(param_group)
         try:
             _fsdp.refuse_fsdp1(self.param_groups[-1]["params"])
@@ -299,9 +220,6 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._sharded = self._sharded or _fsdp.holds_dtensors(self.param_groups[-1]["params"])
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def observe_validation(self, loss: float) -> None:
         """Report a validation loss (the study's trainer and the integrations do).
@@ -313,13 +231,9 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
             self.rho_controller.observe_validation(float(loss))
 
     def __repr__(self) -> str:
-        parts = [
-            f"rho={self.rho_controller or self._sam_defaults['rho']}",
-            f"perturbation={self.perturbation!r}",
-        ]
-        parts += [f"policy={self.policy!r}"] + (
-            [f"mix={self.mix!r}"] if self.mix is not None else []
-        )
+        rho = self.rho_controller or self._sam_defaults["rho"]
+        parts = [f"rho={rho}", f"perturbation={self.perturbation!r}", f"policy={self.policy!r}"]
+        parts += [f"mix={self.mix!r}"] if self.mix is not None else []
         return f"{type(self).__name__}({', '.join(parts)}, base={self.base_optimizer!r})"
 
     # --------------------------------------------------------------- helpers
@@ -387,7 +301,7 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
             yield
 
     # ------------------------------------------------------------- protocol
-    @_protocol
+    @_compile.protocol
     def first_step(
         self, zero_grad: bool = True, *, scaler: torch.amp.GradScaler | None = None
     ) -> bool:
@@ -467,15 +381,15 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
                 "None): nothing was back-propagated, so the step would silently do nothing. Call "
                 "loss.backward() (or scaler.scale(loss).backward()) before first_step()"
             )
-        sources, sharding = (sharded, None) if not self._sharded else _fsdp.localize(sharded)
-        if sharding is not None:
-            _fsdp.check_supported(self.mix, self.perturbation, scaler, type(self).__name__)
-        elif (
-            not by_gradient and not sharded and self.steps
-        ):  # (the base has stepped: it keeps state)
+        if not by_gradient and not sharded and self.steps:  # (the base has stepped: it keeps state)
             perturbed = [p for g in self.param_groups if g[self.rho_key] > 0 for p in g["params"]]
             self.perturbation.check_state(perturbed, self.base_optimizer.state)
-        return sharded, list(sources), sharding
+        if not self._sharded:
+            return sharded, sharded, None
+        sources, sharding = _fsdp.localize(sharded)
+        if sharding is not None:
+            _fsdp.check_supported(self.mix, self.perturbation, scaler, type(self).__name__)
+        return sharded, sources, sharding  # type: ignore[return-value]
 
     def _ascend(
         self, active: Gathered, factor: float, view: StepView, zero_grad: bool, scaler: Any
@@ -528,7 +442,7 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
             out.append((group, params, copies))
         return out
 
-    @_protocol
+    @_compile.protocol
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the weights to ``w`` exactly and take the base optimizer's step.
 
@@ -537,8 +451,7 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
         if not self._pending:
             raise RuntimeError("second_step() called without first_step()")
         step = self._close_step()
-        if step.cleared is not None:
-            self._fill_unreached_grads(step.cleared)
+        step.fill_unreached_grads()
         if not self._final_gradient(step):
             self.base_optimizer.step()
         self.steps += 1
@@ -559,7 +472,7 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
             return skip
         gathered = self._gather()
         if unscale:
-            self._check_mix_units(step)
+            _amp.check_mix_units(step, self.mix, type(self).__name__)
             _amp.unscale_by_(
                 [g for _, _, grads in gathered for g in grads], grad_scale, foreach=self.foreach
             )
@@ -582,7 +495,7 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
             )
         return skip
 
-    @_protocol
+    @_compile.protocol
     def abort_step(self) -> None:
         """Undo a :meth:`first_step` whose second pass failed (two-step form).
 
@@ -697,9 +610,8 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
         if not self._checks_finite(scaler is not None):
             return False
         found_inf = self._step.found_inf if self._step is not None else None
-        bad = (
-            ~torch.isfinite(norm) if found_inf is None else (found_inf > 0) | ~torch.isfinite(norm)
-        )
+        bad = ~torch.isfinite(norm)
+        bad = bad if found_inf is None else (found_inf > 0) | bad
         return _ddp.any_replica(bad, _ddp.process_group(self.model), local=local)
 
     def _skip_ascent(self, ascent: list[functional.AscentGroup], zero_grad: bool) -> bool:
@@ -720,24 +632,6 @@ class SAM(_state.StateDict, torch.optim.Optimizer):
                     p.grad = None
         else:
             self.zero_grad()
-
-    def _fill_unreached_grads(self, cleared: Any) -> None:
-        """Zero gradients for the parameters whose first-pass gradients were cleared and
-        that the pass at ``w + e`` did not reach (an unused head or branch): they had a
-        gradient, so the base step must still see one (momentum, weight decay, Adam's
-        step count), as with ``zero_grad(set_to_none=False)`` and no SAM."""
-        for _, params, _ in cleared:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-
-    def _check_mix_units(self, step: Step) -> None:
-        if self.mix is not None and step.ascended and not step.first_pass_scaled:
-            raise ValueError(
-                "Invalid scaler value: scaler.step(opt) after first_step() without the scaler: "
-                f"{type(self).__name__} mixes first- and second-pass gradients, which would be in "
-                "different units. Call first_step(scaler=scaler) (or step(closure, scaler=scaler))."
-            )
 
     def _clip_or_check(self, gathered: Gathered, check: bool) -> bool:
         """Clip the final gradient (``max_grad_norm``) and/or check it is finite; True = skip."""
