@@ -30,6 +30,7 @@ from .view import Gathered
 
 __all__ = ["Step"]
 
+
 @dataclass(eq=False)
 class Step:
     """One SAM step, from ``first_pass()`` / ``first_step()`` to ``_close_step``.
