@@ -9,6 +9,7 @@ import dataclasses
 import pathlib
 import re
 
+import pytest
 import torch
 
 import samkit
@@ -134,3 +135,36 @@ def test_a_rho_controller_sees_groups_not_the_optimizer():
     expected = torch.ones(2) + 0.25 * torch.ones(2) / torch.ones(2).norm()
     assert torch.allclose(w.detach(), expected)
     opt.abort_step()
+
+
+def test_the_step_moves_through_its_states():
+    """no step -> AT_W -> PERTURBED / PLAIN -> no step, as optim/_step.py draws it."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = samkit.SAM(torch.optim.SGD([w], lr=0.1), rho=0.1)
+
+    def backward():
+        (w**2).sum().backward()
+
+    assert opt._step is None and not opt._pending
+    with opt.first_pass():  # AT_W: records how the pass ran; no step is open yet
+        backward()
+    assert opt._step is not None and not opt._step.opened and not opt._pending
+    opt.state_dict()  # allowed: the weights are at w
+    assert opt.first_step()  # PERTURBED
+    assert opt._pending and opt.perturbed and opt._step.opened
+    with pytest.raises(RuntimeError, match="first_pass"):
+        with opt.first_pass():
+            pass
+    with pytest.raises(RuntimeError, match="perturbed"):
+        opt.state_dict()
+    backward()
+    opt.second_step(zero_grad=True)
+    assert opt._step is None and opt.steps == 1 and opt.ascents == 1
+    opt.param_groups[0]["rho"] = 0.0  # PLAIN: the step opens, the weights stay at w
+    backward()
+    assert not opt.first_step(zero_grad=False)
+    assert opt._pending and not opt.perturbed
+    opt.abort_step()
+    assert opt._step is None and opt.steps == 1
+    opt.abort_step()  # no step: nothing to do
+    assert opt._step is None
