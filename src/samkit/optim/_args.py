@@ -66,7 +66,6 @@ class Checked:
     base: torch.optim.Optimizer
     controller: RhoController | None
     rho: float
-    keywords: dict[str, Any]
 
 
 def check(
@@ -92,7 +91,7 @@ def check(
             "which invalidates that graph. Use a first-order base optimizer."
         )
     _refuse_closure_stepping(base)
-    return Checked(base, controller, rho, kw)
+    return Checked(base, controller, rho)
 
 
 def _base_optimizer(
