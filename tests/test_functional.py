@@ -237,3 +237,84 @@ def test_scale_for_is_the_tensor_arithmetic_bit_for_bit(norm, rho, eps, dtype):
     got = functional.scale_for(rho, t, eps)
     assert isinstance(got, float)
     assert got == want or (math.isnan(got) and math.isnan(want))
+
+
+# ------------------------------------------- the paper's ascent == SAM's kernels
+
+_SHAPES = [(7, 3), (5,), (2, 3, 4), (1,)]
+
+
+def _sam_first_step(weights, grads, **kw):
+    """SAM's weights at ``w + e`` (its own path: prepare_ascent, measure_, perturb_)."""
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt = samkit.SAM(torch.optim.SGD(params, lr=0.1), **kw)
+    assert opt.first_step(zero_grad=False)
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sam_ascent_reference_equals_sams_path(threads, foreach, adaptive, weight_decay, dtype):
+    """To one rounding of ``w + e``: on CPU the kernels fuse ``w + s d`` and ``g + wd w``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(threads + 2 * adaptive + 4 * foreach)
+        for trial in range(10):
+            scale = 10.0 ** (trial % 5 - 2)
+            weights = [torch.randn(s, generator=gen, dtype=dtype) for s in _SHAPES]
+            grads = [scale * torch.randn(s, generator=gen, dtype=dtype) for s in _SHAPES]
+            kw = dict(rho=0.5, adaptive=adaptive, ascent_weight_decay=weight_decay)
+            ref = functional.sam_ascent(weights, grads, rho=0.5, adaptive=adaptive, eta=0.01,
+                                        weight_decay=weight_decay)  # fmt: skip
+            got = _sam_first_step(weights, grads, foreach=foreach, **kw)
+            # |e| at most rho T^2 (|g| + wd |w|) / ||u||, each term from float64
+            w64 = [w.double() for w in weights]
+            t = [w.abs() + 0.01 if adaptive else torch.ones_like(w) for w in w64]
+            u = [ti * (g.double() + weight_decay * w) for ti, g, w in zip(t, grads, w64)]
+            norm = torch.stack([x.norm() for x in u]).norm()
+            eps = torch.finfo(dtype).eps
+            for w, ti, g, r, x in zip(w64, t, grads, ref, got):
+                size = w.abs() + 0.5 * ti * ti * (g.double().abs() + weight_decay * w.abs()) / norm
+                assert ((x.double() - r.double()).abs() <= 4 * eps * size).all()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sam_ascent_reference_is_sams_path_bit_for_bit_where_they_round_alike(adaptive, dtype):
+    """With ``||u||`` a power of two the scale ``rho / ||u||`` is exact, fused or not: equal bits.
+
+    SAM: 64 gradient entries of +-1 give ``||g|| = 8``. ASAM: ``w = 0`` gives ``T_w = eta``
+    (0.5), ``u = g / 2`` and ``||u|| = 4``."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 8), (16,), (2, 2, 4)]  # 64 entries
+    signs = [torch.randint(0, 2, s, generator=gen).to(dtype) * 2 - 1 for s in shapes]
+    weights = [
+        torch.zeros(s, dtype=dtype) if adaptive else torch.randn(s, generator=gen, dtype=dtype)
+        for s in shapes
+    ]
+    kw = dict(rho=0.5, adaptive=adaptive, eta=0.5, ascent_eps=1e-30)
+    ref = functional.sam_ascent(weights, signs, rho=0.5, adaptive=adaptive, eta=0.5, eps=1e-30)
+    for foreach in (True, False):
+        got = _sam_first_step(weights, signs, foreach=foreach, **kw)
+        assert _equal(ref, got)
+    # and the reference is not trivially the input
+    assert not _equal(ref, weights)
+
+
+def test_sam_ascent_reference_reads_like_the_paper():
+    """e = rho g / ||g|| on a hand-sized example (SAM), and ASAM's T_w^2 g / ||T_w g||."""
+    w, g = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])  # ||g|| = 5
+    (out,) = functional.sam_ascent([w], [g], rho=0.5, eps=0.0)
+    assert torch.equal(out, w + 0.5 * g / 5)
+    (out,) = functional.sam_ascent([w], [g], rho=0.5, eps=0.0, adaptive=True, eta=0.0)
+    t = w.abs()
+    assert torch.allclose(out, w + 0.5 * t * t * g / (t * g).norm())
+    assert torch.equal(w, torch.tensor([1.0, 2.0])) and torch.equal(g, torch.tensor([3.0, 4.0]))

@@ -9,7 +9,10 @@ bit-identical results (tested in ``tests/test_functional.py``).
 Callers group tensors by device and dtype first (:func:`group_by_device`), as
 foreach kernels need homogeneous lists.
 
-The SAM ascent itself is three kernels over :class:`AscentGroup` lists:
+:func:`sam_ascent` is the whole ascent of one param group written as the
+papers write it, one tensor at a time: the reference the kernels below are
+tested against. SAM itself runs the ascent as three kernels over
+:class:`AscentGroup` lists:
 :func:`measure_` (the global norm of the perturbation's ``u``),
 :func:`perturb_` (back up ``w`` and move to ``w + e``) and :func:`restore_`
 (copy ``w`` back, bit for bit).
@@ -47,6 +50,7 @@ __all__ = [
     "measure_",
     "perturb_",
     "restore_",
+    "sam_ascent",
 ]
 
 TensorList = list[Tensor]
@@ -370,3 +374,47 @@ def restore_(perturbed: Sequence[tuple[TensorList, TensorList]], *, foreach: boo
     """Copy each backup back into its parameters: ``w`` bit for bit."""
     for params, backups in perturbed:
         copy_(params, backups, foreach=foreach)
+
+
+# ----------------------------------------------------- the ascent, as in the paper
+
+
+def sam_ascent(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    *,
+    rho: float,
+    eps: float = 1e-12,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    weight_decay: float = 0.0,
+) -> TensorList:
+    r"""The weights at the top of the ascent, ``w + e``, for one param group (a reference).
+
+    SAM (Foret et al., arXiv 2010.01412) and ASAM (Kwon et al., arXiv 2102.11600):
+
+    .. math::
+
+        g \leftarrow g + \lambda w, \qquad T_w = |w| + \eta \ \text{(ASAM; SAM: } T_w = 1)
+
+        u = T_w\, g, \qquad d = T_w^2\, g, \qquad
+        e = \rho \, \frac{d}{\lVert u \rVert_2 + \epsilon}, \qquad w \leftarrow w + e
+
+    with :math:`\lVert u \rVert_2` taken over the whole group. One tensor at a
+    time, nothing in place (the inputs are not modified), real float tensors on
+    one device. :class:`~samkit.SAM` computes the same with :func:`prepare_ascent`,
+    :func:`measure_` and :func:`perturb_`, in place, foreach, over several groups
+    sharing one norm; ``tests/test_functional.py`` checks the two agree (bit for
+    bit where they round alike; on CPU the kernels fuse ``w + s d`` and
+    ``g + \lambda w`` into one rounding each, so there to one rounding).
+    """
+    g = [g_i + weight_decay * w_i for w_i, g_i in zip(params, grads)] if weight_decay else grads
+    if adaptive:
+        t = [w_i.abs() + eta for w_i in params]  # T_w = |w| + eta
+        u = [t_i * g_i for t_i, g_i in zip(t, g)]  # u = T_w g
+        d = [t_i * u_i for t_i, u_i in zip(t, u)]  # d = T_w^2 g
+    else:
+        u = d = list(g)
+    norm = torch.stack([torch.linalg.vector_norm(u_i) for u_i in u]).square().sum().sqrt()
+    e = [rho / (norm + eps) * d_i for d_i in d]  # e = rho d / (||u|| + eps)
+    return [w_i + e_i for w_i, e_i in zip(params, e)]

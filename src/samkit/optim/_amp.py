@@ -24,14 +24,25 @@ loudly rather than silently.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .. import functional
 
-__all__ = ["is_enabled", "unscale_", "mark_unscaled", "scaler_step_inputs", "unscale_by_"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ._step import Step
+
+__all__ = [
+    "is_enabled",
+    "unscale_",
+    "unscale_first_pass",
+    "check_mix_units",
+    "mark_unscaled",
+    "scaler_step_inputs",
+    "unscale_by_",
+]
 
 
 def is_enabled(scaler: Any) -> bool:
@@ -59,6 +70,27 @@ def unscale_(
         found_per_device[device] = flag
     found = functional.global_norm([f.square() for f in found_per_device.values()])
     return found, found_per_device
+
+
+def unscale_first_pass(step: Step, grads: list[Tensor], scaler: Any) -> None:
+    """Unscale the first-pass gradients in place (with an enabled ``scaler``), and record
+    on the ``step`` what was done: the overflow flags, and that they are unscaled now."""
+    step.first_pass_scaled = is_enabled(scaler)
+    if not (step.first_pass_scaled and grads):
+        return
+    step.found_inf, step.found_per_device = unscale_(grads, scaler)
+    step.unscaled = True  # second_step must not unscale these again
+
+
+def check_mix_units(step: Step, mix: Any, name: str) -> None:
+    """Refuse ``scaler.step(opt)`` after a first step without the scaler when a mix combines
+    the two passes' gradients: they would be in different units."""
+    if mix is not None and step.ascended and not step.first_pass_scaled:
+        raise ValueError(
+            "Invalid scaler value: scaler.step(opt) after first_step() without the scaler: "
+            f"{name} mixes first- and second-pass gradients, which would be in "
+            "different units. Call first_step(scaler=scaler) (or step(closure, scaler=scaler))."
+        )
 
 
 def mark_unscaled(

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["disable", "disable_frame"]
+__all__ = ["disable", "disable_frame", "protocol"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -43,3 +43,28 @@ def disable_frame(fn: _F) -> _F:
     """:func:`disable` with ``recursive=False``: Dynamo skips ``fn``'s own frame
     (a step's attribute writes) but still compiles what it calls (the closure)."""
     return disable(fn, recursive=False)
+
+
+def protocol(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A step method: under ``no_grad``, and opaque to ``torch.compile``.
+
+    Under compilation it runs as ``torch.compiler.disable`` (dynamo would drop
+    SAM's attribute writes), made on first use (:func:`disable`: no
+    ``torch._dynamo`` import at load); in eager mode it skips that wrapper and
+    the ``no_grad`` decorator, which together cost more per step than SAM's own
+    bookkeeping on a small model, and sets the grad mode directly.
+    """
+    compiled = disable(torch.no_grad()(method))
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return compiled(*args, **kwargs)
+        enabled = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.set_grad_enabled(enabled)
+
+    return run

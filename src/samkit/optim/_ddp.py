@@ -25,12 +25,16 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .policy import Policy
+    from .view import StepView
 
 __all__ = [
     "DDP_ATTRIBUTES",
@@ -124,6 +128,23 @@ def request_buffer_broadcast(model: nn.Module) -> None:
     """
     if hasattr(model, "require_forward_param_sync"):
         model.require_forward_param_sync = True
+
+
+def agree_to_ascend(
+    view: StepView, active: bool, policy: Policy | None, model: nn.Module | None
+) -> bool:
+    """Whether this step ascends: some group has a radius and the policy agrees (on every replica)."""
+    if view.local:
+        # DDP broadcasts rank 0's buffers at the forward after a synchronised
+        # one; the local first pass was not, so ask for it explicitly.
+        request_buffer_broadcast(model)  # type: ignore[arg-type]
+    ascend = active and (policy is None or policy.should_ascend(view))
+    if view.local and active and policy is not None and not policy.replica_consistent:
+        # A policy reading the local gradient may answer differently on each
+        # replica: any replica asking for the ascent makes all ascend.
+        device = view.gradients[0][1][0].device
+        ascend = any_replica(torch.tensor(ascend, device=device), view.process_group, local=True)
+    return ascend
 
 
 def any_replica(flag: Tensor, group: Any, *, local: bool) -> bool:

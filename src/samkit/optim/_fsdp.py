@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import functional
+
 __all__ = [
     "DTENSOR_ATTRIBUTES",
     "FSDP1_ATTRIBUTES",
@@ -50,6 +52,7 @@ __all__ = [
     "refuse_fsdp1",
     "holds_dtensors",
     "full",
+    "grad_norm",
 ]
 
 #: The DTensor attributes (public and private) this module reads.
@@ -155,14 +158,13 @@ def localize(gathered: Gathered) -> tuple[Gathered, Sharding | None]:
     return out, Sharding(signature or (), owners)
 
 
-def check_supported(optimizer: Any, scaler: Any) -> None:
-    """Refuse, before any weight moves, what SAM cannot do right on shards."""
+def check_supported(mix: Any, perturbation: Any, scaler: Any, name: str) -> None:
+    """Refuse, before any weight moves, what SAM (the class ``name``) cannot do right on shards."""
     from .perturbation import Masked, RandomSubset
 
-    name = type(optimizer).__name__
-    if optimizer.mix is not None:
+    if mix is not None:
         raise ValueError(
-            f"Invalid mix value: {optimizer.mix!r} is not supported under FSDP2: it takes inner products "
+            f"Invalid mix value: {mix!r} is not supported under FSDP2: it takes inner products "
             "of and keeps per-parameter gradients, which are sharded here. Use SAM or ASAM (with any "
             f"policy or rho controller) under FSDP2; {name} with a mix runs under DDP."
         )
@@ -171,7 +173,6 @@ def check_supported(optimizer: Any, scaler: Any) -> None:
             "Invalid scaler value: a GradScaler is not supported with SAM under FSDP2 (its overflow flag "
             "would be per shard); use bfloat16 (FSDP2's MixedPrecisionPolicy or autocast), which needs no scaler"
         )
-    perturbation = optimizer.perturbation
     inner = getattr(perturbation, "inner", None)
     if isinstance(perturbation, Masked) or isinstance(inner, Masked):
         raise ValueError(
@@ -207,6 +208,17 @@ def refuse_fsdp1(params: Sequence[Tensor]) -> None:
                 "SAM cannot tell from whole tensors, so the ascent norm would be the shard's; use FSDP2's "
                 "torch.distributed.fsdp.fully_shard (see docs/fsdp.md)"
             )
+
+
+def grad_norm(gathered: Gathered, foreach: bool) -> Tensor:
+    """The global L2 norm of the gradients in ``gathered`` (summed over the shards under FSDP2)."""
+    local, sharding = localize(gathered)
+    squares = [
+        functional.sq_norm(bucket, foreach=foreach)
+        for _, _, grads in local
+        for (_, _), (bucket,) in functional.group_by_device(grads).items()
+    ]
+    return functional.global_norm(squares, reduce=None if sharding is None else sharding.reduce_)
 
 
 def full(total: Tensor) -> Tensor:

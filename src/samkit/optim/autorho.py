@@ -47,7 +47,7 @@ from . import _ddp
 from .rho import RhoController
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .view import StepView
+    from .view import RhoGroups, StepView
 
 __all__ = [
     "AutoRho",
@@ -101,10 +101,9 @@ class AutoRho(RhoController):
         self._unreported: int | None = 0
 
     # ---- SAM's side of the protocol
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        super().bind(optimizer)
-        key = getattr(optimizer, "rho_key", "rho")
-        self.scales = [self._scale(g[key]) for g in optimizer.param_groups]
+    def bind(self, groups: RhoGroups) -> None:
+        super().bind(groups)
+        self.scales = [self._scale(g[groups.rho_key]) for g in groups.param_groups]
 
     def adapt_to(self, *, adaptive: bool) -> None:
         """Called by SAM before :meth:`bind`: the starting radius for ASAM when none was given."""
@@ -128,8 +127,8 @@ class AutoRho(RhoController):
         self._write()
 
     def _write(self) -> None:
-        key = getattr(self.optimizer, "rho_key", "rho")
-        groups = self.optimizer.param_groups
+        key = self.groups.rho_key
+        groups = self.groups.param_groups
         while len(self.scales) < len(groups):  # groups added after construction
             self.scales.append(self._scale(groups[len(self.scales)][key]))
         for group, scale in zip(groups, self.scales):
@@ -322,11 +321,11 @@ class LossEquated(AutoRho):
         self.norm_sum, self.norm_count = 0.0, 0
         self.lr0: float | None = None
 
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        super().bind(optimizer)
+    def bind(self, groups: RhoGroups) -> None:
+        super().bind(groups)
         if self.rho_max is None:
             self.rho_max = 10.0 * self.initial_rho
-        group = optimizer.param_groups[0]
+        group = groups.param_groups[0]
         self.lr0 = float(group.get("initial_lr", group["lr"]))
 
     def next_rho(self, view: StepView) -> float:
@@ -343,7 +342,7 @@ class LossEquated(AutoRho):
     def _anneal_factor(self) -> float:
         if self.anneal != "lr" or not self.lr0:
             return 1.0
-        return max(float(self.optimizer.param_groups[0]["lr"]) / self.lr0, 0.0)
+        return max(float(self.groups.param_groups[0]["lr"]) / self.lr0, 0.0)
 
     def __repr__(self) -> str:
         return (
@@ -422,8 +421,8 @@ class ValidationPlateau(AutoRho):
         self.best: float | None = None
         self.bad = 0
 
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        super().bind(optimizer)
+    def bind(self, groups: RhoGroups) -> None:
+        super().bind(groups)
         if self.rho_max is None:
             self.rho_max = 8.0 * self.initial_rho
 

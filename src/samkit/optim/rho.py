@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._checks import check_nonneg, check_rho
+from .view import RhoGroups
 
 if TYPE_CHECKING:  # pragma: no cover
     from .view import StepView
@@ -34,9 +35,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["ProportionalRho", "LambdaRho", "RhoController", "FollowLR"]
 
 
-def _groups(optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, Any]], str]:
+def _groups(optimizer: torch.optim.Optimizer | RhoGroups) -> tuple[list[dict[str, Any]], str]:
     """The param groups and the key under which SAM keeps rho in them."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    if not isinstance(optimizer, (torch.optim.Optimizer, RhoGroups)):
         raise ValueError(
             f"Invalid optimizer value: expected a torch optimizer, got {type(optimizer).__name__}"
         )
@@ -57,7 +58,8 @@ class ProportionalRho:
     """Keep rho proportional to the learning rate (GSAM's schedule).
 
     Args:
-        optimizer: a :class:`~samkit.SAM` (or anything whose groups carry "rho").
+        optimizer: a :class:`~samkit.SAM` (or anything whose groups carry "rho"), or
+            the :class:`~samkit.optim.view.RhoGroups` a rho controller is given.
         rho_max: rho at the peak learning rate (default: each group's current rho).
         rho_min: rho at ``lr_min`` (default 0).
         lr_max: the peak learning rate (default: each group's current lr).
@@ -75,7 +77,7 @@ class ProportionalRho:
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | RhoGroups,
         rho_max: float | None = None,
         rho_min: float = 0.0,
         lr_max: float | None = None,
@@ -184,10 +186,13 @@ class LambdaRho:
 class RhoController:
     """Base class: sets each param group's ``"rho"`` at the start of every SAM step.
 
-    SAM calls :meth:`bind` once (its groups already carry their initial rho,
+    SAM calls :meth:`bind` once with its param groups' radius
+    (:class:`~samkit.optim.view.RhoGroups`: ``groups.param_groups`` and
+    ``groups.rho_key``; the groups already carry their initial rho,
     :attr:`initial_rho` unless a group set its own), then :meth:`begin_step`
-    before each step's ascent, and :meth:`observe_validation` when the training
-    loop reports a validation loss. State for resuming goes in
+    before each step's ascent (``view.groups`` is the same accessor), and
+    :meth:`observe_validation` when the training loop reports a validation
+    loss. A controller never sees the SAM object. State for resuming goes in
     :meth:`state_dict`; SAM saves it with its own.
     """
 
@@ -196,8 +201,14 @@ class RhoController:
     def __init__(self, initial_rho: float) -> None:
         self.initial_rho = check_rho("rho", initial_rho)
 
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
+    def bind(self, groups: RhoGroups) -> None:
+        self.groups = groups
+
+    @property
+    def optimizer(self) -> RhoGroups:
+        """:attr:`groups` under its samkit 0.2 name (a controller written then reads
+        ``self.optimizer.param_groups``; the SAM object itself is never given)."""
+        return self.groups
 
     def begin_step(self, view: StepView) -> None:
         return None
@@ -239,9 +250,9 @@ class FollowLR(RhoController):
         self.lr_min = check_nonneg("lr_min", lr_min)
         self.schedule: ProportionalRho | None = None
 
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        super().bind(optimizer)
-        self.schedule = ProportionalRho(optimizer, rho_min=self.rho_min, lr_min=self.lr_min)
+    def bind(self, groups: RhoGroups) -> None:
+        super().bind(groups)
+        self.schedule = ProportionalRho(groups, rho_min=self.rho_min, lr_min=self.lr_min)
 
     def begin_step(self, view: StepView) -> None:
         if self.schedule is None:

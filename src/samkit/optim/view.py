@@ -2,13 +2,16 @@
 
 Policies, mixes and rho controllers see a :class:`StepView`, never the
 :class:`~samkit.SAM` object: the step count, the gradients SAM gathered, the
-squared gradient norm on demand, and the process group to agree on. That
-keeps each piece testable on its own and SAM's private state private.
+squared gradient norm on demand, the process group to agree on, and the param
+groups' radius (:class:`RhoGroups`, what a rho controller reads and writes).
+Perturbations see each group's settings under their plain names
+(:func:`sam_settings`). That keeps each piece testable on its own and SAM's
+private state private.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,9 +20,66 @@ from torch import Tensor
 from .. import functional
 from . import _ddp
 
-__all__ = ["StepView"]
+__all__ = ["StepView", "RhoGroups", "sam_settings"]
 
 Gathered = Sequence[tuple[dict[str, Any], list[Tensor], list[Tensor]]]
+
+
+class RhoGroups:
+    """The param groups as a rho controller sees them: read the lr, read and write the radius.
+
+    A live view of the base optimizer's param groups (groups added with
+    ``add_param_group`` and groups replaced by ``load_state_dict`` included),
+    with SAM's radius under :attr:`rho_key` (``"rho"``, or ``"sam_rho"`` when
+    the base optimizer uses ``"rho"`` itself, as Adadelta does). SAM gives it
+    to a controller's ``bind`` and carries it in every :class:`StepView`
+    (``view.groups``); the controller never holds the SAM object.
+
+    Attributes:
+        rho_key: the group key under which SAM keeps the radius.
+    """
+
+    __slots__ = ("_optimizer", "rho_key")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rho_key: str) -> None:
+        self._optimizer = optimizer
+        self.rho_key = rho_key
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The base optimizer's param groups (read ``"lr"``; write only :attr:`rho_key`)."""
+        return self._optimizer.param_groups
+
+    def __repr__(self) -> str:
+        return f"RhoGroups({len(self.param_groups)} groups, rho_key={self.rho_key!r})"
+
+
+class _Renamed(Mapping[str, Any]):
+    """A param group read through SAM's plain names (``"rho"`` -> ``"sam_rho"``, ...); live."""
+
+    __slots__ = ("_group", "_names")
+
+    def __init__(self, group: dict[str, Any], names: dict[str, str]) -> None:
+        self._group = group
+        self._names = names
+
+    def __getitem__(self, key: str) -> Any:
+        return self._group[self._names.get(key, key)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*(k for k in self._group if k not in self._names), *self._names])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def sam_settings(group: dict[str, Any], names: dict[str, str]) -> Mapping[str, Any]:
+    """``group`` as the ascent and the perturbations read it: SAM's settings under their plain
+    names (``names`` maps each to its key in the group). The group itself when the names are
+    the keys; otherwise a live read-only view (it reads what a rho controller wrote)."""
+    if all(key == name for key, name in names.items()):
+        return group
+    return _Renamed(group, names)
 
 
 class StepView:
@@ -38,6 +98,8 @@ class StepView:
         process_group: the DDP process group (``None``: the default group).
         sharding: the FSDP2 shards' :class:`~samkit.optim._fsdp.Sharding`
             (``None`` without FSDP2); ``gradients`` then hold local shards.
+        groups: the param groups' radius, for a rho controller to read and
+            write (:class:`RhoGroups`); ``None`` in a view built by hand.
     """
 
     __slots__ = (
@@ -50,6 +112,7 @@ class StepView:
         "local",
         "process_group",
         "sharding",
+        "groups",
         "_sq_norm",
     )
 
@@ -65,6 +128,7 @@ class StepView:
         local: bool,
         process_group: Any,
         sharding: Any = None,
+        groups: RhoGroups | None = None,
     ) -> None:
         self.steps = steps
         self.ascents = ascents
@@ -75,6 +139,7 @@ class StepView:
         self.local = local
         self.process_group = process_group
         self.sharding = sharding
+        self.groups = groups
         self._sq_norm: Tensor | None = None
 
     @property

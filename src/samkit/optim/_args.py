@@ -1,0 +1,297 @@
+"""SAM's argument checks: the constructor's keywords, the base optimizer, param
+groups, and what a step is handed (existing gradients, a closure's backward).
+
+Each check raises ``ValueError("Invalid <name> value: ...")`` naming the
+argument, before anything is changed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import MAX_RHO, check_flag, check_nonneg, check_pos, check_rho
+from . import _ddp, autorho
+from .mix import Mix
+from .perturbation import Adaptive, Perturbation
+from .policy import Policy
+from .rho import RhoController
+
+__all__ = [
+    "Default",
+    "RHO",
+    "ETA",
+    "ZERO",
+    "Checked",
+    "check",
+    "init_groups",
+    "check_group_rho",
+    "existing_grads",
+    "check_closure_backward",
+    "check_first_pass_grads",
+]
+
+
+class Default(float):
+    """A float default that remembers it was not given (to route class-form keywords)."""
+
+    def __repr__(self) -> str:
+        return float.__repr__(self)
+
+
+RHO, ETA, ZERO = Default(0.05), Default(0.01), Default(0.0)
+
+
+def _was_given(name: str, value: Any) -> bool:
+    """Whether SAM's keyword ``name`` was given (the class form refuses one the optimizer class takes too)."""
+    if name in ("rho", "eta", "ascent_weight_decay"):
+        return not isinstance(value, Default)
+    if name == "adaptive":
+        return value is not False
+    if name == "ddp_ascent":
+        return value != "local"
+    if name == "ascent_eps":
+        return value != 1e-12
+    return value is not None
+
+
+@dataclass
+class Checked:
+    """SAM's keywords once checked: the base optimizer built or taken, rho a float."""
+
+    base: torch.optim.Optimizer
+    controller: RhoController | None
+    rho: float
+
+
+def check(
+    params_or_optimizer: Any, base_class: Any, base_kwargs: dict[str, Any], kw: dict[str, Any]
+) -> Checked:
+    """Check SAM's keywords ``kw`` and build (or take) the base optimizer, in the order
+    the errors are documented: flags, a named controller, the base optimizer, the values."""
+    given = {name: _was_given(name, value) for name, value in kw.items()}
+    check_flag("foreach", kw["foreach"], none=True)
+    check_flag("skip_nonfinite", kw["skip_nonfinite"], none=True)
+    rho = kw["rho"]
+    if isinstance(rho, str):  # "auto" / "auto:<name>": a self-tuning controller
+        rho = autorho.controller_from_name(rho)
+        rho.adapt_to(adaptive=bool(kw["adaptive"]) or isinstance(kw["perturbation"], Adaptive))
+    base = _base_optimizer(params_or_optimizer, base_class, base_kwargs, given, kw["foreach"])
+    controller = rho if isinstance(rho, RhoController) else None
+    rho = controller.initial_rho if controller is not None else rho
+    _check_values({**kw, "rho": rho})
+    if getattr(base, "is_second_order", False):
+        raise ValueError(
+            f"Invalid base_optimizer value: {type(base).__name__} is second-order (is_second_order=True, "
+            "backward(create_graph=True)); SAM restores the weights in place after the pass at w + e, "
+            "which invalidates that graph. Use a first-order base optimizer."
+        )
+    _refuse_closure_stepping(base)
+    return Checked(base, controller, rho)
+
+
+def _base_optimizer(
+    params_or_optimizer: Any,
+    base_class: Any,
+    base_kwargs: dict[str, Any],
+    given: dict[str, bool],
+    foreach: bool | None,
+) -> torch.optim.Optimizer:
+    """The wrapped optimizer: the instance given, or one built from the class form."""
+    if isinstance(params_or_optimizer, torch.optim.Optimizer):
+        if "eps" in base_kwargs:
+            raise ValueError(
+                "Invalid eps value: eps= belongs to the base optimizer (build it with its eps); "
+                "SAM's own epsilon is ascent_eps="
+            )
+        if base_class is not None or base_kwargs:
+            raise ValueError(
+                "Invalid base_optimizer value: pass either an optimizer instance, "
+                f"or params with an optimizer class and its arguments (got extra {sorted(base_kwargs)})"
+            )
+        from .sam import SAM  # (sam imports this module)
+
+        if isinstance(params_or_optimizer, SAM):
+            raise ValueError("Invalid params_or_optimizer value: cannot wrap a SAM in a SAM")
+        return params_or_optimizer
+    if inspect.isclass(params_or_optimizer) and issubclass(
+        params_or_optimizer, torch.optim.Optimizer
+    ):
+        name = params_or_optimizer.__name__
+        raise ValueError(
+            f"Invalid params_or_optimizer value: the class {name}, not an optimizer; pass an "
+            f"instance, SAM({name}(model.parameters(), ...), rho=...), or the parameters and the "
+            f"class, SAM(model.parameters(), {name}, rho=..., ...)"
+        )
+    if isinstance(params_or_optimizer, nn.Module):
+        raise ValueError(
+            f"Invalid params_or_optimizer value: a model ({type(params_or_optimizer).__name__}); "
+            "pass model.parameters() (or an optimizer instance)"
+        )
+    if not (inspect.isclass(base_class) and issubclass(base_class, torch.optim.Optimizer)):
+        raise ValueError(
+            f"Invalid base_optimizer value: {base_class!r}; expected a torch.optim.Optimizer "
+            "class when params are given (or pass an optimizer instance). In Stable-Baselines3's "
+            "policy_kwargs use samkit.integrations.sb3.SAMPPO / SAMA2C instead of optimizer_class=SAM"
+        )
+    accepted = _keywords_of(base_class)
+    for name, was_given in given.items():
+        if name in accepted and was_given and name != "foreach":
+            raise ValueError(
+                f"Invalid {name} value: both SAM and {base_class.__name__} take {name}=, so the class form "
+                f"is ambiguous; build the optimizer yourself: SAM({base_class.__name__}(params, ...), {name}=...)"
+            )
+    if foreach is not None and "foreach" in accepted:
+        base_kwargs = {**base_kwargs, "foreach": foreach}  # the flag is for both
+    return base_class(params_or_optimizer, **base_kwargs)
+
+
+def _refuse_closure_stepping(base: torch.optim.Optimizer) -> None:
+    """Refuse a base optimizer whose ``step`` must evaluate the loss itself (L-BFGS).
+
+    SAM calls ``base.step()`` once, without a closure, on the gradient at
+    ``w + e``. An optimizer whose ``step(closure)`` requires the closure (a
+    line search, several loss evaluations per step) cannot take that step: it
+    would fail at the first step, or re-evaluate the loss at weights SAM did
+    not choose.
+    """
+    name = type(base).__name__
+    why = None
+    if isinstance(base, torch.optim.LBFGS):
+        why = "its step(closure) re-evaluates the loss and gradient several times per step"
+    else:
+        try:
+            closure = inspect.signature(type(base).step).parameters.get("closure")
+        except (TypeError, ValueError):  # pragma: no cover - a step without a signature
+            closure = None
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            why = "its step(closure) requires a closure, so it evaluates the loss itself"
+    if why is not None:
+        raise ValueError(
+            f"Invalid base_optimizer value: {name}: {why}. SAM takes the base step once, with "
+            "the gradient at w + e already in .grad and no closure; use an optimizer that steps "
+            "from .grad (SGD, Adam, AdamW, ...)"
+        )
+
+
+def _keywords_of(cls: type) -> set[str]:
+    try:
+        parameters = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return set()
+    return {
+        name
+        for name, p in parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def _check_values(kw: dict[str, Any]) -> None:
+    check_rho("rho", kw["rho"])
+    check_nonneg("eta", kw["eta"])
+    check_nonneg("ascent_weight_decay", kw["ascent_weight_decay"])
+    check_pos("ascent_eps", kw["ascent_eps"])
+    if kw["max_grad_norm"] is not None:
+        check_pos("max_grad_norm", kw["max_grad_norm"])
+    ddp_ascent, model, adaptive = kw["ddp_ascent"], kw["model"], kw["adaptive"]
+    if ddp_ascent not in ("local", "global"):
+        raise ValueError(f"Invalid ddp_ascent value: {ddp_ascent!r} (expected 'local' or 'global')")
+    if model is not None and not isinstance(model, nn.Module):
+        raise ValueError(f"Invalid model value: expected an nn.Module, got {type(model).__name__}")
+    _ddp.check_static_graph(model, ddp_ascent)
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"Invalid adaptive value: {adaptive!r} (must be True or False)")
+    perturbation, policy, mix = kw["perturbation"], kw["policy"], kw["mix"]
+    if perturbation is not None and adaptive:
+        raise ValueError("Invalid adaptive value: give adaptive=True or a perturbation, not both")
+    for name, value, kind in (
+        ("perturbation", perturbation, Perturbation),
+        ("policy", policy, Policy),
+        ("mix", mix, Mix),
+    ):
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(f"Invalid {name} value: {value!r} is not a samkit {kind.__name__}")
+    if perturbation is not None and not perturbation.needs_gradient:
+        # no first pass: nothing to mix, no gradient for a policy to read
+        if mix is not None:
+            raise ValueError(
+                f"Invalid mix value: {mix!r} mixes first- and second-pass gradients; "
+                f"{perturbation!r} perturbs before the only pass"
+            )
+        if policy is not None and policy.reads_gradients:
+            raise ValueError(
+                f"Invalid policy value: {policy!r} decides from the first-pass gradient; "
+                f"{perturbation!r} perturbs before any gradient exists"
+            )
+
+
+def init_groups(
+    groups: list[dict[str, Any]], names: dict[str, str], defaults: dict[str, float], start: int = 0
+) -> None:
+    """Check every group's SAM settings (``names``: setting -> group key), then give each
+    group the defaults it lacks; nothing changes unless every group passes."""
+    for index, group in enumerate(groups, start):
+        for key, name in names.items():
+            check = check_rho if key == "rho" else check_nonneg
+            check(f"{name} (param group {index})", group.get(name, defaults[key]))
+    for group in groups:
+        for key, name in names.items():
+            group.setdefault(name, defaults[key])
+
+
+def check_group_rho(group: dict[str, Any], rho_key: str) -> None:
+    """The radius a step is about to read (set after construction: NaN would silently mean no ascent)."""
+    rho = group[rho_key]
+    if not 0.0 <= rho <= MAX_RHO:
+        raise ValueError(
+            f"Invalid {rho_key} value: {rho!r} in a param group (must be a finite number "
+            f">= 0 and at most {MAX_RHO:.4g}, the largest float32)"
+        )
+
+
+def existing_grads(params: list[Tensor], mode: str) -> dict[Tensor, Tensor]:
+    """Gradients present before ``step(closure)``: refused, or kept for both passes."""
+    if mode not in ("error", "keep"):
+        raise ValueError(f"Invalid existing_grads value: {mode!r} (expected 'error' or 'keep')")
+    present = [p for p in params if p.grad is not None]
+    if not present:
+        return {}
+    if mode == "keep":
+        return {p: p.grad.clone() for p in present}  # type: ignore[union-attr]
+    # zero_grad(set_to_none=False) leaves zeros, which are no accumulation
+    if all(g.count_nonzero() == 0 for g in (p.grad for p in present)):  # type: ignore[union-attr]
+        return {}
+    raise RuntimeError(
+        "SAM.step(closure): gradients were already accumulated before the step (backward outside the "
+        "closure, e.g. gradient accumulation over micro-batches); the pass at w + e cannot recompute "
+        "them, so the step would be wrong. Accumulate inside the closure (loop over the micro-batches "
+        "there, (loss / n).backward() each), call zero_grad() before the step, or pass "
+        "existing_grads='keep' to add them, as a fixed term, to both passes. (Lightning's "
+        "accumulate_grad_batches and HF's gradient_accumulation_steps: samkit.integrations does it.)"
+    )
+
+
+def check_closure_backward(params: list[Tensor], name: str) -> None:
+    """Refuse a closure after which no parameter has a gradient (it never called backward)."""
+    if all(p.grad is None for p in params):
+        raise ValueError(
+            f"Invalid closure value: no gradient reached any parameter after it ran (every "
+            f".grad is None), so the {name} step would silently do nothing. The "
+            "closure must call loss.backward() (or scaler.scale(loss).backward()) and return "
+            "the loss"
+        )
+
+
+def check_first_pass_grads(gathered: Any) -> None:
+    """Refuse gradients made with ``create_graph=True`` (a second-order base optimizer)."""
+    for _, _, grads in gathered:
+        if any(g.requires_grad for g in grads):
+            raise ValueError(
+                "Invalid gradient: it was made with backward(create_graph=True) (a second-order base "
+                "optimizer such as AdaHessian?); SAM restores the weights in place after the pass at "
+                "w + e, which invalidates that graph. Use a first-order base optimizer."
+            )
