@@ -84,12 +84,21 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "mlp_digits_noise20": {"dataset": "digits", "model": "mlp", "noise": 0.2, "epochs": 60, **SGD},
     "resnet_bn": {"dataset": "mnist1d", "model": "resnet", "noise": 0.0, "epochs": 20, **SGD},
     "cnn_adam": {"dataset": "mnist1d", "model": "cnn", "noise": 0.0, "epochs": 40, **ADAM},
+    "mlp_digits_noise40": {"dataset": "digits", "model": "mlp", "noise": 0.4, "epochs": 60, **SGD},
+    "gru_short": {"dataset": "mnist1d", "model": "gru", "noise": 0.0, "epochs": 8, **SGD},
 }
-GRID = (0.02, 0.05, 0.1, 0.2, 0.5)
+GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 DEFAULT_RHO = 0.05
 #: The controllers compared in the full run: "auto" (the default) and LE-SAM. The third,
 #: validation_search, fell below rho=0.05 in every setting of the pilot (``--controllers``).
-CONTROLLERS = ["auto:validation_plateau", "auto:loss_equated"]
+CONTROLLERS = [
+    "auto:gradient_agreement",
+    "auto:gradient_agreement@plain",
+    "auto:validation_plateau",
+    "auto:loss_equated",
+]
+#: The suffix of a run with no validation reports (the plain loop).
+PLAIN = "@plain"
 
 
 def label_of(candidate: float | str) -> str:
@@ -98,15 +107,23 @@ def label_of(candidate: float | str) -> str:
 
 def run_config(setting: str, candidate: float | str, seed: int, epochs: int | None) -> dict:
     s = SETTINGS[setting]
-    return {
+    plain = isinstance(candidate, str) and candidate.endswith(PLAIN)
+    cfg = {
         **s,
         "epochs": epochs or s["epochs"],
         "setting": setting,
-        "rho": candidate,
+        "rho": candidate.removesuffix(PLAIN) if plain else candidate,
         "seed": seed,
         "batch_size": 100,
         "val_fraction": 0.1,
     }
+    if plain:
+        cfg["reports"] = False  # the plain loop: nothing calls observe_validation
+    return cfg
+
+
+def label_cfg(cfg: dict) -> str:
+    return label_of(cfg["rho"]) + (PLAIN if cfg.get("reports") is False else "")
 
 
 class _Reporter:
@@ -146,7 +163,7 @@ def build(cfg: dict) -> tuple[torch.nn.Module, samkit.SAM, Any]:
 
 
 def train_one(cfg: dict, folder: Path) -> dict:
-    key = f"{label_of(cfg['rho'])}-seed{cfg['seed']}".replace(":", "_")
+    key = f"{label_cfg(cfg)}-seed{cfg['seed']}".replace(":", "_")
     result_path = folder / f"{key}.json"
     if result_path.is_file():
         rec = json.loads(result_path.read_text())
@@ -155,6 +172,8 @@ def train_one(cfg: dict, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     model, opt, data = build(cfg)
     reporter = _Reporter(opt)
+    if cfg.get("reports") is False:
+        reporter.observe = lambda loss: None  # the trainer's own reports go nowhere too
     result = train(
         model,
         SAMMethod(opt, "sam"),
@@ -287,7 +306,7 @@ def markdown(summaries: list[dict], step_ratios: dict[str, dict[str, float]], co
             if m is None:
                 cells.append("-")
                 continue
-            step = step_ratios.get(s["setting"], {}).get(c)
+            step = step_ratios.get(s["setting"], {}).get(c.removesuffix(PLAIN))
             lo, hi = m["time_ratio_range"]
             cells.append(
                 f"{m['time_ratio']:.2f} ({lo:.2f}-{hi:.2f})" + (f" [{step:.3f}]" if step else "")
@@ -357,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--controllers",
         default=",".join(c.split(":")[1] for c in CONTROLLERS),
-        help="comma-separated, of: " + ", ".join(autorho.CONTROLLERS),
+        help="comma-separated, of: "
+        + ", ".join(autorho.CONTROLLERS)
+        + f"; NAME{PLAIN} trains it in a loop that reports no validation loss",
     )
     p.add_argument(
         "--only-controllers",
@@ -375,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--seeds must be >= 1")
     chosen = [c for c in args.controllers.split(",") if c]
     for c in chosen:
-        if c not in autorho.CONTROLLERS:
+        if c.removesuffix(PLAIN) not in autorho.CONTROLLERS:
             p.error(f"unknown controller {c!r} (choose from {', '.join(autorho.CONTROLLERS)})")
     CONTROLLERS[:] = [f"auto:{c}" for c in chosen]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -406,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in candidates:
             for seed in seeds:
                 cfg = run_config(s, c, seed, args.epochs)
-                path = out / s / f"{label_of(c)}-seed{seed}.json".replace(":", "_")
+                path = out / s / f"{label_cfg(cfg)}-seed{seed}.json".replace(":", "_")
                 if path.is_file():
                     rec = json.loads(path.read_text())
                     if rec.get("config") == cfg:
@@ -421,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.timing:
         for s in names:
             log(f"timing {s} ...")
-            step_ratios[s] = time_steps(s, list(CONTROLLERS), args.timing_trials, 12)
+            timed = list(dict.fromkeys(c.removesuffix(PLAIN) for c in CONTROLLERS))
+            step_ratios[s] = time_steps(s, timed, args.timing_trials, 12)
     command = "OMP_NUM_THREADS=1 python benchmarks/autorho.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:])
     )

@@ -557,6 +557,14 @@ METHODS: list[MethodInfo] = [
         ),
     ),
     MethodInfo(
+        # no reports: it learns from the gradients alone (a one-step warm-up and a fast gain
+        # so that it moves within the battery's few steps; the strided sketch is exercised)
+        "gradient_agreement",
+        _auto(samkit.GradientAgreement, {"warmup": 1, "rate": 0.5, "sketch": 16}),
+        {"rho": 0.05},
+        bad_args=(({"q0": 0.95, "q1": 0.9}, r"Invalid q0/q1 value"),),
+    ),
+    MethodInfo(
         "validation_plateau",
         _auto(samkit.ValidationPlateau, {"patience": 1}),
         {"rho": 0.05},

@@ -184,6 +184,185 @@ def test_loss_equated_defaults_follow_the_paper_and_samkits_radius():
     )
 
 
+# ------------------------------------------------------ gradient agreement
+
+
+def _agreement_reference(
+    grads: list[list[torch.Tensor]], ctrl_kw: dict, reports=None
+) -> list[float]:
+    """The radius GradientAgreement writes at each step, from its docstring, in float64:
+    the strided sketch, c_t = cos(sketch_t, sketch_{t-1}), the bias-corrected EMA, q against
+    its best after the warm-up, the banded drive integrated into log rho, clipped."""
+    kw = {"rho": 0.05, "q0": 0.6, "q1": 0.9, "rate": 0.01, "down": 0.25, "low": 0.2}
+    kw.update({"high": 20.0, "beta": 0.98, "warmup": 10, "sketch": 4096, **ctrl_kw})
+    total = sum(g.numel() for g in grads[0])
+    stride = -(-total // kw["sketch"])
+    flat_index = list(range(0, total, stride))[: kw["sketch"]]
+    log_rho, ema, seen, peak, last, out = 0.0, 0.0, 0, None, None, []
+    for gs in grads:
+        flat = torch.cat([g.reshape(-1) for g in gs]).double()
+        vec = flat[flat_index]
+        if last is not None:
+            cos = float(vec @ last) / math.sqrt(float(vec @ vec) * float(last @ last))
+            ema = kw["beta"] * ema + (1 - kw["beta"]) * cos
+            seen += 1
+            if seen >= kw["warmup"]:
+                current = ema / (1 - kw["beta"] ** seen)
+                peak = current if peak is None else max(peak, current)
+        last = vec
+        if peak is not None and peak >= kw.get("min_agreement", 0.05):
+            q = max(ema / (1 - kw["beta"] ** seen) / peak, 1e-3)
+            if q < kw["q0"]:
+                drive = math.log(kw["q0"] / q)
+            elif q > kw["q1"]:
+                drive = math.log(kw["q1"] / q) * (1.0 if log_rho > 0 else kw["down"])
+            else:
+                drive = 0.0
+            log_rho += kw["rate"] * drive
+            log_rho = min(max(log_rho, math.log(kw["low"])), math.log(kw["high"]))
+        out.append(kw["rho"] * math.exp(log_rho))
+    return out
+
+
+@pytest.mark.parametrize("sketch", [4096, 8])
+def test_gradient_agreement_follows_its_formula(sketch):
+    """Real SAM steps; the first-pass gradients recorded; the radius each step used against the
+    float64 reference (sketch=8 strides over the 26 weights: every 4th, across tensors)."""
+    kw = {"warmup": 2, "rate": 0.3, "beta": 0.5, "sketch": sketch}
+    model, base = _problem(4, lr=0.3)
+    opt = samkit.SAM(base, rho=samkit.GradientAgreement(0.05, **kw))
+    grads, used = [], []
+    for step in range(40):
+        x, y = _batch(step % 7)  # batches that repeat: agreement comes and goes
+        seen = []
+
+        def closure(x=x, y=y, seen=seen):
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            seen.append([p.grad.detach().clone() for p in model.parameters()])
+            return loss
+
+        opt.step(closure)
+        grads.append(seen[0])
+        used.append(opt.param_groups[0]["rho"])
+        opt.zero_grad()
+    expected = _agreement_reference(grads, kw)
+    assert used == pytest.approx(expected, rel=1e-4)
+    moves = [b - a for a, b in zip(used, used[1:])]
+    assert max(moves) > 0 > min(moves)  # it went both ways here
+
+
+class _Stub:
+    """What GradientAgreement reads of a step: the gradients, on one replica."""
+
+    distributed = local = False
+    sharding = process_group = None
+
+    def __init__(self, grads):
+        self._grads = grads
+
+    def grads(self):
+        return self._grads
+
+
+def test_gradient_agreement_covers_its_whole_range_both_ways():
+    """Batches that stop agreeing take the radius from 0.05 to 20x within 500 steps; batches
+    that agree as at their best bring it back to the start, then to 0.2x (the slow way)."""
+    ctrl = samkit.GradientAgreement(0.05)
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(300, generator=g)
+    rhos = []
+    for step in range(4200):
+        if step < 200:  # learning: a shared direction plus a little noise
+            grad = shared + 0.3 * torch.randn(300, generator=g)
+        elif step < 700:  # memorising: each batch its own direction
+            grad = torch.randn(300, generator=g)
+        else:  # every batch agrees again
+            grad = shared.clone()
+        rhos.append(ctrl.next_rho(_Stub([grad])))
+    assert rhos[199] == pytest.approx(0.05, rel=0.05)  # held while batches agree as usual
+    assert max(rhos[200:700]) == pytest.approx(1.0)  # up to 20x
+    assert next(i for i, r in enumerate(rhos) if r > 0.999) < 700  # within 500 steps
+    back = next(i for i, r in enumerate(rhos) if i > 700 and r < 0.05)
+    assert 700 + 2000 < back < 700 + 3500  # back below the start in ~2,800 steps (docstring)
+    ctrl2 = samkit.GradientAgreement(0.05, down=1.0)
+    for _ in range(2000):
+        rho = ctrl2.next_rho(_Stub([shared.clone()]))
+    assert rho == pytest.approx(0.01)  # the floor, 0.2x
+
+
+def test_gradient_agreement_learns_without_reports_and_does_not_warn(recwarn):
+    runs = []
+    for rho in (samkit.GradientAgreement(0.05, warmup=1, rate=0.5), 0.05):
+        model, base = _problem(3)
+        opt = samkit.SAM(base, rho=rho)
+        _steps(opt, model, 1200)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert not all(torch.equal(a, b) for a, b in zip(*runs))
+    assert not [w for w in recwarn if issubclass(w.category, samkit.NoValidationWarning)]
+
+
+def test_gradient_agreement_raises_its_radius_on_a_validation_plateau():
+    """With reports, each plateau multiplies the radius by factor on top of the agreement rule
+    (which a huge warm-up keeps out of the way here)."""
+    model, base = _problem()
+    ctrl = samkit.GradientAgreement(0.05, warmup=10_000, factor=2.0, patience=1)
+    opt = samkit.SAM(base, rho=ctrl)
+    used = _train_with_reports(opt, model, [1.0, 0.9, 0.95, 0.8, 0.85, 0.9])
+    assert used == pytest.approx([0.05, 0.05, 0.05, 0.1, 0.1, 0.2, 0.4])
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"q0": 0.95, "q1": 0.9}, "q0/q1"),
+        ({"q1": 1.5}, "q0/q1"),
+        ({"low": 2.0}, "low/high"),
+        ({"high": 0.5}, "low/high"),
+        ({"beta": 1.0}, "beta"),
+        ({"rate": 0.0}, "rate"),
+        ({"sketch": 1}, "sketch"),
+        ({"warmup": -1}, "warmup"),
+        ({"factor": 0.5}, "factor"),
+        ({"down": -0.1}, "down"),
+        ({"min_agreement": 0.0}, "min_agreement"),
+    ],
+)
+def test_gradient_agreement_refuses_bad_arguments_naming_them(kw, match):
+    with pytest.raises(ValueError, match=match):
+        samkit.GradientAgreement(**kw)
+
+
+def test_gradient_agreement_state_resumes_the_same_radii_and_refuses_a_bad_sketch():
+    def run(split: int | None):
+        model, base = _problem(5)
+        opt = samkit.SAM(base, rho=samkit.GradientAgreement(0.05, warmup=1, rate=0.5, sketch=8))
+        used = []
+        for step in range(20):
+            if step == split:
+                sd = opt.state_dict()
+                model2, base2 = _problem(5)
+                model2.load_state_dict(model.state_dict())
+                model = model2
+                opt = samkit.SAM(
+                    base2, rho=samkit.GradientAgreement(0.05, warmup=1, rate=0.5, sketch=8)
+                )
+                opt.load_state_dict(sd)
+            opt.step(_closure(model, *_batch(step % 5)))
+            used.append(opt.param_groups[0]["rho"])
+            opt.zero_grad()
+        return used, opt
+
+    straight, opt = run(None)
+    assert run(9)[0] == straight  # bit for bit
+    assert len(set(straight)) > 5
+    sd = opt.state_dict()
+    assert len(sd["samkit"]["rho"]["previous"]) == 8
+    sd["samkit"]["rho"]["previous"] = [0.0] * 7
+    with pytest.raises(ValueError, match="previous has 7 numbers"):
+        opt.load_state_dict(sd)
+
+
 # --------------------------------------------------------- validation rules
 
 
@@ -292,9 +471,10 @@ def test_a_validation_controller_told_nothing_warns_once_naming_observe_validati
         (lambda: samkit.ValidationPlateau(0.05, warn_after=4), (1,)),  # a report in time
         (lambda: samkit.ValidationPlateau(0.05, warn_after=None), ()),  # silenced
         (lambda: samkit.LossEquated(0.05, calibration_steps=2), ()),  # needs no validation
+        (lambda: "auto", ()),  # learns without it
         (lambda: 0.05, ()),  # fixed radius
     ],
-    ids=["reported", "silenced", "loss_equated", "fixed"],
+    ids=["reported", "silenced", "loss_equated", "auto", "fixed"],
 )
 def test_no_warning_where_validation_arrives_or_is_not_needed(rho, report_at, recwarn):
     model, base = _problem()
@@ -303,12 +483,29 @@ def test_no_warning_where_validation_arrives_or_is_not_needed(rho, report_at, re
     assert not [w for w in recwarn if issubclass(w.category, samkit.NoValidationWarning)]
 
 
-def test_the_default_auto_warns_after_a_thousand_silent_steps():
+def test_validation_plateau_warns_after_a_thousand_silent_steps():
     assert autorho.WARN_AFTER == 1000
     model, base = _problem()
-    opt = samkit.SAM(base, rho="auto")
+    opt = samkit.SAM(base, rho="auto:validation_plateau")
     with pytest.warns(samkit.NoValidationWarning):
         _steps(opt, model, 1000)
+
+
+def test_the_default_auto_learns_without_reports_and_does_not_warn(recwarn):
+    """rho="auto" is GradientAgreement: in a loop that never reports a validation loss its
+    radius still moves (here within the first 200 steps), and nothing warns."""
+    assert autorho.DEFAULT_CONTROLLER == "gradient_agreement"
+    model, base = _problem(2, lr=0.2)
+    teacher = torch.randn(3, 2, generator=torch.Generator().manual_seed(7))
+    opt = samkit.SAM(base, rho="auto")
+    rhos = []
+    for step in range(600):  # a learnable target: batches agree, then (fitted) stop agreeing
+        x = _batch(step)[0]
+        opt.step(_closure(model, x, torch.tanh(x @ teacher)))
+        opt.zero_grad()
+        rhos.append(opt.param_groups[0]["rho"])
+    assert rhos[0] == 0.05 and len({round(r, 9) for r in rhos}) > 10
+    assert not [w for w in recwarn if issubclass(w.category, samkit.NoValidationWarning)]
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
@@ -413,6 +610,8 @@ def _ddp_rho(rank: int) -> dict:
             ctrl.calibration_steps = 2
         if name == "validation_plateau":
             ctrl.patience = 1
+        if name == "gradient_agreement":
+            ctrl.warmup, ctrl.rate = 1, 0.5
         opt = samkit.SAM(torch.optim.SGD(ddp.parameters(), lr=0.1), rho=ctrl, model=ddp)
         rhos, norms = [], []
         for step in range(6):
@@ -450,7 +649,15 @@ def test_every_replica_uses_the_same_rho_under_local_ascent(ddp_results, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["auto", "auto_asam", "validation_plateau", "validation_search", "loss_equated"]
+    "name",
+    [
+        "auto",
+        "auto_asam",
+        "gradient_agreement",
+        "validation_plateau",
+        "validation_search",
+        "loss_equated",
+    ],
 )
 def test_the_family_battery_sees_each_controller_move_its_radius(name):
     """The registry entries that tests/test_family.py, test_ddp.py and test_compile.py run are

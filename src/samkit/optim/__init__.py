@@ -10,7 +10,13 @@ K-SAM and mSAM (:class:`MicroBatchSAM`) change the step itself and use SAM's pub
 SAF and MESA are loss terms, not optimizers: see :mod:`samkit.losses`.
 """
 
-from .autorho import LossEquated, NoValidationWarning, ValidationPlateau, ValidationSearch
+from .autorho import (
+    GradientAgreement,
+    LossEquated,
+    NoValidationWarning,
+    ValidationPlateau,
+    ValidationSearch,
+)
 from .batchnorm import freeze_bn_stats
 from .esam import ESAM
 from .gsam import GSAM
@@ -67,6 +73,7 @@ __all__ = [
     "ReusePSF",
     "RhoController",
     "FollowLR",
+    "GradientAgreement",
     "LossEquated",
     "ValidationPlateau",
     "ValidationSearch",

@@ -46,12 +46,15 @@ from .._checks import check_int, check_nonneg, check_pos
 from . import _ddp
 from .rho import RhoController
 
+Tensor = torch.Tensor
+
 if TYPE_CHECKING:  # pragma: no cover
     from .view import RhoGroups, StepView
 
 __all__ = [
     "AutoRho",
     "NoValidationWarning",
+    "GradientAgreement",
     "LossEquated",
     "ValidationPlateau",
     "ValidationSearch",
@@ -87,6 +90,7 @@ class AutoRho(RhoController):
 
     name = "auto"
     uses_validation = False
+    learns_without_validation = False
     _STATE: tuple[str, ...] = ()
 
     def __init__(self, rho: float | None = None, *, warn_after: int | None = WARN_AFTER) -> None:
@@ -121,7 +125,8 @@ class AutoRho(RhoController):
             return
         if self.uses_validation:
             self._gather_validation(view)
-            self._check_reported()
+            if not self.learns_without_validation:
+                self._check_reported()
         if self.initial_rho > 0:
             self.rho = self.next_rho(view)
         self._write()
@@ -351,6 +356,243 @@ class LossEquated(AutoRho):
         )
 
 
+# ---------------------------------------------------------- gradient agreement
+class GradientAgreement(AutoRho):
+    r"""The radius from how well successive batches agree, and from validation when told (ours).
+
+    While a network learns what generalises, the gradients of different
+    batches point the same way; once it starts fitting what each batch alone
+    says (noisy labels, memorisation) they stop agreeing: the coherent-gradients
+    account of generalisation (Chatterjee, ICLR 2020), and gradient disparity
+    as an early-stopping signal that needs no validation set (Forouzesh and
+    Thiran, ECML 2021). That is the moment a validation loss shows as a
+    plateau, and the moment SAM's radius should grow. Every step has two
+    successive batch gradients for free, so the controller reads
+
+    .. math::
+
+        c_t = \cos(g_t, g_{t-1}), \qquad \bar c_t = \text{EMA}_\beta(c_t), \qquad
+        q_t = \bar c_t / \max_{s \le t} \bar c_s
+
+    (``q``: the agreement relative to its best so far, scale-free across
+    models, data and batch sizes) and integrates it into the log-radius:
+
+    .. math::
+
+        \log \rho_{t+1} = \log \rho_t + \text{rate} \cdot
+        \begin{cases}
+            \log(q_0 / q_t) & q_t < q_0 \quad \text{(batches disagree: up)} \\
+            d_t \log(q_1 / q_t) & q_t > q_1 \quad \text{(they agree as at best: down)} \\
+            0 & \text{otherwise}
+        \end{cases}
+
+    within ``[low, high]`` x the starting radius :math:`\rho_0`, with
+    :math:`d_t = 1` above :math:`\rho_0` and ``down`` below it. Integrating
+    (rather than mapping ``q`` to a radius) averages out the step-to-step
+    noise of :math:`c_t`; the band :math:`[q_0, q_1]` holds the radius while
+    training goes as usual. A radius too large to train with leaves a loss
+    every batch agrees on, so it comes back down as fast as it went up; below
+    the start it goes down four times slower, because early in training,
+    when batches agree most, a radius cut at once let a network that SAM had
+    steadied fall apart (the MNIST-1D CNN at lr 0.1, seen in the pilot). At
+    the defaults a sustained :math:`q = 0.3` raises the radius 20-fold in
+    about 430 steps, :math:`q = 1` brings it from 20x back to the start in
+    about 2,800 and then 5-fold below it in about 6,100.
+
+    **Validation, when reported** (``opt.observe_validation(loss)``, as
+    samkit's trainer, Lightning's callback and the Hugging Face trainer do):
+    each plateau of the validation loss (``patience`` reports without a
+    relative improvement of ``tol``) multiplies the radius by ``factor``, as
+    :class:`ValidationPlateau` does; both signals move the one radius. Without
+    reports it learns from the gradients alone, and does not warn.
+
+    The cosine is read on a fixed sketch of ``sketch`` gradient coordinates
+    (evenly strided over the parameters): the state is that many numbers, not
+    a copy of the weights, and a step costs a gather, three dot products of
+    that length and one host read. For the first ``warmup`` steps the radius
+    is the starting one while :math:`\bar c` settles. Under DDP (a local first
+    pass) and FSDP2 the sketch is averaged over the replicas, and reports are
+    summed, so every replica writes the same radius.
+
+    Args:
+        rho: the starting radius (default 0.05; 0.5 for ASAM).
+        q0, q1: the band of relative agreement that holds the radius (default 0.6, 0.9).
+        rate: the log-radius's gain per step (default 0.01).
+        down: the gain's fraction on the way down (default 0.25).
+        low, high: the radius's range, as multiples of the start (default
+            0.2 and 20: 0.01 to 1.0 for SAM).
+        beta: the decay of :math:`\bar c` (default 0.98).
+        warmup: steps at the starting radius (default 10).
+        sketch: gradient coordinates read per step (default 4096).
+        min_agreement: the best :math:`\bar c` below which the gradients' rule
+            holds the radius (default 0.05): where successive batches never
+            agreed (nothing learnable, or noise that drowns it) there is no
+            fall of agreement to read.
+        factor, patience, tol: the validation plateau rule (default 1.5, 2, 1e-3).
+    """
+
+    name = "gradient_agreement"
+    uses_validation = True
+    learns_without_validation = True
+    _STATE = ("log_rho", "agreement", "peak", "seen", "previous", "best", "bad")
+
+    def __init__(
+        self,
+        rho: float | None = None,
+        *,
+        q0: float = 0.6,
+        q1: float = 0.9,
+        rate: float = 0.01,
+        down: float = 0.25,
+        low: float = 0.2,
+        high: float = 20.0,
+        beta: float = 0.98,
+        warmup: int = 10,
+        sketch: int = 4096,
+        min_agreement: float = 0.05,
+        factor: float = 1.5,
+        patience: int = 2,
+        tol: float = 1e-3,
+    ) -> None:
+        super().__init__(rho, warn_after=None)
+        self.q0, self.q1 = check_pos("q0", q0), check_pos("q1", q1)
+        if not self.q0 <= self.q1 <= 1.0:
+            raise ValueError(f"Invalid q0/q1 value: {q0!r}/{q1!r} (need 0 < q0 <= q1 <= 1)")
+        self.rate = check_pos("rate", rate)
+        self.down = check_nonneg("down", down)
+        self.low, self.high = check_pos("low", low), check_pos("high", high)
+        if self.low > 1.0 or self.high < 1.0:
+            raise ValueError(f"Invalid low/high value: {low!r}/{high!r} (need low <= 1 <= high)")
+        if not 0.0 <= check_nonneg("beta", beta) < 1.0:
+            raise ValueError(f"Invalid beta value: {beta!r} (must be in [0, 1))")
+        self.beta = float(beta)
+        self.warmup = check_int("warmup", warmup, 0)
+        self.sketch = check_int("sketch", sketch, 2)
+        self.min_agreement = check_pos("min_agreement", min_agreement)
+        self.factor = check_pos("factor", factor)
+        if self.factor < 1:
+            raise ValueError(f"Invalid factor value: {factor!r} (must be >= 1)")
+        self.patience = check_int("patience", patience, 1)
+        self.tol = check_nonneg("tol", tol)
+        self.log_rho = 0.0  # log(rho / start)
+        self.agreement = 0.0  # the EMA of c_t, before bias correction
+        self.peak: float | None = None  # the best bias-corrected EMA after the warm-up
+        self.seen = 0  # cosines folded into the EMA
+        self.previous: list[float] = []  # the last sketch, as saved (see _last)
+        self.best: float | None = None  # validation: the best loss so far
+        self.bad = 0  # validation: reports in a row without improvement
+        self._last: Tensor | None = None  # the last sketch, on the gradients' device
+        self._index: list[Tensor] = []
+        self._shapes: tuple[tuple[int, ...], ...] = ()
+
+    # ---- the sketch
+    def _indices(self, grads: list[Tensor]) -> list[Tensor]:
+        shapes = tuple(tuple(g.shape) for g in grads)
+        if shapes != self._shapes:
+            total = sum(g.numel() for g in grads)
+            stride = max(1, -(-total // self.sketch))
+            index, offset = [], 0
+            for g in grads:
+                first = (-offset) % stride  # the stride runs on across tensors
+                index.append(torch.arange(first, g.numel(), stride, device=g.device))
+                offset += g.numel()
+            self._index, self._shapes = index, shapes
+        return self._index
+
+    def _read(self, view: StepView) -> Tensor:
+        grads = view.grads()
+        device = grads[0].device if grads else torch.device("cpu")
+        pieces = [
+            g.detach().reshape(-1).index_select(0, i).to(device, torch.float32)
+            for g, i in zip(grads, self._indices(grads))
+            if i.numel()
+        ]
+        vec = torch.zeros(self.sketch, device=device)
+        if pieces:
+            flat = torch.cat(pieces)[: self.sketch]
+            vec[: flat.numel()] = flat
+        if view.distributed and (view.local or view.sharding is not None):
+            _ddp.average_([vec], view.process_group, foreach=False)
+        return vec
+
+    # ---- the rule
+    def relative(self) -> float | None:
+        """:math:`q_t`, the agreement relative to its best (None during the warm-up, and
+        while the best is below ``min_agreement``: batches that never agreed give nothing
+        to compare with, and a ratio to a best that is noise would be noise)."""
+        if self.peak is None or self.peak < self.min_agreement or self.seen == 0:
+            return None
+        current = self.agreement / (1.0 - self.beta**self.seen)
+        return current / self.peak
+
+    def next_rho(self, view: StepView) -> float:
+        vec = self._read(view)
+        last = self._last
+        if last is None and len(self.previous) == self.sketch:  # resumed from a state dict
+            last = torch.tensor(self.previous, dtype=torch.float32, device=vec.device)
+        if last is not None and last.shape == vec.shape:
+            dot, a, b = torch.stack(
+                [torch.dot(vec, last), torch.dot(vec, vec), torch.dot(last, last)]
+            ).tolist()
+            cos = dot / math.sqrt(a * b) if a > 0 and b > 0 else 0.0
+            self.agreement = self.beta * self.agreement + (1.0 - self.beta) * cos
+            self.seen += 1
+            if self.seen >= self.warmup:
+                current = self.agreement / (1.0 - self.beta**self.seen)
+                self.peak = current if self.peak is None else max(self.peak, current)
+        self._last, self.previous = vec, []
+        q = self.relative()
+        if q is not None:
+            q = max(q, 1e-3)
+            if q < self.q0:
+                drive = math.log(self.q0 / q)
+            elif q > self.q1:
+                # back down to the start as fast as up; below it, slowly (see the docstring)
+                drive = math.log(self.q1 / q) * (1.0 if self.log_rho > 0 else self.down)
+            else:
+                drive = 0.0
+            self._move(self.rate * drive)
+        return self.initial_rho * math.exp(self.log_rho)
+
+    def _move(self, step: float) -> None:
+        self.log_rho = min(max(self.log_rho + step, math.log(self.low)), math.log(self.high))
+
+    def on_validation(self, loss: float) -> None:
+        if self.best is None or loss < (1.0 - self.tol) * self.best:
+            self.best, self.bad = loss, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience:
+            self._move(math.log(self.factor))
+            self.bad = 0
+
+    # ---- state: the sketch is saved as numbers
+    def state_dict(self) -> dict[str, Any]:
+        if self._last is not None:
+            self.previous = self._last.tolist()
+        state = super().state_dict()
+        if self._last is not None:
+            self.previous = []
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        previous = state.get("previous") if isinstance(state, dict) else None
+        if isinstance(previous, list) and previous and len(previous) != self.sketch:
+            raise ValueError(
+                f"Invalid state value: {self.name} previous has {len(previous)} numbers, "
+                f"not sketch={self.sketch}"
+            )
+        super().load_state_dict(state)
+        if state:
+            self._last = None
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientAgreement(rho={self.initial_rho}, q0={self.q0}, q1={self.q1}, "
+            f"rate={self.rate}, low={self.low}, high={self.high})"
+        )
+
+
 # ----------------------------------------------------------- validation plateau
 class ValidationPlateau(AutoRho):
     r"""Raise the radius when the validation loss stops improving (ours).
@@ -520,13 +762,14 @@ class ValidationSearch(AutoRho):
 
 # --------------------------------------------------------------------- names
 CONTROLLERS: dict[str, type[AutoRho]] = {
+    GradientAgreement.name: GradientAgreement,
     LossEquated.name: LossEquated,
     ValidationPlateau.name: ValidationPlateau,
     ValidationSearch.name: ValidationSearch,
 }
 
 #: The controller ``rho="auto"`` builds (chosen by benchmarks/autorho.py).
-DEFAULT_CONTROLLER = ValidationPlateau.name
+DEFAULT_CONTROLLER = GradientAgreement.name
 
 
 def default_controller() -> AutoRho:
