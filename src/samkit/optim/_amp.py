@@ -24,7 +24,7 @@ loudly rather than silently.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ from .. import functional
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._step import Step
+    from .mix import Mix
 
 __all__ = [
     "is_enabled",
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 
-def is_enabled(scaler: Any) -> bool:
+def is_enabled(scaler: torch.amp.GradScaler | None) -> TypeGuard[torch.amp.GradScaler]:
     return scaler is not None and scaler.is_enabled()
 
 
@@ -72,17 +73,21 @@ def unscale_(
     return found, found_per_device
 
 
-def unscale_first_pass(step: Step, grads: list[Tensor], scaler: Any) -> None:
+def unscale_first_pass(
+    step: Step, grads: list[Tensor], scaler: torch.amp.GradScaler | None
+) -> None:
     """Unscale the first-pass gradients in place (with an enabled ``scaler``), and record
     on the ``step`` what was done: the overflow flags, and that they are unscaled now."""
-    step.first_pass_scaled = is_enabled(scaler)
-    if not (step.first_pass_scaled and grads):
+    if not is_enabled(scaler):
+        step.first_pass_scaled = False
         return
-    step.found_inf, step.found_per_device = unscale_(grads, scaler)
-    step.unscaled = True  # second_step must not unscale these again
+    step.first_pass_scaled = True
+    if grads:
+        step.found_inf, step.found_per_device = unscale_(grads, scaler)
+        step.unscaled = True  # second_step must not unscale these again
 
 
-def check_mix_units(step: Step, mix: Any, name: str) -> None:
+def check_mix_units(step: Step, mix: Mix | None, name: str) -> None:
     """Refuse ``scaler.step(opt)`` after a first step without the scaler when a mix combines
     the two passes' gradients: they would be in different units."""
     if mix is not None and step.ascended and not step.first_pass_scaled:

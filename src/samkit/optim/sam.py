@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,11 @@ from .perturbation import L2, Adaptive, Perturbation
 from .policy import Policy
 from .rho import RhoController
 from .view import Gathered, RhoGroups, StepView, sam_settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.optim.optimizer import ParamsT
+
+    from ._fsdp import Sharding
 
 __all__ = ["SAM"]
 
@@ -138,7 +143,7 @@ class SAM(_state.StateDict, Wrapper):
 
     def __init__(
         self,
-        params_or_optimizer: Any,
+        params_or_optimizer: ParamsT | torch.optim.Optimizer,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
         rho: float | str | RhoController = _args.RHO,
@@ -261,7 +266,9 @@ class SAM(_state.StateDict, Wrapper):
         under FSDP the DTensor parameters, while ``params`` are their local shards)."""
         return functional.buffers_like(self._backups, params if keys is None else keys, params)
 
-    def _view(self, gathered: Gathered, local: bool = False, sharding: Any = None) -> StepView:
+    def _view(
+        self, gathered: Gathered, local: bool = False, sharding: Sharding | None = None
+    ) -> StepView:
         return StepView(
             steps=self.steps,
             ascents=self.ascents,
@@ -371,7 +378,9 @@ class SAM(_state.StateDict, Wrapper):
             self._clear_grads(sharded)
         return True
 
-    def _sources(self, by_gradient: bool, scaler: Any) -> tuple[Gathered, Gathered, Any]:
+    def _sources(
+        self, by_gradient: bool, scaler: torch.amp.GradScaler | None
+    ) -> tuple[Gathered, Gathered, Sharding | None]:
         """What the ascent starts from, per group: the gradients, or the base optimizer's
         state vectors (Momentum-SAM); under FSDP2 also as local shards, with their sharding."""
         sharded = self._gather() if by_gradient else self._gather(self._state_vector)
@@ -389,10 +398,15 @@ class SAM(_state.StateDict, Wrapper):
         sources, sharding = _fsdp.localize(sharded)
         if sharding is not None:
             _fsdp.check_supported(self.mix, self.perturbation, scaler, type(self).__name__)
-        return sharded, sources, sharding  # type: ignore[return-value]
+        return sharded, sources, sharding
 
     def _ascend(
-        self, active: Gathered, factor: float, view: StepView, zero_grad: bool, scaler: Any
+        self,
+        active: Gathered,
+        factor: float,
+        view: StepView,
+        zero_grad: bool,
+        scaler: torch.amp.GradScaler | None,
     ) -> bool:
         """The ascent: u and its global norm, then w <- w + rho * d / ||u||, w kept exactly."""
         step, by_gradient = self._step, self.perturbation.needs_gradient
@@ -415,13 +429,13 @@ class SAM(_state.StateDict, Wrapper):
         return True
 
     def _prepare_ascent(
-        self, active: Gathered, sharding: Any, zero_grad: bool, by_gradient: bool
+        self, active: Gathered, sharding: Sharding | None, zero_grad: bool, by_gradient: bool
     ) -> list[functional.AscentGroup]:
         """The ascent's groups: directions (in ``.grad`` itself when it may be overwritten,
         copies otherwise) and the weight backups, keyed by the DTensors under FSDP2."""
-        backups_for = self._backups_for
+        backups_for: Callable[[list[Tensor]], list[Tensor]] = self._backups_for
         if sharding is not None:
-            backups_for = sharding.backups_for(backups_for)
+            backups_for = sharding.backups_for(self._backups_for)
         directions = active if by_gradient else self._scratch_copies(active)
         in_place = zero_grad or not by_gradient
         return functional.prepare_ascent(
@@ -471,7 +485,7 @@ class SAM(_state.StateDict, Wrapper):
         if skip or not (unscale or clip or self.mix is not None):
             return skip
         gathered = self._gather()
-        if unscale:
+        if unscale and grad_scale is not None:
             _amp.check_mix_units(step, self.mix, type(self).__name__)
             _amp.unscale_by_(
                 [g for _, _, grads in gathered for g in grads], grad_scale, foreach=self.foreach
@@ -565,7 +579,7 @@ class SAM(_state.StateDict, Wrapper):
             self.abort_step()  # never leave perturbed weights behind
             raise
         if _amp.is_enabled(scaler):
-            scaler.step(self)  # type: ignore[union-attr]
+            scaler.step(self)
         else:
             self.second_step()
         return loss
@@ -589,7 +603,7 @@ class SAM(_state.StateDict, Wrapper):
         self._step = None
         return step
 
-    def _decline(self, scaler: Any) -> bool:
+    def _decline(self, scaler: torch.amp.GradScaler | None) -> bool:
         """A step without ascent: the first-pass gradients go to the base step."""
         step = self._step
         assert step is not None
@@ -600,13 +614,15 @@ class SAM(_state.StateDict, Wrapper):
             group = _ddp.process_group(self.model)
             step.skip = _ddp.any_replica(found_inf > 0, group, local=step.local)
         if found_inf is not None:
-            _amp.mark_unscaled(scaler, self, step.found_per_device, force_overflow=step.skip)  # type: ignore[arg-type]
+            # (a first pass unscaled by the scaler set found_inf and found_per_device)
+            assert scaler is not None and step.found_per_device is not None
+            _amp.mark_unscaled(scaler, self, step.found_per_device, force_overflow=step.skip)
         return False
 
     def _checks_finite(self, scaled: bool) -> bool:
         return self.skip_nonfinite if self.skip_nonfinite is not None else scaled
 
-    def _nonfinite(self, norm: Tensor, scaler: Any, local: bool) -> bool:
+    def _nonfinite(self, norm: Tensor, scaler: torch.amp.GradScaler | None, local: bool) -> bool:
         if not self._checks_finite(scaler is not None):
             return False
         found_inf = self._step.found_inf if self._step is not None else None
