@@ -24,7 +24,7 @@ loudly rather than silently.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeGuard
+from typing import TYPE_CHECKING, TypeAlias, TypeGuard
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .mix import Mix
 
 __all__ = [
+    "Scaler",
     "is_enabled",
     "unscale_",
     "unscale_first_pass",
@@ -46,7 +47,11 @@ __all__ = [
 ]
 
 
-def is_enabled(scaler: torch.amp.GradScaler | None) -> TypeGuard[torch.amp.GradScaler]:
+#: the GradScaler a step was given (None: none)
+Scaler: TypeAlias = "torch.amp.GradScaler | None"
+
+
+def is_enabled(scaler: Scaler) -> TypeGuard[torch.amp.GradScaler]:
     return scaler is not None and scaler.is_enabled()
 
 
@@ -73,9 +78,7 @@ def unscale_(
     return found, found_per_device
 
 
-def unscale_first_pass(
-    step: Step, grads: list[Tensor], scaler: torch.amp.GradScaler | None
-) -> None:
+def unscale_first_pass(step: Step, grads: list[Tensor], scaler: Scaler) -> None:
     """Unscale the first-pass gradients in place (with an enabled ``scaler``), and record
     on the ``step`` what was done: the overflow flags, and that they are unscaled now."""
     if not is_enabled(scaler):
@@ -99,9 +102,9 @@ def check_mix_units(step: Step, mix: Mix | None, name: str) -> None:
 
 
 def mark_unscaled(
-    scaler: torch.amp.GradScaler,
+    scaler: Scaler,
     optimizer: torch.optim.Optimizer,
-    found_per_device: dict[torch.device, Tensor],
+    found_per_device: dict[torch.device, Tensor] | None,
     *,
     force_overflow: bool = False,
 ) -> None:
@@ -110,6 +113,8 @@ def mark_unscaled(
     ``force_overflow`` records an overflow on every device: under local DDP
     ascent another replica may have overflowed, and all must back off alike.
     """
+    # (called after a first pass this scaler unscaled: both are set)
+    assert scaler is not None and found_per_device is not None
     flags = found_per_device
     if force_overflow:
         flags = {device: torch.ones_like(flag) for device, flag in flags.items()}
