@@ -38,6 +38,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/python -m mypy  # strict on samkit/optim and samkit/functional.py ([tool.mypy])
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

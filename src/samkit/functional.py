@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -98,6 +98,7 @@ def sq_norm(tensors: TensorList, *, foreach: bool) -> Tensor:
     # small tensors; when the inputs already are the accumulation dtype the
     # result is the same bits without it.
     kw = {} if dtypes == {acc} else {"dtype": acc}
+    norms: tuple[Tensor, ...] | list[Tensor]
     if foreach:
         norms = torch._foreach_norm(tensors, 2, **kw)
     else:
@@ -154,7 +155,13 @@ def neg_(tensors: TensorList, *, foreach: bool) -> None:
             t.neg_()
 
 
-def add_(tensors: TensorList, others: TensorList, alpha: float = 1.0, *, foreach: bool) -> None:
+def add_(
+    tensors: TensorList,
+    others: TensorList | tuple[Tensor, ...],
+    alpha: float = 1.0,
+    *,
+    foreach: bool,
+) -> None:
     """``t += alpha * other``."""
     if foreach:
         torch._foreach_add_(tensors, others, alpha=alpha)
@@ -209,7 +216,8 @@ _FLOAT32 = struct.Struct("f")
 def _round_float32(x: float) -> float:
     """``x`` rounded to the nearest float32 (to +-inf beyond its range), as a Python float."""
     try:
-        return _FLOAT32.unpack(_FLOAT32.pack(x))[0]
+        rounded: float = _FLOAT32.unpack(_FLOAT32.pack(x))[0]
+        return rounded
     except OverflowError:
         return math.copysign(math.inf, x)
 
@@ -270,7 +278,7 @@ class Perturbation(Protocol):
         params: TensorList,
         grads: TensorList,
         scratch: TensorList,
-        group: dict[str, Any],
+        group: Mapping[str, Any],
         *,
         foreach: bool,
     ) -> Tensor: ...
@@ -280,7 +288,7 @@ class Perturbation(Protocol):
         params: TensorList,
         grads: TensorList,
         scratch: TensorList,
-        group: dict[str, Any],
+        group: Mapping[str, Any],
         *,
         foreach: bool,
     ) -> None: ...
@@ -296,12 +304,12 @@ class AscentGroup:
     receive ``w``.
     """
 
-    group: dict[str, Any]
+    group: Mapping[str, Any]
     buckets: list[tuple[TensorList, TensorList, TensorList]]
 
 
 def prepare_ascent(
-    active: Sequence[tuple[dict[str, Any], TensorList, TensorList]],
+    active: Sequence[tuple[Mapping[str, Any], TensorList, TensorList]],
     backups_for: Callable[[TensorList], TensorList],
     *,
     in_place: bool,
@@ -321,7 +329,7 @@ def prepare_ascent(
             for (_, _), (bucket_params, bucket_dirs) in group_by_device(params, directions).items():
                 add_(bucket_dirs, bucket_params, alpha=decay, foreach=foreach)
         buckets = group_by_device(params, directions, backups_for(params)).values()
-        out.append(AscentGroup(group, [tuple(b) for b in buckets]))  # type: ignore[misc]
+        out.append(AscentGroup(group, [(p, d, b) for p, d, b in buckets]))
     return out
 
 

@@ -24,7 +24,7 @@ loudly rather than silently.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeAlias, TypeGuard
 
 import torch
 from torch import Tensor
@@ -33,8 +33,10 @@ from .. import functional
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._step import Step
+    from .mix import Mix
 
 __all__ = [
+    "Scaler",
     "is_enabled",
     "unscale_",
     "unscale_first_pass",
@@ -45,7 +47,11 @@ __all__ = [
 ]
 
 
-def is_enabled(scaler: Any) -> bool:
+#: the GradScaler a step was given (None: none)
+Scaler: TypeAlias = "torch.amp.GradScaler | None"
+
+
+def is_enabled(scaler: Scaler) -> TypeGuard[torch.amp.GradScaler]:
     return scaler is not None and scaler.is_enabled()
 
 
@@ -72,17 +78,19 @@ def unscale_(
     return found, found_per_device
 
 
-def unscale_first_pass(step: Step, grads: list[Tensor], scaler: Any) -> None:
+def unscale_first_pass(step: Step, grads: list[Tensor], scaler: Scaler) -> None:
     """Unscale the first-pass gradients in place (with an enabled ``scaler``), and record
     on the ``step`` what was done: the overflow flags, and that they are unscaled now."""
-    step.first_pass_scaled = is_enabled(scaler)
-    if not (step.first_pass_scaled and grads):
+    if not is_enabled(scaler):
+        step.first_pass_scaled = False
         return
-    step.found_inf, step.found_per_device = unscale_(grads, scaler)
-    step.unscaled = True  # second_step must not unscale these again
+    step.first_pass_scaled = True
+    if grads:
+        step.found_inf, step.found_per_device = unscale_(grads, scaler)
+        step.unscaled = True  # second_step must not unscale these again
 
 
-def check_mix_units(step: Step, mix: Any, name: str) -> None:
+def check_mix_units(step: Step, mix: Mix | None, name: str) -> None:
     """Refuse ``scaler.step(opt)`` after a first step without the scaler when a mix combines
     the two passes' gradients: they would be in different units."""
     if mix is not None and step.ascended and not step.first_pass_scaled:
@@ -94,9 +102,9 @@ def check_mix_units(step: Step, mix: Any, name: str) -> None:
 
 
 def mark_unscaled(
-    scaler: torch.amp.GradScaler,
+    scaler: Scaler,
     optimizer: torch.optim.Optimizer,
-    found_per_device: dict[torch.device, Tensor],
+    found_per_device: dict[torch.device, Tensor] | None,
     *,
     force_overflow: bool = False,
 ) -> None:
@@ -105,6 +113,8 @@ def mark_unscaled(
     ``force_overflow`` records an overflow on every device: under local DDP
     ascent another replica may have overflowed, and all must back off alike.
     """
+    # (called after a first pass this scaler unscaled: both are set)
+    assert scaler is not None and found_per_device is not None
     flags = found_per_device
     if force_overflow:
         flags = {device: torch.ones_like(flag) for device, flag in flags.items()}

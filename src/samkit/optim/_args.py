@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,9 @@ from .mix import Mix
 from .perturbation import Adaptive, Perturbation
 from .policy import Policy
 from .rho import RhoController
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .view import Gathered
 
 __all__ = [
     "Default",
@@ -46,7 +49,7 @@ class Default(float):
 RHO, ETA, ZERO = Default(0.05), Default(0.01), Default(0.0)
 
 
-def _was_given(name: str, value: Any) -> bool:
+def _was_given(name: str, value: object) -> bool:
     """Whether SAM's keyword ``name`` was given (the class form refuses one the optimizer class takes too)."""
     if name in ("rho", "eta", "ascent_weight_decay"):
         return not isinstance(value, Default)
@@ -286,7 +289,7 @@ def check_closure_backward(params: list[Tensor], name: str) -> None:
         )
 
 
-def check_first_pass_grads(gathered: Any) -> None:
+def check_first_pass_grads(gathered: Gathered) -> None:
     """Refuse gradients made with ``create_graph=True`` (a second-order base optimizer)."""
     for _, _, grads in gathered:
         if any(g.requires_grad for g in grads):

@@ -12,40 +12,42 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import ParamSpec, TypeVar
 
 import torch
 
 __all__ = ["disable", "disable_frame", "protocol"]
 
-_F = TypeVar("_F", bound=Callable[..., Any])
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-def disable(fn: _F, *, recursive: bool = True) -> _F:
+def disable(fn: Callable[_P, _R], *, recursive: bool = True) -> Callable[_P, _R]:
     """``torch.compiler.disable(fn, recursive=recursive)``, made on the first compiled call."""
-    made: list[Callable[..., Any]] = []
+    made: list[Callable[_P, _R]] = []
 
-    def under_compile(*args: Any, **kwargs: Any) -> Any:
+    def under_compile(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         if not made:
-            made.append(torch.compiler.disable(fn, recursive=recursive))
+            # (torch.compiler.disable is not annotated)
+            made.append(torch.compiler.disable(fn, recursive=recursive))  # type: ignore[no-untyped-call]
         return made[0](*args, **kwargs)
 
     @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         if torch.compiler.is_compiling():
             return under_compile(*args, **kwargs)
         return fn(*args, **kwargs)
 
-    return run  # type: ignore[return-value]
+    return run
 
 
-def disable_frame(fn: _F) -> _F:
+def disable_frame(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """:func:`disable` with ``recursive=False``: Dynamo skips ``fn``'s own frame
     (a step's attribute writes) but still compiles what it calls (the closure)."""
     return disable(fn, recursive=False)
 
 
-def protocol(method: Callable[..., Any]) -> Callable[..., Any]:
+def protocol(method: Callable[_P, _R]) -> Callable[_P, _R]:
     """A step method: under ``no_grad``, and opaque to ``torch.compile``.
 
     Under compilation it runs as ``torch.compiler.disable`` (dynamo would drop
@@ -57,7 +59,7 @@ def protocol(method: Callable[..., Any]) -> Callable[..., Any]:
     compiled = disable(torch.no_grad()(method))
 
     @functools.wraps(method)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         if torch.compiler.is_compiling():
             return compiled(*args, **kwargs)
         enabled = torch.is_grad_enabled()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,8 @@ from torch import Tensor, nn
 from .. import functional
 
 if TYPE_CHECKING:  # pragma: no cover
+    from torch.distributed import ProcessGroup
+
     from .policy import Policy
     from .view import StepView
 
@@ -67,12 +69,13 @@ def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def process_group(model: nn.Module | None) -> Any:
+def process_group(model: nn.Module | None) -> ProcessGroup | None:
     """DDP's process group (``None``: the default group, also without DDP)."""
-    return getattr(model, "process_group", None)
+    group: ProcessGroup | None = getattr(model, "process_group", None)
+    return group
 
 
-def world_size(group: Any) -> int:
+def world_size(group: ProcessGroup | None) -> int:
     return torch.distributed.get_world_size(group) if is_distributed() else 1
 
 
@@ -103,6 +106,7 @@ def local_first_pass(model: nn.Module) -> Iterator[None]:
     DDP decides at forward time whether the backward all-reduces, so a forward
     run outside the context makes the "local" pass a global one.
     """
+    # (nn.Module's stub types an unknown attribute as Tensor | Module: not callable)
     with model.no_sync():  # type: ignore[operator]
         yield
     # DDP clears this flag after a forward run under no_sync; still set, no
@@ -120,14 +124,15 @@ def local_first_pass(model: nn.Module) -> Iterator[None]:
         )
 
 
-def request_buffer_broadcast(model: nn.Module) -> None:
+def request_buffer_broadcast(model: nn.Module | None) -> None:
     """Ask DDP to broadcast rank 0's buffers at the next forward.
 
     Without it, replicas' BatchNorm statistics drift apart on steps that run
     no synchronised pass (a local first pass and no second pass).
     """
-    if hasattr(model, "require_forward_param_sync"):
-        model.require_forward_param_sync = True
+    if model is not None and hasattr(model, "require_forward_param_sync"):
+        # (nn.Module's stub accepts only a Tensor or a Module in an attribute write)
+        model.require_forward_param_sync = True  # type: ignore[assignment]
 
 
 def agree_to_ascend(
@@ -137,7 +142,7 @@ def agree_to_ascend(
     if view.local:
         # DDP broadcasts rank 0's buffers at the forward after a synchronised
         # one; the local first pass was not, so ask for it explicitly.
-        request_buffer_broadcast(model)  # type: ignore[arg-type]
+        request_buffer_broadcast(model)
     ascend = active and (policy is None or policy.should_ascend(view))
     if view.local and active and policy is not None and not policy.replica_consistent:
         # A policy reading the local gradient may answer differently on each
@@ -147,7 +152,7 @@ def agree_to_ascend(
     return ascend
 
 
-def any_replica(flag: Tensor, group: Any, *, local: bool) -> bool:
+def any_replica(flag: Tensor, group: ProcessGroup | None, *, local: bool) -> bool:
     """Host read of a 0-d bool flag; with ``local``, True if it is set on any replica."""
     if local:
         value = flag.float().reshape(1)
@@ -156,7 +161,7 @@ def any_replica(flag: Tensor, group: Any, *, local: bool) -> bool:
     return bool(flag)
 
 
-def average_(tensors: Sequence[Tensor], group: Any, *, foreach: bool) -> None:
+def average_(tensors: Sequence[Tensor], group: ProcessGroup | None, *, foreach: bool) -> None:
     """Average tensors in place across the replicas of ``group``.
 
     One flat buffer per device and dtype, so a few collectives rather than
@@ -166,12 +171,12 @@ def average_(tensors: Sequence[Tensor], group: Any, *, foreach: bool) -> None:
         return
     world = world_size(group)
     for (_, _), (bucket,) in functional.group_by_device(list(tensors)).items():
-        flat = torch._utils._flatten_dense_tensors(bucket)
+        # (torch._utils leaves these two helpers unannotated)
+        flat: Tensor = torch._utils._flatten_dense_tensors(bucket)  # type: ignore[no-untyped-call]
         torch.distributed.all_reduce(flat, group=group)
         flat.div_(world)
-        functional.copy_(
-            bucket, list(torch._utils._unflatten_dense_tensors(flat, bucket)), foreach=foreach
-        )
+        views: tuple[Tensor, ...] = torch._utils._unflatten_dense_tensors(flat, bucket)  # type: ignore[no-untyped-call]
+        functional.copy_(bucket, list(views), foreach=foreach)
 
 
 def average_gradients(params: Sequence[Tensor], model: nn.Module | None, *, foreach: bool) -> None:
@@ -194,7 +199,7 @@ def average_gradients(params: Sequence[Tensor], model: nn.Module | None, *, fore
     average_([p.grad for p in params if p.grad is not None], group, foreach=foreach)
 
 
-def average_scalar(value: Tensor, group: Any) -> Tensor:
+def average_scalar(value: Tensor, group: ProcessGroup | None) -> Tensor:
     """The mean of a 0-d tensor over ``group`` (itself when not distributed)."""
     if world_size(group) <= 1:
         return value
@@ -203,7 +208,7 @@ def average_scalar(value: Tensor, group: Any) -> Tensor:
     return (total / world_size(group)).reshape(())
 
 
-def sum_scalars(values: Sequence[float], group: Any) -> list[float]:
+def sum_scalars(values: Sequence[float], group: ProcessGroup | None) -> list[float]:
     """Python floats summed over ``group`` in one collective (float64, on the CPU for gloo,
     on the current accelerator for NCCL); themselves when not distributed."""
     if world_size(group) <= 1:

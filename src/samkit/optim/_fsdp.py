@@ -36,12 +36,20 @@ plain and DDP training take exactly the path they took before.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.distributed import ProcessGroup
+    from torch.distributed.tensor import DTensor
+
+    from .mix import Mix
+    from .perturbation import Perturbation
+    from .view import Gathered
 
 __all__ = [
     "DTENSOR_ATTRIBUTES",
@@ -64,10 +72,8 @@ FSDP1_ATTRIBUTES = ("_is_flat_param", "_fsdp_flattened")
 
 _PLAIN = (Tensor, nn.Parameter)
 
-Gathered = Sequence[tuple[dict[str, Any], list[Tensor], list[Tensor]]]
 
-
-def _dtensor_type() -> type | None:
+def _dtensor_type() -> type[DTensor] | None:
     if not torch.distributed.is_available():  # pragma: no cover - builds without distributed
         return None
     from torch.distributed.tensor import DTensor
@@ -75,18 +81,24 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
-def _reduce_groups(p: Tensor, name: str) -> tuple[Any, ...]:
+def _reduce_groups(p: DTensor, name: str) -> tuple[ProcessGroup, ...]:
     """The process groups over which ``p``'s squared norm is summed: its sharded mesh dims."""
     groups = []
-    for dim, placement in enumerate(p.placements):  # type: ignore[attr-defined]
+    for dim, placement in enumerate(p.placements):
         if placement.is_shard():
-            groups.append(p.device_mesh.get_group(dim))  # type: ignore[attr-defined]
+            groups.append(p.device_mesh.get_group(dim))
         elif not placement.is_replicate():
             raise ValueError(
                 f"Invalid parameter: {name} has placement {placement} on mesh dim {dim}; SAM under FSDP2 "
                 "supports Shard and Replicate placements (fully_shard's, with or without HSDP)"
             )
     return tuple(groups)
+
+
+class _BackupsFor(Protocol):
+    """``SAM._backups_for``: one weight buffer per parameter, keyed by ``keys`` if given."""
+
+    def __call__(self, params: list[Tensor], keys: list[Tensor] | None = None) -> list[Tensor]: ...
 
 
 class Sharding:
@@ -101,7 +113,7 @@ class Sharding:
 
     __slots__ = ("groups", "owners")
 
-    def __init__(self, groups: tuple[Any, ...], owners: dict[int, Tensor]) -> None:
+    def __init__(self, groups: tuple[ProcessGroup, ...], owners: dict[int, Tensor]) -> None:
         self.groups = groups
         self.owners = owners
 
@@ -112,9 +124,7 @@ class Sharding:
             torch.distributed.all_reduce(total, group=group)
         return total.reshape(())
 
-    def backups_for(
-        self, backups_for: Callable[..., list[Tensor]]
-    ) -> Callable[[list[Tensor]], list[Tensor]]:
+    def backups_for(self, backups_for: _BackupsFor) -> Callable[[list[Tensor]], list[Tensor]]:
         """``backups_for(local shards)``, with the backups keyed by their DTensor parameters."""
         return lambda local: backups_for(local, keys=[self.owners[id(t)] for t in local])
 
@@ -132,7 +142,7 @@ def localize(gathered: Gathered) -> tuple[Gathered, Sharding | None]:
         return gathered, None  # Parameter subclasses of other kinds
     out = []
     owners: dict[int, Tensor] = {}
-    signature: tuple[Any, ...] | None = None
+    signature: tuple[ProcessGroup, ...] | None = None
     for group, params, grads in gathered:
         local_params, local_grads = [], []
         for i, (p, g) in enumerate(zip(params, grads)):
@@ -150,15 +160,20 @@ def localize(gathered: Gathered) -> tuple[Gathered, Sharding | None]:
                     f"Invalid parameter: {name} is sharded over other mesh dimensions than the first "
                     "parameter; SAM under FSDP2 needs every parameter sharded over the same ones"
                 )
-            local = p._local_tensor  # type: ignore[attr-defined]
+            local = p._local_tensor
             owners[id(local)] = p
             local_params.append(local)
-            local_grads.append(g._local_tensor if isinstance(g, dtensor) else g)  # type: ignore[attr-defined]
+            local_grads.append(g._local_tensor if isinstance(g, dtensor) else g)
         out.append((group, local_params, local_grads))
     return out, Sharding(signature or (), owners)
 
 
-def check_supported(mix: Any, perturbation: Any, scaler: Any, name: str) -> None:
+def check_supported(
+    mix: Mix | None,
+    perturbation: Perturbation,
+    scaler: torch.amp.GradScaler | None,
+    name: str,
+) -> None:
     """Refuse, before any weight moves, what SAM (the class ``name``) cannot do right on shards."""
     from .perturbation import Masked, RandomSubset
 
@@ -225,5 +240,5 @@ def full(total: Tensor) -> Tensor:
     """A norm returned by ``clip_grad_norm_`` as a plain tensor (DTensor norms are gathered)."""
     dtensor = _dtensor_type() if type(total) not in _PLAIN else None
     if dtensor is not None and isinstance(total, dtensor):
-        return total.full_tensor()  # type: ignore[attr-defined]
+        return total.full_tensor()
     return total

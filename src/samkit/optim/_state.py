@@ -10,8 +10,8 @@ not silently loaded into another.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -22,6 +22,12 @@ from .policy import Always
 if TYPE_CHECKING:  # pragma: no cover
     from .sam import SAM
 
+    # The mixin is only ever a base of SAM, a torch optimizer: typed as one
+    # (torch's hook registries, param_groups, ...); a plain class at run time.
+    _Optimizer = torch.optim.Optimizer
+else:
+    _Optimizer = object
+
 __all__ = ["VERSION", "StateDict", "samkit_entry", "method_of", "load"]
 
 VERSION = 2
@@ -30,31 +36,25 @@ VERSION = 2
 _DEFAULT_PIECES = {"perturbation": "L2", "policy": None, "mix": None, "rho": None}
 
 
-class StateDict:
+class StateDict(_Optimizer):
     """:meth:`state_dict`, :meth:`load_state_dict` and :attr:`method` of :class:`~samkit.SAM`
     (a mixin: the protocol stays in ``sam.py``, the checkpoint format here)."""
 
-    _pending: bool
-    base_optimizer: torch.optim.Optimizer
-    _optimizer_state_dict_pre_hooks: dict[int, Callable[..., Any]]
-    _optimizer_state_dict_post_hooks: dict[int, Callable[..., Any]]
-    _optimizer_load_state_dict_pre_hooks: dict[int, Callable[..., Any]]
-    _optimizer_load_state_dict_post_hooks: dict[int, Callable[..., Any]]
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus a ``"samkit"`` entry.
 
         A plain torch optimizer can load it too (the extra key is ignored).
         The weight backup is scratch space and is not saved.
         """
-        if self._pending:
+        opt = cast("SAM", self)
+        if opt._pending:
             raise RuntimeError(
                 "state_dict() between first_step() and second_step(): the weights are perturbed"
             )
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        sd = self.base_optimizer.state_dict()
-        sd["samkit"] = samkit_entry(self)  # type: ignore[arg-type]
+        sd = opt.base_optimizer.state_dict()
+        sd["samkit"] = samkit_entry(opt)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -67,11 +67,9 @@ class StateDict:
         perturbation, policy, mix and rho controller (None: the default; plain SAM
         is ``{"class": "SAM", "perturbation": "L2", "policy": None, "mix": None,
         "rho": None}``). Their settings (rho, k, alpha, ...) are not part of it."""
-        return method_of(self)  # type: ignore[arg-type]
+        return method_of(cast("SAM", self))
 
-    def load_state_dict(  # type: ignore[override]
-        self, state_dict: dict[str, Any], *, base_only: bool = False
-    ) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], *, base_only: bool = False) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain torch optimizer's).
 
         Everything is checked before anything changes: on a bad state dict
@@ -90,8 +88,9 @@ class StateDict:
         another's run. State dicts of samkit 0.2, which do not record their
         method, load as before.
         """
+        opt = cast("SAM", self)
         base_only = bool(check_flag("base_only", base_only))
-        if self._pending:
+        if opt._pending:
             raise RuntimeError(
                 "load_state_dict() between first_step() and second_step(): the weights are perturbed"
             )
@@ -99,7 +98,7 @@ class StateDict:
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        load(self, state_dict, base_only=base_only)  # type: ignore[arg-type]
+        load(opt, state_dict, base_only=base_only)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -132,7 +131,7 @@ def method_of(opt: SAM) -> dict[str, str | None]:
     }
 
 
-def load(opt: SAM, state_dict: Any, *, base_only: bool) -> None:
+def load(opt: SAM, state_dict: object, *, base_only: bool) -> None:
     """Check ``state_dict`` against ``opt``, then load it; on any error ``opt`` is as it was."""
     base_sd, own = _validate(state_dict, opt.param_groups, opt.group_keys.values(), opt.rho_key)
     base_sd, own = _select(opt, base_sd, own, base_only=base_only)
@@ -224,8 +223,8 @@ def _load_own(opt: SAM, own: dict[str, Any]) -> None:
 
 
 def _validate(
-    state_dict: Any, groups: list[dict[str, Any]], keys: Any, rho_key: str
-) -> tuple[dict[str, Any], Any]:
+    state_dict: object, groups: list[dict[str, Any]], keys: Iterable[str], rho_key: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Split and check a state dict before anything is loaded; raise ValueError naming what is wrong."""
     if (
         not isinstance(state_dict, dict)
@@ -250,7 +249,9 @@ def _validate(
     return base_sd, own
 
 
-def _validate_group(i: int, saved: Any, group: dict[str, Any], keys: Any, rho_key: str) -> None:
+def _validate_group(
+    i: int, saved: object, group: dict[str, Any], keys: Iterable[str], rho_key: str
+) -> None:
     if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
         raise ValueError(
             f"Invalid state_dict value: param group {i} does not match this optimizer's"
@@ -263,7 +264,7 @@ def _validate_group(i: int, saved: Any, group: dict[str, Any], keys: Any, rho_ke
         raise ValueError(f"Invalid lr (param group {i} of the state dict) value: {saved['lr']!r}")
 
 
-def _validate_own(own: Any) -> None:
+def _validate_own(own: object) -> None:
     if not isinstance(own, dict):
         raise ValueError("Invalid state_dict value: its 'samkit' entry is not a dict")
     for key in ("steps", "ascents"):
@@ -282,7 +283,7 @@ def _validate_own(own: Any) -> None:
         raise ValueError(f"Invalid state_dict value: samkit method entry {method!r} is not a dict")
 
 
-def _piece_name(piece: Any) -> str | None:
+def _piece_name(piece: object) -> str | None:
     """A perturbation / policy / mix / rho controller as a state dict records it: its class
     (and its inner perturbation's, if it wraps one); None for the default."""
     if piece is None:

@@ -334,7 +334,7 @@ class LossEquated(AutoRho):
         self.lr0 = float(group.get("initial_lr", group["lr"]))
 
     def next_rho(self, view: StepView) -> float:
-        norm = float(view.sq_grad_norm()) ** 0.5
+        norm: float = float(view.sq_grad_norm()) ** 0.5
         if self.sigma is None:
             self.norm_sum += norm
             self.norm_count += 1
@@ -342,7 +342,8 @@ class LossEquated(AutoRho):
                 return self.initial_rho
             self.sigma = self.initial_rho * self.norm_sum / self.norm_count
         sigma = self.sigma * self._anneal_factor()
-        return min(sigma / (norm + self.stability), self.rho_max)  # type: ignore[type-var]
+        assert self.rho_max is not None  # (set by bind)
+        return min(sigma / (norm + self.stability), self.rho_max)
 
     def _anneal_factor(self) -> float:
         if self.anneal != "lr" or not self.lr0:
@@ -677,7 +678,8 @@ class ValidationPlateau(AutoRho):
             return
         self.bad += 1
         if self.bad >= self.patience:
-            self.rho = min(self.rho * self.factor, self.rho_max)  # type: ignore[type-var]
+            assert self.rho_max is not None  # (set by bind)
+            self.rho = min(self.rho * self.factor, self.rho_max)
             self.bad = 0
 
     def __repr__(self) -> str:
@@ -741,7 +743,8 @@ class ValidationSearch(AutoRho):
         self.deltas: list[float] = []
 
     def next_rho(self, view: StepView) -> float:
-        return self.center * self.probe**self.arm
+        rho: float = self.center * self.probe**self.arm
+        return rho
 
     def on_validation(self, loss: float) -> None:
         if self.last is not None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -38,10 +38,13 @@ from . import _compile
 from .perturbation import Perturbation, RandomSubset
 from .sam import SAM
 
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.optim.optimizer import ParamsT
+
 __all__ = ["ESAM", "backward_mean"]
 
 
-def backward_mean(losses: Tensor, scaler: Any, *, method: str) -> None:
+def backward_mean(losses: Tensor, scaler: torch.amp.GradScaler | None, *, method: str) -> None:
     """Backward of the mean of the per-sample ``losses`` a closure returned
     (ESAM's closure convention), scaled by ``scaler`` when it is enabled."""
     if losses.dim() != 1:
@@ -50,7 +53,8 @@ def backward_mean(losses: Tensor, scaler: Any, *, method: str) -> None:
             f"(reduction='none'), got shape {tuple(losses.shape)}"
         )
     loss = losses.mean()
-    (scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss).backward()
+    scaled = scaler.scale(loss) if scaler is not None and scaler.is_enabled() else loss
+    scaled.backward()  # type: ignore[no-untyped-call]  # (Tensor.backward is not annotated)
 
 
 class ESAM(SAM):
@@ -85,7 +89,7 @@ class ESAM(SAM):
 
     def __init__(
         self,
-        params_or_optimizer: Any,
+        params_or_optimizer: ParamsT | torch.optim.Optimizer,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
         rho: float | str = 0.05,

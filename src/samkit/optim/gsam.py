@@ -27,7 +27,7 @@ Cost: two passes, as SAM, plus one weight-sized buffer for ``g``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from .._checks import check_flag, check_rho
 from .mix import SurrogateGap
 from .rho import FollowLR, LrRangeError
 from .sam import SAM
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.optim.optimizer import ParamsT
 
 __all__ = ["GSAM"]
 
@@ -72,9 +75,11 @@ class GSAM(SAM):
         1
     """
 
+    mix: SurrogateGap  # (typing only: its surrogate-gap mix, set by __init__)
+
     def __init__(
         self,
-        params_or_optimizer: Any,
+        params_or_optimizer: ParamsT | torch.optim.Optimizer,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
         rho: float | str = 0.05,
@@ -85,14 +90,14 @@ class GSAM(SAM):
         **kwargs: Any,
     ) -> None:
         mix = SurrogateGap(alpha)  # validates alpha
-        follow_lr = check_flag("follow_lr", follow_lr)
+        follow_lr = bool(check_flag("follow_lr", follow_lr))
         if kwargs.get("mix") is not None:
             raise ValueError(
                 "Invalid mix value: GSAM's mix is its surrogate-gap term; use SAM(..., mix=...)"
             )
         kwargs.pop("mix", None)
         if isinstance(rho, str):  # "auto": a self-tuning controller replaces the lr schedule
-            radius: Any = rho
+            radius: float | str | FollowLR = rho
         else:
             check_rho("rho", rho)
             radius = FollowLR(rho, rho_min=rho_min, lr_min=lr_min) if follow_lr else rho
@@ -103,7 +108,7 @@ class GSAM(SAM):
 
     @property
     def alpha(self) -> float:
-        return self.mix.alpha  # type: ignore[union-attr]
+        return self.mix.alpha
 
     def __repr__(self) -> str:
         return f"GSAM(rho={self._sam_defaults['rho']}, alpha={self.alpha}, base={self.base_optimizer!r})"

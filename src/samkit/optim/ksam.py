@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -42,6 +42,9 @@ from . import _compile
 from .batchnorm import freeze_bn_stats
 from .esam import backward_mean
 from .sam import SAM
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.optim.optimizer import ParamsT
 
 __all__ = ["KSAM"]
 
@@ -74,7 +77,7 @@ class KSAM(SAM):
 
     def __init__(
         self,
-        params_or_optimizer: Any,
+        params_or_optimizer: ParamsT | torch.optim.Optimizer,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
         rho: float = 0.05,

@@ -39,7 +39,7 @@ paper's value for ViTs on ImageNet: pass ``alpha=0.7`` there).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,6 +47,9 @@ from .._checks import check_int
 from .mix import ReuseOrthogonal
 from .policy import EveryK
 from .sam import SAM
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.optim.optimizer import ParamsT
 
 __all__ = ["LookSAM"]
 
@@ -73,9 +76,11 @@ class LookSAM(SAM):
     one that never stopped.
     """
 
+    mix: ReuseOrthogonal  # (typing only: its reuse mix, set by __init__)
+
     def __init__(
         self,
-        params_or_optimizer: Any,
+        params_or_optimizer: ParamsT | torch.optim.Optimizer,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
         rho: float | str = 0.05,
@@ -104,12 +109,12 @@ class LookSAM(SAM):
 
     @property
     def alpha(self) -> float:
-        return self.mix.alpha  # type: ignore[union-attr]
+        return self.mix.alpha
 
     @property
     def reused(self) -> int:
         """In-between steps that added the stored component."""
-        return self.mix.reused  # type: ignore[union-attr]
+        return self.mix.reused
 
     def __repr__(self) -> str:
         return f"LookSAM(rho={self._sam_defaults['rho']}, k={self.k}, alpha={self.alpha}, base={self.base_optimizer!r})"

@@ -47,12 +47,15 @@ buffer for the base optimizer and checks that there is one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .perturbation import Momentum
 from .sam import SAM
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.optim.optimizer import ParamsT
 
 __all__ = ["MomentumSAM", "momentum_buffer_key"]
 
@@ -153,9 +156,11 @@ class MomentumSAM(SAM):
         (2, 1)
     """
 
+    perturbation: Momentum  # (typing only: its momentum perturbation, set by __init__)
+
     def __init__(
         self,
-        params_or_optimizer: Any,
+        params_or_optimizer: ParamsT | torch.optim.Optimizer,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
         rho: float | None = None,
@@ -195,7 +200,7 @@ class MomentumSAM(SAM):
     @property
     def buffer(self) -> str:
         """The state key of the momentum the ascent follows."""
-        return self.perturbation.buffer  # type: ignore[attr-defined]
+        return self.perturbation.buffer
 
     def __repr__(self) -> str:
         return (

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ from torch import Tensor
 from .. import functional
 from . import _compile, _ddp
 from .sam import SAM
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.optim.optimizer import ParamsT
 
 __all__ = ["MicroBatchSAM", "MSAM"]
 
@@ -66,7 +69,7 @@ class MicroBatchSAM(SAM):
 
     def __init__(
         self,
-        params_or_optimizer: Any,
+        params_or_optimizer: ParamsT | torch.optim.Optimizer,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
         rho: float | str = 0.05,
@@ -101,14 +104,12 @@ class MicroBatchSAM(SAM):
             method["class"] = "MicroBatchSAM"
         return method
 
-    def load_state_dict(  # type: ignore[override]
-        self, state_dict: dict[str, Any], *, base_only: bool = False
-    ) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], *, base_only: bool = False) -> None:
         """As :meth:`SAM.load_state_dict`; a state dict written by samkit 0.2's
         ``MSAM`` (the same method) loads too."""
         own = state_dict.get("samkit") if isinstance(state_dict, dict) else None
         written = own.get("method") if isinstance(own, dict) else None
-        if isinstance(written, dict) and written.get("class") == "MSAM":
+        if isinstance(own, dict) and isinstance(written, dict) and written.get("class") == "MSAM":
             own = {**own, "method": {**written, "class": "MicroBatchSAM"}}
             state_dict = {**state_dict, "samkit": own}
         super().load_state_dict(state_dict, base_only=base_only)

@@ -33,13 +33,17 @@ perturbation works on the copy and never on the optimizer's state.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional
 from .._checks import check_pos as _check_pos
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .view import OptimizerState
 
 __all__ = [
     "Perturbation",
@@ -61,7 +65,7 @@ class Perturbation:
     #: state), not from a gradient; SAM perturbs before the only forward pass.
     needs_gradient = True
 
-    def ascent_vector(self, param: Tensor, state: Any) -> Tensor | None:
+    def ascent_vector(self, param: Tensor, state: OptimizerState) -> Tensor | None:
         """Where the ascent of ``param`` starts when ``needs_gradient`` is False.
 
         ``state`` is the base optimizer's per-parameter state. SAM copies the
@@ -70,7 +74,7 @@ class Perturbation:
         """
         return None
 
-    def check_state(self, params: list[Tensor], state: Any) -> None:
+    def check_state(self, params: list[Tensor], state: OptimizerState) -> None:
         """Called when :meth:`ascent_vector` gave no vector for any of ``params``
         (the parameters of the groups with rho > 0) after the base optimizer
         has stepped: raise ``ValueError`` when that is a mistake. Not called
@@ -82,7 +86,7 @@ class Perturbation:
         params: list[Tensor],
         grads: list[Tensor],
         scratch: list[Tensor],
-        group: dict[str, Any],
+        group: Mapping[str, Any],
         *,
         foreach: bool,
     ) -> Tensor:
@@ -93,7 +97,7 @@ class Perturbation:
         params: list[Tensor],
         grads: list[Tensor],
         scratch: list[Tensor],
-        group: dict[str, Any],
+        group: Mapping[str, Any],
         *,
         foreach: bool,
     ) -> None:
@@ -127,12 +131,28 @@ class Adaptive(Perturbation):
 
     name = "adaptive"
 
-    def measure_(self, params, grads, scratch, group, *, foreach):
+    def measure_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        scratch: list[Tensor],
+        group: Mapping[str, Any],
+        *,
+        foreach: bool,
+    ) -> Tensor:
         functional.abs_plus_(scratch, params, group["eta"], foreach=foreach)  # scratch = T_w
         functional.mul_(grads, scratch, foreach=foreach)  # u = T g
         return functional.sq_norm(grads, foreach=foreach)
 
-    def direction_(self, params, grads, scratch, group, *, foreach):
+    def direction_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        scratch: list[Tensor],
+        group: Mapping[str, Any],
+        *,
+        foreach: bool,
+    ) -> None:
         functional.mul_(grads, scratch, foreach=foreach)  # d = T^2 g
 
 
@@ -170,11 +190,12 @@ class Momentum(Perturbation):
             )
         self.buffer = buffer
 
-    def ascent_vector(self, param, state):
+    def ascent_vector(self, param: Tensor, state: OptimizerState) -> Tensor | None:
         entry = state.get(param)
-        return None if entry is None else entry.get(self.buffer)
+        vector: Tensor | None = None if entry is None else entry.get(self.buffer)
+        return vector
 
-    def check_state(self, params, state):
+    def check_state(self, params: list[Tensor], state: OptimizerState) -> None:
         # The base optimizer has stepped (it keeps state) but not under this key:
         # a wrong key would otherwise make every step a plain base step, silently.
         for param in params:
@@ -187,7 +208,15 @@ class Momentum(Perturbation):
                     "the Adam family), or use samkit.MomentumSAM(base, rho=...), which picks it"
                 )
 
-    def direction_(self, params, grads, scratch, group, *, foreach):
+    def direction_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        scratch: list[Tensor],
+        group: Mapping[str, Any],
+        *,
+        foreach: bool,
+    ) -> None:
         functional.neg_(grads, foreach=foreach)  # d = -v
 
     def __repr__(self) -> str:
@@ -220,7 +249,15 @@ class Fisher(Perturbation):
     def __init__(self, eta: float = 1.0) -> None:
         self.eta = _check_pos("eta", eta)
 
-    def measure_(self, params, grads, scratch, group, *, foreach):
+    def measure_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        scratch: list[Tensor],
+        group: Mapping[str, Any],
+        *,
+        foreach: bool,
+    ) -> Tensor:
         # scratch = sqrt(1 + eta g^2), then u = g / scratch
         functional.copy_(scratch, grads, foreach=foreach)
         if foreach:
@@ -235,7 +272,15 @@ class Fisher(Perturbation):
                 g.div_(s)
         return functional.sq_norm(grads, foreach=foreach)
 
-    def direction_(self, params, grads, scratch, group, *, foreach):
+    def direction_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        scratch: list[Tensor],
+        group: Mapping[str, Any],
+        *,
+        foreach: bool,
+    ) -> None:
         if foreach:
             torch._foreach_div_(grads, scratch)  # d = g / f
         else:
@@ -263,7 +308,9 @@ class Masked(Perturbation):
 
     name = "masked"
 
-    def __init__(self, params: Any, inner: Perturbation | None = None) -> None:
+    def __init__(
+        self, params: Tensor | Iterable[Tensor], inner: Perturbation | None = None
+    ) -> None:
         if isinstance(params, Tensor):
             params = [params]
         try:
@@ -302,9 +349,17 @@ class Masked(Perturbation):
             hit = self._split_cache[key] = (on, off)
         return hit
 
-    def measure_(self, params, grads, scratch, group, *, foreach):
+    def measure_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        scratch: list[Tensor],
+        group: Mapping[str, Any],
+        *,
+        foreach: bool,
+    ) -> Tensor:
         on, off = self._split(params)
-        total = None
+        total: Tensor | None = None
         if off:
             g_off = [grads[i] for i in off]
             # 0 * ||g_off||^2 is 0 when finite and NaN otherwise
@@ -323,9 +378,18 @@ class Masked(Perturbation):
                 foreach=foreach,
             )
             total = sq if total is None else total + sq
+        assert total is not None  # (a bucket is never empty: on or off is not)
         return total
 
-    def direction_(self, params, grads, scratch, group, *, foreach):
+    def direction_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        scratch: list[Tensor],
+        group: Mapping[str, Any],
+        *,
+        foreach: bool,
+    ) -> None:
         on, _ = self._split(params)
         if on:
             self.inner.direction_(
@@ -450,10 +514,26 @@ class RandomSubset(Perturbation):
                 g.set_state(state)
         return g
 
-    def measure_(self, params, grads, scratch, group, *, foreach):
+    def measure_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        scratch: list[Tensor],
+        group: Mapping[str, Any],
+        *,
+        foreach: bool,
+    ) -> Tensor:
         return self.inner.measure_(params, grads, scratch, group, foreach=foreach)
 
-    def direction_(self, params, grads, scratch, group, *, foreach):
+    def direction_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        scratch: list[Tensor],
+        group: Mapping[str, Any],
+        *,
+        foreach: bool,
+    ) -> None:
         self.inner.direction_(params, grads, scratch, group, foreach=foreach)
         if self.beta == 1.0:
             return

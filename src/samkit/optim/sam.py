@@ -138,7 +138,7 @@ class SAM(_state.StateDict, Wrapper):
 
     def __init__(
         self,
-        params_or_optimizer: Any,
+        params_or_optimizer: torch.optim.optimizer.ParamsT | torch.optim.Optimizer,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
         rho: float | str | RhoController = _args.RHO,
@@ -261,7 +261,7 @@ class SAM(_state.StateDict, Wrapper):
         under FSDP the DTensor parameters, while ``params`` are their local shards)."""
         return functional.buffers_like(self._backups, params if keys is None else keys, params)
 
-    def _view(self, gathered: Gathered, local: bool = False, sharding: Any = None) -> StepView:
+    def _view(self, gathered: Gathered, local: bool, sharding: _fsdp.Sharding | None) -> StepView:
         return StepView(
             steps=self.steps,
             ascents=self.ascents,
@@ -295,7 +295,7 @@ class SAM(_state.StateDict, Wrapper):
         )
         self._step = Step(local=local)  # AT_W: the next first_step() reads how the pass ran
         if local:
-            with _ddp.local_first_pass(self.model):  # type: ignore[arg-type]
+            with _ddp.local_first_pass(self.model):  # type: ignore[arg-type]  # (local: a DDP model)
                 yield
         else:
             yield
@@ -362,16 +362,18 @@ class SAM(_state.StateDict, Wrapper):
         factor = self.policy.rho_factor(view) if self.policy is not None else 1.0
         active = [entry for entry in sources if entry[0]["rho"] * factor > 0]
         if not _ddp.agree_to_ascend(view, bool(active), self.policy, self.model):
-            return self._decline(scaler)
+            return self._decline(step, scaler)
         if self.mix is not None:
             self.mix.before_ascent(view)
         if not self._ascend(active, factor, view, zero_grad, scaler):
             return False
         if zero_grad and by_gradient:
-            self._clear_grads(sharded)
+            self._clear_grads(step, sharded)
         return True
 
-    def _sources(self, by_gradient: bool, scaler: Any) -> tuple[Gathered, Gathered, Any]:
+    def _sources(
+        self, by_gradient: bool, scaler: _amp.Scaler
+    ) -> tuple[Gathered, Gathered, _fsdp.Sharding | None]:
         """What the ascent starts from, per group: the gradients, or the base optimizer's
         state vectors (Momentum-SAM); under FSDP2 also as local shards, with their sharding."""
         sharded = self._gather() if by_gradient else self._gather(self._state_vector)
@@ -389,10 +391,10 @@ class SAM(_state.StateDict, Wrapper):
         sources, sharding = _fsdp.localize(sharded)
         if sharding is not None:
             _fsdp.check_supported(self.mix, self.perturbation, scaler, type(self).__name__)
-        return sharded, sources, sharding  # type: ignore[return-value]
+        return sharded, sources, sharding
 
     def _ascend(
-        self, active: Gathered, factor: float, view: StepView, zero_grad: bool, scaler: Any
+        self, active: Gathered, factor: float, view: StepView, zero_grad: bool, scaler: _amp.Scaler
     ) -> bool:
         """The ascent: u and its global norm, then w <- w + rho * d / ||u||, w kept exactly."""
         step, by_gradient = self._step, self.perturbation.needs_gradient
@@ -401,6 +403,7 @@ class SAM(_state.StateDict, Wrapper):
         reduce = None if view.sharding is None else view.sharding.reduce_
         norm = functional.measure_(ascent, self.perturbation, foreach=self.foreach, reduce=reduce)
         if self._nonfinite(norm, scaler, view.local):
+            step.skip = True
             return self._skip_ascent(ascent, zero_grad and by_gradient)
         step.restore = functional.perturb_(
             ascent, norm, self.perturbation, rho_factor=factor, eps=self.ascent_eps,
@@ -415,13 +418,13 @@ class SAM(_state.StateDict, Wrapper):
         return True
 
     def _prepare_ascent(
-        self, active: Gathered, sharding: Any, zero_grad: bool, by_gradient: bool
+        self, active: Gathered, sharding: _fsdp.Sharding | None, zero_grad: bool, by_gradient: bool
     ) -> list[functional.AscentGroup]:
         """The ascent's groups: directions (in ``.grad`` itself when it may be overwritten,
         copies otherwise) and the weight backups, keyed by the DTensors under FSDP2."""
-        backups_for = self._backups_for
+        backups_for: Callable[[list[Tensor]], list[Tensor]] = self._backups_for
         if sharding is not None:
-            backups_for = sharding.backups_for(backups_for)
+            backups_for = sharding.backups_for(self._backups_for)
         directions = active if by_gradient else self._scratch_copies(active)
         in_place = zero_grad or not by_gradient
         return functional.prepare_ascent(
@@ -471,7 +474,7 @@ class SAM(_state.StateDict, Wrapper):
         if skip or not (unscale or clip or self.mix is not None):
             return skip
         gathered = self._gather()
-        if unscale:
+        if unscale and grad_scale is not None:
             _amp.check_mix_units(step, self.mix, type(self).__name__)
             _amp.unscale_by_(
                 [g for _, _, grads in gathered for g in grads], grad_scale, foreach=self.foreach
@@ -483,7 +486,7 @@ class SAM(_state.StateDict, Wrapper):
             skip = self._nonfinite_grads(gathered)
         if self.mix is not None and not skip:
             mix = self.mix.after_ascent if step.ascended else self.mix.after_plain
-            mix(self._view(gathered))
+            mix(self._view(gathered, False, None))
         skip = skip or (clip and self._clip_or_check(gathered, check))
         if skip and guarded:
             warnings.warn(
@@ -565,7 +568,7 @@ class SAM(_state.StateDict, Wrapper):
             self.abort_step()  # never leave perturbed weights behind
             raise
         if _amp.is_enabled(scaler):
-            scaler.step(self)  # type: ignore[union-attr]
+            scaler.step(self)
         else:
             self.second_step()
         return loss
@@ -589,10 +592,8 @@ class SAM(_state.StateDict, Wrapper):
         self._step = None
         return step
 
-    def _decline(self, scaler: Any) -> bool:
+    def _decline(self, step: Step, scaler: _amp.Scaler) -> bool:
         """A step without ascent: the first-pass gradients go to the base step."""
-        step = self._step
-        assert step is not None
         if step.local:
             _ddp.average_gradients(self._all_params(), self.model, foreach=self.foreach)
         found_inf = step.found_inf
@@ -600,13 +601,13 @@ class SAM(_state.StateDict, Wrapper):
             group = _ddp.process_group(self.model)
             step.skip = _ddp.any_replica(found_inf > 0, group, local=step.local)
         if found_inf is not None:
-            _amp.mark_unscaled(scaler, self, step.found_per_device, force_overflow=step.skip)  # type: ignore[arg-type]
+            _amp.mark_unscaled(scaler, self, step.found_per_device, force_overflow=step.skip)
         return False
 
     def _checks_finite(self, scaled: bool) -> bool:
         return self.skip_nonfinite if self.skip_nonfinite is not None else scaled
 
-    def _nonfinite(self, norm: Tensor, scaler: Any, local: bool) -> bool:
+    def _nonfinite(self, norm: Tensor, scaler: _amp.Scaler, local: bool) -> bool:
         if not self._checks_finite(scaler is not None):
             return False
         found_inf = self._step.found_inf if self._step is not None else None
@@ -615,15 +616,14 @@ class SAM(_state.StateDict, Wrapper):
         return _ddp.any_replica(bad, _ddp.process_group(self.model), local=local)
 
     def _skip_ascent(self, ascent: list[functional.AscentGroup], zero_grad: bool) -> bool:
-        self._step.skip = True  # type: ignore[union-attr]
         if zero_grad:  # the scratch gradients were modified: make them plainly non-finite
             for ag in ascent:
                 for _, directions, _ in ag.buckets:
                     functional.mul_(directions, float("nan"), foreach=self.foreach)
         return False
 
-    def _clear_grads(self, gathered: Gathered) -> None:
-        self._step.cleared = gathered  # type: ignore[union-attr]
+    def _clear_grads(self, step: Step, gathered: Gathered) -> None:
+        step.cleared = gathered
         if type(self.base_optimizer).zero_grad is torch.optim.Optimizer.zero_grad:
             # What the default zero_grad(set_to_none=True) does, without walking
             # every group again: only these params have gradients.

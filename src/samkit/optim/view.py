@@ -12,7 +12,7 @@ private state private.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -20,9 +20,20 @@ from torch import Tensor
 from .. import functional
 from . import _ddp
 
-__all__ = ["StepView", "RhoGroups", "sam_settings"]
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.distributed import ProcessGroup
 
-Gathered = Sequence[tuple[dict[str, Any], list[Tensor], list[Tensor]]]
+    from ._fsdp import Sharding
+
+__all__ = ["StepView", "RhoGroups", "sam_settings", "Gathered", "OptimizerState"]
+
+#: ``(group, params, grads)`` for each param group with gradients, the group read
+#: through SAM's plain names (:func:`sam_settings`); ``grads[i]`` is ``params[i]``'s
+#: gradient (or the vector the ascent starts from).
+Gathered = Sequence[tuple[Mapping[str, Any], list[Tensor], list[Tensor]]]
+
+#: A torch optimizer's per-parameter state (``optimizer.state``): ``param -> {key: value}``.
+OptimizerState = Mapping[Tensor, dict[str, Any]]
 
 
 class RhoGroups:
@@ -122,12 +133,12 @@ class StepView:
         steps: int,
         ascents: int,
         gradients: Gathered,
-        state: Any,
+        state: OptimizerState,
         foreach: bool,
         eps: float,
         local: bool,
-        process_group: Any,
-        sharding: Any = None,
+        process_group: ProcessGroup | None,
+        sharding: Sharding | None = None,
         groups: RhoGroups | None = None,
     ) -> None:
         self.steps = steps

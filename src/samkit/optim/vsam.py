@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -64,6 +64,9 @@ from .mix import GradientStore, Mix, dot
 from .policy import Policy
 from .sam import SAM
 from .view import StepView
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.optim.optimizer import ParamsT
 
 __all__ = ["VSAM", "ReusePSF", "PSFVariation"]
 
@@ -310,9 +313,11 @@ class VSAM(SAM):
     the generator are saved).
     """
 
+    mix: ReusePSF  # (typing only: its PSF-reuse mix, set by __init__)
+
     def __init__(
         self,
-        params_or_optimizer: Any,
+        params_or_optimizer: ParamsT | torch.optim.Optimizer,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
         warmup_steps: int,
@@ -351,7 +356,7 @@ class VSAM(SAM):
     @property
     def reused(self) -> int:
         """Plain steps that added the stored PSF."""
-        return self.mix.reused  # type: ignore[union-attr]
+        return self.mix.reused
 
     def __repr__(self) -> str:
         return f"VSAM(rho={self.defaults[self.rho_key]}, policy={self.policy!r}, mix={self.mix!r}, base={self.base_optimizer!r})"
