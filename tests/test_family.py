@@ -607,11 +607,12 @@ def test_each_declared_capability_is_the_librarys(info):
     model = info.model(0)
     opt = info.make(info.base("sgd"), model)
     assert info.needs_gradient == opt.perturbation.needs_gradient
+    verdict = (opt.mix, opt.perturbation, None, type(opt).__name__)
     if info.supports_fsdp2:
-        _fsdp.check_supported(opt, None)
+        _fsdp.check_supported(*verdict)
     else:
         with pytest.raises(ValueError, match=r"Invalid (mix|perturbation) value.*FSDP2"):
-            _fsdp.check_supported(opt, None)
+            _fsdp.check_supported(*verdict)
     plain = (
         type(opt) is samkit.SAM
         and opt.policy is None
