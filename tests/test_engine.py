@@ -163,6 +163,19 @@ def test_a_run_whose_worker_keeps_dying_is_failed_with_the_reason(tmp_path):
     assert not any(o.executed for o in out)
 
 
+def test_the_study_line_counts_runs_and_estimates_the_time_left(monkeypatch):
+    progress = engine.StudyProgress(total=10, slots=2)
+    assert progress.line().startswith("study: 0/10 done, 0 running, 10 left; 0:00 elapsed")
+    assert progress.line().endswith("time left not known yet")
+    progress.done, progress.failed, progress.running = 3, 1, 2
+    progress.run_times = [60.0, 60.0, 60.0]
+    monkeypatch.setattr(engine.core.time, "perf_counter", lambda: progress.t0 + 3725)
+    # 4 left and 2 half-done runs at 60 s each, 2 at once: (4 + 1) * 60 / 2 = 150 s
+    assert progress.line() == (
+        "study: 3/10 done, 2 running, 4 left, 1 failed; 1:02:05 elapsed, about 2:30 left"
+    )
+
+
 def _where(folder, ctx):
     return {"config": {}, "devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": ctx.threads}
 
@@ -182,6 +195,40 @@ def test_jobs_auto_reads_the_devices_a_run_may_use(monkeypatch, tmp_path):
     assert got == ["3", "5"]
     assert all(o.record["placement"]["cuda_visible_devices"] == o.record["devices"] for o in out)
     assert all(o.record["threads"] == 1 for o in out)
+
+
+RL = ["rl", "--envs", "CartPole-v1", "--seeds", "1", "--timesteps", "512", "--methods", "ppo"]
+RL += ["sam", "--eval-episodes", "2", "--grid", "coarse", "-q"]
+GAN = ["gan", "--datasets", "ring8", "--methods", "adam", "sam_g", "--seeds", "2"]
+GAN += ["--iterations", "20", "--eval-every", "10", "--batch-size", "32", "-q"]
+
+
+def _same_study(a, b):
+    for x, y in zip(a["runs"], b["runs"], strict=True):
+        assert _timeless(x) == _timeless(y)
+    assert _timeless(a) == _timeless(b)
+
+
+@pytest.mark.parametrize("study", ["rl", "gan"])
+def test_rl_and_gan_with_two_worker_processes_give_the_numbers_of_one_job(study, tmp_path, capsys):
+    pytest.importorskip("stable_baselines3" if study == "rl" else "torch")
+    argv = RL if study == "rl" else GAN
+    if study == "gan":
+        toml = tmp_path / "gan.toml"
+        toml.write_text("hidden = 16\ndepth = 2\nz_dim = 4\neval_samples = 200\n")
+        argv = [*argv, "--config", str(toml)]
+    results = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"j{jobs}"
+        rc = main([*argv, "--out", str(out), "--jobs", jobs, "--threads", "1"])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        assert err == ""  # -q: nothing, with workers as without
+        results[jobs] = json.loads((out / "results.json").read_text())
+    _same_study(results["1"], results["2"])
+    runs = results["2"]["runs"]
+    assert len(runs) == (2 if study == "rl" else 4)
+    assert all(r["config"]["threads"] == 1 for r in runs)  # each run's thread count
 
 
 # The driver as a user runs it in a terminal, where Ctrl-C raises KeyboardInterrupt:
