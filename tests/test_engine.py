@@ -210,17 +210,21 @@ def _same_study(a, b):
 
 
 @pytest.mark.parametrize("study", ["rl", "gan"])
-def test_rl_and_gan_with_two_worker_processes_give_the_numbers_of_one_job(study, tmp_path, capsys):
+def test_rl_and_gan_with_two_worker_processes_give_the_numbers_of_one_job(
+    study, tmp_path, capsys, monkeypatch
+):
     pytest.importorskip("stable_baselines3" if study == "rl" else "torch")
     argv = RL if study == "rl" else GAN
     if study == "gan":
         toml = tmp_path / "gan.toml"
         toml.write_text("hidden = 16\ndepth = 2\nz_dim = 4\neval_samples = 200\n")
         argv = [*argv, "--config", str(toml)]
+    # with several runs at once an rl or gan run trains on one thread, however many cores
+    monkeypatch.setattr(engine.executors, "physical_cores", lambda: 8)
     results = {}
-    for jobs in ("1", "2"):
+    for jobs, threads in (("1", ["--threads", "1"]), ("2", [])):
         out = tmp_path / f"j{jobs}"
-        rc = main([*argv, "--out", str(out), "--jobs", jobs, "--threads", "1"])
+        rc = main([*argv, "--out", str(out), "--jobs", jobs, *threads])
         err = capsys.readouterr().err
         assert rc == 0, err
         assert err == ""  # -q: nothing, with workers as without
