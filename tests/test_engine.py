@@ -397,6 +397,44 @@ def test_tune_resumes_a_trial_cut_between_its_creation_and_its_rho(tmp_path, cap
     assert sorted(t["params"]["rho"] for t in complete) == [0.01, 0.05, 0.1, 0.2]
 
 
+class _DiesOnRho(engine.InProcess):
+    """Trains in this process, but the worker of every trial with rho 0.2 dies."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(1)
+        self.slots = 2
+
+    def free(self):
+        return len(self._events) < self.slots
+
+    def submit(self, index, cell):
+        if cell.task.rho == 0.2:
+            self._events.append(Event(index, "died", reason="out of memory"))
+        else:
+            super().submit(index, cell)
+
+
+def test_a_tune_trial_whose_worker_keeps_dying_is_failed_after_two_retries(
+    tmp_path, capsys, monkeypatch
+):
+    pytest.importorskip("optuna")
+    from samkit.experiments import tune_parallel
+
+    monkeypatch.setattr(tune_parallel, "make_executor", _DiesOnRho)
+    out = tmp_path / "t"
+    argv = [a for a in TUNE if a != "-q"]
+    assert main([*argv, "--jobs", "2", "--threads", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("out of memory; queued again (try") == 2
+    assert "FAILED: out of memory (3 tries)" in err
+    trials = json.loads((out / "tune.json").read_text())["trials"]
+    at_02 = [t for t in trials if t["params"]["rho"] == 0.2]
+    assert [t["state"] for t in at_02] == ["FAIL"] * 3
+    assert [t.get("failure") for t in at_02][-1] == "out of memory (3 tries)"
+    done = sorted(t["params"]["rho"] for t in trials if t["state"] == "COMPLETE")
+    assert done == [0.01, 0.05, 0.1]
+
+
 def _free_port():
     import socket
 

@@ -336,6 +336,12 @@ class OpenTune:
                 **({"diverged": True} if t.user_attrs.get("diverged") else {}),
                 # interrupted (Ctrl-C or killed), and tried again as a later trial
                 **({"redone": True} if t.number in redone else {}),
+                # its worker died on every try (--jobs N): why
+                **(
+                    {"failure": t.user_attrs["failure"]}
+                    if "failure" in t.user_attrs and t.number not in redone
+                    else {}
+                ),
             }
             for t in ostudy.trials
         ]
