@@ -163,6 +163,19 @@ def test_a_run_whose_worker_keeps_dying_is_failed_with_the_reason(tmp_path):
     assert not any(o.executed for o in out)
 
 
+def test_the_study_line_counts_runs_and_estimates_the_time_left(monkeypatch):
+    progress = engine.StudyProgress(total=10, slots=2)
+    assert progress.line().startswith("study: 0/10 done, 0 running, 10 left; 0:00 elapsed")
+    assert progress.line().endswith("time left not known yet")
+    progress.done, progress.failed, progress.running = 3, 1, 2
+    progress.run_times = [60.0, 60.0, 60.0]
+    monkeypatch.setattr(engine.core.time, "perf_counter", lambda: progress.t0 + 3725)
+    # 4 left and 2 half-done runs at 60 s each, 2 at once: (4 + 1) * 60 / 2 = 150 s
+    assert progress.line() == (
+        "study: 3/10 done, 2 running, 4 left, 1 failed; 1:02:05 elapsed, about 2:30 left"
+    )
+
+
 def _where(folder, ctx):
     return {"config": {}, "devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": ctx.threads}
 
@@ -182,6 +195,44 @@ def test_jobs_auto_reads_the_devices_a_run_may_use(monkeypatch, tmp_path):
     assert got == ["3", "5"]
     assert all(o.record["placement"]["cuda_visible_devices"] == o.record["devices"] for o in out)
     assert all(o.record["threads"] == 1 for o in out)
+
+
+RL = ["rl", "--envs", "CartPole-v1", "--seeds", "1", "--timesteps", "512", "--methods", "ppo"]
+RL += ["sam", "--eval-episodes", "2", "--grid", "coarse", "-q"]
+GAN = ["gan", "--datasets", "ring8", "--methods", "adam", "sam_g", "--seeds", "2"]
+GAN += ["--iterations", "20", "--eval-every", "10", "--batch-size", "32", "-q"]
+
+
+def _same_study(a, b):
+    for x, y in zip(a["runs"], b["runs"], strict=True):
+        assert _timeless(x) == _timeless(y)
+    assert _timeless(a) == _timeless(b)
+
+
+@pytest.mark.parametrize("study", ["rl", "gan"])
+def test_rl_and_gan_with_two_worker_processes_give_the_numbers_of_one_job(
+    study, tmp_path, capsys, monkeypatch
+):
+    pytest.importorskip("stable_baselines3" if study == "rl" else "torch")
+    argv = RL if study == "rl" else GAN
+    if study == "gan":
+        toml = tmp_path / "gan.toml"
+        toml.write_text("hidden = 16\ndepth = 2\nz_dim = 4\neval_samples = 200\n")
+        argv = [*argv, "--config", str(toml)]
+    # with several runs at once an rl or gan run trains on one thread, however many cores
+    monkeypatch.setattr(engine.executors, "physical_cores", lambda: 8)
+    results = {}
+    for jobs, threads in (("1", ["--threads", "1"]), ("2", [])):
+        out = tmp_path / f"j{jobs}"
+        rc = main([*argv, "--out", str(out), "--jobs", jobs, *threads])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        assert err == ""  # -q: nothing, with workers as without
+        results[jobs] = json.loads((out / "results.json").read_text())
+    _same_study(results["1"], results["2"])
+    runs = results["2"]["runs"]
+    assert len(runs) == (2 if study == "rl" else 4)
+    assert all(r["config"]["threads"] == 1 for r in runs)  # each run's thread count
 
 
 # The driver as a user runs it in a terminal, where Ctrl-C raises KeyboardInterrupt:
@@ -321,6 +372,69 @@ def test_tune_jobs_2_resumes_after_kill_9_without_repeating_finished_trials(tmp_
         ]
 
 
+def test_tune_resumes_a_trial_cut_between_its_creation_and_its_rho(tmp_path, capsys, monkeypatch):
+    """kill -9 may land after Optuna stored a trial (and its grid point) but before its
+    rho: the resumed grid search still runs each rho once."""
+    pytest.importorskip("optuna")
+    from samkit.experiments import tune_parallel
+
+    out = tmp_path / "t"
+    argv = [*TUNE, "--jobs", "2", "--threads", "1", "--out", str(out)]
+    real, calls = tune_parallel.suggest, []
+
+    def cut(trial, search):
+        calls.append(1)
+        if len(calls) == 2:  # the second trial exists, RUNNING, with no rho yet
+            raise KeyboardInterrupt
+        return real(trial, search)
+
+    monkeypatch.setattr(tune_parallel, "suggest", cut)
+    assert main(argv) == 130
+    monkeypatch.setattr(tune_parallel, "suggest", real)
+    assert main(argv) == 0, capsys.readouterr().err
+    res = json.loads((out / "tune.json").read_text())
+    complete = [t for t in res["trials"] if t["state"] == "COMPLETE"]
+    assert sorted(t["params"]["rho"] for t in complete) == [0.01, 0.05, 0.1, 0.2]
+
+
+class _DiesOnRho(engine.InProcess):
+    """Trains in this process, but the worker of every trial with rho 0.2 dies."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(1)
+        self.slots = 2
+
+    def free(self):
+        return len(self._events) < self.slots
+
+    def submit(self, index, cell):
+        if cell.task.rho == 0.2:
+            self._events.append(Event(index, "died", reason="out of memory"))
+        else:
+            super().submit(index, cell)
+
+
+def test_a_tune_trial_whose_worker_keeps_dying_is_failed_after_two_retries(
+    tmp_path, capsys, monkeypatch
+):
+    pytest.importorskip("optuna")
+    from samkit.experiments import tune_parallel
+
+    monkeypatch.setattr(tune_parallel, "make_executor", _DiesOnRho)
+    out = tmp_path / "t"
+    argv = [a for a in TUNE if a != "-q"]
+    assert main([*argv, "--jobs", "2", "--threads", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("out of memory; queued again (try") == 2
+    assert "FAILED: out of memory (3 tries)" in err
+    trials = json.loads((out / "tune.json").read_text())["trials"]
+    at_02 = [t for t in trials if t["params"]["rho"] == 0.2]
+    assert [t["state"] for t in at_02] == ["FAIL"] * 3
+    assert [t.get("failure") for t in at_02][-1] == "out of memory (3 tries)"
+    done = sorted(t["params"]["rho"] for t in trials if t["state"] == "COMPLETE")
+    assert done == [0.01, 0.05, 0.1]
+
+
 def _free_port():
     import socket
 
@@ -329,26 +443,77 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _descendants(pids):
+    out, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.append(pid)
+            todo.extend(_children(pid))
+    return out
+
+
+def _pids_whose_command_has(*marks):
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and any(m in _cmdline(int(entry.name)) for m in marks):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """Two Ray nodes on localhost, one CPU each (started and stopped here)."""
+def ray_cluster():
+    """Two Ray nodes on localhost, one CPU each (started and stopped here).
+
+    Every process of this cluster names its own temp folder (or its own client
+    port) on its command line: the cleanup kills those, by pid, with their
+    children (the workers), even when a test failed, and no other Ray on the
+    machine (``ray stop`` would stop every one).
+    """
     pytest.importorskip("ray")
-    port = _free_port()
+    if not Path("/proc/self/task").exists():
+        pytest.skip("needs /proc (Linux) to stop the cluster's processes")
+    import shutil
+    import tempfile
+
+    port, client_port, dashboard_port = _free_port(), _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="samkit-ray-")  # short: Ray's socket paths must fit
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RAY_USAGE_STATS_ENABLED="0")
     ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
-    common = ["--include-dashboard=false", "--disable-usage-stats"]
+    common = ["--disable-usage-stats", f"--temp-dir={temp}"]
 
-    def start(*args):
+    def start(*args, **extra_env):
         subprocess.run(
-            [*ray_cli, "start", *args], env=env, check=True, capture_output=True, timeout=180
+            [*ray_cli, "start", *args, *common],
+            env={**env, **extra_env},
+            check=True,
+            capture_output=True,
+            timeout=180,
         )
 
     try:
-        start("--head", f"--port={port}", "--num-cpus=1", *common)
+        start(
+            "--head",
+            f"--port={port}",
+            f"--ray-client-server-port={client_port}",
+            f"--dashboard-port={dashboard_port}",
+            "--include-dashboard=false",
+            "--num-cpus=1",
+        )
         start(f"--address=127.0.0.1:{port}", "--num-cpus=1")
         yield {"address": f"127.0.0.1:{port}", "start": start}
     finally:
-        subprocess.run([*ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        mine = _pids_whose_command_has(temp, f"--port={client_port}\0")
+        _kill(_descendants(mine))
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_a_two_node_ray_cluster_gives_the_numbers_of_one_job(
@@ -359,6 +524,64 @@ def test_a_two_node_ray_cluster_gives_the_numbers_of_one_job(
     assert _timeless(res) == _timeless(ref)
     assert "study: 4 runs, Ray cluster" in err
     _same_weights(ref_out, tmp_path / "r")  # the nodes' files, written by the driver
+
+
+def test_a_ray_node_removed_mid_run_is_retried_from_its_checkpoint(
+    tmp_path, reference, ray_cluster
+):
+    _, ref = reference
+    # a third node whose runs hold after each epoch (until the node is gone)
+    node_port = _free_port()
+    hold = {engine.core.HOLD_ENV: str(tmp_path / "never")}
+    ray_cluster["start"](
+        f"--address={ray_cluster['address']}",
+        "--num-cpus=1",
+        f"--node-manager-port={node_port}",
+        **hold,
+    )
+    out, log = tmp_path / "n", tmp_path / "driver.log"
+    argv = ["compare", *TINY, "--out", str(out), "--ray", ray_cluster["address"], "--threads", "1"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RAY_USAGE_STATS_ENABLED="0")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, *argv], env=env, stderr=fh)
+    try:
+        # three runs end on the other two nodes; the fourth holds on the third node, its
+        # training state after epoch 1 already sent to the driver's run folder
+        runs, deadline = out / "runs", time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            results = [p for p in runs.glob("*-seed*.json")] if runs.exists() else []
+            states = list(runs.glob("*.state.pt")) if runs.exists() else []
+            if len(results) == 3 and len(states) == 1:
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None and len(states) == 1, log.read_text()[-3000:]
+        state = torch.load(states[0], map_location="cpu", weights_only=False)
+        assert [r["epoch"] for r in state["history"]] == [1]
+        # the node goes: its raylet and every process under it (its workers), at once
+        raylet = [
+            pid
+            for pid in _pids_whose_command_has(f"--node_manager_port={node_port}\0")
+            if "raylet" in _cmdline(pid)
+        ]
+        assert len(raylet) == 1
+        _kill(_descendants(raylet))
+        assert proc.wait(240) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    err = log.read_text()
+    name = states[0].name.split(".")[0]  # e.g. sam-seed0
+    assert (
+        "its Ray task was lost" in err and "retrying from its last checkpoint (try 2 of 3)" in err
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert _timeless(res) == _timeless(ref)
+    # trained on from its epoch-1 state: that epoch's record is the held node's, to the bit
+    lines = [json.loads(x) for x in (runs / f"{name}.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    assert lines[0]["epoch_time"] == state["history"][0]["epoch_time"]
+    assert not list(runs.glob("*.state.pt"))
 
 
 def test_a_ray_node_with_two_gpus_gives_each_run_one_device(tmp_path, capsys, ray_cluster):

@@ -48,7 +48,7 @@ def add_execution_arguments(p: argparse.ArgumentParser) -> None:
         "--ray",
         metavar="ADDRESS",
         help="run the runs as tasks of the Ray cluster at ADDRESS (host:port of `ray start "
-        "--head`; needs samkit[distributed])",
+        "--head`; needs samkit[distributed]); without --jobs, as many at once as it holds",
     )
 
 

@@ -233,7 +233,8 @@ def compare(
             processes, or ``"auto"`` (one per GPU, else one per physical core).
         threads: torch threads per run (default: not pinned with one job, an
             even share of the cores with several); recorded in each run's config.
-        ray: the address of a Ray cluster: the runs as Ray tasks there.
+        ray: the address of a Ray cluster: the runs as Ray tasks there (without
+            ``jobs``, as many at once as the cluster holds).
         **settings: any other study setting (``dataset``, ``model_kwargs``,
             ``noise``, ``val_fraction``, ``train_size``, ``schedule``,
             ``warmup_epochs``, ``early_stopping``, ``label_smoothing``,

@@ -89,7 +89,7 @@ def run_study(
     ``settings`` go to ``config.json``; a cell's result is
     ``runs/<condition>/<run key>.json``, reused when it holds
     ``identity(condition, variant, seed)`` (with ``threads`` when the executor
-    pins them); otherwise ``task(condition, variant, seed, run key, identity)``
+    pins them: one per run by default with several runs at once); otherwise ``task(condition, variant, seed, run key, identity)``
     (called with the runs folder and a run context) makes the record, which the
     driver writes atomically before it removes the files ``cleanup(run key)``
     names. Returns the summary as it reads back and how many cells ran.
@@ -100,6 +100,8 @@ def run_study(
     from .study import run_key, write_json_atomic
 
     show = sys.stderr.isatty() if progress is None else progress
+    if threads is None and (jobs != 1 or ray is not None):
+        threads = 1  # SB3's and the GAN's small networks: one torch thread per run
     executor = make_executor(jobs, threads, ray=ray, progress=show, log=log)
     with study_folder(folder):
         write_json_atomic(folder / "config.json", settings)

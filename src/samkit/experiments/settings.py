@@ -120,7 +120,9 @@ DEFAULTS: dict[str, Any] = {
     "baseline": None,
     "out": None,
     # how the runs are executed (not what they compute; not in config.json):
-    "jobs": 1,  # runs at once: a number or "auto" (one per GPU, else per physical core)
+    # runs at once: a number or "auto" (one per GPU, else per physical core); None: 1,
+    # or as many as the Ray cluster holds with ``ray``
+    "jobs": None,
     "threads": None,  # torch threads per run (None: not pinned); recorded in each run's config
     "ray": None,  # a Ray cluster's address: the runs as Ray tasks
 }
@@ -138,8 +140,11 @@ def execution(s: dict[str, Any]) -> dict[str, Any]:
     ray = s.get("ray")
     if ray is not None and (not isinstance(ray, str) or not ray.strip()):
         raise ValueError(f"Invalid ray value: {ray!r} (a cluster address, host:port or 'auto')")
+    jobs = s.get("jobs")
+    if jobs is None:  # not given: one at a time here, the whole cluster on Ray
+        jobs = 1 if ray is None else "auto"
     return {
-        "jobs": check_jobs(1 if s.get("jobs") is None else s["jobs"]),
+        "jobs": check_jobs(jobs),
         "threads": check_threads(s.get("threads")),
         "ray": ray,
     }

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from .._atomic import append_line, finite, write_text_atomic
 from .batches import eval_batches, evaluate, steps_per_epoch, to_device, train_batches
 from .checkpoint import save_checkpoint
-from .engine.core import fault_point
+from .engine.core import state_saved
 from .problem import accuracy, default_loss
 from .registry import Amp, Method
 from .settings import TrainConfig
@@ -409,7 +409,7 @@ def train(
                         diverged=diverged,
                         device=dev,
                     )
-                    fault_point(Path(state_path).name, record["epoch"])
+                    state_saved(Path(state_path), record["epoch"])
                 # callbacks see the record once its state is safe (an Optuna pruner may raise)
                 for cb in callbacks:
                     cb(record)

@@ -27,6 +27,9 @@ from .tune_trial import STUDY_NAME, suggest, trial_line, trial_value
 
 __all__ = ["TuneTrial", "run_parallel"]
 
+#: a trial whose worker dies is trained again this many times, then failed (as a run)
+RETRIES = 2
+
 
 @dataclass
 class TuneTrial:
@@ -120,17 +123,27 @@ def run_parallel(
                     _tell(ostudy, trial, state=TrialState.FAIL)
                     assert ev.error is not None
                     raise ev.error
-                if ev.kind == "died":  # its worker was killed: the trial is done again
-                    trial.set_user_attr("interrupted", True)
+                if ev.kind == "died":  # its worker was killed: the trial is done again,
+                    # up to RETRIES times (as a study's run), then failed with the reason
+                    tries = int(trial.user_attrs.get("tries", 1))
+                    trial.set_user_attr("interrupted", tries <= RETRIES)
+                    trial.set_user_attr("failure", f"{ev.reason} ({tries} tries)")
                     _tell(ostudy, trial, state=TrialState.FAIL)
+                    if tries > RETRIES:
+                        if log:
+                            log(f"  trial {trial.number}: FAILED: {ev.reason} ({tries} tries)")
+                        continue
                     ostudy.enqueue_trial(
                         dict(trial.params),
-                        user_attrs={"redo_of": trial.number},
+                        user_attrs={"redo_of": trial.number, "tries": tries + 1},
                         skip_if_exists=False,
                     )
                     asked -= 1
                     if log:
-                        log(f"  trial {trial.number}: {ev.reason}; queued again")
+                        log(
+                            f"  trial {trial.number}: {ev.reason}; queued again "
+                            f"(try {tries + 1} of {RETRIES + 1})"
+                        )
                     continue
                 out = ev.record or {}
                 if out["state"] == "complete":

@@ -123,6 +123,28 @@ class OpenTune:
                     dict(t.params), user_attrs={"redo_of": t.number}, skip_if_exists=False
                 )
         stuck += cut
+        lost = [t for t in stuck if "rho" not in t.params]
+        if self.spec.grid and lost:
+            # a trial cut between its creation and its rho took its grid point with it
+            # (Optuna counts a failed trial's point as visited): queue every grid value
+            # that no finished, queued or requeued trial holds, so each runs once
+            held = [
+                t.params.get("rho")
+                for t in existing
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or t in stuck
+            ]
+            held += [
+                t.system_attrs.get("fixed_params", {}).get("rho")
+                for t in existing
+                if t.state == TrialState.WAITING
+            ]
+            missing = [rho for rho in self.spec.grid if rho not in held]
+            for k, rho in enumerate(missing):
+                probe.enqueue_trial(
+                    {"rho": rho},
+                    user_attrs={"redo_of": lost[min(k, len(lost) - 1)].number},
+                    skip_if_exists=False,
+                )
         seed = _sampler_seed(self.spec.sampler_seed, len(existing))
         if self.spec.grid:
             # the grid's order (its shuffle) must stay that of the first run: its trials
@@ -314,6 +336,12 @@ class OpenTune:
                 **({"diverged": True} if t.user_attrs.get("diverged") else {}),
                 # interrupted (Ctrl-C or killed), and tried again as a later trial
                 **({"redone": True} if t.number in redone else {}),
+                # its worker died on every try (--jobs N): why
+                **(
+                    {"failure": t.user_attrs["failure"]}
+                    if "failure" in t.user_attrs and t.number not in redone
+                    else {}
+                ),
             }
             for t in ostudy.trials
         ]

@@ -25,6 +25,7 @@ __all__ = [
     "normalise",
     "read_record",
     "run_cells",
+    "state_saved",
 ]
 
 #: test hook: ``"<file name>@<epoch>@<marker file>"`` kills the process that saves
@@ -61,6 +62,27 @@ def finished(path: Path, identity: Any, field: str = "config") -> dict[str, Any]
     if record is not None and record.get(field) == normalise(identity):
         return record
     return None
+
+
+#: per process: who hears that a run saved its training state (a Ray task ships the
+#: run's files to the driver); None: nobody (in-process and local workers share
+#: the driver's file system)
+_state_listener: Callable[[Path], None] | None = None
+
+
+def listen_for_states(listener: Callable[[Path], None] | None) -> None:
+    """In a worker: call ``listener(path)`` each time a run saves its training state."""
+    global _state_listener
+    _state_listener = listener
+
+
+def state_saved(path: Path, epoch: int) -> None:
+    """A run saved its training state at ``path`` after ``epoch``: its executor hears
+    it (a Ray task sends the run's files to the driver, so a lost node loses at most
+    the progress since), then a test may kill or hold the process here."""
+    if _state_listener is not None:
+        _state_listener(Path(path))
+    fault_point(Path(path).name, epoch)
 
 
 def fault_point(file_name: str, epoch: int) -> None:
@@ -136,7 +158,9 @@ class Outcome:
 
 @dataclass
 class Event:
-    """What an executor reports about a cell it ran: ``kind`` ok, error or died."""
+    """What an executor reports about a cell it ran: ``kind`` ok, error or died (the
+    run is over), or saved (it runs on; ``files``: what it saved, for the driver to
+    write into the run folder)."""
 
     index: int
     kind: str
@@ -336,6 +360,9 @@ def run_cells(
                 continue
             for ev in executor.wait():
                 cell = cells[ev.index]
+                if ev.kind == "saved":  # a remote run's training state, as it goes
+                    _write_files(cell.folder, ev.files)
+                    continue
                 progress.running -= 1
                 if log:
                     for line in ev.lines:

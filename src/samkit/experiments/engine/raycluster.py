@@ -8,8 +8,11 @@ user's ``--model``/``--data`` files go with Ray's runtime environment
 (``py_modules``). A task trains in a scratch folder on its node with the
 files the run already has (its training state), and returns its record and
 files: the driver writes them into the one run folder, so the nodes need no
-shared file system. A task whose node or worker dies is retried by the
-engine (from the training state the driver holds, if any).
+shared file system. Each time a run saves its training state, the task
+sends the run's changed files to the driver too (a Ray generator task),
+which writes them into the run folder: a task whose node or worker dies is
+retried by the engine from that state (``max_retries=0``: the engine's
+retries are the only ones), and a driver stopped by Ctrl-C resumes from it.
 """
 
 from __future__ import annotations
@@ -28,11 +31,20 @@ __all__ = ["RayExecutor"]
 _CACHE: dict[str, Any] = {}  # per Ray worker process: what the runs may share
 
 
-def _ray_run(
-    mods: list[tuple[str, str]], payload: bytes, files: dict[str, bytes], threads: int
-) -> tuple[dict[str, Any], list[str], dict[str, bytes], float, str | None]:
-    """The task: train one run in a scratch folder; its record, log lines and files."""
+def _ray_run(mods: list[tuple[str, str]], payload: bytes, files: dict[str, bytes], threads: int):
+    """The task: train one run in a scratch folder; a generator of what the driver writes.
+
+    It yields ``("saved", files)`` each time the run saves its training state (the
+    run's files changed since the last such item: a node lost later costs at most the
+    progress since), then ``("done", record, lines, files, seconds, devices)``.
+    The run trains in a thread of this task so that the task can yield meanwhile.
+    """
+    import queue
+    import threading
+
     import torch
+
+    from . import core
 
     torch.set_num_threads(threads)
     import_user_modules(mods)
@@ -44,13 +56,47 @@ def _ray_run(
         folder = Path(tmp)
         for name, data in files.items():
             (folder / name).write_bytes(data)
-        record = task(folder, RunContext(False, lines.append, _CACHE, threads, devices))
-        out = {
-            p.name: p.read_bytes()
-            for p in folder.iterdir()
-            if p.is_file() and not p.name.startswith(".") and files.get(p.name) != p.read_bytes()
-        }
-    return record, lines, out, time.perf_counter() - t0, devices
+        sent = dict(files)
+
+        def changed() -> dict[str, bytes]:
+            out = {}
+            for p in sorted(folder.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    data = p.read_bytes()
+                    if sent.get(p.name) != data:
+                        out[p.name] = data
+            sent.update(out)
+            return out
+
+        items: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def train() -> None:
+            torch.set_num_threads(threads)
+            try:
+                ctx = RunContext(False, lines.append, _CACHE, threads, devices)
+                items.put(("done", task(folder, ctx)))
+            except BaseException as exc:  # noqa: BLE001 - raised by the task, for the driver
+                items.put(("error", exc))
+
+        # the run's thread reads its files right after it saved them, before it goes on
+        core.listen_for_states(lambda _path: items.put(("saved", changed())))
+        try:
+            thread = threading.Thread(target=train, name="samkit-run", daemon=True)
+            thread.start()
+            while True:
+                kind, value = items.get()
+                if kind == "saved":
+                    if value:
+                        yield ("saved", value)
+                    continue
+                thread.join()
+                if kind == "error":
+                    raise value
+                out = changed()
+                yield ("done", value, lines, out, time.perf_counter() - t0, devices)
+                return
+        finally:
+            core.listen_for_states(None)
 
 
 class RayExecutor(Executor):
@@ -78,7 +124,7 @@ class RayExecutor(Executor):
         self.address, self.jobs, self.threads = address, jobs, threads
         self.gpus_per_run = gpus_per_run
         self.slots = jobs or 1
-        self._pending: dict[Any, int] = {}
+        self._pending: dict[Any, tuple[int, Cell]] = {}
         self._ray: Any = None
 
     def start(self) -> None:
@@ -144,26 +190,34 @@ class RayExecutor(Executor):
             for p in sorted(cell.folder.glob(f"{cell.stem}.*"))
             if p.is_file() and p.name != f"{cell.stem}.json"
         }
-        ref = self._remote.remote(user_modules(), pickle.dumps(cell.task), files, self.threads)
-        self._pending[ref] = index
+        gen = self._remote.remote(user_modules(), pickle.dumps(cell.task), files, self.threads)
+        self._pending[gen] = (index, cell)
 
     def wait(self) -> list[Event]:
         ray = self._ray
         ready, _ = ray.wait(list(self._pending), num_returns=1)
         events = []
-        for ref in ready:
-            index = self._pending.pop(ref)
+        for gen in ready:
+            index, cell = self._pending[gen]
             try:
-                record, lines, files, seconds, devices = ray.get(ref)
+                item = ray.get(next(gen))
             except ray.exceptions.RayTaskError as exc:
+                del self._pending[gen]
                 cause = exc.as_instanceof_cause()
                 err = getattr(exc, "cause", None) or cause
                 events.append(Event(index, "error", error=err))
                 continue
-            except ray.exceptions.RayError as exc:  # a worker or node lost
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            except (ray.exceptions.RayError, StopIteration) as exc:  # a worker or node lost
+                del self._pending[gen]
+                # its first sentence: "Task failed because the node it was running on is dead"
+                reason = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
                 events.append(Event(index, "died", reason=f"its Ray task was lost: {reason[:200]}"))
                 continue
+            if item[0] == "saved":
+                events.append(Event(index, "saved", files=item[1]))
+                continue
+            del self._pending[gen]
+            _, record, lines, files, seconds, devices = item
             if self.gpus and devices is not None:
                 record = {**record, "placement": {"cuda_visible_devices": devices}}
             events.append(Event(index, "ok", record, lines, files, seconds=seconds))
@@ -172,9 +226,9 @@ class RayExecutor(Executor):
     def stop(self) -> None:
         if self._ray is None:
             return
-        for ref in list(self._pending):
+        for gen in list(self._pending):
             try:
-                self._ray.cancel(ref, force=True)
+                self._ray.cancel(gen, force=True)
             except Exception:  # noqa: BLE001, S110 - already over
                 pass
         self._pending.clear()

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from ..._atomic import atomic_open
 from .. import grid
+from ..engine.core import state_saved
 from ..grid import Variant
 from .config import GANConfig
 from .data import MIXTURES, Mixture
@@ -240,6 +241,7 @@ def train_gan(
                     snapshots,
                     elapsed + time.perf_counter() - t0,
                 )
+                state_saved(state_path, iteration)
     finally:
         if bar is not None:
             bar.close()

@@ -111,7 +111,10 @@ def _execute(
     spec = ENVS[env]
     key = run_key(variant.label, seed)
     train_path, zip_path = folder / f"{key}.train.json", folder / f"{key}.zip"
-    train_id = grid.normalise(_train_identity(config, env, variant, seed))
+    train_id = _train_identity(config, env, variant, seed)
+    if identity is not None and "threads" in identity:  # trained on that many threads
+        train_id["threads"] = identity["threads"]
+    train_id = grid.normalise(train_id)
     grid_run.accept_renamed(train_path, train_id)
     trained = grid.finished(train_path, train_id)
     model = None
