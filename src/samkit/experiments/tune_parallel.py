@@ -1,11 +1,14 @@
-"""``samkit tune --jobs N``: N Optuna trials at once through ask/tell, on the study engine's workers.
+"""``samkit tune --jobs N``: N Optuna trials at once through ask/tell, on the study engine.
 
-The driver asks Optuna for a trial, sends its values to a free worker
-(:class:`~samkit.experiments.engine.LocalPool`) and tells Optuna the result;
-the journal in the run folder stays the one record. A worker reports each
-epoch's validation value to the journal itself (Optuna's journal storage is
-safe for several processes), so the median pruner sees the other trials as
-in a sequential search.
+The search is a :class:`~samkit.experiments.engine.CellSource`
+(:class:`TrialSource`): the engine's one run loop
+(:func:`~samkit.experiments.engine.run_cells`) asks it for a trial each
+time a slot is free, runs the trial on a worker, and tells it the outcome,
+which it tells Optuna; retries, faults, the study line and Ctrl-C are the
+engine's, as for every study. The journal in the run folder stays the one
+record. A worker reports each epoch's validation value to the journal itself
+(Optuna's journal storage is safe for several processes), so the median
+pruner sees the other trials as in a sequential search.
 
 What parallel sampling changes: a trial is proposed from the trials that
 have *completed* when it is asked. With N at once, each proposal misses the
@@ -21,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine import Cell, make_executor
+from .engine import Cell, CellSource, Outcome, make_executor, run_cells
 from .tune_search import OpenTune
-from .tune_trial import STUDY_NAME, suggest, trial_line, trial_value
+from .tune_trial import STUDY_NAME, suggest, trial_text, trial_value
 
-__all__ = ["TuneTrial", "run_parallel"]
+__all__ = ["TrialSource", "TuneTrial", "run_parallel"]
 
 #: a trial whose worker dies is trained again this many times, then failed (as a run)
 RETRIES = 2
@@ -62,13 +65,21 @@ class TuneTrial:
         )
         trial = optuna.Trial(study, self.trial_id)
         search = OpenTune(self.config, self.spec, self.base, folder, problem, 0)
+        values = {"rho": self.rho, "lr": self.lr}
         try:
             value = trial_value(search, trial, self.rho, self.lr)
         except optuna.TrialPruned:
-            return {"state": "pruned"}
+            return {"state": "pruned", **values}
         if value is None:
-            return {"state": "pruned", "diverged": True}
-        return {"state": "complete", "value": value}
+            return {"state": "pruned", "diverged": True, **values}
+        return {"state": "complete", "value": value, **values}
+
+
+def _state() -> Any:
+    """Optuna's trial states (imported when a search runs: Optuna is optional)."""
+    from optuna.trial import TrialState
+
+    return TrialState
 
 
 def _tell(ostudy: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
@@ -82,89 +93,107 @@ def _tell(ostudy: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
             raise
 
 
+class TrialSource(CellSource):
+    """The remaining trials of ``ostudy`` as the engine's cells (``search``: an OpenTune).
+
+    A trial is asked from Optuna only when a slot is free, so it is proposed
+    from every result told so far; its outcome is told to Optuna as its cell
+    is over. A trial whose worker dies is failed in the journal (marked
+    interrupted) and its values queued again as a new trial, which the engine
+    runs in its place (up to its retries; the last one's failure is kept).
+    """
+
+    redo = "queued again"
+
+    def __init__(self, search: Any, ostudy: Any, remaining: int) -> None:
+        self.search, self.ostudy, self.total = search, ostudy, remaining
+        self.journal = str(search.out / "optuna-journal.log")
+        self.asked = 0
+        self.live: dict[int, Any] = {}  # trial id -> the trial, asked and not told yet
+
+    def next_cell(self) -> Cell | None:
+        if self.asked == self.total:
+            return None
+        self.asked += 1
+        return self._ask()
+
+    def _ask(self) -> Cell:
+        search, cfg = self.search, self.search.config
+        trial = self.ostudy.ask()
+        rho, lr = suggest(trial, search)
+        self.live[trial._trial_id] = trial
+        task = TuneTrial(
+            cfg,
+            search.spec,
+            search.base,
+            self.journal,
+            trial._trial_id,
+            rho,
+            lr,
+            cfg.train.epochs // 2,
+            search.problem.maximize,
+        )
+        name = f"trial {trial.number}"
+        return Cell(name, search.out, f"trial{trial.number}", {}, task, stored=False)
+
+    def again(self, cell: Cell, why: str) -> Cell:
+        trial = self.live.pop(cell.task.trial_id)
+        trial.set_user_attr("interrupted", True)
+        trial.set_user_attr("failure", why)
+        _tell(self.ostudy, trial, state=_state().FAIL)
+        self.ostudy.enqueue_trial(
+            dict(trial.params), user_attrs={"redo_of": trial.number}, skip_if_exists=False
+        )
+        return self._ask()
+
+    def done(self, outcome: Outcome) -> None:
+        trial = self.live.pop(outcome.cell.task.trial_id)
+        out = outcome.record
+        if out is None:  # it raised, or its worker died on every try
+            trial.set_user_attr("interrupted", False)
+            trial.set_user_attr("failure", outcome.error)
+            _tell(self.ostudy, trial, state=_state().FAIL)
+        elif out["state"] == "complete":
+            _tell(self.ostudy, trial, out["value"])
+        else:
+            if out.get("diverged"):
+                trial.set_user_attr("diverged", True)
+            _tell(self.ostudy, trial, state=_state().PRUNED)
+
+    def describe(self, out: dict[str, Any]) -> str:
+        """A finished trial's log line (after its name)."""
+        if out["state"] == "complete" or out.get("diverged"):
+            return trial_text(self.search, out["rho"], out["lr"], out.get("value"))
+        return f"rho {out['rho']:.4g} pruned"
+
+    def interrupted(self) -> None:
+        """The study stopped (Ctrl-C, an error): the trials still running are failed,
+        marked for the resumed search to do again."""
+        for trial in self.live.values():
+            try:
+                trial.set_user_attr("interrupted", True)
+                _tell(self.ostudy, trial, state=_state().FAIL)
+            except Exception:  # noqa: BLE001, S110 - already told
+                pass
+
+
 def run_parallel(
     search: Any, ostudy: Any, remaining: int, jobs: Any, threads: Any, log: Any
 ) -> None:
     """Run ``remaining`` trials of ``ostudy``, ``jobs`` at once (``search``: an OpenTune)."""
     import optuna
-    from optuna.trial import TrialState
 
-    executor = make_executor(jobs, threads)
-    spec, cfg = search.spec, search.config
-    journal = str(search.out / "optuna-journal.log")
-    trials: dict[int, Any] = {}
-    asked = 0
-    executor.start()
+    source = TrialSource(search, ostudy, remaining)
     try:
-        while asked < remaining or executor.running():
-            while asked < remaining and executor.free():
-                trial = ostudy.ask()
-                rho, lr = suggest(trial, search)
-                task = TuneTrial(
-                    cfg,
-                    spec,
-                    search.base,
-                    journal,
-                    trial._trial_id,
-                    rho,
-                    lr,
-                    cfg.train.epochs // 2,
-                    search.problem.maximize,
-                )
-                cell = Cell(f"trial {trial.number}", search.out, f"trial{trial.number}", {}, task)
-                if asked == 0:
-                    executor.check(cell)
-                trials[trial.number] = (trial, rho, lr)
-                executor.submit(trial.number, cell)
-                asked += 1
-            for ev in executor.wait():
-                trial, rho, lr = trials.pop(ev.index)
-                if ev.kind == "error":
-                    _tell(ostudy, trial, state=TrialState.FAIL)
-                    assert ev.error is not None
-                    raise ev.error
-                if ev.kind == "died":  # its worker was killed: the trial is done again,
-                    # up to RETRIES times (as a study's run), then failed with the reason
-                    tries = int(trial.user_attrs.get("tries", 1))
-                    trial.set_user_attr("interrupted", tries <= RETRIES)
-                    trial.set_user_attr("failure", f"{ev.reason} ({tries} tries)")
-                    _tell(ostudy, trial, state=TrialState.FAIL)
-                    if tries > RETRIES:
-                        if log:
-                            log(f"  trial {trial.number}: FAILED: {ev.reason} ({tries} tries)")
-                        continue
-                    ostudy.enqueue_trial(
-                        dict(trial.params),
-                        user_attrs={"redo_of": trial.number, "tries": tries + 1},
-                        skip_if_exists=False,
-                    )
-                    asked -= 1
-                    if log:
-                        log(
-                            f"  trial {trial.number}: {ev.reason}; queued again "
-                            f"(try {tries + 1} of {RETRIES + 1})"
-                        )
-                    continue
-                out = ev.record or {}
-                if out["state"] == "complete":
-                    _tell(ostudy, trial, out["value"])
-                    if log:
-                        log(trial_line(search, trial.number, rho, lr, out["value"]))
-                else:
-                    if out.get("diverged"):
-                        trial.set_user_attr("diverged", True)
-                        if log:
-                            log(trial_line(search, trial.number, rho, lr, None))
-                    _tell(ostudy, trial, state=TrialState.PRUNED)
+        run_cells(
+            source,
+            executor=make_executor(jobs, threads),
+            log=log,
+            describe=source.describe,
+            retries=RETRIES,
+        )
     except BaseException:
-        executor.stop()
-        for trial, _, _ in trials.values():  # the resumed search does them again
-            try:
-                trial.set_user_attr("interrupted", True)
-                _tell(ostudy, trial, state=TrialState.FAIL)
-            except Exception:  # noqa: BLE001, S110 - already told
-                pass
+        source.interrupted()
         raise
     finally:
-        executor.close()
         optuna.logging.set_verbosity(optuna.logging.WARNING)

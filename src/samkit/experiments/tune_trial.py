@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["STUDY_NAME", "suggest", "trial_value", "trial_line", "shown"]
+__all__ = ["STUDY_NAME", "suggest", "trial_value", "trial_line", "trial_text", "shown"]
 
 #: the Optuna study's name in the run folder's journal
 STUDY_NAME = "samkit-tune"
@@ -63,10 +63,15 @@ def shown(value: float, metric: str) -> str:
     return f"{100 * value:.2f} %" if metric in ("acc", "accuracy") else f"{value:.4g}"
 
 
-def trial_line(search: Any, number: int, rho: float, lr: float, value: float | None) -> str:
-    """The log line of a finished trial (``value`` None: it diverged, and was pruned)."""
+def trial_text(search: Any, rho: float, lr: float, value: float | None) -> str:
+    """What a finished trial gave (``value`` None: it diverged, and was pruned)."""
     if value is None:
-        return f"  trial {number}: rho {rho:.4g} diverged (pruned)"
+        return f"rho {rho:.4g} diverged (pruned)"
     metric = search.problem.primary
     lr_txt = f", lr {lr:.3g}" if search.spec.tune_lr else ""
-    return f"  trial {number}: rho {rho:.4g}{lr_txt} -> validation {metric} {shown(value, metric)}"
+    return f"rho {rho:.4g}{lr_txt} -> validation {metric} {shown(value, metric)}"
+
+
+def trial_line(search: Any, number: int, rho: float, lr: float, value: float | None) -> str:
+    """The log line of a finished trial (``value`` None: it diverged, and was pruned)."""
+    return f"  trial {number}: {trial_text(search, rho, lr, value)}"

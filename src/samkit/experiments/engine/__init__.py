@@ -1,10 +1,11 @@
 """The one study engine of ``samkit compare``, ``tune``, ``rl`` and ``gan``.
 
-A study is a list of :class:`Cell` (condition x method x seed, or a trial).
-:func:`run_cells` plans them (a cell whose result file holds the same
-identity is finished and read back: resume by identity), executes the rest
-through an executor and collects the results in the cells' order. The
-driver alone writes each result (atomically), whatever the executor:
+A study is a list of :class:`Cell` (condition x method x seed), or a
+:class:`CellSource` that makes them as slots free up (``tune``'s trials, asked
+from Optuna one at a time). :func:`run_cells` plans them (a cell whose result
+file holds the same identity is finished and read back: resume by identity),
+executes the rest through an executor and collects the results in the cells'
+order. The driver alone writes each result (atomically), whatever the executor:
 
 * :class:`InProcess` (``jobs=1``, the default): the runs one after another in
   this process, with no new dependency;
@@ -23,6 +24,7 @@ the run is marked failed with the reason).
 
 from .core import (
     Cell,
+    CellSource,
     Executor,
     InProcess,
     Outcome,
@@ -37,6 +39,7 @@ from .executors import LocalPool, auto_plan, check_jobs, make_executor, physical
 
 __all__ = [
     "Cell",
+    "CellSource",
     "Executor",
     "InProcess",
     "LocalPool",

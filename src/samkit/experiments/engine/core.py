@@ -15,6 +15,7 @@ from typing import Any
 
 __all__ = [
     "Cell",
+    "CellSource",
     "Executor",
     "InProcess",
     "Outcome",
@@ -128,7 +129,9 @@ class Cell:
     files are ``<folder>/<stem>.*`` and its result ``<folder>/<stem>.json``,
     finished when that file's ``config`` equals ``identity``. ``cleanup``:
     files in ``folder`` removed once the result is written (what the run kept
-    to resume). ``gpus``: the GPUs the run declares (Ray).
+    to resume). ``gpus``: the GPUs the run declares (Ray). ``stored`` False:
+    its record is its source's to keep (a tune trial's is Optuna's journal),
+    so no result file is written or read back.
     """
 
     name: str
@@ -139,6 +142,7 @@ class Cell:
     cleanup: tuple[str, ...] = ()
     gpus: float = 0.0
     identity_field: str = "config"  # the record's field that holds the identity
+    stored: bool = True
 
     @property
     def result_path(self) -> Path:
@@ -154,6 +158,46 @@ class Outcome:
     executed: bool
     error: str | None = None
     attempts: int = 0
+
+
+class CellSource:
+    """A study's cells made one at a time, as slots free up: :func:`run_cells` takes
+    one in place of a list when the next run depends on the results so far (an
+    Optuna search asks a trial only when it can start, and tells it each result).
+
+    ``total``: the runs it will give (the study line's count); ``redo``: what the
+    log says of a run tried again after its worker died.
+    """
+
+    total = 0
+    redo = "retrying from its last checkpoint"
+
+    def next_cell(self) -> Cell | None:
+        """The next cell; None when there is none to give now. While cells run, the
+        loop asks again once one is over; with none running, the study is over."""
+        raise NotImplementedError
+
+    def again(self, cell: Cell, why: str) -> Cell:
+        """The cell to run when ``cell``'s worker died (``why``) and it is tried again:
+        by default the same one, which resumes from its last training state."""
+        return cell
+
+    def done(self, outcome: Outcome) -> None:
+        """``outcome.cell`` is over: its record, or why it failed (``outcome.error``;
+        called before a run's exception propagates)."""
+
+
+class _CellList(CellSource):
+    """A list of cells, in its order."""
+
+    def __init__(self, cells: Sequence[Cell]) -> None:
+        self.cells, self.total, self._next = cells, len(cells), 0
+
+    def next_cell(self) -> Cell | None:
+        if self._next == self.total:
+            return None
+        self._next += 1
+        return self.cells[self._next - 1]
 
 
 @dataclass
@@ -292,7 +336,7 @@ def _write_files(folder: Path, files: dict[str, bytes]) -> None:
 
 
 def run_cells(
-    cells: Sequence[Cell],
+    cells: Sequence[Cell] | CellSource,
     *,
     executor: Executor | None = None,
     log: Callable[[str], None] | None = None,
@@ -300,17 +344,18 @@ def run_cells(
     write: Callable[[Path, Any], None] | None = None,
     retries: int = 2,
 ) -> list[Outcome]:
-    """Run, or read back, every cell; the outcomes in the cells' order.
+    """Run, or read back, every cell; the outcomes in the order the cells came.
 
-    In order: a cell whose result file holds its identity is read back
-    (``done before, skipped``); the others go to ``executor`` (default
-    :class:`InProcess`) as slots free up. The driver writes each result with
-    ``write(path, record)`` (atomic JSON), then removes the cell's
-    ``cleanup`` files. A worker that dies mid-run (killed, out of memory, a
-    lost node) is replaced and its run retried, from its last training
-    state, up to ``retries`` times; then the run is failed with the reason
-    and the study goes on. An exception in a run, or Ctrl-C, stops every
-    worker and propagates: the folder resumes.
+    ``cells``: a list, or a :class:`CellSource` asked for a cell each time a
+    slot is free (and told each outcome). A cell whose result file holds its
+    identity is read back (``done before, skipped``); the others go to
+    ``executor`` (default :class:`InProcess`) as slots free up. The driver
+    writes each result with ``write(path, record)`` (atomic JSON), then
+    removes the cell's ``cleanup`` files. A worker that dies mid-run (killed,
+    out of memory, a lost node) is replaced and its run retried, from its
+    last training state, up to ``retries`` times; then the run is failed with
+    the reason and the study goes on. An exception in a run, or Ctrl-C, stops
+    every worker and propagates: the folder resumes.
     """
     if write is None:
         from ..._atomic import write_json_atomic
@@ -320,15 +365,21 @@ def run_cells(
 
             write_json_atomic(path, finite(obj))
 
+    source = cells if isinstance(cells, CellSource) else _CellList(cells)
     executor = executor or InProcess(log=log)
-    n = len(cells)
-    outcomes: list[Outcome | None] = [None] * n
-    attempts = [0] * n
-    queue: deque[int] = deque(range(n))
+    n = source.total
+    given: list[Cell] = []  # by index, in the order they came (a retry may replace one)
+    outcomes: dict[int, Outcome] = {}
+    attempts: list[int] = []
+    again: deque[tuple[int, str]] = deque()  # runs to try again, and why
     executor.start()
     parallel = executor.slots > 1 or executor.remote
     progress = StudyProgress(n, executor.slots)
     checked = False
+
+    def over(outcome: Outcome, i: int) -> None:
+        outcomes[i] = outcome
+        source.done(outcome)
 
     def study_line() -> None:
         if parallel and log:
@@ -337,17 +388,28 @@ def run_cells(
     if parallel and log:
         log(f"study: {n} runs, {executor.describe()}")
     try:
-        while queue or executor.running():
-            while queue and executor.free():
-                i = queue.popleft()
-                cell = cells[i]
-                if attempts[i] == 0:
-                    done = finished(cell.result_path, cell.identity, cell.identity_field)
+        while True:
+            while executor.free():
+                if again:
+                    i, why = again.popleft()
+                    cell = given[i] = source.again(given[i], why)
+                else:
+                    next_cell = source.next_cell()
+                    if next_cell is None:
+                        break
+                    i, cell = len(given), next_cell
+                    given.append(cell)
+                    attempts.append(0)
+                    done = (
+                        finished(cell.result_path, cell.identity, cell.identity_field)
+                        if cell.stored
+                        else None
+                    )
                     if done is not None:
-                        outcomes[i] = Outcome(cell, done, executed=False)
                         progress.done += 1
                         if log:
                             log(f"[{i + 1}/{n}] {cell.name}: done before, skipped")
+                        over(Outcome(cell, done, executed=False), i)
                         continue
                 if not checked:
                     executor.check(cell)
@@ -357,9 +419,9 @@ def run_cells(
                 progress.running += 1
                 executor.submit(i, cell)
             if not executor.running():
-                continue
+                break
             for ev in executor.wait():
-                cell = cells[ev.index]
+                i, cell = ev.index, given[ev.index]
                 if ev.kind == "saved":  # a remote run's training state, as it goes
                     _write_files(cell.folder, ev.files)
                     continue
@@ -369,45 +431,46 @@ def run_cells(
                         log(f"  {cell.name}: {line.strip()}")
                 if ev.kind == "error":
                     assert ev.error is not None
+                    why = f"{type(ev.error).__name__}: {ev.error}"
+                    over(Outcome(cell, None, True, why, attempts[i]), i)
                     raise ev.error
                 if ev.kind == "died":
-                    if attempts[ev.index] <= retries:
+                    why = f"{ev.reason} ({attempts[i]} tries)"
+                    if attempts[i] <= retries:
                         if log:
                             log(
-                                f"  {cell.name}: {ev.reason}; retrying from its last checkpoint "
-                                f"(try {attempts[ev.index] + 1} of {retries + 1})"
+                                f"  {cell.name}: {ev.reason}; {source.redo} "
+                                f"(try {attempts[i] + 1} of {retries + 1})"
                             )
-                        queue.appendleft(ev.index)
+                        again.appendleft((i, why))
                         continue
-                    reason = f"{ev.reason} ({attempts[ev.index]} tries)"
-                    outcomes[ev.index] = Outcome(cell, None, True, reason, attempts[ev.index])
                     progress.failed += 1
                     if log:
-                        log(f"[{ev.index + 1}/{n}] {cell.name}: FAILED: {reason}")
+                        log(f"[{i + 1}/{n}] {cell.name}: FAILED: {why}")
+                    over(Outcome(cell, None, True, why, attempts[i]), i)
                     study_line()
                     continue
                 record = ev.record
                 assert record is not None
                 if ev.files:
                     _write_files(cell.folder, ev.files)
-                write(cell.result_path, record)
-                for name in cell.cleanup:
-                    (cell.folder / name).unlink(missing_ok=True)
-                outcomes[ev.index] = Outcome(
-                    cell, normalise(record), True, attempts=attempts[ev.index]
-                )
+                if cell.stored:
+                    write(cell.result_path, record)
+                    for name in cell.cleanup:
+                        (cell.folder / name).unlink(missing_ok=True)
                 progress.done += 1
                 progress.run_times.append(ev.seconds)
                 if log:
                     what = describe(record) if describe else "done"
-                    log(f"[{ev.index + 1}/{n}] {cell.name}: {what}")
+                    log(f"[{i + 1}/{n}] {cell.name}: {what}")
+                over(Outcome(cell, normalise(record), True, attempts=attempts[i]), i)
                 study_line()
     except BaseException:
         executor.stop()
         raise
     finally:
         executor.close()
-    return [o for o in outcomes if o is not None]
+    return [outcomes[i] for i in sorted(outcomes)]
 
 
 def worker_signals() -> None:
