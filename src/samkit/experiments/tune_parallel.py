@@ -1,21 +1,27 @@
-"""``samkit tune --jobs N``: N Optuna trials at once through ask/tell, on the study engine.
+"""``samkit tune``: its trials through Optuna's ask/tell, on the study engine.
 
 The search is a :class:`~samkit.experiments.engine.CellSource`
 (:class:`TrialSource`): the engine's one run loop
 (:func:`~samkit.experiments.engine.run_cells`) asks it for a trial each
-time a slot is free, runs the trial on a worker, and tells it the outcome,
-which it tells Optuna; retries, faults, the study line and Ctrl-C are the
-engine's, as for every study. The journal in the run folder stays the one
-record. A worker reports each epoch's validation value to the journal itself
-(Optuna's journal storage is safe for several processes), so the median
-pruner sees the other trials as in a sequential search.
+time a slot is free, runs the trial, and tells it the outcome, which it
+tells Optuna; retries, faults, the study line and Ctrl-C are the engine's,
+as for every study. The journal in the run folder stays the one record.
+
+With ``jobs=1`` (the default) the engine's in-process executor trains each
+trial in this process on the trial Optuna asked (:class:`InlineTrial`): its
+epochs are reported to it and its pruner asked there, and the next trial is
+asked only once this one is told, so the search is Optuna's sequential one
+(the same trials, in the same order, for a given seed). With ``jobs=N`` a
+worker trains the trial (:class:`TuneTrial`) and reports each epoch's
+validation value to the journal itself (Optuna's journal storage is safe
+for several processes), so the median pruner sees the other trials as in a
+sequential search.
 
 What parallel sampling changes: a trial is proposed from the trials that
 have *completed* when it is asked. With N at once, each proposal misses the
 results of up to N-1 trials still training, and the order in which trials
 complete depends on timing, so a TPE search with ``jobs > 1`` is not
-reproducible run to run (a grid search is: it runs the same points). With
-``jobs = 1`` the search is exactly the sequential one.
+reproducible run to run (a grid search is: it runs the same points).
 """
 
 from __future__ import annotations
@@ -24,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine import Cell, CellSource, Outcome, make_executor, run_cells
+from .engine import Cell, CellSource, InProcess, Outcome, make_executor, run_cells
 from .tune_search import OpenTune
 from .tune_trial import STUDY_NAME, suggest, trial_text, trial_value
 
-__all__ = ["TrialSource", "TuneTrial", "run_parallel"]
+__all__ = ["InlineTrial", "TrialSource", "TuneTrial", "run_trials"]
 
 #: a trial whose worker dies is trained again this many times, then failed (as a run)
 RETRIES = 2
@@ -65,14 +71,39 @@ class TuneTrial:
         )
         trial = optuna.Trial(study, self.trial_id)
         search = OpenTune(self.config, self.spec, self.base, folder, problem, 0)
-        values = {"rho": self.rho, "lr": self.lr}
-        try:
-            value = trial_value(search, trial, self.rho, self.lr)
-        except optuna.TrialPruned:
-            return {"state": "pruned", **values}
-        if value is None:
-            return {"state": "pruned", "diverged": True, **values}
-        return {"state": "complete", "value": value, **values}
+        return _score(search, trial, self.rho, self.lr)
+
+
+@dataclass
+class InlineTrial:
+    """One trial trained in this process (``jobs=1``) on the trial Optuna asked: its
+    epochs are reported to it, and its pruner asked, as in Optuna's own loop."""
+
+    search: Any
+    trial: Any
+    rho: float
+    lr: float
+
+    @property
+    def trial_id(self) -> int:
+        return self.trial._trial_id
+
+    def __call__(self, folder: Path, ctx: Any) -> dict[str, Any]:
+        return _score(self.search, self.trial, self.rho, self.lr)
+
+
+def _score(search: Any, trial: Any, rho: float, lr: float) -> dict[str, Any]:
+    """Train ``trial`` (:func:`~samkit.experiments.tune_trial.trial_value`): its record."""
+    import optuna
+
+    values = {"rho": rho, "lr": lr}
+    try:
+        value = trial_value(search, trial, rho, lr)
+    except optuna.TrialPruned:
+        return {"state": "pruned", **values}
+    if value is None:
+        return {"state": "pruned", "diverged": True, **values}
+    return {"state": "complete", "value": value, **values}
 
 
 def _state() -> Any:
@@ -82,15 +113,17 @@ def _state() -> Any:
     return TrialState
 
 
-def _tell(ostudy: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
-    """``ostudy.tell``: a grid sampler's wish to stop the loop once every point is
-    asked (it calls ``Study.stop``, which only ``optimize`` takes) is this loop's own
-    count; the trial's state is stored before it."""
+def _tell(ostudy: Any, trial: Any, *args: Any, **kwargs: Any) -> bool:
+    """``ostudy.tell``; True when a grid sampler wished to stop the search, every point
+    being tried (it calls ``Study.stop``, which only ``optimize`` takes; the trial's
+    state is stored before it)."""
     try:
         ostudy.tell(trial, *args, **kwargs)
     except RuntimeError as exc:
         if "Study.stop" not in str(exc):
             raise
+        return True
+    return False
 
 
 class TrialSource(CellSource):
@@ -98,21 +131,26 @@ class TrialSource(CellSource):
 
     A trial is asked from Optuna only when a slot is free, so it is proposed
     from every result told so far; its outcome is told to Optuna as its cell
-    is over. A trial whose worker dies is failed in the journal (marked
-    interrupted) and its values queued again as a new trial, which the engine
-    runs in its place (up to its retries; the last one's failure is kept).
+    is over; no trial is asked once a grid sampler has stopped the search (as
+    Optuna's own loop). ``inline``: the trials train in this process
+    (:class:`InlineTrial`), else in workers (:class:`TuneTrial`). A trial whose
+    worker dies is failed in the journal (marked interrupted) and its values
+    queued again as a new trial, which the engine runs in its place (up to its
+    retries; the last one's failure is kept).
     """
 
     redo = "queued again"
 
-    def __init__(self, search: Any, ostudy: Any, remaining: int) -> None:
+    def __init__(self, search: Any, ostudy: Any, remaining: int, *, inline: bool = False) -> None:
         self.search, self.ostudy, self.total = search, ostudy, remaining
+        self.inline = inline
         self.journal = str(search.out / "optuna-journal.log")
         self.asked = 0
+        self.stopped = False  # the grid sampler stopped the search
         self.live: dict[int, Any] = {}  # trial id -> the trial, asked and not told yet
 
     def next_cell(self) -> Cell | None:
-        if self.asked == self.total:
+        if self.asked == self.total or self.stopped:
             return None
         self.asked += 1
         return self._ask()
@@ -122,17 +160,21 @@ class TrialSource(CellSource):
         trial = self.ostudy.ask()
         rho, lr = suggest(trial, search)
         self.live[trial._trial_id] = trial
-        task = TuneTrial(
-            cfg,
-            search.spec,
-            search.base,
-            self.journal,
-            trial._trial_id,
-            rho,
-            lr,
-            cfg.train.epochs // 2,
-            search.problem.maximize,
-        )
+        task: InlineTrial | TuneTrial
+        if self.inline:
+            task = InlineTrial(search, trial, rho, lr)
+        else:
+            task = TuneTrial(
+                cfg,
+                search.spec,
+                search.base,
+                self.journal,
+                trial._trial_id,
+                rho,
+                lr,
+                cfg.train.epochs // 2,
+                search.problem.maximize,
+            )
         name = f"trial {trial.number}"
         return Cell(name, search.out, f"trial{trial.number}", {}, task, stored=False)
 
@@ -152,13 +194,13 @@ class TrialSource(CellSource):
         if out is None:  # it raised, or its worker died on every try
             trial.set_user_attr("interrupted", False)
             trial.set_user_attr("failure", outcome.error)
-            _tell(self.ostudy, trial, state=_state().FAIL)
+            self.stopped |= _tell(self.ostudy, trial, state=_state().FAIL)
         elif out["state"] == "complete":
-            _tell(self.ostudy, trial, out["value"])
+            self.stopped |= _tell(self.ostudy, trial, out["value"])
         else:
             if out.get("diverged"):
                 trial.set_user_attr("diverged", True)
-            _tell(self.ostudy, trial, state=_state().PRUNED)
+            self.stopped |= _tell(self.ostudy, trial, state=_state().PRUNED)
 
     def describe(self, out: dict[str, Any]) -> str:
         """A finished trial's log line (after its name)."""
@@ -166,34 +208,38 @@ class TrialSource(CellSource):
             return trial_text(self.search, out["rho"], out["lr"], out.get("value"))
         return f"rho {out['rho']:.4g} pruned"
 
-    def interrupted(self) -> None:
-        """The study stopped (Ctrl-C, an error): the trials still running are failed,
-        marked for the resumed search to do again."""
+    def interrupted(self, exc: BaseException) -> None:
+        """The study stopped on ``exc`` (Ctrl-C, an error): the trials still running are
+        failed, marked for the resumed search to do again; in this process (``inline``)
+        the one running raised ``exc`` itself, and an error of its own is not redone (as
+        in Optuna's loop)."""
+        cut = not self.inline or not isinstance(exc, Exception)
         for trial in self.live.values():
             try:
-                trial.set_user_attr("interrupted", True)
+                if cut:
+                    trial.set_user_attr("interrupted", True)
                 _tell(self.ostudy, trial, state=_state().FAIL)
             except Exception:  # noqa: BLE001, S110 - already told
                 pass
 
 
-def run_parallel(
-    search: Any, ostudy: Any, remaining: int, jobs: Any, threads: Any, log: Any
-) -> None:
-    """Run ``remaining`` trials of ``ostudy``, ``jobs`` at once (``search``: an OpenTune)."""
+def run_trials(search: Any, ostudy: Any, remaining: int, jobs: Any, threads: Any, log: Any) -> None:
+    """Run ``remaining`` trials of ``ostudy``, ``jobs`` at once (``search``: an OpenTune);
+    with one in this process, one after another as Optuna's own loop."""
     import optuna
 
-    source = TrialSource(search, ostudy, remaining)
+    executor = make_executor(jobs, threads)
+    source = TrialSource(search, ostudy, remaining, inline=isinstance(executor, InProcess))
     try:
         run_cells(
             source,
-            executor=make_executor(jobs, threads),
+            executor=executor,
             log=log,
             describe=source.describe,
             retries=RETRIES,
         )
-    except BaseException:
-        source.interrupted()
+    except BaseException as exc:
+        source.interrupted(exc)
         raise
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -3,7 +3,8 @@ its trials through Optuna (resumed from the journal in the run folder), the
 self-tuning radii trained beside it, and ``tune.json`` and ``report.html``.
 
 Opened by :func:`~samkit.experiments.tuning.open_tune`; one trial is
-:mod:`~samkit.experiments.tune_trial`, N at once :mod:`~samkit.experiments.tune_parallel`.
+:mod:`~samkit.experiments.tune_trial`, the trials run on the study engine by
+:mod:`~samkit.experiments.tune_parallel` (one at a time in this process, or N at once).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .engine import Cell, InProcess, run_cells
 from .problem import Problem
 from .registry import build_method
 from .runfiles import write_json_atomic
-from .tune_trial import STUDY_NAME, shown, suggest, trial_line, trial_value
+from .tune_trial import STUDY_NAME, shown
 
 if TYPE_CHECKING:
     from .tuning import TuneSpec
@@ -88,7 +89,8 @@ class OpenTune:
         threads: int | None = None,
         ray: str | None = None,
     ) -> TuneResult:
-        """Run the remaining trials, ``jobs`` at once (:mod:`~samkit.experiments.tune_parallel`)."""
+        """Run the remaining trials on the study engine, ``jobs`` at once
+        (:mod:`~samkit.experiments.tune_parallel`; one: in this process)."""
         import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -184,15 +186,9 @@ class OpenTune:
                     f"Invalid ray value: {ray!r} (samkit tune runs its trials on this machine; "
                     "use --jobs)"
                 )
-            if jobs != 1 or threads is not None:
-                from .tune_parallel import run_parallel
+            from .tune_parallel import run_trials
 
-                run_parallel(self, ostudy, remaining, jobs, threads, log)
-            else:
-                try:
-                    ostudy.optimize(self._objective(log), n_trials=remaining, catch=())
-                finally:
-                    optuna.logging.set_verbosity(optuna.logging.WARNING)
+            run_trials(self, ostudy, remaining, jobs, threads, log)
         summary = self._summarize(ostudy)
         if self.spec.auto:
             summary["auto"] = [self._run_auto(name, log) for name in self.spec.auto]
@@ -301,27 +297,6 @@ class OpenTune:
             "rho_history": histories,
             **({"diverged": True} if diverged else {}),
         }
-
-    def _objective(self, log: Callable[[str], None] | None) -> Callable[[Any], float]:
-        import optuna
-
-        def objective(trial: optuna.Trial) -> float:
-            rho, lr = suggest(trial, self)
-            try:
-                value = trial_value(self, trial, rho, lr)
-            except KeyboardInterrupt:
-                # Optuna marks the trial failed; this tells the resumed search to redo it
-                trial.set_user_attr("interrupted", True)
-                raise
-            if value is None:
-                trial.set_user_attr("diverged", True)
-            if log:
-                log(trial_line(self, trial.number, rho, lr, value))
-            if value is None:
-                raise optuna.TrialPruned()
-            return value
-
-        return objective
 
     def _summarize(self, ostudy: Any) -> dict[str, Any]:
         from optuna.trial import TrialState

@@ -1,13 +1,13 @@
-"""One trial of ``samkit tune``, the same whether the search runs it in this process
-(Optuna's ``optimize``) or sends it to a worker (:mod:`~samkit.experiments.tune_parallel`):
-the values it suggests (:func:`suggest`) and its score (:func:`trial_value`)."""
+"""One trial of ``samkit tune``, the same whether the engine trains it in this process
+or sends it to a worker (:mod:`~samkit.experiments.tune_parallel`): the values it
+suggests (:func:`suggest`) and its score (:func:`trial_value`)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-__all__ = ["STUDY_NAME", "suggest", "trial_value", "trial_line", "trial_text", "shown"]
+__all__ = ["STUDY_NAME", "suggest", "trial_value", "trial_text", "shown"]
 
 #: the Optuna study's name in the run folder's journal
 STUDY_NAME = "samkit-tune"
@@ -70,8 +70,3 @@ def trial_text(search: Any, rho: float, lr: float, value: float | None) -> str:
     metric = search.problem.primary
     lr_txt = f", lr {lr:.3g}" if search.spec.tune_lr else ""
     return f"rho {rho:.4g}{lr_txt} -> validation {metric} {shown(value, metric)}"
-
-
-def trial_line(search: Any, number: int, rho: float, lr: float, value: float | None) -> str:
-    """The log line of a finished trial (``value`` None: it diverged, and was pruned)."""
-    return f"  trial {number}: {trial_text(search, rho, lr, value)}"
