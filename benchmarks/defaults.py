@@ -197,6 +197,12 @@ ROWS: list[Row] = [
     Row("FollowLR", ("FollowLR",), lambda c: _sam(c, rho=samkit.FollowLR())),
     Row("LossEquated", ("LossEquated",), lambda c: _sam(c, rho=samkit.LossEquated())),
     Row(
+        "GradientAgreement",
+        ("GradientAgreement",),
+        lambda c: _sam(c, rho=samkit.GradientAgreement()),
+        every_epoch=True,
+    ),
+    Row(
         "ValidationPlateau",
         ("ValidationPlateau",),
         lambda c: _sam(c, rho=samkit.ValidationPlateau()),

@@ -3,6 +3,7 @@
     python benchmarks/study_scaling.py            # compare --quick's 8 runs (no sharpness)
     python benchmarks/study_scaling.py --small    # a few minutes: 8 short runs on synthetic data
     python benchmarks/study_scaling.py --no-ray --repeats 1 --json out.json
+    python benchmarks/study_scaling.py --epochs 200 --seeds 1   # 4 runs of ~30 s each here
 
 Each study runs as its own ``samkit compare`` process into a fresh folder, so
 its time includes the start-up of Python, the executor and the workers,
@@ -19,6 +20,8 @@ shipping the runs and writing the results: what a user waits for. Reported
 
 Ray's start-up (``ray start`` of the two nodes) is timed once and reported
 apart; the Ray rows connect to the running cluster, as a user's study does.
+At the end it runs ``ray stop --force``, which stops every Ray process of
+this user: run it where you have no Ray cluster of your own (or ``--no-ray``).
 """
 
 from __future__ import annotations
@@ -66,8 +69,22 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray rows")
     ap.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
+    ap.add_argument(
+        "--epochs", type=int, help="train each run this many epochs (longer runs: the 30-s target)"
+    )
+    ap.add_argument("--seeds", type=int, help="seeds per method (fewer runs)")
     args = ap.parse_args()
-    base = SMALL if args.small else STUDY
+    for flag in ("repeats", "epochs", "seeds"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            ap.error(f"--{flag} must be >= 1")
+    base = list(SMALL if args.small else STUDY)
+    for flag in ("epochs", "seeds"):
+        value = getattr(args, flag)
+        if value is not None:
+            option = f"--{flag}"
+            base = [a for i, a in enumerate(base) if a != option and base[i - 1 : i] != [option]]
+            base += [option, str(value)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), RAY_USAGE_STATS_ENABLED="0")
     modes: list[tuple[str, list[str], int]] = [
         ("--jobs 1", ["--jobs", "1", "--threads", "1"], 1),
