@@ -291,6 +291,14 @@ def test_gradient_agreement_covers_its_whole_range_both_ways():
     assert rho == pytest.approx(0.01)  # the floor, 0.2x
 
 
+def test_gradient_agreement_sketch_strides_over_tensors_shorter_than_the_stride():
+    """Every 5th of 9 coordinates: the third tensor (offset 6, length 3) holds none of them
+    (the stride's next one, 10, is past it), as an FSDP2 shard or a small bias may."""
+    ctrl = samkit.GradientAgreement(sketch=2)
+    grads = [torch.arange(5.0), torch.tensor([7.0]), torch.tensor([1.0, 2.0, 3.0])]
+    assert ctrl._read(_Stub(grads)).tolist() == [0.0, 7.0]  # coordinates 0 and 5
+
+
 def test_gradient_agreement_learns_without_reports_and_does_not_warn(recwarn):
     runs = []
     for rho in (samkit.GradientAgreement(0.05, warmup=1, rate=0.5), 0.05):

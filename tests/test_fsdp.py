@@ -308,8 +308,24 @@ def _example(rank: int) -> dict:
     return {"straight": straight, "resumed": example.fit(rank, WORLD, resume)}
 
 
+def _agreement(rank: int) -> dict:
+    """rho="auto"'s controller under FSDP2: it reads a sketch of each rank's shards, averaged
+    over the ranks, so every rank writes the same radius (not a single process's: the sketch
+    holds other coordinates)."""
+    model = fsdp_model()
+    ctrl = samkit.GradientAgreement(RHO, warmup=1, rate=0.5, sketch=16)
+    opt = samkit.SAM(make_base(model.parameters()), rho=ctrl)
+    rhos = []
+    for step in range(STEPS):
+        opt.step(closure_for(model, *shard(step, rank)))
+        opt.zero_grad()
+        rhos.append(opt.param_groups[0]["rho"])
+    return {"rhos": rhos, "previous": ctrl.state_dict()["previous"]}
+
+
 SCENARIOS = {
     **{name: (lambda rank, name=name: _train(rank, name)) for name in SETTINGS},
+    "agreement": _agreement,
     "hsdp_2x1": lambda rank: _train(rank, "sam", (2, 1)),
     "hsdp_1x2": lambda rank: _train(rank, "sam", (1, 2)),
     "restore": _restore,
@@ -344,6 +360,12 @@ def test_fsdp_equals_single_process(results, setting):
         torch.testing.assert_close(got["norms"], want["norms"], rtol=1e-12, atol=0)
     moved = max((a - b).abs().max() for a, b in zip(want["weights"], make_model().parameters()))
     assert moved > 1e-3  # the comparison is not vacuous
+
+
+def test_the_gradient_agreement_radius_is_the_same_on_every_rank(results):
+    r0, r1 = load(results, "agreement")
+    assert r0 == r1  # bit for bit: the radius each step and the averaged sketch
+    assert len(set(r0["rhos"])) > 1  # and it moved
 
 
 @pytest.mark.parametrize("mesh", ["hsdp_2x1", "hsdp_1x2"])

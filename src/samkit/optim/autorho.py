@@ -495,7 +495,10 @@ class GradientAgreement(AutoRho):
             index, offset = [], 0
             for g in grads:
                 first = (-offset) % stride  # the stride runs on across tensors
-                index.append(torch.arange(first, g.numel(), stride, device=g.device))
+                # a tensor shorter than the stride's offset (an FSDP2 shard may even be empty)
+                # contributes no coordinate
+                end = max(first, g.numel())
+                index.append(torch.arange(first, end, stride, device=g.device))
                 offset += g.numel()
             self._index, self._shapes = index, shapes
         return self._index
