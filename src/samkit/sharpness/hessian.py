@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -117,6 +117,7 @@ class EigenResult:
     residuals: list[float] = field(default_factory=list)
     basis: Tensor | None = None  # the Krylov basis of the first run (rows), reusable for deflation
     tridiagonal: Tensor | None = None  # its Lanczos matrix T = basis H basis^T
+    product: dict | None = None  # the operator's product path (``op.product_info``) at the end
 
 
 @dataclass
@@ -129,6 +130,10 @@ class TraceResult:
     n_probes: int
     exact_part: float  # tr(Q^T H Q) of the deflation basis
     samples: list[float] = field(default_factory=list)
+    product: dict | None = None  # the operator's product path (``op.product_info``) at the end
+
+
+_R = TypeVar("_R", EigenResult, TraceResult)
 
 
 @dataclass
@@ -482,10 +487,16 @@ def top_eigenvalues(
     ticker = Ticker(counted, progress, "top eigenvalues")
     try:
         if method == "power":
-            return _power(counted, k, tol, max_iter, gen, ticker)
-        return _lanczos_top(counted, k, tol, max_iter, block_size, gen, ticker)
+            return _stamp(_power(counted, k, tol, max_iter, gen, ticker), op)
+        return _stamp(_lanczos_top(counted, k, tol, max_iter, block_size, gen, ticker), op)
     finally:
         ticker.close()
+
+
+def _stamp(result: _R, op: Operator) -> _R:
+    """Record the operator's product path (eager / compiled, compile time) in the result."""
+    result.product = getattr(op, "product_info", None)
+    return result
 
 
 class _Counting:
@@ -666,18 +677,21 @@ def hessian_trace(
     ticker = Ticker(counted, progress, f"trace ({method})")
     try:
         if method == "xtrace":
-            return _xtrace(counted, n_probes, tol, max_probes, block_size, gen, ticker)
-        return _deflated_hutchinson(
-            counted,
-            n_probes,
-            tol,
-            max_probes,
-            deflation_steps,
-            basis,
-            tridiagonal,
-            block_size,
-            gen,
-            ticker,
+            return _stamp(_xtrace(counted, n_probes, tol, max_probes, block_size, gen, ticker), op)
+        return _stamp(
+            _deflated_hutchinson(
+                counted,
+                n_probes,
+                tol,
+                max_probes,
+                deflation_steps,
+                basis,
+                tridiagonal,
+                block_size,
+                gen,
+                ticker,
+            ),
+            op,
         )
     finally:
         ticker.close()
