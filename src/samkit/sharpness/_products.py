@@ -146,6 +146,9 @@ class ProductPath:
         self.eager_products = 0
         self.compiled_seconds = 0.0  # spent by compiled products after their first call
         self.compiled_products = 0
+        # "auto": waiting (eager, under the break-even) -> trial (compiled, being timed)
+        # -> decided; any product: failed once a compile has failed
+        self._state = "waiting" if product == "auto" else "decided"
         self.reason = {
             "auto": "eager until the eager products have taken COMPILE_AFTER_S seconds",
             "eager": "asked for",
@@ -154,24 +157,20 @@ class ProductPath:
 
     # ------------------------------------------------------------ choice
     def want_compiled(self) -> bool:
-        if self.path == "compiled":
-            return True
-        if self.product == "auto" and self.reason.startswith("eager until"):
-            if self.eager_seconds >= COMPILE_AFTER_S:
-                self.path = "compiled"
-                self.reason = (
-                    f"compiled after {self.eager_seconds:.1f} s of eager products "
-                    f"({self.eager_products})"
-                )
-                return True
-        return False
+        if self._state == "waiting" and self.eager_seconds >= COMPILE_AFTER_S:
+            self._state, self.path = "trial", "compiled"
+            self.reason = (
+                f"compiled after {self.eager_seconds:.1f} s of eager products "
+                f"({self.eager_products})"
+            )
+        return self.path == "compiled"
 
     def eager_done(self, seconds: float, k: int) -> None:
         self.eager_seconds += seconds
         self.eager_products += k
 
     def _fallback(self, exc: BaseException) -> None:
-        self.path = "eager"
+        self._state, self.path = "failed", "eager"
         self.reason = f"compile failed ({type(exc).__name__}): eager"
         warnings.warn(
             f"samkit.sharpness: compiling the Hessian-vector product failed "
@@ -217,10 +216,9 @@ class ProductPath:
 
     def _judge(self) -> None:
         """With ``"auto"``: keep the compiled path only if its products are the faster."""
-        if self.product != "auto" or self.compiled_products < 2 or not self.eager_products:
+        if self._state != "trial" or self.compiled_products < 2 or not self.eager_products:
             return
-        if not self.reason.startswith("compiled after"):
-            return
+        self._state = "decided"
         eager = self.eager_seconds / self.eager_products
         compiled = self.compiled_seconds / self.compiled_products
         if compiled >= eager:
