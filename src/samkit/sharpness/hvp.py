@@ -37,6 +37,12 @@ Two back-ends compute :math:`Hv`:
 
 Several vectors per pass (either back-end) cost as much per vector as one at
 a time on a CPU, or more on a large model; they are there for accelerators.
+
+``product="compiled"`` runs the per-chunk product through ``torch.compile``
+instead (reverse over reverse, and its ``vmap`` for ``matmat``; no graph kept),
+``"auto"`` (default) only once eager products have cost about what a compile
+does (:mod:`._products`). ``memory_budget=`` bounds the bytes of the gradient
+graphs kept, rebuilding the chunks that do not fit for every product.
 :class:`CurvatureOperator` holds what every operator shares (batches,
 weights, loss, gradient); :mod:`.ggn` builds the Gauss-Newton operator on it.
 """
