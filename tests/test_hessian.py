@@ -166,6 +166,22 @@ def test_mlp_against_full_hessian(mlp_problem, product):
     assert deflated.stderr < plain.stderr  # the point of deflating
 
 
+def test_growing_basis_stops_at_its_memory_cap_and_stays_unbiased(mlp_problem, monkeypatch):
+    import samkit.sharpness.hessian as hessian
+
+    model, x, y, h = mlp_problem
+    exact = float(h.trace())
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    free = hessian_trace(op, n_probes=100, seed=3)
+    assert free.n_matvecs - free.n_probes > 10  # uncapped, it grows 2 steps per probe
+    monkeypatch.setattr(hessian, "GROWING_BASIS_BYTES", 10 * op.dim * 8)  # 10 float64 rows
+    capped = hessian_trace(op, n_probes=100, seed=3)
+    assert capped.n_probes == 100
+    assert capped.n_matvecs - capped.n_probes == 9  # 9 Lanczos steps: 9 rows and the next one
+    tr = hessian_trace(op, n_probes=300, seed=4)
+    assert abs(tr.trace - exact) < 4 * tr.stderr
+
+
 def test_trace_tolerance_stops_early(mlp_problem):
     model, x, y, h = mlp_problem
     op = HessianOperator(model, F.cross_entropy, [(x, y)])
