@@ -167,9 +167,10 @@ def _rademacher(op: Operator, gen: torch.Generator, k: int | None = None) -> Ten
 
 
 class _Rows:
-    """Basis rows in one buffer that doubles when full: taking the stacked basis
-    each step costs nothing (a fresh ``torch.stack`` would copy k rows of the
-    model's size per step)."""
+    """Basis rows in one buffer that grows by half when full: taking the stacked
+    basis each step costs nothing (a fresh ``torch.stack`` would copy k rows of
+    the model's size per step). By half, not double: a 10.7M-parameter model's
+    row is 43 MB, and a doubled buffer held up to twice the basis."""
 
     def __init__(self, first: Tensor) -> None:
         self.buf = first.new_empty(4, first.numel())
@@ -178,7 +179,7 @@ class _Rows:
 
     def append(self, row: Tensor) -> None:
         if self.n == self.buf.shape[0]:
-            grown = self.buf.new_empty(2 * self.n, self.buf.shape[1])
+            grown = self.buf.new_empty(self.n + max(4, self.n // 2), self.buf.shape[1])
             grown[: self.n] = self.buf
             self.buf = grown
         self.buf[self.n] = row
@@ -251,8 +252,10 @@ def _coefficients64(rows: Tensor, w: Tensor) -> Tensor:
     if rows.dtype == torch.float64:
         return rows @ w
     w64 = w.double()
-    # 16 rows at a time: a float64 copy of the whole basis could be gigabytes
-    return torch.cat([block.double() @ w64 for block in rows.split(16)]).to(w.dtype)
+    # 16 rows at a time (fewer above 2M entries, at most 256 MB): a float64 copy of
+    # the whole basis could be gigabytes, and 16 rows of a 10.7M-parameter model 1.4 GB
+    per_block = max(1, min(16, 2**28 // (8 * max(1, rows.shape[1]))))
+    return torch.cat([block.double() @ w64 for block in rows.split(per_block)]).to(w.dtype)
 
 
 def lanczos(
