@@ -1,7 +1,8 @@
 """Hessian top eigenvalue and trace: samkit against PyHessian and curvlinops, in one process.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sharpness.py [--reps 3] [--models cnn resnet]
-        [--json out.json] [--cache DIR] [--groups eig_tol eig_acc trace ggn ggn_trace]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sharpness.py [--reps 3]
+        [--models cnn resnet transformer] [--json out.json] [--cache DIR]
+        [--groups eig_tol eig_acc trace ggn ggn_trace] [--paths eager compiled budget]
     .venv/bin/python benchmarks/sharpness.py --table run1.json run2.json ...   # README table
 
 ``--cache DIR`` keeps the trained weights (the ResNet's training takes ~5 minutes)
@@ -10,11 +11,22 @@ weights and samples, for later runs. Every row and repetition is printed as it
 finishes, and with ``--json`` the rows so far are written after each one
 (``"partial": true``), so a run stopped early keeps what it measured.
 
-Models (both briefly trained on MNIST-1D, evaluated in eval mode, CPU):
+Models (all briefly trained on MNIST-1D, evaluated in eval mode, CPU):
 
 - ``cnn``: the MNIST-1D paper's CNN (5,210 parameters), 1000 training samples;
 - ``resnet``: the study's ResNet widened to 100 channels (1,068,710 parameters,
-  BatchNorm), 128 training samples.
+  BatchNorm), 128 training samples;
+- ``transformer``: a pre-norm transformer encoder built here from
+  :class:`TransformerConfig` (the 40-sample signal cut into 10 patches of 4,
+  6 layers of width 384, 6 heads, MLP 1536: 10,657,162 parameters, no
+  download), 64 training samples, loader batches of 16.
+
+Product paths: the ``samkit`` rows run the default ``product="auto"`` (eager
+until the products have taken ``COMPILE_AFTER_S`` seconds); ``samkit compiled``
+rows ask for ``product="compiled"`` (their time includes the first call's
+compile, shown on the row's line), ``samkit budget`` rows (loader mode) give
+``memory_budget`` the saved bytes of one loader batch's gradient graph, which
+is what PyHessian holds at once (``--memory-budget`` to change it).
 
 Each library is used the way its documentation shows:
 
@@ -88,6 +100,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +123,60 @@ LADDER = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 1e-7, 1e-8, 1e-9
 
 
 # ------------------------------------------------------------------ models
+@dataclass(frozen=True)
+class TransformerConfig:
+    """A pre-norm transformer encoder over patches of a 1-D signal (about 10.7M parameters)."""
+
+    in_len: int = 40
+    num_classes: int = 10
+    patch: int = 4
+    width: int = 384
+    heads: int = 6
+    layers: int = 6
+    mlp: int = 1536
+
+
+class _Block(nn.Module):
+    """Pre-norm attention + MLP. Attention written out (softmax(QK^T/sqrt d)V): every op
+    is twice differentiable, which the fused attention kernels are not."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.norm1 = nn.LayerNorm(cfg.width)
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.norm2 = nn.LayerNorm(cfg.width)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.width, cfg.mlp), nn.GELU(), nn.Linear(cfg.mlp, cfg.width)
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n, t, d = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(n, t, 3, self.heads, d // self.heads).unbind(2)
+        q, k, v = (a.transpose(1, 2) for a in (q, k, v))  # (n, heads, t, d_head)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
+        h = h + self.proj((att @ v).transpose(1, 2).reshape(n, t, d))
+        return h + self.mlp(self.norm2(h))
+
+
+class PatchTransformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        tokens = cfg.in_len // cfg.patch
+        self.embed = nn.Linear(cfg.patch, cfg.width)
+        self.pos = nn.Parameter(0.02 * torch.randn(tokens, cfg.width))
+        self.blocks = nn.Sequential(*[_Block(cfg) for _ in range(cfg.layers)])
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        h = self.embed(x.reshape(n, -1, self.cfg.patch)) + self.pos
+        return self.head(self.norm(self.blocks(h)).mean(1))
+
+
 def _train(model: nn.Module, data: Any, steps: int, lr: float, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -137,8 +204,17 @@ def setup(name: str, quick: bool, cache: Path | None = None) -> dict[str, Any]:
         steps, lr = (50 if quick else 300), 1e-3
         samples, loader_batch = (64 if quick else 128), (16 if quick else 32)
         trace_accuracy = 0.05
+    elif name == "transformer":
+        model = PatchTransformer(
+            TransformerConfig(in_len=data.in_len, num_classes=data.num_classes)
+        )
+        steps, lr = (5 if quick else 150), 3e-4
+        samples, loader_batch = (16 if quick else 64), (8 if quick else 16)
+        # the quick (5-step) model's trace is ~1 % of its probes' spread: 5 % would take
+        # thousands of products, too many for a smoke test
+        trace_accuracy = 0.3 if quick else 0.05
     else:
-        raise SystemExit(f"unknown model {name!r} (choose cnn or resnet)")
+        raise SystemExit(f"unknown model {name!r} (choose cnn, resnet or transformer)")
     # the ResNet's 300 Adam steps take ~5 minutes on one thread: a cache keeps them
     state_file = (
         cache / f"{name}{'-quick' if quick else ''}_steps{steps}_state.pt" if cache else None
@@ -162,6 +238,7 @@ def setup(name: str, quick: bool, cache: Path | None = None) -> dict[str, Any]:
         "loader": list(zip(x.split(loader_batch), y.split(loader_batch))),
         "params": count_parameters(model),
         "trace_accuracy": trace_accuracy,
+        "quick": quick,
     }
 
 
@@ -314,17 +391,63 @@ class CurvlinopsRun:
         return float(fn(self.op, matvecs)), self.count
 
 
-def samkit_eig(cfg: dict[str, Any], mode: str, tol: float, seed: int, ggn: bool = False):
+PATHS = ("auto", "compiled", "budget")
+PATH_LIB = {"auto": "samkit", "compiled": "samkit compiled", "budget": "samkit budget"}
+
+
+def samkit_op(cfg: dict[str, Any], mode: str, ggn: bool = False, path: str = "auto") -> Any:
+    """samkit's operator: the default (``product="auto"``), compiled, or with the memory budget."""
+    kwargs: dict[str, Any] = {}
+    if path == "compiled":
+        kwargs["product"] = "compiled"
+    elif path == "budget":
+        kwargs["memory_budget"] = one_batch_graph_bytes(cfg)
     cls = GGNOperator if ggn else HessianOperator
-    op = cls(cfg["model"], F.cross_entropy, batches_of(cfg, mode))
+    return cls(cfg["model"], F.cross_entropy, batches_of(cfg, mode), **kwargs)
+
+
+def one_batch_graph_bytes(cfg: dict[str, Any]) -> int:
+    """What PyHessian holds at once in loader mode: the gradient graph of one loader batch
+    (the bytes its saved tensors take), measured once (or ``--memory-budget``)."""
+    if "budget" not in cfg:
+        op = HessianOperator(cfg["model"], F.cross_entropy, cfg["loader"][:1], memory_budget=2**62)
+        op.matvec(torch.zeros(op.dim))
+        cfg["budget"] = op.graph_bytes[0]
+    return cfg["budget"]
+
+
+def path_note(op: Any) -> dict[str, Any]:
+    """What the operator's products ran on (the row's line shows it)."""
+    info = op.product_info or {}
+    note = {"path": info.get("path"), "compile_s": info.get("compile_seconds")}
+    if getattr(op, "memory_budget", None) is not None:
+        note.update(
+            budget_mib=op.memory_budget / 2**20,
+            graphs_kept=f"{op.graphs_kept}/{len(op.batches)}",
+            peak_graph_mib=op.peak_graph_bytes / 2**20,
+        )
+    return note
+
+
+def samkit_eig(
+    cfg: dict[str, Any], mode: str, tol: float, seed: int, ggn: bool = False, path: str = "auto"
+):
+    op = samkit_op(cfg, mode, ggn, path)
     r = top_eigenvalues(op, tol=tol, max_iter=300, seed=seed)
-    return r.eigenvalues[0], op.n_matvecs
+    return r.eigenvalues[0], op.n_matvecs, path_note(op)
 
 
-def samkit_trace(cfg: dict[str, Any], mode: str, tol: float, seed: int, method: str = "deflated"):
-    op = HessianOperator(cfg["model"], F.cross_entropy, batches_of(cfg, mode))
+def samkit_trace(
+    cfg: dict[str, Any],
+    mode: str,
+    tol: float,
+    seed: int,
+    method: str = "deflated",
+    path: str = "auto",
+):
+    op = samkit_op(cfg, mode, False, path)
     r = hessian_trace(op, method=method, tol=tol, max_probes=5000, seed=seed)
-    return r.trace, op.n_matvecs
+    return r.trace, op.n_matvecs, path_note(op)
 
 
 # ------------------------------------------------------------------ harness
@@ -403,6 +526,8 @@ def bench_model(
     seeds = list(range(args.reps))
     groups = set(args.groups)
     trace_accuracy = args.trace_accuracy or cfg["trace_accuracy"]
+    if args.memory_budget is not None:
+        cfg["budget"] = args.memory_budget
     print(
         f"\n== {name}: {cfg['params']:,} parameters, {len(cfg['x'])} samples, "
         f"loader batches of {len(cfg['loader'][0][0])}",
@@ -412,12 +537,22 @@ def bench_model(
     # references (cached by the weights' and data's fingerprint: they are the model's, not a run's)
     t0 = time.perf_counter()
     refs_cache = references_cache(cfg, args.cache)
+    # the Lanczos basis of a reference holds one float64 vector per step: at most ~4 GiB of
+    # them (400 steps up to the ResNet, 50 for the 10.7M transformer)
+    ref_steps = max(50, min(400, int(4 * 2**30 / (8 * cfg["params"]))))
     eig_ref = refs_cache.get("eig")
     if eig_ref is None and groups & {"eig_tol", "eig_acc"}:
         ref_model = copy.deepcopy(model).double()
         ref_op = HessianOperator(ref_model, F.cross_entropy, [(cfg["x"].double(), cfg["y"])])
-        eig_ref = float(top_eigenvalues(ref_op, tol=1e-9, max_iter=400, seed=123).eigenvalues[0])
-        del ref_op, ref_model
+        ref_res = top_eigenvalues(ref_op, tol=1e-9, max_iter=ref_steps, seed=123)
+        eig_ref = float(ref_res.eigenvalues[0])
+        if not ref_res.converged:
+            print(
+                f"reference top eigenvalue: not within 1e-9 after {ref_steps} steps "
+                f"(residual bound {ref_res.residuals[0]:.2g})",
+                flush=True,
+            )
+        del ref_op, ref_model, ref_res
         refs_cache.put("eig", eig_ref)
     tr_key = f"trace se {trace_accuracy / 4:g}"
     tr_cached = refs_cache.get(tr_key)
@@ -425,7 +560,9 @@ def bench_model(
         tr_ref_res = hessian_trace(
             HessianOperator(model, F.cross_entropy, [(cfg["x"], cfg["y"])]),
             tol=trace_accuracy / 4,
-            max_probes=1000,
+            max_probes=200 if cfg["quick"] else 1000,
+            # a growing basis keeps two vectors per probe: a fixed one above ~1M parameters
+            deflation_steps="auto" if cfg["params"] < 2_000_000 else 20,
             seed=123,
         )
         tr_cached = {
@@ -439,7 +576,9 @@ def bench_model(
     if ggn_ref is None and "ggn" in groups:
         ref_model = copy.deepcopy(model).double()
         ref_op = GGNOperator(ref_model, F.cross_entropy, [(cfg["x"].double(), cfg["y"])])
-        ggn_ref = float(top_eigenvalues(ref_op, tol=1e-9, max_iter=300, seed=123).eigenvalues[0])
+        ggn_ref = float(
+            top_eigenvalues(ref_op, tol=1e-9, max_iter=min(300, ref_steps), seed=123).eigenvalues[0]
+        )
         del ref_op, ref_model
         refs_cache.put("ggn float64", ggn_ref)
     print(
@@ -484,7 +623,7 @@ def bench_model(
         pilot = PyHessianRun(cfg, "batch").trace(args.pilot_probes, 999)[2]
         sd = statistics.stdev(pilot)
         ph_probes = max(2, math.ceil((sd / (trace_accuracy * abs(tr_ref))) ** 2))
-        cap = args.max_pyhessian_probes or (50 if name == "resnet" else 10**9)
+        cap = args.max_pyhessian_probes or (50 if name in ("resnet", "transformer") else 10**9)
         ph_probes_run = min(ph_probes, cap)
         sk_products = [samkit_trace(cfg, "batch", trace_accuracy, s)[1] for s in seeds]
         m = statistics.median(sk_products)
@@ -613,6 +752,7 @@ def bench_model(
         )
     )
 
+    rows += path_rows(cfg, args, tols, acc, trace_accuracy)
     rows = [row for row in rows if row[1] in groups]
     table = Table()
     scale = ph_probes / ph_probes_run
@@ -639,21 +779,91 @@ def bench_model(
             if rep == 0:  # memory sampled in the first repetition (every row alike)
                 box: list[Any] = []
                 peak = peak_memory(lambda fn=fn, box=box: box.append(timed(lambda: fn(0))))
-                sec, (val, hv) = box[0]
+                sec, res = box[0]
                 table.rows.setdefault(key, {"seconds": [], "values": [], "hvps": []})
                 table.rows[key]["peak_mib"] = peak
             else:
-                sec, (val, hv) = timed(lambda fn=fn, rep=rep: fn(rep))
+                sec, res = timed(lambda fn=fn, rep=rep: fn(rep))
+            val, hv = res[0], res[1]
+            note = res[2] if len(res) > 2 else {}
             if key.startswith("trace se") and lib == "pyhessian" and scale > 1:
                 sec, hv = sec * scale, ph_probes  # extrapolated: probes cost the same each
-            table.add(key, sec, val, hv, group=group, lib=lib, mode=mode)
+            table.add(key, sec, val, hv, group=group, lib=lib, mode=mode, **note)
             # one line per row and repetition, and the rows so far on disk: a long run
             # stopped early still leaves what it measured
-            print(f"    {key}: {sec:.3f} s, {val:.6g}, {hv} products", flush=True)
+            extra = "".join(
+                f", {k} {v:.3g}" if isinstance(v, float) else f", {k} {v}"
+                for k, v in note.items()
+                if v is not None
+            )
+            print(f"    {key}: {sec:.3f} s, {val:.6g}, {hv} products{extra}", flush=True)
             if progress is not None:
                 progress({**info, "partial": True, **summarize(table, refs, verbose=False)})
         print(f"  repetition {rep + 1}/{args.reps} done", flush=True)
     return {**info, **summarize(table, refs, verbose=True)}
+
+
+def path_rows(
+    cfg: dict[str, Any],
+    args: argparse.Namespace,
+    tols: dict[str, tuple[float, float]],
+    acc: float,
+    trace_accuracy: float,
+) -> list[tuple[str, str, str, str, Callable[[int], Any]]]:
+    """samkit's rows on its other product paths: compiled (both modes), budget (loader)."""
+    rows: list[tuple[str, str, str, str, Callable[[int], Any]]] = []
+    for path in args.paths:
+        if path == "auto":  # the default rows, already there
+            continue
+        lib = PATH_LIB[path]
+        for mode in ("batch", "loader") if path == "compiled" else ("loader",):
+            tag = "one batch" if mode == "batch" else "loader"
+            rows.append(
+                (
+                    f"eig tol 1e-3 | {lib} | {tag}",
+                    "eig_tol",
+                    lib,
+                    mode,
+                    lambda s, mode=mode, path=path: samkit_eig(cfg, mode, 1e-3, s, path=path),
+                )
+            )
+            if "samkit" in tols:
+                tol = tols["samkit"][0]  # the same operator: the same calibrated tolerance
+                rows.append(
+                    (
+                        f"eig err<={acc:g} | {lib} (tol {tol:g}) | {tag}",
+                        "eig_acc",
+                        lib,
+                        mode,
+                        lambda s, mode=mode, path=path, tol=tol: samkit_eig(
+                            cfg, mode, tol, s, path=path
+                        ),
+                    )
+                )
+            rows.append(
+                (
+                    f"trace se<={trace_accuracy:g} | {lib} | {tag}",
+                    "trace",
+                    lib,
+                    mode,
+                    lambda s, mode=mode, path=path: samkit_trace(
+                        cfg, mode, trace_accuracy, s, path=path
+                    ),
+                )
+            )
+            if path == "compiled":
+                rows.append(
+                    (
+                        f"GGN eig tol 1e-3 | {lib} | {tag}",
+                        "ggn",
+                        lib,
+                        mode,
+                        lambda s, mode=mode: samkit_eig(
+                            cfg, mode, 1e-3, s, ggn=True, path="compiled"
+                        ),
+                    )
+                )
+    return rows
 
 
 def summarize(table: Table, refs: dict[str, float | None], verbose: bool) -> dict[str, Any]:
@@ -697,12 +907,12 @@ def summarize(table: Table, refs: dict[str, float | None], verbose: bool) -> dic
         ("trace", ("pyhessian", "curvlinops hutch++", "curvlinops xtrace")),
         ("ggn", ("curvlinops",)),
     ):
-        for mode in ("batch", "loader"):
+        for mode, lib in [(m, lib) for lib in PATH_LIB.values() for m in ("batch", "loader")]:
             ours = next(
                 (
                     r
                     for r in table.rows.values()
-                    if r["group"] == group and r["lib"] == "samkit" and r["mode"] == mode
+                    if r["group"] == group and r["lib"] == lib and r["mode"] == mode
                 ),
                 None,
             )
@@ -719,7 +929,8 @@ def summarize(table: Table, refs: dict[str, float | None], verbose: bool) -> dic
                     continue
                 per = [a / b for a, b in zip(theirs["seconds"], ours["seconds"])]
                 med = statistics.median(theirs["seconds"]) / statistics.median(ours["seconds"])
-                label = f"{group} {mode}: {peer}"
+                # the default path's keys as before (the README table reads them)
+                label = f"{group} {mode}: {peer}" + ("" if lib == "samkit" else f" / {lib}")
                 ratios[label] = {"median": med, "min": min(per), "max": max(per)}
                 if verbose:
                     print(f"  {label:40s} {med:6.2f}x  ({min(per):.2f}-{max(per):.2f})")
@@ -732,13 +943,31 @@ def bench_products(cfg: dict[str, Any], reps: int) -> dict[str, Any]:
     batch = [(cfg["x"], cfg["y"])]
     dim = cfg["params"]
     gen = torch.Generator().manual_seed(0)
-    vecs = {k: torch.randn(k, dim, generator=gen) for k in (1, 4, 16)}
-    cached = HessianOperator(model, F.cross_entropy, batch)
-    uncached = HessianOperator(model, F.cross_entropy, batch, cache_graph=False)
-    func = HessianOperator(model, F.cross_entropy, batch, backend="func")
-    ggn = GGNOperator(model, F.cross_entropy, batch)
+    many = 16 if dim < 5_000_000 else 4  # vmap holds one graph per vector: fewer on a large model
+    vecs = {k: torch.randn(k, dim, generator=gen) for k in sorted({1, 4, many})}
+    cached = HessianOperator(model, F.cross_entropy, batch, product="eager")
+    uncached = HessianOperator(model, F.cross_entropy, batch, cache_graph=False, product="eager")
+    func = HessianOperator(model, F.cross_entropy, batch, backend="func", product="eager")
+    ggn = GGNOperator(model, F.cross_entropy, batch, product="eager")
+    compiled = HessianOperator(model, F.cross_entropy, batch, product="compiled")
+    ggn_compiled = GGNOperator(model, F.cross_entropy, batch, product="compiled")
     cached.matvec(vecs[1][0])  # build the cached graphs outside the timing
     ggn.matvec(vecs[1][0])
+    # the compiled products' first calls (compiling) outside the timing, reported apart
+    first_calls = {}
+    for label, op, k in (
+        ("samkit compiled, 1 vector", compiled, 1),
+        (f"samkit compiled vmap, {many} vectors", compiled, many),
+        ("samkit GGN compiled, 1 vector", ggn_compiled, 1),
+    ):
+        before = (op.product_info or {}).get("compile_seconds") or 0.0
+        t = timed(lambda op=op, k=k: op.matvec(vecs[1][0]) if k == 1 else op.matmat(vecs[k]))[0]
+        info = op.product_info or {}
+        first_calls[label] = {
+            "first_call_s": t,
+            "compile_s": (info.get("compile_seconds") or 0.0) - before,
+            "path": info.get("path"),
+        }
     ph = PyHessianRun(cfg, "batch")._build()
     mod = _pyhessian_module()
     ph_v = [
@@ -748,17 +977,20 @@ def bench_products(cfg: dict[str, Any], reps: int) -> dict[str, Any]:
     cases: dict[str, tuple[int, Callable[[], Any]]] = {
         "samkit cached graph, 1 vector": (1, lambda: cached.matvec(vecs[1][0])),
         "samkit cached graph, 4 vectors batched": (4, lambda: cached.matmat(vecs[4])),
-        "samkit cached graph, 16 vectors batched": (16, lambda: cached.matmat(vecs[16])),
+        f"samkit cached graph, {many} vectors batched": (many, lambda: cached.matmat(vecs[many])),
         "samkit forward+double backward, 1 vector": (1, lambda: uncached.matvec(vecs[1][0])),
         "samkit torch.func jvp(grad), 1 vector": (1, lambda: func.matvec(vecs[1][0])),
-        "samkit torch.func vmap, 16 vectors": (16, lambda: func.matmat(vecs[16])),
+        f"samkit torch.func vmap, {many} vectors": (many, lambda: func.matmat(vecs[many])),
         "samkit GGN (cached), 1 vector": (1, lambda: ggn.matvec(vecs[1][0])),
+        "samkit compiled, 1 vector": (1, lambda: compiled.matvec(vecs[1][0])),
+        f"samkit compiled vmap, {many} vectors": (many, lambda: compiled.matmat(vecs[many])),
+        "samkit GGN compiled, 1 vector": (1, lambda: ggn_compiled.matvec(vecs[1][0])),
         "PyHessian one batch, 1 vector": (
             1,
             lambda: mod.hessian_vector_product(ph.gradsH, ph.params, ph_v),
         ),
         "curvlinops, 1 vector": (1, lambda: cvl @ vecs[1][0]),
-        "curvlinops, 16 vectors (vmap)": (16, lambda: cvl @ vecs[16].T),
+        f"curvlinops, {many} vectors (vmap)": (many, lambda: cvl @ vecs[many].T),
     }
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(reps):
@@ -767,10 +999,19 @@ def bench_products(cfg: dict[str, Any], reps: int) -> dict[str, Any]:
     print(
         f"\n== {cfg['name']}: seconds per product (one batch of {len(cfg['x'])}; median of {reps})"
     )
-    out = {}
+    out: dict[str, Any] = {}
     for key, ts in times.items():
         out[key] = statistics.median(ts)
         print(f"  {key:45s} {1e3 * out[key]:8.1f} ms  ({1e3 * min(ts):.1f}-{1e3 * max(ts):.1f})")
+    eager, fast = out["samkit cached graph, 1 vector"], out["samkit compiled, 1 vector"]
+    print(f"  compiled / eager (cached graph), 1 vector: {eager / fast:.2f}x faster")
+    for label, first in first_calls.items():
+        print(
+            f"  first call of {label}: {first['first_call_s']:.1f} s "
+            f"(compile {first['compile_s']:.1f} s; runs {first['path']})"
+        )
+    out["first_calls"] = first_calls
+    out["model"], out["parameters"] = cfg["name"], dim
     return out
 
 
@@ -919,7 +1160,9 @@ def rows_markdown(by_model: dict[str, list[dict[str, Any]]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["cnn", "resnet"], choices=["cnn", "resnet"])
+    ap.add_argument(
+        "--models", nargs="+", default=["cnn", "resnet"], choices=["cnn", "resnet", "transformer"]
+    )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--eig-accuracy", type=float, default=1e-4)
     ap.add_argument(
@@ -935,7 +1178,7 @@ def main() -> None:
         type=int,
         default=None,
         help="run PyHessian's trace with at most this many probes and scale its time "
-        "(default: no limit for the CNN, 50 for the ResNet)",
+        "(default: no limit for the CNN, 50 for the ResNet and the transformer)",
     )
     ap.add_argument(
         "--groups",
@@ -950,6 +1193,21 @@ def main() -> None:
         type=Path,
         help="keep the trained weights and the reference values here, reused by later runs on "
         "the same weights and data",
+    )
+    ap.add_argument(
+        "--paths",
+        nargs="+",
+        default=list(PATHS),
+        choices=PATHS,
+        help="samkit's product paths to measure (default all): auto (the default operator), "
+        "compiled (product='compiled'), budget (loader mode, memory_budget=--memory-budget)",
+    )
+    ap.add_argument(
+        "--memory-budget",
+        type=int,
+        default=None,
+        help="bytes for the budget rows (default: the saved bytes of one loader batch's "
+        "gradient graph, what PyHessian holds at once)",
     )
     ap.add_argument("--quick", action="store_true", help="smaller models and data (a smoke test)")
     ap.add_argument("--json", type=Path, help="also write the results here")

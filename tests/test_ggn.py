@@ -39,6 +39,11 @@ def _exact_ggn(model: nn.Module, loss_fn, x, y) -> torch.Tensor:
     return jac.T @ h_out @ jac
 
 
+#: every exactness test of the products runs over both product paths (the compiled
+#: path's first call compiles: a few seconds per model and chunk shape)
+PRODUCTS = ["eager", "compiled"]
+
+
 @pytest.fixture(scope="module")
 def problem():
     model = _mlp()
@@ -56,23 +61,28 @@ def problem():
     )
 
 
-@pytest.mark.parametrize("cache", [None, True, False])
+@pytest.mark.parametrize(
+    "cache, product",
+    [(None, "eager"), (True, "eager"), (False, "eager"), (None, "compiled")],
+)
 @pytest.mark.parametrize("split", [[30], [4, 11, 15]])
-def test_ggn_products_exact(problem, cache, split):
+def test_ggn_products_exact(problem, cache, split, product):
     model, x, y, yr, g_ce, g_mse = problem
     for loss_fn, target, exact in ((F.cross_entropy, y, g_ce), (F.mse_loss, yr, g_mse)):
         batches = list(zip(x.split(split), target.split(split)))
-        op = GGNOperator(model, loss_fn, batches, cache_graph=cache)
+        op = GGNOperator(model, loss_fn, batches, cache_graph=cache, product=product)
         torch.testing.assert_close(op.dense(), exact, rtol=1e-9, atol=1e-12)
         vs = torch.randn(3, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(op.matmat(vs), vs @ exact, rtol=1e-9, atol=1e-12)
+        assert op.product_info["path"] == product
 
 
-def test_ggn_is_psd_and_top_eigenvalue_exact(problem):
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_ggn_is_psd_and_top_eigenvalue_exact(problem, product):
     model, x, y, _, g_ce, _ = problem
     evals = torch.linalg.eigvalsh(g_ce)
     assert float(evals[0]) > -1e-12  # positive semi-definite for a convex loss of the outputs
-    op = GGNOperator(model, F.cross_entropy, [(x, y)])
+    op = GGNOperator(model, F.cross_entropy, [(x, y)], product=product)
     res = top_eigenvalues(op, 2, tol=1e-10, max_iter=op.dim)
     assert res.eigenvalues == pytest.approx(evals.flip(0)[:2].tolist(), rel=1e-7)
     # a proxy, not the Hessian: the two differ away from a minimum
@@ -96,10 +106,11 @@ def test_ggn_trace_exact_and_unbiased(problem):
     assert statistics.median(r.stderr for r in runs) >= 0.8 * sd
 
 
-def test_ggn_trace_of_operator_agrees(problem):
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_ggn_trace_of_operator_agrees(problem, product):
     # the same matrix through Hutchinson on the operator: exact with a full deflation basis
     model, x, y, _, g_ce, _ = problem
-    op = GGNOperator(model, F.cross_entropy, [(x, y)])
+    op = GGNOperator(model, F.cross_entropy, [(x, y)], product=product)
     assert hessian_trace(op, deflation_steps=op.dim).trace == pytest.approx(
         float(g_ce.trace()), rel=1e-8
     )
@@ -116,9 +127,14 @@ def test_ggn_bad_input(problem):
         def forward(self, x):
             return self.lin(x), self.lin(x)
 
-    op = GGNOperator(TwoHeads(), lambda out, t: F.cross_entropy(out[0], t), [(x, y)])
-    with pytest.raises(ValueError, match="one output tensor"):
-        op.matvec(torch.zeros(op.dim, dtype=torch.float64))
+    for product in PRODUCTS:
+        op = GGNOperator(
+            TwoHeads(), lambda out, t: F.cross_entropy(out[0], t), [(x, y)], product=product
+        )
+        with pytest.raises(ValueError, match="one output tensor"):
+            op.matvec(torch.zeros(op.dim, dtype=torch.float64))
+    with pytest.raises(ValueError, match="Invalid product value"):
+        GGNOperator(model, F.cross_entropy, [(x, y)], product="jit")
     with pytest.raises(ValueError, match="Invalid reduction value"):
         GGNOperator(model, nn.CrossEntropyLoss(reduction="none"), [(x, y)])
 

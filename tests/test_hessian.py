@@ -53,10 +53,15 @@ def quad_problem(eigs, seed: int = 0):
 
 EIGS = [9.0, 7.5, 7.5, 4.0] + [0.01 * i - 0.2 for i in range(36)]
 
+#: every exactness test of the products runs over both product paths (the compiled
+#: path's first call compiles: a few seconds per model and chunk shape)
+PRODUCTS = ["eager", "compiled"]
 
-def test_quadratic_eigenvalues_exact():
+
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_quadratic_eigenvalues_exact(product):
     model, loss_fn, batches, a = quad_problem(EIGS)
-    op = HessianOperator(model, loss_fn, batches)
+    op = HessianOperator(model, loss_fn, batches, product=product)
     res = top_eigenvalues(op, 4, tol=1e-9, max_iter=40)
     # the repeated 7.5 is found twice (one Krylov space sees it once: the deflated re-run finds the other)
     assert res.eigenvalues == pytest.approx([9.0, 7.5, 7.5, 4.0], abs=1e-5)
@@ -73,13 +78,15 @@ def test_quadratic_eigenvalues_exact():
     assert power.eigenvalues == pytest.approx([9.0, 7.5], abs=1e-5)
 
 
-def test_quadratic_trace_exact():
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_quadratic_trace_exact(product):
     model, loss_fn, batches, a = quad_problem(EIGS)
-    op = HessianOperator(model, loss_fn, batches)
+    op = HessianOperator(model, loss_fn, batches, product=product)
     # a deflation basis spanning everything leaves nothing to estimate
     full = hessian_trace(op, deflation_steps=len(EIGS))
     assert full.trace == pytest.approx(sum(EIGS), abs=1e-5)
     assert full.n_probes == 0
+    assert full.product["path"] == product
     # Rademacher probes are exact on a diagonal Hessian: z^T D z = tr D
     diag = DenseOperator(torch.diag(torch.tensor(EIGS, dtype=torch.float64)))
     tr = hessian_trace(diag, n_probes=3, deflation_steps=0, seed=4)
@@ -137,12 +144,17 @@ def mlp_problem():
     return model, x, y, h
 
 
-def test_mlp_against_full_hessian(mlp_problem):
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_mlp_against_full_hessian(mlp_problem, product):
     model, x, y, h = mlp_problem
     evals = torch.linalg.eigvalsh(h).flip(0)
-    op = HessianOperator(model, F.cross_entropy, list(zip(x.split(50), y.split(50))))
+    op = HessianOperator(
+        model, F.cross_entropy, list(zip(x.split(50), y.split(50))), product=product
+    )
     res = top_eigenvalues(op, 3, tol=1e-8, max_iter=150)
     assert res.eigenvalues == pytest.approx(evals[:3].tolist(), rel=1e-6)
+    assert res.product["path"] == product
+    assert (res.product["compile_seconds"] is not None) == (product == "compiled")
     exact = float(h.trace())
     assert hessian_trace(op, deflation_steps=op.dim).trace == pytest.approx(exact, rel=1e-8)
     # unbiased at any deflation: many-probe estimates land within 4 standard errors
@@ -152,6 +164,22 @@ def test_mlp_against_full_hessian(mlp_problem):
     plain = hessian_trace(op, n_probes=300, deflation_steps=0, seed=1)
     deflated = hessian_trace(op, n_probes=300, deflation_steps=10, seed=1)
     assert deflated.stderr < plain.stderr  # the point of deflating
+
+
+def test_growing_basis_stops_at_its_memory_cap_and_stays_unbiased(mlp_problem, monkeypatch):
+    import samkit.sharpness.hessian as hessian
+
+    model, x, y, h = mlp_problem
+    exact = float(h.trace())
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    free = hessian_trace(op, n_probes=100, seed=3)
+    assert free.n_matvecs - free.n_probes > 10  # uncapped, it grows 2 steps per probe
+    monkeypatch.setattr(hessian, "GROWING_BASIS_BYTES", 10 * op.dim * 8)  # 10 float64 rows
+    capped = hessian_trace(op, n_probes=100, seed=3)
+    assert capped.n_probes == 100
+    assert capped.n_matvecs - capped.n_probes == 9  # 9 Lanczos steps: 9 rows and the next one
+    tr = hessian_trace(op, n_probes=300, seed=4)
+    assert abs(tr.trace - exact) < 4 * tr.stderr
 
 
 def test_trace_tolerance_stops_early(mlp_problem):
@@ -222,7 +250,8 @@ def test_bad_arguments():
 # -------------------------------------------------------------- PyHessian
 
 
-def test_side_by_side_with_pyhessian(mlp_problem):
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_side_by_side_with_pyhessian(mlp_problem, product):
     pyhessian = pytest.importorskip("pyhessian")
     model, x, y, h = mlp_problem
     ref_model = copy.deepcopy(
@@ -238,7 +267,7 @@ def test_side_by_side_with_pyhessian(mlp_problem):
         ph_eig, _ = ph.eigenvalues(maxIter=100, tol=1e-3)
         ph_trace = ph.trace(maxIter=100, tol=1e-3)
     ours_model = copy.deepcopy(model).float()
-    op = HessianOperator(ours_model, F.cross_entropy, [(xf, y)])
+    op = HessianOperator(ours_model, F.cross_entropy, [(xf, y)], product=product)
     eig = top_eigenvalues(op, tol=1e-3)
     exact_top = float(torch.linalg.eigvalsh(h)[-1])
     # both at relative tolerance 1e-3; PyHessian's rule (change between two
@@ -283,10 +312,12 @@ def test_lanczos_stops_within_tol_of_the_true_top_eigenvalue(seed, tol):
 # ------------------------------------------------- block Lanczos, new trace estimators
 
 
-@pytest.mark.parametrize("block_size", [2, 4, 6])
-def test_block_lanczos_exact_on_quadratic(block_size):
+@pytest.mark.parametrize(
+    "block_size, product", [(2, "eager"), (4, "eager"), (6, "eager"), (4, "compiled")]
+)
+def test_block_lanczos_exact_on_quadratic(block_size, product):
     model, loss_fn, batches, a = quad_problem(EIGS)
-    op = HessianOperator(model, loss_fn, batches)
+    op = HessianOperator(model, loss_fn, batches, product=product)
     res = top_eigenvalues(op, 4, tol=1e-9, max_iter=40, block_size=block_size)
     # a block of >= 2 vectors sees the repeated 7.5 twice in one run
     assert res.eigenvalues == pytest.approx([9.0, 7.5, 7.5, 4.0], abs=1e-5)
@@ -304,10 +335,11 @@ def test_block_lanczos_exact_on_quadratic(block_size):
         assert res.n_matvecs < single.n_matvecs
 
 
-def test_block_lanczos_against_full_hessian(mlp_problem):
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_block_lanczos_against_full_hessian(mlp_problem, product):
     model, x, y, h = mlp_problem
     evals = torch.linalg.eigvalsh(h).flip(0)
-    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    op = HessianOperator(model, F.cross_entropy, [(x, y)], product=product)
     res = top_eigenvalues(op, 3, tol=1e-8, max_iter=100, block_size=3)
     assert res.eigenvalues == pytest.approx(evals[:3].tolist(), rel=1e-6)
     # one vectorised product per step: the operator counted every vector
@@ -391,7 +423,8 @@ def test_new_estimators_need_fewer_products_for_the_same_error(mlp_problem):
     assert xtrace < plain
 
 
-def test_side_by_side_with_curvlinops(mlp_problem):
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_side_by_side_with_curvlinops(mlp_problem, product):
     """The same matrices as curvlinops's operators (Hessian and GGN), and the same top eigenvalue."""
     curvlinops = pytest.importorskip("curvlinops")
     from scipy.sparse.linalg import eigsh
@@ -406,7 +439,7 @@ def test_side_by_side_with_curvlinops(mlp_problem):
         (HessianOperator, curvlinops.HessianLinearOperator),
         (GGNOperator, curvlinops.GGNLinearOperator),
     ):
-        ours = ours_cls(model, F.cross_entropy, batches)
+        ours = ours_cls(model, F.cross_entropy, batches, product=product)
         theirs = theirs_cls(model, nn.CrossEntropyLoss(), params, batches)
         torch.testing.assert_close(ours.matvec(v), theirs @ v, rtol=1e-9, atol=1e-12)
         top = float(eigsh(theirs.to_scipy(), k=1, which="LA", tol=1e-10)[0][0])

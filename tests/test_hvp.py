@@ -45,6 +45,10 @@ def setup():
 
 _REFS: dict[int, torch.Tensor] = {}
 
+#: every exactness test of the products runs over both product paths (the compiled
+#: path's first call compiles: a few seconds per model and chunk shape)
+PRODUCTS = ["eager", "compiled"]
+
 
 @given(
     sizes=st.lists(st.integers(1, 9), min_size=1, max_size=4),
@@ -70,14 +74,32 @@ def test_hvp_matches_full_hessian_for_any_batching(setup, sizes, chunk, backend,
         assert op.loss() == pytest.approx(float(F.cross_entropy(model(xs), ys)), rel=1e-12)
 
 
+@pytest.mark.parametrize("product", PRODUCTS)
 @pytest.mark.parametrize("backend", ["autograd", "func"])
-def test_matmat_and_dense_equal_reference(setup, backend):
+def test_matmat_and_dense_equal_reference(setup, backend, product):
     model, x, y, h = setup
-    op = HessianOperator(model, F.cross_entropy, [(x, y)], backend=backend)
+    op = HessianOperator(model, F.cross_entropy, [(x, y)], backend=backend, product=product)
     vs = torch.randn(4, op.dim, dtype=torch.float64)
     torch.testing.assert_close(op.matmat(vs), vs @ h, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(op.dense(), h, rtol=1e-9, atol=1e-11)
     assert op.n_matvecs == 4 + op.dim
+    assert op.product_info["path"] == product
+
+
+@pytest.mark.parametrize("backend", ["autograd", "func"])
+def test_compiled_products_over_unequal_chunks(setup, backend):
+    # two chunks of different sizes (two compiled shapes), weighted by their sizes
+    model, x, y, h = setup
+    batches = list(zip(x.split([13, 27]), y.split([13, 27])))
+    op = HessianOperator(
+        model, F.cross_entropy, batches, backend=backend, product="compiled", max_batch_size=27
+    )
+    assert [len(b[1]) for b in op.batches] == [27, 13]
+    vs = torch.randn(3, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(op.matvec(vs[0]), h @ vs[0], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(op.matmat(vs), vs @ h, rtol=1e-9, atol=1e-11)
+    info = op.product_info
+    assert info["path"] == "compiled" and info["compile_seconds"] > 0
 
 
 def test_gradient_matches_autograd(setup):
@@ -94,15 +116,16 @@ def test_gradient_matches_autograd(setup):
         assert loss == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-12)
 
 
-def test_list_form_and_param_subset(setup):
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_list_form_and_param_subset(setup, product):
     model, x, y, h = setup
     vs = [torch.randn_like(p) for p in model.parameters()]
-    out = hvp(model, F.cross_entropy, [(x, y)], vs)
+    out = hvp(model, F.cross_entropy, [(x, y)], vs, product=product)
     flat = torch.cat([v.reshape(-1) for v in vs])
     torch.testing.assert_close(torch.cat([t.reshape(-1) for t in out]), h @ flat)
     # Hessian over the last layer only = the matching diagonal block
     sub = ["2.weight", "2.bias"]
-    op = HessianOperator(model, F.cross_entropy, [(x, y)], params=sub)
+    op = HessianOperator(model, F.cross_entropy, [(x, y)], params=sub, product=product)
     k = op.dim
     torch.testing.assert_close(op.dense(), h[-k:, -k:])
 
@@ -193,7 +216,8 @@ def _regression_problem(n: int = 23):
     return model, x, y, full
 
 
-def test_dataloader_with_a_short_last_batch_and_mse():
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_dataloader_with_a_short_last_batch_and_mse(product):
     # a DataLoader of 23 samples in batches of 5: the last batch has 3, and the
     # mean over batches must weight it by 3/23, not 1/5
     from torch.utils.data import DataLoader, TensorDataset
@@ -202,13 +226,13 @@ def test_dataloader_with_a_short_last_batch_and_mse():
     loader = DataLoader(TensorDataset(x, y), batch_size=5, shuffle=False)
     ref = full(F.mse_loss)
     for chunk in (None, 4, 2048):
-        op = HessianOperator(model, F.mse_loss, loader, max_batch_size=chunk)
+        op = HessianOperator(model, F.mse_loss, loader, max_batch_size=chunk, product=product)
         torch.testing.assert_close(op.dense(), ref, rtol=1e-9, atol=1e-12)
     # an nn.Module loss with reduction="sum" is the Hessian of the sum, read from the module
-    op = HessianOperator(model, nn.MSELoss(reduction="sum"), loader)
+    op = HessianOperator(model, nn.MSELoss(reduction="sum"), loader, product=product)
     torch.testing.assert_close(op.dense(), full(nn.MSELoss(reduction="sum")), rtol=1e-9, atol=1e-9)
     # max_samples reads only the first samples, cutting a batch
-    op = HessianOperator(model, F.mse_loss, loader, max_samples=12)
+    op = HessianOperator(model, F.mse_loss, loader, max_samples=12, product=product)
     assert op.n_samples == 12
     torch.testing.assert_close(
         op.dense(),
@@ -230,7 +254,8 @@ def _regression_hessian_on(model, x, y):
     return torch.autograd.functional.hessian(f, param_vector(model))
 
 
-def test_dict_inputs_are_passed_to_the_model():
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_dict_inputs_are_passed_to_the_model(product):
     class TwoInputs(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -245,8 +270,8 @@ def test_dict_inputs_are_passed_to_the_model():
     x = {"signal": torch.randn(10, 3, dtype=torch.float64), "scale": torch.rand(10, 1).double()}
     y = torch.randn(10, 2, dtype=torch.float64)
     batches = [({k: v[:4] for k, v in x.items()}, y[:4]), ({k: v[4:] for k, v in x.items()}, y[4:])]
-    op = HessianOperator(model, F.mse_loss, batches)
-    one = HessianOperator(model, F.mse_loss, [(x, y)])
+    op = HessianOperator(model, F.mse_loss, batches, product=product)
+    one = HessianOperator(model, F.mse_loss, [(x, y)], product="eager")
     torch.testing.assert_close(op.dense(), one.dense(), rtol=1e-10, atol=1e-12)
     assert op.n_samples == 10
 
@@ -301,3 +326,108 @@ def test_progress_bars_change_nothing(setup, monkeypatch):
         results.append((eig.eigenvalues, tr.trace, dens.density.sum().item(), op.n_matvecs))
     assert results[0] == results[1]
     assert [b.n for b in seen] == [eig.n_matvecs, tr.n_matvecs, dens.n_matvecs]
+
+
+# --------------------------------------------------------- product paths, memory budget
+
+
+def test_auto_compiles_after_the_break_even_and_says_so(setup, monkeypatch):
+    import samkit.sharpness._products as products
+
+    model, x, y, h = setup
+    v = torch.randn(h.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    # the default break-even (30 s of eager products) is never reached by a small model
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    for _ in range(3):
+        torch.testing.assert_close(op.matvec(v), h @ v, rtol=1e-9, atol=1e-11)
+    assert op.product_info["path"] == "eager" and op.product_info["compile_seconds"] is None
+    monkeypatch.setattr(products, "COMPILE_AFTER_S", 1e-12)
+    op = HessianOperator(model, F.cross_entropy, [(x, y)])
+    op.matvec(v)  # eager: its time passes the break-even
+    assert op.product_info["path"] == "eager" and op._graph is not None
+    for _ in range(3):
+        torch.testing.assert_close(op.matvec(v), h @ v, rtol=1e-9, atol=1e-11)
+    info = op.product_info
+    assert info["compile_seconds"] > 0 and op._graph is None  # the eager graph was freed
+    # after two compiled products "auto" keeps the faster path, and says which and why
+    assert (
+        info["reason"].startswith(("compiled:", "compiled ")) and "ms per product" in info["reason"]
+    )
+    assert info["path"] == ("compiled" if info["reason"].startswith("compiled:") else "eager")
+
+
+def test_a_failed_compile_warns_once_and_runs_eager(setup, monkeypatch):
+    model, x, y, h = setup
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    op = HessianOperator(model, F.cross_entropy, [(x, y)], product="compiled")
+    vs = torch.randn(3, op.dim, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="no C compiler here") as record:
+        torch.testing.assert_close(op.matvec(vs[0]), h @ vs[0], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(op.matmat(vs), vs @ h, rtol=1e-9, atol=1e-11)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    info = op.product_info
+    assert info["path"] == "eager" and "compile failed (RuntimeError)" in info["reason"]
+    # a wrong loss is refused as such, never turned into a compile failure
+    bad = HessianOperator(model, lambda out, t: out.sum(1), [(x, y)], product="compiled")
+    with pytest.raises(ValueError, match="expected a scalar"):
+        bad.matvec(vs[0])
+
+
+def test_product_and_budget_bad_input(setup):
+    model, x, y, _ = setup
+    with pytest.raises(ValueError, match="Invalid product value"):
+        HessianOperator(model, F.cross_entropy, [(x, y)], product="fast")
+    for bad in (0, -5, 1.5, True, "lots"):
+        with pytest.raises(ValueError, match="Invalid memory_budget value"):
+            HessianOperator(model, F.cross_entropy, [(x, y)], memory_budget=bad)
+    with pytest.raises(ValueError, match="memory_budget"):
+        HessianOperator(model, F.cross_entropy, [(x, y)], memory_budget=10**6, cache_graph=True)
+    op = HessianOperator(model, F.cross_entropy, [(x, y)], memory_budget="auto")
+    assert isinstance(op.memory_budget, int) and op.memory_budget > 0
+
+
+def test_memory_budget_keeps_what_fits_and_rebuilds_the_rest(setup, monkeypatch):
+    model, x, y, h = setup
+    loader = list(zip(x.split(10), y.split(10)))
+    vs = torch.randn(3, h.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    kept = HessianOperator(model, F.cross_entropy, loader, product="eager")  # one graph, kept
+    assert kept.cache_graph and len(kept.batches) == 1
+    ref_v, ref_m = kept.matvec(vs[0]), kept.matmat(vs)
+    # a budget the whole graph fits in: the chunks as they were, the graph kept
+    whole = HessianOperator(model, F.cross_entropy, loader, memory_budget=10**12)
+    torch.testing.assert_close(whole.matvec(vs[0]), ref_v, rtol=1e-12, atol=1e-14)
+    assert whole.graphs_kept == 1 and len(whole.batches) == 1
+    total = whole.graph_bytes[0]
+    assert total > 0
+    builds = []
+    for frac in (0.7, 0.45, 0.2):
+        budget = int(frac * total)
+        op = HessianOperator(model, F.cross_entropy, loader, memory_budget=budget)
+        original = op._chunk_graph
+
+        def counted(*args, original=original):
+            builds.append(1)
+            return original(*args)
+
+        monkeypatch.setattr(op, "_chunk_graph", counted)
+        torch.testing.assert_close(op.matvec(vs[0]), ref_v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(op.matmat(vs), ref_m, rtol=1e-10, atol=1e-12)
+        n = len(op.batches)
+        assert n > 1  # cut into chunks whose graphs take at most about half the budget
+        assert 1 <= op.graphs_kept < n
+        # what is held at once (the kept graphs and the one rebuilt) stays within the budget
+        assert op.peak_graph_bytes <= budget
+        kept_bytes = sum(b for b, g in zip(op.graph_bytes, op._kept) if g is not None)
+        assert kept_bytes + max(b for b, g in zip(op.graph_bytes, op._kept) if g is None) <= budget
+        # every product rebuilds exactly the graphs not kept (plus one to measure, the first time)
+        builds.clear()
+        op.matvec(vs[1])
+        assert len(builds) == n - op.graphs_kept
+        torch.testing.assert_close(op.dense(), h, rtol=1e-9, atol=1e-11)

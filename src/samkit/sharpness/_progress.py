@@ -29,6 +29,7 @@ class Ticker:
         self.bar = progress_bar(total, enabled, desc, unit="HVP")
         self.start = getattr(op, "n_matvecs", 0)
         self.seen = self.start
+        self.path: str | None = None
 
     def update(self) -> None:
         if self.bar is None:
@@ -37,6 +38,21 @@ class Ticker:
         if now > self.seen:
             self.bar.update(now - self.seen)
             self.seen = now
+        self._show_path()
+
+    def _show_path(self) -> None:
+        """The product path (eager / compiled, the compile's first-call time) as the bar's postfix."""
+        inner = getattr(self.op, "op", self.op)  # through a counting wrapper
+        info = getattr(inner, "product_info", None)
+        if not info:
+            return
+        text = info["path"]
+        if info["compile_seconds"] is not None:
+            text += f", compile {info['compile_seconds']:.1f} s"
+        setter = getattr(self.bar, "set_postfix_str", None)
+        if text != self.path and setter is not None:
+            self.path = text
+            setter(text, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

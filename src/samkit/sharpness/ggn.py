@@ -47,8 +47,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from ._products import ProductPath
 from ._progress import progress_bar
 from .hessian import _generator
 from .hvp import CurvatureOperator, LossFn, batch_size, eval_mode
@@ -60,9 +61,13 @@ class GGNOperator(CurvatureOperator):
     r"""The generalised Gauss-Newton matrix :math:`G = J^\top (\nabla_z^2 \ell) J` as an operator.
 
     Same arguments as :class:`~samkit.sharpness.hvp.HessianOperator` (no
-    ``backend``). The model must return one tensor (the outputs the loss
-    takes). ``cache_graph`` keeps each chunk's forward graph and its backward
-    graph between products (default: when the data form a single chunk).
+    ``backend``, no ``memory_budget``). The model must return one tensor (the
+    outputs the loss takes). ``cache_graph`` keeps each chunk's forward graph
+    and its backward graph between products (default: when the data form a
+    single chunk). ``product="compiled"`` compiles
+    :math:`J^\top (\nabla_z^2\ell)(Jv)` per chunk (``jvp`` of the model, the
+    loss's output-space Hessian by reverse over reverse, fused with the rest
+    by the compiler, ``vjp`` back), ``"auto"`` as for the Hessian.
 
     Use it wherever a Hessian operator goes (``top_eigenvalues``,
     ``hessian_trace``, ``spectral_density``): the results are those of the
@@ -82,6 +87,7 @@ class GGNOperator(CurvatureOperator):
         max_samples: int | None = None,
         reduction: str | None = None,
         cache_graph: bool | None = None,
+        product: str = "auto",
     ) -> None:
         super().__init__(
             model,
@@ -96,6 +102,39 @@ class GGNOperator(CurvatureOperator):
             cache_graph = len(self.batches) == 1
         self.cache_graph = bool(cache_graph)
         self._graphs: list[tuple[Tensor, ...]] | None = None
+        self._path = ProductPath(product, *self._chunk_products())
+
+    def _validate(self) -> None:
+        x, _ = self.batches[0]
+        with torch.no_grad(), eval_mode(self.model):
+            z = self._output(self.w, x)
+        if not isinstance(z, Tensor):
+            raise ValueError(
+                f"Invalid model value: the GGN needs one output tensor, got {type(z).__name__}"
+            )
+        super()._validate()
+
+    def _chunk_products(self) -> tuple[Any, Any]:
+        """The per-chunk products the compiled path compiles: ``c`` times the chunk's Gv."""
+
+        def single(w: Tensor, v: Tensor, x: Any, y: Any, c: Tensor) -> Tensor:
+            def out(u: Tensor) -> Tensor:
+                return self._output(u, x)
+
+            def loss(t: Tensor) -> Tensor:
+                return self._apply_loss(t, y) * c
+
+            z, jv = jvp(out, (w,), (v,))
+            # the loss's Hessian in output space by reverse over reverse: forward over
+            # reverse of F.mse_loss compiled (torch 2.13, CPU) into a kernel reading an
+            # efficient zero tensor, which crashed the process
+            hjv = grad(lambda t: torch.vdot(grad(loss)(t).reshape(-1), jv.reshape(-1)))(z)
+            return vjp(out, w)[1](hjv)[0]
+
+        def batched(w: Tensor, vs: Tensor, x: Any, y: Any, c: Tensor) -> Tensor:
+            return vmap(single, in_dims=(None, 0, None, None, None))(w, vs, x, y, c)
+
+        return single, batched
 
     def _chunk_graph(self, c: float, x: Any, y: Any) -> tuple[Tensor, ...]:
         """(w, z, u, J^T u, z_leaf, grad_z loss) for one chunk, all with graphs."""
@@ -138,6 +177,12 @@ class GGNOperator(CurvatureOperator):
         """:math:`Gv` for a flat vector ``v``."""
         v = self._check_vec("v", v)
         self.n_matvecs += 1
+        out = self._compiled("single", v)
+        if out is not None:
+            return out
+        return self._timed_eager(lambda: self._eager_matvec(v), 1)
+
+    def _eager_matvec(self, v: Tensor) -> Tensor:
         if self.cache_graph:
             return sum(self._product(g, v, False) for g in self._all_graphs())
         out = torch.zeros_like(v)
@@ -148,9 +193,17 @@ class GGNOperator(CurvatureOperator):
     def matmat(self, vs: Tensor) -> Tensor:
         """Products :math:`Gv_i` for the rows of ``vs``; one batched pass when cached."""
         vs = self._check_mat(vs)
-        if self.cache_graph and vs.shape[0] > 1:
-            self.n_matvecs += vs.shape[0]
-            return sum(self._product(g, vs, True) for g in self._all_graphs())
+        k = vs.shape[0]
+        if k > 1:
+            out = self._compiled("batched", vs)
+            if out is not None:
+                self.n_matvecs += k
+                return out
+        if self.cache_graph and k > 1:
+            self.n_matvecs += k
+            return self._timed_eager(
+                lambda: sum(self._product(g, vs, True) for g in self._all_graphs()), k
+            )
         return torch.stack([self.matvec(v) for v in vs])
 
 

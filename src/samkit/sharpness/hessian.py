@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -117,6 +117,7 @@ class EigenResult:
     residuals: list[float] = field(default_factory=list)
     basis: Tensor | None = None  # the Krylov basis of the first run (rows), reusable for deflation
     tridiagonal: Tensor | None = None  # its Lanczos matrix T = basis H basis^T
+    product: dict | None = None  # the operator's product path (``op.product_info``) at the end
 
 
 @dataclass
@@ -129,6 +130,10 @@ class TraceResult:
     n_probes: int
     exact_part: float  # tr(Q^T H Q) of the deflation basis
     samples: list[float] = field(default_factory=list)
+    product: dict | None = None  # the operator's product path (``op.product_info``) at the end
+
+
+_R = TypeVar("_R", EigenResult, TraceResult)
 
 
 @dataclass
@@ -162,9 +167,10 @@ def _rademacher(op: Operator, gen: torch.Generator, k: int | None = None) -> Ten
 
 
 class _Rows:
-    """Basis rows in one buffer that doubles when full: taking the stacked basis
-    each step costs nothing (a fresh ``torch.stack`` would copy k rows of the
-    model's size per step)."""
+    """Basis rows in one buffer that grows by half when full: taking the stacked
+    basis each step costs nothing (a fresh ``torch.stack`` would copy k rows of
+    the model's size per step). By half, not double: a 10.7M-parameter model's
+    row is 43 MB, and a doubled buffer held up to twice the basis."""
 
     def __init__(self, first: Tensor) -> None:
         self.buf = first.new_empty(4, first.numel())
@@ -173,7 +179,7 @@ class _Rows:
 
     def append(self, row: Tensor) -> None:
         if self.n == self.buf.shape[0]:
-            grown = self.buf.new_empty(2 * self.n, self.buf.shape[1])
+            grown = self.buf.new_empty(self.n + max(4, self.n // 2), self.buf.shape[1])
             grown[: self.n] = self.buf
             self.buf = grown
         self.buf[self.n] = row
@@ -246,8 +252,10 @@ def _coefficients64(rows: Tensor, w: Tensor) -> Tensor:
     if rows.dtype == torch.float64:
         return rows @ w
     w64 = w.double()
-    # 16 rows at a time: a float64 copy of the whole basis could be gigabytes
-    return torch.cat([block.double() @ w64 for block in rows.split(16)]).to(w.dtype)
+    # 16 rows at a time (fewer above 2M entries, at most 256 MB): a float64 copy of
+    # the whole basis could be gigabytes, and 16 rows of a 10.7M-parameter model 1.4 GB
+    per_block = max(1, min(16, 2**28 // (8 * max(1, rows.shape[1]))))
+    return torch.cat([block.double() @ w64 for block in rows.split(per_block)]).to(w.dtype)
 
 
 def lanczos(
@@ -482,10 +490,16 @@ def top_eigenvalues(
     ticker = Ticker(counted, progress, "top eigenvalues")
     try:
         if method == "power":
-            return _power(counted, k, tol, max_iter, gen, ticker)
-        return _lanczos_top(counted, k, tol, max_iter, block_size, gen, ticker)
+            return _stamp(_power(counted, k, tol, max_iter, gen, ticker), op)
+        return _stamp(_lanczos_top(counted, k, tol, max_iter, block_size, gen, ticker), op)
     finally:
         ticker.close()
+
+
+def _stamp(result: _R, op: Operator) -> _R:
+    """Record the operator's product path (eager / compiled, compile time) in the result."""
+    result.product = getattr(op, "product_info", None)
+    return result
 
 
 class _Counting:
@@ -666,18 +680,21 @@ def hessian_trace(
     ticker = Ticker(counted, progress, f"trace ({method})")
     try:
         if method == "xtrace":
-            return _xtrace(counted, n_probes, tol, max_probes, block_size, gen, ticker)
-        return _deflated_hutchinson(
-            counted,
-            n_probes,
-            tol,
-            max_probes,
-            deflation_steps,
-            basis,
-            tridiagonal,
-            block_size,
-            gen,
-            ticker,
+            return _stamp(_xtrace(counted, n_probes, tol, max_probes, block_size, gen, ticker), op)
+        return _stamp(
+            _deflated_hutchinson(
+                counted,
+                n_probes,
+                tol,
+                max_probes,
+                deflation_steps,
+                basis,
+                tridiagonal,
+                block_size,
+                gen,
+                ticker,
+            ),
+            op,
         )
     finally:
         ticker.close()
@@ -748,6 +765,14 @@ MIN_PROBES = 10
 #: (measured on the MNIST-1D CNN's exact Hessian: 2 per probe beat 1, and a
 #: fixed 20 steps, at every budget from 24 to 96 products).
 KRYLOV_PER_PROBE = 2
+
+#: The growing basis stops growing at this many bytes (at least ``MIN_KRYLOV``
+#: rows); the probes then go on against the basis reached, still unbiased (the
+#: basis never depends on them). 1 GiB: never reached by the 1.07M-parameter
+#: ResNet's measurements (about 250 rows), 25 rows for a 10.7M-parameter model,
+#: whose basis would otherwise grow by 85 MB per probe (and its stored probe
+#: signs by 10 MB) until memory ran out.
+GROWING_BASIS_BYTES = 2**30
 
 
 class _Krylov:
@@ -821,9 +846,13 @@ def _growing_deflation(
     each time the basis grows (only :math:`z^\top Hz` and the projections
     are kept; the probes are stored as signs). The basis comes from its own
     random start, independent of the probes, so the estimate is unbiased for
-    every :math:`k`; ``KRYLOV_PER_PROBE`` Lanczos steps are taken per probe.
+    every :math:`k`; ``KRYLOV_PER_PROBE`` Lanczos steps are taken per probe,
+    until the basis holds ``GROWING_BASIS_BYTES`` (then the probes go on alone,
+    and their signs are no longer stored).
     """
     krylov = _Krylov(op, _randn(op, gen))
+    item = torch.empty(0, dtype=op.dtype).element_size()
+    max_rows = max(MIN_KRYLOV, GROWING_BASIS_BYTES // (op.dim * item))
     signs = torch.zeros(0, op.dim, dtype=torch.int8, device=op.device)
     quad: list[float] = []  # z^T H z per probe
     proj = torch.zeros(0, 1, dtype=torch.float64)  # z_i . q_j, one column per basis row
@@ -841,7 +870,8 @@ def _growing_deflation(
 
     while True:
         p = len(quad)
-        want_probe = krylov.exhausted or krylov.k >= KRYLOV_PER_PROBE * max(p, 1)
+        frozen = krylov.basis.n >= max_rows  # the basis is as large as it may grow
+        want_probe = frozen or krylov.exhausted or krylov.k >= KRYLOV_PER_PROBE * max(p, 1)
         if want_probe:
             if p >= limit:
                 break
@@ -849,7 +879,8 @@ def _growing_deflation(
             z = _rademacher(op, gen, b)
             hz = _blocks(op, z, block_size, ticker)
             quad.extend((hz * z).sum(1).double().tolist())
-            signs = torch.cat([signs, z.to(torch.int8)])
+            if not frozen:  # kept only to project on basis rows still to come
+                signs = torch.cat([signs, z.to(torch.int8)])
             proj = torch.cat([proj, (z @ krylov.rows.T).double().cpu()])
             if tol is not None and len(quad) >= MIN_PROBES:
                 exact, d = deflated()
