@@ -194,7 +194,7 @@ def _agreement_reference(
     the strided sketch, c_t = cos(sketch_t, sketch_{t-1}), the bias-corrected EMA, q against
     its best after the warm-up, the banded drive integrated into log rho, clipped."""
     kw = {"rho": 0.05, "q0": 0.6, "q1": 0.9, "rate": 0.01, "down": 0.25, "low": 0.2}
-    kw.update({"high": 20.0, "beta": 0.98, "warmup": 10, "sketch": 4096, **ctrl_kw})
+    kw.update({"high": 20.0, "beta": 0.98, "warmup": 50, "sketch": 4096, **ctrl_kw})
     total = sum(g.numel() for g in grads[0])
     stride = -(-total // kw["sketch"])
     flat_index = list(range(0, total, stride))[: kw["sketch"]]
@@ -503,16 +503,17 @@ def test_the_default_auto_learns_without_reports_and_does_not_warn(recwarn):
     """rho="auto" is GradientAgreement: in a loop that never reports a validation loss its
     radius still moves (here within the first 200 steps), and nothing warns."""
     assert autorho.DEFAULT_CONTROLLER == "gradient_agreement"
-    model, base = _problem(2, lr=0.2)
+    model, base = _problem(2, lr=0.02)
     teacher = torch.randn(3, 2, generator=torch.Generator().manual_seed(7))
     opt = samkit.SAM(base, rho="auto")
-    rhos = []
-    for step in range(600):  # a learnable target: batches agree, then (fitted) stop agreeing
-        x = _batch(step)[0]
+    rhos, g = [], torch.Generator().manual_seed(1)
+    for _ in range(600):  # a learnable target: batches agree, then (fitted) stop agreeing
+        x = torch.randn(64, 3, generator=g)
         opt.step(_closure(model, x, torch.tanh(x @ teacher)))
         opt.zero_grad()
         rhos.append(opt.param_groups[0]["rho"])
-    assert rhos[0] == 0.05 and len({round(r, 9) for r in rhos}) > 10
+    assert rhos[49] == 0.05 and len({round(r, 9) for r in rhos}) > 10  # held, then it moved
+    assert max(rhos) > 0.1
     assert not [w for w in recwarn if issubclass(w.category, samkit.NoValidationWarning)]
 
 

@@ -423,7 +423,9 @@ class GradientAgreement(AutoRho):
         low, high: the radius's range, as multiples of the start (default
             0.2 and 20: 0.01 to 1.0 for SAM).
         beta: the decay of :math:`\bar c` (default 0.98).
-        warmup: steps at the starting radius (default 10).
+        warmup: steps before the best agreement is tracked, at the starting
+            radius (default 50, the average's window 1 / (1 - beta): a best
+            taken from a few noisy cosines would be noise).
         sketch: gradient coordinates read per step (default 4096).
         min_agreement: the best :math:`\bar c` below which the gradients' rule
             holds the radius (default 0.05): where successive batches never
@@ -448,7 +450,7 @@ class GradientAgreement(AutoRho):
         low: float = 0.2,
         high: float = 20.0,
         beta: float = 0.98,
-        warmup: int = 10,
+        warmup: int = 50,
         sketch: int = 4096,
         min_agreement: float = 0.05,
         factor: float = 1.5,
