@@ -42,16 +42,22 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 _STATE_KEYS = ("model", "method", "history", "train_time", "best", "bad_epochs")
 
 
-def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check a training-state file; :class:`ResumeError` if it cannot be resumed."""
-    hint = "delete it to restart this run from its first epoch"
+def read_state(path: str | os.PathLike[str], hint: str) -> Any:
+    """``torch.load`` a training-state file (tensors and plain data only), or
+    :class:`ResumeError` saying it cannot be read, followed by ``hint``."""
     try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user error
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ResumeError(
             f"Invalid training state: {str(path)!r} cannot be read ({reason[:200]}); {hint}"
         ) from exc
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a training-state file; :class:`ResumeError` if it cannot be resumed."""
+    hint = "delete it to restart this run from its first epoch"
+    st = read_state(path, hint)
     if not isinstance(st, dict) or any(k not in st for k in _STATE_KEYS):
         raise ResumeError(f"Invalid training state: {str(path)!r} is incomplete; {hint}")
     if (

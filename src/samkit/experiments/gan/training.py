@@ -16,6 +16,7 @@ from ..._atomic import atomic_open
 from .. import grid
 from ..engine.core import state_saved
 from ..grid import Variant
+from ..trainstate import read_state
 from .config import GANConfig
 from .data import MIXTURES, Mixture
 from .evaluation import mixture_metrics
@@ -84,13 +85,7 @@ _STATE_KEYS = ("identity", "iteration", "generator", "discriminator", "opt_g", "
 def load_state(path: Path) -> dict[str, Any]:
     """Read and check a GAN training state; ValueError if it cannot be resumed."""
     hint = "delete it to restart this run from its first iteration"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user error
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(
-            f"Invalid training state: {str(path)!r} cannot be read ({reason[:200]}); {hint}"
-        ) from exc
+    state = read_state(path, hint)  # a ResumeError (a ValueError) if unreadable
     if (
         not isinstance(state, dict)
         or any(k not in state for k in _STATE_KEYS)
