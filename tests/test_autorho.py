@@ -682,3 +682,70 @@ def test_the_family_battery_sees_each_controller_move_its_radius(name):
         info.step(opt, model, x, y)
         rhos.append(opt.param_groups[0]["rho"])
     assert len(set(rhos)) > 1, rhos
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_agreement_sketch_is_the_same_gathered_whole_or_tensor_by_tensor(
+    monkeypatch, dtype
+):
+    """A small float32 model's sketch is gathered from one copy of the whole gradient, a large
+    one's (or another dtype's) tensor by tensor: the same coordinates, the same bits."""
+    g = torch.Generator().manual_seed(1)
+    steps = [
+        [torch.randn(s, generator=g, dtype=dtype) for s in [(7, 5), (7,), (1,), (30, 11), (3,)]]
+        for _ in range(6)
+    ]
+
+    def radii(limit: int) -> tuple[list[float], list[torch.Tensor]]:
+        monkeypatch.setattr(autorho, "FLAT_LIMIT", limit)
+        ctrl = samkit.GradientAgreement(0.05, sketch=64, warmup=1, rate=0.5)
+        vecs = [ctrl._read(_Stub(gs)) for gs in steps]
+        used = [ctrl.next_rho(_Stub(gs)) for gs in steps]
+        assert (ctrl._flat is not None) == (limit > 0 and dtype == torch.float32)
+        return used, vecs
+
+    (whole, vec_whole), (by_tensor, vec_by_tensor) = radii(1 << 20), radii(0)
+    assert whole == by_tensor
+    assert all(torch.equal(a, b) for a, b in zip(vec_whole, vec_by_tensor))
+    assert vec_whole[0].shape == (64,) and vec_whole[0].dtype == torch.float32
+
+
+def test_gradient_agreement_learns_nothing_from_a_non_finite_gradient_it_is_not_skipped_for():
+    """Without a GradScaler or skip_nonfinite SAM steps with a non-finite gradient; the
+    controller then neither folds it into its agreement nor compares the next step with it."""
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(50, generator=g) for _ in range(12)]
+    bad = grads[5].clone()
+    bad[3] = float("nan")
+    clean = samkit.GradientAgreement(0.05, warmup=1, rate=0.5)
+    hit = samkit.GradientAgreement(0.05, warmup=1, rate=0.5)
+    for i, grad in enumerate(grads):
+        clean_rho = clean.next_rho(_Stub([grad])) if i not in (5, 6) else clean.rho
+        rho = hit.next_rho(_Stub([bad if i == 5 else grad]))
+        assert math.isfinite(rho) and math.isfinite(hit.agreement)
+        if i == 6:  # the step after: no comparison with the bad sketch, a fresh start
+            clean._last = hit._last
+        assert rho == clean_rho or i in (5, 6)
+    assert hit.seen == clean.seen  # the two cosines around the bad step are not counted
+
+
+@pytest.mark.parametrize(
+    "kwargs, scaled, expected",
+    [({}, False, False), ({"skip_nonfinite": True}, False, True), ({}, True, True)],
+)
+def test_the_view_says_whether_a_non_finite_gradient_skips_the_step(kwargs, scaled, expected):
+    seen = []
+
+    class Recorder(samkit.GradientAgreement):
+        def begin_step(self, view):
+            seen.append(view.skips_nonfinite)
+            super().begin_step(view)
+
+    model, base = _problem(0)
+    opt = samkit.SAM(base, rho=Recorder(0.05), **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0) if scaled else None
+    x, y = _batch(0)
+    loss = nn.functional.mse_loss(model(x), y)
+    (scaler.scale(loss) if scaled else loss).backward()
+    opt.first_step(zero_grad=True, scaler=scaler) if scaled else opt.first_step(zero_grad=True)
+    assert seen == [expected]

@@ -67,6 +67,10 @@ __all__ = [
 #: Starting radius of an automatic controller: samkit's fixed-rho defaults.
 START_RHO = {"l2": 0.05, "adaptive": 0.5}
 
+#: Gradient entries up to which GradientAgreement gathers its sketch from one copy of the
+#: whole gradient rather than tensor by tensor.
+FLAT_LIMIT = 1 << 20
+
 #: Steps without a validation report after which a validation controller warns.
 WARN_AFTER = 1000
 
@@ -120,7 +124,7 @@ class AutoRho(RhoController):
     def begin_step(self, view: StepView) -> None:
         # A non-finite gradient (a GradScaler overflow) makes a step that will be
         # skipped: learn nothing from it, keep any validation report for later.
-        if not math.isfinite(float(view.sq_grad_norm())):
+        if not self._finite(view):
             self._write()
             return
         if self.uses_validation:
@@ -130,6 +134,11 @@ class AutoRho(RhoController):
         if self.initial_rho > 0:
             self.rho = self.next_rho(view)
         self._write()
+
+    def _finite(self, view: StepView) -> bool:
+        """Whether the step's gradient is finite (a subclass that guards its own reads may
+        answer without reading the whole gradient's norm)."""
+        return math.isfinite(float(view.sq_grad_norm()))
 
     def _write(self) -> None:
         key = self.groups.rho_key
@@ -486,6 +495,7 @@ class GradientAgreement(AutoRho):
         self.bad = 0  # validation: reports in a row without improvement
         self._last: Tensor | None = None  # the last sketch, on the gradients' device
         self._index: list[Tensor] = []
+        self._flat: Tensor | None = None  # the sketch's coordinates in the gradient end to end
         self._shapes: tuple[tuple[int, ...], ...] = ()
 
     # ---- the sketch
@@ -503,23 +513,45 @@ class GradientAgreement(AutoRho):
                 index.append(torch.arange(first, end, stride, device=g.device))
                 offset += g.numel()
             self._index, self._shapes = index, shapes
+            # Small models (a step of a millisecond or less): one gather from the gradient
+            # laid end to end costs less than one per tensor; the same coordinates, so the
+            # same numbers. Above FLAT_LIMIT the copy would cost more than it saves.
+            self._flat = None
+            kinds = {(g.device, g.dtype) for g in grads}
+            if grads and total <= FLAT_LIMIT and kinds == {(grads[0].device, torch.float32)}:
+                starts = [0]
+                for g in grads[:-1]:
+                    starts.append(starts[-1] + g.numel())
+                self._flat = torch.cat([i + start for i, start in zip(index, starts)])
         return self._index
 
     def _read(self, view: StepView) -> Tensor:
         grads = view.grads()
         device = grads[0].device if grads else torch.device("cpu")
-        pieces = [
-            g.detach().reshape(-1).index_select(0, i).to(device, torch.float32)
-            for g, i in zip(grads, self._indices(grads))
-            if i.numel()
-        ]
-        vec = torch.zeros(self.sketch, device=device)
-        if pieces:
-            flat = torch.cat(pieces)[: self.sketch]
+        index = self._indices(grads)
+        if self._flat is not None:
+            flat = torch.cat([g.reshape(-1) for g in grads]).index_select(0, self._flat)
+        else:
+            pieces = [
+                g.detach().reshape(-1).index_select(0, i).to(device, torch.float32)
+                for g, i in zip(grads, index)
+                if i.numel()
+            ]
+            flat = torch.cat(pieces) if pieces else torch.zeros(0, device=device)
+        if flat.numel() >= self.sketch:
+            vec = flat[: self.sketch]
+        else:
+            vec = torch.zeros(self.sketch, device=device)
             vec[: flat.numel()] = flat
         if view.distributed and (view.local or view.sharding is not None):
             _ddp.average_([vec], view.process_group, foreach=False)
         return vec
+
+    def _finite(self, view: StepView) -> bool:
+        # Where a non-finite gradient skips the step, learn nothing from it (the base
+        # rule: one norm of the whole gradient); elsewhere SAM steps with it anyway, and
+        # next_rho only guards its own numbers, which saves that norm on every step.
+        return super()._finite(view) if view.skips_nonfinite else True
 
     # ---- the rule
     def relative(self) -> float | None:
@@ -540,6 +572,9 @@ class GradientAgreement(AutoRho):
             dot, a, b = torch.stack(
                 [torch.dot(vec, last), torch.dot(vec, vec), torch.dot(last, last)]
             ).tolist()
+            if not math.isfinite(dot + a + b):  # a non-finite gradient SAM steps with:
+                self._last, self.previous = None, []  # learn nothing, compare the next with none
+                return self.initial_rho * math.exp(self.log_rho)
             cos = dot / math.sqrt(a * b) if a > 0 and b > 0 else 0.0
             self.agreement = self.beta * self.agreement + (1.0 - self.beta) * cos
             self.seen += 1

@@ -111,6 +111,10 @@ class StepView:
             (``None`` without FSDP2); ``gradients`` then hold local shards.
         groups: the param groups' radius, for a rho controller to read and
             write (:class:`RhoGroups`); ``None`` in a view built by hand.
+        skips_nonfinite: a non-finite gradient makes this step a skipped one
+            (a GradScaler, or ``skip_nonfinite=True``); without either, SAM
+            steps with whatever the gradient holds. ``True`` in a view built
+            by hand.
     """
 
     __slots__ = (
@@ -124,6 +128,7 @@ class StepView:
         "process_group",
         "sharding",
         "groups",
+        "skips_nonfinite",
         "_sq_norm",
     )
 
@@ -140,6 +145,7 @@ class StepView:
         process_group: ProcessGroup | None,
         sharding: Sharding | None = None,
         groups: RhoGroups | None = None,
+        skips_nonfinite: bool = True,
     ) -> None:
         self.steps = steps
         self.ascents = ascents
@@ -151,6 +157,7 @@ class StepView:
         self.process_group = process_group
         self.sharding = sharding
         self.groups = groups
+        self.skips_nonfinite = skips_nonfinite
         self._sq_norm: Tensor | None = None
 
     @property
