@@ -42,7 +42,8 @@ a time on a CPU, or more on a large model; they are there for accelerators.
 instead (reverse over reverse, and its ``vmap`` for ``matmat``; no graph kept),
 ``"auto"`` (default) only once eager products have cost about what a compile
 does (:mod:`._products`). ``memory_budget=`` bounds the bytes of the gradient
-graphs kept, rebuilding the chunks that do not fit for every product.
+graphs kept, rebuilding the chunks that do not fit for every product (the same
+code, in :class:`CurvatureOperator`, for the Gauss-Newton operator's graphs).
 :class:`CurvatureOperator` holds what every operator shares (batches,
 weights, loss, gradient); :mod:`.ggn` builds the Gauss-Newton operator on it.
 """
