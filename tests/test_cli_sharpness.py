@@ -133,7 +133,7 @@ def test_sharpness_product_and_budget_reach_the_operators(ckpts, capsys):
     eig = top_eigenvalues(op, 1, tol=1e-3, seed=0)
     tr = hessian_trace(op, n_probes=4, basis=eig.basis, tridiagonal=eig.tridiagonal, seed=1)
     assert r["hessian_eigenvalues"] == eig.eigenvalues and r["hessian_trace"] == tr.trace
-    info = r["hessian_products"]
+    info = r["hessian_product_path"]
     assert info["product"] == "eager" and info["path"] == "eager"
     assert info["memory_budget"] == budget and info["compile_seconds"] is None
     assert info["graph_chunks"] == len(op.batches) > 1
@@ -142,7 +142,7 @@ def test_sharpness_product_and_budget_reach_the_operators(ckpts, capsys):
 
     ggn = GGNOperator(a, F.cross_entropy, batches, product="eager", memory_budget=budget)
     assert r["ggn_top_eig"] == top_eigenvalues(ggn, tol=1e-3, seed=0).eigenvalues[0]
-    g = r["ggn_products"]
+    g = r["ggn_product_path"]
     assert g["path"] == "eager" and g["memory_budget"] == budget
     assert (g["graphs_kept"], g["graph_chunks"]) == (ggn.graphs_kept, len(ggn.batches))
     assert g["peak_graph_bytes"] <= budget
@@ -163,7 +163,7 @@ def test_sharpness_compiled_product_named_in_json_and_table(ckpts, capsys, monke
     assert main([*argv, "--product", "eager", "--out", str(d / "e.json"), "-q"]) == 0
     r = json.loads((d / "c.json").read_text())["models"][0]["results"]
     e = json.loads((d / "e.json").read_text())["models"][0]["results"]
-    for key in ("hessian_products", "ggn_products"):
+    for key in ("hessian_product_path", "ggn_product_path"):
         info = r[key]
         assert info["product"] == info["path"] == "compiled" and info["compile_seconds"] > 0
         assert info["memory_budget"] is None and "graphs_kept" not in info

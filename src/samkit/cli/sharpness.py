@@ -340,11 +340,11 @@ def run(args: argparse.Namespace) -> int:
             res["average_case_sharpness"] = avg.sharpness
             res["average_case_stderr"] = avg.stderr
         res["hessian_vector_products"] = op.n_matvecs
-        res["hessian_products"] = products
+        res["hessian_product_path"] = products
         if args.ggn:
             ggn_op = sh.GGNOperator(model, F.cross_entropy, batches, **ops)
             ggn_eig = top_eigenvalues(ggn_op, tol=args.tol, seed=args.seed, progress=progress)
-            res["ggn_products"] = product_info(ggn_op)
+            res["ggn_product_path"] = product_info(ggn_op)
             ggn_op.release()
             ggn_tr = sh.ggn_trace(
                 model, F.cross_entropy, batches, seed=args.seed + 3, progress=progress
@@ -388,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
             row["ggn trace (proxy)"] = f"{res['ggn_trace']:.4g} +- {res['ggn_trace_stderr']:.2g}"
         row["products"] = product_text(products)
         if args.ggn:
-            row["ggn products"] = product_text(res["ggn_products"])
+            row["ggn products"] = product_text(res["ggn_product_path"])
         rows.append(row)
 
     settings = {
