@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from samkit.cli.errors import UsageError
 from samkit.cli.main import main
+from samkit.cli.sharpness import parse_memory_budget
 from samkit.experiments.checkpoint import save_checkpoint
 from samkit.experiments.datasets import load_dataset
 from samkit.experiments.models import build_model
-from samkit.sharpness import HessianOperator, top_eigenvalues
+from samkit.sharpness import GGNOperator, HessianOperator, hessian_trace, top_eigenvalues
 
 SPEC = {"name": "synthetic", "seed": 0, "noise": 0.0, "val_fraction": 0.1, "train_size": None}
 
@@ -80,7 +82,7 @@ def test_sharpness_json_matches_library(ckpts, capsys):
 
 
 def test_sharpness_ggn_proxy_labelled_and_exact(ckpts, capsys):
-    from samkit.sharpness import GGNOperator, ggn_trace
+    from samkit.sharpness import ggn_trace
 
     d, a, _, data = ckpts
     args = ["sharpness", str(d / "a.pt"), "--samples", "150", "--trace-samples", "2", "--ggn"]
@@ -97,6 +99,79 @@ def test_sharpness_ggn_proxy_labelled_and_exact(ckpts, capsys):
     # when stderr is not a terminal, so only the checkpoint header shows here)
     assert main([*args, "--out", str(d / "h.json")]) == 0
     assert "a.pt:" in capsys.readouterr().err
+
+
+def test_memory_budget_values():
+    assert parse_memory_budget(None) is None
+    assert parse_memory_budget("auto") == parse_memory_budget(" AUTO ") == "auto"
+    assert parse_memory_budget("1048576") == 2**20
+    assert parse_memory_budget("512M") == parse_memory_budget("512MiB") == 512 * 2**20
+    assert parse_memory_budget("2G") == parse_memory_budget("2gb") == 2 * 2**30
+    assert parse_memory_budget("1.5K") == 1536 and parse_memory_budget("1e9") == 10**9
+    for bad in ("0", "0.4", "-1", "", "lots", "2X", "nan", "inf", "1e999999999", "9" * 5000):
+        with pytest.raises(UsageError, match="invalid --memory-budget value"):
+            parse_memory_budget(bad)
+
+
+def test_sharpness_product_and_budget_reach_the_operators(ckpts, capsys):
+    """--product and --memory-budget give what the library gives with the same arguments,
+    and the JSON and the table name the path that ran and the graphs kept."""
+    d, a, _, data = ckpts
+    batches = [(data.train.x[:100], data.train.y[:100])]
+    probe = HessianOperator(a, F.cross_entropy, batches, memory_budget=10**12)
+    probe.matvec(torch.zeros(probe.dim))
+    budget = int(0.45 * probe.graph_bytes[0])  # cut into chunks, some rebuilt per product
+    out = d / "budget.json"
+    argv = ["sharpness", str(d / "a.pt"), "--samples", "100", "--trace-samples", "4", "--ggn"]
+    argv += ["--product", "eager", "--memory-budget", str(budget), "--out", str(out), "-q"]
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["product"] == "eager" and doc["settings"]["memory_budget"] == budget
+    r = doc["models"][0]["results"]
+
+    op = HessianOperator(a, F.cross_entropy, batches, product="eager", memory_budget=budget)
+    eig = top_eigenvalues(op, 1, tol=1e-3, seed=0)
+    tr = hessian_trace(op, n_probes=4, basis=eig.basis, tridiagonal=eig.tridiagonal, seed=1)
+    assert r["hessian_eigenvalues"] == eig.eigenvalues and r["hessian_trace"] == tr.trace
+    info = r["hessian_product_path"]
+    assert info["product"] == "eager" and info["path"] == "eager"
+    assert info["memory_budget"] == budget and info["compile_seconds"] is None
+    assert info["graph_chunks"] == len(op.batches) > 1
+    assert 1 <= info["graphs_kept"] == op.graphs_kept < info["graph_chunks"]
+    assert 0 < info["peak_graph_bytes"] <= budget
+
+    ggn = GGNOperator(a, F.cross_entropy, batches, product="eager", memory_budget=budget)
+    assert r["ggn_top_eig"] == top_eigenvalues(ggn, tol=1e-3, seed=0).eigenvalues[0]
+    g = r["ggn_product_path"]
+    assert g["path"] == "eager" and g["memory_budget"] == budget
+    assert (g["graphs_kept"], g["graph_chunks"]) == (ggn.graphs_kept, len(ggn.batches))
+    assert g["peak_graph_bytes"] <= budget
+
+    text = capsys.readouterr().out
+    kept = f"eager, {info['graphs_kept']}/{info['graph_chunks']} graphs kept"
+    assert "products" in text.splitlines()[0] and kept in text
+
+
+def test_sharpness_compiled_product_named_in_json_and_table(ckpts, capsys, monkeypatch):
+    # the flag's path through the command, not the compiler (its products are tested in
+    # test_hvp.py / test_ggn.py): torch.compile returns the function it is given
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    d, *_ = ckpts
+    argv = ["sharpness", str(d / "a.pt"), "--samples", "60", "--trace-samples", "2", "--ggn"]
+    assert main([*argv, "--product", "compiled", "--out", str(d / "c.json"), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert main([*argv, "--product", "eager", "--out", str(d / "e.json"), "-q"]) == 0
+    r = json.loads((d / "c.json").read_text())["models"][0]["results"]
+    e = json.loads((d / "e.json").read_text())["models"][0]["results"]
+    for key in ("hessian_product_path", "ggn_product_path"):
+        info = r[key]
+        assert info["product"] == info["path"] == "compiled" and info["compile_seconds"] > 0
+        assert info["memory_budget"] is None and "graphs_kept" not in info
+        assert e[key]["path"] == "eager" and e[key]["compile_seconds"] is None
+    # reverse over reverse against double backward: the same matrix, to float32 rounding
+    assert r["hessian_top_eig"] == pytest.approx(e["hessian_top_eig"], rel=1e-4)
+    assert r["ggn_top_eig"] == pytest.approx(e["ggn_top_eig"], rel=1e-4)
+    assert "compiled, compile" in text
 
 
 def test_sharpness_default_out_and_density(ckpts):
@@ -179,6 +254,11 @@ def test_landscape_path_endpoints(ckpts, capsys):
         (["sharpness", "{d}/a.pt", "--rho", "-1"], "--rho"),
         (["sharpness", "{d}/a.pt", "--top-k", "0"], "--top-k"),
         (["sharpness", "{d}/a.pt", "--out", "{d}/x.txt"], "--out"),
+        (["sharpness", "{d}/a.pt", "--memory-budget", "0"], "--memory-budget"),
+        (["sharpness", "{d}/a.pt", "--memory-budget", "lots"], "--memory-budget"),
+        (["sharpness", "{d}/a.pt", "--memory-budget", "2X"], "--memory-budget"),
+        # checked before any checkpoint is read
+        (["sharpness", "{d}/missing.pt", "--memory-budget", "-1"], "--memory-budget"),
         (["landscape", "{d}/a.pt", "--mode", "path"], "--other"),
         (["landscape", "{d}/a.pt", "--resolution", "1"], "--resolution"),
         (["landscape", "{d}/a.pt", "--samples", "-3"], "--samples"),
@@ -191,6 +271,15 @@ def test_usage_errors(ckpts, capsys, argv, msg):
     assert main([a.format(d=d) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
+
+
+def test_product_choice_error_is_one_line(ckpts, capsys):
+    d, *_ = ckpts
+    with pytest.raises(SystemExit) as exc:  # argparse's choices: exit 2, before any work
+        main(["sharpness", str(d / "missing.pt"), "--product", "fast"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "--product" in err and "'fast'" in err and "compiled" in err
 
 
 def _strict(text):

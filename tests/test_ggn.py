@@ -139,6 +139,85 @@ def test_ggn_bad_input(problem):
         GGNOperator(model, nn.CrossEntropyLoss(reduction="none"), [(x, y)])
 
 
+def test_ggn_memory_budget_bad_input(problem):
+    model, x, y, *_ = problem
+    for bad in (0, -5, 1.5, True, "lots"):
+        with pytest.raises(ValueError, match="Invalid memory_budget value"):
+            GGNOperator(model, F.cross_entropy, [(x, y)], memory_budget=bad)
+    with pytest.raises(ValueError, match="memory_budget"):
+        GGNOperator(model, F.cross_entropy, [(x, y)], memory_budget=10**6, cache_graph=False)
+    op = GGNOperator(model, F.cross_entropy, [(x, y)], memory_budget="auto")
+    assert isinstance(op.memory_budget, int) and op.memory_budget > 0 and not op.cache_graph
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_ggn_memory_budget_keeps_what_fits_and_rebuilds_the_rest(problem, loss, monkeypatch):
+    model, x, y, yr, g_ce, g_mse = problem
+    loss_fn, target, exact = (F.cross_entropy, y, g_ce) if loss == "ce" else (F.mse_loss, yr, g_mse)
+    vs = torch.randn(
+        3, exact.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
+    kept = GGNOperator(model, loss_fn, [(x, target)], product="eager")  # one graph, kept
+    assert kept.cache_graph
+    ref_v, ref_m = kept.matvec(vs[0]), kept.matmat(vs)
+    # a budget the whole graph fits in: the same chunk, the same graph, the same bits
+    whole = GGNOperator(model, loss_fn, [(x, target)], product="eager", memory_budget=10**12)
+    assert torch.equal(whole.matvec(vs[0]), ref_v) and torch.equal(whole.matmat(vs), ref_m)
+    assert whole.graphs_kept == 1 and len(whole.batches) == 1 and not whole.cache_graph
+    total = whole.graph_bytes[0]
+    assert total > 0
+    builds = []
+    for frac in (0.7, 0.45, 0.2):
+        budget = int(frac * total)
+        op = GGNOperator(model, loss_fn, [(x, target)], product="eager", memory_budget=budget)
+        original = op._chunk_graph
+
+        def counted(*args, original=original):
+            builds.append(1)
+            return original(*args)
+
+        monkeypatch.setattr(op, "_chunk_graph", counted)
+        # other chunks, so the sums are rounded differently: equal to float64 rounding
+        torch.testing.assert_close(op.matvec(vs[0]), ref_v, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(op.matmat(vs), ref_m, rtol=1e-10, atol=1e-13)
+        n = len(op.batches)
+        assert n > 1  # cut into chunks whose graphs take at most about half the budget
+        assert 1 <= op.graphs_kept < n
+        # what is held at once (the kept graphs and the one rebuilt) stays within the budget
+        assert op.peak_graph_bytes <= budget
+        kept_bytes = sum(b for b, g in zip(op.graph_bytes, op._kept) if g is not None)
+        assert kept_bytes <= budget
+        assert kept_bytes + max(b for b, g in zip(op.graph_bytes, op._kept) if g is None) <= budget
+        # every product rebuilds exactly the graphs not kept (plus one to measure, the first time)
+        builds.clear()
+        op.matvec(vs[1])
+        assert len(builds) == n - op.graphs_kept
+        torch.testing.assert_close(op.dense(), exact, rtol=1e-9, atol=1e-12)
+        op.release()
+        assert op.graphs_kept == 0
+        torch.testing.assert_close(op.matvec(vs[0]), ref_v, rtol=1e-10, atol=1e-13)
+
+
+def test_ggn_memory_budget_bit_for_bit_on_the_same_chunks(problem):
+    # chunks small enough for the budget are not cut: every product then runs the kept
+    # path's operations in its order, kept or rebuilt, so the results are the same bits
+    model, x, y, *_ = problem
+    split = list(zip(x.split(5), y.split(5)))
+    ref = GGNOperator(model, F.cross_entropy, split, max_batch_size=5, cache_graph=True)
+    whole = GGNOperator(model, F.cross_entropy, [(x, y)], memory_budget=10**12)
+    whole.matvec(torch.zeros(whole.dim, dtype=torch.float64))
+    budget = int(0.45 * whole.graph_bytes[0])
+    op = GGNOperator(model, F.cross_entropy, split, max_batch_size=5, memory_budget=budget)
+    vs = torch.randn(3, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(op.matvec(vs[0]), ref.matvec(vs[0]))
+    assert torch.equal(op.matmat(vs), ref.matmat(vs))
+    assert len(op.batches) == 6 and 1 <= op.graphs_kept < 6
+    assert sum(b for b, g in zip(op.graph_bytes, op._kept) if g is not None) <= budget
+    a = top_eigenvalues(op, 2, tol=1e-8, seed=0)
+    b = top_eigenvalues(ref, 2, tol=1e-8, seed=0)
+    assert a.eigenvalues == b.eigenvalues
+
+
 def test_ggn_trace_equals_hessian_trace_for_piecewise_linear_nets():
     # a ReLU net is linear in each parameter tensor, so d^2 z / dw_j^2 = 0 and tr H = tr G
     torch.manual_seed(0)

@@ -431,3 +431,43 @@ def test_memory_budget_keeps_what_fits_and_rebuilds_the_rest(setup, monkeypatch)
         op.matvec(vs[1])
         assert len(builds) == n - op.graphs_kept
         torch.testing.assert_close(op.dense(), h, rtol=1e-9, atol=1e-11)
+
+
+def test_summary_passes_product_and_budget_and_checks_them_first(setup, monkeypatch):
+    import samkit.sharpness as sh
+    from samkit.sharpness import summary
+
+    made = []
+
+    class Recorded(HessianOperator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(sh, "HessianOperator", Recorded)
+    model, x, y, h = setup
+    loader = list(zip(x.split(10), y.split(10)))
+    kw = {"top_k": 2, "trace_samples": 8, "ascent_steps": 3}
+    ref = summary(model, F.cross_entropy, loader, product="eager", **kw)
+    whole = HessianOperator(model, F.cross_entropy, loader, memory_budget=10**12)
+    whole.matvec(torch.zeros(whole.dim, dtype=torch.float64))
+    budget = int(0.45 * whole.graph_bytes[0])  # chunks cut and rebuilt: the same numbers
+    out = summary(model, F.cross_entropy, loader, product="eager", memory_budget=budget, **kw)
+    assert set(out) == set(ref)
+    op = made[-1]  # the operator summary built: its path and budget as asked
+    assert op.product_info["product"] == "eager" and op.memory_budget == budget
+    assert len(op.batches) > 1 and 0 < op.peak_graph_bytes <= budget
+    for key in ref:
+        assert out[key] == pytest.approx(ref[key], rel=1e-9), key
+    # bad values are refused before the batches are read
+    read = []
+
+    def batches():
+        read.append(1)
+        yield x, y
+
+    with pytest.raises(ValueError, match="Invalid memory_budget value: 'lots'"):
+        summary(model, F.cross_entropy, batches(), memory_budget="lots")
+    with pytest.raises(ValueError, match="Invalid product value: 'fast'"):
+        summary(model, F.cross_entropy, batches(), product="fast")
+    assert read == []

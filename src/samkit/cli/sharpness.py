@@ -12,15 +12,20 @@ labels trained on), with the model in eval mode:
   GGN top eigenvalue, trace   the generalised Gauss-Newton matrix, a cheaper PSD proxy
                               of the Hessian, not the Hessian (--ggn)
 
-Writes a JSON file (atomically) and prints a table.
+The products run eagerly or torch.compile'd (--product; auto: compiled only once
+the eager products have taken about what a compile costs), through gradient graphs
+kept in memory, or within --memory-budget bytes of them (the rest rebuilt per product).
+Writes a JSON file (atomically) and prints a table; both name the product path that ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ EPILOG = """examples:
   samkit sharpness runs/sgd-seed0.pt runs/sam-seed0.pt --top-k 3 --out sharp.json
   samkit sharpness model.pt --adaptive --rho 0.5 --average
   samkit sharpness model.pt --density spectrum.png      # eigenvalue density (SLQ) + raw .npz
+  samkit sharpness model.pt --product compiled --memory-budget 2G
 """
 
 
@@ -85,6 +91,20 @@ def add_parser(subparsers: Any) -> None:
         help="also plot the eigenvalue density (stochastic Lanczos) here",
     )
     p.add_argument(
+        "--product",
+        choices=("auto", "eager", "compiled"),
+        default="auto",
+        help="Hessian / GGN products run eagerly or torch.compile'd; auto (default) compiles "
+        "once the eager products have taken about what a compile costs, and keeps the faster",
+    )
+    p.add_argument(
+        "--memory-budget",
+        metavar="BYTES",
+        help="bytes the kept gradient graphs may hold (suffixes K, M, G, T: powers of 1024, "
+        "e.g. 512M, 2G), or auto (half the free memory); the chunks whose graphs do not fit "
+        "are rebuilt for every product (default: keep the whole graph)",
+    )
+    p.add_argument(
         "--out",
         metavar="JSON",
         help="results file (default: beside the checkpoint, *.sharpness.json)",
@@ -119,6 +139,56 @@ def _positive(name: str, value: Any, *, zero: bool = False) -> None:
     ok = value is not None and math.isfinite(value) and (value >= 0 if zero else value > 0)
     if not ok:
         raise UsageError(f"invalid --{name} value: {value!r} (must be {'>= 0' if zero else '> 0'})")
+
+
+#: --memory-budget's suffixes (binary: 2G is 2 GiB, what memory is sized in)
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_memory_budget(text: str | None) -> int | str | None:
+    """--memory-budget: ``None`` (keep the whole graph), ``"auto"``, or bytes >= 1.
+
+    Bytes are a number with an optional suffix K, M, G or T (powers of 1024; a
+    trailing ``B`` or ``iB`` is allowed: ``512M``, ``1.5GiB``, ``1048576``, ``1e9``).
+    """
+    if text is None:
+        return None
+    s = text.strip()
+    if s.lower() == "auto":
+        return "auto"
+    # bounded lengths: 1e999999999 would make a billion-digit int before any check
+    number = r"(?:\d{1,20}(?:\.\d{0,20})?|\.\d{1,20})(?:e\d{1,2})?"
+    m = re.fullmatch(rf"({number})\s*([kmgt]?)(i?b)?", s, re.IGNORECASE)
+    if m is not None and (m[3] is None or m[3].lower() == "b" or m[2]):
+        n = int(Fraction(m[1]) * _UNITS[m[2].lower()])
+        if n >= 1:
+            return n
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    raise UsageError(
+        f"invalid --memory-budget value: {shown!r} (bytes >= 1, e.g. 512M or 2G, or auto)"
+    )
+
+
+def product_info(op: Any) -> dict[str, Any]:
+    """The product path an operator ran (``op.product_info``) and, with a memory
+    budget, the gradient graphs it kept. Read before ``op.release()``."""
+    info = dict(op.product_info or {})
+    info["memory_budget"] = op.memory_budget
+    if op.memory_budget is not None:
+        info["graphs_kept"] = op.graphs_kept
+        info["graph_chunks"] = len(op.batches)
+        info["peak_graph_bytes"] = op.peak_graph_bytes
+    return info
+
+
+def product_text(info: dict[str, Any]) -> str:
+    """One table cell: ``eager``, ``compiled, compile 14.2 s``, ``eager, 2/5 graphs kept``."""
+    parts = [str(info.get("path", "eager"))]
+    if info.get("compile_seconds") is not None:
+        parts.append(f"compile {info['compile_seconds']:.1f} s")
+    if info.get("memory_budget") is not None and info.get("path") == "eager":
+        parts.append(f"{info['graphs_kept']}/{info['graph_chunks']} graphs kept")
+    return ", ".join(parts)
 
 
 def load_model_and_batches(path: str, args: argparse.Namespace) -> tuple[Any, list, dict[str, Any]]:
@@ -217,6 +287,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"invalid --{flag} value: {value} (must be in [1, {high}])")
     _positive("tol", args.tol)
     check_radius(args.rho)
+    budget = parse_memory_budget(args.memory_budget)
+    ops = {"product": args.product, "memory_budget": budget}
     if args.density is not None and len(args.checkpoints) > 1:
         raise UsageError("--density takes one checkpoint")
     # every output is checked before the computation, not after it
@@ -234,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         if progress:
             print(f"{Path(path).name}:", file=sys.stderr, flush=True)
-        op = sh.HessianOperator(model, F.cross_entropy, batches)
+        op = sh.HessianOperator(model, F.cross_entropy, batches, **ops)
         eig = top_eigenvalues(op, args.top_k, tol=args.tol, seed=args.seed, progress=progress)
         tr = hessian_trace(
             op,
@@ -249,6 +321,7 @@ def run(args: argparse.Namespace) -> int:
             density = spectral_density(
                 op, n_steps=min(80, op.dim), seed=args.seed + 2, progress=progress
             )
+        products = product_info(op)  # before release() drops the kept graphs
         op.release()
         try:  # a ball too large for this model: one line, not a traceback
             wc, avg = _balls(sh, model, op, args, progress)
@@ -267,9 +340,12 @@ def run(args: argparse.Namespace) -> int:
             res["average_case_sharpness"] = avg.sharpness
             res["average_case_stderr"] = avg.stderr
         res["hessian_vector_products"] = op.n_matvecs
+        res["hessian_product_path"] = products
         if args.ggn:
-            ggn_op = sh.GGNOperator(model, F.cross_entropy, batches)
+            ggn_op = sh.GGNOperator(model, F.cross_entropy, batches, **ops)
             ggn_eig = top_eigenvalues(ggn_op, tol=args.tol, seed=args.seed, progress=progress)
+            res["ggn_product_path"] = product_info(ggn_op)
+            ggn_op.release()
             ggn_tr = sh.ggn_trace(
                 model, F.cross_entropy, batches, seed=args.seed + 3, progress=progress
             )
@@ -310,6 +386,9 @@ def run(args: argparse.Namespace) -> int:
         if args.ggn:
             row["ggn top eig (proxy)"] = res["ggn_top_eig"]
             row["ggn trace (proxy)"] = f"{res['ggn_trace']:.4g} +- {res['ggn_trace_stderr']:.2g}"
+        row["products"] = product_text(products)
+        if args.ggn:
+            row["ggn products"] = product_text(res["ggn_product_path"])
         rows.append(row)
 
     settings = {
@@ -320,6 +399,8 @@ def run(args: argparse.Namespace) -> int:
         "adaptive": args.adaptive,
         "ascent_steps": args.ascent_steps,
         "ggn": args.ggn,
+        "product": args.product,
+        "memory_budget": budget,
         "seed": args.seed,
         "split": args.split,
         "samples": args.samples,

@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._products import check_budget, check_product
 from .ggn import GGNOperator, GGNTraceResult, ggn_trace
 from .hessian import (
     DenseOperator,
@@ -94,6 +95,8 @@ def summary(
     params: Sequence[str] | None = None,
     max_batch_size: int | None = 2048,
     progress: bool = False,
+    product: str = "auto",
+    memory_budget: int | str | None = None,
 ) -> dict[str, float]:
     r"""Top Hessian eigenvalue, Hessian trace and worst-case sharpness.
 
@@ -113,11 +116,27 @@ def summary(
     ``ascent_steps`` gradients over the batches; a few seconds for a
     5k-parameter network on 1000 samples on one CPU core. ``progress`` shows a
     bar per stage (products, then ascent steps).
+
+    ``product`` (``"auto"``, ``"eager"``, ``"compiled"``) and ``memory_budget``
+    (bytes, ``"auto"`` or ``None``) go to the :class:`HessianOperator`: whether its
+    products are ``torch.compile``'d, and how many bytes of gradient graphs it may
+    keep (the rest rebuilt per product). They change the cost, not the results
+    (beyond rounding). Build the operator yourself to read ``op.product_info``.
     """
     top_k = _check_int("top_k", top_k, 1)
     trace_samples = _check_int("trace_samples", trace_samples, 1)
+    check_product(product)  # before the batches are read
+    check_budget(memory_budget)
     gen = _generator(seed)
-    op = HessianOperator(model, loss_fn, batches, params=params, max_batch_size=max_batch_size)
+    op = HessianOperator(
+        model,
+        loss_fn,
+        batches,
+        params=params,
+        max_batch_size=max_batch_size,
+        product=product,
+        memory_budget=memory_budget,
+    )
     eig = top_eigenvalues(op, top_k, tol=eig_tol, max_iter=max_iter, seed=gen, progress=progress)
     tr = hessian_trace(
         op,

@@ -49,10 +49,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from ._products import ProductPath
+from ._products import ProductPath, SavedBytes
 from ._progress import progress_bar
 from .hessian import _generator
-from .hvp import CurvatureOperator, LossFn, batch_size, eval_mode
+from .hvp import CurvatureOperator, LossFn, _leaves, batch_size, eval_mode
 
 __all__ = ["GGNOperator", "GGNTraceResult", "ggn_trace"]
 
@@ -61,10 +61,16 @@ class GGNOperator(CurvatureOperator):
     r"""The generalised Gauss-Newton matrix :math:`G = J^\top (\nabla_z^2 \ell) J` as an operator.
 
     Same arguments as :class:`~samkit.sharpness.hvp.HessianOperator` (no
-    ``backend``, no ``memory_budget``). The model must return one tensor (the
-    outputs the loss takes). ``cache_graph`` keeps each chunk's forward graph
-    and its backward graph between products (default: when the data form a
-    single chunk). ``product="compiled"`` compiles
+    ``backend``). The model must return one tensor (the outputs the loss
+    takes). ``cache_graph`` keeps each chunk's forward graph and its backward
+    graph between products (default: when the data form a single chunk).
+    ``memory_budget`` (bytes, or ``"auto"``: half the memory free now; instead of
+    ``cache_graph``) keeps those graphs only while they fit, as the Hessian's
+    does: each chunk's graphs are measured as they are built (the bytes of the
+    tensors they save), kept while they and one more chunk's fit, the others
+    rebuilt for every product, and the chunks cut so that one takes at most half
+    the budget when the whole data's do not fit (``op.graphs_kept``,
+    ``op.graph_bytes``, ``op.peak_graph_bytes``). ``product="compiled"`` compiles
     :math:`J^\top (\nabla_z^2\ell)(Jv)` per chunk (``jvp`` of the model, the
     loss's output-space Hessian by reverse over reverse, fused with the rest
     by the compiler, ``vjp`` back), ``"auto"`` as for the Hessian.
@@ -88,7 +94,9 @@ class GGNOperator(CurvatureOperator):
         reduction: str | None = None,
         cache_graph: bool | None = None,
         product: str = "auto",
+        memory_budget: int | str | None = None,
     ) -> None:
+        memory_budget = self._check_budget_args(memory_budget, cache_graph)
         super().__init__(
             model,
             loss_fn,
@@ -100,9 +108,10 @@ class GGNOperator(CurvatureOperator):
         )
         if cache_graph is None:
             cache_graph = len(self.batches) == 1
-        self.cache_graph = bool(cache_graph)
+        self.cache_graph = bool(cache_graph) and memory_budget is None
         self._graphs: list[tuple[Tensor, ...]] | None = None
         self._path = ProductPath(product, *self._chunk_products())
+        self._init_budget(memory_budget)
 
     def _validate(self) -> None:
         x, _ = self.batches[0]
@@ -136,9 +145,10 @@ class GGNOperator(CurvatureOperator):
 
         return single, batched
 
-    def _chunk_graph(self, c: float, x: Any, y: Any) -> tuple[Tensor, ...]:
+    def _build_graph(self, c: float, x: Any, y: Any, w: Tensor | None = None) -> tuple[Tensor, ...]:
         """(w, z, u, J^T u, z_leaf, grad_z loss) for one chunk, all with graphs."""
-        w = self.w.detach().clone().requires_grad_(True)
+        if w is None:
+            w = self.w.detach().clone().requires_grad_(True)
         with eval_mode(self.model), torch.enable_grad():
             z = self._output(w, x)
             if not isinstance(z, Tensor):
@@ -155,15 +165,24 @@ class GGNOperator(CurvatureOperator):
 
     def _all_graphs(self) -> list[tuple[Tensor, ...]]:
         if self._graphs is None:
-            graphs = [self._chunk_graph(c, x, y) for c, (x, y) in zip(self._weights, self.batches)]
+            graphs = [self._build_graph(c, x, y) for c, (x, y) in zip(self._weights, self.batches)]
             if self.cache_graph:
                 self._graphs = graphs
             return graphs
         return self._graphs
 
+    def _chunk_graph(self, c: float, x: Any, y: Any) -> tuple[tuple[Tensor, ...], int]:
+        """One chunk's graphs (:meth:`_build_graph`) and the bytes they save (memory budget)."""
+        w = self.w.detach().clone().requires_grad_(True)
+        with SavedBytes([w, *_leaves(x), *_leaves(y)]) as saved:  # as the Hessian's
+            graph = self._build_graph(c, x, y, w)
+        return graph, saved.bytes
+
     def release(self) -> None:
         """Drop the cached graphs (frees their memory)."""
         self._graphs = None
+        self._kept = None
+        self.graphs_kept = 0
 
     @staticmethod
     def _product(graph: tuple[Tensor, ...], vs: Tensor, batched: bool) -> Tensor:
@@ -172,6 +191,8 @@ class GGNOperator(CurvatureOperator):
         jv = torch.autograd.grad(jtu, u, vs, **kw)[0]
         hjv = torch.autograd.grad(gz, zl, jv, allow_unused=True, materialize_grads=True, **kw)[0]
         return torch.autograd.grad(z, w, hjv, **kw)[0]
+
+    _graph_product = _product  # what the memory budget's products run through
 
     def matvec(self, v: Tensor) -> Tensor:
         """:math:`Gv` for a flat vector ``v``."""
@@ -183,11 +204,13 @@ class GGNOperator(CurvatureOperator):
         return self._timed_eager(lambda: self._eager_matvec(v), 1)
 
     def _eager_matvec(self, v: Tensor) -> Tensor:
+        if self.memory_budget is not None:
+            return self._budget_product(v, batched=False)
         if self.cache_graph:
             return sum(self._product(g, v, False) for g in self._all_graphs())
         out = torch.zeros_like(v)
         for c, (x, y) in zip(self._weights, self.batches):
-            out += self._product(self._chunk_graph(c, x, y), v, False)
+            out += self._product(self._build_graph(c, x, y), v, False)
         return out
 
     def matmat(self, vs: Tensor) -> Tensor:
@@ -199,6 +222,9 @@ class GGNOperator(CurvatureOperator):
             if out is not None:
                 self.n_matvecs += k
                 return out
+        if k > 1 and self.memory_budget is not None:
+            self.n_matvecs += k
+            return self._timed_eager(lambda: self._budget_product(vs, batched=True), k)
         if self.cache_graph and k > 1:
             self.n_matvecs += k
             return self._timed_eager(

@@ -42,7 +42,8 @@ a time on a CPU, or more on a large model; they are there for accelerators.
 instead (reverse over reverse, and its ``vmap`` for ``matmat``; no graph kept),
 ``"auto"`` (default) only once eager products have cost about what a compile
 does (:mod:`._products`). ``memory_budget=`` bounds the bytes of the gradient
-graphs kept, rebuilding the chunks that do not fit for every product.
+graphs kept, rebuilding the chunks that do not fit for every product (the same
+code, in :class:`CurvatureOperator`, for the Gauss-Newton operator's graphs).
 :class:`CurvatureOperator` holds what every operator shares (batches,
 weights, loss, gradient); :mod:`.ggn` builds the Gauss-Newton operator on it.
 """
@@ -438,6 +439,90 @@ class CurvatureOperator:
     def _validate(self) -> None:
         self._check_finite(self.loss())  # also refuses a loss that is not a scalar
 
+    # ------------------------------------------------------- memory budget
+    # A subclass with a budget defines _chunk_graph(c, x, y) -> (graph, bytes saved) and
+    # _graph_product(graph, vs, batched) -> c * the chunk's product(s), and calls
+    # _init_budget from its constructor.
+    memory_budget: int | None = None
+    _kept: list[Any] | None = None
+
+    @staticmethod
+    def _check_budget_args(memory_budget: Any, cache_graph: bool | None) -> int | str | None:
+        memory_budget = check_budget(memory_budget)
+        if memory_budget is not None and cache_graph is not None:
+            raise ValueError(
+                "Invalid memory_budget value: give either cache_graph or memory_budget, not both"
+            )
+        return memory_budget
+
+    def _init_budget(self, memory_budget: int | str | None) -> None:
+        if memory_budget == "auto":
+            memory_budget = available_bytes(self.device)
+        self.memory_budget = memory_budget
+        self._kept = None
+        self.graph_bytes: list[int] = []
+        self.graphs_kept = 0
+        self.peak_graph_bytes = 0
+
+    def _chunk_graph(self, c: float, x: Any, y: Any) -> tuple[Any, int]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _graph_product(self, graph: Any, vs: Tensor, batched: bool) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _plan_chunks(self) -> None:
+        """Cut the chunks so that one chunk's graph takes at most half the budget."""
+        assert self.memory_budget is not None
+        (c, (x, y)) = (self._weights[0], self.batches[0])
+        _, nbytes = self._chunk_graph(c, x, y)
+        per_sample = nbytes / batch_size((x, y))
+        if per_sample * self.n_samples <= self.memory_budget:
+            return  # every graph fits: keep the chunks as they are
+        size = max(1, int(self.memory_budget / (2 * per_sample)))
+        if size >= max(batch_size(b) for b in self.batches):
+            return
+        self.batches = prepare_batches(self.batches, max_batch_size=size)
+        if self.reduction == "mean":
+            self._weights = [batch_size(b) / self.n_samples for b in self.batches]
+        else:
+            self._weights = [1.0] * len(self.batches)
+
+    def _budget_product(self, vs: Tensor, batched: bool) -> Tensor:
+        """Products through the kept graphs, rebuilding the others chunk by chunk."""
+        assert self.memory_budget is not None
+        first = self._kept is None
+        if first:
+            self._plan_chunks()
+            self._kept = [None] * len(self.batches)
+            self.graph_bytes = [0] * len(self.batches)
+            self.graphs_kept = 0
+        assert self._kept is not None
+        held = sum(b for b, g in zip(self.graph_bytes, self._kept) if g is not None)
+        last = len(self.batches) - 1
+        rebuilt = 0  # the largest graph not kept: room it needs beside the kept ones
+        out = None
+        for i, (c, (x, y)) in enumerate(zip(self._weights, self.batches)):
+            graph = self._kept[i]
+            if graph is None:
+                graph, nbytes = self._chunk_graph(c, x, y)
+                self.graph_bytes[i] = nbytes
+                self.peak_graph_bytes = max(self.peak_graph_bytes, held + nbytes)
+                if first:
+                    # keep it if it fits beside the kept ones and room for one rebuilt
+                    # chunk's graph (a later chunk's assumed as large as this one)
+                    room = max(rebuilt, nbytes if i < last else 0)
+                    if held + nbytes + room <= self.memory_budget:
+                        self._kept[i] = graph
+                        self.graphs_kept += 1
+                        held += nbytes
+                    else:
+                        rebuilt = max(rebuilt, nbytes)
+            hv = self._graph_product(graph, vs, batched)
+            out = hv if out is None else out + hv
+            del graph
+        assert out is not None
+        return out
+
     def _timed_eager(self, fn: Callable[[], Tensor], k: int) -> Tensor:
         t0 = time.perf_counter()
         out = fn()
@@ -528,11 +613,7 @@ class HessianOperator(CurvatureOperator):
     ) -> None:
         if backend not in ("autograd", "func"):
             raise ValueError(f"Invalid backend value: {backend!r} (expected 'autograd' or 'func')")
-        memory_budget = check_budget(memory_budget)
-        if memory_budget is not None and cache_graph is not None:
-            raise ValueError(
-                "Invalid memory_budget value: give either cache_graph or memory_budget, not both"
-            )
+        memory_budget = self._check_budget_args(memory_budget, cache_graph)
         super().__init__(
             model,
             loss_fn,
@@ -549,13 +630,7 @@ class HessianOperator(CurvatureOperator):
             cache_graph = len(self.batches) == 1
         self.cache_graph = bool(cache_graph) and backend == "autograd" and memory_budget is None
         self._graph: tuple[Tensor, Tensor] | None = None
-        if memory_budget == "auto":
-            memory_budget = available_bytes(self.device)
-        self.memory_budget = memory_budget if backend == "autograd" else None
-        self._kept: list[tuple[Tensor, Tensor] | None] | None = None
-        self.graph_bytes: list[int] = []
-        self.graphs_kept = 0
-        self.peak_graph_bytes = 0
+        self._init_budget(memory_budget if backend == "autograd" else None)
 
     def _chunk_products(self) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
         """The per-chunk products the compiled path compiles: ``c`` times the chunk's Hv."""
@@ -673,59 +748,10 @@ class HessianOperator(CurvatureOperator):
         self._check_finite(loss)
         return (w, g), saved.bytes
 
-    def _plan_chunks(self) -> None:
-        """Cut the chunks so that one chunk's graph takes at most half the budget."""
-        assert self.memory_budget is not None
-        (c, (x, y)) = (self._weights[0], self.batches[0])
-        _, nbytes = self._chunk_graph(c, x, y)
-        per_sample = nbytes / batch_size((x, y))
-        if per_sample * self.n_samples <= self.memory_budget:
-            return  # every graph fits: keep the chunks as they are
-        size = max(1, int(self.memory_budget / (2 * per_sample)))
-        if size >= max(batch_size(b) for b in self.batches):
-            return
-        self.batches = prepare_batches(self.batches, max_batch_size=size)
-        if self.reduction == "mean":
-            self._weights = [batch_size(b) / self.n_samples for b in self.batches]
-        else:
-            self._weights = [1.0] * len(self.batches)
-
-    def _budget_product(self, vs: Tensor, batched: bool) -> Tensor:
-        """Products through the kept graphs, rebuilding the others chunk by chunk."""
-        assert self.memory_budget is not None
-        first = self._kept is None
-        if first:
-            self._plan_chunks()
-            self._kept = [None] * len(self.batches)
-            self.graph_bytes = [0] * len(self.batches)
-            self.graphs_kept = 0
-        assert self._kept is not None
-        held = sum(b for b, g in zip(self.graph_bytes, self._kept) if g is not None)
-        last = len(self.batches) - 1
-        rebuilt = 0  # the largest graph not kept: room it needs beside the kept ones
-        out = None
-        for i, (c, (x, y)) in enumerate(zip(self._weights, self.batches)):
-            graph = self._kept[i]
-            if graph is None:
-                graph, nbytes = self._chunk_graph(c, x, y)
-                self.graph_bytes[i] = nbytes
-                self.peak_graph_bytes = max(self.peak_graph_bytes, held + nbytes)
-                if first:
-                    # keep it if it fits beside the kept ones and room for one rebuilt
-                    # chunk's graph (a later chunk's assumed as large as this one)
-                    room = max(rebuilt, nbytes if i < last else 0)
-                    if held + nbytes + room <= self.memory_budget:
-                        self._kept[i] = graph
-                        self.graphs_kept += 1
-                        held += nbytes
-                    else:
-                        rebuilt = max(rebuilt, nbytes)
-            w, g = graph
-            hv = torch.autograd.grad(g, w, vs, retain_graph=True, is_grads_batched=batched)[0]
-            out = hv if out is None else out + hv
-            del graph, w, g
-        assert out is not None
-        return out
+    @staticmethod
+    def _graph_product(graph: Any, vs: Tensor, batched: bool) -> Tensor:
+        w, g = graph
+        return torch.autograd.grad(g, w, vs, retain_graph=True, is_grads_batched=batched)[0]
 
 
 def hvp(
