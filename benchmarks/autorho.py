@@ -105,6 +105,10 @@ def label_of(candidate: float | str) -> str:
     return f"rho={candidate:g}" if isinstance(candidate, float) else candidate
 
 
+#: Keyword arguments for every controller of the run (``--controller-options``).
+OPTIONS: dict[str, Any] = {}
+
+
 def run_config(setting: str, candidate: float | str, seed: int, epochs: int | None) -> dict:
     s = SETTINGS[setting]
     plain = isinstance(candidate, str) and candidate.endswith(PLAIN)
@@ -119,11 +123,23 @@ def run_config(setting: str, candidate: float | str, seed: int, epochs: int | No
     }
     if plain:
         cfg["reports"] = False  # the plain loop: nothing calls observe_validation
+    if OPTIONS and isinstance(candidate, str):
+        cfg["controller_options"] = dict(OPTIONS)
     return cfg
 
 
 def label_cfg(cfg: dict) -> str:
-    return label_of(cfg["rho"]) + (PLAIN if cfg.get("reports") is False else "")
+    options = cfg.get("controller_options")
+    tag = "".join(f"[{k}={v}]" for k, v in sorted(options.items())) if options else ""
+    return label_of(cfg["rho"]) + tag + (PLAIN if cfg.get("reports") is False else "")
+
+
+def make_rho(cfg: dict) -> float | str | autorho.AutoRho:
+    """The run's ``rho``: a number, a controller's name, or the controller built with options."""
+    options = cfg.get("controller_options")
+    if not options:
+        return cfg["rho"]
+    return autorho.CONTROLLERS[cfg["rho"].split(":")[1]](**options)
 
 
 class _Reporter:
@@ -158,7 +174,7 @@ def build(cfg: dict) -> tuple[torch.nn.Module, samkit.SAM, Any]:
     spec = TrainSpec(
         base=cfg["base"], lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
     )
-    opt = samkit.SAM(make_base_optimizer(model.parameters(), spec), rho=cfg["rho"], model=model)
+    opt = samkit.SAM(make_base_optimizer(model.parameters(), spec), rho=make_rho(cfg), model=model)
     return model, opt, data
 
 
@@ -385,6 +401,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="train the controllers' runs only (to add one to a finished grid, in a process of its own)",
     )
+    p.add_argument(
+        "--controller-options",
+        default="",
+        metavar="JSON",
+        help='keyword arguments for the controllers, e.g. \'{"warmup": 20, "rate": 0.03}\' '
+        "(their runs are kept apart from the defaults'; the grid is shared)",
+    )
     p.add_argument("--timing", action="store_true", help="also time training steps interleaved")
     p.add_argument("--timing-trials", type=int, default=15)
     args = p.parse_args(argv)
@@ -399,6 +422,16 @@ def main(argv: list[str] | None = None) -> int:
         if c.removesuffix(PLAIN) not in autorho.CONTROLLERS:
             p.error(f"unknown controller {c!r} (choose from {', '.join(autorho.CONTROLLERS)})")
     CONTROLLERS[:] = [f"auto:{c}" for c in chosen]
+    if args.controller_options:
+        try:
+            options = json.loads(args.controller_options)
+            if not isinstance(options, dict):
+                raise ValueError("not a JSON object")
+            for c in chosen:
+                autorho.CONTROLLERS[c.removesuffix(PLAIN)](**options)
+        except (ValueError, TypeError) as exc:
+            p.error(f"--controller-options: {exc}")
+        OPTIONS.update(options)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
     seeds = list(range(args.seeds))
