@@ -261,13 +261,7 @@ class SAM(_state.StateDict, Wrapper):
         under FSDP the DTensor parameters, while ``params`` are their local shards)."""
         return functional.buffers_like(self._backups, params if keys is None else keys, params)
 
-    def _view(
-        self,
-        gathered: Gathered,
-        local: bool,
-        sharding: _fsdp.Sharding | None,
-        skips_nonfinite: bool = True,
-    ) -> StepView:
+    def _view(self, gathered: Gathered, local: bool, sharding: _fsdp.Sharding | None) -> StepView:
         return StepView(
             steps=self.steps,
             ascents=self.ascents,
@@ -279,7 +273,6 @@ class SAM(_state.StateDict, Wrapper):
             process_group=_ddp.process_group(self.model),
             sharding=sharding,
             groups=self._rho_groups,
-            skips_nonfinite=skips_nonfinite,
         )
 
     def _all_params(self) -> list[Tensor]:
@@ -363,7 +356,8 @@ class SAM(_state.StateDict, Wrapper):
         gathered = sources if by_gradient else []
         _args.check_first_pass_grads(gathered)
         _amp.unscale_first_pass(step, [g for _, _, grads in gathered for g in grads], scaler)
-        view = self._view(gathered, step.local, sharding, self._checks_finite(scaler is not None))
+        view = self._view(gathered, step.local, sharding)
+        view.skips_nonfinite = self._checks_finite(scaler is not None)
         if self.rho_controller is not None:
             self.rho_controller.begin_step(view)  # writes each group's rho, read just below
         factor = self.policy.rho_factor(view) if self.policy is not None else 1.0
