@@ -699,7 +699,7 @@ def test_gradient_agreement_sketch_is_the_same_gathered_whole_or_tensor_by_tenso
     def radii(limit: int) -> tuple[list[float], list[torch.Tensor]]:
         monkeypatch.setattr(autorho, "FLAT_LIMIT", limit)
         ctrl = samkit.GradientAgreement(0.05, sketch=64, warmup=1, rate=0.5)
-        vecs = [ctrl._read(_Stub(gs)) for gs in steps]
+        vecs = [ctrl._read(_Stub(gs)).clone() for gs in steps]  # (two buffers, used in turn)
         used = [ctrl.next_rho(_Stub(gs)) for gs in steps]
         assert (ctrl._flat is not None) == (limit > 0 and dtype == torch.float32)
         return used, vecs

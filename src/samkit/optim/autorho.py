@@ -496,6 +496,7 @@ class GradientAgreement(AutoRho):
         self._last: Tensor | None = None  # the last sketch, on the gradients' device
         self._index: list[Tensor] = []
         self._flat: Tensor | None = None  # the sketch's coordinates in the gradient end to end
+        self._buffers: list[Tensor] = []  # two sketches, used in turn (see _buffer)
         self._shapes: tuple[tuple[int, ...], ...] = ()
 
     # ---- the sketch
@@ -513,6 +514,7 @@ class GradientAgreement(AutoRho):
                 index.append(torch.arange(first, end, stride, device=g.device))
                 offset += g.numel()
             self._index, self._shapes = index, shapes
+            self._buffers = []  # (their zero tails are for the old coordinates' count)
             # Small models (a step of a millisecond or less): one gather from the gradient
             # laid end to end costs less than one per tensor; the same coordinates, so the
             # same numbers. Above FLAT_LIMIT the copy would cost more than it saves.
@@ -530,7 +532,9 @@ class GradientAgreement(AutoRho):
         device = grads[0].device if grads else torch.device("cpu")
         index = self._indices(grads)
         if self._flat is not None:
-            flat = torch.cat([g.reshape(-1) for g in grads]).index_select(0, self._flat)
+            whole = torch.cat([g.reshape(-1) for g in grads])
+            vec = self._buffer(device)
+            torch.index_select(whole, 0, self._flat, out=vec[: self._flat.numel()])
         else:
             pieces = [
                 g.detach().reshape(-1).index_select(0, i).to(device, torch.float32)
@@ -538,14 +542,23 @@ class GradientAgreement(AutoRho):
                 if i.numel()
             ]
             flat = torch.cat(pieces) if pieces else torch.zeros(0, device=device)
-        if flat.numel() >= self.sketch:
-            vec = flat[: self.sketch]
-        else:
-            vec = torch.zeros(self.sketch, device=device)
-            vec[: flat.numel()] = flat
+            if flat.numel() >= self.sketch:
+                vec = flat[: self.sketch]
+            else:
+                vec = self._buffer(device)
+                vec[: flat.numel()] = flat
         if view.distributed and (view.local or view.sharding is not None):
             _ddp.average_([vec], view.process_group, foreach=False)
         return vec
+
+    def _buffer(self, device: torch.device) -> Tensor:
+        """A sketch-long buffer, zero past the coordinates written into it, that is not the
+        last sketch (which the next cosine still reads): two, used in turn. Allocating a
+        fresh one each step cost a small model as much as the gather."""
+        buffers = self._buffers
+        if not buffers or buffers[0].device != device:
+            buffers[:] = [torch.zeros(self.sketch, device=device) for _ in range(2)]
+        return buffers[1] if buffers[0] is self._last else buffers[0]
 
     def _finite(self, view: StepView) -> bool:
         # Where a non-finite gradient skips the step, learn nothing from it (the base
