@@ -431,3 +431,31 @@ def test_memory_budget_keeps_what_fits_and_rebuilds_the_rest(setup, monkeypatch)
         op.matvec(vs[1])
         assert len(builds) == n - op.graphs_kept
         torch.testing.assert_close(op.dense(), h, rtol=1e-9, atol=1e-11)
+
+
+def test_memory_budget_frees_the_graphs_it_rebuilds(setup):
+    """A rebuilt chunk's graph is freed with its product. The saved-tensor hooks that
+    measure a graph once returned its saved outputs as they were, a reference cycle
+    through autograd's nodes that Python's collector cannot see: every product's
+    rebuilt graphs stayed alive (450 MB a product on a 10.7M-parameter model)."""
+    import gc
+
+    model, x, y, h = setup
+    loader = list(zip(x.split(10), y.split(10)))
+    whole = HessianOperator(model, F.cross_entropy, loader, memory_budget=10**12)
+    whole.matvec(torch.zeros(h.shape[0], dtype=torch.float64))
+    op = HessianOperator(
+        model, F.cross_entropy, loader, memory_budget=int(0.2 * whole.graph_bytes[0])
+    )
+    v = torch.randn(h.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    op.matvec(v)
+    assert op.graphs_kept < len(op.batches)  # some graphs are rebuilt every product
+    before = live()
+    for _ in range(4):
+        op.matvec(v)
+    assert live() <= before
