@@ -39,9 +39,13 @@ Each library is used the way its documentation shows:
   computation, and leaving it out favours curvlinops), ``.to_scipy()`` with
   ``scipy.sparse.linalg.eigsh(k=1, which="LA", tol=...)`` (ARPACK Lanczos),
   and its ``hutchpp_trace`` / ``xtrace`` on the operator;
-- samkit: ``HessianOperator`` with ``top_eigenvalues`` (Lanczos, stops on a
-  Ritz-value error bound) and ``hessian_trace(tol=...)`` (Hutchinson deflated
-  by a Lanczos basis that grows with the probes, stops on its standard error).
+- samkit: ``HessianOperator`` with ``top_eigenvalues(eigenvectors=False)``
+  (Lanczos, stops on a Ritz-value error bound; eigenvalues only, as eigsh is
+  asked) and ``hessian_trace(tol=...)`` (Hutchinson deflated by a Lanczos
+  basis that grows with the probes, stops on its standard error). Under the
+  ``samkit budget`` rows' memory budget both keep only the rows it holds (the
+  lean path: no Krylov basis, the deflation basis cut; ``method`` and ``rows``
+  on the row's line).
 
 Two modes: one batch (every sample in one ``(x, y)``) and data loader (the same
 samples in batches of 100 for the CNN, 32 for the ResNet). PyHessian keeps the
@@ -433,8 +437,10 @@ def samkit_eig(
     cfg: dict[str, Any], mode: str, tol: float, seed: int, ggn: bool = False, path: str = "auto"
 ):
     op = samkit_op(cfg, mode, ggn, path)
-    r = top_eigenvalues(op, tol=tol, max_iter=300, seed=seed)
-    return r.eigenvalues[0], op.n_matvecs, path_note(op)
+    # eigenvalues only, as curvlinops's eigsh is asked (return_eigenvectors=False): under a
+    # memory budget that does not hold the Krylov basis the eigenvector costs a second pass
+    r = top_eigenvalues(op, tol=tol, max_iter=300, seed=seed, eigenvectors=False)
+    return r.eigenvalues[0], op.n_matvecs, {**path_note(op), "method": r.path, "rows": r.rows}
 
 
 def samkit_trace(
@@ -447,7 +453,7 @@ def samkit_trace(
 ):
     op = samkit_op(cfg, mode, False, path)
     r = hessian_trace(op, method=method, tol=tol, max_probes=5000, seed=seed)
-    return r.trace, op.n_matvecs, path_note(op)
+    return r.trace, op.n_matvecs, {**path_note(op), "method": r.path, "rows": r.rows}
 
 
 # ------------------------------------------------------------------ harness
