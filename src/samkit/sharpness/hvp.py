@@ -722,8 +722,13 @@ class HessianOperator(CurvatureOperator):
                         rebuilt = max(rebuilt, nbytes)
             w, g = graph
             hv = torch.autograd.grad(g, w, vs, retain_graph=True, is_grads_batched=batched)[0]
-            out = hv if out is None else out + hv
-            del graph, w, g
+            if out is None:
+                out = hv
+            elif i > 1:  # a sum of our own: added in place, one product-sized vector less
+                out += hv
+            else:  # the first chunk's product, which autograd might share: a new sum
+                out = out + hv
+            del graph, w, g, hv
         assert out is not None
         return out
 
