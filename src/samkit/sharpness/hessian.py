@@ -28,6 +28,13 @@ r"""Spectrum of the loss Hessian from Hessian-vector products.
 
 The functions take a :class:`~samkit.sharpness.hvp.HessianOperator` or any
 object with ``dim``, ``dtype``, ``device`` and ``matvec(v)``.
+
+Memory: the Krylov and deflation bases keep one vector of length ``dim`` per
+product. Under a row limit (``max_rows=``, or the operator's
+``memory_budget``: :func:`rows_allowed`) that cannot hold them,
+:func:`top_eigenvalues` and :func:`hessian_trace` run a lean path instead
+(``result.path == "lean"``; their docstrings say how, and what it costs);
+without a limit, or with one that holds the full path, nothing changes.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ __all__ = [
     "hessian_trace",
     "spectral_density",
     "DenseOperator",
+    "rows_allowed",
 ]
 
 
