@@ -665,7 +665,9 @@ class HessianOperator(CurvatureOperator):
     # ------------------------------------------------------- memory budget
     def _chunk_graph(self, c: float, x: Any, y: Any) -> tuple[tuple[Tensor, Tensor], int]:
         """One chunk's gradient graph ``(w, c * grad)`` and the bytes it saves."""
-        w = self.w.detach().clone().requires_grad_(True)
+        # a leaf on the weights' own storage, not a copy: one weight-sized vector less per
+        # graph (nothing writes to ``self.w``; the shared version counter would catch it)
+        w = self.w.detach().requires_grad_(True)
         with eval_mode(self.model), torch.enable_grad():
             with SavedBytes([w, *_leaves(x), *_leaves(y)]) as saved:
                 loss = self._chunk_loss(w, x, y) * c
@@ -704,6 +706,7 @@ class HessianOperator(CurvatureOperator):
         last = len(self.batches) - 1
         rebuilt = 0  # the largest graph not kept: room it needs beside the kept ones
         out = None
+        own = False  # whether ``out`` is a sum of our own, to add to in place
         for i, (c, (x, y)) in enumerate(zip(self._weights, self.batches)):
             graph = self._kept[i]
             if graph is None:
@@ -724,10 +727,12 @@ class HessianOperator(CurvatureOperator):
             hv = torch.autograd.grad(g, w, vs, retain_graph=True, is_grads_batched=batched)[0]
             if out is None:
                 out = hv
-            elif i > 1:  # a sum of our own: added in place, one product-sized vector less
+                # added to in place (one product-sized vector less) unless it is the input
+                own = out.untyped_storage().data_ptr() != vs.untyped_storage().data_ptr()
+            elif own:
                 out += hv
-            else:  # the first chunk's product, which autograd might share: a new sum
-                out = out + hv
+            else:
+                out, own = out + hv, True
             del graph, w, g, hv
         assert out is not None
         return out
