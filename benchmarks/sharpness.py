@@ -99,6 +99,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import gc
 import hashlib
 import json
 import math
@@ -272,6 +273,9 @@ def _trim() -> None:
 
 def peak_memory(fn: Callable[[], Any]) -> float:
     """Peak resident memory above the level before ``fn`` (MiB), sampled every 5 ms."""
+    # garbage of earlier rows first: freed by a collection during ``fn``, it would hide
+    # that much of ``fn``'s own memory under a level it was counted in
+    gc.collect()
     _trim()
     base = _rss()
     peak = [base]
