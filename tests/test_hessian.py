@@ -611,6 +611,11 @@ def test_trace_under_the_operator_budget(mlp_problem):
     assert xt.path == "lean" and xt.n_probes == 4 and xt.rows <= 24
     with pytest.raises(ValueError, match="Invalid memory_budget value"):
         hessian_trace(tight, method="xtrace")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="Invalid max_rows value"):
+            hessian_trace(plain, max_rows=bad)
+        with pytest.raises(ValueError, match="Invalid max_rows value"):
+            top_eigenvalues(plain, max_rows=bad)
 
 
 _ROWS_SCRIPT = """
