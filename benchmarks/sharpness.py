@@ -39,9 +39,13 @@ Each library is used the way its documentation shows:
   computation, and leaving it out favours curvlinops), ``.to_scipy()`` with
   ``scipy.sparse.linalg.eigsh(k=1, which="LA", tol=...)`` (ARPACK Lanczos),
   and its ``hutchpp_trace`` / ``xtrace`` on the operator;
-- samkit: ``HessianOperator`` with ``top_eigenvalues`` (Lanczos, stops on a
-  Ritz-value error bound) and ``hessian_trace(tol=...)`` (Hutchinson deflated
-  by a Lanczos basis that grows with the probes, stops on its standard error).
+- samkit: ``HessianOperator`` with ``top_eigenvalues(eigenvectors=False)``
+  (Lanczos, stops on a Ritz-value error bound; eigenvalues only, as eigsh is
+  asked) and ``hessian_trace(tol=...)`` (Hutchinson deflated by a Lanczos
+  basis that grows with the probes, stops on its standard error). Under the
+  ``samkit budget`` rows' memory budget both keep only the rows it holds (the
+  lean path: no Krylov basis, the deflation basis cut; ``method`` and ``rows``
+  on the row's line).
 
 Two modes: one batch (every sample in one ``(x, y)``) and data loader (the same
 samples in batches of 100 for the CNN, 32 for the ResNet). PyHessian keeps the
@@ -83,7 +87,11 @@ row, then repetition 2, ...) and reported as the median and (min-max) spread;
 speed-ups are ratios of medians, with the spread of the per-repetition ratios.
 Peak memory: the highest resident set size above the level before the call,
 sampled every 5 ms in the first repetition (a sampling thread in every row
-alike).
+alike). Blocks below glibc's mmap threshold come from its heap, whose freed
+pages an earlier row may leave for a later one to reuse without raising its RSS:
+the rows' order then moves their peaks by a few hundred MB on the 10.7M
+transformer. ``--mmap-threshold 1048576`` makes every block of 1 MiB or more its
+own mapping, freed at once, so each row's peak is what it holds itself.
 """
 
 from __future__ import annotations
@@ -91,6 +99,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import gc
 import hashlib
 import json
 import math
@@ -264,6 +273,9 @@ def _trim() -> None:
 
 def peak_memory(fn: Callable[[], Any]) -> float:
     """Peak resident memory above the level before ``fn`` (MiB), sampled every 5 ms."""
+    # garbage of earlier rows first: freed by a collection during ``fn``, it would hide
+    # that much of ``fn``'s own memory under a level it was counted in
+    gc.collect()
     _trim()
     base = _rss()
     peak = [base]
@@ -433,8 +445,10 @@ def samkit_eig(
     cfg: dict[str, Any], mode: str, tol: float, seed: int, ggn: bool = False, path: str = "auto"
 ):
     op = samkit_op(cfg, mode, ggn, path)
-    r = top_eigenvalues(op, tol=tol, max_iter=300, seed=seed)
-    return r.eigenvalues[0], op.n_matvecs, path_note(op)
+    # eigenvalues only, as curvlinops's eigsh is asked (return_eigenvectors=False): under a
+    # memory budget that does not hold the Krylov basis the eigenvector costs a second pass
+    r = top_eigenvalues(op, tol=tol, max_iter=300, seed=seed, eigenvectors=False)
+    return r.eigenvalues[0], op.n_matvecs, {**path_note(op), "method": r.path, "rows": r.rows}
 
 
 def samkit_trace(
@@ -447,7 +461,7 @@ def samkit_trace(
 ):
     op = samkit_op(cfg, mode, False, path)
     r = hessian_trace(op, method=method, tol=tol, max_probes=5000, seed=seed)
-    return r.trace, op.n_matvecs, path_note(op)
+    return r.trace, op.n_matvecs, {**path_note(op), "method": r.path, "rows": r.rows}
 
 
 # ------------------------------------------------------------------ harness
@@ -1209,6 +1223,14 @@ def main() -> None:
         help="bytes for the budget rows (default: the saved bytes of one loader batch's "
         "gradient graph, what PyHessian holds at once)",
     )
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        help="glibc's M_MMAP_THRESHOLD in bytes for the whole run (e.g. 1048576): every block "
+        "at least this large is its own mapping, handed back when freed, so a row's peak RSS "
+        "is what it holds, not what earlier rows left in the heap (slower allocations)",
+    )
     ap.add_argument("--quick", action="store_true", help="smaller models and data (a smoke test)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument(
@@ -1227,6 +1249,15 @@ def main() -> None:
     if args.table:
         print(markdown(args.table))
         return
+    if args.mmap_threshold is not None:
+        if args.mmap_threshold < 1:
+            print("--mmap-threshold: expected bytes >= 1", file=sys.stderr)
+            raise SystemExit(2)
+        try:  # M_MMAP_THRESHOLD is -3; a fixed value also stops glibc raising it
+            ok = ctypes.CDLL("libc.so.6").mallopt(-3, args.mmap_threshold)
+        except OSError:
+            ok = 0
+        print(f"M_MMAP_THRESHOLD {args.mmap_threshold}: {'set' if ok else 'not set'}", flush=True)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
         f"{args.reps} interleaved repetitions",

@@ -2,8 +2,13 @@
 Hessian of a small MLP, and side by side with PyHessian."""
 
 import copy
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -480,3 +485,187 @@ def test_float32_lanczos_accurate_in_a_million_dimensions(block_size, seed, thre
     finally:
         torch.set_num_threads(before)
     assert res.eigenvalues == pytest.approx([130.0, 83.0], rel=1e-6 + 1e-7)
+
+
+# ------------------------------------------------- memory budget: the lean path
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_lean_top_eigenvalues_exact_on_clustered_quadratic(k, dtype):
+    """No basis kept (max_rows=0): the top k of 9, 7.5, 7.5 (a double one), 4, ...
+    to the tolerance asked, as the full path finds them, eigenvectors included."""
+    model, loss_fn, batches, a = quad_problem(EIGS)
+    op = DenseOperator(a.to(dtype))
+    tol = 1e-6 if dtype == torch.float64 else 1e-5
+    full = top_eigenvalues(op, k, tol=tol, max_iter=40)
+    lean = top_eigenvalues(op, k, tol=tol, max_iter=40, max_rows=0)
+    assert (full.path, lean.path) == ("full", "lean")
+    assert lean.basis is None and lean.converged
+    assert lean.eigenvalues == pytest.approx(EIGS[:k], rel=2 * tol)
+    assert lean.eigenvalues == pytest.approx(full.eigenvalues, rel=2 * tol)
+    vecs = lean.eigenvectors.double()
+    assert vecs.shape == (k, len(EIGS)) and lean.rows == k
+    torch.testing.assert_close(vecs @ vecs.T, torch.eye(k, dtype=torch.float64), atol=1e-5, rtol=0)
+    rayleigh = ((vecs @ a) * vecs).sum(1)
+    assert rayleigh.tolist() == pytest.approx(EIGS[:k], rel=1e-4)
+
+
+def test_lean_path_chosen_by_the_memory_budget(mlp_problem):
+    """The operator's memory_budget picks the path; the MLP's exact top 3 either way."""
+    model, x, y, h = mlp_problem
+    evals = torch.linalg.eigvalsh(h).flip(0)
+    batches = list(zip(x.split(50), y.split(50)))
+    row = h.shape[0] * 8
+    plain = HessianOperator(model, F.cross_entropy, batches)
+    roomy = HessianOperator(model, F.cross_entropy, batches, memory_budget=200 * row)
+    tight = HessianOperator(model, F.cross_entropy, batches, memory_budget=20 * row)
+    ref = top_eigenvalues(plain, 3, tol=1e-8, max_iter=150)
+    same = top_eigenvalues(roomy, 3, tol=1e-8, max_iter=150)  # 150 + 3 rows fit: full path
+    lean = top_eigenvalues(tight, 3, tol=1e-8, max_iter=150)
+    assert (ref.path, same.path, lean.path) == ("full", "full", "lean")
+    assert same.eigenvalues == ref.eigenvalues  # the budget's graphs give the same products
+    assert lean.eigenvalues == pytest.approx(evals[:3].tolist(), rel=1e-6)
+    assert lean.eigenvalues == pytest.approx(ref.eigenvalues, rel=1e-7)
+    assert lean.rows == 3 <= 20
+    assert "path='lean'" in repr(lean)
+    # k = 1 without eigenvectors costs what the full path does; with them, m - 1 more
+    one = top_eigenvalues(plain, tol=1e-3)
+    bare = top_eigenvalues(tight, tol=1e-3, eigenvectors=False)
+    vec = top_eigenvalues(tight, tol=1e-3)
+    assert bare.rows == 0 and bare.eigenvectors.shape == (0, h.shape[0])
+    assert bare.n_matvecs == one.n_matvecs and vec.n_matvecs == 2 * one.n_matvecs - 1
+    assert bare.eigenvalues == pytest.approx(one.eigenvalues, rel=1e-12)
+    hv = h @ vec.eigenvectors[0]
+    assert float(hv @ vec.eigenvectors[0]) == pytest.approx(float(evals[0]), rel=1e-3)
+    # an explicit max_rows overrides the budget
+    assert top_eigenvalues(tight, tol=1e-3, max_rows=10**6).path == "full"
+
+
+@settings(derandomize=True, max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**16), tol=st.sampled_from([1e-2, 1e-3, 1e-4]))
+def test_lean_lanczos_stops_within_tol_of_the_true_top_eigenvalue(seed, tol):
+    """The lean path's stop, on the same rule, is within tol of the top eigenvalue
+    (test_lanczos_stops_within_tol_of_the_true_top_eigenvalue's matrices)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
+    evals = torch.cat(
+        [torch.tensor([10.0, 7.0]), torch.rand(58, generator=g, dtype=torch.float64) * 5]
+    )
+    a = q @ torch.diag(evals) @ q.T
+    res = top_eigenvalues(DenseOperator(a), tol=tol, max_iter=60, seed=seed, max_rows=0)
+    full = top_eigenvalues(DenseOperator(a), tol=tol, max_iter=60, seed=seed)
+    assert res.converged and res.path == "lean"
+    assert abs(res.eigenvalues[0] - 10.0) <= tol * abs(res.eigenvalues[0])
+    assert res.n_matvecs == 2 * full.n_matvecs - 1  # stops where the full path stops
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_lean_lanczos_accurate_in_a_million_dimensions(seed):
+    """The lean path's sums in float64 blocks: tol + 1e-6 relative, as the full path."""
+    gen = torch.Generator().manual_seed(0)
+    d = torch.rand(1_000_000, generator=gen, dtype=torch.float64) * 2 - 1
+    d[:3] = torch.tensor([130.0, 83.0, 34.0], dtype=torch.float64)
+    res = top_eigenvalues(_Diagonal(d.float()), 2, tol=1e-7, max_iter=60, seed=seed, max_rows=0)
+    assert res.path == "lean"
+    assert res.eigenvalues == pytest.approx([130.0, 83.0], rel=1e-6 + 1e-7)
+
+
+@pytest.mark.parametrize("max_rows", [0, 1, 6])
+def test_trace_under_a_row_limit_unbiased_with_honest_error(mlp_problem, max_rows):
+    """Statistical test, fixed seeds: 60 estimates with the deflation basis cut to
+    max_rows rows (0: plain Hutchinson) land on the exact trace."""
+    model, x, y, h = mlp_problem
+    exact = float(h.trace())
+    op = DenseOperator(h)
+    runs = [hessian_trace(op, n_probes=12, seed=s, max_rows=max_rows) for s in range(60)]
+    assert {r.path for r in runs} == {"lean"}
+    assert max(r.rows for r in runs) <= max_rows
+    values = torch.tensor([r.trace for r in runs], dtype=torch.float64)
+    sd = float(values.std())
+    assert abs(float(values.mean()) - exact) < 4 * sd / math.sqrt(len(runs))
+    reported = float(torch.tensor([r.stderr for r in runs]).median())
+    assert 0.5 * sd < reported < 2.0 * sd
+    fixed = hessian_trace(op, n_probes=12, deflation_steps=20, seed=0, max_rows=max_rows)
+    assert fixed.rows <= max_rows and fixed.n_matvecs == 12 + max(max_rows - 1, 0)
+
+
+def test_trace_under_the_operator_budget(mlp_problem):
+    """A budget that holds the basis changes nothing; one that does not cuts it, and
+    with tol more probes reach the same standard error."""
+    model, x, y, h = mlp_problem
+    row = h.shape[0] * 8
+    plain = HessianOperator(model, F.cross_entropy, [(x, y)])
+    roomy = HessianOperator(model, F.cross_entropy, [(x, y)], memory_budget=10**6 * row)
+    tight = HessianOperator(model, F.cross_entropy, [(x, y)], memory_budget=row)
+    ref = hessian_trace(plain, tol=0.05, seed=2)
+    same = hessian_trace(roomy, tol=0.05, seed=2)
+    lean = hessian_trace(tight, tol=0.05, seed=2)
+    assert (ref.path, same.path, lean.path) == ("full", "full", "lean")
+    assert (same.trace, same.n_matvecs) == (ref.trace, ref.n_matvecs)
+    assert lean.rows == 0 and lean.exact_part == 0.0
+    assert lean.stderr <= 0.05 * abs(lean.trace)
+    assert abs(lean.trace - float(h.trace())) < 4 * lean.stderr
+    # XTrace keeps what fits, and refuses a limit below its two vectors
+    xt = hessian_trace(plain, method="xtrace", n_probes=32, max_rows=24)
+    assert xt.path == "lean" and xt.n_probes == 4 and xt.rows <= 24
+    with pytest.raises(ValueError, match="Invalid memory_budget value"):
+        hessian_trace(tight, method="xtrace")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="Invalid max_rows value"):
+            hessian_trace(plain, max_rows=bad)
+        with pytest.raises(ValueError, match="Invalid max_rows value"):
+            top_eigenvalues(plain, max_rows=bad)
+
+
+_ROWS_SCRIPT = """
+import ctypes, gc, json, torch
+from samkit.sharpness import hessian_trace, top_eigenvalues
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+class Resident:  # diag(d), recording the resident memory at each product
+    def __init__(self, d):
+        self.d, self.dim, self.dtype, self.device, self.peak = d, d.numel(), d.dtype, d.device, 0
+    def matvec(self, v):
+        out = self.d * v
+        self.peak = max(self.peak, rss())
+        return out
+
+d = torch.rand(4_000_000, generator=torch.Generator().manual_seed(0)) * 2 - 1  # no gap
+runs = {
+    "lean": lambda op: top_eigenvalues(op, tol=1e-9, max_iter=40, max_rows=0),
+    "trace": lambda op: hessian_trace(op, n_probes=30, max_rows=0),
+    "full": lambda op: top_eigenvalues(op, tol=1e-9, max_iter=40),
+}
+out = {}
+for name, fn in runs.items():
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    op = Resident(d)
+    base = rss()
+    res = fn(op)
+    out[name] = [(op.peak - base) / (4 * d.numel()), res.rows, res.path]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux only")
+def test_lean_paths_keep_a_bounded_number_of_rows():
+    """Resident memory at the products, in rows of 16 MB, in a fresh process whose
+    allocator hands every freed row back (MALLOC_MMAP_THRESHOLD_): the full path's
+    basis grows with its 40 steps; the lean paths hold a few vectors."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20), "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _ROWS_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    held = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert held["full"][1:] == [40, "full"] and held["full"][0] > 30  # the test can fail
+    assert held["lean"][1:] == [1, "lean"] and held["lean"][0] < 6  # measured 4.5
+    assert held["trace"][1:] == [0, "lean"] and held["trace"][0] < 5  # measured 3.2

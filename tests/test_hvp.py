@@ -1,5 +1,7 @@
 """Hessian-vector products against torch.autograd.functional.hessian."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -458,7 +460,15 @@ def test_summary_passes_product_and_budget_and_checks_them_first(setup, monkeypa
     assert op.product_info["product"] == "eager" and op.memory_budget == budget
     assert len(op.batches) > 1 and 0 < op.peak_graph_bytes <= budget
     for key in ref:
-        assert out[key] == pytest.approx(ref[key], rel=1e-9), key
+        # A budget this small holds no Lanczos basis either (the lean path): the eigenvalues
+        # agree to the tolerance asked (eig_tol 1e-3); the trace's 8 probes are no longer
+        # deflated, another unbiased estimate (its law under row limits: test_hessian.py);
+        # the rest to rounding.
+        if "trace" in key:
+            assert math.isfinite(out[key]) and out[key] != ref[key], key
+            continue
+        rel = 1e-3 if "eig" in key else 1e-9
+        assert out[key] == pytest.approx(ref[key], rel=rel), key
     # bad values are refused before the batches are read
     read = []
 
@@ -471,3 +481,31 @@ def test_summary_passes_product_and_budget_and_checks_them_first(setup, monkeypa
     with pytest.raises(ValueError, match="Invalid product value: 'fast'"):
         summary(model, F.cross_entropy, batches(), product="fast")
     assert read == []
+
+
+def test_memory_budget_frees_the_graphs_it_rebuilds(setup):
+    """A rebuilt chunk's graph is freed with its product. The saved-tensor hooks that
+    measure a graph once returned its saved outputs as they were, a reference cycle
+    through autograd's nodes that Python's collector cannot see: every product's
+    rebuilt graphs stayed alive (450 MB a product on a 10.7M-parameter model)."""
+    import gc
+
+    model, x, y, h = setup
+    loader = list(zip(x.split(10), y.split(10)))
+    whole = HessianOperator(model, F.cross_entropy, loader, memory_budget=10**12)
+    whole.matvec(torch.zeros(h.shape[0], dtype=torch.float64))
+    op = HessianOperator(
+        model, F.cross_entropy, loader, memory_budget=int(0.2 * whole.graph_bytes[0])
+    )
+    v = torch.randn(h.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    op.matvec(v)
+    assert op.graphs_kept < len(op.batches)  # some graphs are rebuilt every product
+    before = live()
+    for _ in range(4):
+        op.matvec(v)
+    assert live() <= before

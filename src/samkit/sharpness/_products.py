@@ -86,7 +86,11 @@ class SavedBytes:
         ptr = s.data_ptr()
         if ptr not in self.skip:
             self.seen[ptr] = s.nbytes()
-        return t
+        # detached: a saved *output* returned as is holds its own grad_fn, whose node
+        # holds it (a cycle through C++ that Python's collector cannot see), and every
+        # graph built under the hooks outlived its product (450 MB a product on the
+        # 10.7M-parameter transformer); autograd gives the unpacked tensor its edge back
+        return t.detach()
 
     @property
     def bytes(self) -> int:

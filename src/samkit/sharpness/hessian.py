@@ -28,6 +28,13 @@ r"""Spectrum of the loss Hessian from Hessian-vector products.
 
 The functions take a :class:`~samkit.sharpness.hvp.HessianOperator` or any
 object with ``dim``, ``dtype``, ``device`` and ``matvec(v)``.
+
+Memory: the Krylov and deflation bases keep one vector of length ``dim`` per
+product. Under a row limit (``max_rows=``, or the operator's
+``memory_budget``: :func:`rows_allowed`) that cannot hold them,
+:func:`top_eigenvalues` and :func:`hessian_trace` run a lean path instead
+(``result.path == "lean"``; their docstrings say how, and what it costs);
+without a limit, or with one that holds the full path, nothing changes.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ __all__ = [
     "hessian_trace",
     "spectral_density",
     "DenseOperator",
+    "rows_allowed",
 ]
 
 
@@ -118,6 +126,8 @@ class EigenResult:
     basis: Tensor | None = None  # the Krylov basis of the first run (rows), reusable for deflation
     tridiagonal: Tensor | None = None  # its Lanczos matrix T = basis H basis^T
     product: dict | None = None  # the operator's product path (``op.product_info``) at the end
+    path: str = "full"  # "full": Lanczos kept its basis; "lean": no basis (memory budget)
+    rows: int = 0  # most vectors of length dim kept at once (basis, eigenvectors)
 
 
 @dataclass
@@ -131,6 +141,8 @@ class TraceResult:
     exact_part: float  # tr(Q^T H Q) of the deflation basis
     samples: list[float] = field(default_factory=list)
     product: dict | None = None  # the operator's product path (``op.product_info``) at the end
+    path: str = "full"  # "lean": the deflation basis (or XTrace's vectors) cut to a memory budget
+    rows: int = 0  # most vectors of length dim kept at once (deflation basis, XTrace's sketches)
 
 
 _R = TypeVar("_R", EigenResult, TraceResult)
@@ -163,7 +175,9 @@ def _randn(op: Operator, gen: torch.Generator) -> Tensor:
 
 def _rademacher(op: Operator, gen: torch.Generator, k: int | None = None) -> Tensor:
     shape = (op.dim,) if k is None else (k, op.dim)
-    return (torch.randint(0, 2, shape, generator=gen).to(op.dtype) * 2 - 1).to(op.device)
+    # drawn in the operator's dtype: the same signs as int64 draws (one 32-bit draw per
+    # entry either way), without an int64 copy eight bytes an entry wide
+    return (torch.randint(0, 2, shape, generator=gen, dtype=op.dtype) * 2 - 1).to(op.device)
 
 
 class _Rows:
@@ -172,8 +186,9 @@ class _Rows:
     the model's size per step). By half, not double: a 10.7M-parameter model's
     row is 43 MB, and a doubled buffer held up to twice the basis."""
 
-    def __init__(self, first: Tensor) -> None:
-        self.buf = first.new_empty(4, first.numel())
+    def __init__(self, first: Tensor, capacity: int | None = None) -> None:
+        # a capacity (rows under a memory budget) allocates it once and never grows
+        self.buf = first.new_empty(capacity or 4, first.numel())
         self.buf[0] = first
         self.n = 1
 
@@ -328,6 +343,151 @@ def lanczos(
     return theta, s, basis.rows.clone(), t, res
 
 
+# ------------------------------------------------------------ memory-bounded path
+#: Entries per float64 block of the lean path's sums: 8 MiB of float64 at a time,
+#: where a whole float64 copy of a 10.7M-parameter vector is 85 MB.
+_LEAN_CHUNK = 2**20
+
+
+def _dot64_lean(a: Tensor, b: Tensor) -> float:
+    """``a . b`` accumulated in float64 (see :func:`_dot64`), ``_LEAN_CHUNK`` entries at a time."""
+    acc = torch.zeros((), dtype=torch.float64, device=a.device)
+    for i in range(0, a.numel(), _LEAN_CHUNK):
+        acc += a[i : i + _LEAN_CHUNK].double() @ b[i : i + _LEAN_CHUNK].double()
+    return float(acc)
+
+
+def _norm64_lean(a: Tensor) -> float:
+    return math.sqrt(max(_dot64_lean(a, a), 0.0))
+
+
+def rows_allowed(op: Operator, max_rows: int | None = None) -> int | None:
+    """Vectors of length ``op.dim`` an instrument may keep: ``max_rows``, else what the
+    operator's ``memory_budget`` holds (bytes over one vector's), else ``None`` (no limit)."""
+    if max_rows is not None:
+        return _check_int("max_rows", max_rows, 0)
+    budget = getattr(op, "memory_budget", None)
+    if budget is None or isinstance(budget, bool) or not isinstance(budget, int):
+        return None
+    row = op.dim * torch.empty(0, dtype=op.dtype).element_size()
+    return budget // max(row, 1)
+
+
+class _Recurrence:
+    r"""Lanczos's three-term recurrence holding two vectors, :math:`q_{j-1}` and :math:`q_j`.
+
+    :math:`\beta_j q_{j+1} = Hq_j - \alpha_j q_j - \beta_{j-1} q_{j-1}`, then once more
+    against :math:`q_j` and :math:`q_{j-1}` (local re-orthogonalisation: what float32
+    rounding of the subtraction left). ``step(alpha, beta)`` with given coefficients
+    replays a recorded run (the eigenvector pass)."""
+
+    def __init__(self, v0: Tensor, op: Operator, project: Callable[[Tensor], Tensor]) -> None:
+        self.op, self.project = op, project
+        v = project(v0)
+        self.q = v / _norm64_lean(v)
+        self.q_prev: Tensor | None = None
+        self.beta_prev = 0.0
+        self.w: Tensor | None = None
+
+    def step(self, alpha: float | None = None, beta: float | None = None) -> tuple[float, float]:
+        """One product: the next (unnormalised) vector in ``self.w``; returns alpha, beta."""
+        hq = self.op.matvec(self.q)
+        if alpha is None:
+            alpha = _dot64_lean(hq, self.q)
+        w = torch.sub(hq, self.q, alpha=alpha)  # a new tensor: the operator's output is its own
+        del hq
+        if self.q_prev is not None:
+            w.sub_(self.q_prev, alpha=self.beta_prev)
+        w.sub_(self.q, alpha=_dot64_lean(w, self.q))
+        if self.q_prev is not None:
+            w.sub_(self.q_prev, alpha=_dot64_lean(w, self.q_prev))
+        w = self.project(w)
+        self.w = w
+        return alpha, (_norm64_lean(w) if beta is None else beta)
+
+    def advance(self, beta: float) -> None:
+        assert self.w is not None
+        self.q_prev, self.q = self.q, self.w.div_(beta)
+        self.beta_prev, self.w = beta, None
+
+
+def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    return t
+
+
+def _lean_lanczos(
+    op: Operator,
+    v0: Tensor,
+    max_steps: int,
+    *,
+    tol: float,
+    vector_tol: bool,
+    project: Callable[[Tensor], Tensor],
+    on_step: Callable[[], None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, list[float], list[float]]:
+    """:func:`lanczos` for the top value without the basis: stops on the same rule.
+
+    ``vector_tol``: stop on the residual bound itself instead of
+    :func:`ritz_error_bounds` (the eigenvector deflates later runs).
+    Returns ``(theta, s, T, residuals, alphas, betas)``."""
+    rec = _Recurrence(v0, op, project)
+    del v0  # the recurrence holds its own copy: one vector less for the whole run
+    alphas: list[float] = []
+    betas: list[float] = []
+    theta = s = res = None
+    t = torch.zeros(0, 0, dtype=torch.float64)
+    for m in range(1, max_steps + 1):
+        alpha, beta = rec.step()
+        if on_step is not None:
+            on_step()
+        alphas.append(alpha)
+        t = _tridiagonal(alphas, betas)
+        evals, evecs = torch.linalg.eigh(t)
+        theta, s = evals.flip(0), evecs.flip(1)
+        res = beta * s[-1].abs()
+        invariant = beta <= 1e-10 * max(1.0, float(theta.abs().max()))
+        bound = res if vector_tol else ritz_error_bounds(theta, res)
+        if (
+            invariant
+            or m == op.dim
+            or (m >= MIN_KRYLOV and float(bound[0]) <= tol * max(abs(float(theta[0])), 1e-30))
+        ):
+            break
+        if m < max_steps:
+            betas.append(beta)
+            rec.advance(beta)
+    return theta, s, t, res, alphas, betas
+
+
+def _lean_vector(
+    op: Operator,
+    v0: Tensor,
+    project: Callable[[Tensor], Tensor],
+    coords: Tensor,
+    alphas: list[float],
+    betas: list[float],
+    out: Tensor,
+    on_step: Callable[[], None] | None = None,
+) -> Tensor:
+    r""":math:`y = \sum_j s_j q_j` into ``out``, replaying the recurrence (``len(alphas) - 1`` products)."""
+    rec = _Recurrence(v0, op, project)
+    del v0
+    y = out.zero_()
+    m = len(alphas)
+    for j in range(m):
+        y.add_(rec.q, alpha=float(coords[j]))
+        if j < m - 1:
+            rec.step(alphas[j], betas[j])
+            if on_step is not None:
+                on_step()
+            rec.advance(betas[j])
+    return y
+
+
 def _matmat(op: Operator, vs: Tensor) -> Tensor:
     """Rows ``H v_i``: one vectorised call when the operator has ``matmat``."""
     mm = getattr(op, "matmat", None)
@@ -444,6 +604,8 @@ def top_eigenvalues(
     block_size: int = 1,
     seed: int | torch.Generator | None = 0,
     progress: bool = False,
+    eigenvectors: bool = True,
+    max_rows: int | None = None,
 ) -> EigenResult:
     r"""The ``k`` largest eigenvalues of the Hessian and their eigenvectors.
 
@@ -467,6 +629,37 @@ def top_eigenvalues(
             larger blocks pay off on accelerators.
         seed: start vectors.
         progress: show a progress bar (products done).
+        eigenvectors: return the eigenvectors. Only the lean path (below)
+            pays for them, with a second pass; without them its
+            ``eigenvectors`` is empty (shape ``(0, dim)``).
+        max_rows: vectors of length ``dim`` the computation may keep (the
+            Krylov basis and the eigenvectors), default: what the operator's
+            ``memory_budget`` holds (:func:`rows_allowed`), else no limit.
+
+    **Memory.** Lanczos keeps its Krylov basis: one vector per product (43 MB
+    for a 10.7M-parameter float32 model). When the rows allowed (``max_rows``,
+    or the operator's ``memory_budget`` over one vector's bytes) cannot hold a
+    full run (``max_iter * block_size + k`` rows), the *lean* path runs
+    instead (``result.path == "lean"``, ``result.rows`` the rows it kept), as
+    little memory as power iteration: the three-term recurrence keeps
+    :math:`q_{j-1}, q_j` and the next vector, nothing else (its sums in float64
+    a block at a time), and :math:`T` (a few numbers a step). Without the
+    basis the recurrence loses orthogonality as Ritz values converge, which
+    only duplicates converged values ("ghosts", Paige 1976): a Ritz value's
+    residual bound :math:`\beta_m |s_{m,i}|` still bounds its distance to an
+    eigenvalue to rounding, and the top Ritz value cannot pass the top
+    eigenvalue, so it stops on the same rule at the same point as the full
+    path (to rounding). It finds the values one at a time: a run for the top
+    of the operator deflated by the eigenvectors found, for ``k > 1`` with
+    each vector that deflates a later run converged to its residual (not its
+    quadratic bound: a ghost could look like a second eigenvalue, and a
+    deflating vector's error enters the next values). An eigenvector is
+    :math:`\sum_j s_j q_j`, assembled by replaying the recurrence from the
+    same start (``m - 1`` more products for an ``m``-step run). So the cost is
+    the full path's for ``k = 1`` without eigenvectors, twice it with them,
+    and about two runs per eigenvalue for ``k > 1``; ``block_size`` is not
+    used, and ``result.basis`` is ``None`` (a trace then builds its own
+    deflation basis, within the same budget).
 
     Lanczos finds all of the top ``k`` in one run; because one Krylov space
     sees a repeated eigenvalue only once, for ``k > 1`` it then runs again on
@@ -485,12 +678,16 @@ def top_eigenvalues(
     block_size = _check_int("block_size", block_size, 1)
     if method not in ("lanczos", "power"):
         raise ValueError(f"Invalid method value: {method!r} (expected 'lanczos' or 'power')")
+    eigenvectors = bool(eigenvectors)
+    rows = rows_allowed(op, max_rows)
     gen = _generator(seed)
     counted = _Counting(op)
     ticker = Ticker(counted, progress, "top eigenvalues")
     try:
         if method == "power":
             return _stamp(_power(counted, k, tol, max_iter, gen, ticker), op)
+        if rows is not None and rows < min(max_iter, op.dim) * block_size + k:
+            return _stamp(_lean_top(counted, k, tol, max_iter, eigenvectors, gen, ticker), op)
         return _stamp(_lanczos_top(counted, k, tol, max_iter, block_size, gen, ticker), op)
     finally:
         ticker.close()
@@ -538,6 +735,7 @@ def _lanczos_top(
     ress: list[float] = []
     converged = True
     first_basis = first_t = None
+    most = 0  # rows kept at once: this run's basis, the first run's, the vectors found
     for _ in range(k + 1):  # each extra run adds at least one value, or ends the loop
         q = torch.stack(vecs) if vecs else None
         defl = _Deflated(counted, q)
@@ -559,8 +757,12 @@ def _lanczos_top(
             theta, s, basis, t, res = block_lanczos(
                 counted, v0, steps, k=want, tol=tol, project=defl.project, on_step=ticker.update
             )
+        held = basis.shape[0] + len(vecs)
         if first_basis is None:
             first_basis, first_t = basis, t
+        else:
+            held += first_basis.shape[0]
+        most = max(most, held)
         got = min(want, theta.numel())
         ok = bool(
             (ritz_error_bounds(theta, res)[:got] <= tol * theta[:got].abs().clamp_min(1e-30)).all()
@@ -587,6 +789,78 @@ def _lanczos_top(
         residuals=[ress[i] for i in order],
         basis=first_basis,
         tridiagonal=first_t,
+        rows=max(most, len(vecs)),
+    )
+
+
+def _lean_top(
+    counted: _Counting,
+    k: int,
+    tol: float,
+    max_iter: int,
+    eigenvectors: bool,
+    gen: torch.Generator,
+    ticker: Ticker,
+) -> EigenResult:
+    """The top ``k`` without a Krylov basis (:func:`top_eigenvalues`, Memory)."""
+    op = counted
+    vals: list[float] = []
+    ress: list[float] = []
+    keep = k if eigenvectors else k - 1  # the vectors that deflate, and those returned
+    found = torch.zeros(keep, op.dim, dtype=op.dtype, device=op.device)
+    n_found = 0
+    converged = True
+    first_t = None
+    for i in range(k):
+        defl = _Deflated(counted, found[:n_found])
+        steps = min(max_iter, op.dim - n_found)
+        state = gen.get_state()  # the start vector is drawn again for its eigenvector
+        deflates = i < k - 1
+        theta, s, t, res, alphas, betas = _lean_lanczos(
+            counted,
+            _randn(op, gen),
+            steps,
+            tol=tol,
+            vector_tol=deflates,
+            project=defl.project,
+            on_step=ticker.update,
+        )
+        if first_t is None:
+            first_t = t
+        bound = res[:1] if deflates else ritz_error_bounds(theta, res)[:1]
+        converged = converged and float(bound[0]) <= tol * max(abs(float(theta[0])), 1e-30)
+        vals.append(float(theta[0]))
+        ress.append(float(res[0]))
+        if deflates or eigenvectors:
+            again = torch.Generator()
+            again.set_state(state)
+            y = _lean_vector(
+                counted,
+                _randn(op, again),
+                defl.project,
+                s[:, 0],
+                alphas,
+                betas,
+                found[n_found],
+                ticker.update,
+            )
+            y = defl.project(y)  # twice against the vectors found, as the full path
+            y = y - found[:n_found].T @ (found[:n_found] @ y)
+            found[n_found] = y / y.norm()
+            n_found += 1
+        if n_found >= op.dim:
+            break
+    order = sorted(range(len(vals)), key=lambda j: -vals[j])
+    return EigenResult(
+        eigenvalues=[vals[j] for j in order],
+        eigenvectors=found[order] if eigenvectors else found[:0].clone(),
+        n_matvecs=counted.n_matvecs,
+        converged=converged,
+        residuals=[ress[j] for j in order],
+        basis=None,
+        tridiagonal=first_t,
+        path="lean",
+        rows=keep,
     )
 
 
@@ -635,6 +909,7 @@ def hessian_trace(
     block_size: int = 1,
     seed: int | torch.Generator | None = 0,
     progress: bool = False,
+    max_rows: int | None = None,
 ) -> TraceResult:
     r"""Estimate of :math:`\operatorname{tr} H` from products, unbiased, with its standard error.
 
@@ -661,6 +936,22 @@ def hessian_trace(
         block_size: vectors per call of ``op.matmat`` (vectorised products).
         seed: random vectors and deflation start vector.
         progress: show a progress bar (products done).
+        max_rows: vectors of length ``dim`` the estimator may keep, default:
+            what the operator's ``memory_budget`` holds (:func:`rows_allowed`),
+            else no limit.
+
+    **Memory.** The deflation basis keeps one vector per Lanczos step (the
+    growing one also a probe's signs, a byte an entry, per two steps), XTrace
+    four per random vector. Under a row limit (``max_rows`` or the operator's
+    ``memory_budget``) the basis is cut to what fits (``result.path ==
+    "lean"``, ``result.rows`` the rows kept): the growing basis stops growing
+    there, a fixed ``deflation_steps`` takes fewer steps, and with room for no
+    step it is plain Hutchinson (a probe and its product at a time, as
+    PyHessian). The estimate stays unbiased (the basis never depends on the
+    probes) and its standard error honest; a smaller basis removes less
+    variance, so with ``tol`` more probes are drawn to reach it. XTrace keeps
+    at most the vectors that fit (six rows each: its four and a float64 copy
+    for the QR), and refuses a limit below two vectors.
     """
     if method not in ("deflated", "xtrace", "hutchinson"):
         raise ValueError(
@@ -675,12 +966,30 @@ def hessian_trace(
         tol = _check_pos("tol", tol)
     if method == "hutchinson":
         deflation_steps, basis, tridiagonal = 0, None, None
+    rows = rows_allowed(op, max_rows)
+    if method == "xtrace" and rows is not None:
+        cap = rows // XTRACE_ROWS
+        if cap < 2:
+            name = "max_rows" if max_rows is not None else "memory_budget"
+            raise ValueError(
+                f"Invalid {name} value: XTrace keeps {XTRACE_ROWS} vectors of length {op.dim} "
+                f"per random vector, at least 2 of them; {rows} fit"
+            )
     gen = _generator(seed)
     counted = _Counting(op)
     ticker = Ticker(counted, progress, f"trace ({method})")
     try:
         if method == "xtrace":
-            return _stamp(_xtrace(counted, n_probes, tol, max_probes, block_size, gen, ticker), op)
+            lean = rows is not None and rows // XTRACE_ROWS < (
+                n_probes if tol is None else max_probes
+            )
+            if lean:
+                assert rows is not None
+                n_probes = min(n_probes, rows // XTRACE_ROWS)
+                max_probes = min(max_probes, rows // XTRACE_ROWS)
+            res = _xtrace(counted, n_probes, tol, max_probes, block_size, gen, ticker)
+            res.path = "lean" if lean else "full"
+            return _stamp(res, op)
         return _stamp(
             _deflated_hutchinson(
                 counted,
@@ -693,11 +1002,17 @@ def hessian_trace(
                 block_size,
                 gen,
                 ticker,
+                rows,
             ),
             op,
         )
     finally:
         ticker.close()
+
+
+#: Rows XTrace holds per random vector under a row limit: its W, Y, Q and HQ, and
+#: the float64 copy of Y (two float32 rows) its QR makes.
+XTRACE_ROWS = 6
 
 
 def _blocks(op: _Counting, vs: Tensor, block_size: int, ticker: Ticker | None = None) -> Tensor:
@@ -721,21 +1036,46 @@ def _deflated_hutchinson(
     block_size: int,
     gen: torch.Generator,
     ticker: Ticker,
+    rows: int | None = None,
 ) -> TraceResult:
+    lean = False
     if basis is None and deflation_steps == "auto":
-        return _growing_deflation(op, n_probes, tol, max_probes, block_size, gen, ticker)
+        item = torch.empty(0, dtype=op.dtype).element_size()
+        max_rows = max(MIN_KRYLOV, GROWING_BASIS_BYTES // (op.dim * item))
+        if rows is not None:
+            # each basis row, and the signs of a probe per KRYLOV_PER_PROBE rows (a byte
+            # an entry, twice while torch.cat copies them) in rows of the operator's dtype
+            fit = int(rows / (1 + 2 / (item * KRYLOV_PER_PROBE)))
+            if fit < max_rows:
+                lean, max_rows = True, fit
+        if max_rows >= 2:  # the start vector and one step
+            return _growing_deflation(
+                op, n_probes, tol, max_probes, block_size, gen, ticker, max_rows, lean
+            )
+        deflation_steps = 0  # no room for a basis: plain Hutchinson
     if basis is None and deflation_steps > 0:
-        _, _, basis, tridiagonal, _ = lanczos(
-            op, _randn(op, gen), min(deflation_steps, op.dim), on_step=ticker.update
-        )
+        steps = min(deflation_steps, op.dim)
+        if rows is not None and steps > rows - 1:
+            # the basis rows and the next vector, in one buffer that never grows
+            lean, steps = True, max(rows - 1, 0)
+            if steps > 0:
+                krylov = _Krylov(op, _randn(op, gen), capacity=steps + 1)
+                while krylov.k < steps and not krylov.exhausted:
+                    krylov.step()
+                    ticker.update()
+                basis, tridiagonal = krylov.rows[: krylov.k], krylov.tridiagonal()
+        else:
+            _, _, basis, tridiagonal, _ = lanczos(op, _randn(op, gen), steps, on_step=ticker.update)
     elif basis is not None:
         if basis.dim() != 2 or basis.shape[1] != op.dim:
             raise ValueError(f"Invalid basis value: expected rows of length {op.dim}")
         if tridiagonal is None:
             tridiagonal = (basis @ _blocks(op, basis, block_size, ticker).T).double()
     exact = float(torch.diagonal(tridiagonal).sum()) if basis is not None else 0.0
+    kept = basis.shape[0] if basis is not None else 0
+    path = "lean" if lean else "full"
     if basis is not None and basis.shape[0] >= op.dim:
-        return TraceResult(exact, 0.0, op.n_matvecs, 0, exact, [])
+        return TraceResult(exact, 0.0, op.n_matvecs, 0, exact, [], path=path, rows=kept)
     defl = _Deflated(op, basis)
     samples: list[float] = []
     limit = n_probes if tol is None else max_probes
@@ -751,7 +1091,9 @@ def _deflated_hutchinson(
             if _stderr(samples) <= tol * abs(est):
                 break
     est = exact + sum(samples) / len(samples)
-    return TraceResult(est, _stderr(samples), op.n_matvecs, len(samples), exact, samples)
+    return TraceResult(
+        est, _stderr(samples), op.n_matvecs, len(samples), exact, samples, path=path, rows=kept
+    )
 
 
 #: Fewest probes before a standard error is trusted to stop on: from fewer, its
@@ -778,9 +1120,10 @@ GROWING_BASIS_BYTES = 2**30
 class _Krylov:
     """Lanczos grown one step at a time: basis rows, the tridiagonal, the next vector."""
 
-    def __init__(self, op: Operator, v0: Tensor) -> None:
+    def __init__(self, op: Operator, v0: Tensor, capacity: int | None = None) -> None:
         self.op = op
-        self.basis = _Rows(v0 / v0.norm())  # q_1 .. q_{k+1}: the last is the next vector
+        # q_1 .. q_{k+1}: the last is the next vector
+        self.basis = _Rows(v0 / v0.norm(), capacity)
         self.alphas: list[float] = []
         self.betas: list[float] = []  # beta_j couples q_j and q_{j+1}
         self.exhausted = False  # invariant subspace reached or the basis spans everything
@@ -828,6 +1171,8 @@ def _growing_deflation(
     block_size: int,
     gen: torch.Generator,
     ticker: Ticker,
+    max_rows: int,
+    lean: bool = False,
 ) -> TraceResult:
     r"""Deflated Hutchinson whose Lanczos basis grows with the probes, reusing every product.
 
@@ -847,12 +1192,11 @@ def _growing_deflation(
     are kept; the probes are stored as signs). The basis comes from its own
     random start, independent of the probes, so the estimate is unbiased for
     every :math:`k`; ``KRYLOV_PER_PROBE`` Lanczos steps are taken per probe,
-    until the basis holds ``GROWING_BASIS_BYTES`` (then the probes go on alone,
-    and their signs are no longer stored).
+    until the basis holds ``max_rows`` rows (``GROWING_BASIS_BYTES``, or what a
+    memory budget allows: ``lean``; then the probes go on alone, and their signs
+    are no longer stored).
     """
-    krylov = _Krylov(op, _randn(op, gen))
-    item = torch.empty(0, dtype=op.dtype).element_size()
-    max_rows = max(MIN_KRYLOV, GROWING_BASIS_BYTES // (op.dim * item))
+    krylov = _Krylov(op, _randn(op, gen), capacity=max_rows if lean else None)
     signs = torch.zeros(0, op.dim, dtype=torch.int8, device=op.device)
     quad: list[float] = []  # z^T H z per probe
     proj = torch.zeros(0, 1, dtype=torch.float64)  # z_i . q_j, one column per basis row
@@ -896,11 +1240,14 @@ def _growing_deflation(
             if krylov.k >= op.dim:
                 break
     exact, d = deflated()
+    path, kept = ("lean" if lean else "full"), krylov.basis.n
     if krylov.k >= op.dim or (krylov.exhausted and not quad):
-        return TraceResult(exact, 0.0, op.n_matvecs, 0, exact, [])
+        return TraceResult(exact, 0.0, op.n_matvecs, 0, exact, [], path=path, rows=kept)
     samples = d.tolist()
     est = exact + float(d.mean())
-    return TraceResult(est, _stderr(samples), op.n_matvecs, len(samples), exact, samples)
+    return TraceResult(
+        est, _stderr(samples), op.n_matvecs, len(samples), exact, samples, path=path, rows=kept
+    )
 
 
 def _xtrace(
@@ -953,7 +1300,7 @@ def _xtrace(
         if q_rows.shape[0] < k:
             # Y is rank-deficient: H's range lies in span(Q), whose trace is exact
             est = float(t.trace())
-            return TraceResult(est, 0.0, op.n_matvecs, k, est, [est])
+            return TraceResult(est, 0.0, op.n_matvecs, k, est, [est], rows=2 * k + 2 * len(q_rows))
         r = (q_rows @ y_rows.T).double()  # Y^T = Q^T R in row form: R = Q Y^T
         samples = _xtrace_samples(
             t,
@@ -966,7 +1313,15 @@ def _xtrace(
         se = float(samples.std() / math.sqrt(k)) if k > 1 else math.inf
         done = tol is None or se <= tol * abs(est) or k >= max_vectors
         if done:
-            return TraceResult(est, se, op.n_matvecs, k, float(t.trace()), samples.tolist())
+            return TraceResult(
+                est,
+                se,
+                op.n_matvecs,
+                k,
+                float(t.trace()),
+                samples.tolist(),
+                rows=2 * k + 2 * len(q_rows),
+            )
         k_target = min(2 * k, max_vectors)
 
 

@@ -501,6 +501,7 @@ class CurvatureOperator:
         last = len(self.batches) - 1
         rebuilt = 0  # the largest graph not kept: room it needs beside the kept ones
         out = None
+        own = False  # whether ``out`` is a sum of our own, to add to in place
         for i, (c, (x, y)) in enumerate(zip(self._weights, self.batches)):
             graph = self._kept[i]
             if graph is None:
@@ -518,8 +519,15 @@ class CurvatureOperator:
                     else:
                         rebuilt = max(rebuilt, nbytes)
             hv = self._graph_product(graph, vs, batched)
-            out = hv if out is None else out + hv
-            del graph
+            if out is None:
+                out = hv
+                # added to in place (one product-sized vector less) unless it is the input
+                own = out.untyped_storage().data_ptr() != vs.untyped_storage().data_ptr()
+            elif own:
+                out += hv
+            else:
+                out, own = out + hv, True
+            del graph, hv
         assert out is not None
         return out
 
@@ -740,7 +748,9 @@ class HessianOperator(CurvatureOperator):
     # ------------------------------------------------------- memory budget
     def _chunk_graph(self, c: float, x: Any, y: Any) -> tuple[tuple[Tensor, Tensor], int]:
         """One chunk's gradient graph ``(w, c * grad)`` and the bytes it saves."""
-        w = self.w.detach().clone().requires_grad_(True)
+        # a leaf on the weights' own storage, not a copy: one weight-sized vector less per
+        # graph (nothing writes to ``self.w``; the shared version counter would catch it)
+        w = self.w.detach().requires_grad_(True)
         with eval_mode(self.model), torch.enable_grad():
             with SavedBytes([w, *_leaves(x), *_leaves(y)]) as saved:
                 loss = self._chunk_loss(w, x, y) * c
