@@ -273,6 +273,16 @@ def _coefficients64(rows: Tensor, w: Tensor) -> Tensor:
     return torch.cat([block.double() @ w64 for block in rows.split(per_block)]).to(w.dtype)
 
 
+def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
+    """Lanczos's :math:`T` (float64) from its diagonal and the first ``len(alphas) - 1``
+    off-diagonal entries of ``betas`` (any beyond couple a vector not yet in the basis)."""
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if len(alphas) > 1:
+        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    return t
+
+
 def lanczos(
     op: Operator,
     v0: Tensor,
@@ -316,10 +326,7 @@ def lanczos(
         w = w - vs.T @ _coefficients64(vs, w)
         w = project(w)
         beta = float(w.double().norm())
-        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:
-            off = torch.tensor(betas, dtype=torch.float64)
-            t = t + torch.diag(off, 1) + torch.diag(off, -1)
+        t = _tridiagonal(alphas, betas)
         evals, evecs = torch.linalg.eigh(t)
         theta, s = evals.flip(0), evecs.flip(1)
         res = beta * s[-1].abs()
@@ -409,14 +416,6 @@ class _Recurrence:
         assert self.w is not None
         self.q_prev, self.q = self.q, self.w.div_(beta)
         self.beta_prev, self.w = beta, None
-
-
-def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if betas:
-        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
-        t = t + torch.diag(off, 1) + torch.diag(off, -1)
-    return t
 
 
 def _lean_lanczos(
@@ -1156,11 +1155,7 @@ class _Krylov:
         return w
 
     def tridiagonal(self) -> Tensor:
-        t = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
-        if self.k > 1:
-            off = torch.tensor(self.betas[: self.k - 1], dtype=torch.float64)
-            t = t + torch.diag(off, 1) + torch.diag(off, -1)
-        return t
+        return _tridiagonal(self.alphas, self.betas)
 
 
 def _growing_deflation(
