@@ -173,7 +173,8 @@ class GGNOperator(CurvatureOperator):
 
     def _chunk_graph(self, c: float, x: Any, y: Any) -> tuple[tuple[Tensor, ...], int]:
         """One chunk's graphs (:meth:`_build_graph`) and the bytes they save (memory budget)."""
-        w = self.w.detach().clone().requires_grad_(True)
+        # a leaf on the weights' own storage, as the Hessian's: no weight-sized copy per graph
+        w = self.w.detach().requires_grad_(True)
         with SavedBytes([w, *_leaves(x), *_leaves(y)]) as saved:  # as the Hessian's
             graph = self._build_graph(c, x, y, w)
         return graph, saved.bytes
