@@ -435,6 +435,36 @@ def test_memory_budget_keeps_what_fits_and_rebuilds_the_rest(setup, monkeypatch)
         torch.testing.assert_close(op.dense(), h, rtol=1e-9, atol=1e-11)
 
 
+def test_memory_budget_plans_without_a_graph_over_it(setup, monkeypatch):
+    """The chunk plan reads a graph's size from two small slices, never from a whole chunk
+    (the loader's batches regrouped: all of them at once), and cuts the largest chunks
+    whose graphs take half the budget."""
+    model, x, y, _ = setup
+    loader = list(zip(x.split(10), y.split(10)))  # regrouped into one chunk of 40
+    one = HessianOperator(model, F.cross_entropy, loader[:1], memory_budget=10**12)
+    one.matvec(torch.zeros(one.dim, dtype=torch.float64))
+    batch_bytes = one.graph_bytes[0]  # what a peer holding one loader batch holds
+    op = HessianOperator(model, F.cross_entropy, loader, memory_budget=batch_bytes)
+    assert len(op.batches) == 1  # before the plan: every sample in one chunk
+    built: list[tuple[int, int]] = []
+    original = op._chunk_graph
+
+    def measured(c, xb, yb):
+        graph, nbytes = original(c, xb, yb)
+        built.append((len(xb), nbytes))
+        return graph, nbytes
+
+    monkeypatch.setattr(op, "_chunk_graph", measured)
+    op.matvec(torch.ones(op.dim, dtype=torch.float64))
+    assert max(b for _, b in built) <= batch_bytes  # was the 40-sample graph, 4x the budget
+    size = max(len(b[0]) for b in op.batches)
+    assert 1 < size < 10
+    # the largest chunk whose graph takes at most half the budget (weights' part included)
+    assert dict(built)[size] <= batch_bytes / 2
+    c = op._weights[0]
+    assert original(c, x[: size + 1], y[: size + 1])[1] > batch_bytes / 2
+
+
 def test_summary_passes_product_and_budget_and_checks_them_first(setup, monkeypatch):
     import samkit.sharpness as sh
     from samkit.sharpness import summary

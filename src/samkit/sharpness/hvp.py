@@ -471,14 +471,29 @@ class CurvatureOperator:
         raise NotImplementedError
 
     def _plan_chunks(self) -> None:
-        """Cut the chunks so that one chunk's graph takes at most half the budget."""
+        """Cut the chunks so that one chunk's graph takes at most half the budget.
+
+        A graph's bytes are ``fixed + per_sample * n``; both are read from the graphs
+        of two slices of the first chunk (2 and 4 samples), not from the whole chunk,
+        whose graph (the loader's batches regrouped, up to 2048 samples in one chunk)
+        would be the largest thing the operator ever held, far over the budget.
+        """
         assert self.memory_budget is not None
         (c, (x, y)) = (self._weights[0], self.batches[0])
-        _, nbytes = self._chunk_graph(c, x, y)
-        per_sample = nbytes / batch_size((x, y))
-        if per_sample * self.n_samples <= self.memory_budget:
-            return  # every graph fits: keep the chunks as they are
-        size = max(1, int(self.memory_budget / (2 * per_sample)))
+        n = batch_size((x, y))
+        if n < 4:  # too few samples to fit a line: this chunk's own graph
+            per_sample, fixed = self._chunk_graph(c, x, y)[1] / n, 0.0
+        else:
+            b2 = self._chunk_graph(c, _slice(x, 2), _slice(y, 2))[1]
+            b4 = self._chunk_graph(c, _slice(x, 4), _slice(y, 4))[1]
+            per_sample = max(b4 - b2, 0) / 2
+            fixed = max(b2 - 2 * per_sample, 0.0)
+        if per_sample == 0 or fixed * len(self.batches) + per_sample * self.n_samples <= (
+            self.memory_budget
+        ):
+            return  # every graph fits, or smaller chunks save nothing: keep them as they are
+        # (a hair over the quotient: a budget of exactly k samples' graphs allows k)
+        size = max(1, int((self.memory_budget / 2 - fixed) / per_sample * (1 + 1e-9)))
         if size >= max(batch_size(b) for b in self.batches):
             return
         self.batches = prepare_batches(self.batches, max_batch_size=size)
