@@ -71,8 +71,8 @@ def available_bytes(device: torch.device) -> int:
 class SavedBytes:
     """Bytes of the tensors an autograd graph saves, each storage counted once.
 
-    Used as ``with SavedBytes(exclude) as m: <build the graph>``; ``m.bytes``
-    after. The storages of ``exclude`` (the weights, the inputs: held anyway)
+    Used as ``with SavedBytes(exclude) as m: <build the graph>``, ``m.hold(...)``
+    for the tensors kept with it (its outputs); ``m.bytes`` after. The storages of ``exclude`` (the weights, the inputs: held anyway)
     are not counted.
     """
 
@@ -91,6 +91,13 @@ class SavedBytes:
         # graph built under the hooks outlived its product (450 MB a product on the
         # 10.7M-parameter transformer); autograd gives the unpacked tensor its edge back
         return t.detach()
+
+    def hold(self, *tensors: Tensor) -> None:
+        """Count tensors the graph is kept with (its outputs: the gradient, ...), once each."""
+        for t in tensors:
+            s = t.untyped_storage()
+            if s.data_ptr() not in self.skip:
+                self.seen[s.data_ptr()] = s.nbytes()
 
     @property
     def bytes(self) -> int:

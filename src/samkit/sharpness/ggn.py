@@ -177,6 +177,7 @@ class GGNOperator(CurvatureOperator):
         w = self.w.detach().requires_grad_(True)
         with SavedBytes([w, *_leaves(x), *_leaves(y)]) as saved:  # as the Hessian's
             graph = self._build_graph(c, x, y, w)
+            saved.hold(*(t for t in graph if isinstance(t, Tensor)))  # Jᵀu: weight-sized
         return graph, saved.bytes
 
     def release(self) -> None:

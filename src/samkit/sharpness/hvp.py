@@ -471,9 +471,11 @@ class CurvatureOperator:
         raise NotImplementedError
 
     def _plan_chunks(self) -> None:
-        """Cut the chunks so that one chunk's graph takes at most half the budget.
+        """Cut the chunks so that one chunk's graph takes at most half the budget (or,
+        where even one sample's does not, the whole budget: then nothing is kept).
 
-        A graph's bytes are ``fixed + per_sample * n``; both are read from the graphs
+        A graph's bytes (what it saves and the gradient kept with it) are
+        ``fixed + per_sample * n``; both are read from the graphs
         of two slices of the first chunk (2 and 4 samples), not from the whole chunk,
         whose graph (the loader's batches regrouped, up to 2048 samples in one chunk)
         would be the largest thing the operator ever held, far over the budget.
@@ -493,7 +495,12 @@ class CurvatureOperator:
         ):
             return  # every graph fits, or smaller chunks save nothing: keep them as they are
         # (a hair over the quotient: a budget of exactly k samples' graphs allows k)
-        size = max(1, int((self.memory_budget / 2 - fixed) / per_sample * (1 + 1e-9)))
+        size = int((self.memory_budget / 2 - fixed) / per_sample * (1 + 1e-9))
+        if size < 1:
+            # not even one sample's graph in half the budget (the fixed part, the gradient
+            # kept with each graph, takes it): chunks that fill the budget, built one at a
+            # time and none kept, as a peer that rebuilds one batch's graph per product
+            size = max(1, int((self.memory_budget - fixed) / per_sample * (1 + 1e-9)))
         if size >= max(batch_size(b) for b in self.batches):
             return
         self.batches = prepare_batches(self.batches, max_batch_size=size)
@@ -770,6 +777,7 @@ class HessianOperator(CurvatureOperator):
             with SavedBytes([w, *_leaves(x), *_leaves(y)]) as saved:
                 loss = self._chunk_loss(w, x, y) * c
                 g = torch.autograd.grad(loss, w, create_graph=True)[0]
+            saved.hold(g)  # kept with the graph: one weight-sized vector per graph
         self._check_finite(loss)
         return (w, g), saved.bytes
 
