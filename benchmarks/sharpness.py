@@ -25,8 +25,9 @@ Product paths: the ``samkit`` rows run the default ``product="auto"`` (eager
 until the products have taken ``COMPILE_AFTER_S`` seconds); ``samkit compiled``
 rows ask for ``product="compiled"`` (their time includes the first call's
 compile, shown on the row's line), ``samkit budget`` rows (loader mode) give
-``memory_budget`` the saved bytes of one loader batch's gradient graph, which
-is what PyHessian holds at once (``--memory-budget`` to change it).
+``memory_budget`` the bytes of one loader batch's gradient graph (the tensors it
+saves and the gradient kept with it), which is what PyHessian holds at once
+(``--memory-budget`` to change it).
 
 Each library is used the way its documentation shows:
 
@@ -421,7 +422,8 @@ def samkit_op(cfg: dict[str, Any], mode: str, ggn: bool = False, path: str = "au
 
 def one_batch_graph_bytes(cfg: dict[str, Any]) -> int:
     """What PyHessian holds at once in loader mode: the gradient graph of one loader batch
-    (the bytes its saved tensors take), measured once (or ``--memory-budget``)."""
+    (the bytes of the tensors it saves and of the gradient kept with it), measured once
+    (or ``--memory-budget``)."""
     if "budget" not in cfg:
         op = HessianOperator(cfg["model"], F.cross_entropy, cfg["loader"][:1], memory_budget=2**62)
         op.matvec(torch.zeros(op.dim))
@@ -1234,7 +1236,7 @@ def main() -> None:
         "--memory-budget",
         type=int,
         default=None,
-        help="bytes for the budget rows (default: the saved bytes of one loader batch's "
+        help="bytes for the budget rows (default: the bytes of one loader batch's "
         "gradient graph, what PyHessian holds at once)",
     )
     ap.add_argument(

@@ -358,6 +358,34 @@ def test_auto_compiles_after_the_break_even_and_says_so(setup, monkeypatch):
     assert info["path"] == ("compiled" if info["reason"].startswith("compiled:") else "eager")
 
 
+@pytest.mark.parametrize("cls", ["hessian", "ggn"])
+def test_auto_stays_eager_under_a_memory_budget(setup, monkeypatch, cls):
+    """A compile's trial holds buffers the budget does not bound: "auto" stays eager."""
+    import samkit.sharpness._products as products
+    from samkit.sharpness import GGNOperator
+
+    model, x, y, _ = setup
+    Op = HessianOperator if cls == "hessian" else GGNOperator
+    monkeypatch.setattr(products, "COMPILE_AFTER_S", 1e-12)  # "auto" would compile at once
+    v = torch.randn(
+        sum(p.numel() for p in model.parameters()),
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(3),
+    )
+    loader = list(zip(x.split(10), y.split(10)))
+    ref = Op(model, F.cross_entropy, loader, product="eager").matvec(v)
+    op = Op(model, F.cross_entropy, loader, memory_budget=10**12)
+    for _ in range(3):
+        torch.testing.assert_close(op.matvec(v), ref, rtol=1e-12, atol=1e-14)
+    info = op.product_info
+    assert info["path"] == "eager" and info["compile_seconds"] is None
+    assert "memory budget" in info["reason"]
+    # asked for, compiled it is
+    asked = Op(model, F.cross_entropy, loader, memory_budget=10**12, product="compiled")
+    torch.testing.assert_close(asked.matvec(v), ref, rtol=1e-9, atol=1e-11)
+    assert asked.product_info["path"] == "compiled"
+
+
 def test_a_failed_compile_warns_once_and_runs_eager(setup, monkeypatch):
     model, x, y, h = setup
 

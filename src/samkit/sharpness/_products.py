@@ -176,6 +176,11 @@ class ProductPath:
             )
         return self.path == "compiled"
 
+    def stay_eager(self, reason: str) -> None:
+        """``"auto"`` decided for eager before any product (an asked-for path is kept)."""
+        if self.product == "auto":
+            self._state, self.path, self.reason = "decided", "eager", reason
+
     def eager_done(self, seconds: float, k: int) -> None:
         self.eager_seconds += seconds
         self.eager_products += k
