@@ -545,6 +545,9 @@ def bench_model(
     trace_accuracy = args.trace_accuracy or cfg["trace_accuracy"]
     if args.memory_budget is not None:
         cfg["budget"] = args.memory_budget
+    elif "budget" in args.paths:
+        # measured here, untimed: inside the first budget row it was part of its peak
+        one_batch_graph_bytes(cfg)
     print(
         f"\n== {name}: {cfg['params']:,} parameters, {len(cfg['x'])} samples, "
         f"loader batches of {len(cfg['loader'][0][0])}",
