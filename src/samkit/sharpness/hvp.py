@@ -461,7 +461,7 @@ class CurvatureOperator:
         self.memory_budget = memory_budget
         if memory_budget is not None and self._path is not None:
             # a compile's trial holds its own buffers, outside the budget (the ResNet's
-            # budget trace: 199 MiB with the trial against 80-88 eager, PyHessian 83)
+            # budget trace: 149 MiB with the trial against 86 eager, PyHessian 81-88)
             self._path.stay_eager("eager: a memory budget (a compile's memory is outside it)")
         self._kept = None
         self.graph_bytes: list[int] = []
