@@ -72,8 +72,8 @@ class SavedBytes:
     """Bytes of the tensors an autograd graph saves, each storage counted once.
 
     Used as ``with SavedBytes(exclude) as m: <build the graph>``, ``m.hold(...)``
-    for the tensors kept with it (its outputs); ``m.bytes`` after. The storages of ``exclude`` (the weights, the inputs: held anyway)
-    are not counted.
+    for the tensors kept with it (its outputs); ``m.bytes`` after. The storages
+    of ``exclude`` (the weights, the inputs: held anyway) are not counted.
     """
 
     def __init__(self, exclude: list[Tensor]) -> None:
@@ -81,11 +81,13 @@ class SavedBytes:
         self.seen: dict[int, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
-    def _pack(self, t: Tensor) -> Tensor:
+    def _count(self, t: Tensor) -> None:
         s = t.untyped_storage()
-        ptr = s.data_ptr()
-        if ptr not in self.skip:
-            self.seen[ptr] = s.nbytes()
+        if s.data_ptr() not in self.skip:
+            self.seen[s.data_ptr()] = s.nbytes()
+
+    def _pack(self, t: Tensor) -> Tensor:
+        self._count(t)
         # detached: a saved *output* returned as is holds its own grad_fn, whose node
         # holds it (a cycle through C++ that Python's collector cannot see), and every
         # graph built under the hooks outlived its product (450 MB a product on the
@@ -95,9 +97,7 @@ class SavedBytes:
     def hold(self, *tensors: Tensor) -> None:
         """Count tensors the graph is kept with (its outputs: the gradient, ...), once each."""
         for t in tensors:
-            s = t.untyped_storage()
-            if s.data_ptr() not in self.skip:
-                self.seen[s.data_ptr()] = s.nbytes()
+            self._count(t)
 
     @property
     def bytes(self) -> int:
