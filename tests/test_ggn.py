@@ -6,6 +6,7 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+from budget_checks import check_budget_bookkeeping
 from torch import nn
 
 from samkit.sharpness import (
@@ -166,36 +167,10 @@ def test_ggn_memory_budget_keeps_what_fits_and_rebuilds_the_rest(problem, loss, 
     assert whole.graphs_kept == 1 and len(whole.batches) == 1 and not whole.cache_graph
     total = whole.graph_bytes[0]
     assert total > 0
-    builds = []
     for frac in (0.7, 0.45, 0.2):
         budget = int(frac * total)
         op = GGNOperator(model, loss_fn, [(x, target)], product="eager", memory_budget=budget)
-        original = op._chunk_graph
-
-        def counted(*args, original=original):
-            builds.append(1)
-            return original(*args)
-
-        monkeypatch.setattr(op, "_chunk_graph", counted)
-        # other chunks, so the sums are rounded differently: equal to float64 rounding
-        torch.testing.assert_close(op.matvec(vs[0]), ref_v, rtol=1e-10, atol=1e-13)
-        torch.testing.assert_close(op.matmat(vs), ref_m, rtol=1e-10, atol=1e-13)
-        n = len(op.batches)
-        assert n > 1  # cut into chunks whose graphs take at most about half the budget
-        assert op.graphs_kept < n
-        # half the budget holds a chunk's graph, so one is kept; or not even one sample's
-        # (the weight-sized gradient kept with each graph is most of it on a model this
-        # small): then chunks that fill the budget, none kept
-        assert (op.graphs_kept >= 1) == (2 * max(op.graph_bytes) <= budget)
-        # what is held at once (the kept graphs and the one rebuilt) stays within the budget
-        assert op.peak_graph_bytes <= budget
-        kept_bytes = sum(b for b, g in zip(op.graph_bytes, op._kept) if g is not None)
-        assert kept_bytes <= budget
-        assert kept_bytes + max(b for b, g in zip(op.graph_bytes, op._kept) if g is None) <= budget
-        # every product rebuilds exactly the graphs not kept (plus one to measure, the first time)
-        builds.clear()
-        op.matvec(vs[1])
-        assert len(builds) == n - op.graphs_kept
+        check_budget_bookkeeping(op, budget, vs, ref_v, ref_m, monkeypatch, atol=1e-13)
         torch.testing.assert_close(op.dense(), exact, rtol=1e-9, atol=1e-12)
         op.release()
         assert op.graphs_kept == 0
