@@ -67,7 +67,7 @@ class GGNOperator(CurvatureOperator):
     ``memory_budget`` (bytes, or ``"auto"``: half the memory free now; instead of
     ``cache_graph``) keeps those graphs only while they fit, as the Hessian's
     does: each chunk's graphs are measured as they are built (the bytes of the
-    tensors they save), kept while they and one more chunk's fit, the others
+    tensors they save and of those kept with them), kept while they and one more chunk's fit, the others
     rebuilt for every product, and the chunks cut so that one takes at most half
     the budget when the whole data's do not fit (``op.graphs_kept``,
     ``op.graph_bytes``, ``op.peak_graph_bytes``). ``product="compiled"`` compiles
@@ -172,12 +172,12 @@ class GGNOperator(CurvatureOperator):
         return self._graphs
 
     def _chunk_graph(self, c: float, x: Any, y: Any) -> tuple[tuple[Tensor, ...], int]:
-        """One chunk's graphs (:meth:`_build_graph`) and the bytes they save (memory budget)."""
+        """One chunk's graphs (:meth:`_build_graph`) and the bytes they hold (memory budget)."""
         # a leaf on the weights' own storage, as the Hessian's: no weight-sized copy per graph
         w = self.w.detach().requires_grad_(True)
         with SavedBytes([w, *_leaves(x), *_leaves(y)]) as saved:  # as the Hessian's
             graph = self._build_graph(c, x, y, w)
-            saved.hold(*(t for t in graph if isinstance(t, Tensor)))  # Jᵀu: weight-sized
+            saved.hold(*graph)  # what is kept with them; Jᵀu is weight-sized
         return graph, saved.bytes
 
     def release(self) -> None:

@@ -440,7 +440,7 @@ class CurvatureOperator:
         self._check_finite(self.loss())  # also refuses a loss that is not a scalar
 
     # ------------------------------------------------------- memory budget
-    # A subclass with a budget defines _chunk_graph(c, x, y) -> (graph, bytes saved) and
+    # A subclass with a budget defines _chunk_graph(c, x, y) -> (graph, bytes it holds) and
     # _graph_product(graph, vs, batched) -> c * the chunk's product(s), and calls
     # _init_budget from its constructor.
     memory_budget: int | None = None
@@ -773,7 +773,7 @@ class HessianOperator(CurvatureOperator):
 
     # ------------------------------------------------------- memory budget
     def _chunk_graph(self, c: float, x: Any, y: Any) -> tuple[tuple[Tensor, Tensor], int]:
-        """One chunk's gradient graph ``(w, c * grad)`` and the bytes it saves."""
+        """One chunk's gradient graph ``(w, c * grad)`` and the bytes it holds (saved tensors and the gradient)."""
         # a leaf on the weights' own storage, not a copy: one weight-sized vector less per
         # graph (nothing writes to ``self.w``; the shared version counter would catch it)
         w = self.w.detach().requires_grad_(True)
