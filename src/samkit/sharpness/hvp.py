@@ -773,7 +773,8 @@ class HessianOperator(CurvatureOperator):
 
     # ------------------------------------------------------- memory budget
     def _chunk_graph(self, c: float, x: Any, y: Any) -> tuple[tuple[Tensor, Tensor], int]:
-        """One chunk's gradient graph ``(w, c * grad)`` and the bytes it holds (saved tensors and the gradient)."""
+        """One chunk's gradient graph ``(w, c * grad)`` and the bytes it holds (the tensors
+        it saves and the gradient)."""
         # a leaf on the weights' own storage, not a copy: one weight-sized vector less per
         # graph (nothing writes to ``self.w``; the shared version counter would catch it)
         w = self.w.detach().requires_grad_(True)
