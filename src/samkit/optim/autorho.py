@@ -505,13 +505,14 @@ class GradientAgreement(AutoRho):
         if shapes != self._shapes:
             total = sum(g.numel() for g in grads)
             stride = max(1, -(-total // self.sketch))
-            index, offset = [], 0
+            index, starts, offset = [], [], 0
             for g in grads:
                 first = (-offset) % stride  # the stride runs on across tensors
                 # a tensor shorter than the stride's offset (an FSDP2 shard may even be empty)
                 # contributes no coordinate
                 end = max(first, g.numel())
                 index.append(torch.arange(first, end, stride, device=g.device))
+                starts.append(offset)
                 offset += g.numel()
             self._index, self._shapes = index, shapes
             self._buffers = []  # (their zero tails are for the old coordinates' count)
@@ -521,9 +522,6 @@ class GradientAgreement(AutoRho):
             self._flat = None
             kinds = {(g.device, g.dtype) for g in grads}
             if grads and total <= FLAT_LIMIT and kinds == {(grads[0].device, torch.float32)}:
-                starts = [0]
-                for g in grads[:-1]:
-                    starts.append(starts[-1] + g.numel())
                 self._flat = torch.cat([i + start for i, start in zip(index, starts)])
         return self._index
 
