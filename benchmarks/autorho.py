@@ -1,9 +1,11 @@
 r"""Self-tuning rho (``SAM(base, rho="auto")``) against a tuned grid of fixed radii.
 
-For six settings, each trained with samkit's training loop
+For eight settings, each trained with samkit's training loop
 (:mod:`samkit.experiments`) for ``--seeds`` seeds, this trains SAM with each
-radius of a 5-value grid and with every automatic controller of
-:mod:`samkit.optim.autorho`, and reports per setting:
+radius of the 7-value grid ``GRID`` and with every automatic controller of
+:mod:`samkit.optim.autorho` (``auto`` twice: with validation reports and, as
+``gradient_agreement@plain``, in a loop that reports none), and reports per
+setting:
 
 * each controller's test accuracy against the **tuned grid**: the radius
   whose mean *validation* accuracy over the seeds is best (what a user gets
@@ -27,12 +29,16 @@ setting                model / data                              base       epoc
 ``mlp_digits_noise20`` MNIST-1D paper MLP, sklearn digits, 20 %  SGD 0.1    60
 ``resnet_bn``          small ResNet with BatchNorm, MNIST-1D     SGD 0.1    20
 ``cnn_adam``           MNIST-1D paper CNN, MNIST-1D              Adam 0.01  40
+``mlp_digits_noise40`` same MLP, sklearn digits, 40 %            SGD 0.1    60
+``gru_short``          MNIST-1D paper GRU, MNIST-1D              SGD 0.1    8
 =====================  ========================================  =========  ======
 
 SGD has momentum 0.9 and weight decay 5e-4; Adam betas (0.9, 0.999), no
 weight decay. SAM is given ``model=`` (BatchNorm statistics from the first
 pass). The validation loss is reported to the optimizer after every epoch
-(``opt.observe_validation``), as samkit's trainer does.
+(``opt.observe_validation``), as samkit's trainer does, except in the
+``@plain`` runs. ``benchmarks/autorho_signals.py`` records what the gradients
+of these settings say per step.
 
 Run (resumable: rerun the same command to continue; ``--settings`` splits the
 work between processes)::

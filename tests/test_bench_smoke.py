@@ -202,3 +202,38 @@ def test_reverse_allocation_order_keeps_the_rows_and_their_checks(tmp_path):
     for sec in res["overhead"].values():
         assert [r["method"] for r in sec["rows"]] == [name for name, _ in overhead.CANDIDATES]
         assert all(r["exact_restore"] and r["rel_error"] < 1e-5 for r in sec["rows"])
+
+
+def test_autorho_signals_refuses_bad_runs_before_training(capsys):
+    signals = load("autorho_signals")
+    assert signals.parse_runs(" gru@0.05, cnn_clean@1 ") == [("gru", 0.05), ("cnn_clean", 1.0)]
+    for bad, words in (
+        ("resnet@0.1", "unknown setting 'resnet'"),
+        ("gru", "need SETTING@RHO"),
+        ("gru@-1", "radius > 0"),
+        ("gru@nan", "radius > 0"),
+        ("gru@x", "radius > 0"),
+        (",", "no run given"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            signals.parse_runs(bad)
+        with pytest.raises(SystemExit) as exc:
+            signals.main(["--runs", bad])
+        assert exc.value.code == 2
+        assert "--runs:" in capsys.readouterr().err
+
+
+def test_autorho_signals_read_the_ascent_as_the_first_order_law_says():
+    """The recorder reads g at w and g+ at w + e: at the first step (same weights and batch
+    for both radii, the GRU smooth) ||g+ - g|| is rho ||H g^|| to first order, so the ratio
+    doubles with rho; SAM's direction tends to the plain one as rho -> 0."""
+    signals = load("autorho_signals")
+    torch.set_num_threads(1)
+    small = signals.record("gru_short", 1e-3, 0, epochs=1)
+    double = signals.record("gru_short", 2e-3, 0, epochs=1)
+    assert small["steps"] == double["steps"] == len(small["ratio"]) > 10
+    assert len(small["agree"]) == len(small["transfer"]) == small["steps"] - 1
+    assert 0 < small["ratio"][0] < 0.05
+    assert double["ratio"][0] / small["ratio"][0] == pytest.approx(2.0, rel=0.02)
+    assert max(abs(t) for t in small["transfer"][:5]) < 0.01
+    assert all(-1.0 <= a <= 1.0 for a in small["agree"])
