@@ -265,6 +265,37 @@ class _Stub:
         return self._grads
 
 
+def test_gradient_agreement_reads_each_sketch_norm_once_with_the_same_bits(monkeypatch):
+    """A sketch's squared norm is read when it is the new sketch and reused when it is the
+    last one (two dots a step, not three): the agreement is bit for bit the one that reads
+    it again, through a comparison with a resumed sketch and one after a non-finite step."""
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randn(700, generator=g)
+    grads = [shared + torch.randn(700, generator=g) for _ in range(40)]
+    grads[25] = grads[25].clone()
+    grads[25][0] = float("inf")  # (a sketch coordinate)
+    cached = samkit.GradientAgreement(0.05, warmup=2, rate=0.5, sketch=256)
+    fresh = samkit.GradientAgreement(0.05, warmup=2, rate=0.5, sketch=256)
+    calls = []
+    dot = torch.dot
+    monkeypatch.setattr(torch, "dot", lambda a, b: calls.append(1) or dot(a, b))
+    for i, grad in enumerate(grads):
+        if i == 12:  # resumed: the last sketch comes back as numbers, its norm unread
+            cached.load_state_dict(cached.state_dict())
+        calls.clear()
+        rho = cached.next_rho(_Stub([grad]))
+        if i in (0, 26):  # nothing to compare with (the first step, the one after inf)
+            assert calls == []
+        elif i in (1, 12, 27):  # the last sketch's norm not read yet (first, resumed, after inf)
+            assert len(calls) == 3
+        else:
+            assert len(calls) == 2
+        fresh._last_sq = None  # forget it: three dots every step
+        assert rho == fresh.next_rho(_Stub([grad]))
+        assert cached.agreement == fresh.agreement and cached.peak == fresh.peak
+    assert cached.seen == fresh.seen == 37  # 39 comparisons but the inf one and the next
+
+
 def test_gradient_agreement_covers_its_whole_range_both_ways():
     """Batches that stop agreeing take the radius from 0.05 to 20x within 500 steps; batches
     that agree as at their best bring it back to the start, then to 0.2x (the slow way)."""

@@ -494,6 +494,7 @@ class GradientAgreement(AutoRho):
         self.best: float | None = None  # validation: the best loss so far
         self.bad = 0  # validation: reports in a row without improvement
         self._last: Tensor | None = None  # the last sketch, on the gradients' device
+        self._last_sq: tuple[Tensor, float] | None = None  # a sketch and its squared norm
         self._index: list[Tensor] = []
         self._flat: Tensor | None = None  # the sketch's coordinates in the gradient end to end
         self._buffers: list[Tensor] = []  # two sketches, used in turn (see _buffer)
@@ -579,13 +580,22 @@ class GradientAgreement(AutoRho):
         last = self._last
         if last is None and len(self.previous) == self.sketch:  # resumed from a state dict
             last = torch.tensor(self.previous, dtype=torch.float32, device=vec.device)
+        known = self._last_sq
+        self._last_sq = None
         if last is not None and last.shape == vec.shape:
-            dot, a, b = torch.stack(
-                [torch.dot(vec, last), torch.dot(vec, vec), torch.dot(last, last)]
-            ).tolist()
+            # ||last||^2 was read a step ago as that step's ||vec||^2 (the same dot of the same
+            # numbers, so the same bits): one dot fewer on the steps that follow a comparison
+            if known is not None and known[0] is last:
+                dot, a = torch.stack([torch.dot(vec, last), torch.dot(vec, vec)]).tolist()
+                b = known[1]
+            else:
+                dot, a, b = torch.stack(
+                    [torch.dot(vec, last), torch.dot(vec, vec), torch.dot(last, last)]
+                ).tolist()
             if not math.isfinite(dot + a + b):  # a non-finite gradient SAM steps with:
                 self._last, self.previous = None, []  # learn nothing, compare the next with none
                 return self.initial_rho * math.exp(self.log_rho)
+            self._last_sq = (vec, a)
             cos = dot / math.sqrt(a * b) if a > 0 and b > 0 else 0.0
             self.agreement = self.beta * self.agreement + (1.0 - self.beta) * cos
             self.seen += 1
