@@ -502,6 +502,7 @@ def test_a_validation_controller_told_nothing_warns_once_naming_observe_validati
     assert len(got) == 1
     assert got[0].filename == __file__  # points at the user's call, not at samkit
     assert "in 4 steps" in str(got[0].message) and "0.05" in str(got[0].message)
+    assert "rho='auto', the default, which learns from the gradients" in str(got[0].message)
 
 
 @pytest.mark.parametrize(

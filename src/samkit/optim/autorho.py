@@ -183,8 +183,8 @@ class AutoRho(RhoController):
                 f"reported in {self.warn_after} steps: until one is, this is SAM with the fixed "
                 f"radius {self.rho:g}. Report each evaluation with "
                 "opt.observe_validation(val_loss) (samkit's trainer, Lightning and the Hugging "
-                "Face callback do), or choose a controller that needs none "
-                "(rho='auto:loss_equated'); warn_after=None silences this.",
+                "Face callback do), or use rho='auto', the default, which learns from the "
+                "gradients without reports; warn_after=None silences this.",
                 NoValidationWarning,
                 stacklevel=_caller_level(),
             )
