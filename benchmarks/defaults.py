@@ -220,9 +220,19 @@ ROWS: list[Row] = [
         ("LookSAM", "ReuseOrthogonal"),
         lambda c: SAMMethod(samkit.LookSAM(c.base), "looksam"),
     ),
-    Row("ESAM", ("ESAM",), lambda c: ESAMMethod(samkit.ESAM(c.base))),
+    Row(
+        "ESAM",
+        ("ESAM",),
+        lambda c: ESAMMethod(samkit.ESAM(c.base, **_required(samkit.ESAM, gamma=0.5))),
+        args="gamma=0.5 (required; the paper's)",
+    ),
     Row("MicroBatchSAM", ("MicroBatchSAM",), lambda c: MSAMMethod(samkit.MicroBatchSAM(c.base))),
-    Row("KSAM", ("KSAM",), lambda c: KSAMMethod(samkit.KSAM(c.base))),
+    Row(
+        "KSAM",
+        ("KSAM",),
+        lambda c: KSAMMethod(samkit.KSAM(c.base, **_required(samkit.KSAM, fraction=1 / 3))),
+        args="fraction=1/3 (required; the paper's)",
+    ),
     Row(
         "MomentumSAM",
         ("MomentumSAM",),

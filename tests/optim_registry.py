@@ -669,7 +669,7 @@ METHODS: list[MethodInfo] = [
     ),
     MethodInfo(
         "esam",
-        lambda base, net, **kw: samkit.ESAM(base, seed=1, **kw),
+        lambda base, net, **kw: samkit.ESAM(base, seed=1, **{"gamma": 0.5, **kw}),
         {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
         closure_kind="per_sample",
         second_pass_call=3,  # after the selection forward
@@ -714,7 +714,7 @@ METHODS: list[MethodInfo] = [
     ),
     MethodInfo(
         "ksam",
-        lambda base, net, **kw: samkit.KSAM(base, **kw),
+        lambda base, net, **kw: samkit.KSAM(base, **{"fraction": 0.5, **kw}),
         {"rho": 0.05, "fraction": 0.5},
         closure_kind="per_sample",
         first_pass_call=2,  # after the selection forward

@@ -109,7 +109,7 @@ def test_the_class_form_refuses_a_bad_rho_string_before_building_the_base_optimi
     [
         lambda ps: samkit.GSAM(torch.optim.SGD(ps, lr=0.1), rho="auto"),
         lambda ps: samkit.LookSAM(torch.optim.SGD(ps, lr=0.1), rho="auto", k=2),
-        lambda ps: samkit.ESAM(torch.optim.SGD(ps, lr=0.1), rho="auto"),
+        lambda ps: samkit.ESAM(torch.optim.SGD(ps, lr=0.1), rho="auto", gamma=0.5),
         lambda ps: samkit.MicroBatchSAM(torch.optim.SGD(ps, lr=0.1), rho="auto"),
         lambda ps: samkit.SAM(torch.optim.SGD(ps, lr=0.1), rho="auto", policy=samkit.EveryK(2)),
     ],

@@ -11,10 +11,12 @@ at this size (SAM-type methods trail SGD by 0-4.4 points this early in
 training, over seeds 0-2) and well inside the breakage it is there for: the old
 defaults, run at the same size as the ``reference`` rows, are 17-34 points
 below (checked below, so the margin cannot drift out of reach of what it must
-catch). ESAM and K-SAM select part of each batch for the update (half, a
-third), which this early trails SGD by 7-24 points over seeds 0-2 (and, in the
-quick benchmark, by 7-27 points with Adam): they get 30 points, which still
-catches a fall to chance (34 below). docs/variants.md, "Defaults", has the
+catch). ESAM and K-SAM select part of each batch for the update, and their
+share has no default (it is required, with an error that gives these
+numbers); their rows use the papers' shares (a half, a third), which this
+early trail SGD by 7-24 points over seeds 0-2 (and, in the quick benchmark, by
+7-27 points with Adam): they get 30 points, which still catches a fall to
+chance (34 below). docs/variants.md, "Defaults", has the
 numbers.
 
 The coverage test holds the list of rows to ``samkit.__all__``: a new public
@@ -134,13 +136,19 @@ def test_pieces_covered_by_the_class_that_assembles_them_share_its_defaults():
 
 
 def test_defaults_that_issue_20_changed():
-    """LookSAM's alpha is 0.2 (the paper's 0.7 is for ViTs); Momentum-SAM's rho is required;
-    EveryK uses rho as given (Composer's rho x k is opt-in)."""
+    """LookSAM's alpha is 0.2 (the paper's 0.7 is for ViTs); Momentum-SAM's rho, ESAM's gamma
+    and K-SAM's fraction are required; EveryK uses rho as given (Composer's rho x k is
+    opt-in)."""
     w = torch.nn.Parameter(torch.zeros(2))
     assert samkit.LookSAM(torch.optim.SGD([w], lr=0.1)).alpha == 0.2
     assert samkit.ReuseOrthogonal().alpha == 0.2
     with pytest.raises(ValueError, match="Invalid rho value: None"):
         samkit.MomentumSAM(torch.optim.SGD([w], lr=0.1, momentum=0.9))
+    # ESAM's and K-SAM's selections are the methods, and cost accuracy: asked for, not assumed
+    with pytest.raises(ValueError, match=r"Invalid gamma value: None;.*gamma=0\.5 for the paper"):
+        samkit.ESAM(torch.optim.SGD([w], lr=0.1))
+    with pytest.raises(ValueError, match=r"Invalid fraction value: None;.*fraction=1/3 for the"):
+        samkit.KSAM(torch.optim.SGD([w], lr=0.1))
     assert samkit.EveryK().scale_rho is False and samkit.EveryK().k == 10
 
 

@@ -98,7 +98,7 @@ def _closure(model, x, y):
 
 def test_closure_must_return_per_sample_losses():
     x, y, w = _problem(2)
-    opt = ESAM(torch.optim.SGD([w], lr=0.1))
+    opt = ESAM(torch.optim.SGD([w], lr=0.1), gamma=0.5)
     with pytest.raises(ValueError, match=r"per-sample losses of shape \[n\].*got shape \(\)"):
         opt.step(lambda index=None: _per_sample(w, x, y).mean())
 
@@ -115,4 +115,4 @@ def test_closure_must_return_per_sample_losses():
 )
 def test_invalid_arguments_raise_value_error_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ESAM(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1), **kwargs)
+        ESAM(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1), **{"gamma": 0.5, **kwargs})

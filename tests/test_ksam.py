@@ -103,7 +103,7 @@ def test_fraction_one_is_sam_on_the_whole_batch():
 
 def test_a_closure_that_returns_a_mean_is_refused_before_any_change():
     x, y, w = _problem(6)
-    opt = samkit.KSAM(torch.optim.SGD([w], lr=0.1))
+    opt = samkit.KSAM(torch.optim.SGD([w], lr=0.1), fraction=1 / 3)
     w0 = w.detach().clone()
     with pytest.raises(
         ValueError, match=r"Invalid closure value: K-SAM's closure must return per-sample"

@@ -345,7 +345,7 @@ def test_without_sam_nothing_changes():
 
 def test_esam_is_refused_with_the_supported_way():
     def make_opt(params, **kw):
-        return samkit.ESAM(torch.optim.SGD(params, lr=0.1), rho=0.1, **kw)
+        return samkit.ESAM(torch.optim.SGD(params, lr=0.1), rho=0.1, gamma=0.5, **kw)
 
     with pytest.raises(ValueError, match="use samkit.SAM, GSAM or LookSAM under Lightning"):
         fit(Net(make_opt))
