@@ -498,13 +498,18 @@ class CurvatureOperator:
             self.memory_budget
         ):
             return  # every graph fits, or smaller chunks save nothing: keep them as they are
-        # (a hair over the quotient: a budget of exactly k samples' graphs allows k)
-        size = int((self.memory_budget / 2 - fixed) / per_sample * (1 + 1e-9))
+
+        def samples_in(room: float) -> int:
+            """The samples whose graph fits in ``room`` bytes (a hair over the quotient:
+            a room of exactly k samples' graphs allows k)."""
+            return int((room - fixed) / per_sample * (1 + 1e-9))
+
+        size = samples_in(self.memory_budget / 2)
         if size < 1:
             # not even one sample's graph in half the budget (the fixed part, the gradient
             # kept with each graph, takes it): chunks that fill the budget, built one at a
             # time and none kept, as a peer that rebuilds one batch's graph per product
-            size = max(1, int((self.memory_budget - fixed) / per_sample * (1 + 1e-9)))
+            size = max(1, samples_in(self.memory_budget))
         if size >= max(batch_size(b) for b in self.batches):
             return
         self.batches = prepare_batches(self.batches, max_batch_size=size)
