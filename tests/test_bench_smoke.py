@@ -237,3 +237,42 @@ def test_autorho_signals_read_the_ascent_as_the_first_order_law_says():
     assert double["ratio"][0] / small["ratio"][0] == pytest.approx(2.0, rel=0.02)
     assert max(abs(t) for t in small["transfer"][:5]) < 0.01
     assert all(-1.0 <= a <= 1.0 for a in small["agree"])
+
+
+def test_autorho_no_report_mode_is_a_hand_written_plain_loop(tmp_path):
+    """The autorho benchmark's "no reports" runs go through samkit's trainer with every
+    validation report dropped; a loop written by hand (the same batches, the same cosine
+    learning rate, ``opt.step(closure)`` and nothing else) gives the same run to the last
+    bit: the same radius after every epoch and the same validation loss at the end."""
+    from samkit.experiments.batches import evaluate, train_batches
+    from samkit.experiments.trainer import lr_factor
+
+    autorho = load("autorho")
+    cfg = autorho.run_config("cnn_clean", "auto:gradient_agreement@plain", 0, 4)
+    rec = autorho.train_one(cfg, tmp_path)
+
+    model, opt, data = autorho.build(cfg)  # the benchmark's model, data and SAM(rho="auto")
+    loss_fn = torch.nn.functional.cross_entropy
+    steps = len(data.train) // cfg["batch_size"]
+    base_lr = opt.param_groups[0]["lr"]
+    rhos = []
+    for epoch in range(cfg["epochs"]):
+        for i, (x, y, _) in enumerate(train_batches(data.train, cfg["batch_size"], 0, epoch)):
+            for group in opt.param_groups:
+                group["lr"] = base_lr * lr_factor(
+                    epoch * steps + i, cfg["epochs"] * steps, "cosine", 0
+                )
+
+            def closure(x=x, y=y):
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad(set_to_none=True)
+        rhos.append(float(opt.param_groups[0]["rho"]))
+    val_loss = evaluate(model, data.val)["loss"]  # the trainer's evaluation
+
+    assert len(set(rhos)) > 1  # "auto" moved the radius: the comparison is not of constants
+    assert rec["rho"] == rhos, (rec["rho"], rhos)
+    assert rec["final"]["val_loss"] == val_loss
