@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from distributed_harness import load, run_scenarios
@@ -263,6 +264,12 @@ class _Stub:
 
     def grads(self):
         return self._grads
+
+    def params(self):  # the same tensors at every step, as a model's
+        return _STUB_PARAMS[: len(self._grads)]
+
+
+_STUB_PARAMS = [torch.zeros(1) for _ in range(8)]
 
 
 def test_gradient_agreement_reads_each_sketch_norm_once_with_the_same_bits(monkeypatch):
@@ -555,11 +562,130 @@ def test_a_bad_warn_after_is_refused_naming_it(bad):
         samkit.ValidationPlateau(warn_after=bad)
 
 
-def test_a_non_finite_validation_loss_is_ignored():
+def test_a_non_finite_validation_loss_is_ignored_and_said_so():
     model, base = _problem()
     opt = samkit.SAM(base, rho=samkit.ValidationPlateau(0.05, patience=1))
-    used = _train_with_reports(opt, model, [1.0, float("nan"), float("inf"), 2.0])
+    with pytest.warns(RuntimeWarning, match="validation loss (nan|inf) is not finite") as caught:
+        used = _train_with_reports(opt, model, [1.0, float("nan"), float("inf"), 2.0])
     assert used == pytest.approx([0.05, 0.05, 0.05, 0.05, 0.075])
+    assert [w.filename for w in caught] == [__file__] * 2  # the loop's line, not samkit's
+
+
+@pytest.mark.parametrize("rho", [0.05, "auto", "auto:validation_plateau"])
+@pytest.mark.parametrize(
+    "loss", ["0.5", True, None, [0.5], torch.ones(2), torch.tensor(True), object()]
+)
+def test_observe_validation_refuses_what_is_not_one_number(rho, loss):
+    """With a fixed radius too: a loop that reports garbage is told at once, not when it
+    switches to rho='auto'."""
+    model, base = _problem()
+    opt = samkit.SAM(base, rho=rho)
+    with pytest.raises(ValueError, match="Invalid loss value"):
+        opt.observe_validation(loss)
+
+
+@pytest.mark.parametrize(
+    "loss", [0.5, 1, np.float32(0.5), torch.tensor(0.5), torch.tensor([0.5]), 10**400]
+)
+def test_observe_validation_takes_a_number_or_a_one_element_tensor(loss):
+    model, base = _problem()
+    opt = samkit.SAM(base, rho="auto:validation_plateau")
+    if isinstance(loss, int) and loss > 10**300:  # beyond float: infinite, ignored, said so
+        with pytest.warns(RuntimeWarning, match="not finite"):
+            opt.observe_validation(loss)
+        assert opt.rho_controller._pending == [0.0, 0.0]
+        return
+    opt.observe_validation(loss)
+    assert opt.rho_controller._pending == [float(loss), 1.0]
+
+
+@pytest.mark.parametrize("name", ["validation_plateau", "gradient_agreement"])
+def test_a_negative_validation_loss_that_worsens_is_a_plateau(name):
+    """``(1 - tol) * best`` lies above a negative best: the rule takes the improvement's
+    size from |best|, so a loss shifted below zero gives the same radii as above zero."""
+    rises = [-10.0 + 0.005 * k for k in range(6)]  # worse and worse
+    runs = {}
+    for shift in (0.0, 20.0):
+        model, base = _problem()
+        opt = samkit.SAM(base, rho=f"auto:{name}")
+        runs[shift] = _train_with_reports(opt, model, [v + shift for v in rises])
+    assert runs[0.0] == runs[20.0]
+    assert runs[0.0][-1] > runs[0.0][0]  # the plateaus raised it
+
+
+# ---------------------------------------------------- what a user can get wrong
+
+
+def test_a_controller_instance_under_asam_starts_at_asams_scale_as_the_name_does():
+    """ "Default 0.05; 0.5 for ASAM" holds for ``rho=GradientAgreement()`` as for
+    ``rho="auto"``, and for an Adaptive perturbation inside a wrapper; a radius given is
+    kept."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    for cls in autorho.CONTROLLERS.values():
+        opt = samkit.SAM(torch.optim.SGD([w], lr=0.1), rho=cls(), adaptive=True)
+        assert opt.rho_controller.initial_rho == 0.5, cls
+        assert opt.param_groups[0]["rho"] == 0.5
+    wrapped = samkit.RandomSubset(0.5, inner=samkit.Adaptive())
+    opt = samkit.SAM(torch.optim.SGD([w], lr=0.1), rho="auto", perturbation=wrapped)
+    assert opt.rho_controller.initial_rho == 0.5
+    opt = samkit.ESAM(torch.optim.SGD([w], lr=0.1), rho="auto", gamma=1.0,
+                      perturbation=samkit.Adaptive())  # fmt: skip
+    assert opt.rho_controller.initial_rho == 0.5
+    given = samkit.SAM(torch.optim.SGD([w], lr=0.1), rho=samkit.GradientAgreement(0.2),
+                       adaptive=True)  # fmt: skip
+    assert given.rho_controller.initial_rho == 0.2
+
+
+def test_one_controller_for_two_optimizers_is_refused():
+    w, v = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    controller = samkit.ValidationPlateau()
+    samkit.SAM(torch.optim.SGD([w], lr=0.1), rho=controller)
+    base = torch.optim.SGD([v], lr=0.1)
+    with pytest.raises(ValueError, match="Invalid rho value: .*already sets another"):
+        samkit.SAM(base, rho=controller)
+    assert "rho" not in base.param_groups[0]  # refused before SAM touched the base
+
+
+@pytest.mark.parametrize(
+    "controller",
+    [
+        lambda: samkit.ValidationPlateau(0.1, rho_max=0.05),
+        lambda: samkit.LossEquated(0.1, rho_max=0.05),
+        lambda: samkit.ValidationPlateau(rho_max=0.3),  # below ASAM's start 0.5
+    ],
+)
+def test_a_ceiling_below_the_start_is_refused(controller):
+    w = torch.nn.Parameter(torch.zeros(3))
+    base = torch.optim.SGD([w], lr=0.1)
+    with pytest.raises(ValueError, match="Invalid rho_max value: .* below the starting"):
+        samkit.SAM(base, rho=controller(), adaptive=True)
+    assert "rho" not in base.param_groups[0]
+
+
+def test_gradient_agreement_compares_only_sketches_of_the_same_tensors():
+    """A tensor without a gradient on some steps (a branch not taken) changes the sketch's
+    coordinates: the cosine is taken only between sketches of the same tensors, so a
+    gradient that repeats exactly on A reads as full agreement, not as noise."""
+    a, b = torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(1000))
+    ga = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    opt = samkit.SAM(
+        torch.optim.SGD([a, b], lr=0.0), rho=samkit.GradientAgreement(warmup=0, sketch=256)
+    )
+    for step in range(40):
+        opt.zero_grad(set_to_none=True)
+        a.grad = ga.clone()
+        if step % 2:
+            b.grad = torch.randn(1000, generator=torch.Generator().manual_seed(step))
+        opt.first_step()
+        opt.second_step()
+    controller = opt.rho_controller
+    assert controller.seen == 0  # every step changed the tensors: no cosine across them
+    opt.zero_grad(set_to_none=True)
+    for _ in range(30):  # A alone, the same gradient: cosines of 1
+        a.grad = ga.clone()
+        opt.first_step()
+        opt.second_step()
+    assert controller.relative() == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------ groups
@@ -618,6 +744,70 @@ def test_a_controller_state_of_another_kind_or_incomplete_is_refused_and_changes
     del sd["samkit"]["rho"]["bad"]
     with pytest.raises(ValueError, match=r"has no \['bad'\]"):
         opt.load_state_dict(sd)
+
+
+_NAN = float("nan")
+#: per controller, fields a hand-edited or damaged checkpoint may hold (each refused)
+MALFORMED = {
+    "gradient_agreement": [
+        {"log_rho": None}, {"log_rho": _NAN}, {"agreement": _NAN}, {"agreement": 3.0},
+        {"peak": _NAN}, {"seen": -1}, {"seen": 2.5}, {"bad": -3}, {"bad": 1.5},
+        {"best": _NAN}, {"previous": [_NAN] * 4096}, {"pending": [5.0, 0.5]},
+        {"pending": [_NAN, 1.0]}, {"scales": [1.0, 1.0]},
+    ],
+    "validation_plateau": [
+        {"rho_max": _NAN}, {"rho_max": -1.0}, {"rho_max": None}, {"bad": None}, {"best": _NAN},
+    ],
+    "loss_equated": [
+        {"sigma": _NAN}, {"norm_count": -1}, {"norm_sum": None}, {"rho_max": 0.0},
+        {"lr0": -1.0},
+    ],
+    "validation_search": [
+        {"arm": 50}, {"center": -1.0}, {"center": None}, {"last": _NAN}, {"deltas": [1, 2, 3, 4]},
+        {"deltas": [_NAN]},
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "corrupt"), [(n, c) for n, cases in MALFORMED.items() for c in cases]
+)
+def test_a_malformed_controller_state_is_refused_and_changes_nothing(name, corrupt):
+    model, base = _problem()
+    opt = samkit.SAM(base, rho=f"auto:{name}")
+    _train_with_reports(opt, model, [1.0, 1.1, 1.2, 1.3])
+    good = opt.state_dict()
+    sd = opt.state_dict()
+    sd["samkit"]["rho"] = {**sd["samkit"]["rho"], **corrupt}
+    with pytest.raises(ValueError, match=f"Invalid state value: .*{next(iter(corrupt))}"):
+        opt.load_state_dict(sd)
+    assert opt.state_dict()["samkit"] == good["samkit"]
+
+
+def test_a_state_saved_before_a_new_group_stepped_keeps_that_groups_scale():
+    """A run saved between add_param_group and its next step has one scale fewer; the group
+    keeps the scale this optimizer gave it, not one read from the loaded radius."""
+    model, base = _problem(groups=(0.1, 0.0))
+    opt = samkit.SAM(base, rho=samkit.ValidationPlateau(0.05, patience=1))
+    _train_with_reports(opt, model, [1.0, 1.1, 1.2])  # the radius rose
+    extra = nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [extra], "rho": 0.1})
+    sd = opt.state_dict()
+    assert len(sd["samkit"]["rho"]["scales"]) == 2
+    model2, base2 = _problem(groups=(0.1, 0.0))
+    opt2 = samkit.SAM(base2, rho=samkit.ValidationPlateau(0.05, patience=1))
+    opt2.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "rho": 0.1})
+    opt2.load_state_dict(sd)
+    opt.zero_grad()
+    opt.step(_closure(model, *_batch(5)))
+    opt2.step(_closure(model2, *_batch(5)))
+    assert opt2.rho_controller.scales == opt.rho_controller.scales == [2.0, 0.0, 2.0]
+    assert [g["rho"] for g in opt2.param_groups] == [g["rho"] for g in opt.param_groups]
+    # a state with no scales at all (hand-edited) keeps this optimizer's, not ones read
+    # back from the loaded radius
+    sd["samkit"]["rho"]["scales"] = []
+    opt2.load_state_dict(sd)
+    assert opt2.rho_controller.scales == [2.0, 0.0, 2.0]
 
 
 def test_a_checkpoint_from_a_fixed_rho_run_loads_and_the_controller_starts_afresh():

@@ -224,3 +224,27 @@ def test_the_follow_lr_hint_is_given_for_an_lr_range_error_only():
     assert samkit.GSAM(torch.optim.SGD([w], lr=0.0), follow_lr=False).param_groups[0]["rho"] == 0.05
     with pytest.raises(ValueError, match=r"got extra \['lr_max'\]\)$"):
         samkit.GSAM(torch.optim.SGD([w], lr=0.1), lr_max=0.5)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"rho": "auto", "rho_min": 0.01}, r"Invalid rho_min value: 0\.01 .*rho='auto' turns off"),
+        ({"rho": "auto", "lr_min": 0.001}, r"Invalid lr_min value: 0\.001"),
+        ({"rho": 0.05, "follow_lr": False, "rho_min": 0.01}, "follow_lr=False turns off"),
+        ({"rho": "auto", "rho_min": float("nan")}, "Invalid rho_min value: nan"),
+        ({"rho": "auto", "lr_min": "x"}, "Invalid lr_min value: 'x'"),
+        ({"rho": 0.05, "follow_lr": False, "rho_min": float("nan")}, "Invalid rho_min value"),
+    ],
+)
+def test_the_schedules_arguments_are_checked_and_refused_where_they_would_be_ignored(kw, match):
+    w = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=match):
+        samkit.GSAM(torch.optim.SGD([w], lr=0.1), **kw)
+
+
+def test_gsam_takes_a_controller_instance_as_it_takes_auto():
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = samkit.GSAM(torch.optim.SGD([w], lr=0.1), rho=samkit.ValidationPlateau(0.1))
+    assert isinstance(opt.rho_controller, samkit.ValidationPlateau)
+    assert opt.param_groups[0]["rho"] == 0.1

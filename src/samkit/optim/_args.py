@@ -36,6 +36,7 @@ __all__ = [
     "existing_grads",
     "check_closure_backward",
     "check_first_pass_grads",
+    "reported_loss",
 ]
 
 
@@ -47,6 +48,9 @@ class Default(float):
 
 
 RHO, ETA, ZERO = Default(0.05), Default(0.01), Default(0.0)
+
+#: a validation loss given to ``observe_validation``, checked (also for controllers used alone)
+reported_loss = autorho.reported_loss
 
 
 def _was_given(name: str, value: object) -> bool:
@@ -80,9 +84,15 @@ def check(
     check_flag("foreach", kw["foreach"], none=True)
     check_flag("skip_nonfinite", kw["skip_nonfinite"], none=True)
     rho = kw["rho"]
+    if isinstance(rho, RhoController) and getattr(rho, "groups", None) is not None:
+        raise ValueError(
+            f"Invalid rho value: {rho!r} already sets another optimizer's radius (a controller "
+            "keeps one optimizer's state); give each optimizer its own instance"
+        )
     if isinstance(rho, str):  # "auto" / "auto:<name>": a self-tuning controller
         rho = autorho.controller_from_name(rho)
-        rho.adapt_to(adaptive=bool(kw["adaptive"]) or isinstance(kw["perturbation"], Adaptive))
+    if isinstance(rho, autorho.AutoRho):  # named or an instance: ASAM's scale unless given
+        rho.adapt_to(adaptive=bool(kw["adaptive"]) or is_adaptive(kw["perturbation"]))
     base = _base_optimizer(params_or_optimizer, base_class, base_kwargs, given, kw["foreach"])
     controller = rho if isinstance(rho, RhoController) else None
     rho = controller.initial_rho if controller is not None else rho
@@ -95,6 +105,16 @@ def check(
         )
     _refuse_closure_stepping(base)
     return Checked(base, controller, rho)
+
+
+def is_adaptive(perturbation: Perturbation | None) -> bool:
+    """Whether the ascent is ASAM's (:class:`Adaptive`), also inside a wrapper's ``inner``."""
+    seen = 0
+    while perturbation is not None and seen < 16:
+        if isinstance(perturbation, Adaptive):
+            return True
+        perturbation, seen = getattr(perturbation, "inner", None), seen + 1
+    return False
 
 
 def _base_optimizer(

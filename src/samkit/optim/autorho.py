@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._checks import check_int, check_nonneg, check_pos
+from .._checks import check_int, check_nonneg, check_pos, is_number
 from . import _ddp
 from .rho import RhoController
 
@@ -117,6 +117,8 @@ class AutoRho(RhoController):
         """Called by SAM before :meth:`bind`: the starting radius for ASAM when none was given."""
         if adaptive and not self._rho_given:
             self.initial_rho = self.rho = START_RHO["adaptive"]
+        # before SAM touches the groups: a ceiling given below this start is refused
+        _check_ceiling(getattr(self, "rho_max", None), self.initial_rho)
 
     def _scale(self, group_rho: float) -> float:
         return float(group_rho) / self.initial_rho if self.initial_rho > 0 else 0.0
@@ -153,11 +155,9 @@ class AutoRho(RhoController):
 
     # ---- validation feedback
     def observe_validation(self, loss: float) -> None:
-        if not self.uses_validation:
-            return
-        loss = float(loss)
-        if math.isfinite(loss):
-            self._pending[0] += loss
+        value = reported_loss(loss)
+        if self.uses_validation and value is not None:
+            self._pending[0] += value
             self._pending[1] += 1.0
 
     def _gather_validation(self, view: StepView) -> None:
@@ -215,6 +215,13 @@ class AutoRho(RhoController):
             raise ValueError(f"Invalid state value: the {self.name} state has no {missing}")
         values = {k: _copy(state[k]) for k in keys}
         _check_state(self.name, values)
+        if len(values["scales"]) > len(self.scales) and getattr(self, "groups", None) is not None:
+            raise ValueError(
+                f"Invalid state value: {self.name} scales for {len(values['scales'])} param "
+                f"groups, this optimizer has {len(self.scales)}"
+            )
+        # groups the saved run had not stepped with yet keep this optimizer's scales
+        values["scales"] += self.scales[len(values["scales"]) :]
         for k, v in values.items():
             if k == "pending":
                 self._pending = v
@@ -239,6 +246,53 @@ def _caller_level() -> int:
     return level
 
 
+def reported_loss(loss: Any) -> float | None:
+    """A validation loss given to ``observe_validation``, as a float: a number or a
+    one-element tensor (anything else is a ValueError naming ``loss``). A non-finite one (an
+    evaluation of a diverged model) is None, with a warning: a controller learns nothing
+    from it, and a loop that reports NaN is told so rather than left to think it reported."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1 or loss.dtype == torch.bool or loss.is_complex():
+            raise ValueError(
+                f"Invalid loss value: a {loss.dtype} tensor of shape {tuple(loss.shape)} (the "
+                "validation loss: a number or a one-element real tensor)"
+            )
+        value = float(loss.detach().reshape(()).item())
+    elif is_number(loss):
+        try:
+            value = float(loss)
+        except OverflowError:  # an int beyond float's range
+            value = math.inf
+    else:
+        raise ValueError(f"Invalid loss value: {loss!r} (the validation loss: a number)")
+    if not math.isfinite(value):
+        warnings.warn(
+            f"observe_validation: the validation loss {value!r} is not finite and is ignored "
+            "(the radius learns nothing from this evaluation)",
+            RuntimeWarning,
+            stacklevel=_caller_level(),
+        )
+        return None
+    return value
+
+
+def _improves(loss: float, best: float | None, tol: float) -> bool:
+    """Whether ``loss`` improves on ``best`` by the relative ``tol`` (for a negative best too:
+    ``(1 - tol) * best`` would then lie above it, and a worse loss would count as better)."""
+    if best is None:
+        return True
+    return loss < ((1.0 - tol) * best if best >= 0 else (1.0 + tol) * best)
+
+
+def _check_ceiling(rho_max: float | None, start: float) -> None:
+    """A ceiling below the starting radius would pull the radius down at the first raise."""
+    if rho_max is not None and rho_max < start:
+        raise ValueError(
+            f"Invalid rho_max value: {rho_max!r} is below the starting radius {start!r} "
+            "(the ceiling the radius may rise to)"
+        )
+
+
 def _copy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _copy(v) for k, v in value.items()}
@@ -247,30 +301,56 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def _check_state(name: str, values: dict[str, Any]) -> None:
-    def numbers(v: Any) -> bool:
-        if isinstance(v, list):
-            return all(numbers(x) for x in v)
-        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+
+def _cosine(v: Any) -> bool:
+    """An average of cosines (a rounding above 1 included)."""
+    return _finite(v) and abs(v) <= 1.0 + 1e-6
+
+
+def _count(v: Any) -> bool:
+    return _finite(v) and v >= 0 and float(v).is_integer()
+
+
+#: What each saved field may hold (a state dict is a file a user hands us: checked, not
+#: trusted): numbers in their range, None only where the controller starts with None.
+_STATE_RULES: dict[str, tuple[str, Any]] = {
+    "rho": ("a number >= 0", lambda v: _finite(v) and v >= 0),
+    "initial_rho": ("a number >= 0", lambda v: _finite(v) and v >= 0),
+    "scales": ("numbers >= 0", lambda v: all(_finite(x) and x >= 0 for x in v)),
+    "pending": (
+        "a sum and a count",
+        lambda v: len(v) == 2 and _finite(v[0]) and _count(v[1]),
+    ),
+    "log_rho": ("a number", _finite),
+    "agreement": ("a number in [-1, 1]", lambda v: _cosine(v)),
+    "peak": ("None or a number in [-1, 1]", lambda v: v is None or _cosine(v)),
+    "seen": ("a count", _count),
+    "previous": ("numbers", lambda v: all(_finite(x) for x in v)),
+    "best": ("None or a number", lambda v: v is None or _finite(v)),
+    "bad": ("a count", _count),
+    "sigma": ("None or a number >= 0", lambda v: v is None or (_finite(v) and v >= 0)),
+    "rho_max": ("a number > 0", lambda v: _finite(v) and v > 0),
+    "norm_sum": ("a number >= 0", lambda v: _finite(v) and v >= 0),
+    "norm_count": ("a count", _count),
+    "lr0": ("None or a number >= 0", lambda v: v is None or (_finite(v) and v >= 0)),
+    "center": ("a number >= 0", lambda v: _finite(v) and v >= 0),
+    "arm": ("-1, 0 or 1", lambda v: _finite(v) and v in (-1, 0, 1)),
+    "last": ("None or a number", lambda v: v is None or _finite(v)),
+    "deltas": ("up to 3 numbers", lambda v: len(v) <= 3 and all(_finite(x) for x in v)),
+}
+_LISTS = ("scales", "pending", "previous", "deltas")
+
+
+def _check_state(name: str, values: dict[str, Any]) -> None:
     for key, value in values.items():
-        if not numbers(value):
-            raise ValueError(f"Invalid state value: {name} {key} = {value!r} (expected numbers)")
-    for key in ("rho", "initial_rho"):
-        if not (isinstance(values[key], (int, float)) and 0 <= values[key] < math.inf):
-            raise ValueError(f"Invalid state value: {name} {key} = {values[key]!r} (must be >= 0)")
-    scales, pending = values["scales"], values["pending"]
-    if not isinstance(scales, list) or not all(
-        isinstance(v, (int, float)) and 0 <= v < math.inf for v in scales
-    ):
-        raise ValueError(f"Invalid state value: {name} scales = {scales!r} (numbers >= 0)")
-    if (
-        not isinstance(pending, list)
-        or len(pending) != 2
-        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pending)
-        or pending[1] < 0
-    ):
-        raise ValueError(f"Invalid state value: {name} pending = {pending!r} (a sum and a count)")
+        what, ok = _STATE_RULES[key]
+        if key in _LISTS and not isinstance(value, list):
+            ok = None
+        if ok is None or not ok(value):
+            raise ValueError(f"Invalid state value: {name} {key} = {value!r} (expected {what})")
 
 
 # --------------------------------------------------------------------- LE-SAM
@@ -336,6 +416,7 @@ class LossEquated(AutoRho):
         self.lr0: float | None = None
 
     def bind(self, groups: RhoGroups) -> None:
+        _check_ceiling(self.rho_max, self.initial_rho)
         super().bind(groups)
         if self.rho_max is None:
             self.rho_max = 10.0 * self.initial_rho
@@ -498,12 +579,18 @@ class GradientAgreement(AutoRho):
         self._index: list[Tensor] = []
         self._flat: Tensor | None = None  # the sketch's coordinates in the gradient end to end
         self._buffers: list[Tensor] = []  # two sketches, used in turn (see _buffer)
-        self._shapes: tuple[tuple[int, ...], ...] = ()
+        # the tensors with gradients and their shapes, for which _index was computed
+        self._shapes: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     # ---- the sketch
-    def _indices(self, grads: list[Tensor]) -> list[Tensor]:
-        shapes = tuple(tuple(g.shape) for g in grads)
+    def _indices(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        shapes = tuple((id(p), tuple(g.shape)) for p, g in zip(params, grads))
         if shapes != self._shapes:
+            if self._shapes:
+                # other tensors have gradients this step (a branch not taken, a frozen layer):
+                # the sketch's coordinates change, and a cosine with the last sketch, over
+                # other coordinates, would be noise: compare from the next step on
+                self._last, self._last_sq, self.previous = None, None, []
             total = sum(g.numel() for g in grads)
             stride = max(1, -(-total // self.sketch))
             index, starts, offset = [], [], 0
@@ -529,7 +616,7 @@ class GradientAgreement(AutoRho):
     def _read(self, view: StepView) -> Tensor:
         grads = view.grads()
         device = grads[0].device if grads else torch.device("cpu")
-        index = self._indices(grads)
+        index = self._indices(view.params(), grads)
         if self._flat is not None:
             whole = torch.cat([g.reshape(-1) for g in grads])
             vec = self._buffer(device)
@@ -620,7 +707,7 @@ class GradientAgreement(AutoRho):
         self.log_rho = min(max(self.log_rho + step, math.log(self.low)), math.log(self.high))
 
     def on_validation(self, loss: float) -> None:
-        if self.best is None or loss < (1.0 - self.tol) * self.best:
+        if _improves(loss, self.best, self.tol):
             self.best, self.bad = loss, 0
             return
         self.bad += 1
@@ -682,11 +769,12 @@ class ValidationPlateau(AutoRho):
         warn_after: steps without a validation report before one warning
             (default 1000; None: never).
 
-    Example (``rho="auto"`` is this controller; a report applies at the next step):
+    Example (a report applies at the next step):
 
     >>> import torch, samkit
     >>> model = torch.nn.Linear(2, 1)
-    >>> opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto")
+    >>> base = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> opt = samkit.SAM(base, rho="auto:validation_plateau")
     >>> x, y = torch.randn(8, 2), torch.randn(8, 1)
     >>> def closure():
     ...     loss = torch.nn.functional.mse_loss(model(x), y)
@@ -726,6 +814,7 @@ class ValidationPlateau(AutoRho):
         self.bad = 0
 
     def bind(self, groups: RhoGroups) -> None:
+        _check_ceiling(self.rho_max, self.initial_rho)
         super().bind(groups)
         if self.rho_max is None:
             self.rho_max = 8.0 * self.initial_rho
@@ -734,7 +823,7 @@ class ValidationPlateau(AutoRho):
         return self.rho
 
     def on_validation(self, loss: float) -> None:
-        if self.best is None or loss < (1.0 - self.tol) * self.best:
+        if _improves(loss, self.best, self.tol):
             self.best, self.bad = loss, 0
             return
         self.bad += 1

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._checks import check_flag, check_rho
+from .._checks import check_flag, check_nonneg, check_rho
 from .mix import SurrogateGap
-from .rho import FollowLR, LrRangeError
+from .rho import FollowLR, LrRangeError, RhoController
 from .sam import SAM
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,8 +48,9 @@ class GSAM(SAM):
     Args:
         params_or_optimizer, base_optimizer: as :class:`~samkit.SAM`.
         rho: the radius at the peak learning rate (default 0.05), or ``"auto"``
-            (:mod:`samkit.optim.autorho`; its controller then sets rho instead
-            of the lr schedule, and ``follow_lr`` is ignored).
+            or a rho controller (:mod:`samkit.optim.autorho`; it then sets rho
+            instead of the lr schedule: ``follow_lr`` is ignored, and ``rho_min`` /
+            ``lr_min`` are refused).
         alpha: weight of the ascent along :math:`g_\perp` (default 0.1; the
             paper tunes it per model; ``alpha=0`` is SAM with the rho schedule).
         follow_lr: tie rho to the learning rate (default True). Each step,
@@ -82,7 +83,7 @@ class GSAM(SAM):
         params_or_optimizer: ParamsT | torch.optim.Optimizer,
         base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
-        rho: float | str = 0.05,
+        rho: float | str | RhoController = 0.05,
         alpha: float = 0.1,
         follow_lr: bool = True,
         rho_min: float = 0.0,
@@ -96,9 +97,18 @@ class GSAM(SAM):
                 "Invalid mix value: GSAM's mix is its surrogate-gap term; use SAM(..., mix=...)"
             )
         kwargs.pop("mix", None)
-        if isinstance(rho, str):  # "auto": a self-tuning controller replaces the lr schedule
-            radius: float | str | FollowLR = rho
-        else:
+        rho_min, lr_min = check_nonneg("rho_min", rho_min), check_nonneg("lr_min", lr_min)
+        # "auto" or a controller: it sets the radius instead of the lr schedule
+        controlled = isinstance(rho, (str, RhoController))
+        if (controlled or not follow_lr) and (rho_min or lr_min):
+            name, value = ("rho_min", rho_min) if rho_min else ("lr_min", lr_min)
+            off = f"rho={rho!r}" if controlled else "follow_lr=False"
+            raise ValueError(
+                f"Invalid {name} value: {value!r} shapes GSAM's rho-follows-lr schedule, which "
+                f"{off} turns off (it would be ignored)"
+            )
+        radius: float | str | RhoController = rho
+        if not isinstance(rho, (str, RhoController)):
             check_rho("rho", rho)
             radius = FollowLR(rho, rho_min=rho_min, lr_min=lr_min) if follow_lr else rho
         try:

@@ -222,13 +222,12 @@ class SAM(_state.StateDict, Wrapper):
         self._sharded = self._sharded or _fsdp.holds_dtensors(self.param_groups[-1]["params"])
 
     def observe_validation(self, loss: float) -> None:
-        """Report a validation loss (the study's trainer and the integrations do).
-
-        Only a rho controller that learns from validation uses it; otherwise
-        it does nothing.
-        """
-        if self.rho_controller is not None:
-            self.rho_controller.observe_validation(float(loss))
+        """Report a validation loss (the study's trainer and the integrations do): a number
+        or a one-element tensor, else a ValueError naming ``loss``; a non-finite one is
+        ignored with a warning. Only a rho controller that learns from validation uses it."""
+        value = _args.reported_loss(loss)
+        if self.rho_controller is not None and value is not None:
+            self.rho_controller.observe_validation(value)
 
     def __repr__(self) -> str:
         rho = self.rho_controller or self._sam_defaults["rho"]
