@@ -372,6 +372,8 @@ def test_gradient_agreement_raises_its_radius_on_a_validation_plateau():
         ({"factor": 0.5}, "factor"),
         ({"down": -0.1}, "down"),
         ({"min_agreement": 0.0}, "min_agreement"),
+        ({"min_agreement": 1.0}, "min_agreement"),  # a cosine's average never reaches it
+        ({"tol": 1.0}, "tol"),  # every report would be a plateau
     ],
 )
 def test_gradient_agreement_refuses_bad_arguments_naming_them(kw, match):
@@ -971,3 +973,15 @@ def test_the_view_says_whether_a_non_finite_gradient_skips_the_step(kwargs, scal
     (scaler.scale(loss) if scaled else loss).backward()
     opt.first_step(zero_grad=True, scaler=scaler) if scaled else opt.first_step(zero_grad=True)
     assert seen == [expected]
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: samkit.ValidationPlateau(tol=1.0), "Invalid tol value: 1.0"),
+        (lambda: samkit.LossEquated(sigma=0.0), "Invalid sigma value: 0.0"),
+    ],
+)
+def test_settings_that_would_leave_a_controller_inert_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

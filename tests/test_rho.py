@@ -82,6 +82,12 @@ def test_proportional_rho_state_dict_roundtrip():
         ({"rho_min": 0.5}, r"rho_min.*0\.5"),
         ({"lr_max": 0.1, "lr_min": 0.1}, r"lr_max.*0\.1"),
         ({"lr_max": float("nan")}, r"lr_max.*nan"),
+        ({"lr_max": float("inf")}, r"lr_max.*inf"),
+        ({"lr_min": float("-inf")}, r"lr_min.*-inf"),
+        ({"lr_min": float("nan")}, r"Invalid lr_min value: nan"),
+        ({"lr_min": "0.1"}, r"lr_min.*'0\.1'"),
+        ({"lr_max": True}, r"lr_max.*True"),
+        ({"rho_min": float("nan")}, r"Invalid rho_min value: nan"),
     ],
 )
 def test_proportional_rho_rejects_bad_arguments(kwargs, match):
@@ -213,3 +219,53 @@ def test_proportional_rho_resumes_bit_for_bit_in_either_load_order(order):
         rho2.load_state_dict(ckpt["r"])
     train(model2, opt2, sched2, rho2, 3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "2", True, None])
+def test_lambda_rho_refuses_an_fn_value_that_is_not_a_finite_number(value):
+    with pytest.raises(ValueError, match=r"Invalid fn value: fn\(0\)"):
+        samkit.LambdaRho(_sam(), lambda t: value)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "match"),
+    [
+        ({"base_rhos": [float("nan")]}, "base_rhos"),
+        ({"base_rhos": []}, "base_rhos"),
+        ({"base_rhos": [-0.1]}, "base_rhos"),
+        ({"last_step": -1}, "last_step"),
+        ({"last_step": 1.5}, "last_step"),
+        ({"last_step": None}, "last_step"),
+    ],
+)
+def test_lambda_rho_refuses_a_malformed_state_and_changes_nothing(corrupt, match):
+    opt = _sam(rhos=(0.1,))
+    sched = samkit.LambdaRho(opt, lambda t: 0.5**t)
+    sched.step()
+    sd = {**sched.state_dict(), **corrupt}
+    with pytest.raises(ValueError, match=f"Invalid state value: .*{match}"):
+        sched.load_state_dict(sd)
+    assert sched.state_dict() == {"base_rhos": [0.1], "last_step": 1}
+    assert opt.param_groups[0]["rho"] == 0.05
+    with pytest.raises(ValueError, match=r"has no \['last_step'\]"):
+        sched.load_state_dict({"base_rhos": [0.1]})
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "match"),
+    [
+        ({"lr_max": [0.0]}, r"lr_max = 0\.0"),
+        ({"rho_max": [float("nan")]}, "rho_max = nan"),
+        ({"rho_max": [0.1, 0.1]}, "one number for each of the 1"),
+        ({"lr_min": float("inf")}, "lr_min = inf"),
+        ({"rho_min": -1.0}, "rho_min = -1.0"),
+        ({"lr_max": "x"}, "lr_max = 'x'"),
+    ],
+)
+def test_proportional_rho_refuses_a_malformed_state_and_changes_nothing(corrupt, match):
+    opt = _sam(rhos=(0.1,))
+    sched = samkit.ProportionalRho(opt)
+    good = sched.state_dict()
+    with pytest.raises(ValueError, match=f"Invalid state value: .*{match}"):
+        sched.load_state_dict({**good, **corrupt})
+    assert sched.state_dict() == good

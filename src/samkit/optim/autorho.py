@@ -284,6 +284,15 @@ def _improves(loss: float, best: float | None, tol: float) -> bool:
     return loss < ((1.0 - tol) * best if best >= 0 else (1.0 + tol) * best)
 
 
+def _check_tol(tol: Any) -> float:
+    """The relative improvement that counts: below 1 (at 1 or above every report would be a
+    plateau)."""
+    value = check_nonneg("tol", tol)
+    if value >= 1.0:
+        raise ValueError(f"Invalid tol value: {tol!r} (a relative improvement: must be < 1)")
+    return value
+
+
 def _check_ceiling(rho_max: float | None, start: float) -> None:
     """A ceiling below the starting radius would pull the radius down at the first raise."""
     if rho_max is not None and rho_max < start:
@@ -404,7 +413,7 @@ class LossEquated(AutoRho):
         stability: float = 1e-12,
     ) -> None:
         super().__init__(rho)
-        self.sigma = None if sigma is None else check_nonneg("sigma", sigma)
+        self.sigma = None if sigma is None else check_pos("sigma", sigma)  # 0: SAM turned off
         self._rho_max_given = rho_max is not None
         self.rho_max = check_pos("rho_max", rho_max) if rho_max is not None else None
         self.calibration_steps = check_int("calibration_steps", calibration_steps, 1)
@@ -562,11 +571,13 @@ class GradientAgreement(AutoRho):
         self.warmup = check_int("warmup", warmup, 0)
         self.sketch = check_int("sketch", sketch, 2)
         self.min_agreement = check_pos("min_agreement", min_agreement)
+        if self.min_agreement >= 1.0:  # a cosine's average never reaches it: never moves
+            raise ValueError(f"Invalid min_agreement value: {min_agreement!r} (must be < 1)")
         self.factor = check_pos("factor", factor)
         if self.factor < 1:
             raise ValueError(f"Invalid factor value: {factor!r} (must be >= 1)")
         self.patience = check_int("patience", patience, 1)
-        self.tol = check_nonneg("tol", tol)
+        self.tol = _check_tol(tol)
         self.log_rho = 0.0  # log(rho / start)
         self.agreement = 0.0  # the EMA of c_t, before bias correction
         self.peak: float | None = None  # the best bias-corrected EMA after the warm-up
@@ -808,7 +819,7 @@ class ValidationPlateau(AutoRho):
         if self.factor < 1:
             raise ValueError(f"Invalid factor value: {factor!r} (must be >= 1)")
         self.patience = check_int("patience", patience, 1)
-        self.tol = check_nonneg("tol", tol)
+        self.tol = _check_tol(tol)
         self.rho_max = check_pos("rho_max", rho_max) if rho_max is not None else None
         self.best: float | None = None
         self.bad = 0

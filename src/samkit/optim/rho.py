@@ -21,12 +21,13 @@ state with its own. :class:`FollowLR` is GSAM's schedule as a controller.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._checks import check_nonneg, check_rho
+from .._checks import check_nonneg, check_pos, check_rho, is_number
 from .view import RhoGroups
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,6 +53,20 @@ def _groups(optimizer: torch.optim.Optimizer | RhoGroups) -> tuple[list[dict[str
 
 class LrRangeError(ValueError):
     """A group's peak learning rate is not above ``lr_min``: rho has no lr range to follow."""
+
+
+def _state_number(
+    state: dict[str, Any], key: str, low: float, value: Any = None, *, above: bool = False
+) -> float:
+    """A saved number, finite and at least (or, ``above``, more than) ``low``; else a
+    ValueError naming the field."""
+    value = state[key] if value is None else value
+    if not is_number(value) or not math.isfinite(value) or value < low or (above and value == low):
+        bound = f"> {low}" if above else f">= {low}"
+        raise ValueError(
+            f"Invalid state value: {key} = {value!r} (must be a finite number {bound})"
+        )
+    return float(value)
 
 
 class ProportionalRho:
@@ -86,11 +101,11 @@ class ProportionalRho:
         groups, self.key = _groups(optimizer)
         if rho_max is not None:
             check_rho("rho_max", rho_max)
-        if not rho_min >= 0:
-            raise ValueError(f"Invalid rho_min value: {rho_min!r} (must be >= 0)")
+        if lr_max is not None:
+            check_pos("lr_max", lr_max)
         self.optimizer = optimizer
-        self.rho_min = float(rho_min)
-        self.lr_min = float(lr_min)
+        self.rho_min = check_nonneg("rho_min", rho_min)
+        self.lr_min = check_nonneg("lr_min", lr_min)
         self._given = (rho_max, lr_max)
         self.rho_max: list[float] = []
         self.lr_max: list[float] = []
@@ -135,13 +150,17 @@ class ProportionalRho:
         if missing:
             raise ValueError(f"Invalid state value: the ProportionalRho state has no {missing}")
         groups = len(self.optimizer.param_groups)
-        if len(state["rho_max"]) != groups or len(state["lr_max"]) != groups:
-            raise ValueError(
-                f"Invalid state value: a ProportionalRho state for {len(state['rho_max'])} groups, not {groups}"
-            )
-        self.rho_min, self.lr_min = float(state["rho_min"]), float(state["lr_min"])
-        self.rho_max = [float(v) for v in state["rho_max"]]
-        self.lr_max = [float(v) for v in state["lr_max"]]
+        for key in ("rho_max", "lr_max"):
+            value = state[key]
+            if not isinstance(value, (list, tuple)) or len(value) != groups:
+                raise ValueError(
+                    f"Invalid state value: ProportionalRho {key} = {value!r} (one number for "
+                    f"each of the {groups} param groups)"
+                )
+        rho_min, lr_min = (_state_number(state, k, 0.0) for k in ("rho_min", "lr_min"))
+        rho_max = [_state_number(state, "rho_max", rho_min, v) for v in state["rho_max"]]
+        lr_max = [_state_number(state, "lr_max", lr_min, v, above=True) for v in state["lr_max"]]
+        self.rho_min, self.lr_min, self.rho_max, self.lr_max = rho_min, lr_min, rho_max, lr_max
         # rho for the current lr, whether the optimizer's state was loaded before
         # or after this one (built after it, the constructor read a scaled rho)
         self.step()
@@ -164,9 +183,12 @@ class LambdaRho:
         self._apply()
 
     def _apply(self) -> None:
-        f = float(self.fn(self.last_step))
-        if not f >= 0:
-            raise ValueError(f"Invalid fn value: fn({self.last_step}) = {f!r} (must be >= 0)")
+        f = self.fn(self.last_step)
+        if not is_number(f) or not 0 <= f < math.inf:
+            raise ValueError(
+                f"Invalid fn value: fn({self.last_step}) = {f!r} (must be a finite number >= 0)"
+            )
+        f = float(f)
         for g, r in zip(self.optimizer.param_groups, self.base_rhos):
             g[self.key] = r * f
 
@@ -178,9 +200,26 @@ class LambdaRho:
         return {"base_rhos": list(self.base_rhos), "last_step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base_rhos = list(state["base_rhos"])
-        self.last_step = int(state["last_step"])
-        self._apply()
+        missing = [k for k in ("base_rhos", "last_step") if k not in state]
+        if missing:
+            raise ValueError(f"Invalid state value: the LambdaRho state has no {missing}")
+        rhos, step = state["base_rhos"], state["last_step"]
+        groups = len(self.optimizer.param_groups)
+        if not isinstance(rhos, (list, tuple)) or len(rhos) != groups:
+            raise ValueError(
+                f"Invalid state value: LambdaRho base_rhos = {rhos!r} (one number for each of "
+                f"the {groups} param groups)"
+            )
+        base_rhos = [_state_number(state, "base_rhos", 0.0, v) for v in rhos]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"Invalid state value: last_step = {step!r} (must be a count >= 0)")
+        saved = (self.base_rhos, self.last_step)
+        self.base_rhos, self.last_step = base_rhos, step
+        try:
+            self._apply()
+        except ValueError:
+            self.base_rhos, self.last_step = saved
+            raise
 
 
 class RhoController:
