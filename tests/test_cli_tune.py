@@ -53,6 +53,11 @@ def test_sampled_search_stays_in_range_and_resumes(tmp_path, capsys):
         (["--trials", "0"], "trials"),
         (["--val-fraction", "0"], "val_fraction"),
         (["--model", "vit"], "vit"),
+        # settings a grid or tune would ignore are refused, not dropped
+        (["--grid", "0.1", "--trials", "5"], "Invalid trials value: 5 (a grid trains exactly"),
+        (["--grid", "0.1", "--rho-range", "0.01,0.5"], "Invalid rho_range value"),
+        (["--grid", "0.1", "--tune-lr"], "Invalid tune_lr value"),
+        (["--baseline", "sam"], "Invalid baseline value: 'sam'"),
     ],
 )
 def test_bad_input_exit_2(argv, match, tmp_path, capsys):

@@ -424,8 +424,9 @@ def test_numpy_scalars_are_numbers_everywhere(tmp_path):
     assert cfg.seeds == [0, 1] and json.dumps(cfg.to_dict())
     cfg = gan.build_config({**gan.DEFAULTS, "seeds": np.int64(1), "iterations": np.int64(5)})
     assert cfg.seeds == [0] and json.dumps(cfg.to_dict())
-    spec = TuneSpec(trials=np.int64(3), sampler_seed=np.uint8(1), grid=[np.float32(0.05)])
-    assert (type(spec.trials), type(spec.sampler_seed), type(spec.grid[0])) == (int, int, float)
+    spec = TuneSpec(trials=np.int64(3), sampler_seed=np.uint8(1))
+    grid = TuneSpec(grid=[np.float32(0.05)])
+    assert (type(spec.trials), type(spec.sampler_seed), type(grid.grid[0])) == (int, int, float)
 
 
 def test_a_folder_holds_one_problem_of_your_own_too(tmp_path):
@@ -438,3 +439,23 @@ def test_a_folder_holds_one_problem_of_your_own_too(tmp_path):
         samkit.compare(model=_make, train=(x[:100] + 1, y[:100]), **kw)
     r = samkit.compare(model=_make, train=(x[:100], y[:100]), task="classification", **kw)
     assert r.to_dict()["executed_runs"] == 1  # its identity changed: retrained, not refused
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.0])
+def test_a_val_fraction_beside_your_own_validation_split_is_refused(tmp_path, fraction):
+    """It was ignored (the data's own split is used) yet recorded as the study's problem."""
+    x, y = _problem()
+    with pytest.raises(ValueError, match=rf"Invalid val_fraction value: {fraction} \(your data"):
+        samkit.compare(
+            model=_make,
+            train=(x[:80], y[:80]),
+            val=(x[80:100], y[80:100]),
+            test=(x[100:], y[100:]),
+            val_fraction=fraction,
+            methods=["sgd"],
+            seeds=1,
+            epochs=1,
+            out=tmp_path,
+            quiet=True,
+        )
+    assert not any(tmp_path.iterdir())  # refused before anything was written

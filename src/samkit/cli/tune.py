@@ -110,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
     from ..experiments import settings as st
 
     try:
+        if args.baseline is not None:  # (shared with compare) one method: nothing to compare
+            raise ValueError(
+                f"Invalid baseline value: {args.baseline!r} (samkit tune searches one method's "
+                "rho and gives no verdicts; --baseline is samkit compare's)"
+            )
         rho_range = _numbers("rho-range", args.rho_range)
         spec = tuning.TuneSpec(
             method=args.method.lower(),

@@ -40,7 +40,10 @@ from .types import (
     plain,
 )
 
-__all__ = ["TrainConfig", "MethodSpec", "StudyConfig"]
+__all__ = ["TrainConfig", "MethodSpec", "StudyConfig", "DEFAULT_VAL_FRACTION"]
+
+#: The validation split carved out of training data that has none.
+DEFAULT_VAL_FRACTION = 0.1
 
 
 @dataclass
@@ -198,7 +201,7 @@ class StudyConfig:
     model: str = "cnn"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     noise: float = 0.0
-    val_fraction: float = 0.1
+    val_fraction: float = DEFAULT_VAL_FRACTION
     train_size: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     sharpness: bool = True
@@ -265,6 +268,16 @@ class StudyConfig:
                 "datasets only; corrupt your own labels yourself)"
             )
         self.val_fraction = check_float("val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
+        if (
+            self.user_data is not None
+            and self.user_data.val is not None
+            and self.val_fraction != DEFAULT_VAL_FRACTION
+        ):
+            raise ValueError(
+                f"Invalid val_fraction value: {self.val_fraction!r} (your data has its own "
+                "validation split, which is used as it is; val_fraction carves one out of the "
+                "training data only when there is none)"
+            )
         self.train_size = check_int(
             "train_size", self.train_size, 1, LIMITS["train_size"], none_ok=True
         )

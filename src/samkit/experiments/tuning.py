@@ -84,7 +84,19 @@ class TuneSpec:
             self.grid = [check_float("grid", r, 0.0) for r in self.grid]
             if len(set(self.grid)) != len(self.grid):
                 raise ValueError(f"Invalid grid value: {self.grid!r} (duplicates)")
+            # a grid trains exactly its values: a number of trials or a range would be ignored
+            for name in ("trials", "rho_range"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"Invalid {name} value: {getattr(self, name)!r} (a grid trains exactly "
+                        f"its values, {len(self.grid)} trials; give a grid or {name}, not both)"
+                    )
         st.check_bool("tune_lr", self.tune_lr)
+        if self.grid is not None and self.tune_lr:
+            raise ValueError(
+                "Invalid tune_lr value: True (a grid lists rho values only; search the "
+                "learning rate without a grid, over --trials)"
+            )
         self.sampler_seed = check_int("sampler_seed", self.sampler_seed, 0, MAX_SAMPLER_SEED)
         if self.base is not None:
             st.check_choice("base", self.base, tuple(st.BASE_DEFAULTS))
