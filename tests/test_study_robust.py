@@ -15,6 +15,7 @@ import pytest
 from samkit.cli.main import main
 from samkit.experiments import study as study_mod
 from samkit.experiments.settings import MethodSpec, StudyConfig, TrainConfig
+from samkit.experiments.stats import t_threshold
 from samkit.experiments.study import paired_verdicts, run_study
 
 FAST = ["--dataset", "synthetic", "--train-size", "100", "--epochs", "1", "--seeds", "1"]
@@ -208,10 +209,26 @@ def test_paired_verdict_numbers_and_sentences():
     assert sam["mean"] == pytest.approx(mean) and sam["se"] == pytest.approx(se)
     assert sam["exceeds"] and sam["better"]
     assert sam["sentence"].startswith("sam: +3.00 ± 0.58 points of test accuracy against sgd")
-    assert "paired over 3 seeds" in sam["sentence"] and "beyond two" in sam["sentence"]
+    assert "paired over 3 seeds" in sam["sentence"]
+    assert (
+        "5.2 standard errors, beyond 4.30 (the paired t-test at 95 % for 3 seeds)"
+        in (sam["sentence"])
+    )
     assert rst["n"] == 2 and rst["mean"] == pytest.approx(0.0)  # the diverged seed left out
     assert not rst["exceeds"] and "cannot tell them apart" in rst["sentence"]
     assert "1 diverged run(s) left out" in rst["sentence"]
+    # two standard errors is not 95 % with few seeds: z = 3.4 on 3 seeds is within 4.30
+    close = [_rec("sgd", s, 0.90) for s in range(3)] + [
+        _rec("sam", s, 0.90 + d) for s, d in enumerate([0.01, 0.02, 0.03])
+    ]
+    (v,) = paired_verdicts(close, ["sgd", "sam"], "sgd")
+    assert v["z"] == pytest.approx(3.46, abs=0.01) and not v["exceeds"]
+    assert "within 4.30 (the paired t-test at 95 % for 3 seeds)" in v["sentence"]
+    # the same difference on every seed (accuracy moves in steps): no spread, no verdict
+    same = [_rec("sgd", s, 0.90) for s in range(2)] + [_rec("sam", s, 0.91) for s in range(2)]
+    (v,) = paired_verdicts(same, ["sgd", "sam"], "sgd")
+    assert v["se"] == 0 and not v["exceeds"] and "infinitely" not in v["sentence"]
+    assert "the same difference on every seed" in v["sentence"]
     (one,) = paired_verdicts(recs[:1] + recs[3:4], ["sgd", "sam"], "sgd")
     assert one["se"] is None and "one seed" in one["sentence"]
     (low,) = paired_verdicts(
@@ -227,6 +244,15 @@ def test_paired_verdict_numbers_and_sentences():
         maximize=False,
     )
     assert low["mean"] == pytest.approx(-1.05) and low["better"]  # lower mse is better
+
+
+@pytest.mark.parametrize(
+    ("n", "value"), [(2, 12.706), (3, 4.303), (5, 2.776), (10, 2.262), (31, 2.042), (61, 2.000)]
+)
+def test_the_verdict_threshold_is_students_t_at_95_percent(n, value):
+    """Tabulated two-sided 95 % critical values of t with n - 1 degrees of freedom (beyond
+    30 the expansion, within 1e-3; t(60) = 2.000)."""
+    assert t_threshold(n) == pytest.approx(value, abs=1e-3)
 
 
 def test_settings_strings_are_not_booleans(tmp_path):

@@ -59,6 +59,13 @@ def fmt(v: Any, spec: str = ".1f") -> str:
     return format(v, spec)
 
 
+def mean_pm(mean: Any, std: Any, spec: str = ".1f") -> str:
+    """``"mean +- std"``; the mean alone where the spread is undefined (one seed)."""
+    if fmt(std, spec) == "-":
+        return fmt(mean, spec)
+    return f"{fmt(mean, spec)} +- {fmt(std, spec)}"
+
+
 def text_table(headers: list[str], cells: list[list[str]]) -> str:
     """Text cells as a plain table: left-aligned columns, a rule under the headers."""
     widths = [
@@ -81,7 +88,9 @@ def _score_cell(r: dict[str, Any], metric: str) -> str:
     div = r.get("diverged", 0) or 0
     if not r.get("n"):
         return f"diverged ({div}/{r.get('runs', div)})" if div else "-"
-    cell = f"{fmt(None if mean is None else scale * mean, spec)} +- {fmt(None if std is None else scale * std, spec)}"
+    cell = mean_pm(
+        None if mean is None else scale * mean, None if std is None else scale * std, spec
+    )
     return cell + (f" ({div} diverged)" if div else "")
 
 

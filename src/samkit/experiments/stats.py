@@ -3,7 +3,8 @@
 One set of helpers for ``samkit compare``, ``rl`` and ``gan`` (and their
 reports): :func:`stats` (mean, sample standard deviation, standard error of
 the finite values) and :func:`paired_verdicts` (the difference to the
-baseline seed by seed, its standard error and whether ``|z| > 2``).
+baseline seed by seed, its standard error and whether ``|z|`` passes the
+two-sided 95 % threshold of Student's t with n - 1 degrees of freedom).
 """
 
 from __future__ import annotations
@@ -12,7 +13,28 @@ import math
 import statistics
 from typing import Any
 
-__all__ = ["finite_number", "stats", "is_percent", "paired_verdicts"]
+__all__ = ["finite_number", "stats", "is_percent", "paired_verdicts", "t_threshold"]
+
+#: Two-sided 95 % critical values of Student's t for 1 to 30 degrees of freedom.
+_T95 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t_threshold(n: int) -> float:
+    """How many standard errors a mean of ``n`` paired differences must be from 0 to pass a
+    two-sided test at 95 % (Student's t, n - 1 degrees of freedom): 4.30 for 3 seeds, 2.78
+    for 5, 2.26 for 10, towards 1.96. With few seeds "two standard errors" is far from 95 %
+    (3 seeds: about 82 %)."""
+    dof = n - 1
+    if dof < 1:
+        raise ValueError(f"Invalid n value: {n!r} (at least 2 paired differences)")
+    if dof <= len(_T95):
+        return _T95[dof - 1]
+    z = 1.959964  # beyond 30: the Cornish-Fisher expansion, within 1e-3 of the exact value
+    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
 
 
 def finite_number(v: Any) -> bool:
@@ -21,7 +43,8 @@ def finite_number(v: Any) -> bool:
 
 
 def stats(values: list[Any]) -> tuple[float, float, float]:
-    """Mean, sample standard deviation and standard error of the finite values (NaN if none)."""
+    """Mean, sample standard deviation and standard error of the finite values (NaN if none;
+    the spread NaN for one value)."""
     vals = [
         float(v)
         for v in values
@@ -30,7 +53,9 @@ def stats(values: list[Any]) -> tuple[float, float, float]:
     if not vals:
         return math.nan, math.nan, math.nan
     mean = statistics.fmean(vals)
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    if len(vals) == 1:  # one value has no spread: undefined (NaN, written null), not 0
+        return mean, math.nan, math.nan
+    std = statistics.stdev(vals)
     return mean, std, std / math.sqrt(len(vals))
 
 
@@ -52,8 +77,11 @@ def paired_verdicts(
     Differences are taken seed by seed (same data, initial weights and batches),
     over the seeds where both runs finished without diverging; their mean and
     standard error (sample std / sqrt(n)) give ``z = mean / se``. The verdict
-    says whether ``|z| > 2``. ``unit``: the words after the difference in the
-    sentence (default ``"test <metric>"``, or points of test accuracy).
+    says whether ``|z|`` exceeds :func:`t_threshold` (the paired t-test at 95 %:
+    2.78 for 5 seeds). The same difference on every seed (a standard error of 0,
+    common where accuracy moves in steps of one test sample) gives no verdict.
+    ``unit``: the words after the difference in the sentence (default ``"test
+    <metric>"``, or points of test accuracy).
     """
 
     def values(label: str) -> dict[int, float]:
@@ -99,21 +127,35 @@ def paired_verdicts(
         else:
             mean = statistics.fmean(diffs)
             se = statistics.stdev(diffs) / math.sqrt(n)
-            z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
-            exceeds = abs(z) > 2
+            threshold = t_threshold(n)
             better = (mean > 0) == maximize
+            head = f"{label}: {mean:+{fmt}} ± {se:{fmt}} {unit} against {baseline}, paired over {n} seeds"
+            if se == 0:
+                v.update(mean=mean, se=se, z=None, exceeds=False, better=better)
+                v["sentence"] = (
+                    f"{head}: no difference on any seed, so this study cannot tell them apart"
+                    f"{note}."
+                    if mean == 0
+                    else f"{head}: the same difference on every seed, which leaves no spread "
+                    "to judge seed noise by, so run more seeds before reading anything into it"
+                    f"{note}."
+                )
+                out.append(v)
+                continue
+            z = mean / se
+            exceeds = abs(z) > threshold
             if exceeds:
                 tail = (
-                    f"beyond two, so the difference is unlikely to be seed noise "
-                    f"({label} is {'better' if better else 'worse'})"
+                    f"beyond {threshold:.2f} (the paired t-test at 95 % for {n} seeds), so the "
+                    f"difference is unlikely to be seed noise ({label} is "
+                    f"{'better' if better else 'worse'})"
                 )
             else:
-                tail = "within two, so this study cannot tell them apart"
-            z_txt = "infinitely many" if math.isinf(z) else f"{abs(z):.1f}"
-            v.update(mean=mean, se=se, z=z, exceeds=exceeds, better=better)
-            v["sentence"] = (
-                f"{label}: {mean:+{fmt}} ± {se:{fmt}} {unit} against {baseline}, paired over {n} "
-                f"seeds: {z_txt} standard errors, {tail}{note}."
-            )
+                tail = (
+                    f"within {threshold:.2f} (the paired t-test at 95 % for {n} seeds), so this "
+                    "study cannot tell them apart"
+                )
+            v.update(mean=mean, se=se, z=z, exceeds=exceeds, better=better, threshold=threshold)
+            v["sentence"] = f"{head}: {abs(z):.1f} standard errors, {tail}{note}."
         out.append(v)
     return out

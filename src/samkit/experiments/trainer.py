@@ -361,7 +361,8 @@ def train(
                         record.update({f"{split_name}_{k}": v for k, v in ev.items()})
                     if val_source is not None:
                         observe = getattr(method.optimizer, "observe_validation", None)
-                        if callable(observe):
+                        # (a NaN loss is a diverged model, which the study reports as such)
+                        if callable(observe) and math.isfinite(record["val_loss"]):
                             observe(record["val_loss"])
                 record.update(
                     lr=method.optimizer.param_groups[0]["lr"],

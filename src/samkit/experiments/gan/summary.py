@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import grid
-from ..report import fmt, text_table
+from ..report import fmt, mean_pm, text_table
 from .config import GANConfig
 from .data import MIXTURES
 
@@ -97,10 +97,10 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                 r["dataset"],
                 r["label"],
                 str(r["runs"]),
-                f"{fmt(r['modes_mean'], '.1f')} +- {fmt(r['modes_std'], '.1f')}{div}",
-                f"{fmt(_percent(hq_m), '.1f')} +- {fmt(_percent(hq_s), '.1f')}",
-                f"{fmt(r['mmd_mean'], '.4f')} +- {fmt(r['mmd_std'], '.4f')}",
-                f"{fmt(r['mode_kl_mean'], '.3f')} +- {fmt(r['mode_kl_std'], '.3f')}",
+                mean_pm(r["modes_mean"], r["modes_std"], ".1f") + div,
+                mean_pm(_percent(hq_m), _percent(hq_s), ".1f"),
+                mean_pm(r["mmd_mean"], r["mmd_std"], ".4f"),
+                mean_pm(r["mode_kl_mean"], r["mode_kl_std"], ".3f"),
                 fmt(r["time_per_iteration"], ".4f"),
                 fmt(r["cost_time"], ".2f") + "x",
             ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import grid
-from ..report import fmt, text_table
+from ..report import fmt, mean_pm, text_table
 from .config import RLConfig
 from .envs import ENVS
 
@@ -111,8 +111,8 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                 r["env"],
                 r["label"],
                 str(r["runs"]),
-                f"{fmt(r['nominal_mean'])} +- {fmt(r['nominal_std'])}{div}",
-                f"{fmt(r['robust_mean'])} +- {fmt(r['robust_std'])}",
+                mean_pm(r["nominal_mean"], r["nominal_std"]) + div,
+                mean_pm(r["robust_mean"], r["robust_std"]),
                 fmt(r["train_return_mean"]),
                 fmt(r["train_time"], ".0f"),
                 fmt(r["cost_time"], ".2f") + "x",
