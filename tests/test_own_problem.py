@@ -459,3 +459,20 @@ def test_a_val_fraction_beside_your_own_validation_split_is_refused(tmp_path, fr
             quiet=True,
         )
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_a_model_instance_is_refused_with_what_to_pass_instead(tmp_path):
+    """An nn.Module is callable (its forward), so it passed for a factory and failed with
+    forward()'s missing-argument message at the first call."""
+    x, y = _problem()
+    with pytest.raises(ValueError, match=r"Invalid model value: a Sequential instance; pass a fun"):
+        samkit.compare(
+            model=_make(),
+            train=(x[:100], y[:100]),
+            test=(x[100:], y[100:]),
+            methods=["sgd"],
+            seeds=1,
+            epochs=1,
+            out=tmp_path,
+            quiet=True,
+        )
