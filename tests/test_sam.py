@@ -298,7 +298,12 @@ BAD_ARGS = [
     (lambda: samkit.SAM(_params(), None), r"base_optimizer"),
     (lambda: samkit.SAM(_params(), torch.nn.Linear), r"base_optimizer"),
     (lambda: samkit.SAM(_sgd(), torch.optim.SGD), r"base_optimizer"),
-    (lambda: samkit.SAM(_sgd(), lr=0.1), r"base_optimizer"),
+    (lambda: samkit.SAM(_sgd(), lr=0.1), r"Invalid lr value: 0\.1 \(lr= is not a keyword of SAM"),
+    (lambda: samkit.SAM(_sgd(), adaptve=True), r"adaptve= .*did you mean 'adaptive'\?"),
+    (
+        lambda: samkit.SAM(_params(), torch.optim.SGD, lr=0.1, momentm=0.9),
+        r"SAM or SGD; did you mean 'momentum'",
+    ),
     (lambda: samkit.SAM(samkit.SAM(_sgd())), r"SAM in a SAM"),
     (lambda: samkit.SAM(_sgd(), adaptive=True, perturbation=samkit.L2()), r"adaptive"),
     (lambda: samkit.SAM(_sgd(), perturbation="l2"), r"perturbation.*l2"),

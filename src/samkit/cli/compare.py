@@ -127,7 +127,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="PATIENCE",
         help="stop after PATIENCE epochs without "
-        "a better validation accuracy (keeps the best weights)",
+        "a better validation accuracy (keeps the best weights; 0: no early stopping)",
     )
     p.add_argument(
         "--baseline",

@@ -131,10 +131,12 @@ def _base_optimizer(
                 "Invalid eps value: eps= belongs to the base optimizer (build it with its eps); "
                 "SAM's own epsilon is ascent_eps="
             )
-        if base_class is not None or base_kwargs:
+        if base_kwargs:  # with an instance every keyword is SAM's: a misspelt one, most likely
+            raise ValueError(_unknown_keywords(base_kwargs, set(given)))
+        if base_class is not None:
             raise ValueError(
                 "Invalid base_optimizer value: pass either an optimizer instance, "
-                f"or params with an optimizer class and its arguments (got extra {sorted(base_kwargs)})"
+                "or params with an optimizer class and its arguments"
             )
         from .sam import SAM  # (sam imports this module)
 
@@ -168,6 +170,13 @@ def _base_optimizer(
                 f"Invalid {name} value: both SAM and {base_class.__name__} take {name}=, so the class form "
                 f"is ambiguous; build the optimizer yourself: SAM({base_class.__name__}(params, ...), {name}=...)"
             )
+    has_var_kw = any(
+        p.kind is p.VAR_KEYWORD
+        for p in inspect.signature(base_class.__init__).parameters.values()  # type: ignore[misc]
+    )
+    unknown = {k: v for k, v in base_kwargs.items() if k not in accepted}
+    if unknown and accepted and not has_var_kw:
+        raise ValueError(_unknown_keywords(unknown, set(given) | accepted, base_class.__name__))
     if foreach is not None and "foreach" in accepted:
         base_kwargs = {**base_kwargs, "foreach": foreach}  # the flag is for both
     return base_class(params_or_optimizer, **base_kwargs)
@@ -199,6 +208,17 @@ def _refuse_closure_stepping(base: torch.optim.Optimizer) -> None:
             "the gradient at w + e already in .grad and no closure; use an optimizer that steps "
             "from .grad (SGD, Adam, AdamW, ...)"
         )
+
+
+def _unknown_keywords(unknown: dict[str, Any], known: set[str], base: str | None = None) -> str:
+    """``Invalid <name> value: ... is not a keyword of SAM (did you mean ...?)``."""
+    import difflib
+
+    name = sorted(unknown)[0]
+    close = difflib.get_close_matches(name, sorted(known - {"self", "params"}), n=1)
+    whose = f"SAM or {base}" if base else "SAM (the base optimizer is an instance)"
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"Invalid {name} value: {unknown[name]!r} ({name}= is not a keyword of {whose}{hint})"
 
 
 def _keywords_of(cls: type) -> set[str]:

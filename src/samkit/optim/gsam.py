@@ -121,4 +121,8 @@ class GSAM(SAM):
         return self.mix.alpha
 
     def __repr__(self) -> str:
-        return f"GSAM(rho={self._sam_defaults['rho']}, alpha={self.alpha}, base={self.base_optimizer!r})"
+        rho = self.rho_controller  # "auto" or an instance shows as its controller
+        shown = (
+            rho if rho is not None and not isinstance(rho, FollowLR) else self._sam_defaults["rho"]
+        )
+        return f"GSAM(rho={shown}, alpha={self.alpha}, base={self.base_optimizer!r})"
