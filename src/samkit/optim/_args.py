@@ -171,8 +171,7 @@ def _base_optimizer(
                 f"is ambiguous; build the optimizer yourself: SAM({base_class.__name__}(params, ...), {name}=...)"
             )
     has_var_kw = any(
-        p.kind is p.VAR_KEYWORD
-        for p in inspect.signature(base_class.__init__).parameters.values()
+        p.kind is p.VAR_KEYWORD for p in inspect.signature(base_class.__init__).parameters.values()
     )
     unknown = {k: v for k, v in base_kwargs.items() if k not in accepted}
     if unknown and accepted and not has_var_kw:
