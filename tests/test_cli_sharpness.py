@@ -1,6 +1,7 @@
 """`samkit sharpness` and `samkit landscape`, in-process, on checkpoints."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -247,10 +248,31 @@ def test_landscape_path_endpoints(ckpts, capsys):
     assert "barrier" in capsys.readouterr().out
 
 
+def test_landscape_prints_the_losses_at_the_models_not_at_the_nearest_grid_point(ckpts, capsys):
+    """With 10 points over [-0.25, 1.25] (or 4 over [-1, 1]) neither 0 nor 1 is on the grid:
+    they are added, and the printed losses are the models' own."""
+    d, a, b, data = ckpts
+    x, y = data.train.x[:150], data.train.y[:150]
+    with torch.no_grad():
+        la, lb = float(F.cross_entropy(a.eval()(x), y)), float(F.cross_entropy(b.eval()(x), y))
+    argv = ["landscape", str(d / "a.pt"), "--samples", "150", "-q"]
+    assert main([*argv, "--other", str(d / "b.pt"), "--resolution", "10"]) == 0
+    out = capsys.readouterr().out
+    assert f"(alpha=0): {la:.4g};" in out and f"(alpha=1): {lb:.4g};" in out
+    with np.load(d / "a.landscape-path.npz") as f:
+        assert len(f["alphas"]) == 12 and {0.0, 1.0} <= set(f["alphas"].tolist())
+    for mode in ("1d", "2d"):
+        out_png = d / f"grid-{mode}.png"
+        assert main([*argv, "--mode", mode, "--resolution", "4", "--out", str(out_png)]) == 0
+        assert f"loss at the weights: {la:.4g};" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv,msg",
     [
         (["sharpness", "{d}/missing.pt"], "not a file"),
+        (["sharpness", "{d}"], "not a file"),  # a folder: no name for the output (a traceback)
+        (["landscape", "{d}"], "not a file"),
         (["sharpness", "{d}/a.pt", "--rho", "-1"], "--rho"),
         (["sharpness", "{d}/a.pt", "--top-k", "0"], "--top-k"),
         (["sharpness", "{d}/a.pt", "--out", "{d}/x.txt"], "--out"),
@@ -290,16 +312,27 @@ def _strict(text):
 
 
 def test_sharpness_json_is_strict_when_a_measure_is_not_finite(ckpts, capsys):
-    """A huge ball (and a standard error from one probe) gives non-finite measures:
-    they were written as bare NaN / Infinity, which is not JSON."""
+    """A standard error from one probe is infinite: it was written as a bare Infinity,
+    which is not JSON. (A ball so large that the loss overflows is refused: below.)"""
     d, *_ = ckpts
-    out = d / "huge.json"
+    out = d / "one-probe.json"
     argv = ["sharpness", str(d / "a.pt"), "--samples", "50", "--trace-samples", "1"]
-    rc = main([*argv, "--rho", "1e30", "--average", "--out", str(out), "-q"])
+    rc = main([*argv, "--average", "--out", str(out), "-q"])
     assert rc == 0, capsys.readouterr().err
     res = _strict(out.read_text())["models"][0]["results"]
     assert res["hessian_trace_stderr"] is None  # inf from one probe, mapped to null
-    assert res["average_case_stderr"] is None
+    assert math.isfinite(res["average_case_sharpness"])
+
+
+@pytest.mark.parametrize("rho", ["1e10", "1e30"])
+def test_a_ball_too_large_is_refused_not_measured_as_zero(ckpts, capsys, rho):
+    """At 1e30 the ball's norm overflowed float32, the ascent was scaled to nothing and the
+    worst case read 0 (exit 0)."""
+    d, *_ = ckpts
+    argv = ["sharpness", str(d / "a.pt"), "--samples", "50", "--trace-samples", "2", "-q"]
+    rc = main([*argv, "--rho", rho, "--average", "--out", str(d / "huge.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "too large" in err, err
 
 
 def test_sharpness_ball_too_large_for_the_model_is_one_line(ckpts, capsys):

@@ -2,6 +2,7 @@
 Hessian of a small MLP, and side by side with PyHessian."""
 
 import copy
+import functools
 import json
 import math
 import os
@@ -669,3 +670,64 @@ def test_lean_paths_keep_a_bounded_number_of_rows():
     assert held["full"][1:] == [40, "full"] and held["full"][0] > 30  # the test can fail
     assert held["lean"][1:] == [1, "lean"] and held["lean"][0] < 6  # measured 4.5
     assert held["trace"][1:] == [0, "lean"] and held["trace"][0] < 5  # measured 3.2
+
+
+@pytest.mark.parametrize(
+    ("matrix", "k", "expected"),
+    [
+        (3 * torch.eye(50, dtype=torch.float64), 3, [3.0, 3.0, 3.0]),  # Krylov space of one
+        (torch.zeros(5, 5, dtype=torch.float64), 2, [0.0, 0.0]),
+        (torch.diag(torch.tensor([5.0, 5.0, 2.0, 1.0], dtype=torch.float64)), 3, [5.0, 5.0, 2.0]),
+    ],
+)
+def test_top_eigenvalues_when_a_run_closes_before_k(matrix, k, expected):
+    """A first Lanczos run that finds fewer than k values (a repeated or zero spectrum)
+    went on to compare with the k-th value found, which did not exist (IndexError)."""
+    res = top_eigenvalues(DenseOperator(matrix), k)
+    assert res.eigenvalues == pytest.approx(expected, abs=1e-9)
+
+
+def test_xtrace_of_the_zero_operator_is_exactly_zero():
+    res = hessian_trace(DenseOperator(torch.zeros(5, 5, dtype=torch.float64)), method="xtrace")
+    assert res.trace == 0.0
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        functools.partial(F.cross_entropy, reduction="sum"),
+        lambda out, y: F.cross_entropy(out, y, reduction="sum"),
+        nn.CrossEntropyLoss(reduction="sum"),
+    ],
+    ids=["partial", "lambda", "module"],
+)
+def test_a_summed_loss_gives_the_same_answer_however_the_samples_are_chunked(loss_fn):
+    """A partial or a lambda declares no reduction: it was taken as a mean, and the answer
+    then depended on max_batch_size (36.9 whole, 7.4 in chunks of 10)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    batches = [(torch.randn(50, 4, dtype=torch.float64), torch.randint(0, 3, (50,)))]
+    whole = top_eigenvalues(HessianOperator(model, loss_fn, batches), 1).eigenvalues[0]
+    chunked = HessianOperator(model, loss_fn, batches, max_batch_size=10)
+    assert chunked.reduction == "sum"
+    assert top_eigenvalues(chunked, 1).eigenvalues[0] == pytest.approx(whole, rel=1e-8)
+    with pytest.raises(ValueError, match=r"Invalid reduction value: 'mean', but loss_fn returns"):
+        HessianOperator(model, loss_fn, batches, reduction="mean")
+
+
+def test_seed_none_leaves_the_global_rng_alone():
+    a = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    top_eigenvalues(DenseOperator(a), 1, seed=None)
+    hessian_trace(DenseOperator(a), seed=None)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_summary_checks_the_worst_case_arguments_before_any_product():
+    model = nn.Linear(4, 3)
+    batches = [(torch.randn(20, 4), torch.randint(0, 3, (20,)))]
+    for kw, match in (({"rho": -1}, "Invalid rho value"), ({"ascent_steps": 0}, "ascent_steps")):
+        with pytest.raises(ValueError, match=match):
+            summary(model, F.cross_entropy, batches, **kw, progress=False)

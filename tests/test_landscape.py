@@ -168,3 +168,20 @@ def test_core_does_not_import_matplotlib():
     code = "import sys, samkit.sharpness; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_interpolate_is_exact_at_both_ends_with_frozen_parameters():
+    """Frozen parameters were A's at every alpha, so alpha = 1 was not model B."""
+
+    def make(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        m[0].weight.requires_grad_(False)
+        return m
+
+    a, b = make(0), make(1)
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    _, losses = interpolate(a, b, F.cross_entropy, [(x, y)], alphas=[0.0, 1.0])
+    with torch.no_grad():
+        assert losses[0] == pytest.approx(float(F.cross_entropy(a(x), y)), rel=1e-6)
+        assert losses[1] == pytest.approx(float(F.cross_entropy(b(x), y)), rel=1e-6)

@@ -123,3 +123,15 @@ def test_model_untouched_and_errors():
         worst_case_sharpness(model, F.cross_entropy, [(x, y)], steps=0)
     with pytest.raises(ValueError, match="n_samples"):
         average_case_sharpness(model, F.cross_entropy, [(x, y)], n_samples=0)
+
+
+def test_a_ball_whose_norm_overflows_float32_is_refused_not_zero():
+    """At rho = 1e30 the ascent's norm overflowed float32 to inf, the step was scaled to
+    nothing and the worst case read 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    batches = [(torch.randn(20, 4), torch.randint(0, 3, (20,)))]
+    with pytest.raises(ValueError, match="Invalid rho value: 1e"):
+        worst_case_sharpness(model, F.cross_entropy, batches, rho=1e30)
+    with pytest.raises(ValueError, match="Invalid rho value: 1e"):
+        average_case_sharpness(model, F.cross_entropy, batches, rho=1e30)

@@ -21,7 +21,12 @@ from typing import Any
 import numpy as np
 
 from .errors import UsageError, check_output_file, require_plots
-from .sharpness import add_data_arguments, check_data_arguments, load_model_and_batches
+from .sharpness import (
+    add_data_arguments,
+    check_checkpoint_files,
+    check_data_arguments,
+    load_model_and_batches,
+)
 
 EPILOG = """examples:
   samkit landscape runs/sam-seed0.pt                        # 1-D curve
@@ -47,7 +52,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--mode", choices=("1d", "2d", "path"), help="default: path with --other, else 1d"
     )
-    p.add_argument("--resolution", type=int, help="points per axis (default 25; 21 for 2d)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        help="points per axis (default 25; 21 for 2d); the weights (alpha 0) and, on a "
+        "path, the other model (alpha 1) are added where the grid misses them",
+    )
     p.add_argument(
         "--range",
         type=float,
@@ -83,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"invalid --resolution value: {res} (must be in [2, {high}] for {mode})")
     if not (math.isfinite(args.span) and 0 < args.span <= 1e6):
         raise UsageError(f"invalid --range value: {args.span!r} (must be in (0, 1e6])")
+    check_checkpoint_files([args.checkpoint, *([args.other] if args.other else [])])
     out = (
         Path(args.out)
         if args.out is not None
@@ -104,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
         name_b = info_b["label"] or safe_label(Path(args.other).stem)
         try:
             alphas, losses = ls.interpolate(
-                model, other, F.cross_entropy, batches, n_points=res, progress=progress
+                model,
+                other,
+                F.cross_entropy,
+                batches,
+                alphas=_with(np.linspace(-0.25, 1.25, res), 0.0, 1.0),
+                progress=progress,
             )
         except ValueError as exc:
             raise UsageError(
@@ -120,18 +136,17 @@ def run(args: argparse.Namespace) -> int:
             title=f"linear path {name} -> {name_b}",
         )
         inside = (alphas >= 0) & (alphas <= 1)
-        ends = max(losses[np.argmin(abs(alphas))], losses[np.argmin(abs(alphas - 1))])
+        at_a, at_b = losses[alphas == 0.0][0], losses[alphas == 1.0][0]  # on the grid, exactly
         print(
-            f"loss at {name} (alpha=0): {losses[np.argmin(abs(alphas))]:.4g}; "
-            f"at {name_b} (alpha=1): {losses[np.argmin(abs(alphas - 1))]:.4g}; "
-            f"barrier on [0, 1]: {max(0.0, float(losses[inside].max()) - float(ends)):.4g}"
+            f"loss at {name} (alpha=0): {at_a:.4g}; at {name_b} (alpha=1): {at_b:.4g}; "
+            f"barrier on [0, 1]: {max(0.0, float(losses[inside].max()) - float(max(at_a, at_b))):.4g}"
         )
     elif mode == "1d":
         alphas, losses = ls.loss_curve(
             model,
             F.cross_entropy,
             batches,
-            alphas=np.linspace(-args.span, args.span, res),
+            alphas=_with(np.linspace(-args.span, args.span, res), 0.0),
             seed=args.seed,
             progress=progress,
         )
@@ -144,19 +159,25 @@ def run(args: argparse.Namespace) -> int:
             title=f"1-D landscape: {name}",
         )
         print(
-            f"loss at the weights: {losses[np.argmin(abs(alphas))]:.4g}; "
+            f"loss at the weights: {losses[alphas == 0.0][0]:.4g}; "
             f"at alpha = -{args.span:g} / +{args.span:g}: {losses[0]:.4g} / {losses[-1]:.4g}"
         )
     else:
-        grid = np.linspace(-args.span, args.span, res)
+        grid = _with(np.linspace(-args.span, args.span, res), 0.0)
         xs, ys, z = ls.loss_surface(
             model, F.cross_entropy, batches, xs=grid, ys=grid, seed=args.seed, progress=progress
         )
         save_grid(raw, meta=meta, xs=xs, ys=ys, losses=z)
         plot_surface(out, xs, ys, z, title=f"2-D landscape: {name}")
         print(
-            f"loss at the weights: {z[np.argmin(abs(ys)), np.argmin(abs(xs))]:.4g}; "
+            f"loss at the weights: {z[ys == 0.0][0][xs == 0.0][0]:.4g}; "
             f"min / max on the grid: {z.min():.4g} / {z.max():.4g}"
         )
     print(f"wrote {out} and {raw}")
     return 0
+
+
+def _with(grid: Any, *points: float) -> Any:
+    """The grid with ``points`` on it (the weights at 0, the other model at 1), so that the
+    losses printed there are measured there, not at the nearest grid point."""
+    return np.union1d(grid, np.asarray(points, dtype=grid.dtype))

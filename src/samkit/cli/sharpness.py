@@ -263,6 +263,19 @@ def check_radius(rho: float) -> None:
         )
 
 
+def check_checkpoint_files(paths: list[str]) -> None:
+    """Each checkpoint is a file, before an output name is derived from it (``.`` has no
+    name to derive one from) or anything is read."""
+    from ..experiments.checkpoint import safe_label
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise UsageError(
+                f"cannot use {safe_label(path, 200)!r}: Invalid path value: "
+                f"{safe_label(path, 200)!r} is not a file"
+            )
+
+
 def _default_out(checkpoints: list[str]) -> Path:
     first = Path(checkpoints[0])
     if len(checkpoints) == 1:
@@ -296,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
         require_plots("--density (a plot)")
         check_output_file(Path(args.density), "--density", ".png")
         check_output_file(Path(args.density).with_suffix(".npz"), "--density", ".npz")
+    check_checkpoint_files(args.checkpoints)  # (the flags first: a bad one is reported first)
     out = Path(args.out) if args.out is not None else _default_out(args.checkpoints)
     check_output_file(out, "--out", ".json")
 

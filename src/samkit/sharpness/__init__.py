@@ -33,6 +33,7 @@ from .hessian import (
     EigenResult,
     TraceResult,
     _check_int,
+    _check_pos,
     _generator,
     block_lanczos,
     hessian_trace,
@@ -125,6 +126,9 @@ def summary(
     """
     top_k = _check_int("top_k", top_k, 1)
     trace_samples = _check_int("trace_samples", trace_samples, 1)
+    # the worst case's arguments too: they were checked after the eigenvalues and the trace
+    rho = _check_pos("rho", rho)
+    ascent_steps = _check_int("ascent_steps", ascent_steps, 1)
     check_product(product)  # before the batches are read
     check_budget(memory_budget)
     gen = _generator(seed)

@@ -40,6 +40,7 @@ without a limit, or with one that holds the full path, nothing changes.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -162,10 +163,13 @@ class DensityResult:
 def _generator(seed: int | torch.Generator | None) -> torch.Generator:
     if isinstance(seed, torch.Generator):
         return seed
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"Invalid seed value: {seed!r} (must be an int or None)")
     g = torch.Generator()
-    g.manual_seed(torch.seed() if seed is None else seed)
+    if seed is None:
+        g.seed()  # a fresh seed for this generator only (torch.seed() reseeded the global RNG)
+    else:
+        g.manual_seed(int(seed))
     return g
 
 
@@ -768,8 +772,14 @@ def _lanczos_top(
         )
         converged = converged and ok
         new_vals = [float(x) for x in theta[:got]]
-        if vecs and new_vals[0] <= sorted(vals, reverse=True)[k - 1] + tol * abs(new_vals[0]):
-            break  # nothing missed above the k-th value
+        if not new_vals:
+            break  # the deflated space gave nothing more
+        if (
+            vecs
+            and len(vals) >= k
+            and new_vals[0] <= sorted(vals, reverse=True)[k - 1] + tol * abs(new_vals[0])
+        ):
+            break  # nothing missed above the k-th value (a run that closed early found < k)
         y = s[:, :got].T.to(basis.dtype) @ basis
         y = defl.project(y.T).T
         for i in range(got):
@@ -1018,6 +1028,8 @@ def _blocks(op: _Counting, vs: Tensor, block_size: int, ticker: Ticker | None = 
     """Rows ``H v_i``, ``block_size`` rows per vectorised call."""
     out = []
     for chunk in vs.split(block_size):
+        if chunk.shape[0] == 0:  # (an empty basis: H's range already spanned, or H = 0)
+            continue
         out.append(_matmat(op, chunk) if chunk.shape[0] > 1 else op.matvec(chunk[0])[None])
         if ticker is not None:
             ticker.update()

@@ -51,6 +51,7 @@ weights, loss, gradient); :mod:`.ggn` builds the Gauss-Newton operator on it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -249,11 +250,43 @@ def param_vector(model: nn.Module, params: Sequence[str] | None = None) -> Tenso
     return torch.cat([p.detach().reshape(-1) for _, p in _trainable(model, params)])
 
 
+def _declared_reduction(loss_fn: Any) -> str | None:
+    """The reduction a loss declares: an ``nn.Module`` loss's attribute, or the keyword of a
+    ``functools.partial(F.cross_entropy, reduction=...)``; None if it declares none."""
+    fn = loss_fn
+    while isinstance(fn, functools.partial):
+        if "reduction" in fn.keywords:
+            value = fn.keywords["reduction"]
+            return value if isinstance(value, str) else None
+        fn = fn.func
+    value = getattr(loss_fn, "reduction", None)
+    return value if isinstance(value, str) else None
+
+
+def _probed_reduction(model: nn.Module, loss_fn: Any, batch: Any) -> str | None:
+    """How a loss reduces over the batch, read from its value on two samples against its
+    values on each: "sum", "mean", or None where it cannot tell (a weighted loss, an output
+    that cannot be split). Treated as a mean, a sum would make the result depend on how the
+    samples are split into chunks."""
+    x, y = batch
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor)) or len(x) < 2 or len(y) < 2:
+        return None
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = model(x[:2])
+            both = float(loss_fn(out, y[:2]))
+            each = float(loss_fn(out[:1], y[:1])) + float(loss_fn(out[1:2], y[1:2]))
+    except Exception:  # noqa: BLE001 - a loss or output that cannot be split: cannot tell
+        return None
+    if not (math.isfinite(both) and math.isfinite(each)) or abs(each) < 1e-12:
+        return None
+    sums, means = (math.isclose(both, v, rel_tol=1e-4) for v in (each, each / 2))
+    return "sum" if sums and not means else "mean" if means and not sums else None
+
+
 def _reduction(loss_fn: Any, reduction: str | None) -> str:
     if reduction is None:
-        reduction = getattr(loss_fn, "reduction", "mean")  # nn.Module losses carry theirs
-        if not isinstance(reduction, str):
-            reduction = "mean"
+        reduction = _declared_reduction(loss_fn) or "mean"
     if reduction not in ("mean", "sum"):
         raise ValueError(
             f"Invalid reduction value: {reduction!r} (the loss must return a scalar: 'mean' or 'sum')"
@@ -308,6 +341,14 @@ class CurvatureOperator:
             batches, max_batch_size=max_batch_size, max_samples=max_samples, device=self.device
         )
         self.n_samples = sum(batch_size(b) for b in self.batches)
+        probed = _probed_reduction(model, loss_fn, self.batches[0]) if self.batches else None
+        if reduction is None and _declared_reduction(loss_fn) is None:
+            self.reduction = probed or "mean"  # a lambda or function: what it does
+        elif probed is not None and probed != self.reduction:
+            raise ValueError(
+                f"Invalid reduction value: {self.reduction!r}, but loss_fn returns the batch "
+                f"{probed} (its value on two samples against each); pass reduction={probed!r}"
+            )
         if self.reduction == "mean":
             self._weights = [batch_size(b) / self.n_samples for b in self.batches]
         else:

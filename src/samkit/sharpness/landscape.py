@@ -193,8 +193,10 @@ def interpolate(
     ``n_points`` values of alpha evenly spaced over ``alpha_range`` (default
     -0.25 to 1.25: with 25 points, 0 and 1 fall exactly on the grid), or the
     ``alphas`` given. Floating-point buffers (BatchNorm statistics) are
-    interpolated too unless ``interpolate_buffers=False`` (then A's are used).
-    The models must have the same architecture; neither is modified.
+    interpolated too unless ``interpolate_buffers=False`` (then A's are used);
+    frozen parameters (``requires_grad=False``) always are, so both ends are
+    exactly the two models. The models must have the same architecture;
+    neither is modified.
     Returns ``(alphas, losses)``.
     """
     if not (isinstance(model_a, nn.Module) and isinstance(model_b, nn.Module)):
@@ -219,6 +221,14 @@ def interpolate(
         raise ValueError(
             "Invalid model_b value: its buffers do not match model_a's (names and shapes)"
         )
+    # frozen parameters are weights too: interpolated, so that both ends are the two models
+    fa = {n: p.detach() for n, p in model_a.named_parameters() if not p.requires_grad}
+    fb = {n: p.detach() for n, p in model_b.named_parameters() if not p.requires_grad}
+    if {k: v.shape for k, v in fa.items()} != {k: v.shape for k, v in fb.items()}:
+        raise ValueError(
+            "Invalid model_b value: its frozen parameters do not match model_a's (names, "
+            "shapes and requires_grad)"
+        )
     op = HessianOperator(
         model_a, loss_fn, batches, max_batch_size=max_batch_size, cache_graph=False
     )
@@ -231,15 +241,12 @@ def interpolate(
     losses = np.empty_like(al)
     for i, a in enumerate(al):
         a = float(a)
-        bufs = None
-        if interpolate_buffers and ba:
-            bufs = {
-                k: ((1 - a) * ba[k] + a * bb[k].to(ba[k].device))
-                if ba[k].is_floating_point()
-                else ba[k]
-                for k in ba
-            }
-        losses[i] = op.loss((1 - a) * wa + a * wb, buffers=bufs)  # exact at both ends
+        mixed = {**(ba if interpolate_buffers else {}), **fa}
+        bufs = {
+            k: ((1 - a) * v + a * {**bb, **fb}[k].to(v.device)) if v.is_floating_point() else v
+            for k, v in mixed.items()
+        }
+        losses[i] = op.loss((1 - a) * wa + a * wb, buffers=bufs or None)  # exact at both ends
         if bar is not None:
             bar.update()
     if bar is not None:

@@ -170,12 +170,19 @@ def worst_case_sharpness(
             gz = torch.randn(op.dim, generator=gen, dtype=op.dtype).to(op.device)
             norm = gz.norm()
         z = rho * gz / norm if i == 0 or step is None else z + step * gz / norm
-        zn = z.norm()
+        zn = torch.linalg.vector_norm(z, dtype=torch.float64)  # (float32 overflows ~1e19)
+        if not torch.isfinite(zn) or not torch.isfinite(z).all():
+            raise ValueError(f"Invalid rho value: {rho!r} (a ball too large for {op.dtype})")
         if zn > rho:
-            z = z * (rho / zn)
+            z = z * (rho / float(zn))
     if bar is not None:
         bar.close()
     last = op.loss(op.w + lift(z))
+    if not math.isfinite(last):
+        raise ValueError(
+            f"Invalid rho value: {rho!r} (the loss is not finite at the perturbed weights: the "
+            "ball is too large for this model)"
+        )
     history.append(last)
     if last > best:
         best, best_z = last, z
@@ -219,11 +226,22 @@ def average_case_sharpness(
     t = _scale(op, adaptive, eta)
     gen = _generator(seed)
     base = op.loss()
+    if not math.isfinite(base):
+        raise ValueError(
+            f"Invalid model value: its loss on the batches is {base} (diverged weights or bad "
+            "data): nothing to measure"
+        )
     samples = []
     bar = progress_bar(n_samples, progress, "average case")
     for _ in range(n_samples):
         z = torch.randn(op.dim, generator=gen, dtype=op.dtype).to(op.device) * sig
         samples.append(op.loss(op.w + (z if t is None else t * z)) - base)
+        if not math.isfinite(samples[-1]):
+            name, value = ("rho", rho) if sigma is None else ("sigma", sig)
+            raise ValueError(
+                f"Invalid {name} value: {value!r} (the loss is not finite at a perturbed "
+                "point: the noise is too large for this model)"
+            )
         if bar is not None:
             bar.update()
     if bar is not None:
