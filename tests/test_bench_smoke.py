@@ -276,3 +276,19 @@ def test_autorho_no_report_mode_is_a_hand_written_plain_loop(tmp_path):
     assert len(set(rhos)) > 1  # "auto" moved the radius: the comparison is not of constants
     assert rec["rho"] == rhos, (rec["rho"], rhos)
     assert rec["final"]["val_loss"] == val_loss
+
+
+def test_trace_coverage_refuses_bad_arguments_and_measures_each_estimators_error_bar(
+    tmp_path, capsys
+):
+    coverage = load("trace_coverage")
+    with pytest.raises(SystemExit) as exc:
+        coverage.main(["--seeds", "1", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "--seeds" in capsys.readouterr().err
+    assert coverage.main(["--seeds", "200", "--probes", "10", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "trace_coverage.json").read_text())["results"]
+    # the default's and Hutchinson's reported errors match their spread; XTrace's runs low
+    for method in ("deflated", "hutchinson"):
+        assert 0.8 < res[method]["rms_stderr"] / res[method]["rms_error"] < 1.25, method
+    assert res["xtrace"]["rms_stderr"] / res["xtrace"]["rms_error"] < 0.85
+    assert res["xtrace"]["coverage"] < res["deflated"]["coverage"]
