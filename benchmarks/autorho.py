@@ -203,6 +203,7 @@ def train_one(cfg: dict, folder: Path) -> dict:
         TrainConfig(epochs=cfg["epochs"], batch_size=cfg["batch_size"], schedule="cosine"),
         seed=cfg["seed"],
         state_path=folder / f"{key}.state.pt",
+        state_tag=cfg,  # a state left by this run under other settings is not resumed
         callbacks=[reporter.callback],
         progress=False,
     )

@@ -416,3 +416,38 @@ def test_a_metrics_line_cut_off_by_a_full_disk_is_taken_back(tmp_path, monkeypat
     monkeypatch.undo()
     assert info.value.filename == str(log)
     assert log.read_text() == '{"epoch": 1}\n'  # not half of the second line
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"final": {"test_acc": 5.0}},  # an accuracy of 500 %: it went into the table
+        {"label": "other"},  # counted under another method
+        {"seed": 7},  # paired with another seed
+        {"diverged": "no"},
+        {"time_per_epoch": "x"},
+        {"final": []},
+        {"checkpoint": "../../elsewhere/runs/sam-seed0.pt"},  # read another folder's weights
+    ],
+    ids=["acc", "label", "seed", "diverged", "time", "final", "checkpoint"],
+)
+def test_a_hand_edited_finished_record_is_trained_again_not_trusted(tmp_path, edit):
+    config = StudyConfig(
+        methods=[MethodSpec("sgd")],
+        seeds=[0],
+        dataset="synthetic",
+        train_size=200,
+        train=TrainConfig(epochs=1, batch_size=50),
+        sharpness=False,
+    )
+    (ref,) = run_study(config, tmp_path, progress=False, log=None)
+    path = tmp_path / "runs" / "sgd-seed0.json"
+    record = json.loads(path.read_text())
+    for k, v in edit.items():
+        record[k] = {**record[k], **v} if isinstance(v, dict) else v
+    path.write_text(json.dumps(record))
+    lines = []
+    (again,) = run_study(config, tmp_path, progress=False, log=lines.append)
+    assert any("its record is malformed, retrained" in line for line in lines)
+    assert again.record["final"]["test_acc"] == ref.record["final"]["test_acc"]
+    assert json.loads(path.read_text())["label"] == "sgd"

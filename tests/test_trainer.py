@@ -7,7 +7,7 @@ import torch
 from samkit.experiments.datasets import load_dataset
 from samkit.experiments.methods import TrainSpec, build_method
 from samkit.experiments.models import build_model
-from samkit.experiments.trainer import TrainConfig, lr_factor, seed_everything, train
+from samkit.experiments.trainer import ResumeError, TrainConfig, lr_factor, seed_everything, train
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +194,62 @@ def test_optimizer_hears_validation_loss_and_rho_is_recorded(data):
     model, method = _setup(data, "sgd")
     res = train(model, method, data, TrainConfig(epochs=1, batch_size=100), progress=False)
     assert "rho" not in res.history[0]  # plain SGD has no rho
+
+
+def _interrupted_state(data, tmp_path, *, tag):
+    """A state after epoch 1 of a 3-epoch run tagged ``tag``."""
+    cfg = TrainConfig(epochs=3, batch_size=100)
+    model, method = _setup(data, "sgd")
+
+    def stop(rec):
+        if rec["epoch"] == 2:
+            raise _Stop
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(_Stop):
+        train(model, method, data, cfg, seed=1, state_path=state, state_tag=tag,
+              callbacks=[stop], progress=False)  # fmt: skip
+    return cfg, state
+
+
+def test_a_state_left_by_the_run_under_other_settings_is_not_resumed(data, tmp_path):
+    """A run killed mid-way, then rerun with another learning rate, resumed the old run's
+    weights and schedule and reported them as the new run's."""
+    cfg, state = _interrupted_state(data, tmp_path, tag={"lr": 0.1})
+    model, method = _setup(data, "sgd")
+    fresh = train(model, method, data, cfg, seed=1, progress=False)
+    model, method = _setup(data, "sgd")
+    res = train(model, method, data, cfg, seed=1, state_path=state, state_tag={"lr": 0.05},
+                progress=False)  # fmt: skip
+    assert [r["epoch"] for r in res.history] == [1, 2, 3]  # trained from its first epoch
+    assert [r["train_loss"] for r in res.history] == [r["train_loss"] for r in fresh.history]
+    # the same tag resumes (epoch 1 from the state)
+    cfg, state = _interrupted_state(data, tmp_path, tag={"lr": 0.1})
+    saved = torch.load(state, weights_only=True)["history"]
+    model, method = _setup(data, "sgd", seed=99)
+    res = train(model, method, data, cfg, seed=1, state_path=state, state_tag={"lr": 0.1},
+                progress=False)  # fmt: skip
+    assert res.history[0] == saved[0]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("train_time", "abc"),
+        ("train_time", float("nan")),
+        ("bad_epochs", "x"),
+        ("bad_epochs", -1),
+        ("best", ["x", "y", None]),
+        ("stopped", "yes"),
+        ("history", "repeated"),  # the history ten times over
+        ("rng", {"torch": torch.zeros(3, dtype=torch.uint8)}),
+    ],
+)
+def test_a_malformed_training_state_is_refused_in_one_sentence(data, tmp_path, field, value):
+    cfg, state = _interrupted_state(data, tmp_path, tag=None)
+    st = torch.load(state, weights_only=True)
+    st[field] = st["history"] * 10 if value == "repeated" else value
+    torch.save(st, state)
+    model, method = _setup(data, "sgd")
+    with pytest.raises(ResumeError, match="Invalid training state: .*delete it"):
+        train(model, method, data, cfg, seed=1, state_path=state, progress=False)

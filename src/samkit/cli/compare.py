@@ -226,9 +226,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = study.run(progress=None if not args.quiet else False, log=log, **how)
         except ValueError as exc:
-            if not str(exc).startswith(("Invalid jobs", "Invalid ray", "Invalid gpus")):
+            # the executor refused, before any training; or a run's training state cannot be
+            # resumed (the message names the file and says to delete it)
+            prefixes = ("Invalid jobs", "Invalid ray", "Invalid gpus", "Invalid training state")
+            if not str(exc).startswith(prefixes):
                 raise
-            raise UsageError(str(exc)) from exc  # the executor refused, before any training
+            raise UsageError(str(exc)) from exc
     title = f"{config.dataset} / {config.model}" + (
         f", {config.noise:.0%} label noise" if config.noise else ""
     )

@@ -137,6 +137,44 @@ def _run_config(
 _normalise = normalise  # the engine's: as a record reads back from its JSON file
 
 
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class RunRecordCheck:
+    """A finished compare record is reused only if it is this run's and well formed: its
+    key, label and seed; metrics finite numbers or null (accuracies in [0, 1]); flags
+    booleans; times and counts
+    finite and >= 0; its checkpoint and log this run's own files (a record pointing
+    elsewhere would have the report read another run's weights)."""
+
+    key: str
+    label: str
+    seed: int
+
+    def __call__(self, rec: dict[str, Any]) -> bool:
+        numbers = ("epochs_run", "steps", "passes", "passes_per_step", "train_time")
+        return (
+            (rec.get("key"), rec.get("label"), rec.get("seed")) == (self.key, self.label, self.seed)
+            and isinstance(rec.get("final"), dict)
+            and all(v is None or _finite_number(v) for v in rec["final"].values())
+            and all(  # an accuracy is a fraction
+                v is None or 0 <= v <= 1 for k, v in rec["final"].items() if k.endswith("_acc")
+            )
+            and all(isinstance(rec.get(k), bool) for k in ("diverged", "stopped_early"))
+            and all(
+                _finite_number(rec.get(k)) and rec[k] >= 0 for k in (*numbers, "time_per_epoch")
+            )
+            and rec.get("checkpoint") in (None, f"{self.key}.pt")
+            and rec.get("metrics") == f"{self.key}.jsonl"
+            and (
+                not isinstance(rec.get("sharpness"), dict)
+                or all(v is None or _finite_number(v) for v in rec["sharpness"].values())
+            )
+        )
+
+
 @dataclass
 class CompareRun:
     """One (method, seed) run of a comparative study: the task the engine executes.
@@ -194,6 +232,7 @@ def study_cells(config: StudyConfig, runs_dir: Path, *, threads: int | None = No
                     run_cfg,
                     task,
                     cleanup=(f"{key}.state.pt",),
+                    valid=RunRecordCheck(key, spec.label, seed),
                 )
             )
     return cells
@@ -354,6 +393,7 @@ def _execute(
         num_workers=config.num_workers,
         metrics_path=runs_dir / f"{key}.jsonl",
         state_path=runs_dir / f"{key}.state.pt",
+        state_tag=run_cfg,  # a state left by this run with other settings is not resumed
         checkpoint_path=runs_dir / f"{key}.pt",
         model_spec=problem.model_spec(data),
         meta={"method": spec.to_dict(), "label": spec.label},

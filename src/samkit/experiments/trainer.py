@@ -184,6 +184,7 @@ def train(
     progress: bool | None = None,
     desc: str = "",
     epoch_steps: int | None = None,
+    state_tag: Any = None,
 ) -> TrainResult:
     """Train ``model`` with ``method`` on ``data`` (``.train``, ``.val``, ``.test``); see
     the module docstring.
@@ -203,6 +204,9 @@ def train(
             (the file is restarted when training starts from epoch 0).
         state_path: training-state file written atomically after each epoch;
             if it exists, training resumes from it. Delete it when done.
+        state_tag: what the run is (its settings, plain data), saved in the state:
+            a state left by a run with another tag (an interrupted run whose
+            settings changed since) is not resumed from; the run starts afresh.
         checkpoint_path: where the final model goes (needs ``model_spec``,
             ``(name, kwargs)`` of the model).
         meta: stored in the checkpoint's ``meta``.
@@ -257,8 +261,13 @@ def train(
     best: tuple[float, int, dict[str, Tensor] | None] = (-math.inf, -1, None)
     bad_epochs = 0
     stopped, diverged = False, False
-    if state_path is not None and Path(state_path).is_file():
-        st = load_state(state_path)
+    st = load_state(state_path) if state_path is not None and Path(state_path).is_file() else None
+    if st is not None and (
+        (state_tag is not None and st.get("tag") != state_tag) or len(st["history"]) > config.epochs
+    ):
+        st = None  # another run's state (its settings changed since it stopped): start afresh
+    if st is not None:
+        assert state_path is not None
         try:
             model.load_state_dict(st["model"])
             method.load_state_dict(st["method"])
@@ -272,7 +281,13 @@ def train(
         best = (float(st["best"][0]), int(st["best"][1]), st["best"][2])
         bad_epochs = int(st["bad_epochs"])
         stopped, diverged = bool(st.get("stopped", False)), bool(st.get("diverged", False))
-        _set_rng_state(st.get("rng", {}), dev)
+        try:
+            _set_rng_state(st.get("rng", {}), dev)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ResumeError(
+                f"Invalid training state: {str(state_path)!r} holds an unusable RNG state "
+                f"({str(exc).splitlines()[0][:200]}); delete it to restart this run"
+            ) from exc
         if metrics_path is not None:
             # the log may hold an epoch that ended after the last saved state: rewrite it
             write_text_atomic(
@@ -409,6 +424,7 @@ def train(
                         stopped=stopped,
                         diverged=diverged,
                         device=dev,
+                        tag=state_tag,
                     )
                     state_saved(Path(state_path), record["epoch"])
                 # callbacks see the record once its state is safe (an Optuna pruner may raise)

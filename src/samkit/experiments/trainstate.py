@@ -60,14 +60,43 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     st = read_state(path, hint)
     if not isinstance(st, dict) or any(k not in st for k in _STATE_KEYS):
         raise ResumeError(f"Invalid training state: {str(path)!r} is incomplete; {hint}")
-    if (
-        not isinstance(st["history"], list)
-        or not all(isinstance(r, dict) for r in st["history"])
-        or not isinstance(st["best"], (list, tuple))
-        or len(st["best"]) != 3
-    ):
-        raise ResumeError(f"Invalid training state: {str(path)!r} is malformed; {hint}")
+    bad = _malformed(st)
+    if bad:
+        raise ResumeError(f"Invalid training state: {str(path)!r} is malformed ({bad}); {hint}")
     return st
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _malformed(st: dict[str, Any]) -> str | None:
+    """What is wrong with a training state's bookkeeping (a file is checked, not trusted):
+    the epochs 1..n in order, finite times, counts and flags of their types."""
+    history, best = st["history"], st["best"]
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        return "history"
+    if [r.get("epoch") for r in history] != list(range(1, len(history) + 1)):
+        return "history's epochs are not 1, 2, ..."
+    if not (_number(st["train_time"]) and 0 <= st["train_time"] < float("inf")):
+        return "train_time"
+    if not (isinstance(st["bad_epochs"], int) and not isinstance(st["bad_epochs"], bool)):
+        return "bad_epochs"
+    if st["bad_epochs"] < 0 or st["bad_epochs"] > len(history):
+        return "bad_epochs"
+    if not isinstance(best, (list, tuple)) or len(best) != 3:
+        return "best"
+    score, epoch, weights = best
+    if not (_number(score) and score == score) or not isinstance(epoch, int):
+        return "best"
+    if not (weights is None or isinstance(weights, dict)):
+        return "best"
+    for flag in ("stopped", "diverged"):
+        if not isinstance(st.get(flag, False), bool):
+            return flag
+    if not isinstance(st.get("rng", {}), dict):
+        return "rng"
+    return None
 
 
 def save_state(
@@ -82,10 +111,13 @@ def save_state(
     stopped: bool,
     diverged: bool,
     device: torch.device,
+    tag: Any = None,
 ) -> None:
-    """Write the training state to ``path`` atomically (read back by :func:`load_state`)."""
+    """Write the training state to ``path`` atomically (read back by :func:`load_state`).
+    ``tag``: what the run is (its settings), so that a state is resumed only by its run."""
     atomic_torch_save(
         {
+            "tag": tag,
             "model": model.state_dict(),
             "method": method.state_dict(),
             "history": history,

@@ -218,6 +218,7 @@ class OpenTune:
         lr: float,
         callbacks: list[Callable[[dict[str, Any]], None]],
         state_path: Path | None = None,
+        state_tag: Any = None,
     ) -> Any:
         """Train the method once on ``seed`` (the same data, model and schedule for every rho)."""
         from .trainer import resolve_device, seed_everything, train  # train: looked up now
@@ -244,6 +245,7 @@ class OpenTune:
             progress=False,
             epoch_steps=length["steps_per_epoch"],
             state_path=state_path,
+            state_tag=state_tag,
         )
 
     def _run_auto(self, name: str, log: Callable[[str], None] | None) -> dict[str, Any]:
@@ -368,7 +370,12 @@ class AutoRun:
         metric = self.search.problem.primary
         stem = f"{self.name.replace(':', '-')}-seed{self.seed}"
         res = self.search._train_seed(
-            self.seed, self.name, self.search.base.lr, [], state_path=folder / f"{stem}.state.pt"
+            self.seed,
+            self.name,
+            self.search.base.lr,
+            [],
+            state_path=folder / f"{stem}.state.pt",
+            state_tag=json.loads(json.dumps(finite(self.key))),  # this run, as plain data
         )
         value = res.final.get(f"val_{metric}")
         ok = not res.diverged and value is not None and math.isfinite(value)

@@ -143,6 +143,9 @@ class Cell:
     gpus: float = 0.0
     identity_field: str = "config"  # the record's field that holds the identity
     stored: bool = True
+    #: what else a finished record must satisfy to be reused (its key, types, ranges: a
+    #: file is checked, not trusted); one that fails is trained again. Picklable.
+    valid: Callable[[dict[str, Any]], bool] | None = None
 
     @property
     def result_path(self) -> Path:
@@ -405,6 +408,10 @@ def run_cells(
                         if cell.stored
                         else None
                     )
+                    if done is not None and cell.valid is not None and not cell.valid(done):
+                        if log:
+                            log(f"[{i + 1}/{n}] {cell.name}: its record is malformed, retrained")
+                        done = None
                     if done is not None:
                         progress.done += 1
                         if log:
