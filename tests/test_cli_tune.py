@@ -142,3 +142,17 @@ def test_ctrl_c_in_a_trial_is_one_line_and_the_trial_is_redone(tmp_path, capfd, 
     rc, _, err = _run(capfd, *FAST, *grid, *cut)
     assert rc == 0, err
     assert json.loads((tmp_path / "cut" / "tune.json").read_text())["trials"] == again["trials"]
+
+
+def test_tune_and_compare_do_not_share_a_folder(tmp_path, capsys):
+    """Each overwrote the other's report.html (and compare its results.json)."""
+    tuned, compared = tmp_path / "tuned", tmp_path / "compared"
+    assert _run(capsys, *FAST, "--grid", "0.05", "--out", str(tuned))[0] == 0
+    assert main(["compare", *FAST, "--optimizers", "sgd", "--no-sharpness", "--out",
+                 str(compared)]) == 0  # fmt: skip
+    capsys.readouterr()
+    rc, _, err = _run(capsys, *FAST, "--grid", "0.05", "--out", str(compared))
+    assert rc == 2 and "holds a study (compare, rl or gan)" in err
+    assert main(["compare", *FAST, "--optimizers", "sgd", "--no-sharpness", "--out",
+                 str(tuned)]) == 2  # fmt: skip
+    assert "holds a samkit tune search" in capsys.readouterr().err

@@ -451,3 +451,18 @@ def test_a_hand_edited_finished_record_is_trained_again_not_trusted(tmp_path, ed
     assert any("its record is malformed, retrained" in line for line in lines)
     assert again.record["final"]["test_acc"] == ref.record["final"]["test_acc"]
     assert json.loads(path.read_text())["label"] == "sgd"
+
+
+def test_a_verdict_without_a_test_split_says_so():
+    """Both runs finished; the data had no test split. The verdict said no seed on which
+    both finished."""
+    recs = [
+        {"label": m, "seed": s, "final": {"val_acc": 0.5}, "diverged": False}
+        for m in ("sgd", "sam")
+        for s in (0, 1)
+    ]
+    (v,) = paired_verdicts(recs, ["sgd", "sam"], "sgd")
+    assert (
+        "no test acc to compare with sgd (both finished; the data has no test split"
+        in (v["sentence"])
+    )

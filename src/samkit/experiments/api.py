@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import settings as st
-from .folder import run_folder, study_folder
+from .folder import refuse_other_kind, run_folder, study_folder
 from .grid import StudyResult
 from .problem import Problem, UserData, load_callable, load_user_data
 from .settings import MethodSpec, StudyConfig
@@ -175,6 +175,7 @@ def open_study(
 
     folder = run_folder(out, lambda: st.default_out_dir(config))
     with study_folder(folder) as path:
+        refuse_other_kind(path, "study")
         problem = check_study(config, drop_unfit=drop_unfit, out_dir=path)
         yield OpenStudy(config, path, problem)
 

@@ -45,6 +45,22 @@ class FolderBusy(ValueError):
     """Another process holds the folder's lock."""
 
 
+#: a file only each kind of study writes: a folder holds one kind (their report.html and
+#: results collide)
+KIND_MARKERS = {"tune": "tune-settings.json", "study": "config.json"}
+
+
+def refuse_other_kind(path: Path, kind: str) -> None:
+    """A ``samkit tune`` folder is not a study's (compare, rl, gan), nor the reverse: each
+    would overwrite the other's report. ValueError naming ``out``."""
+    for other, marker in KIND_MARKERS.items():
+        if other != kind and (path / marker).exists():
+            what = "a samkit tune search" if other == "tune" else "a study (compare, rl or gan)"
+            raise ValueError(
+                f"Invalid out value: {str(path)!r} holds {what} ({marker}); choose another --out"
+            )
+
+
 def run_folder(out: Any, default: Callable[[], Path]) -> Path:
     """The run folder: ``out`` (a non-empty path), or ``default()`` when it is None.
 

@@ -57,9 +57,10 @@ def open_study(
 ) -> Iterator[Path]:
     """Lock the run folder (``out``, else ``default()``) and run ``check(folder)``
     (a ValueError before any training), then yield it."""
-    from .folder import run_folder, study_folder
+    from .folder import refuse_other_kind, run_folder, study_folder
 
     with study_folder(run_folder(out, default)) as locked:
+        refuse_other_kind(locked, "study")
         check(locked)
         yield locked
 

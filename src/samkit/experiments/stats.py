@@ -114,8 +114,14 @@ def paired_verdicts(
         v: dict[str, Any] = {"label": label, "baseline": baseline, "n": n, "metric": metric}
         if n == 0:
             v.update(mean=None, se=None, z=None, exceeds=False)
+            ran = {r["seed"] for r in records if r["label"] == label and not r.get("diverged")}
+            ran &= {r["seed"] for r in records if r["label"] == baseline and not r.get("diverged")}
             v["sentence"] = (
-                f"{label}: no seed on which both it and {baseline} finished, so no comparison{note}."
+                f"{label}: no test {metric} to compare with {baseline} (both finished; the data "
+                f"has no test split, or the runs recorded no test {metric}){note}."
+                if ran
+                else f"{label}: no seed on which both it and {baseline} finished, so no "
+                f"comparison{note}."
             )
         elif n == 1:
             v.update(mean=diffs[0], se=None, z=None, exceeds=False)

@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from . import settings as st
-from .folder import describe_differences, differences, run_folder, study_folder
+from .folder import (
+    describe_differences,
+    differences,
+    refuse_other_kind,
+    run_folder,
+    study_folder,
+)
 from .problem import Problem
 from .registry import MethodInfo, build_method, method_info
 from .settings import MethodSpec, StudyConfig, check_float, check_int
@@ -156,6 +162,7 @@ def open_tune(
         raise ValueError("Invalid val_fraction value: 0 (tuning needs a validation split)")
     folder = run_folder(out, lambda: st.default_out_dir(config, prefix=f"tune-{spec.method}"))
     with study_folder(folder) as path:
+        refuse_other_kind(path, "tune")
         problem = check_study(config)
         lo, hi = spec.range()
         # the extremes of the search must build too (a rho the method refuses fails now)
