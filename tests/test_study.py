@@ -341,3 +341,18 @@ def test_supports_scaler_says_what_the_optimizer_does(name):
     loss = method.step(model, x, y, idx, loss_fn)
     assert torch.isfinite(loss) and scaler.get_scale() == 2.0**8
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_methods_tables_without_an_optimizers_list_are_the_methods(tmp_path):
+    """The default list was added to them, and its SAM-ON then failed on a model without
+    normalisation layers."""
+    toml = tmp_path / "m.toml"
+    toml.write_text(
+        'dataset = "synthetic"\nmodel = "mlp"\n\n[[methods]]\nmethod = "sam"\nlabel = "mine"\n'
+    )
+    from samkit.experiments import settings as st
+
+    config = st.build_study(st.merge(None, st.load_toml(str(toml)), {}))
+    assert [m.label for m in config.methods] == ["mine"]
+    both = st.build_study(st.merge(None, st.load_toml(str(toml)), {"optimizers": ["sgd"]}))
+    assert [m.label for m in both.methods] == ["sgd", "mine"]

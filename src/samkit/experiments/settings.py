@@ -331,7 +331,10 @@ def _method_specs(s: dict[str, Any]) -> list[MethodSpec]:
     rhos = _rho_list(s["rho"])
     if not isinstance(s["methods"] or [], list):
         raise ValueError(f"Invalid methods value: {s['methods']!r} (a list of tables)")
-    entries = [parse_method(t) for t in _method_tokens(s["optimizers"])]
+    # [[methods]] tables without an optimizers list are the methods: the default list is
+    # not added to them (its unfit methods, SAM-ON on a model without normalisation, failed)
+    tables_only = s["optimizers"] is None and bool(s["methods"])
+    entries = [] if tables_only else [parse_method(t) for t in _method_tokens(s["optimizers"])]
     entries += [parse_method(t) for t in (s["methods"] or [])]
     specs: list[MethodSpec] = []
     rho_used = False
