@@ -156,3 +156,20 @@ def test_tune_and_compare_do_not_share_a_folder(tmp_path, capsys):
     assert main(["compare", *FAST, "--optimizers", "sgd", "--no-sharpness", "--out",
                  str(tuned)]) == 2  # fmt: skip
     assert "holds a samkit tune search" in capsys.readouterr().err
+
+
+def test_a_journal_cut_mid_record_resumes_and_a_garbled_one_is_one_line(tmp_path, capsys):
+    """A process killed while appending left a partial last line; the next record fused
+    with it and the search failed with json's message, naming no file."""
+    args = [*FAST, "--grid", "0.01,0.05,0.1", "--out", str(tmp_path)]
+    assert _run(capsys, *args)[0] == 0
+    first = json.loads((tmp_path / "tune.json").read_text())
+    journal = tmp_path / "optuna-journal.log"
+    journal.write_bytes(journal.read_bytes()[:-40])  # the last record cut mid-way
+    rc, _, err = _run(capsys, *args)
+    assert rc == 0, err
+    again = json.loads((tmp_path / "tune.json").read_text())
+    assert again["best"]["rho"] == first["best"]["rho"]
+    journal.write_bytes(b"\x00\xff garbage\n" + journal.read_bytes())
+    rc, _, err = _run(capsys, *args)
+    assert rc == 2 and "optuna-journal.log' cannot be read" in err and len(err.splitlines()) == 1

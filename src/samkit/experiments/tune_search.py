@@ -33,6 +33,21 @@ if TYPE_CHECKING:
 __all__ = ["OpenTune", "TuneResult", "AutoRun", "auto_note"]
 
 
+def _drop_partial_record(journal: Path) -> None:
+    """A process killed while appending to the journal leaves a last line without its
+    newline; the next record appended would fuse with it into a line no one can read
+    (the search then failed at its first result). Cut it off: that trial is the one the
+    resumed search redoes."""
+    from .._atomic import atomic_open
+
+    if not journal.is_file():
+        return
+    data = journal.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with atomic_open(journal, "wb") as fh:
+            fh.write(data[: data.rfind(b"\n") + 1])
+
+
 @dataclass
 class TuneResult:
     """What :func:`tune` returns."""
@@ -99,12 +114,21 @@ class OpenTune:
         from .report import write_report
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = JournalStorage(JournalFileBackend(str(self.out / "optuna-journal.log")))
+        journal = self.out / "optuna-journal.log"
+        _drop_partial_record(journal)
         direction = "maximize" if self.problem.maximize else "minimize"
-        probe = optuna.create_study(
-            study_name=STUDY_NAME, storage=storage, direction=direction, load_if_exists=True
-        )
-        existing = list(probe.trials)
+        try:
+            storage = JournalStorage(JournalFileBackend(str(journal)))
+            probe = optuna.create_study(
+                study_name=STUDY_NAME, storage=storage, direction=direction, load_if_exists=True
+            )
+            existing = list(probe.trials)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:  # a damaged file
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ValueError(
+                f"Invalid out value: the search's journal {str(journal)!r} cannot be read "
+                f"({reason}); delete it (and tune.json) to start the search afresh"
+            ) from exc
         # trials a killed process left RUNNING: mark them failed, and queue their values
         # again; likewise the trials a Ctrl-C stopped (Optuna marked those failed itself).
         # The redo points back at its trial, so each is queued once.
@@ -322,7 +346,13 @@ class OpenTune:
             }
             for t in ostudy.trials
         ]
-        complete = [t for t in ostudy.trials if t.state == TrialState.COMPLETE]
+        complete = [  # (a journal is a file: a value that is not a finite number is not one)
+            t
+            for t in ostudy.trials
+            if t.state == TrialState.COMPLETE
+            and isinstance(t.value, (int, float))
+            and math.isfinite(t.value)
+        ]
         if not complete:
             raise ValueError(
                 "Invalid trials value: no trial completed (all pruned, diverged or failed); "
