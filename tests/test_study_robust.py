@@ -11,7 +11,9 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
+import samkit
 from samkit.cli.main import main
 from samkit.experiments import study as study_mod
 from samkit.experiments.settings import MethodSpec, StudyConfig, TrainConfig
@@ -466,3 +468,47 @@ def test_a_verdict_without_a_test_split_says_so():
         "no test acc to compare with sgd (both finished; the data has no test split"
         in (v["sentence"])
     )
+
+
+@pytest.mark.parametrize("where", ["runs", "runs/sgd-seed0.json"])
+def test_a_folder_or_file_in_a_runs_place_is_refused_before_training(tmp_path, where):
+    """A directory where a run's record goes failed at the end of the run (traceback)."""
+    if where == "runs":
+        (tmp_path / "runs").write_text("")
+    else:
+        (tmp_path / where).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"Invalid out value: .* is not a (folder|file)"):
+        samkit.compare(
+            dataset="synthetic",
+            train_size=200,
+            methods=["sgd"],
+            seeds=1,
+            epochs=1,
+            sharpness=False,
+            out=tmp_path,
+            quiet=True,
+        )
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_samples_that_cannot_be_batched_are_one_sentence(tmp_path):
+    """Ragged samples failed in torch's collate inside the checks (a traceback)."""
+
+    class Ragged(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return torch.randn(7 if i % 2 else 8), i % 3
+
+    with pytest.raises(ValueError, match="Invalid data value: the training split cannot be"):
+        samkit.compare(
+            model=lambda: torch.nn.Linear(8, 3),
+            train=Ragged(),
+            test=Ragged(),
+            methods=["sgd"],
+            seeds=1,
+            epochs=1,
+            out=tmp_path,
+            quiet=True,
+        )

@@ -58,6 +58,10 @@ def check_study(
         x, y, _ = next(iter(train_batches(data.train, config.train.batch_size, seed, 0)))
     except StopIteration:
         raise ValueError("Invalid train value: the training data yields no batch") from None
+    except Exception as exc:  # noqa: BLE001 - samples that do not batch (ragged, odd types)
+        raise ValueError(
+            f"Invalid data value: the training split cannot be batched: {first_line(exc)}"
+        ) from exc
     x, y = to_device(x, device), to_device(y, device)
     amp = config.train.amp
     output = _forward(config, model, x, device, "the data")
@@ -328,10 +332,21 @@ def check_problem(config: StudyConfig, problem: Problem, out: Path) -> None:
 
 
 def _check_states(config: StudyConfig, out: Path) -> None:
-    """Every training-state file this study would resume from must be readable now."""
+    """Every training-state file this study would resume from must be readable now, and
+    every file a run writes must be writable as a file (a folder in its place failed at
+    the end of the run, with a traceback)."""
     runs = out / "runs"
+    if runs.exists() and not runs.is_dir():
+        raise ValueError(f"Invalid out value: {str(runs)!r} is not a folder; move it away")
     for spec in config.methods:
         for seed in config.seeds:
-            state = runs / f"{run_key(spec.label, seed)}.state.pt"
+            key = run_key(spec.label, seed)
+            for suffix in (".json", ".jsonl", ".pt", ".state.pt"):
+                path = runs / f"{key}{suffix}"
+                if path.exists() and not path.is_file():
+                    raise ValueError(
+                        f"Invalid out value: {str(path)!r} is not a file; move it away"
+                    )
+            state = runs / f"{key}.state.pt"
             if state.is_file():
                 load_state(state)
