@@ -148,11 +148,46 @@ def load(opt: SAM, state_dict: object, *, base_only: bool) -> None:
         for group, before in zip(opt.param_groups, snapshot["groups"]):
             for key in keys:
                 group.setdefault(key, before[key])
+        _check_base_state(opt)
         if own is not None:
-            _load_own(opt, own)
+            try:
+                _load_own(opt, own)
+            except (IndexError, KeyError, AttributeError, TypeError, RuntimeError) as error:
+                raise ValueError(
+                    f"Invalid state_dict value: its samkit state cannot be loaded "
+                    f"({type(error).__name__}: {error})"
+                ) from error
     except BaseException:
         _roll_back(opt, snapshot)
         raise
+
+
+#: per-parameter buffers of torch's optimizers that have their parameter's shape
+_PARAM_SHAPED = (
+    "momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta",
+    "sum", "ax", "prev", "grad_avg",
+)  # fmt: skip
+
+
+def _check_base_state(opt: SAM) -> None:
+    """What torch's loader takes without a word and fails on at the next step, mid-step:
+    groups without the base optimizer's settings (a state dict of another optimizer:
+    Adam's into SGD), and buffers of another shape than their parameter."""
+    base = opt.base_optimizer
+    for i, group in enumerate(base.param_groups):
+        missing = sorted(k for k in base.defaults if k not in group)
+        if missing:
+            raise ValueError(
+                f"Invalid state_dict value: param group {i} has no {missing}, which "
+                f"{type(base).__name__} needs: was it saved by another base optimizer?"
+            )
+        for p in group["params"]:
+            for key, value in base.state.get(p, {}).items():
+                if key in _PARAM_SHAPED and isinstance(value, Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"Invalid state_dict value: {key} of a parameter of param group {i} "
+                        f"has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}"
+                    )
 
 
 def _select(

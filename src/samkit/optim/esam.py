@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_unit_interval
-from . import _compile
+from . import _args, _compile
 from .perturbation import Perturbation, RandomSubset
 from .sam import SAM
 
@@ -152,6 +152,8 @@ class ESAM(SAM):
         """
         if closure is None:
             return super().step(None)
+        # gradients left in .grad would join the first pass (SAM.step refuses them too)
+        _args.existing_grads(self._all_params(), "error")
 
         def backward(losses: Tensor) -> None:
             backward_mean(losses, scaler, method="ESAM")

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_unit_interval
-from . import _compile
+from . import _args, _compile
 from .batchnorm import freeze_bn_stats
 from .esam import backward_mean
 from .sam import SAM
@@ -130,6 +130,8 @@ class KSAM(SAM):
         """
         if closure is None:
             return super().step(None)
+        # gradients left in .grad would join the first pass (SAM.step refuses them too)
+        _args.existing_grads(self._all_params(), "error")
 
         def backward(losses: Tensor) -> None:
             backward_mean(losses, scaler, method="K-SAM")

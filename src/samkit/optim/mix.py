@@ -125,6 +125,29 @@ class Mix:
         return f"{type(self).__name__}()"
 
 
+def load_vectors(what: str, table: Any, params: list[Tensor]) -> dict[Tensor, Tensor]:
+    """A mix's stored vectors, ``{parameter index: tensor}`` as saved, checked: each names
+    a parameter and has its shape, finite (a (1,)-shaped one broadcast silently into every
+    later gradient). ValueError naming ``what`` otherwise."""
+    if not isinstance(table, dict):
+        raise ValueError(f"Invalid state value: {what} is missing or not a table")
+    out = {}
+    for i, v in table.items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
+            raise ValueError(
+                f"Invalid state value: {what} entry {i!r} names no parameter (0..{len(params) - 1})"
+            )
+        p = params[i]
+        if not isinstance(v, Tensor) or v.shape != p.shape or not bool(torch.isfinite(v).all()):
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(
+                f"Invalid state value: {what} entry {i} is {shape} (its parameter is "
+                f"{tuple(p.shape)}, finite)"
+            )
+        out[p] = v.detach().to(device=p.device, dtype=p.dtype).clone()
+    return out
+
+
 class SurrogateGap(Mix):
     r"""GSAM's surrogate-gap ascent (Zhuang et al., ICLR 2022, arXiv 2203.08065).
 
@@ -248,13 +271,18 @@ class ReuseOrthogonal(Mix):
     def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
         if not state:
             return
-        self.orthogonal = {}
-        for i, v in state["gv"].items():
-            p = params[int(i)]
-            self.orthogonal[p] = v.detach().to(device=p.device, dtype=p.dtype).clone()
+        orthogonal = load_vectors("LookSAM's gv", state.get("gv"), params)
         norm = state.get("gv_norm")
+        if norm is not None and not (
+            isinstance(norm, Tensor) and norm.numel() == 1 and bool(torch.isfinite(norm).all())
+        ):
+            raise ValueError(f"Invalid state value: LookSAM's gv_norm = {norm!r} (a number)")
+        reused = state.get("reused", 0)
+        if not (isinstance(reused, int) and not isinstance(reused, bool) and reused >= 0):
+            raise ValueError(f"Invalid state value: LookSAM's reused = {reused!r} (a count)")
+        self.orthogonal = orthogonal
         self.orthogonal_norm = None if norm is None else norm.detach().clone()
-        self.reused = int(state.get("reused", 0))
+        self.reused = reused
 
     def __repr__(self) -> str:
         return f"ReuseOrthogonal(alpha={self.alpha})"

@@ -60,7 +60,7 @@ from torch import Tensor
 
 from .. import functional
 from .._checks import check_int, check_nonneg, check_unit_interval
-from .mix import GradientStore, Mix, dot
+from .mix import GradientStore, Mix, dot, load_vectors
 from .policy import Policy
 from .sam import SAM
 from .view import StepView
@@ -147,13 +147,19 @@ class ReusePSF(Mix):
     def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
         if not state:
             return
-        psf = {}
-        for i, v in state["psf"].items():
-            p = params[int(i)]
-            psf[p] = v.detach().to(device=p.device, dtype=p.dtype).clone()
-        self.psf = psf
-        self.age = int(state["age"])
-        self.reused = int(state.get("reused", 0))
+        psf = load_vectors("vSAM's psf", state.get("psf"), params)
+        age: Any = state.get("age")
+        reused: Any = state.get("reused", 0)
+        for name, value, high in (("age", age, self.max_reuse), ("reused", reused, None)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < 0
+                or (high is not None and value > high)
+            ):
+                bound = f"0..{high}" if high is not None else "a count"
+                raise ValueError(f"Invalid state value: vSAM's {name} = {value!r} ({bound})")
+        self.psf, self.age, self.reused = psf, age, reused
 
     def __repr__(self) -> str:
         return f"ReusePSF(beta={self.beta}, max_reuse={self.max_reuse}, last_tensors={self.last_tensors})"
