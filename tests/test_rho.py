@@ -269,3 +269,9 @@ def test_proportional_rho_refuses_a_malformed_state_and_changes_nothing(corrupt,
     with pytest.raises(ValueError, match=f"Invalid state value: .*{match}"):
         sched.load_state_dict({**good, **corrupt})
     assert sched.state_dict() == good
+
+
+def test_lambda_rho_takes_a_one_element_tensor_as_a_number():
+    opt = _sam(rhos=(0.1,))
+    samkit.LambdaRho(opt, lambda t: torch.tensor(0.5))
+    assert opt.param_groups[0]["rho"] == pytest.approx(0.05)

@@ -184,6 +184,8 @@ class LambdaRho:
 
     def _apply(self) -> None:
         f = self.fn(self.last_step)
+        if isinstance(f, torch.Tensor) and f.numel() == 1 and not f.dtype == torch.bool:
+            f = f.item()  # a one-element tensor is a number too
         if not is_number(f) or not 0 <= f < math.inf:
             raise ValueError(
                 f"Invalid fn value: fn({self.last_step}) = {f!r} (must be a finite number >= 0)"
