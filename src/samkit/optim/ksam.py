@@ -69,7 +69,8 @@ class KSAM(SAM):
             computed, in (0, 1]; required (the paper's 1/3, so that a step costs
             one pass, as its title promises: ``1/3 + 2/3``; see ``_NO_FRACTION``
             for why there is no default). ``k`` is
-            ``ceil(fraction * |B|)``, at least 1. 1 is SAM plus a forward pass.
+            ``ceil(fraction * |B|)``, at least 1. 1 is SAM plus a forward pass (the same
+            weights, bit for bit).
         **kwargs: the other :class:`~samkit.SAM` arguments.
 
     Use :meth:`step` with a per-sample closure (as ESAM's)::
@@ -112,6 +113,8 @@ class KSAM(SAM):
         """Indices of the ``ceil(fraction * n)`` samples with the highest loss."""
         n = losses.numel()
         k = max(1, math.ceil(self.fraction * n))
+        if k == n:  # the whole batch, in its order: the same sums as SAM's, bit for bit
+            return torch.arange(n, device=losses.device)
         return torch.topk(losses.reshape(-1), k, sorted=False).indices
 
     @_compile.disable_frame
