@@ -320,6 +320,31 @@ def bn_model(seed=4, momentum=0.9, dropout=0.0):
 
 
 @check
+def unseeded_dropout_draws_the_same_masks_in_both_passes():
+    """rho=0 with a Dropout that has no seed trains exactly as fit without SAM: on the
+    torch backend such a layer draws from torch's global generator, and pass 2 drew new
+    masks (0.07 away after 2 epochs) until the generator was put back between the passes."""
+
+    def model():
+        keras.utils.set_random_seed(5)
+        return keras.Sequential(
+            [keras.Input((D,)), keras.layers.Dense(4, activation="tanh"),
+             keras.layers.Dropout(0.3), keras.layers.Dense(C)]
+        )  # fmt: skip
+
+    plain = model()
+    plain.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss_ce())
+    keras.utils.set_random_seed(1)
+    plain.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    inner = model()
+    keras.utils.set_random_seed(1)
+    fit_sam(inner, keras.optimizers.SGD(0.1), rho=0.0)
+    for i, (a, b) in enumerate(zip(weights(inner), weights(plain))):
+        expect(np.array_equal(a, b), f"weight {i}: max diff {np.abs(a - b).max():.3g}")
+    return "rho=0 equals fit bit for bit"
+
+
+@check
 def batchnorm_once_per_step_and_exact_restore():
     """lr=0, ASAM rho=1, 2 micro-batches: weights come back bit-for-bit; BatchNorm moves once per step, by pass 1."""
     inner = bn_model()

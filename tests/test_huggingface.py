@@ -361,3 +361,34 @@ def test_a_self_tuning_rho_hears_every_evaluation_loss(tmp_path, rho):
 def test_bad_self_tuning_rho_name_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Invalid sam_rho value: 'auto:nope'"):
         SAMTrainer(model=make_model(), args=args(tmp_path), sam_rho="auto:nope")
+
+
+def test_an_eval_dataset_dict_reports_each_sets_loss(tmp_path):
+    """With eval_dataset={"a": ..., "b": ...} the losses are eval_a_loss and eval_b_loss:
+    nothing reached the radius."""
+    trainer = SAMTrainer(
+        model=make_model(),
+        args=args(tmp_path, num_train_epochs=2, eval_strategy="epoch"),
+        train_dataset=make_dataset(),
+        eval_dataset={"a": make_dataset()[:8], "b": make_dataset()[8:16]},
+        sam_rho="auto:validation_plateau",
+    )
+    trainer.train()
+    history = trainer.state.log_history
+    last = [h[k] for h in history for k in ("eval_a_loss", "eval_b_loss") if k in h][-2:]
+    controller = trainer.sam.rho_controller
+    assert controller.best is not None  # the first epoch's reports were applied
+    assert controller._pending == [pytest.approx(sum(last)), 2.0]  # the last evaluation's two
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sam_kwargs": {"rho": 0.7}}, "'rho' has its own argument; pass sam_rho="),
+        ({"sam_kwargs": {"adaptive": True}}, "pass sam_adaptive="),
+        ({"sam_kwargs": "abc"}, "Invalid sam_kwargs value: 'abc'"),
+    ],
+)
+def test_sam_kwargs_cannot_override_the_trainers_own_arguments(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SAMTrainer(model=make_model(), args=args(tmp_path), sam_rho=0.05, **kwargs)

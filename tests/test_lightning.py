@@ -446,3 +446,28 @@ def test_the_logged_val_loss_reaches_a_self_tuning_rho():
     assert controller.best == pytest.approx(0.9)
     assert controller._pending == [pytest.approx(0.93), 1.0]
     assert trainer.optimizers[0].param_groups[0]["rho"] == pytest.approx(0.075)
+
+
+class TwoValidationSets(Net):
+    """Two validation dataloaders: Lightning logs val_loss/dataloader_idx_0 and _1."""
+
+    LOSSES = ((1.0, 3.0), (0.9, 2.9))
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        if self.trainer.sanity_checking:
+            return
+        self.log("val_loss", torch.tensor(self.LOSSES[self.current_epoch][dataloader_idx]))
+
+
+def test_several_validation_dataloaders_report_their_mean():
+    """With two validation dataloaders nothing reached the radius (no "val_loss" key)."""
+    module = TwoValidationSets(
+        lambda p: samkit.SAM(torch.optim.SGD(p, lr=0.2), rho="auto:validation_plateau")
+    )
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(module, loader(), [loader(), loader()])
+    controller = trainer.optimizers[0].rho_controller
+    assert controller.best == pytest.approx(2.0)  # epoch 1: (1.0 + 3.0) / 2, applied
+    assert controller._pending == [pytest.approx(1.9), 1.0]  # epoch 2's mean waits

@@ -270,6 +270,7 @@ def test_base_optimizer_settings_reach_the_base():
         (dict(sam_kwargs=dict(model=torch.nn.Linear(1, 1))), "passes its policy"),
         (dict(sam_kwargs=dict(eta=-1.0)), "Invalid eta value"),
         (dict(sam_kwargs=dict(policy="every")), "Invalid policy value"),
+        (dict(sam_kwargs=[1]), r"Invalid sam_kwargs value: \[1\]"),
         (
             dict(sam_kwargs=dict(perturbation=samkit.optim.perturbation.Masked([torch.zeros(1)]))),
             "selects parameters",

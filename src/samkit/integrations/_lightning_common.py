@@ -115,9 +115,15 @@ class SAMCallbackMixin:
         # logged "val_loss" to every SAM (a fixed rho ignores it). Not the sanity check's.
         if trainer.sanity_checking or self._state(trainer) is None:
             return
-        value = trainer.callback_metrics.get("val_loss")
-        if value is None:
-            return
+        metrics = trainer.callback_metrics
+        value = metrics.get("val_loss")
+        if value is None:  # several validation dataloaders: val_loss/dataloader_idx_<k>
+            parts = [
+                float(v) for k, v in metrics.items() if k.startswith("val_loss/dataloader_idx_")
+            ]
+            if not parts:
+                return
+            value = sum(parts) / len(parts)  # their mean, one report
         for opt in trainer.optimizers:
             if isinstance(opt, SAM):
                 opt.observe_validation(float(value))

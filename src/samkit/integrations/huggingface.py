@@ -99,7 +99,14 @@ class SAMTrainer(transformers.Trainer):
         sam_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        if sam_kwargs is not None and not isinstance(sam_kwargs, dict):
+            raise ValueError(f"Invalid sam_kwargs value: {sam_kwargs!r} (a dict of SAM keywords)")
         sam_kwargs = dict(sam_kwargs or {})
+        for name, own in (("rho", "sam_rho"), ("adaptive", "sam_adaptive")):
+            if name in sam_kwargs:  # it silently overrode the argument of its own
+                raise ValueError(
+                    f"Invalid sam_kwargs value: {name!r} has its own argument; pass {own}="
+                )
         if not (isinstance(sam_class, type) and issubclass(sam_class, SAM)):
             raise ValueError(
                 f"Invalid sam_class value: {sam_class!r} (expected samkit.SAM or a subclass)"
@@ -237,7 +244,11 @@ class _ReportSkippedSteps(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # A self-tuning rho (sam_rho="auto") learns from the evaluation loss; a fixed one ignores it.
-        loss = (kwargs.get("metrics") or {}).get("eval_loss")
+        metrics = kwargs.get("metrics") or {}
+        loss = metrics.get("eval_loss")
+        if loss is None:  # an eval_dataset dict: one evaluation per set, eval_<name>_loss
+            named = [v for k, v in metrics.items() if k.startswith("eval_") and k.endswith("_loss")]
+            loss = named[0] if len(named) == 1 else None
         if loss is not None and self.trainer.optimizer is not None:
             self.trainer.sam.observe_validation(float(loss))
 

@@ -120,6 +120,8 @@ class _SAMOnPolicy:
         self, rho: float | RhoController, adaptive: bool, sam_kwargs: dict[str, Any] | None
     ) -> None:
         name = type(self).__name__
+        if sam_kwargs is not None and not isinstance(sam_kwargs, dict):
+            raise ValueError(f"Invalid sam_kwargs value: {sam_kwargs!r} (a dict of SAM keywords)")
         sam_kwargs = dict(sam_kwargs or {})
         for key, why in _MANAGED.items():
             if key in sam_kwargs:

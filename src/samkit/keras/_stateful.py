@@ -30,6 +30,10 @@ class Backend:
     batch_size: Callable[[Any], Any]
     apply: Callable[[Any, list[Any], list[Any]], None]  # (model, grads, variables)
     no_grad: Callable[[], Any]
+    #: wraps the step's gradient function so that each second pass draws the random
+    #: numbers its first pass drew, where layers draw from a global generator (torch's
+    #: unseeded dropout) rather than from the seed state the passes share; None: nothing
+    same_draws: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
 
 
 def forward(
@@ -63,9 +67,12 @@ def train_step(model: Any, data: Any, backend: Backend) -> dict[str, Any]:
     metric_vars = list(model.metrics_variables)
     state = [backend.read(v) for v in state_vars]
     metrics = [backend.read(v) for v in metric_vars]
+    grad_fn = partial(backend.gradients, model)
+    if backend.same_draws is not None:
+        grad_fn = backend.same_draws(grad_fn)
     total, new_state, new_metrics, loss, y_pred = sam_gradient(
         model,
-        partial(backend.gradients, model),
+        grad_fn,
         [backend.read(v) for v in params],
         state,
         metrics,

@@ -34,6 +34,32 @@ def _apply(model: Any, grads: list[Any], variables: list[Any]) -> None:
         model.optimizer.apply(grads, variables)
 
 
+def _same_draws(grad_fn: Any) -> Any:
+    """Pass 2 of each micro-batch draws what its pass 1 drew: Keras's dropout without a
+    ``seed`` draws from torch's global generator (not from the seed state both passes
+    start from), so pass 2 got new masks and the generator advanced twice a step. The
+    passes alternate (1, 2, 1, 2, ...): the generator's state is kept before each first
+    pass and put back before its second, and ends where one pass leaves it, as in
+    ``fit`` without SAM."""
+    kept: list[Any] = []
+
+    def draws() -> Any:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        return torch.get_rng_state(), cuda
+
+    def run(*args: Any) -> Any:
+        if kept:
+            cpu, cuda = kept.pop()
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+        else:
+            kept.append(draws())
+        return grad_fn(*args)
+
+    return run
+
+
 BACKEND = Backend(
     read=lambda v: v.value,
     gradients=_gradients,
@@ -41,4 +67,5 @@ BACKEND = Backend(
     batch_size=lambda t: t.shape[0],
     apply=_apply,
     no_grad=torch.no_grad,
+    same_draws=_same_draws,
 )
