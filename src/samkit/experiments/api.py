@@ -67,22 +67,6 @@ def _spec_entry(m: Any) -> Any:
     return m
 
 
-def _is_module(obj: Any) -> bool:
-    import torch
-
-    return isinstance(obj, torch.nn.Module)
-
-
-def _refuse_module_instance(model: Any) -> None:
-    """A model *instance* is callable (its forward), so it passed for a factory and failed
-    at the first call with forward()'s message; each run needs fresh initial weights."""
-    raise ValueError(
-        f"Invalid model value: a {type(model).__name__} instance; pass a function that "
-        "returns a fresh nn.Module (every method and seed starts from its own initial "
-        "weights), e.g. model=lambda: MyNet() or --model mymodule:make_model"
-    )
-
-
 def _user_parts(
     model: Any, data: Any, train: Any, val: Any, test: Any, settings: dict[str, Any]
 ) -> dict[str, Any]:
@@ -97,8 +81,6 @@ def _user_parts(
         settings["model"] = f"{getattr(model, '__module__', '') or ''}:{name}".strip(":")
     elif model is not None:
         settings["model"] = model
-    if _is_module(user.get("model_factory")):
-        _refuse_module_instance(user["model_factory"])
     if data is not None and train is not None:
         raise ValueError("Invalid data value: give data= or train=/val=/test=, not both")
     if isinstance(data, UserData):
@@ -122,8 +104,6 @@ def study_from_settings(settings: dict[str, Any], **user: Any) -> StudyConfig:
     model = settings.get("model")
     if "model_factory" not in user and isinstance(model, str) and ":" in model:
         user["model_factory"] = load_callable(model, "model")
-    if _is_module(user.get("model_factory")):  # --model mymodule:an_instance
-        _refuse_module_instance(user["model_factory"])
     if "user_data" not in user and settings.get("data") is not None:
         user["user_data"] = load_user_data(settings["data"])
         settings["dataset"] = user["user_data"].name

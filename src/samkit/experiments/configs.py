@@ -256,6 +256,18 @@ class StudyConfig:
             check_choice("model", self.model, tuple(list_models()))
         elif not callable(self.model_factory):
             raise ValueError(f"Invalid model value: {self.model_factory!r} (a callable)")
+        else:
+            from torch import nn
+
+            if isinstance(self.model_factory, nn.Module):
+                # callable (its forward), it passed for a factory and failed at the first
+                # call with forward()'s message; each run needs fresh initial weights
+                raise ValueError(
+                    f"Invalid model value: a {type(self.model_factory).__name__} instance; pass "
+                    "a function that returns a fresh nn.Module (every method and seed starts "
+                    "from its own initial weights), e.g. model=lambda: MyNet() or --model "
+                    "mymodule:make_model"
+                )
         if not isinstance(self.model_kwargs, dict) or any(
             not isinstance(k, str) for k in self.model_kwargs
         ):

@@ -58,7 +58,7 @@ from .folder import describe_differences, differences, study_folder
 from .problem import Problem
 from .registry import build_method, method_info  # noqa: F401 - method_info: reached from here
 from .runfiles import RunResult, first_line, run_key, write_json_atomic
-from .stats import paired_verdicts
+from .stats import finite_number, paired_verdicts
 from .study_checks import PROBLEM_KEYS, check_problem, check_study, problem_identity
 from .study_sharpness import (
     CHEAP_SHARPNESS,
@@ -137,10 +137,6 @@ def _run_config(
 _normalise = normalise  # the engine's: as a record reads back from its JSON file
 
 
-def _finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 @dataclass(frozen=True)
 class RunRecordCheck:
     """A finished compare record is reused only if it is this run's and well formed: its
@@ -158,19 +154,17 @@ class RunRecordCheck:
         return (
             (rec.get("key"), rec.get("label"), rec.get("seed")) == (self.key, self.label, self.seed)
             and isinstance(rec.get("final"), dict)
-            and all(v is None or _finite_number(v) for v in rec["final"].values())
+            and all(v is None or finite_number(v) for v in rec["final"].values())
             and all(  # an accuracy is a fraction
                 v is None or 0 <= v <= 1 for k, v in rec["final"].items() if k.endswith("_acc")
             )
             and all(isinstance(rec.get(k), bool) for k in ("diverged", "stopped_early"))
-            and all(
-                _finite_number(rec.get(k)) and rec[k] >= 0 for k in (*numbers, "time_per_epoch")
-            )
+            and all(finite_number(rec.get(k)) and rec[k] >= 0 for k in (*numbers, "time_per_epoch"))
             and rec.get("checkpoint") in (None, f"{self.key}.pt")
             and rec.get("metrics") == f"{self.key}.jsonl"
             and (
                 not isinstance(rec.get("sharpness"), dict)
-                or all(v is None or _finite_number(v) for v in rec["sharpness"].values())
+                or all(v is None or finite_number(v) for v in rec["sharpness"].values())
             )
         )
 

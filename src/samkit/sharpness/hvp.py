@@ -327,6 +327,7 @@ class CurvatureOperator:
         if not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn value: {loss_fn!r} is not callable")
         self.reduction = _reduction(loss_fn, reduction)
+        stated = reduction is not None or _declared_reduction(loss_fn) is not None
         named = _trainable(model, params)
         self.model = model
         self.loss_fn = loss_fn
@@ -342,7 +343,7 @@ class CurvatureOperator:
         )
         self.n_samples = sum(batch_size(b) for b in self.batches)
         probed = _probed_reduction(model, loss_fn, self.batches[0]) if self.batches else None
-        if reduction is None and _declared_reduction(loss_fn) is None:
+        if not stated:
             self.reduction = probed or "mean"  # a lambda or function: what it does
         elif probed is not None and probed != self.reduction:
             raise ValueError(
