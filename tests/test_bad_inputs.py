@@ -8,6 +8,8 @@ been trained (no ``runs/sgd-seed0.json``).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -803,3 +805,35 @@ def test_every_subcommand_has_debug():
     assert set(sub.choices) == set(SUBCOMMANDS)
     for name, parser in sub.choices.items():
         assert "--debug" in parser.format_help(), name
+
+
+def test_labels_that_use_few_classes_are_warned_once_in_one_line(tmp_path):
+    """One stray label 255 among 0..2 sized a built-in model for 256 classes, silently;
+    a class missing from 0..9 is ordinary and not warned."""
+    import subprocess
+    import sys
+
+    import samkit
+
+    r = np.random.RandomState(0)
+    x, y = r.randn(120, 6).astype("float32"), r.randint(0, 3, 120)
+    y[5] = 255
+    args = dict(methods=["sgd"], seeds=1, epochs=1, batch_size=40, sharpness=False, quiet=True)
+    with pytest.warns(UserWarning, match=r"labels use 4 of the 256 classes 0\.\.255"):
+        samkit.compare(model="mlp", train=(x, y), out=tmp_path / "stray", **args)
+    ten = np.r_[np.arange(10), r.randint(0, 10, 110)]
+    ten[ten == 7] = 8  # class 7 never occurs: 9 of 10 used
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        samkit.compare(model="mlp", train=(x, ten), out=tmp_path / "nine", **args)
+    path = tmp_path / "stray.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:40], y_test=y[:40] % 3)
+    cmd = [sys.executable, "-m", "samkit.cli.main", "compare", "--data", str(path), "--model",
+           "mlp", "--epochs", "1", "--seeds", "1", "--no-sharpness", "-q", "--optimizers", "sgd",
+           "--out", str(tmp_path / "cli")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if "warning" in ln.lower()]
+    assert len(lines) == 1 and lines[0].startswith(
+        "samkit: warning: the training labels use 4 of"
+    ), done.stderr

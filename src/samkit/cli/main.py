@@ -23,6 +23,7 @@ import argparse
 import importlib
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 from .errors import UsageError
@@ -98,7 +99,39 @@ def _error_line(exc: BaseException, debug: bool = False) -> str | None:
     return None
 
 
+def _format_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    """samkit's own warnings as one line (``samkit: warning: ...``); others as Python
+    prints them (a warning from the user's model or data code is theirs to read in full)."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent  # the samkit package
+    try:
+        ours = Path(filename).resolve().is_relative_to(here)
+    except (OSError, ValueError):
+        ours = False
+    if ours:
+        return f"samkit: warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
+_python_format = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    previous, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

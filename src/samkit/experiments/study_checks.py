@@ -15,6 +15,7 @@ import contextlib
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,25 @@ def _check_labels(problem: Problem, split: Any, output: Any, name: str) -> None:
             # the training split's arguments as for its first batch; val/test: that data
             what = outside[0] if name == "training" else "data"
             raise ValueError(f"Invalid {what} value: {name} {outside[1]}")
+        if name == "training" and problem.builtin_model:
+            _warn_sparse_labels(y, output.shape[1])
+
+
+def _warn_sparse_labels(y: torch.Tensor, classes: int) -> None:
+    """A built-in model gets one output per label value up to the largest: labels that use
+    few of them (one stray 255 among 0..9) size it for classes that never occur. Warned,
+    not refused: data whose labels keep their ids (a subset of a larger label set) is
+    legitimate."""
+    used = int(torch.unique(y).numel())
+    if classes > 2 and used <= classes // 2:
+        warnings.warn(
+            f"the training labels use {used} of the {classes} classes 0..{classes - 1} "
+            f"(largest label {int(y.max())}): the model gets {classes} outputs, "
+            f"{classes - used} for classes that never occur; if that is not meant, encode the "
+            "labels as 0..K-1 (np.unique(y, return_inverse=True)[1])",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _labels_outside(y: torch.Tensor, classes: int) -> tuple[str, str] | None:
