@@ -514,6 +514,29 @@ def test_a_validation_controller_told_nothing_warns_once_naming_observe_validati
     assert "rho='auto', the default, which learns from the gradients" in str(got[0].message)
 
 
+def test_micro_batch_sam_counts_steps_not_micro_batches_for_the_warning(recwarn):
+    """mSAM begins each of its micro-batches: the silent steps were counted 4 per step,
+    so ValidationPlateau(warn_after=8) warned after 2 steps, not 8."""
+    model, base = _problem()
+    opt = samkit.MicroBatchSAM(base, rho=samkit.ValidationPlateau(0.05, warn_after=8))
+
+    def warned() -> int:
+        return len([w for w in recwarn if issubclass(w.category, samkit.NoValidationWarning)])
+
+    for step in range(9):
+        x, y = _batch(step)
+
+        def closure(j: int, x=x, y=y) -> torch.Tensor:
+            loss = nn.functional.mse_loss(model(x[2 * j : 2 * j + 2]), y[2 * j : 2 * j + 2])
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        opt.zero_grad()
+        assert warned() == (1 if step >= 7 else 0), step
+    assert "in 8 steps" in str(recwarn[0].message)
+
+
 @pytest.mark.parametrize(
     "rho,report_at",
     [

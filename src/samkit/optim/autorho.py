@@ -107,6 +107,7 @@ class AutoRho(RhoController):
         # steps before the first validation report (None once one arrived or the warning
         # was given); not saved: a resumed run counts again, and warns at most once more
         self._unreported: int | None = 0
+        self._counted: int | None = None  # the SAM step last counted (mSAM: once per step)
 
     # ---- SAM's side of the protocol
     def bind(self, groups: RhoGroups) -> None:
@@ -132,7 +133,7 @@ class AutoRho(RhoController):
         if self.uses_validation:
             self._gather_validation(view)
             if not self.learns_without_validation:
-                self._check_reported()
+                self._check_reported(view.steps)
         if self.initial_rho > 0:
             self.rho = self.next_rho(view)
         self._write()
@@ -172,9 +173,10 @@ class AutoRho(RhoController):
             self._unreported = None
             self.on_validation(total / count)
 
-    def _check_reported(self) -> None:
-        if self._unreported is None or self.warn_after is None:
-            return
+    def _check_reported(self, step: int) -> None:
+        if self._unreported is None or self.warn_after is None or step == self._counted:
+            return  # (mSAM begins each micro-batch of one step: that step counts once)
+        self._counted = step
         self._unreported += 1
         if self._unreported >= self.warn_after:
             self._unreported = None
