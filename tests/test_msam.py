@@ -143,3 +143,27 @@ def test_a_state_dict_written_by_msam_loads_into_micro_batch_sam():
         fresh.base_optimizer.state[w]["momentum_buffer"],
         opt.base_optimizer.state[w]["momentum_buffer"],
     )
+
+
+def test_gradients_accumulated_before_the_step_are_refused_not_dropped():
+    """Micro-batch 0 cleared .grad: a backward before step() was dropped without a word.
+    What the last step left (no zero_grad between steps) is still cleared, as before."""
+    x, y, w = _problem(2)
+    opt = MicroBatchSAM(torch.optim.SGD([w], lr=0.1), rho=0.05, micro_batches=2)
+    xs, ys = x.chunk(2), y.chunk(2)
+
+    def closure(j):
+        loss = ((xs[j] @ w - ys[j]) ** 2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    opt.step(closure)  # the gradients the first step left: cleared, as before
+    ((x @ w - y) ** 2).mean().backward()  # accumulated outside the step
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match="gradients were already accumulated before the step"):
+        opt.step(closure)
+    assert torch.equal(w.detach(), before) and opt.steps == 2
+    opt.zero_grad(set_to_none=False)  # zeros in place: no accumulation
+    opt.step(closure)
+    assert opt.steps == 3

@@ -1350,6 +1350,85 @@ def test_a_closure_without_backward_is_refused_but_a_partly_unused_model_is_not(
     assert not torch.equal(model["body"].weight, w[0]) and torch.equal(model["head"].weight, w[2])
 
 
+def _momentum_state(opt):
+    return [s["momentum_buffer"].clone() for s in opt.base_optimizer.state.values()]
+
+
+@pytest.mark.parametrize("form", ["closure", "two_steps", "kept"])
+def test_no_backward_at_w_plus_e_is_refused_with_the_weights_at_w(form):
+    """A closure that skipped backward on its second call (`if not opt.perturbed:
+    loss.backward()`) took a silent step of zero gradients: momentum and weight decay
+    moved the weights, no error. Refused now, weights at w, no base step."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    opt = samkit.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1), rho=0.05
+    )
+    opt.step(_linear_closure(model, x, y))
+    opt.zero_grad()
+    w, momentum = params_of(model), _momentum_state(opt)
+
+    def at_w_only():
+        loss = nn.functional.mse_loss(model(x), y)
+        if not opt.perturbed:
+            loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match=r"Invalid closure value: no gradient reached any"):
+        if form == "closure":
+            opt.step(at_w_only)
+        elif form == "kept":  # gradients kept from before: the closure must still add to them
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step(at_w_only, existing_grads="keep")
+        else:
+            at_w_only()
+            opt.first_step()
+            nn.functional.mse_loss(model(x), y)  # forward at w + e, no backward
+            opt.second_step()
+    assert all_equal(params_of(model), w) and opt.steps == 1 and not opt.perturbed
+    assert all(torch.equal(a, b) for a, b in zip(_momentum_state(opt), momentum))
+    opt.zero_grad()
+    opt.step(_linear_closure(model, x, y))  # and the optimizer goes on
+    assert opt.steps == 2
+
+
+def test_a_closure_without_backward_is_refused_after_zero_grad_keeping_zeros():
+    """zero_grad(set_to_none=False) leaves zero gradients: a closure that never called
+    backward passed the check (it looked only for None) and the weights moved."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    opt = samkit.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1), rho=0.05
+    )
+    opt.step(_linear_closure(model, x, y))
+    opt.zero_grad(set_to_none=False)
+    w = params_of(model)
+    with pytest.raises(ValueError, match=r"closure must call loss\.backward"):
+        opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    assert all_equal(params_of(model), w) and opt.steps == 1
+    opt.step(_linear_closure(model, x, y))  # zeros left in place, then a backward: fine
+    assert opt.steps == 2 and not all_equal(params_of(model), w)
+
+
+def test_sparse_gradients_left_as_zeros_are_refused_as_sparse():
+    """A sparse gradient left by zero_grad(set_to_none=False) failed in count_nonzero with
+    torch's NotImplementedError for SparseCPU instead of SAM's own refusal."""
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = samkit.SAM(torch.optim.SGD(emb.parameters(), lr=0.1), rho=0.05)
+
+    def closure():
+        loss = emb(torch.tensor([1, 2])).sum()
+        loss.backward()
+        return loss
+
+    closure()
+    opt.zero_grad(set_to_none=False)
+    with pytest.raises(RuntimeError, match="SAM does not support sparse gradients"):
+        opt.step(closure)
+
+
 def test_a_state_dict_of_another_method_is_refused_and_its_base_part_loads_on_request():
     torch.manual_seed(0)
     model = nn.Linear(3, 2)

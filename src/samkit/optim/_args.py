@@ -22,6 +22,8 @@ from .policy import Policy
 from .rho import RhoController
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
+
     from .view import Gathered
 
 __all__ = [
@@ -34,7 +36,11 @@ __all__ = [
     "init_groups",
     "check_group_rho",
     "existing_grads",
+    "call_closure",
     "check_closure_backward",
+    "check_second_pass",
+    "grad_marks",
+    "same_marks",
     "check_first_pass_grads",
     "reported_loss",
 ]
@@ -302,6 +308,8 @@ def existing_grads(params: list[Tensor], mode: str) -> dict[Tensor, Tensor]:
     present = [p for p in params if p.grad is not None]
     if not present:
         return {}
+    if any(p.grad.is_sparse for p in present):  # type: ignore[union-attr]
+        raise RuntimeError("SAM does not support sparse gradients")
     if mode == "keep":
         return {p: p.grad.clone() for p in present}  # type: ignore[union-attr]
     # zero_grad(set_to_none=False) leaves zeros, which are no accumulation
@@ -317,14 +325,58 @@ def existing_grads(params: list[Tensor], mode: str) -> dict[Tensor, Tensor]:
     )
 
 
-def check_closure_backward(params: list[Tensor], name: str) -> None:
-    """Refuse a closure after which no parameter has a gradient (it never called backward)."""
-    if all(p.grad is None for p in params):
+def grad_marks(params: list[Tensor]) -> list[tuple[Tensor | None, int]]:
+    """Each parameter's gradient and its version now, to tell afterwards whether a
+    backward reached it (see :func:`check_closure_backward`)."""
+    return [(p.grad, -1 if p.grad is None else p.grad._version) for p in params]
+
+
+def same_marks(a: list[tuple[Tensor | None, int]], b: list[tuple[Tensor | None, int]]) -> bool:
+    """Whether two :func:`grad_marks` show the same gradients, untouched in between."""
+    return len(a) == len(b) and all(g is h and u == v for (g, u), (h, v) in zip(a, b))
+
+
+def check_closure_backward(
+    params: list[Tensor], name: str, before: list[tuple[Tensor | None, int]] | None = None
+) -> None:
+    """Refuse a closure after which no parameter got a gradient (it never called backward).
+
+    ``before`` (:func:`grad_marks` taken before the closure ran): a gradient left in place
+    (``zero_grad(set_to_none=False)``'s zeros) counts only if the closure added to it.
+    """
+    if before is None:
+        reached = any(p.grad is not None for p in params)
+    else:
+        reached = any(
+            p.grad is not None and (p.grad is not grad or p.grad._version != version)
+            for p, (grad, version) in zip(params, before)
+        )
+    if not reached:
         raise ValueError(
-            f"Invalid closure value: no gradient reached any parameter after it ran (every "
-            f".grad is None), so the {name} step would silently do nothing. The "
+            f"Invalid closure value: no gradient reached any parameter after it ran (no "
+            f"backward added to any .grad), so the {name} step would silently do nothing. The "
             "closure must call loss.backward() (or scaler.scale(loss).backward()) and return "
             "the loss"
+        )
+
+
+def call_closure(closure: Callable[[], Tensor], params: list[Tensor], name: str) -> Tensor:
+    """``closure()``, refused (:func:`check_closure_backward`) if no backward ran in it."""
+    # (marks only where a gradient is there already: the common case reads nothing more)
+    before = grad_marks(params) if any(p.grad is not None for p in params) else None
+    loss = closure()
+    check_closure_backward(params, name, before)
+    return loss
+
+
+def check_second_pass(reached: bool) -> None:
+    """Refuse a pass at ``w + e`` that reached no parameter (``reached`` False)."""
+    if not reached:
+        raise ValueError(
+            "Invalid closure value: no gradient reached any parameter in the pass at w + e "
+            "(every .grad is None after first_step()), so the step would take zero "
+            "gradients. Call loss.backward() at w + e too (the closure runs twice, the "
+            "second time perturbed); the weights are back at w, nothing stepped"
         )
 
 

@@ -72,16 +72,20 @@ class Step:
         """The weights are at ``w + e`` now."""
         return self.restore is not None
 
-    def fill_unreached_grads(self) -> None:
+    def fill_unreached_grads(self) -> bool:
         """Zero gradients for the parameters whose first-pass gradients were cleared and
         that the pass at ``w + e`` did not reach (an unused head or branch): they had a
         gradient, so the base step must still see one (momentum, weight decay, Adam's
-        step count), as with ``zero_grad(set_to_none=False)`` and no SAM."""
-        for _, params, _ in self.cleared or ():
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+        step count), as with ``zero_grad(set_to_none=False)`` and no SAM. False, and
+        nothing filled, where that pass reached none of them (no backward at ``w + e``)."""
+        cleared = [p for _, params, _ in self.cleared or () for p in params]
         self.cleared = None
+        unreached = [p for p in cleared if p.grad is None]
+        if cleared and len(unreached) == len(cleared):
+            return False
+        for p in unreached:
+            p.grad = torch.zeros_like(p)
+        return True
 
     def close(self, *, foreach: bool) -> None:
         """Copy ``w`` back (bit for bit) and release BatchNorm; both at most once."""

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import functional
-from . import _compile, _ddp
+from . import _args, _compile, _ddp
 from .sam import SAM
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,6 +91,7 @@ class MicroBatchSAM(SAM):
             )
         super().__init__(params_or_optimizer, base_optimizer, rho=rho, **kwargs)
         self.micro_batches = micro_batches
+        self._left: list[tuple[Tensor | None, int]] = []  # the gradients the last step left
         self._acc: dict[Tensor, Tensor] = {}
 
     def __repr__(self) -> str:
@@ -148,6 +149,10 @@ class MicroBatchSAM(SAM):
                 "mSAM under DDP is not supported: use SAM(..., model=ddp_model, ddp_ascent='local'), "
                 "where each replica's ascent already uses its own micro-batch"
             )
+        params = self._all_params()
+        if not _args.same_marks(_args.grad_marks(params), self._left):
+            # micro-batch 0 clears .grad: what the last step left goes, a backward since is refused
+            _args.existing_grads(params, "error")
         closure = torch.enable_grad()(closure)
         m = self.micro_batches
         losses = []
@@ -183,6 +188,7 @@ class MicroBatchSAM(SAM):
                 for (_, _), (bucket,) in functional.group_by_device(grads).items():
                     functional.mul_(bucket, 1.0 / m, foreach=self.foreach)
         self.second_step()
+        self._left = _args.grad_marks(params)
         return torch.stack(losses).mean()
 
 

@@ -454,7 +454,7 @@ class SAM(_state.StateDict, Wrapper):
         if not self._pending:
             raise RuntimeError("second_step() called without first_step()")
         step = self._close_step()
-        step.fill_unreached_grads()
+        _args.check_second_pass(step.fill_unreached_grads())
         if not self._final_gradient(step):
             self.base_optimizer.step()
         self.steps += 1
@@ -548,22 +548,21 @@ class SAM(_state.StateDict, Wrapper):
                 "without one needs glue: for Stable-Baselines3 use samkit.integrations.sb3.SAMPPO / SAMA2C; "
                 "for torch.distributed.checkpoint's get/set_state_dict use samkit.integrations.fsdp's"
             )
-        kept = _args.existing_grads(self._all_params(), existing_grads)
+        params, name = self._all_params(), type(self).__name__
+        kept = _args.existing_grads(params, existing_grads)
         closure = torch.enable_grad()(closure)
         by_gradient = self.perturbation.needs_gradient
         if by_gradient:
             with self.first_pass():
-                loss = closure()
-            _args.check_closure_backward(self._all_params(), type(self).__name__)
+                loss = _args.call_closure(closure, params, name)
         try:
             if not by_gradient:  # the weights move first; the only pass adds to any kept gradients
                 self.first_step(zero_grad=False, scaler=scaler)
-                loss = closure()
-                _args.check_closure_backward(self._all_params(), type(self).__name__)
+                loss = _args.call_closure(closure, params, name)
             elif self.first_step(zero_grad=True, scaler=scaler):
                 for p, g in kept.items():
                     p.grad = g
-                closure()
+                _args.call_closure(closure, params, name)  # (at w + e: no `if not perturbed`)
         except BaseException:
             self.abort_step()  # never leave perturbed weights behind
             raise
