@@ -222,8 +222,11 @@ def test_the_follow_lr_hint_is_given_for_an_lr_range_error_only():
     with pytest.raises(ValueError, match=r"Invalid lr_max value: 0\.0 .*follow_lr=False"):
         samkit.GSAM(torch.optim.SGD([w], lr=0.0))
     assert samkit.GSAM(torch.optim.SGD([w], lr=0.0), follow_lr=False).param_groups[0]["rho"] == 0.05
-    with pytest.raises(ValueError, match=r"Invalid lr_max value: 0\.5 \(lr_max= is not a keyword"):
-        samkit.GSAM(torch.optim.SGD([w], lr=0.1), lr_max=0.5)
+    with pytest.raises(ValueError, match=r"Invalid lr_max value: -0\.5") as got:
+        samkit.GSAM(torch.optim.SGD([w], lr=0.1), lr_max=-0.5)
+    assert "follow_lr" not in str(got.value)
+    with pytest.raises(ValueError, match=r"Invalid lr_max value: 0\.05 .*follow_lr=False"):
+        samkit.GSAM(torch.optim.SGD([w], lr=0.1), lr_min=0.1, lr_max=0.05)
 
 
 @pytest.mark.parametrize(

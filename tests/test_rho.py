@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -275,3 +276,66 @@ def test_lambda_rho_takes_a_one_element_tensor_as_a_number():
     opt = _sam(rhos=(0.1,))
     samkit.LambdaRho(opt, lambda t: torch.tensor(0.5))
     assert opt.param_groups[0]["rho"] == pytest.approx(0.05)
+
+
+def _cl(w):
+    def closure():
+        loss = (w**2).sum() + w.sum()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("who", ["proportional", "gsam"])
+def test_rho_follows_one_cycle_up_to_its_max_lr(who):
+    """OneCycleLR's initial_lr is the bottom of its warm-up (max_lr / 25): taken as the
+    peak, rho sat at its largest on every step but the last (GSAM's default included)."""
+    w = nn.Parameter(torch.zeros(2))
+    if who == "gsam":
+        opt = samkit.GSAM(torch.optim.SGD([w], lr=1e-3), rho=0.05)  # the scheduler comes after
+    else:
+        opt = samkit.SAM(torch.optim.SGD([w], lr=0.1), rho=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=10)
+    schedule = samkit.ProportionalRho(opt) if who == "proportional" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(9):
+            if schedule is None:
+                opt.step(_cl(w))  # GSAM writes rho for the lr of this step
+            g = opt.param_groups[0]
+            assert g["rho"] == pytest.approx(0.05 * g["lr"] / 0.2, rel=1e-9)
+            if schedule is not None:
+                opt.step(_cl(w))
+            opt.zero_grad()
+            sched.step()
+            if schedule is not None:
+                schedule.step()
+
+
+def test_a_learning_rate_above_the_peak_warns_once_and_lr_max_mends_it():
+    """CyclicLR records no peak in the groups: rho is held at its largest, with a warning
+    naming lr_max; given, rho follows the cycle."""
+    w = nn.Parameter(torch.zeros(2))
+    opt = samkit.GSAM(torch.optim.SGD([w], lr=1e-3, momentum=0.9), rho=0.05)
+    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=3)
+    with pytest.warns(RuntimeWarning, match=r"pass lr_max= the peak") as got:
+        for _ in range(6):
+            opt.step(_cl(w))
+            opt.zero_grad()
+            sched.step()
+    assert len([w for w in got if "lr_max" in str(w.message)]) == 1
+    opt = samkit.GSAM(torch.optim.SGD([w], lr=1e-3, momentum=0.9), rho=0.05, lr_max=0.1)
+    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(6):
+            opt.step(_cl(w))
+            g = opt.param_groups[0]
+            assert g["rho"] == pytest.approx(0.05 * g["lr"] / 0.1, rel=1e-9)
+            opt.zero_grad()
+            sched.step()
+    with pytest.raises(ValueError, match=r"Invalid lr_max value: 0\.1 shapes GSAM's"):
+        samkit.GSAM(torch.optim.SGD([w], lr=0.1), rho="auto", lr_max=0.1)
+    with pytest.raises(ValueError, match="lr_max"):
+        samkit.GSAM(torch.optim.SGD([w], lr=0.1), rho=0.05, lr_max=-1.0)

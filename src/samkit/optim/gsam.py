@@ -49,14 +49,17 @@ class GSAM(SAM):
         params_or_optimizer, base_optimizer: as :class:`~samkit.SAM`.
         rho: the radius at the peak learning rate (default 0.05), or ``"auto"``
             or a rho controller (:mod:`samkit.optim.autorho`; it then sets rho
-            instead of the lr schedule: ``follow_lr`` is ignored, and ``rho_min`` /
-            ``lr_min`` are refused).
+            instead of the lr schedule: ``follow_lr`` is ignored, and ``rho_min``,
+            ``lr_min`` and ``lr_max`` are refused).
         alpha: weight of the ascent along :math:`g_\perp` (default 0.1; the
             paper tunes it per model; ``alpha=0`` is SAM with the rho schedule).
         follow_lr: tie rho to the learning rate (default True). Each step,
             before the ascent, every group's rho is set from its current lr.
         rho_min: rho at ``lr_min`` (default 0).
         lr_min: the learning rate at which rho reaches ``rho_min`` (default 0).
+        lr_max: the peak learning rate (default: each group's, from its LR scheduler:
+            ``OneCycleLR``'s ``max_lr``, else ``initial_lr``, else its lr at construction;
+            give it under ``CyclicLR``, which records no peak).
         **kwargs: the other :class:`~samkit.SAM` arguments (not ``mix``).
 
     Works with a ``GradScaler`` (both passes are unscaled before mixing) and
@@ -88,6 +91,7 @@ class GSAM(SAM):
         follow_lr: bool = True,
         rho_min: float = 0.0,
         lr_min: float = 0.0,
+        lr_max: float | None = None,
         **kwargs: Any,
     ) -> None:
         mix = SurrogateGap(alpha)  # validates alpha
@@ -100,8 +104,11 @@ class GSAM(SAM):
         rho_min, lr_min = check_nonneg("rho_min", rho_min), check_nonneg("lr_min", lr_min)
         # "auto" or a controller: it sets the radius instead of the lr schedule
         controlled = isinstance(rho, (str, RhoController))
-        if (controlled or not follow_lr) and (rho_min or lr_min):
-            name, value = ("rho_min", rho_min) if rho_min else ("lr_min", lr_min)
+        if (controlled or not follow_lr) and (rho_min or lr_min or lr_max is not None):
+            name, value = (
+                ("rho_min", rho_min) if rho_min else ("lr_min", lr_min) if lr_min
+                else ("lr_max", lr_max)
+            )  # fmt: skip
             off = f"rho={rho!r}" if controlled else "follow_lr=False"
             raise ValueError(
                 f"Invalid {name} value: {value!r} shapes GSAM's rho-follows-lr schedule, which "
@@ -110,7 +117,9 @@ class GSAM(SAM):
         radius: float | str | RhoController = rho
         if not isinstance(rho, (str, RhoController)):
             check_rho("rho", rho)
-            radius = FollowLR(rho, rho_min=rho_min, lr_min=lr_min) if follow_lr else rho
+            radius = (
+                FollowLR(rho, rho_min=rho_min, lr_min=lr_min, lr_max=lr_max) if follow_lr else rho
+            )
         try:
             super().__init__(params_or_optimizer, base_optimizer, rho=radius, mix=mix, **kwargs)
         except LrRangeError as err:  # only FollowLR raises it: a group's lr is not above lr_min

@@ -22,6 +22,7 @@ state with its own. :class:`FollowLR` is GSAM's schedule as a controller.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,16 @@ def _groups(optimizer: torch.optim.Optimizer | RhoGroups) -> tuple[list[dict[str
     return optimizer.param_groups, key
 
 
+def _peak_lr(group: dict[str, Any], default: float) -> float:
+    """A group's peak learning rate as an LR scheduler left it: ``OneCycleLR``'s ``max_lr``,
+    else ``initial_lr`` (the lr a scheduler started from), else ``default``."""
+    for key in ("max_lr", "initial_lr"):
+        value: Any = group.get(key)
+        if is_number(value) and math.isfinite(float(value)):
+            return float(value)
+    return default
+
+
 class LrRangeError(ValueError):
     """A group's peak learning rate is not above ``lr_min``: rho has no lr range to follow."""
 
@@ -77,7 +88,11 @@ class ProportionalRho:
             the :class:`~samkit.optim.view.RhoGroups` a rho controller is given.
         rho_max: rho at the peak learning rate (default: each group's current rho).
         rho_min: rho at ``lr_min`` (default 0).
-        lr_max: the peak learning rate (default: each group's current lr).
+        lr_max: the peak learning rate (default: each group's ``max_lr`` where an LR
+            scheduler set one, as ``OneCycleLR`` does, else its ``initial_lr``, else its
+            current lr; read again at every step, so a scheduler built later counts). A
+            learning rate above it holds rho at ``rho_max`` and warns once (``CyclicLR``
+            sets neither key at its peak: pass ``lr_max``).
         lr_min: the learning rate at which rho reaches ``rho_min`` (default 0).
 
     Example:
@@ -109,6 +124,7 @@ class ProportionalRho:
         self._given = (rho_max, lr_max)
         self.rho_max: list[float] = []
         self.lr_max: list[float] = []
+        self._warned = False  # a learning rate above lr_max (once)
         self._cover_groups()
         # Like an LR scheduler, set the value for the current lr now: under a
         # warm-up the first steps would otherwise run at rho_max.
@@ -120,7 +136,7 @@ class ProportionalRho:
         for i in range(len(self.rho_max), len(self.optimizer.param_groups)):
             g = self.optimizer.param_groups[i]
             rmax = float(g[self.key]) if rho_max is None else float(rho_max)
-            lmax = float(g.get("initial_lr", g["lr"])) if lr_max is None else float(lr_max)
+            lmax = _peak_lr(g, float(g["lr"])) if lr_max is None else float(lr_max)
             if not lmax > self.lr_min:
                 raise LrRangeError(
                     f"Invalid lr_max value: {lmax!r} for group {i} (must be > lr_min={self.lr_min})"
@@ -134,8 +150,26 @@ class ProportionalRho:
 
     def step(self) -> None:
         self._cover_groups()
-        for g, rmax, lmax in zip(self.optimizer.param_groups, self.rho_max, self.lr_max):
-            frac = min(max((float(g["lr"]) - self.lr_min) / (lmax - self.lr_min), 0.0), 1.0)
+        for i, g in enumerate(self.optimizer.param_groups):
+            if self._given[1] is None:  # a scheduler may have set (or moved) its peak since
+                peak = _peak_lr(g, self.lr_max[i])
+                if peak > self.lr_min:
+                    self.lr_max[i] = peak
+            lr, lmax = float(g["lr"]), self.lr_max[i]
+            if lr > lmax * (1 + 1e-9) and not self._warned:
+                from .autorho import _caller_level
+
+                self._warned = True
+                warnings.warn(
+                    f"rho follows the learning rate up to its peak lr_max={lmax:g}, and group "
+                    f"{i}'s learning rate is {lr:g}, above it: rho is held at its largest. The "
+                    "LR scheduler set no max_lr or initial_lr at its peak (CyclicLR, a warm-up "
+                    "built before SAM?): pass lr_max= the peak learning rate",
+                    RuntimeWarning,
+                    stacklevel=_caller_level(),
+                )
+            frac = min(max((lr - self.lr_min) / (lmax - self.lr_min), 0.0), 1.0)
+            rmax = self.rho_max[i]
             # This form of the interpolation is exact at both ends: rho_max at the peak lr.
             g[self.key] = rmax * frac + self.rho_min * (1.0 - frac)
 
@@ -273,27 +307,40 @@ class FollowLR(RhoController):
     .. math:: \rho_t = \rho_{min} + (\rho - \rho_{min})
               \frac{lr_t - lr_{min}}{lr_{max} - lr_{min}}
 
-    with ``lr_max`` each group's learning rate when SAM is built (its
-    ``initial_lr`` if an LR scheduler set one). Unlike :class:`ProportionalRho`
-    nothing needs stepping: SAM reads the current lr at each step.
+    with ``lr_max`` each group's peak learning rate as :class:`ProportionalRho`
+    reads it (``OneCycleLR``'s ``max_lr``, else an LR scheduler's ``initial_lr``,
+    else the lr when SAM is built). Unlike :class:`ProportionalRho` nothing
+    needs stepping: SAM reads the current lr at each step.
 
     Args:
         rho: rho at the peak learning rate.
         rho_min: rho at ``lr_min`` (default 0).
         lr_min: the learning rate at which rho reaches ``rho_min`` (default 0).
+        lr_max: the peak learning rate, for every group (default: each group's, as
+            above; give it under a scheduler that records no peak, such as ``CyclicLR``).
     """
 
     name = "follow_lr"
 
-    def __init__(self, rho: float = 0.05, *, rho_min: float = 0.0, lr_min: float = 0.0) -> None:
+    def __init__(
+        self,
+        rho: float = 0.05,
+        *,
+        rho_min: float = 0.0,
+        lr_min: float = 0.0,
+        lr_max: float | None = None,
+    ) -> None:
         super().__init__(rho)
         self.rho_min = check_nonneg("rho_min", rho_min)
         self.lr_min = check_nonneg("lr_min", lr_min)
+        self.lr_max = None if lr_max is None else check_pos("lr_max", lr_max)
         self.schedule: ProportionalRho | None = None
 
     def bind(self, groups: RhoGroups) -> None:
         super().bind(groups)
-        self.schedule = ProportionalRho(groups, rho_min=self.rho_min, lr_min=self.lr_min)
+        self.schedule = ProportionalRho(
+            groups, rho_min=self.rho_min, lr_min=self.lr_min, lr_max=self.lr_max
+        )
 
     def begin_step(self, view: StepView) -> None:
         if self.schedule is None:
@@ -310,4 +357,7 @@ class FollowLR(RhoController):
             self.schedule.load_state_dict(dict(state))
 
     def __repr__(self) -> str:
-        return f"FollowLR(rho={self.initial_rho}, rho_min={self.rho_min}, lr_min={self.lr_min})"
+        return (
+            f"FollowLR(rho={self.initial_rho}, rho_min={self.rho_min}, lr_min={self.lr_min}, "
+            f"lr_max={self.lr_max})"
+        )
