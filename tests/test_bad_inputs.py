@@ -34,6 +34,15 @@ def _one_line(err: str) -> str:
 
 # (flags after `samkit compare` + FAST, expected text in the one line)
 COMPARE = [
+    # labels whose runs would share files (both wrote runs/a_b_-seed0.*; the case on macOS)
+    (
+        ["--optimizers", "sgd:label=a(b)", "sgd:label=a_b_,lr=0.05"],
+        "the labels 'a(b)' and 'a_b_' name the same run files",
+    ),
+    (
+        ["--optimizers", "sam:label=SAM", "sgd:label=sam"],
+        "the labels 'SAM' and 'sam' name the same",
+    ),
     # method options checked before any run trains (they were checked when their run started)
     (["--optimizers", "sgd", "looksam:k=0"], "looksam"),
     (["--optimizers", "sgd", "rst:p=2"], "rst"),

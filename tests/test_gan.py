@@ -294,6 +294,7 @@ def test_study_resumes_and_equals_the_uninterrupted_one(tmp_path, capsys, monkey
         (dict(methods=["sam_g:k=3"]), "Invalid option for method 'sam_g': k"),
         (dict(methods=["sam_g:rho=-1"]), "Invalid rho value"),
         (dict(methods=["adam", "adam"]), "duplicate labels"),
+        (dict(methods=["adam:label=a(b)", "adam:label=a_b_"]), "name the same run files"),
         (dict(rho=[-0.1]), "Invalid rho value"),
         (dict(methods=["adam"], rho=[0.1]), r"Invalid rho value: 0\.1 \(no method here takes it"),
         (dict(seeds=0), "Invalid seeds value"),

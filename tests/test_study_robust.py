@@ -231,6 +231,13 @@ def test_paired_verdict_numbers_and_sentences():
     (v,) = paired_verdicts(same, ["sgd", "sam"], "sgd")
     assert v["se"] == 0 and not v["exceeds"] and "infinitely" not in v["sentence"]
     assert "the same difference on every seed" in v["sentence"]
+    # ... also where float rounding leaves 1e-16 of spread (it read as 7e14 standard errors)
+    rounded = [_rec("sgd", 0, 0.42), _rec("sgd", 1, 0.4133333333333333)]
+    rounded += [_rec("sam", 0, 0.415), _rec("sam", 1, 0.4083333333333333)]
+    diffs = [0.415 - 0.42, 0.4083333333333333 - 0.4133333333333333]
+    assert diffs[0] != diffs[1]  # (the float differences are not equal)
+    (v,) = paired_verdicts(rounded, ["sgd", "sam"], "sgd")
+    assert v["se"] == 0 and not v["exceeds"] and "the same difference on every seed" in v["sentence"]
     (one,) = paired_verdicts(recs[:1] + recs[3:4], ["sgd", "sam"], "sgd")
     assert one["se"] is None and "one seed" in one["sentence"]
     (low,) = paired_verdicts(

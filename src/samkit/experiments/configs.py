@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .runfiles import check_run_files
 from .types import (
     _LABEL,
     AMP,
@@ -227,6 +228,7 @@ class StudyConfig:
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"Invalid methods value: duplicate labels {', '.join(dup)}")
+        check_run_files(labels)
         if (
             not isinstance(self.seeds, list)
             or not self.seeds

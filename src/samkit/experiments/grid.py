@@ -41,6 +41,7 @@ from typing import Any
 
 from .._checks import is_number
 from .engine import finished, normalise
+from .runfiles import check_run_files
 from .settings import (
     LIMITS,
     check_device,
@@ -192,6 +193,7 @@ def variants(
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise ValueError(f"Invalid {what} value: duplicate labels {', '.join(dup)}")
+    check_run_files(labels, what)
     return out
 
 

@@ -38,6 +38,23 @@ def run_key(label: str, seed: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.=+-]', '_', label)}-seed{seed}"
 
 
+def check_run_files(labels: list[str], what: str = "methods") -> None:
+    """Refuse distinct labels whose runs would share files: ``a(b)`` and ``a_b_`` both
+    write ``runs/a_b_-seed0.*``, and ``SAM`` and ``sam`` do on a case-insensitive disk
+    (macOS, Windows)."""
+    stems: dict[str, list[str]] = {}
+    for label in labels:
+        stems.setdefault(run_key(label, 0).casefold(), []).append(label)
+    for same in stems.values():
+        if len(set(same)) > 1:
+            names = " and ".join(repr(x) for x in sorted(set(same)))
+            raise ValueError(
+                f"Invalid {what} value: the labels {names} name the same run files "
+                f"(runs/{run_key(same[0], 0)[:-1]}<seed>.*, letters' case aside); give one "
+                "of them another label"
+            )
+
+
 def first_line(exc: BaseException) -> str:
     """``"ValueError: <its first line>"``, at most 300 characters."""
     text = str(exc).splitlines()[0] if str(exc) else ""

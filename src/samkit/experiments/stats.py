@@ -136,7 +136,11 @@ def paired_verdicts(
             threshold = t_threshold(n)
             better = (mean > 0) == maximize
             head = f"{label}: {mean:+{fmt}} ± {se:{fmt}} {unit} against {baseline}, paired over {n} seeds"
-            if se == 0:
+            # the same difference on every seed up to float rounding (accuracies differing
+            # by one sample each: 1e-16 of spread read as 1e15 standard errors) is no spread
+            if se <= 1e-9 * max(1.0, abs(mean)):
+                se = 0.0
+                head = f"{label}: {mean:+{fmt}} ± {se:{fmt}} {unit} against {baseline}, paired over {n} seeds"
                 v.update(mean=mean, se=se, z=None, exceeds=False, better=better)
                 v["sentence"] = (
                     f"{head}: no difference on any seed, so this study cannot tell them apart"
