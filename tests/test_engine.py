@@ -435,6 +435,55 @@ def test_a_tune_trial_whose_worker_keeps_dying_is_failed_after_two_retries(
     assert done == [0.01, 0.05, 0.1]
 
 
+class _DiesOnSamSeed1(engine.InProcess):
+    """Trains in this process, but the worker of sam seed 1 dies on every try."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(1)
+        self.slots = 2
+
+    def free(self):
+        return len(self._events) < self.slots
+
+    def submit(self, index, cell):
+        if (cell.task.spec.label, cell.task.seed) == ("sam", 1):
+            self._events.append(Event(index, "died", reason="out of memory"))
+        else:
+            super().submit(index, cell)
+
+
+def test_runs_that_fail_every_retry_are_listed_and_the_exit_code_says_so(
+    tmp_path, capsys, monkeypatch
+):
+    """They were left out of the table and results.json without a trace, exit code 0
+    (only the log, hidden by -q, said FAILED): a verdict over fewer seeds than asked."""
+    import warnings
+
+    from samkit.experiments import study
+
+    monkeypatch.setattr(study, "make_executor", _DiesOnSamSeed1)
+    out = tmp_path / "f"
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        rc = main(["compare", *TINY, "--out", str(out), "--jobs", "2", "-q"])
+    assert rc == 1
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["failed"] == [
+        {"run": "sam seed 1", "key": "sam-seed1", "reason": "out of memory (3 tries)",
+         "attempts": 3}
+    ]  # fmt: skip
+    assert [(r["label"], r["seed"]) for r in summary["runs"]] == [
+        ("sgd", 0), ("sam", 0), ("sgd", 1)
+    ]  # fmt: skip
+    assert any("1 run(s) failed after every retry" in str(w.message) for w in got)
+    assert "FAILED after every retry" in (out / "report.html").read_text()
+    monkeypatch.undo()  # the rerun trains the failed run, and only it
+    assert main(["compare", *TINY, "--out", str(out), "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("done before, skipped") == 3
+    assert json.loads((out / "results.json").read_text())["failed"] == []
+
+
 def _free_port():
     import socket
 

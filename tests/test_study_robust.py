@@ -237,7 +237,9 @@ def test_paired_verdict_numbers_and_sentences():
     diffs = [0.415 - 0.42, 0.4083333333333333 - 0.4133333333333333]
     assert diffs[0] != diffs[1]  # (the float differences are not equal)
     (v,) = paired_verdicts(rounded, ["sgd", "sam"], "sgd")
-    assert v["se"] == 0 and not v["exceeds"] and "the same difference on every seed" in v["sentence"]
+    assert (
+        v["se"] == 0 and not v["exceeds"] and "the same difference on every seed" in v["sentence"]
+    )
     (one,) = paired_verdicts(recs[:1] + recs[3:4], ["sgd", "sam"], "sgd")
     assert one["se"] is None and "one seed" in one["sentence"]
     (low,) = paired_verdicts(

@@ -95,13 +95,15 @@ def stderr_log(quiet: bool) -> Any:
     return None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
-def print_outcome(result: Any) -> None:
-    """A study's closing lines: its paired verdicts, then where its files are."""
+def print_outcome(result: Any) -> int:
+    """A study's closing lines: its paired verdicts, then where its files are; the exit
+    code (1 where runs failed on every retry: the table lacks them)."""
     if result.verdicts:
         print()
         for sentence in result.verdicts:
             print(sentence)
     print(f"results: {result.results_path}\nreport:  {result.report_path}")
+    return 1 if result.failed else 0
 
 
 # ------------------------------------------------------------- samkit rl / gan
@@ -202,5 +204,4 @@ def run_grid_study(
             config, folder, progress=None if not args.quiet else False, log=log, **how
         )
     print("\n\n".join(tables(result)))
-    print_outcome(result)
-    return 0
+    return print_outcome(result)

@@ -236,5 +236,4 @@ def run(args: argparse.Namespace) -> int:
         f", {config.noise:.0%} label noise" if config.noise else ""
     )
     print_table(result.rows, title=title)
-    print_outcome(result)
-    return 0
+    return print_outcome(result)

@@ -12,7 +12,9 @@ Each subcommand lives in ``samkit.cli.<name>`` and exposes
 * a full disk (or quota) while writing the run folder: ``no space left on
   device while writing PATH``, exit code 2 (every write is atomic: nothing
   half-written is left);
-* Ctrl-C: what was finished is saved and a rerun resumes; exit code 130.
+* Ctrl-C: what was finished is saved and a rerun resumes; exit code 130;
+* a study whose runs failed on every retry (a worker killed each time): the
+  table without them, a warning naming them, exit code 1.
 
 Any other exception is a bug in samkit and keeps its traceback.
 """

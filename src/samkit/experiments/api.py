@@ -130,8 +130,10 @@ class OpenStudy:
     ) -> CompareResult:
         """Train (or resume) every run, ``jobs`` at once (see
         :func:`~samkit.experiments.engine.make_executor`), and summarise."""
+        from .engine import warn_failed
         from .study import finish, run_study
 
+        failed: list[dict[str, Any]] = []
         results = run_study(
             self.config,
             self.out,
@@ -141,8 +143,12 @@ class OpenStudy:
             jobs=jobs,
             threads=threads,
             ray=ray,
+            failed=failed,
         )
-        summary = finish(self.config, results, self.out, log=log, problem=self.problem)
+        summary = finish(
+            self.config, results, self.out, log=log, problem=self.problem, failed=failed
+        )
+        warn_failed(failed)
         return CompareResult(self.out, summary)
 
 

@@ -370,6 +370,12 @@ class StudyResult:
         return [v["sentence"] for v in self.summary["verdicts"]]
 
     @property
+    def failed(self) -> list[dict[str, Any]]:
+        """The runs that failed on every retry (a worker killed, out of memory, a lost
+        node), left out of the table and the verdicts: ``run``, ``key``, ``reason``."""
+        return list(self.summary.get("failed") or [])
+
+    @property
     def table(self) -> str:
         raise NotImplementedError
 

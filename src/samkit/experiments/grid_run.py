@@ -95,7 +95,7 @@ def run_study(
     driver writes atomically before it removes the files ``cleanup(run key)``
     names. Returns the summary as it reads back and how many cells ran.
     """
-    from .engine import Cell, make_executor
+    from .engine import Cell, failures, make_executor, warn_failed
     from .engine import run_cells as engine_run
     from .folder import study_folder
     from .study import run_key, write_json_atomic
@@ -129,8 +129,10 @@ def run_study(
         )
         records = [o.record for o in outcomes if o.record is not None]
         summary = summarize(records)
+        summary["failed"] = failures(outcomes)
         write_json_atomic(folder / "results.json", summary)
         report(summary)
+    warn_failed(summary["failed"])
     return normalise(summary), sum(o.executed and o.record is not None for o in outcomes)
 
 

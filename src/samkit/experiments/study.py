@@ -52,7 +52,7 @@ import torch
 
 from .batches import schedule
 from .configs import MethodSpec, StudyConfig, TrainConfig
-from .engine import Cell, Executor, InProcess, make_executor, normalise, run_cells
+from .engine import Cell, Executor, InProcess, failures, make_executor, normalise, run_cells
 from .engine.core import read_record
 from .folder import describe_differences, differences, study_folder
 from .problem import Problem
@@ -244,6 +244,7 @@ def run_study(
     ray: str | None = None,
     gpus_per_run: float | None = None,
     executor: Executor | None = None,
+    failed: list[dict[str, Any]] | None = None,
 ) -> list[RunResult]:
     """Run (or resume) every (method x seed) run; returns them in grid order.
 
@@ -251,7 +252,8 @@ def run_study(
     the per-epoch progress bar (default: when stderr is a TTY). Holds the
     folder's lock while it runs. ``jobs``, ``threads``, ``ray`` and
     ``gpus_per_run`` choose the executor (:func:`~samkit.experiments.engine.make_executor`);
-    a run pinned to a number of torch threads records it in its config.
+    a run pinned to a number of torch threads records it in its config. The runs that
+    failed on every retry are left out, and listed in ``failed`` if given.
     """
     problem = problem or config.problem()
     if executor is None:
@@ -287,6 +289,8 @@ def run_study(
         outcomes = run_cells(
             cells, executor=executor, log=log, describe=describe, write=write_json_atomic
         )
+        if failed is not None:
+            failed.extend(failures(outcomes))
         results = []
         for o in outcomes:
             task = o.cell.task

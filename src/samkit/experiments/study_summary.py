@@ -89,8 +89,11 @@ def finish(
     *,
     log: Callable[[str], None] | None = None,
     problem: Problem | None = None,
+    failed: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Aggregate the runs into results.json and write report.html; returns the summary."""
+    """Aggregate the runs into results.json and write report.html; returns the summary.
+    ``failed``: the runs that failed on every retry (``results.json``'s ``failed``, and a
+    note in the report)."""
     from .report import write_report
 
     out = Path(out)
@@ -122,6 +125,7 @@ def finish(
         "runs": records,
         "interpolation": interp,
         "executed_runs": sum(r.executed for r in results),
+        "failed": list(failed or []),
     }
     with study_folder(out, clean=False):
         write_json_atomic(out / "results.json", summary)
@@ -142,6 +146,11 @@ def finish(
                 f"Test {metric}: mean +- sample standard deviation over seeds (diverged runs left "
                 "out); error bars: standard error. Cost: time per training epoch, and "
                 "forward/backward passes per step, relative to SGD."
+            ]
+            + [
+                f"FAILED after every retry, left out of the table and the verdicts: "
+                f"{f['run']} ({f['reason']})"
+                for f in failed or []
             ],
             metric=metric,
         )

@@ -30,10 +30,12 @@ from .core import (
     Outcome,
     RunContext,
     StudyProgress,
+    failures,
     fault_point,
     finished,
     normalise,
     run_cells,
+    warn_failed,
 )
 from .executors import LocalPool, auto_plan, check_jobs, make_executor, physical_cores
 
@@ -48,10 +50,12 @@ __all__ = [
     "StudyProgress",
     "auto_plan",
     "check_jobs",
+    "failures",
     "fault_point",
     "finished",
     "make_executor",
     "normalise",
     "physical_cores",
     "run_cells",
+    "warn_failed",
 ]

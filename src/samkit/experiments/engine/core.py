@@ -21,12 +21,14 @@ __all__ = [
     "Outcome",
     "RunContext",
     "StudyProgress",
+    "failures",
     "fault_point",
     "finished",
     "normalise",
     "read_record",
     "run_cells",
     "state_saved",
+    "warn_failed",
 ]
 
 #: test hook: ``"<file name>@<epoch>@<marker file>"`` kills the process that saves
@@ -161,6 +163,32 @@ class Outcome:
     executed: bool
     error: str | None = None
     attempts: int = 0
+
+
+def failures(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
+    """The runs that failed (their worker died on every try): name, file stem, why and how
+    many tries, for ``results.json``'s ``failed`` (a study must not drop them silently)."""
+    return [
+        {"run": o.cell.name, "key": o.cell.stem, "reason": o.error, "attempts": o.attempts}
+        for o in outcomes
+        if o.record is None
+    ]
+
+
+def warn_failed(failed: list[dict[str, Any]]) -> None:
+    """One RuntimeWarning naming the failed runs (none: nothing)."""
+    if not failed:
+        return
+    import warnings
+
+    names = "; ".join(f"{f['run']} ({f['reason']})" for f in failed[:3])
+    more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+    warnings.warn(
+        f"{len(failed)} run(s) failed after every retry and are left out of the table and "
+        f"the verdicts: {names}{more}; rerun into the same folder to try them again",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 class CellSource:
