@@ -644,3 +644,53 @@ def test_a_ray_node_with_two_gpus_gives_each_run_one_device(tmp_path, capsys, ra
     runs = json.loads((out / "results.json").read_text())["runs"]
     devices = [r["placement"]["cuda_visible_devices"] for r in runs]
     assert len(devices) == 2 and all(d in ("0", "1") for d in devices)  # one entry each
+
+
+BOMB = """
+import numpy as np
+import torch
+
+
+class Bomb(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 4:
+            raise RuntimeError("boom in forward")
+        return self.lin(x)
+
+
+def make_model():
+    return Bomb()
+
+
+def load():
+    r = np.random.default_rng(0)
+    x, y = r.normal(size=(160, 6)).astype("float32"), r.integers(0, 3, 160)
+    return (x[:120], y[:120]), (x[120:], y[120:])
+"""
+
+
+def test_an_error_in_the_users_code_in_a_worker_is_one_line_naming_their_line(tmp_path, capsys):
+    """In a worker process the traceback was lost on its way to the driver: the CLI
+    printed a traceback and exited 1, where --jobs 1 gives one line naming the user's
+    file and line, exit 2. (And a model and data function from one file were two loads
+    of it: the model function no longer pickled by name, so --jobs 2 was refused.)"""
+    mod = tmp_path / "bombs.py"
+    mod.write_text(BOMB)
+    argv = ["compare", "--model", f"{mod}:make_model", "--data", f"{mod}:load",
+            "--optimizers", "sgd,sam", "--seeds", "2", "--epochs", "2", "--batch-size", "40",
+            "--no-sharpness", "-q"]  # fmt: skip
+    for jobs in ("1", "2"):
+        rc = main([*argv, "--jobs", jobs, "--out", str(tmp_path / f"j{jobs}")])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert "Traceback" not in err
+        assert (
+            "error: in your model function" in err
+            and "RuntimeError: boom in forward (bombs.py:15, in Bomb.forward)" in err
+        ), err

@@ -13,6 +13,7 @@ is built from when it is not a built-in data set or model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -206,18 +207,31 @@ class UserData:
         }
 
 
+#: modules loaded from a file path, by their name: (the file's mtime and size, the module)
+_FILE_MODULES: dict[str, tuple[tuple[int, int], Any]] = {}
+
+
 def _import_module(module: str, spec: str, what: str) -> Any:
     if module.endswith(".py") or os.sep in module or "/" in module:
         path = Path(module)
         if not path.is_file():
             raise ValueError(f"Invalid {what} value: {spec!r} ({module} is not a file)")
         name = f"samkit_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        loaded = _FILE_MODULES.get(name)
+        if loaded is not None and loaded[0] == stamp and sys.modules.get(name) is loaded[1]:
+            # the same file, unchanged: the same module (a model and data function from one
+            # file, loaded twice, were two modules, and the first's functions no longer
+            # pickled by name for worker processes)
+            return loaded[1]
         loader_spec = importlib.util.spec_from_file_location(name, path)
         if loader_spec is None or loader_spec.loader is None:
             raise ValueError(f"Invalid {what} value: {spec!r} (cannot load {module})")
         mod = importlib.util.module_from_spec(loader_spec)
         sys.modules[name] = mod
         loader_spec.loader.exec_module(mod)
+        _FILE_MODULES[name] = (stamp, mod)
         return mod
     # the current folder first, as `python -m` does, so a user's module beside
     # their data is found without installing it
@@ -283,10 +297,15 @@ def user_code_error(exc: BaseException) -> str | None:
         if users(tb.tb_frame.f_code.co_filename):
             found = tb
         tb = tb.tb_next
+    travelled = [f for f in getattr(exc, "_samkit_frames", None) or () if users(f[0])]
     if found is not None:
         file, line = found.tb_frame.f_code.co_filename, found.tb_lineno
         func = found.tb_frame.f_code.co_name
         owner = found.tb_frame.f_locals.get("self")
+    elif travelled:  # raised in a worker process or on a Ray node (see frames_for_travel)
+        file, line, func, owner_kind, owner_name = travelled[-1]
+        owner = _Owner(owner_kind, owner_name) if owner_name else None
+        found = True
     else:
         # raised in a DataLoader worker: torch re-raises it here with the worker's
         # traceback as text ("Caught IndexError in DataLoader worker process 0. ...")
@@ -300,18 +319,53 @@ def user_code_error(exc: BaseException) -> str | None:
     file = os.path.realpath(file)
     specs = _USER_FILES.get(file) or [e for entries in _USER_FILES.values() for e in entries]
     kinds = {w for w, _ in specs}
-    if isinstance(owner, nn.Module):
+    if isinstance(owner, nn.Module) or (isinstance(owner, _Owner) and owner.kind == "model"):
         kind: str | None = "model"
-    elif isinstance(owner, (TorchDataset, IterableDataset)) or (found is None and "data" in kinds):
+    elif (
+        isinstance(owner, (TorchDataset, IterableDataset))
+        or (isinstance(owner, _Owner) and owner.kind == "data")
+        or (found is None and "data" in kinds)
+    ):
         kind = "data"  # (a DataLoader worker runs the data's code only)
     else:
         by_name = [w for w, sp in specs if sp.rpartition(":")[2] == func]
         kind = by_name[0] if by_name else (next(iter(kinds)) if len(kinds) == 1 else None)
     named = [sp for w, sp in specs if w == kind]
     who = f"your {kind} function {named[0]}" if named else "your code"
-    if owner is not None and not isinstance(owner, type):
+    if isinstance(owner, _Owner):
+        func = f"{owner.name}.{func}"
+    elif owner is not None and not isinstance(owner, type):
         func = f"{type(owner).__name__}.{func}"
     return f"in {who}: {type(exc).__name__}: {text} ({Path(file).name}:{line}, in {func})"
+
+
+@dataclass(frozen=True)
+class _Owner:
+    """A frame's ``self`` as it travelled from a worker: its kind and class name."""
+
+    kind: str | None
+    name: str
+
+
+def frames_for_travel(exc: BaseException) -> None:
+    """In a worker: keep ``exc``'s traceback as plain data on it (file, line, function,
+    the kind and class of its ``self``), which pickling keeps (the traceback itself is
+    lost on the way), so the driver's :func:`user_code_error` can name the user's line."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        code, owner = tb.tb_frame.f_code, tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module):
+            kind: str | None = "model"
+        elif isinstance(owner, (TorchDataset, IterableDataset)):
+            kind = "data"
+        else:
+            kind = None
+        name = type(owner).__name__ if owner is not None and not isinstance(owner, type) else ""
+        frames.append((code.co_filename, tb.tb_lineno, code.co_name, kind, name))
+        tb = tb.tb_next
+    with contextlib.suppress(AttributeError, TypeError):  # (an exception without __dict__)
+        exc._samkit_frames = frames  # type: ignore[attr-defined]
 
 
 def load_callable(spec: Any, what: str) -> Callable[..., Any]:

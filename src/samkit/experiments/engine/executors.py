@@ -162,6 +162,9 @@ def _worker(conn: Connection, threads: int) -> None:
             record = task(Path(folder), ctx)
         except BaseException as exc:  # noqa: BLE001 - the driver raises it
             lines.extend(traceback.format_exc().splitlines()[-1:])
+            from ..userdata import frames_for_travel
+
+            frames_for_travel(exc)  # (the driver names the user's line from them)
             try:
                 pickle.dumps(exc)
             except Exception:  # noqa: BLE001 - an exception that cannot travel

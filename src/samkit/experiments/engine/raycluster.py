@@ -76,6 +76,9 @@ def _ray_run(mods: list[tuple[str, str]], payload: bytes, files: dict[str, bytes
                 ctx = RunContext(False, lines.append, _CACHE, threads, devices)
                 items.put(("done", task(folder, ctx)))
             except BaseException as exc:  # noqa: BLE001 - raised by the task, for the driver
+                from ..userdata import frames_for_travel
+
+                frames_for_travel(exc)  # (the driver names the user's line from them)
                 items.put(("error", exc))
 
         # the run's thread reads its files right after it saved them, before it goes on
