@@ -34,6 +34,8 @@ def _one_line(err: str) -> str:
 
 # (flags after `samkit compare` + FAST, expected text in the one line)
 COMPARE = [
+    # worker processes cannot have DataLoader workers (it crashed with a traceback)
+    (["--num-workers", "1", "--jobs", "2"], "Invalid jobs value: 2 with num_workers=1"),
     # labels whose runs would share files (both wrote runs/a_b_-seed0.*; the case on macOS)
     (
         ["--optimizers", "sgd:label=a(b)", "sgd:label=a_b_,lr=0.05"],

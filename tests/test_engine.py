@@ -575,6 +575,43 @@ def test_a_two_node_ray_cluster_gives_the_numbers_of_one_job(
     _same_weights(ref_out, tmp_path / "r")  # the nodes' files, written by the driver
 
 
+def test_ray_refusals_come_before_any_run_in_one_line(tmp_path, capsys, ray_cluster):
+    """An address where nothing answers hung for minutes printing Ray's warnings; more
+    threads per run than any node has waited for ever, silently."""
+    rc = main(["compare", *TINY, "--out", str(tmp_path / "a"), "--ray", "127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: Invalid ray value: '127.0.0.1:1' (nothing answers there" in err
+    argv = ["compare", *TINY, "--out", str(tmp_path / "b"), "--ray", ray_cluster["address"]]
+    rc = main([*argv, "--threads", "8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Invalid threads value: 8 CPUs per run, and the Ray cluster's" in err
+    assert not list((tmp_path / "b" / "runs").glob("*.json"))
+
+
+def test_a_ray_session_the_caller_opened_is_used_and_left_open(tmp_path, ray_cluster):
+    """ray= was ignored when Ray was initialised already (the study ran on whatever the
+    session was, and said it ran on the address given), and the caller's session was shut
+    down afterwards."""
+    import ray
+
+    import samkit
+
+    args = dict(
+        dataset="synthetic", train_size=120, epochs=1, seeds=1, methods=["sgd"],
+        sharpness=False, batch_size=40, model="mlp", quiet=True, threads=1,
+    )  # fmt: skip
+    ray.init(address=ray_cluster["address"], logging_level="ERROR", log_to_driver=False)
+    try:
+        here = ray.get_runtime_context().gcs_address
+        with pytest.raises(ValueError, match=r"connected to the Ray cluster at .* already"):
+            samkit.compare(out=tmp_path / "other", ray="10.255.255.1:6379", **args)
+        result = samkit.compare(out=tmp_path / "same", ray=here, **args)
+        assert result.rows[0]["n"] == 1
+        assert ray.is_initialized()  # still the caller's
+    finally:
+        ray.shutdown()
+
+
 def test_a_ray_node_removed_mid_run_is_retried_from_its_checkpoint(
     tmp_path, reference, ray_cluster
 ):

@@ -9,7 +9,7 @@ import argparse
 import contextlib
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ __all__ = [
     "seeds",
     "stderr_log",
     "print_outcome",
+    "refusals_before_training",
     "add_grid_arguments",
     "print_methods",
     "run_grid_study",
@@ -93,6 +94,26 @@ def seeds(text: str | None) -> int | list[int] | None:
 def stderr_log(quiet: bool) -> Any:
     """The progress log: one line on stderr per message (None with ``--quiet``)."""
     return None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+@contextlib.contextmanager
+def refusals_before_training() -> Iterator[None]:
+    """The executor's refusals (jobs, threads, a Ray address, GPUs), made before any run
+    trains, and a training state that cannot be resumed (its message names the file):
+    one line, exit 2. Any other ValueError goes on."""
+    try:
+        yield
+    except ValueError as exc:
+        prefixes = (
+            "Invalid jobs",
+            "Invalid threads",
+            "Invalid ray",
+            "Invalid gpus",
+            "Invalid training state",
+        )
+        if not str(exc).startswith(prefixes):
+            raise
+        raise UsageError(str(exc)) from exc
 
 
 def print_outcome(result: Any) -> int:
@@ -200,8 +221,9 @@ def run_grid_study(
         warn_if_no_plots(name)
         if log:
             log(f"samkit {name}: {headline(config)} -> {folder}")
-        result = study.run_checked(
-            config, folder, progress=None if not args.quiet else False, log=log, **how
-        )
+        with refusals_before_training():
+            result = study.run_checked(
+                config, folder, progress=None if not args.quiet else False, log=log, **how
+            )
     print("\n\n".join(tables(result)))
     return print_outcome(result)

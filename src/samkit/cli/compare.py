@@ -19,6 +19,7 @@ from .common import (
     execution_flags,
     floats,
     print_outcome,
+    refusals_before_training,
     seeds,
     stderr_log,
 )
@@ -223,15 +224,8 @@ def run(args: argparse.Namespace) -> int:
             log(api.headline(study))
             if config.sharpness and not sharpness_available():
                 log("samkit compare: samkit.sharpness is not available; sharpness columns skipped")
-        try:
+        with refusals_before_training():
             result = study.run(progress=None if not args.quiet else False, log=log, **how)
-        except ValueError as exc:
-            # the executor refused, before any training; or a run's training state cannot be
-            # resumed (the message names the file and says to delete it)
-            prefixes = ("Invalid jobs", "Invalid ray", "Invalid gpus", "Invalid training state")
-            if not str(exc).startswith(prefixes):
-                raise
-            raise UsageError(str(exc)) from exc
     title = f"{config.dataset} / {config.model}" + (
         f", {config.noise:.0%} label noise" if config.noise else ""
     )

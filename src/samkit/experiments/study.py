@@ -258,7 +258,13 @@ def run_study(
     problem = problem or config.problem()
     if executor is None:
         executor = make_executor(
-            jobs, threads, ray=ray, gpus_per_run=gpus_per_run, progress=progress, log=log
+            jobs,
+            threads,
+            ray=ray,
+            gpus_per_run=gpus_per_run,
+            progress=progress,
+            log=log,
+            loaders=config.num_workers,
         )
     with study_folder(out_dir) as out:
         runs_dir = out / "runs"

@@ -228,7 +228,7 @@ def run_trials(search: Any, ostudy: Any, remaining: int, jobs: Any, threads: Any
     with one in this process, one after another as Optuna's own loop."""
     import optuna
 
-    executor = make_executor(jobs, threads)
+    executor = make_executor(jobs, threads, loaders=search.config.num_workers)
     source = TrialSource(search, ostudy, remaining, inline=isinstance(executor, InProcess))
     try:
         run_cells(

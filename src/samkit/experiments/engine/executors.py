@@ -96,12 +96,15 @@ def make_executor(
     gpus_per_run: float | None = None,
     progress: bool = False,
     log: Any = None,
+    loaders: int = 0,
 ) -> Executor:
     """The executor for ``jobs`` runs at once (``"auto"``: see :func:`auto_plan`).
 
     ``threads`` (torch threads per run) defaults to: not pinned with one job
     in this process (as before), an even share of the physical cores with
-    several, one on Ray. ``ray``: the address of a Ray cluster.
+    several, one on Ray. ``ray``: the address of a Ray cluster. ``loaders``: the
+    DataLoader worker processes each run starts (``num_workers``), which the local
+    pool's worker processes cannot (refused, before any run).
     """
     jobs = check_jobs(jobs)
     threads = check_threads(threads)
@@ -121,6 +124,12 @@ def make_executor(
         devices = [None] * jobs
     if jobs == 1 and devices[0] is None:
         return InProcess(threads, progress=progress, log=log)
+    if loaders:
+        raise ValueError(
+            f"Invalid jobs value: {jobs} with num_workers={loaders} (the runs' worker "
+            "processes cannot start DataLoader worker processes of their own: use jobs=1 "
+            "with num_workers, or num_workers=0 with jobs, or a Ray cluster)"
+        )
     return LocalPool(jobs, threads or max(1, physical_cores() // jobs), devices)
 
 

@@ -102,6 +102,27 @@ def _ray_run(mods: list[tuple[str, str]], payload: bytes, files: dict[str, bytes
             core.listen_for_states(None)
 
 
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """Refuse a ``host:port`` where nothing answers (``ray.init`` would retry for minutes,
+    printing Ray's own warnings); ``auto`` and ``ray://`` addresses are Ray's to resolve."""
+    import socket
+
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # (Ray's own message names what is wrong with it)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"Invalid ray value: {address!r} (nothing answers there: "
+            f"{exc.strerror or type(exc).__name__}; start the cluster with `ray start --head`, "
+            "or give its address)"
+        ) from None
+
+
 class RayExecutor(Executor):
     """Runs as tasks of the Ray cluster at ``address`` (``"auto"``: the local one)."""
 
@@ -129,6 +150,7 @@ class RayExecutor(Executor):
         self.slots = jobs or 1
         self._pending: dict[Any, tuple[int, Cell]] = {}
         self._ray: Any = None
+        self._own = False  # whether start() opened the Ray session (close() ends it)
 
     def start(self) -> None:
         try:
@@ -142,20 +164,43 @@ class RayExecutor(Executor):
             ) from exc
         files = sorted({path for _, path in user_modules()})
         env = {"py_modules": files} if files else None
-        try:
-            ray.init(
-                address=self.address,
-                runtime_env=env,
-                logging_level="ERROR",
-                log_to_driver=False,
-                ignore_reinit_error=True,
-            )
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ValueError(
-                f"Invalid ray value: {self.address!r} (cannot connect: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-            ) from exc
+        if ray.is_initialized():
+            # the caller's own Ray session: used as it is (never shut down here), and only
+            # if it is the cluster asked for
+            here = ray.get_runtime_context().gcs_address
+            if self.address not in ("auto", here):
+                raise ValueError(
+                    f"Invalid ray value: {self.address!r} (this process is connected to the "
+                    f"Ray cluster at {here} already: give that address, or ray.shutdown() first)"
+                )
+            self._own = False
+        else:
+            _reachable(self.address)
+            try:
+                ray.init(
+                    address=self.address,
+                    runtime_env=env,
+                    logging_level="ERROR",
+                    log_to_driver=False,
+                )
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ValueError(
+                    f"Invalid ray value: {self.address!r} (cannot connect: "
+                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                ) from exc
+            self._own = True
         self._ray = ray
+        widest = max(
+            (n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")),
+            default=0,
+        )
+        if widest < self.threads:
+            self.close()
+            raise ValueError(
+                f"Invalid threads value: {self.threads} CPUs per run, and the Ray cluster's "
+                f"largest node has {widest:g} (a run would wait for ever): give --threads "
+                f"{max(1, int(widest))} or less"
+            )
         res = ray.cluster_resources()
         gpus = self.gpus_per_run
         if gpus is None:
@@ -238,5 +283,6 @@ class RayExecutor(Executor):
 
     def close(self) -> None:
         if self._ray is not None:
-            self._ray.shutdown()
+            if self._own:  # (a session the caller opened stays open)
+                self._ray.shutdown()
             self._ray = None
