@@ -34,6 +34,7 @@ def _one_line(err: str) -> str:
 
 # (flags after `samkit compare` + FAST, expected text in the one line)
 COMPARE = [
+    (["--jobs", "\u00b2"], "Invalid jobs value: '\u00b2'"),  # (a digit to isdigit, not to int)
     # worker processes cannot have DataLoader workers (it crashed with a traceback)
     (["--num-workers", "1", "--jobs", "2"], "Invalid jobs value: 2 with num_workers=1"),
     # labels whose runs would share files (both wrote runs/a_b_-seed0.*; the case on macOS)
@@ -848,3 +849,16 @@ def test_labels_that_use_few_classes_are_warned_once_in_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(
         "samkit: warning: the training labels use 4 of"
     ), done.stderr
+
+
+def test_an_api_setting_that_is_the_clis_names_only_itself(tmp_path):
+    """optimizers= beside a valid sharpness=False read 'Invalid setting: optimizers,
+    sharpness', naming the valid one too."""
+    import samkit
+
+    with pytest.raises(
+        ValueError, match=r"^Invalid setting: optimizers \(the methods are methods=\)$"
+    ):
+        samkit.compare(optimizers=["sgd"], sharpness=False, out=tmp_path / "o")
+    with pytest.raises(ValueError, match=r"^Invalid setting: rho$"):
+        samkit.tune(model="mlp", train=_api_problem(), rho=[0.1], epochs=1, out=tmp_path / "t")

@@ -269,7 +269,9 @@ def _running(pid):
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc (Linux)")
-def test_ctrl_c_stops_every_worker_and_the_folder_resumes(tmp_path, reference):
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_stops_every_worker_and_the_folder_resumes(tmp_path, reference, sig, code):
+    """SIGTERM (a scheduler's stop) as Ctrl-C: it ended with exit 143 and no line."""
     _, ref = reference
     out = tmp_path / "c"
     argv = ["compare", *TINY, "--epochs", "6", "--out", str(out), "--jobs", "2", "--threads", "1"]
@@ -279,7 +281,13 @@ def test_ctrl_c_stops_every_worker_and_the_folder_resumes(tmp_path, reference):
     # finished first (exit 0) on an idle one
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     env["SAMKIT_FAULT_HOLD"] = str(tmp_path / "never")
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *argv], env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, *argv],
+        env=env,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # both workers started and held (so the driver waits on them, not mid-start)
     deadline = time.time() + 180
     while time.time() < deadline and len(list((out / "runs").glob("*.state.pt"))) < 2:
@@ -287,8 +295,9 @@ def test_ctrl_c_stops_every_worker_and_the_folder_resumes(tmp_path, reference):
     time.sleep(0.5)
     workers = _children(proc.pid)
     assert workers, "no worker started"
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(120) != 0
+    proc.send_signal(sig)
+    assert proc.wait(120) == code
+    assert "interrupted (finished runs are saved; rerun to resume)" in proc.stderr.read()
     workers = [w for w in workers if "resource_tracker" not in _cmdline(w)]
     assert workers
     deadline = time.time() + 10
@@ -346,7 +355,13 @@ def test_tune_jobs_2_resumes_after_kill_9_without_repeating_finished_trials(tmp_
     out = tmp_path / "t"
     argv = [*TUNE, "--jobs", "2", "--threads", "1", "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *argv], env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, *argv],
+        env=env,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     journal = out / "optuna-journal.log"
     deadline = time.time() + 180
     before = []
@@ -731,3 +746,28 @@ def test_an_error_in_the_users_code_in_a_worker_is_one_line_naming_their_line(tm
             "error: in your model function" in err
             and "RuntimeError: boom in forward (bombs.py:15, in Bomb.forward)" in err
         ), err
+
+
+def test_a_study_defined_in_a_script_without_a_file_is_refused_for_worker_processes(tmp_path):
+    """From stdin or python -c the model function pickled by name, then failed in the
+    worker (a traceback; from stdin a BrokenPipeError in the driver)."""
+    script = f"""
+import numpy as np, torch, samkit
+def make_model():
+    return torch.nn.Linear(6, 3)
+r = np.random.default_rng(0)
+x, y = r.normal(size=(120, 6)).astype("float32"), r.integers(0, 3, 120)
+try:
+    samkit.compare(model=make_model, train=(x, y), methods=["sgd"], seeds=2, epochs=1,
+                   jobs=2, quiet=True, sharpness=False, out={str(tmp_path / "o")!r})
+except ValueError as e:
+    print("refused:", e)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused: Invalid jobs value: 2 (the model or data is defined in a script" in (
+        done.stdout
+    ), done.stdout + done.stderr
+    assert not (tmp_path / "o" / "runs").exists() or not list((tmp_path / "o" / "runs").iterdir())

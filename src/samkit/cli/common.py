@@ -56,7 +56,7 @@ def add_execution_arguments(p: argparse.ArgumentParser) -> None:
 def execution_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The flags as settings (None: not given)."""
     jobs = getattr(args, "jobs", None)
-    if isinstance(jobs, str) and jobs.strip().isdigit():
+    if isinstance(jobs, str) and jobs.strip().isascii() and jobs.strip().isdigit():
         jobs = int(jobs)
     return {
         "jobs": jobs,

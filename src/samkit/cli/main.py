@@ -12,7 +12,8 @@ Each subcommand lives in ``samkit.cli.<name>`` and exposes
 * a full disk (or quota) while writing the run folder: ``no space left on
   device while writing PATH``, exit code 2 (every write is atomic: nothing
   half-written is left);
-* Ctrl-C: what was finished is saved and a rerun resumes; exit code 130;
+* Ctrl-C: what was finished is saved and a rerun resumes; exit code 130 (SIGTERM:
+  the same, exit code 143);
 * a study whose runs failed on every retry (a worker killed each time): the
   table without them, a warning naming them, exit code 1.
 
@@ -22,7 +23,9 @@ Any other exception is a bug in samkit and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
 import traceback
 import warnings
@@ -125,12 +128,25 @@ def _format_warning(
 _python_format = warnings.formatwarning
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop), handled as Ctrl-C is: exit code 143."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     previous, warnings.formatwarning = warnings.formatwarning, _format_warning
+    term = None
+    with contextlib.suppress(ValueError):  # (not the main thread: leave SIGTERM alone)
+        term = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _main(argv)
     finally:
         warnings.formatwarning = previous
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -142,14 +158,14 @@ def _main(argv: Sequence[str] | None) -> int:
     debug = bool(getattr(args, "debug", False))
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             traceback.print_exc()
         print(
             f"samkit {args.command}: interrupted (finished runs are saved; rerun to resume)",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
     except Exception as exc:
         line = _error_line(exc, debug)
         if line is None:

@@ -42,6 +42,9 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_arguments(p)
+    for action in p._actions:  # tune trains its trials here (--ray is refused): not listed
+        if action.dest == "ray":
+            action.help = argparse.SUPPRESS
     p.add_argument(
         "--method", default="sam", help="the method to tune (default sam; any method with a rho)"
     )

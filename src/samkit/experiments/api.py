@@ -255,9 +255,10 @@ def compare(
         ValueError: any bad setting, model, data, loss or metric, found before
             any training starts.
     """
-    unknown = sorted(set(settings) - st.KEYS)
-    if unknown or {"optimizers", "data", "out"} & set(settings):
-        raise ValueError(f"Invalid setting: {', '.join(unknown or sorted(settings))}")
+    unknown = sorted((set(settings) - st.KEYS) | ({"optimizers", "data", "out"} & set(settings)))
+    if unknown:  # (only those: a valid setting beside them is not named)
+        hint = " (the methods are methods=)" if "optimizers" in unknown else ""
+        raise ValueError(f"Invalid setting: {', '.join(unknown)}{hint}")
     check_flags(quiet=quiet, progress=progress)
     flat: dict[str, Any] = dict(settings)
     flat.update(

@@ -285,9 +285,9 @@ def tune(
     from .api import _user_parts, check_flags
 
     check_flags(quiet=quiet)
-    unknown = sorted(set(settings) - st.KEYS)
-    if unknown or {"optimizers", "methods", "rho"} & set(settings):
-        raise ValueError(f"Invalid setting: {', '.join(unknown or sorted(settings))}")
+    unknown = sorted((set(settings) - st.KEYS) | ({"optimizers", "methods", "rho"} & set(settings)))
+    if unknown:  # (only those: a valid setting beside them is not named)
+        raise ValueError(f"Invalid setting: {', '.join(unknown)}")
     spec = TuneSpec(
         method=method.lower() if isinstance(method, str) else method,
         trials=trials,

@@ -201,7 +201,7 @@ class CellSource:
     """
 
     total = 0
-    redo = "retrying from its last checkpoint"
+    redo = "retrying (from its last epoch's checkpoint, if it saved one)"
 
     def next_cell(self) -> Cell | None:
         """The next cell; None when there is none to give now. While cells run, the

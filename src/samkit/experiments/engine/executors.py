@@ -6,6 +6,7 @@ import contextlib
 import os
 import pickle
 import signal
+import sys
 import time
 import traceback
 from multiprocessing.connection import Connection, wait
@@ -70,7 +71,7 @@ def check_jobs(jobs: Any) -> int | str:
     """``jobs``: a number of runs at once (1 to 1024) or ``"auto"``; ValueError otherwise."""
     if jobs == "auto":
         return "auto"
-    if isinstance(jobs, str) and jobs.strip().isdigit():
+    if isinstance(jobs, str) and jobs.strip().isascii() and jobs.strip().isdigit():
         jobs = int(jobs)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
         raise ValueError(f"Invalid jobs value: {jobs!r} (an int in [1, {MAX_JOBS}] or 'auto')")
@@ -238,13 +239,22 @@ class LocalPool(Executor):
 
     def check(self, cell: Cell) -> None:
         try:
-            pickle.dumps(cell.task)
+            payload = pickle.dumps(cell.task)
         except Exception as exc:  # noqa: BLE001 - a lambda, a local function, an open file
             raise ValueError(
                 f"Invalid jobs value: {self.slots} (the runs cannot be sent to worker processes: "
                 f"{type(exc).__name__}: {exc}; define the model and data in an importable module, "
                 "or use jobs=1)"
             ) from exc
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if b"__main__" in payload and not (main_file and os.path.isfile(main_file)):
+            # a function of a script read from stdin, `python -c` or a notebook pickles by
+            # name, and a worker process cannot import that __main__ (it failed there)
+            raise ValueError(
+                f"Invalid jobs value: {self.slots} (the model or data is defined in a script "
+                "without a file (stdin, python -c, a notebook), which worker processes cannot "
+                "import: put it in a module file, or use jobs=1)"
+            )
 
     def free(self) -> bool:
         return any(c is None for c in self._cells)
@@ -271,7 +281,8 @@ class LocalPool(Executor):
         conn = self._conns[k]
         assert conn is not None
         self._cells[k], self._t0[k] = index, time.perf_counter()
-        conn.send((user_modules(), pickle.dumps(cell.task), str(cell.folder)))
+        with contextlib.suppress(BrokenPipeError, OSError):  # it died already: wait() says so
+            conn.send((user_modules(), pickle.dumps(cell.task), str(cell.folder)))
 
     def wait(self) -> list[Event]:
         busy = [k for k, c in enumerate(self._cells) if c is not None]
