@@ -152,7 +152,7 @@ def test_tune_and_compare_do_not_share_a_folder(tmp_path, capsys):
                  str(compared)]) == 0  # fmt: skip
     capsys.readouterr()
     rc, _, err = _run(capsys, *FAST, "--grid", "0.05", "--out", str(compared))
-    assert rc == 2 and "holds a study (compare, rl or gan)" in err
+    assert rc == 2 and "holds a samkit compare study" in err
     assert main(["compare", *FAST, "--optimizers", "sgd", "--no-sharpness", "--out",
                  str(tuned)]) == 2  # fmt: skip
     assert "holds a samkit tune search" in capsys.readouterr().err

@@ -397,3 +397,42 @@ def test_a_method_whose_every_seed_diverges_gets_a_row_not_a_crash(tmp_path, cap
     row = next(line for line in printed.splitlines() if line.startswith("ring8"))
     assert "- (1 diverged)" in row and "+-" not in row  # no mean, no spread
     assert (out / "results.json").exists() and (out / "report.html").exists()
+    # its time is per iteration it trained (it stopped at the first: the time over 20
+    # made it look 20 times cheaper)
+    (record,) = json.loads((out / "results.json").read_text())["runs"]
+    assert record["diverged"] and record["time_per_iteration"] == pytest.approx(
+        record["train_time"], rel=1e-9
+    )
+
+
+def test_quick_keeps_each_data_sets_own_sizes():
+    """--quick set Ring-8's batch and width for every data set: --quick --datasets grid25
+    ran Grid-25 at Ring-8's size, which measures nothing (docs/rl_gan.md)."""
+    from samkit.experiments.settings import merge
+
+    merged = merge(gan.QUICK, {"datasets": ["grid25"]}, defaults=gan.DEFAULTS)
+    grid = gan.build_config(merged).resolved("grid25")
+    assert (grid.batch_size, grid.hidden) == (256, 128)
+    ring = gan.build_config(merge(gan.QUICK, {}, defaults=gan.DEFAULTS)).resolved("ring8")
+    assert (ring.batch_size, ring.hidden, ring.iterations) == (128, 64, 2000)
+
+
+def test_rl_gan_and_compare_do_not_share_a_folder(tmp_path, capsys):
+    """samkit rl into a samkit gan folder (or the reverse) overwrote its results.json,
+    config.json and report, exit 0."""
+    pytest.importorskip("stable_baselines3")
+    out = tmp_path / "g"
+    argv = ["gan", "--datasets", "ring8", "--methods", "adam", "--seeds", "1",
+            "--iterations", "10", "--eval-every", "10", "--batch-size", "32", "-q"]  # fmt: skip
+    assert main([*argv, "--out", str(out)]) == 0
+    summary = (out / "results.json").read_text()
+    capsys.readouterr()
+    rl = ["rl", "--quick", "--seeds", "1", "--timesteps", "256", "--eval-episodes", "1",
+          "--methods", "ppo", "-q", "--out", str(out)]  # fmt: skip
+    assert main(rl) == 2
+    assert "Invalid out value" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == summary
+    compare = ["compare", "--dataset", "synthetic", "--train-size", "100", "--epochs", "1",
+               "--seeds", "1", "--optimizers", "sgd", "--no-sharpness", "-q", "--out", str(out)]  # fmt: skip
+    assert main(compare) == 2
+    assert "holds a samkit gan study" in capsys.readouterr().err

@@ -196,6 +196,16 @@ def test_interrupted_study_resumes_to_the_uninterrupted_numbers(tmp_path, capsys
         }
     html = (tmp_path / "cut" / "report.html").read_text()
     assert html.count("<img") == 2 and "Paired verdicts" in html
+    # a damaged saved agent (its evaluation still to do) is trained again, with a line:
+    # it failed every rerun with zipfile's traceback
+    (runs / "everyk-seed0.json").unlink()
+    agent = runs / "everyk-seed0.zip"
+    agent.write_bytes(agent.read_bytes()[:5000])
+    rc, _, err = _run(capsys, *SMALL[:-1], *methods, "--out", str(tmp_path / "cut"))
+    assert rc == 0, err
+    assert "its saved agent everyk-seed0.zip cannot be read (" in err and trained == [1]
+    again = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert again["runs"][1]["robustness"] == whole["runs"][1]["robustness"]  # (deterministic)
 
 
 @pytest.mark.parametrize(

@@ -223,6 +223,22 @@ def test_saved_file_holds_samkit_state(tmp_path):
     assert sd["samkit"]["steps"] == 4 and sd["samkit"]["ascents"] == 4
 
 
+def test_a_rho_given_at_load_is_the_radius_it_trains_with(tmp_path):
+    """SB3 puts the saved optimizer state back after building the model: load(path,
+    rho=0.2) reported model.rho 0.2 and trained with the saved 0.05."""
+    model = SAMPPO("MlpPolicy", ENV, rho=0.05, **PPO_KW).learn(N_STEPS)
+    model.save(tmp_path / "m.zip")
+    loaded = SAMPPO.load(tmp_path / "m.zip", env=gym.make(ENV), device="cpu", rho=0.2)
+    assert loaded.rho == 0.2 and loaded.sam.param_groups[0]["rho"] == 0.2
+    loaded.learn(N_STEPS)
+    assert loaded.sam.param_groups[0]["rho"] == 0.2
+    kept = SAMPPO.load(tmp_path / "m.zip", env=gym.make(ENV), device="cpu")
+    assert kept.sam.param_groups[0]["rho"] == 0.05
+    follow = SAMPPO.load(tmp_path / "m.zip", env=gym.make(ENV), rho=samkit.FollowLR(0.1))
+    follow.learn(N_STEPS)  # a controller given at load sets the radius (from the lr)
+    assert follow.sam.param_groups[0]["rho"] == pytest.approx(0.1 * follow.lr_schedule(0.0) / 3e-4)
+
+
 # ------------------------------------------------------------ bad settings
 def test_sam_as_optimizer_class_is_refused_naming_sampo():
     with pytest.raises(ValueError, match="SAMPPO wraps the policy's optimizer in SAM itself"):

@@ -3,8 +3,8 @@
 Trains every (environment x method x seed) run with Stable-Baselines3's PPO
 (SAM through samkit's SAMPPO), records the return over training, then plays
 the final deterministic policies on the nominal environment and on a grid of
-perturbed ones (random actions, scaled masses, lengths, forces, gravity,
-torque noise), as Lee & Yoon (ICLR 2025) do. Prints a table and one paired
+perturbed ones (random actions, scaled masses, lengths, inertias, forces and
+gravity), as Lee & Yoon (ICLR 2025) do. Prints a table and one paired
 verdict per method, writes a run folder (results.json, report.html, the
 trained agents). Rerunning the same command resumes: finished runs are not
 run again.

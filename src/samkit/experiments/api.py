@@ -161,7 +161,7 @@ def open_study(
 
     folder = run_folder(out, lambda: st.default_out_dir(config))
     with study_folder(folder) as path:
-        refuse_other_kind(path, "study")
+        refuse_other_kind(path, "compare")
         problem = check_study(config, drop_unfit=drop_unfit, out_dir=path)
         yield OpenStudy(config, path, problem)
 

@@ -50,15 +50,39 @@ class FolderBusy(ValueError):
 KIND_MARKERS = {"tune": "tune-settings.json", "study": "config.json"}
 
 
+def folder_kind(path: Path) -> str | None:
+    """What a run folder holds: ``"tune"``, ``"compare"``, ``"rl"``, ``"gan"``, or None
+    (nothing of samkit's, or unreadable): from its summary's format, else its settings."""
+    import json
+
+    if (path / KIND_MARKERS["tune"]).exists():
+        return "tune"
+    for name in ("results.json", "config.json"):
+        try:
+            d = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(d, dict):
+            continue
+        fmt = d.get("format")
+        if isinstance(fmt, str) and fmt.startswith("samkit-"):
+            return fmt.removeprefix("samkit-")
+        if "envs" in d and "timesteps" in d:
+            return "rl"
+        if "datasets" in d and "iterations" in d:
+            return "gan"
+        if "methods" in d and "dataset" in d:
+            return "compare"
+    return None
+
+
 def refuse_other_kind(path: Path, kind: str) -> None:
-    """A ``samkit tune`` folder is not a study's (compare, rl, gan), nor the reverse: each
-    would overwrite the other's report. ValueError naming ``out``."""
-    for other, marker in KIND_MARKERS.items():
-        if other != kind and (path / marker).exists():
-            what = "a samkit tune search" if other == "tune" else "a study (compare, rl or gan)"
-            raise ValueError(
-                f"Invalid out value: {str(path)!r} holds {what} ({marker}); choose another --out"
-            )
+    """A run folder holds one kind of study (``samkit compare``, ``rl``, ``gan``, ``tune``):
+    another into it would overwrite its summary and report. ValueError naming ``out``."""
+    other = folder_kind(path)
+    if other is not None and other != kind:
+        what = "a samkit tune search" if other == "tune" else f"a samkit {other} study"
+        raise ValueError(f"Invalid out value: {str(path)!r} holds {what}; choose another --out")
 
 
 def run_folder(out: Any, default: Callable[[], Path]) -> Path:

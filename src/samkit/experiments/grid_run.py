@@ -54,13 +54,14 @@ def open_study(
     out: str | os.PathLike[str] | None,
     default: Callable[[], Path],
     check: Callable[[Path], None],
+    kind: str,
 ) -> Iterator[Path]:
-    """Lock the run folder (``out``, else ``default()``) and run ``check(folder)``
-    (a ValueError before any training), then yield it."""
+    """Lock the run folder (``out``, else ``default()``), refuse one of another kind of
+    study and run ``check(folder)`` (a ValueError before any training), then yield it."""
     from .folder import refuse_other_kind, run_folder, study_folder
 
     with study_folder(run_folder(out, default)) as locked:
-        refuse_other_kind(locked, "study")
+        refuse_other_kind(locked, kind)
         check(locked)
         yield locked
 

@@ -175,6 +175,18 @@ class _SAMOnPolicy:
         opt.clip_norm = self.max_grad_norm  # type: ignore[attr-defined]
         policy.optimizer = opt
 
+    @classmethod
+    def load(cls, path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """SB3's ``load``; a ``rho`` given here is the radius from now on. (SB3 puts the
+        saved optimizer state back after building the model, and with it the saved rho:
+        ``load(path, rho=0.2)`` reported 0.2 and trained with the saved 0.05.)"""
+        model = super().load(path, *args, **kwargs)  # type: ignore[misc]
+        opt = model.sam
+        if "rho" in kwargs and opt.rho_controller is None:  # (a controller writes it each step)
+            for group in opt.param_groups:
+                group[opt.rho_key] = float(kwargs["rho"])
+        return model
+
     def _excluded_save_params(self) -> list[str]:
         return super()._excluded_save_params() + ["_minibatch"]  # type: ignore[misc]
 

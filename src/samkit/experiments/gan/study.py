@@ -63,7 +63,7 @@ def check(config: GANConfig, out: Path) -> None:
 def open_study(config: GANConfig, out: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """Lock the run folder and check the study (ValueError before any training), then yield the folder."""
     with grid_run.open_study(
-        out, lambda: default_out(config), lambda f: check(config, f)
+        out, lambda: default_out(config), lambda f: check(config, f), "gan"
     ) as folder:
         yield folder
 

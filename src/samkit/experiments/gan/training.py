@@ -166,8 +166,10 @@ def train_gan(
             bar = None
     t0 = time.perf_counter()
     d_loss = g_loss = torch.zeros(())
+    ran = start  # iterations trained (a diverged run stops early)
     try:
         for iteration in range(start + 1, config.iterations + 1):
+            ran = iteration
             real = mixture.sample(config.batch_size, data_rng).to(device)
             z_d = torch.randn(config.batch_size, config.z_dim, generator=noise_rng).to(device)
             z_g = torch.randn(config.batch_size, config.z_dim, generator=noise_rng).to(device)
@@ -252,7 +254,8 @@ def train_gan(
         "snapshots": snapshots,
         "diverged": diverged,
         "train_time": train_time,
-        "time_per_iteration": train_time / max(1, config.iterations),
+        # per iteration trained: a run that diverged early is not cheaper per iteration
+        "time_per_iteration": train_time / max(1, ran),
         "passes": passes,
         "g_ascents": int(getattr(opt_g, "ascents", 0)),
         "d_ascents": int(getattr(opt_d, "ascents", 0)),

@@ -26,7 +26,7 @@ Protocol (one study = environments x methods x seeds):
   ``eval_episodes`` episodes on the nominal environment and on each point of
   a grid of perturbed ones -- random actions taken with probability ``p``
   (action perturbation) and scaled physical parameters (pole length and mass,
-  cart mass, force, gravity; link masses and inertia, torque noise). Every
+  cart mass, force, gravity; link masses, inertias and lengths). Every
   method and grid point uses the same episode seeds (and the same random
   actions for the same ``p``), so the evaluation is paired too.
 * **summary**: per method, the nominal return, the *robust return* (for each

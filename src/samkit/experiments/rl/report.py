@@ -38,7 +38,11 @@ def _figures(config: RLConfig, summary: dict[str, Any], env: str) -> list[tuple[
         )
         with np.errstate(all="ignore"), _quiet_nan_warnings():
             mean = np.nanmean(ys, axis=0)
-            se = np.nanstd(ys, axis=0) / np.sqrt(np.maximum(1, np.sum(np.isfinite(ys), axis=0)))
+            n = np.sum(np.isfinite(ys), axis=0)
+            # the sample standard deviation (ddof 1, as the other plots): a point with one
+            # seed gets no band, not a zero-width one read as certainty
+            se = np.nanstd(ys, axis=0, ddof=1) / np.sqrt(np.maximum(1, n))
+            se = np.where(n > 1, se, np.nan)
         (line,) = ax.plot(xs, mean, label=label.replace("$", r"\$"))
         ax.fill_between(xs, mean - se, mean + se, color=line.get_color(), alpha=0.2)
     ax.set(
@@ -116,7 +120,8 @@ def write_report(path: Path, config: RLConfig, summary: dict[str, Any]) -> None:
         f"{config.eval_episodes} episodes, then mean +- sample standard deviation over seeds "
         "(diverged runs left out). Robust return: for each perturbation axis the mean return "
         "over its non-nominal levels, then the mean over axes. Train return: mean return of "
-        "all training episodes (the area under the learning curve). Cost: training time "
+        "all training episodes, each weighing the same (not the area under the learning "
+        "curve: short early episodes weigh more). Cost: training time "
         f"relative to {config.baseline}; passes/step: forward-backward passes per PPO "
         "gradient step.",
     )

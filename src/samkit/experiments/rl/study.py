@@ -118,9 +118,17 @@ def _execute(
     grid_run.accept_renamed(train_path, train_id)
     trained = grid.finished(train_path, train_id)
     model = None
-    if trained is not None and (trained["diverged"] or zip_path.is_file()):
-        if not trained["diverged"]:
+    if trained is not None and not trained["diverged"] and zip_path.is_file():
+        try:
             model = _model_class(variant).load(zip_path, device=config.device)
+        except Exception as exc:  # noqa: BLE001 - a damaged agent file: not trusted, retrained
+            if log:
+                log(
+                    f"  {env} {variant.label} seed {seed}: its saved agent {zip_path.name} "
+                    f"cannot be read ({type(exc).__name__}): training it again"
+                )
+            trained = None
+    if trained is not None and (trained["diverged"] or model is not None):
         if log:
             log(f"  {env} {variant.label} seed {seed}: trained before, evaluating")
     else:
@@ -155,7 +163,7 @@ def _execute(
 def open_study(config: RLConfig, out: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """Lock the run folder and check the study (ValueError before any training), then yield the folder."""
     with grid_run.open_study(
-        out, lambda: default_out(config), lambda f: check(config, f)
+        out, lambda: default_out(config), lambda f: check(config, f), "rl"
     ) as folder:
         yield folder
 
