@@ -427,7 +427,7 @@ def test_rl_gan_and_compare_do_not_share_a_folder(tmp_path, capsys):
     assert main([*argv, "--out", str(out)]) == 0
     summary = (out / "results.json").read_text()
     capsys.readouterr()
-    rl = ["rl", "--quick", "--seeds", "1", "--timesteps", "256", "--eval-episodes", "1",
+    rl = ["rl", "--quick", "--seeds", "1", "--timesteps", "512", "--eval-episodes", "1",
           "--methods", "ppo", "-q", "--out", str(out)]  # fmt: skip
     assert main(rl) == 2
     assert "Invalid out value" in capsys.readouterr().err

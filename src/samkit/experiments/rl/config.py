@@ -133,10 +133,18 @@ def build_config(s: dict[str, Any]) -> RLConfig:
         timesteps = {e: steps for e in envs}
     for e, n in timesteps.items():
         st.check_int("timesteps", n, 1, 10**9)
-        if n < ENVS[e].rollout:
+        # where the learning rate decays linearly to 0 over training, the update after the
+        # last rollout is at lr 0: one rollout would train nothing (PPO = SAM, seen)
+        rollouts = 2 if ENVS[e].hyper.get("learning_rate_linear") else 1
+        if n < rollouts * ENVS[e].rollout:
+            why = (
+                "at least two rollouts: its learning rate decays linearly to 0, so the "
+                "update after a single rollout would be at lr 0"
+                if rollouts == 2
+                else "at least one rollout"
+            )
             raise ValueError(
-                f"Invalid timesteps value: {n} for {e} (at least one rollout: "
-                f"{ENVS[e].rollout} steps)"
+                f"Invalid timesteps value: {n} for {e} ({why}: {rollouts * ENVS[e].rollout} steps)"
             )
     st.check_int("eval_episodes", s["eval_episodes"], 1, 10_000)
     st.check_choice("grid", s["grid"], GRIDS)
