@@ -674,7 +674,8 @@ def test_a_ray_node_removed_mid_run_is_retried_from_its_checkpoint(
     err = log.read_text()
     name = states[0].name.split(".")[0]  # e.g. sam-seed0
     assert (
-        "its Ray task was lost" in err and "retrying from its last checkpoint (try 2 of 3)" in err
+        "its Ray task was lost" in err
+        and "retrying (from its last epoch's checkpoint, if it saved one) (try 2 of 3)" in err
     )
     res = json.loads((out / "results.json").read_text())
     assert _timeless(res) == _timeless(ref)
