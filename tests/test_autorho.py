@@ -1010,3 +1010,32 @@ def test_the_view_says_whether_a_non_finite_gradient_skips_the_step(kwargs, scal
 def test_settings_that_would_leave_a_controller_inert_are_refused(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_gradient_agreement_resumes_under_a_float64_default_dtype():
+    """Its sketch buffers took the default dtype (float64) while a resumed sketch comes
+    back as float32: the first step after a resume failed in torch.dot."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        runs = []
+        for resume in (False, True):
+            model, base = _problem(3)
+            opt = samkit.SAM(base, rho=samkit.GradientAgreement(warmup=0, rate=0.5))
+            for step in range(6):
+                if resume and step == 3:
+                    state = opt.state_dict()
+                    model2, base2 = _problem(3)
+                    model2.load_state_dict(model.state_dict())
+                    opt = samkit.SAM(base2, rho=samkit.GradientAgreement(warmup=0, rate=0.5))
+                    opt.load_state_dict(state)
+                    model = model2
+                opt.step(_closure(model, *(t.double() for t in _batch(step))))
+                opt.zero_grad()
+            runs.append(
+                (opt.param_groups[0]["rho"], [p.detach().clone() for p in model.parameters()])
+            )
+        assert runs[0][0] == runs[1][0]
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    finally:
+        torch.set_default_dtype(old)

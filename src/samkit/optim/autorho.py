@@ -656,7 +656,11 @@ class GradientAgreement(AutoRho):
         fresh one each step cost a small model as much as the gather."""
         buffers = self._buffers
         if not buffers or buffers[0].device != device:
-            buffers[:] = [torch.zeros(self.sketch, device=device) for _ in range(2)]
+            # float32 whatever the default dtype (the sketch is read as float32, and a resumed
+            # one comes back as float32: a float64 default made the dot fail after a resume)
+            buffers[:] = [
+                torch.zeros(self.sketch, device=device, dtype=torch.float32) for _ in range(2)
+            ]
         return buffers[1] if buffers[0] is self._last else buffers[0]
 
     def _finite(self, view: StepView) -> bool:
