@@ -118,11 +118,12 @@ class Sharding:
         self.owners = owners
 
     def reduce_(self, sq_norm: Tensor) -> Tensor:
-        """The sum of a local squared norm (a 0-d tensor) over the shards."""
-        total = sq_norm.reshape(1).clone()
+        """The sum over the shards of a local squared norm (a 0-d tensor), or of any local
+        partial sums (dot products over each rank's coordinates)."""
+        total = sq_norm.reshape(-1).clone()
         for group in self.groups:
             torch.distributed.all_reduce(total, group=group)
-        return total.reshape(())
+        return total.reshape(sq_norm.shape)
 
     def backups_for(self, backups_for: _BackupsFor) -> Callable[[list[Tensor]], list[Tensor]]:
         """``backups_for(local shards)``, with the backups keyed by their DTensor parameters."""

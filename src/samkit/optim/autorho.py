@@ -513,7 +513,8 @@ class GradientAgreement(AutoRho):
     a copy of the weights, and a step costs a gather, three dot products of
     that length and one host read. For the first ``warmup`` steps the radius
     is the starting one while :math:`\bar c` settles. Under DDP (a local first
-    pass) and FSDP2 the sketch is averaged over the replicas, and reports are
+    pass) the sketch is averaged over the replicas, under FSDP2 (each rank's sketch
+    of its own shards) its dot products are summed over the ranks, and reports are
     summed, so every replica writes the same radius.
 
     Args:
@@ -646,7 +647,9 @@ class GradientAgreement(AutoRho):
             else:
                 vec = self._buffer(device)
                 vec[: flat.numel()] = flat
-        if view.distributed and (view.local or view.sharding is not None):
+        if view.distributed and view.local and view.sharding is None:
+            # DDP, local first pass: the same coordinates on every replica, averaged (under
+            # FSDP2 each rank's are of its own shards: their dot products are summed instead)
             _ddp.average_([vec], view.process_group, foreach=False)
         return vec
 
@@ -689,13 +692,21 @@ class GradientAgreement(AutoRho):
         if last is not None and last.shape == vec.shape:
             # ||last||^2 was read a step ago as that step's ||vec||^2 (the same dot of the same
             # numbers, so the same bits): one dot fewer on the steps that follow a comparison
-            if known is not None and known[0] is last:
-                dot, a = torch.stack([torch.dot(vec, last), torch.dot(vec, vec)]).tolist()
-                b = known[1]
+            reuse = known is not None and known[0] is last
+            dots = [torch.dot(vec, last), torch.dot(vec, vec)]
+            if not reuse:
+                dots.append(torch.dot(last, last))
+            sums = torch.stack(dots)
+            if view.sharding is not None and view.distributed:
+                # FSDP2: each rank's sketch holds coordinates of its own shards, so the dot
+                # products of the whole sketch are the sums of the ranks' (averaging the
+                # sketches mixed unrelated coordinates: a cosine of nothing)
+                sums = view.sharding.reduce_(sums)
+            if reuse:
+                dot, a = sums.tolist()
+                b = known[1]  # type: ignore[index]
             else:
-                dot, a, b = torch.stack(
-                    [torch.dot(vec, last), torch.dot(vec, vec), torch.dot(last, last)]
-                ).tolist()
+                dot, a, b = sums.tolist()
             if not math.isfinite(dot + a + b):  # a non-finite gradient SAM steps with:
                 self._last, self.previous = None, []  # learn nothing, compare the next with none
                 return self.initial_rho * math.exp(self.log_rho)
