@@ -278,6 +278,28 @@ def _unused_parameters(rank):
     return {"state": _snapshot(ddp.module), "init": init, "ascents": opt.ascents}
 
 
+def _different_settings(rank, what):
+    """Each rank builds SAM with other settings: refused at the first step, on every rank,
+    the weights untouched (they drifted apart silently, or a rank hung)."""
+    ddp = _ddp(make_model())
+    init = _snapshot(ddp.module)
+    settings = {
+        "policy": dict(rho=RHO, policy=samkit.EveryK(2 if rank == 0 else 3)),
+        "rho": dict(rho=RHO if rank == 0 else 0.0),
+    }[what]
+    opt = samkit.SAM(make_base(ddp.parameters()), model=ddp, **settings)
+    x, y = shard(0, rank)
+    try:
+        opt.step(_closure(ddp, x, y))
+    except ValueError as exc:
+        return {"error": str(exc), "same": _identical(init, _snapshot(ddp.module))}
+    return {"error": None}
+
+
+def _identical(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _static_graph_local(rank):
     ddp = _ddp(make_model(), static_graph=True)
     try:
@@ -364,6 +386,8 @@ SCENARIOS = {
     "accumulated_local": lambda r: _accumulated(r, mode="local"),
     "accumulated_global": lambda r: _accumulated(r, mode="global"),
     "unused_parameters": _unused_parameters,
+    "different_policy": lambda r: _different_settings(r, "policy"),
+    "different_rho": lambda r: _different_settings(r, "rho"),
     # Most likely to hang when broken: last.
     "nonfinite_local": lambda r: _train(r, skip_nonfinite=True, poison={1: "first", 3: "second"}),
     "nonfinite_amp_local": lambda r: _train(
@@ -544,9 +568,9 @@ def test_declined_steps_under_local_ascent_all_reduce_the_gradient(results, scen
     assert_close(r0["state"], simulate(ascend=lambda s: s % 2 == 0)[0][0])
     # SAM's own collectives: one flat all-reduce per declined step (one dtype,
     # one device), plus the agreement on the decision unless the policy
-    # declares itself replica-consistent.
+    # declares itself replica-consistent, plus the settings check at the first step.
     agreement = STEPS if scenario == "policy_local" else 0
-    assert r0["sam_allreduce"] == r1["sam_allreduce"] == STEPS // 2 + agreement
+    assert r0["sam_allreduce"] == r1["sam_allreduce"] == STEPS // 2 + agreement + SETTINGS_CHECK
 
 
 @pytest.mark.parametrize(
@@ -560,9 +584,24 @@ def test_ddp_options_give_the_same_steps(results, scenario, same_as):
         assert r["allreduce"] == ref["allreduce"]
 
 
+@pytest.mark.parametrize("scenario", ["different_policy", "different_rho"])
+def test_settings_that_differ_across_replicas_are_refused_at_the_first_step(results, scenario):
+    for r in load(results, scenario):
+        assert r["error"] is not None and r["error"].startswith(
+            "Invalid settings: the replicas' SAM settings differ"
+        )
+        assert r["same"]  # the weights untouched
+
+
+#: SAM's one collective of its own when it ascends on every step: the replicas' settings
+#: compared once, at the first step (_ddp.check_replicas_agree)
+SETTINGS_CHECK = 1
+
+
 @pytest.mark.parametrize("scenario", ["local", "global"])
 def test_always_ascending_sam_adds_no_collective_of_its_own(results, scenario):
-    assert [r["sam_allreduce"] for r in load(results, scenario)] == [0, 0]
+    """... but the settings check at its first step."""
+    assert [r["sam_allreduce"] for r in load(results, scenario)] == [SETTINGS_CHECK] * 2
 
 
 def test_replicas_that_disagree_on_the_policy_take_the_same_branch(results):

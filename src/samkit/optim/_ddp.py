@@ -23,9 +23,12 @@ test pins them to the installed torch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import re
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +124,41 @@ def local_first_pass(model: nn.Module) -> Iterator[None]:
             "all-reduced (global, not local, ascent); run the forward inside first_pass() too",
             RuntimeWarning,
             stacklevel=4,
+        )
+
+
+_AGREED: weakref.WeakSet[Any] = weakref.WeakSet()  # optimizers whose replicas were compared
+
+
+def check_replicas_agree(opt: Any, view: StepView) -> None:
+    """Once, at an optimizer's first step under DDP (``model=`` the DDP module) or FSDP2:
+    refuse settings that differ across the replicas (one scalar all-reduce). A radius, a
+    policy or a perturbation that differs on one rank went on silently: the replicas'
+    collectives then paired up wrongly (DDP's buckets against SAM's flat buffer, of the
+    same size) and their weights drifted apart, or a rank that declined hung the others."""
+    if opt in _AGREED or not view.distributed:
+        return
+    if view.sharding is None and not hasattr(opt.model, "no_sync"):
+        return  # (not DDP's or FSDP2's: a model trained on one rank only must not wait)
+    _AGREED.add(opt)
+    groups = [
+        [len(g["params"]), *(g.get(opt.group_keys[k]) for k in sorted(opt.group_keys))]
+        for g in opt.param_groups
+    ]
+    mine = repr(
+        [type(opt).__name__, view.local, opt.perturbation, opt.policy, opt.mix,
+         opt.rho_controller, groups]
+    )  # fmt: skip
+    mine = re.sub(r" at 0x[0-9a-fA-F]+", "", mine)  # (a user's class without a repr of its own)
+    digest = int.from_bytes(hashlib.sha1(mine.encode()).digest()[:7], "big")  # < 2**56
+    device = next((g.device for _, _, grads in view.gradients for g in grads), None)
+    flags = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=view.process_group)
+    if int(flags[0]) != -int(flags[1]):
+        raise ValueError(
+            f"Invalid settings: the replicas' {type(opt).__name__} settings differ (this rank: "
+            f"{mine[:500]}); give every rank the same rho, policy (and seed), perturbation "
+            "and param groups"
         )
 
 

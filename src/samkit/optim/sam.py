@@ -356,6 +356,7 @@ class SAM(_state.StateDict, Wrapper):
         _args.check_first_pass_grads(gathered)
         _amp.unscale_first_pass(step, [g for _, _, grads in gathered for g in grads], scaler)
         view = self._view(gathered, step.local, sharding)
+        _ddp.check_replicas_agree(self, view)  # (once: before any other collective)
         view.skips_nonfinite = self._checks_finite(scaler is not None)
         if self.rho_controller is not None:
             self.rho_controller.begin_step(view)  # writes each group's rho, read just below
