@@ -296,6 +296,22 @@ def _different_settings(rank, what):
     return {"error": None}
 
 
+def _explicit_without_first_pass(rank):
+    """The two-step form with no first_pass(): DDP all-reduced the first backward, so the
+    ascent was global under ddp_ascent='local', silently."""
+    ddp = _ddp(make_model())
+    opt = samkit.SAM(make_base(ddp.parameters()), rho=RHO, model=ddp)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            x, y = shard(step, rank)
+            loss_fn(ddp(x), y).backward()
+            if opt.first_step(zero_grad=True):
+                loss_fn(ddp(x), y).backward()
+            opt.second_step(zero_grad=True)
+    return {"warnings": [str(w.message) for w in caught if w.category is RuntimeWarning]}
+
+
 def _identical(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
@@ -387,6 +403,7 @@ SCENARIOS = {
     "accumulated_global": lambda r: _accumulated(r, mode="global"),
     "unused_parameters": _unused_parameters,
     "different_policy": lambda r: _different_settings(r, "policy"),
+    "explicit_without_first_pass": _explicit_without_first_pass,
     "different_rho": lambda r: _different_settings(r, "rho"),
     # Most likely to hang when broken: last.
     "nonfinite_local": lambda r: _train(r, skip_nonfinite=True, poison={1: "first", 3: "second"}),
@@ -582,6 +599,12 @@ def test_ddp_options_give_the_same_steps(results, scenario, same_as):
     for r, ref in zip(load(results, scenario), load(results, same_as)):
         assert_identical(r["state"], ref["state"])
         assert r["allreduce"] == ref["allreduce"]
+
+
+def test_the_explicit_form_without_first_pass_warns_once_that_it_is_global(results):
+    for r in load(results, "explicit_without_first_pass"):
+        assert len(r["warnings"]) == 1, r["warnings"]
+        assert r["warnings"][0].startswith("SAM.first_step() without first_pass(): under DDP")
 
 
 @pytest.mark.parametrize("scenario", ["different_policy", "different_rho"])

@@ -127,6 +127,25 @@ def local_first_pass(model: nn.Module) -> Iterator[None]:
         )
 
 
+def warn_without_first_pass(opt: Any, had_first_pass: bool) -> None:
+    """The explicit two-step form under DDP local ascent without ``first_pass()``: the first
+    backward was all-reduced, so the step is a global ascent. Said once per optimizer (it
+    went on silently)."""
+    if had_first_pass or opt in _WARNED or not opt.perturbation.needs_gradient:
+        return
+    if uses_local_ascent(opt.model, opt.ddp_ascent):
+        _WARNED.add(opt)
+        warnings.warn(
+            "SAM.first_step() without first_pass(): under DDP the first forward and backward "
+            "were all-reduced, so this is a global ascent, not the local one ddp_ascent="
+            "'local' asks for; run them inside `with opt.first_pass():` (or give "
+            "ddp_ascent='global')",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+
+_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()  # optimizers told they skipped first_pass()
 _AGREED: weakref.WeakSet[Any] = weakref.WeakSet()  # optimizers whose replicas were compared
 
 

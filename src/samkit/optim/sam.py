@@ -577,6 +577,7 @@ class SAM(_state.StateDict, Wrapper):
     def _open_step(self) -> Step:
         """``AT_W`` (or no step) -> ``PLAIN``: the step is open, the weights still at ``w``."""
         local = self._step is not None and self._step.local  # recorded by first_pass()
+        _ddp.warn_without_first_pass(self, self._step is not None)
         self._step = step = Step(opened=True, local=local)
         # BatchNorm statistics come from the pass at w; a perturbation without a
         # gradient has none, and its only pass (at w + e) must update them.
