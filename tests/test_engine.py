@@ -246,6 +246,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _driver(argv, env, cwd):
+    """The CLI in a child process as a terminal runs it (DRIVER), its stderr piped."""
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, *argv], env=env, cwd=cwd, stderr=subprocess.PIPE, text=True
+    )
+
+
 def _children(pid):
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -281,13 +288,7 @@ def test_ctrl_c_stops_every_worker_and_the_folder_resumes(tmp_path, reference, s
     # finished first (exit 0) on an idle one
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     env["SAMKIT_FAULT_HOLD"] = str(tmp_path / "never")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, *argv],
-        env=env,
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _driver(argv, env, tmp_path)
     # both workers started and held (so the driver waits on them, not mid-start)
     deadline = time.time() + 180
     while time.time() < deadline and len(list((out / "runs").glob("*.state.pt"))) < 2:
@@ -355,13 +356,7 @@ def test_tune_jobs_2_resumes_after_kill_9_without_repeating_finished_trials(tmp_
     out = tmp_path / "t"
     argv = [*TUNE, "--jobs", "2", "--threads", "1", "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, *argv],
-        env=env,
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _driver(argv, env, tmp_path)
     journal = out / "optuna-journal.log"
     deadline = time.time() + 180
     before = []
@@ -412,8 +407,10 @@ def test_tune_resumes_a_trial_cut_between_its_creation_and_its_rho(tmp_path, cap
     assert sorted(t["params"]["rho"] for t in complete) == [0.01, 0.05, 0.1, 0.2]
 
 
-class _DiesOnRho(engine.InProcess):
-    """Trains in this process, but the worker of every trial with rho 0.2 dies."""
+class _DiesOn(engine.InProcess):
+    """Trains in this process, but the worker of every run ``dies(task)`` picks dies."""
+
+    dies = staticmethod(lambda task: False)
 
     def __init__(self, *args, **kwargs):
         super().__init__(1)
@@ -423,10 +420,16 @@ class _DiesOnRho(engine.InProcess):
         return len(self._events) < self.slots
 
     def submit(self, index, cell):
-        if cell.task.rho == 0.2:
+        if self.dies(cell.task):
             self._events.append(Event(index, "died", reason="out of memory"))
         else:
             super().submit(index, cell)
+
+
+class _DiesOnRho(_DiesOn):
+    """Every trial with rho 0.2."""
+
+    dies = staticmethod(lambda task: task.rho == 0.2)
 
 
 def test_a_tune_trial_whose_worker_keeps_dying_is_failed_after_two_retries(
@@ -450,21 +453,10 @@ def test_a_tune_trial_whose_worker_keeps_dying_is_failed_after_two_retries(
     assert done == [0.01, 0.05, 0.1]
 
 
-class _DiesOnSamSeed1(engine.InProcess):
-    """Trains in this process, but the worker of sam seed 1 dies on every try."""
+class _DiesOnSamSeed1(_DiesOn):
+    """sam seed 1, on every try."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(1)
-        self.slots = 2
-
-    def free(self):
-        return len(self._events) < self.slots
-
-    def submit(self, index, cell):
-        if (cell.task.spec.label, cell.task.seed) == ("sam", 1):
-            self._events.append(Event(index, "died", reason="out of memory"))
-        else:
-            super().submit(index, cell)
+    dies = staticmethod(lambda task: (task.spec.label, task.seed) == ("sam", 1))
 
 
 def test_runs_that_fail_every_retry_are_listed_and_the_exit_code_says_so(

@@ -1354,11 +1354,8 @@ def _momentum_state(opt):
     return [s["momentum_buffer"].clone() for s in opt.base_optimizer.state.values()]
 
 
-@pytest.mark.parametrize("form", ["closure", "two_steps", "kept"])
-def test_no_backward_at_w_plus_e_is_refused_with_the_weights_at_w(form):
-    """A closure that skipped backward on its second call (`if not opt.perturbed:
-    loss.backward()`) took a silent step of zero gradients: momentum and weight decay
-    moved the weights, no error. Refused now, weights at w, no base step."""
+def _linear_after_one_step():
+    """A Linear model, its data and SAM over SGD (momentum, weight decay), one step taken."""
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     x, y = torch.randn(16, 4), torch.randn(16, 2)
@@ -1366,6 +1363,15 @@ def test_no_backward_at_w_plus_e_is_refused_with_the_weights_at_w(form):
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1), rho=0.05
     )
     opt.step(_linear_closure(model, x, y))
+    return model, x, y, opt
+
+
+@pytest.mark.parametrize("form", ["closure", "two_steps", "kept"])
+def test_no_backward_at_w_plus_e_is_refused_with_the_weights_at_w(form):
+    """A closure that skipped backward on its second call (`if not opt.perturbed:
+    loss.backward()`) took a silent step of zero gradients: momentum and weight decay
+    moved the weights, no error. Refused now, weights at w, no base step."""
+    model, x, y, opt = _linear_after_one_step()
     opt.zero_grad()
     w, momentum = params_of(model), _momentum_state(opt)
 
@@ -1396,13 +1402,7 @@ def test_no_backward_at_w_plus_e_is_refused_with_the_weights_at_w(form):
 def test_a_closure_without_backward_is_refused_after_zero_grad_keeping_zeros():
     """zero_grad(set_to_none=False) leaves zero gradients: a closure that never called
     backward passed the check (it looked only for None) and the weights moved."""
-    torch.manual_seed(0)
-    model = nn.Linear(4, 2)
-    x, y = torch.randn(16, 4), torch.randn(16, 2)
-    opt = samkit.SAM(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1), rho=0.05
-    )
-    opt.step(_linear_closure(model, x, y))
+    model, x, y, opt = _linear_after_one_step()
     opt.zero_grad(set_to_none=False)
     w = params_of(model)
     with pytest.raises(ValueError, match=r"closure must call loss\.backward"):
