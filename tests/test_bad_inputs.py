@@ -862,3 +862,26 @@ def test_an_api_setting_that_is_the_clis_names_only_itself(tmp_path):
         samkit.compare(optimizers=["sgd"], sharpness=False, out=tmp_path / "o")
     with pytest.raises(ValueError, match=r"^Invalid setting: rho$"):
         samkit.tune(model="mlp", train=_api_problem(), rho=[0.1], epochs=1, out=tmp_path / "t")
+
+
+def test_tune_on_streamed_training_data_without_val_is_refused_before_any_trial(tmp_path):
+    """No validation split is drawn from an IterableDataset or a batch factory: every
+    trial trained, then 'no trial completed (all pruned ...)' blamed the lr and the range."""
+    import samkit
+
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y))
+
+    def factory(seed, epoch):
+        return [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+
+    for train, what in ((Stream(), "an IterableDataset"), (factory, "a batch factory")):
+        with pytest.raises(
+            ValueError, match=rf"^Invalid val value: None .*streamed training data, {what}"
+        ):
+            samkit.tune(model=lambda: torch.nn.Linear(4, 2), train=train, grid=[0.05], seeds=1,
+                        epochs=1, out=tmp_path / "t", quiet=True)  # fmt: skip
+        assert not (tmp_path / "t").exists() or not list((tmp_path / "t").iterdir())

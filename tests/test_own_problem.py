@@ -476,3 +476,64 @@ def test_a_model_instance_is_refused_with_what_to_pass_instead(tmp_path):
             out=tmp_path,
             quiet=True,
         )
+
+
+def test_a_metrics_direction_is_read_from_the_words_of_its_name_or_asked_for():
+    """Only exact names counted as higher-is-better: balanced_accuracy, top1_acc, roc_auc
+    were minimised (a tune picked the rho at chance, the verdicts read upside down)."""
+    from samkit.experiments.problem import higher_is_better
+
+    def f(o, t):
+        return 0.0
+
+    for name in ("balanced_accuracy", "top1_acc", "roc_auc", "f1_macro", "mean_iou", "val-acc"):
+        assert higher_is_better(name, f) is True, name
+    for name in ("val_loss", "rmse", "test_error", "nll"):
+        assert higher_is_better(name, f) is False, name
+    for name in ("custom", "acc_loss"):
+        with pytest.raises(ValueError, match=rf"cannot tell whether a higher '{name}' is better"):
+            higher_is_better(name, f)
+    f.higher_is_better = False  # a declared direction wins over the name
+    assert higher_is_better("balanced_accuracy", f) is False
+
+
+def test_an_undecidable_primary_metric_is_refused_before_training(tmp_path):
+    x, y = torch.randn(60, 4), torch.randint(0, 2, (60,))
+    with pytest.raises(ValueError, match=r"^Invalid metrics value: cannot tell whether"):
+        samkit.compare(model=lambda: torch.nn.Linear(4, 2), train=(x, y), methods=["sgd"],
+                       metrics={"quality": lambda o, t: 0.5}, seeds=1, epochs=1,
+                       out=tmp_path / "o", quiet=True)  # fmt: skip
+    assert not (tmp_path / "o" / "runs").exists()
+
+
+@pytest.mark.parametrize("kind", ["same", "wider", "unseeded"])
+def test_a_model_factory_must_give_a_fresh_identical_model_per_call(kind, tmp_path):
+    """Every method must start from the same weights for a seed: one instance returned each
+    call made each run continue from the last (Adam "+10 points" from a warm start), other
+    widths or unseeded weights compared different models; all were accepted."""
+    import numpy as np
+
+    x, y = torch.randn(60, 4), torch.randint(0, 2, (60,))
+    one = torch.nn.Linear(4, 2)
+    calls = []
+    state = np.random.RandomState()  # (its own generator: not seeded by samkit)
+
+    def factory():
+        calls.append(1)
+        if kind == "same":
+            return one
+        if kind == "wider":
+            return torch.nn.Sequential(
+                torch.nn.Linear(4, 4 * len(calls)), torch.nn.Linear(4 * len(calls), 2)
+            )
+        m = torch.nn.Linear(4, 2)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(state.randn(2, 4)))
+        return m
+
+    match = {"same": "returns the same module object", "wider": "returns another architecture",
+             "unseeded": "returns other initial weights for the same seed"}[kind]  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        samkit.compare(model=factory, train=(x, y), methods=["sgd", "sam"], seeds=1, epochs=1,
+                       out=tmp_path / "o", quiet=True)  # fmt: skip
+    assert not (tmp_path / "o" / "runs").exists() or not list((tmp_path / "o" / "runs").iterdir())

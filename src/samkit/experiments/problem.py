@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +69,19 @@ __all__ = [
     "user_code_error",
 ]
 
-HIGHER_IS_BETTER = {"acc", "accuracy", "f1", "auc", "r2", "precision", "recall", "top1", "top5"}
+#: the words of a metric's name that say which way is better (``balanced_accuracy``,
+#: ``top1_acc``, ``roc_auc``, ``val_loss``, ``rmse``): the name split at anything but a
+#: letter or digit, each part looked up here
+HIGHER_IS_BETTER = {
+    "acc", "accuracy", "f1", "auc", "auroc", "roc", "aupr", "ap", "map", "r2", "precision",
+    "recall", "top1", "top5", "iou", "miou", "dice", "jaccard", "bleu", "rouge", "kappa",
+    "mcc", "sensitivity", "specificity", "corr", "correlation", "pearson", "spearman",
+    "score",
+}  # fmt: skip
+LOWER_IS_BETTER = {
+    "loss", "error", "err", "mse", "mae", "rmse", "msle", "mape", "nll", "ce", "xent",
+    "perplexity", "ppl", "brier", "ece", "hamming", "distance", "dist", "regret",
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------ metrics
@@ -110,10 +123,22 @@ def _per_sample_mse(output: Tensor, target: Tensor) -> Tensor:
 
 
 def higher_is_better(name: str, metric: Any) -> bool:
+    """Which way the metric ``name`` improves: its ``higher_is_better`` flag, else the words
+    of its name; a ValueError where neither says (it was taken as lower-is-better, so a
+    ``balanced_accuracy`` tuned to chance and its verdicts were upside down)."""
     flag = getattr(metric, "higher_is_better", None)
     if isinstance(flag, bool):
         return flag
-    return name.lower() in HIGHER_IS_BETTER
+    words = set(re.split(r"[^a-z0-9]+", str(name).lower())) - {""}
+    up, down = bool(words & HIGHER_IS_BETTER), bool(words & LOWER_IS_BETTER)
+    if up != down:
+        return up
+    raise ValueError(
+        f"Invalid metrics value: cannot tell whether a higher {name!r} is better "
+        f"({'its name says both ways' if up else 'its name does not say'}): give the "
+        f"function an attribute, {getattr(metric, '__name__', 'metric')}.higher_is_better = "
+        "True (or False), or name it after what it is (..._acc, ..._auc, ..._loss, ..._mse)"
+    )
 
 
 # ------------------------------------------------------------------ problem

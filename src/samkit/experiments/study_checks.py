@@ -54,7 +54,10 @@ def check_study(
     if not problem.builtin_data:
         first_sample(data.train)  # labels that are strings fail in torch's batching, mid-run
     seed_everything(seed)
-    model = problem.build_model(data).to(device)
+    model = problem.build_model(data)
+    if not problem.builtin_model:
+        _check_fresh_model(problem, data, seed, model)
+    model = model.to(device)
     try:
         x, y, _ = next(iter(train_batches(data.train, config.train.batch_size, seed, 0)))
     except StopIteration:
@@ -136,6 +139,36 @@ def check_study(
         check_problem(config, problem, Path(out_dir))
         _check_states(config, Path(out_dir))
     return problem
+
+
+def _check_fresh_model(problem: Problem, data: Any, seed: int, first: torch.nn.Module) -> None:
+    """The user's factory, called again after the same seeding, must give a new module with
+    the same architecture and the same weights: every method must start from the same
+    weights for a seed. A factory returning one instance made each run continue from the
+    last run's weights (Adam "+10 points" from a warm start); one returning other widths,
+    or weights from a source samkit does not seed, compared different models."""
+    seed_everything(seed)
+    second = problem.build_model(data)
+    what = f"Invalid model value: {problem.config.model!r}"
+    if second is first:
+        raise ValueError(
+            f"{what} returns the same module object each call, so every run would continue "
+            "from the previous run's weights: build a new module inside the function"
+        )
+    a, b = first.state_dict(), second.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in a.items()}
+    if shapes != {k: tuple(v.shape) for k, v in b.items()}:
+        raise ValueError(
+            f"{what} returns another architecture on another call (parameter names or "
+            "shapes differ): every method must train the same model"
+        )
+    differ = [k for k in a if torch.is_tensor(a[k]) and not torch.equal(a[k], b[k])]
+    if differ:
+        raise ValueError(
+            f"{what} returns other initial weights for the same seed ({differ[0]} differs): "
+            "it draws from a random source samkit does not seed (torch, numpy and random are "
+            "seeded before each call); seed it from torch's generator, or load fixed weights"
+        )
 
 
 def _shape(x: Any) -> str:

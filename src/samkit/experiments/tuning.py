@@ -160,6 +160,15 @@ def open_tune(
         config.user_data is not None and config.user_data.val is not None
     ):
         raise ValueError("Invalid val_fraction value: 0 (tuning needs a validation split)")
+    ud = config.user_data
+    if ud is not None and ud.val is None and ud.kind != "map":
+        # (a split is drawn from map-style data only: every trial trained, then "no trial
+        # completed" blamed the lr and the range)
+        raise ValueError(
+            f"Invalid val value: None (tuning needs a validation split, and streamed training "
+            f"data, {'an IterableDataset' if ud.kind == 'iterable' else 'a batch factory'}, "
+            "gets none drawn from it: give val=)"
+        )
     folder = run_folder(out, lambda: st.default_out_dir(config, prefix=f"tune-{spec.method}"))
     with study_folder(folder) as path:
         refuse_other_kind(path, "tune")
