@@ -537,3 +537,36 @@ def test_a_model_factory_must_give_a_fresh_identical_model_per_call(kind, tmp_pa
         samkit.compare(model=factory, train=(x, y), methods=["sgd", "sam"], seeds=1, epochs=1,
                        out=tmp_path / "o", quiet=True)  # fmt: skip
     assert not (tmp_path / "o" / "runs").exists() or not list((tmp_path / "o" / "runs").iterdir())
+
+
+def test_a_torch_loss_modules_own_reduction_is_kept_and_broadcasting_refused():
+    """reduction="none" then a plain mean lost the module's weighted mean (class weights:
+    5.16 where torch gives 0.94; ignored targets counted in the denominator) and its sum;
+    MSELoss on (B, 1) outputs and (B,) targets trained on a (B, B) broadcast, silently."""
+    from torch import nn
+
+    from samkit.experiments.problem import per_sample_loss
+
+    g = torch.Generator().manual_seed(0)
+    o, t = torch.randn(8, 3, generator=g), torch.tensor([0, 1, 2, 2, 1, 0, 2, 1])
+    ignored = t.clone()
+    ignored[::2] = -100
+    cases = [
+        (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 1.0, 10.0])), t),
+        (nn.CrossEntropyLoss(), ignored),
+        (nn.NLLLoss(weight=torch.tensor([2.0, 1.0, 1.0]), ignore_index=1), t),
+        (nn.CrossEntropyLoss(reduction="sum"), t),
+        (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]), label_smoothing=0.1), t),
+    ]
+    for module, target in cases:
+        inputs = o.log_softmax(1) if isinstance(module, nn.NLLLoss) else o
+        per = per_sample_loss(module)(inputs, target)
+        assert per.shape == (8,)
+        torch.testing.assert_close(per.mean(), module(inputs, target), rtol=1e-6, atol=0)
+    plain = per_sample_loss(nn.CrossEntropyLoss())(o, t)  # unweighted: the per-sample values
+    assert torch.equal(plain, nn.CrossEntropyLoss(reduction="none")(o, t))
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ValueError, match=r"broadcasts the model's output \(8, 1\)"),
+    ):
+        per_sample_loss(nn.MSELoss())(torch.randn(8, 1), torch.randn(8))

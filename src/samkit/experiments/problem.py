@@ -190,8 +190,18 @@ def default_loss(task: str, label_smoothing: float) -> Callable[[Tensor, Tensor]
 
 
 def per_sample_loss(loss: Callable[..., Any]) -> Callable[[Tensor, Tensor], Tensor]:
-    """The user's loss, giving one value per sample where it can (torch loss modules)."""
-    if isinstance(loss, nn.modules.loss._Loss) and getattr(loss, "reduction", None) != "none":
+    """The user's loss, giving one value per sample where it can (torch loss modules).
+
+    A torch loss module is switched to ``reduction="none"``, and its values are scaled so
+    that their plain mean is what the module itself would have returned: its ``"sum"``,
+    and the weighted mean of ``CrossEntropyLoss``/``NLLLoss`` with class weights or
+    ignored targets (divided by the weights of the targets counted, not by the batch).
+    A module whose output and targets broadcast into a matrix is refused.
+    """
+    module = isinstance(loss, nn.modules.loss._Loss)
+    reduction = getattr(loss, "reduction", "mean") if module else "none"
+    weighted = isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss))
+    if module and reduction != "none":
         loss = copy.copy(loss)
         loss.reduction = "none"
 
@@ -201,12 +211,38 @@ def per_sample_loss(loss: Callable[..., Any]) -> Callable[[Tensor, Tensor], Tens
             raise ValueError(
                 f"Invalid loss value: it returned {type(value).__name__}, not a tensor"
             )
+        if module and value.dim() > 1 and value.shape not in (output.shape, target.shape):
+            # MSELoss on (B, 1) outputs and (B,) targets: torch broadcasts to (B, B), every
+            # output against every target (a model that learns the mean), with a warning
+            raise ValueError(
+                f"Invalid loss value: {type(loss).__name__} broadcasts the model's output "
+                f"{tuple(output.shape)} against the targets {tuple(target.shape)} into "
+                f"{tuple(value.shape)}; give them one shape (e.g. output.squeeze(1), or "
+                "targets of shape (N, 1))"
+            )
         if value.dim() > 1:
             value = value.reshape(value.shape[0], -1).mean(1)
+        if reduction == "sum":
+            value = value * value.shape[0]  # (the plain mean of these is the sum)
+        elif reduction == "mean" and weighted and not target.is_floating_point():
+            value = _as_weighted_mean(loss, value, target)
         return value
 
     fn.__name__ = getattr(loss, "__name__", type(loss).__name__)
     return fn
+
+
+def _as_weighted_mean(loss: Any, value: Tensor, target: Tensor) -> Tensor:
+    """Per-sample ``value`` scaled so that its plain mean is the module's weighted mean:
+    torch divides by the summed class weights of the targets not ignored, not by B."""
+    counted = target != loss.ignore_index
+    weight = loss.weight
+    if weight is None and bool(counted.all()):
+        return value  # (the plain mean already)
+    w = counted.to(value.dtype)
+    if weight is not None:
+        w = w * weight.to(value.device, value.dtype)[target.clamp(min=0)]
+    return value * (value.shape[0] / w.sum())
 
 
 class Problem:
