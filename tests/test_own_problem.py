@@ -10,7 +10,9 @@ seed every method sees the same initial weights and the same batches.
 from __future__ import annotations
 
 import json
+import os
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -570,3 +572,71 @@ def test_a_torch_loss_modules_own_reduction_is_kept_and_broadcasting_refused():
         pytest.raises(ValueError, match=r"broadcasts the model's output \(8, 1\)"),
     ):
         per_sample_loss(nn.MSELoss())(torch.randn(8, 1), torch.randn(8))
+
+
+NET = """
+import torch
+from torch import nn
+
+WIDTH = {width}
+SHIFT = {shift}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 2))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def make():
+    return Net()
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(60, 4, generator=g)
+
+    def __len__(self):
+        return 60
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.x[i, 0] > SHIFT)
+
+
+def load():
+    return Data(), Data()
+"""
+
+
+def test_a_changed_model_class_or_dataset_code_is_another_problem(tmp_path, capsys):
+    """The run identity held the factory's own source and a Dataset's length only: a class
+    edited in the same file (width 4, then 256) or labels changed in a Dataset's code kept
+    the old runs beside new ones, compared as one problem (+31 points, -86 points). Now the
+    folder is another problem's, as for an edited factory."""
+
+    from samkit.cli.main import main
+
+    mod = tmp_path / "net.py"
+    argv = ["compare", "--model", f"{mod}:make", "--data", f"{mod}:load", "--optimizers",
+            "sgd", "--seeds", "1", "--epochs", "1", "--batch-size", "20", "--no-sharpness",
+            "-q", "--out", str(tmp_path / "o")]  # fmt: skip
+
+    def run(width, shift):
+        mod.write_text(NET.format(width=width, shift=shift))
+        os.utime(mod, ns=(time.time_ns(), time.time_ns()))
+        rc = main(argv)
+        return rc, capsys.readouterr().err
+
+    assert run(4, 0.0)[0] == 0
+    record = (tmp_path / "o" / "runs" / "sgd-seed0.json").read_text()
+    assert run(4, 0.0)[0] == 0  # unchanged: the same run, kept
+    assert (tmp_path / "o" / "runs" / "sgd-seed0.json").read_text() == record
+    rc, err = run(256, 0.0)
+    assert rc == 2 and "holds a study of another problem (" in err and "model_factory.built:" in err
+    rc, err = run(4, 0.5)
+    assert rc == 2 and "holds a study of another problem (" in err and "data.train.sampled:" in err
+    assert (tmp_path / "o" / "runs" / "sgd-seed0.json").read_text() == record  # untouched

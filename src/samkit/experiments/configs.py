@@ -379,14 +379,52 @@ class StudyConfig:
         if self.user_data is not None:
             d["data"] = self.user_data.fingerprint()
         if self.model_factory is not None:
-            d["model_factory"] = _callable_fingerprint(self.model_factory)
+            d["model_factory"] = {
+                **_callable_fingerprint(self.model_factory),
+                "built": self._built_fingerprint(),
+            }
         return d
+
+    def _built_fingerprint(self) -> str | None:
+        """What the factory builds, once per config: its parameter names and shapes and the
+        source of its own (non-torch) module classes. The factory's own source was all the
+        run identity held, so a class edited in its file (a hidden layer 4 wide, then 256)
+        kept the old runs beside new ones, compared as one model."""
+        cached = self.__dict__.get("_built")
+        if cached is None:
+            cached = self.__dict__["_built"] = [
+                _model_fingerprint(self.model_factory, self.model_kwargs)
+            ]
+        return cached[0]
 
 
 def _callable_name(fn: Any) -> str:
     mod = getattr(fn, "__module__", None) or type(fn).__module__
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{mod}:{name}"
+
+
+def _model_fingerprint(factory: Any, kwargs: dict[str, Any]) -> str | None:
+
+    import torch
+
+    try:
+        model = factory(**kwargs)
+        shapes = [[k, list(v.shape)] for k, v in model.state_dict().items() if torch.is_tensor(v)]
+        classes = {type(m) for m in model.modules()}
+    except Exception:  # noqa: BLE001 - the study's checks name what is wrong with it
+        return None
+    from .userdata import code_source
+
+    sources = sorted(
+        {
+            code_source(cls)
+            for cls in classes
+            if cls.__module__.split(".")[0] not in ("torch", "samkit")
+        }
+    )
+    text = repr([shapes, sources])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def _callable_fingerprint(fn: Any) -> dict[str, Any]:

@@ -197,6 +197,8 @@ class UserData:
                     h.update(str((tuple(t.shape), str(t.dtype))).encode())
                     h.update(t.detach().cpu().contiguous().numpy().tobytes())
                 d["sha1"] = h.hexdigest()[:12]
+            elif d["kind"] == "map":
+                d["sampled"] = _sampled_fingerprint(source)
             return d
 
         return {
@@ -205,6 +207,53 @@ class UserData:
             "val": describe(self.val),
             "test": describe(self.test),
         }
+
+
+def code_source(cls: type) -> str:
+    """The code a class's behaviour depends on, as text: the whole file of the module it
+    is defined in (its constants and helpers too), or the class alone for a script's
+    (``__main__``: its other lines are the study's settings, not the model's or data's)."""
+    import inspect
+
+    module = sys.modules.get(cls.__module__)
+    try:
+        if module is not None and cls.__module__ != "__main__":
+            return inspect.getsource(module)
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _sampled_fingerprint(source: Any) -> str | None:
+    """A map-style Dataset of the user's own class: a hash of its code (:func:`code_source`)
+    and of up to 16 of its samples, evenly spaced. Its length was all a run's identity held,
+    so labels changed in its code kept the runs trained on the old ones."""
+    h = hashlib.sha1()
+    h.update(code_source(type(source)).encode())
+    n = len(source)
+
+    def feed(value: Any) -> None:
+        if torch.is_tensor(value):
+            t = value.detach().cpu().contiguous()
+            h.update(str((tuple(t.shape), str(t.dtype))).encode())
+            h.update(
+                t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes()
+            )
+        elif isinstance(value, np.ndarray):
+            h.update(str((value.shape, str(value.dtype))).encode())
+            h.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                feed(v)
+        else:
+            h.update(repr(value).encode())
+
+    try:
+        for i in sorted({round(k * (n - 1) / 15) for k in range(16)}):
+            feed(source[i])
+    except Exception:  # noqa: BLE001 - the study's checks say what is wrong with a sample
+        return None
+    return h.hexdigest()[:12]
 
 
 #: modules loaded from a file path, by their name: (the file's mtime and size, the module)
