@@ -271,3 +271,30 @@ def test_another_problem_in_the_same_folder_is_refused(tmp_path, capsys, change,
     # more epochs are more of the same problem: retrained, not refused
     rc, _, err = _run(capsys, *argv, "--epochs", "2")
     assert rc == 0, err
+
+
+def test_a_configs_relative_data_and_model_files_are_the_ones_beside_it(
+    tmp_path, monkeypatch, capsys
+):
+    """They were read from the current folder only: run from elsewhere, a config took
+    another folder's file of that name (300 rows where its own has 100), silently."""
+    import numpy as np
+
+    r = np.random.default_rng(0)
+    (tmp_path / "sub").mkdir()
+    for path, n in (("sub/arr.npz", 100), ("arr.npz", 300)):
+        x, y = r.normal(size=(n, 6)).astype("float32"), r.integers(0, 3, n)
+        np.savez(tmp_path / path, x_train=x, y_train=y, x_test=x[:30], y_test=y[:30])
+    (tmp_path / "sub" / "net.py").write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Linear(6, 3)\n"
+    )
+    (tmp_path / "sub" / "c.toml").write_text(
+        'data = "arr.npz"\nmodel = "net.py:make"\nepochs = 1\nseeds = [0]\n'
+        'optimizers = ["sgd"]\nsharpness = false\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--config", "sub/c.toml", "--out", str(tmp_path / "o"), "-q"]) == 0
+    capsys.readouterr()
+    summary = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert summary["settings"]["data"]["train"]["len"] == 100  # (its own, not ./arr.npz)
+    assert summary["settings"]["model_factory"]["name"].endswith(":make")

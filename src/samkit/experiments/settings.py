@@ -194,7 +194,26 @@ def load_toml(path: str | os.PathLike[str], keys: frozenset[str] = KEYS) -> dict
         raise ValueError(
             f"Invalid config value: unknown setting(s) {', '.join(unknown)} in {str(path)!r}"
         )
+    for key in ("model", "data"):
+        if isinstance(data.get(key), str):
+            data[key] = _beside(data[key], p.parent)
     return data
+
+
+def _beside(spec: str, folder: Path) -> str:
+    """A relative file in a config's ``model``/``data`` (``mymod.py:make``, ``arrays.npz``)
+    as the file beside the config when there is one there: it was read from the current
+    folder only, so a config run from elsewhere took another folder's file of that name,
+    silently. One that is only in the current folder is kept (as before)."""
+    module, colon, function = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if colon and not (module.endswith(".py") or "/" in module or os.sep in module):
+        return spec  # an importable module name
+    if not module or Path(module).is_absolute():
+        return spec
+    beside = folder / module
+    if not beside.is_file():
+        return spec
+    return f"{beside}{colon}{function}"
 
 
 def check_one_data_source(*sources: dict[str, Any] | None) -> None:

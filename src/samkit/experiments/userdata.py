@@ -264,7 +264,10 @@ def _import_module(module: str, spec: str, what: str) -> Any:
     if module.endswith(".py") or os.sep in module or "/" in module:
         path = Path(module)
         if not path.is_file():
-            raise ValueError(f"Invalid {what} value: {spec!r} ({module} is not a file)")
+            raise ValueError(
+                f"Invalid {what} value: {spec!r} ({module} is not a file; a relative path is "
+                f"read from the current folder, {os.getcwd()}, or from a config file's folder)"
+            )
         name = f"samkit_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
         stat = path.stat()
         stamp = (stat.st_mtime_ns, stat.st_size)
@@ -524,7 +527,10 @@ def load_user_data(spec: Any) -> UserData:
     if spec.endswith(".npz"):
         path = Path(spec)
         if not path.is_file():
-            raise ValueError(f"Invalid data value: {spec!r} is not a file")
+            raise ValueError(
+                f"Invalid data value: {spec!r} is not a file (a relative path is read from the "
+                f"current folder, {os.getcwd()}, or from a config file's folder)"
+            )
         return _load_npz(path)
     fn = load_callable(spec, "data")
     try:
