@@ -640,3 +640,13 @@ def test_a_changed_model_class_or_dataset_code_is_another_problem(tmp_path, caps
     rc, err = run(4, 0.5)
     assert rc == 2 and "holds a study of another problem (" in err and "data.train.sampled:" in err
     assert (tmp_path / "o" / "runs" / "sgd-seed0.json").read_text() == record  # untouched
+
+
+def test_a_metric_that_is_not_finite_on_a_batch_is_refused_before_training(tmp_path):
+    """It passed the checks; every epoch's value was NaN (an epoch averages its batches), so
+    early stopping stopped at its patience and the verdict blamed a missing test split."""
+    x, y = torch.randn(60, 4), torch.randint(0, 2, (60,))
+    with pytest.raises(ValueError, match=r"^Invalid metrics value: 'acc' returned nan on a batch"):
+        samkit.compare(model=lambda: torch.nn.Linear(4, 2), train=(x, y), methods=["sgd"],
+                       metrics={"acc": lambda o, t: float("nan")}, seeds=1, epochs=1,
+                       out=tmp_path / "o", quiet=True)  # fmt: skip

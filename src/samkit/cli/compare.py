@@ -127,8 +127,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         "--early-stopping",
         type=int,
         metavar="PATIENCE",
-        help="stop after PATIENCE epochs without "
-        "a better validation accuracy (keeps the best weights; 0: no early stopping)",
+        help="stop after PATIENCE epochs without a better validation value of the primary "
+        "metric (accuracy by default; keeps the best weights; 0: no early stopping)",
     )
     p.add_argument(
         "--baseline",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -289,9 +290,12 @@ def _check_loss_and_metrics(problem: Problem, output: torch.Tensor, y: torch.Ten
     try:
         losses = problem.loss_fn(output, y)
     except Exception as exc:  # noqa: BLE001 - the loss does not fit the outputs
+        hint = ""
+        if problem.task == "classification" and y.dim() == 2 and y.shape[1] == 1:
+            hint = "; class labels are one per sample: flatten them (y.reshape(-1))"
         raise ValueError(
             f"Invalid loss value: it fails on the model's output {_shape(output)} and targets "
-            f"{_shape(y)}: {first_line(exc)}"
+            f"{_shape(y)}: {first_line(exc)}{hint}"
         ) from exc
     if (
         not torch.is_tensor(losses)
@@ -310,6 +314,14 @@ def _check_loss_and_metrics(problem: Problem, output: torch.Tensor, y: torch.Ten
             raise ValueError(
                 f"Invalid metrics value: {name!r} fails on the model's output: {first_line(exc)}"
             ) from exc
+        if not math.isfinite(v):
+            # an epoch's value is the mean over its batches: one NaN made every epoch NaN
+            # (early stopping then stopped at its patience; the verdict blamed the test split)
+            raise ValueError(
+                f"Invalid metrics value: {name!r} returned {v} on a batch of the data (a "
+                "metric is averaged over batches, so every epoch's value would be "
+                f"{v}); it must return a finite number on any batch"
+            )
     return losses.dim() == 1
 
 
