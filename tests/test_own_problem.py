@@ -650,3 +650,35 @@ def test_a_metric_that_is_not_finite_on_a_batch_is_refused_before_training(tmp_p
         samkit.compare(model=lambda: torch.nn.Linear(4, 2), train=(x, y), methods=["sgd"],
                        metrics={"acc": lambda o, t: float("nan")}, seeds=1, epochs=1,
                        out=tmp_path / "o", quiet=True)  # fmt: skip
+
+
+def test_a_dataset_with_random_augmentation_keeps_its_fingerprint_between_runs():
+    """The samples a Dataset is fingerprinted by are read under fixed seeds (the caller's
+    random state restored), and twice: one augmenting from a generator of its own is
+    fingerprinted by its code alone, so a rerun is never taken for another problem."""
+    from samkit.experiments.userdata import _sampled_fingerprint
+
+    class GlobalNoise(torch.utils.data.Dataset):
+        def __init__(self):
+            self.x = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
+
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return self.x[i] + 0.1 * torch.randn(3), 0
+
+    class OwnNoise(GlobalNoise):
+        def __init__(self):
+            super().__init__()
+            self.g = np.random.default_rng()
+
+        def __getitem__(self, i):
+            return self.x[i] + float(self.g.normal()), 0
+
+    state = torch.get_rng_state()
+    a, b = _sampled_fingerprint(GlobalNoise()), _sampled_fingerprint(GlobalNoise())
+    assert a == b and "-" in a  # code and samples
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state untouched
+    own = _sampled_fingerprint(OwnNoise())
+    assert own == _sampled_fingerprint(OwnNoise()) and "-" not in own  # code alone

@@ -227,10 +227,24 @@ def code_source(cls: type) -> str:
 def _sampled_fingerprint(source: Any) -> str | None:
     """A map-style Dataset of the user's own class: a hash of its code (:func:`code_source`)
     and of up to 16 of its samples, evenly spaced. Its length was all a run's identity held,
-    so labels changed in its code kept the runs trained on the old ones."""
-    h = hashlib.sha1()
-    h.update(code_source(type(source)).encode())
+    so labels changed in its code kept the runs trained on the old ones. The samples are
+    read twice under the same seeds (torch, numpy, random): a Dataset whose samples still
+    differ (augmentation from a generator of its own) is fingerprinted by its code alone,
+    so a rerun of the same command is never taken for another problem."""
+    code = hashlib.sha1(code_source(type(source)).encode()).hexdigest()[:12]
     n = len(source)
+    picks = sorted({round(k * (n - 1) / 15) for k in range(16)})
+    try:
+        first, second = _hash_samples(source, picks), _hash_samples(source, picks)
+    except Exception:  # noqa: BLE001 - the study's checks say what is wrong with a sample
+        return code
+    return f"{code}-{first}" if first == second else code
+
+
+def _hash_samples(source: Any, picks: list[int]) -> str:
+    import random
+
+    h = hashlib.sha1()
 
     def feed(value: Any) -> None:
         if torch.is_tensor(value):
@@ -248,11 +262,17 @@ def _sampled_fingerprint(source: Any) -> str | None:
         else:
             h.update(repr(value).encode())
 
-    try:
-        for i in sorted({round(k * (n - 1) / 15) for k in range(16)}):
-            feed(source[i])
-    except Exception:  # noqa: BLE001 - the study's checks say what is wrong with a sample
-        return None
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            torch.manual_seed(0)
+            np.random.seed(0)
+            random.seed(0)
+            for i in picks:
+                feed(source[i])
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
     return h.hexdigest()[:12]
 
 
