@@ -328,9 +328,25 @@ def _agreement(rank: int) -> dict:
     return {"rhos": rhos, "previous": ctrl.state_dict()["previous"]}
 
 
+def _zeros_kept(rank: int) -> dict:
+    """zero_grad(set_to_none=False) between steps: FSDP2 adds into the kept gradients'
+    local tensors, whose version moves while the DTensor's does not (a closure was then
+    refused as one without backward)."""
+    model = fsdp_model()
+    opt = samkit.SAM(make_base(model.parameters()), rho=RHO)
+    try:
+        for step in range(3):
+            opt.step(closure_for(model, *shard(step, rank)))
+            opt.zero_grad(set_to_none=False)
+    except ValueError as exc:
+        return {"error": str(exc), "steps": opt.steps}
+    return {"error": None, "steps": opt.steps}
+
+
 SCENARIOS = {
     **{name: (lambda rank, name=name: _train(rank, name)) for name in SETTINGS},
     "agreement": _agreement,
+    "zeros_kept": _zeros_kept,
     "hsdp_2x1": lambda rank: _train(rank, "sam", (2, 1)),
     "hsdp_1x2": lambda rank: _train(rank, "sam", (1, 2)),
     "restore": _restore,
@@ -365,6 +381,10 @@ def test_fsdp_equals_single_process(results, setting):
         torch.testing.assert_close(got["norms"], want["norms"], rtol=1e-12, atol=0)
     moved = max((a - b).abs().max() for a, b in zip(want["weights"], make_model().parameters()))
     assert moved > 1e-3  # the comparison is not vacuous
+
+
+def test_gradients_kept_as_zeros_between_steps_are_not_taken_for_no_backward(results):
+    assert load(results, "zeros_kept") == [{"error": None, "steps": 3}] * 2
 
 
 def test_the_gradient_agreement_radius_is_the_same_on_every_rank(results):

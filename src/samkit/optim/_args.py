@@ -328,7 +328,16 @@ def existing_grads(params: list[Tensor], mode: str) -> dict[Tensor, Tensor]:
 def grad_marks(params: list[Tensor]) -> list[tuple[Tensor | None, int]]:
     """Each parameter's gradient and its version now, to tell afterwards whether a
     backward reached it (see :func:`check_closure_backward`)."""
-    return [(p.grad, -1 if p.grad is None else p.grad._version) for p in params]
+    return [(p.grad, _version(p.grad)) for p in params]
+
+
+def _version(grad: Tensor | None) -> int:
+    # a DTensor's (FSDP2's) gradient is added to in its local tensor, whose version moves
+    # while the wrapper's does not
+    if grad is None:
+        return -1
+    local = getattr(grad, "_local_tensor", None)
+    return int(local._version if isinstance(local, Tensor) else grad._version)
 
 
 def same_marks(a: list[tuple[Tensor | None, int]], b: list[tuple[Tensor | None, int]]) -> bool:
@@ -348,7 +357,7 @@ def check_closure_backward(
         reached = any(p.grad is not None for p in params)
     else:
         reached = any(
-            p.grad is not None and (p.grad is not grad or p.grad._version != version)
+            p.grad is not None and (p.grad is not grad or _version(p.grad) != version)
             for p, (grad, version) in zip(params, before)
         )
     if not reached:

@@ -170,9 +170,16 @@ def check_replicas_agree(opt: Any, view: StepView) -> None:
     )  # fmt: skip
     mine = re.sub(r" at 0x[0-9a-fA-F]+", "", mine)  # (a user's class without a repr of its own)
     digest = int.from_bytes(hashlib.sha1(mine.encode()).digest()[:7], "big")  # < 2**56
-    device = next((g.device for _, _, grads in view.gradients for g in grads), None)
+    # on a parameter's device (Momentum-SAM's view holds no gradient; NCCL wants CUDA)
+    device = next(p.device for g in opt.param_groups for p in g["params"])
     flags = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=view.process_group)
+    # over the groups SAM itself reduces over: DDP's, or FSDP2's shard groups (not the
+    # whole world: pipeline stages hold other models)
+    reduce_over: Sequence[ProcessGroup | None] = (
+        view.sharding.groups if view.sharding is not None else (view.process_group,)
+    )
+    for group in reduce_over:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
     if int(flags[0]) != -int(flags[1]):
         raise ValueError(
             f"Invalid settings: the replicas' {type(opt).__name__} settings differ (this rank: "
