@@ -488,11 +488,13 @@ def test_a_metrics_direction_is_read_from_the_words_of_its_name_or_asked_for():
     def f(o, t):
         return 0.0
 
-    for name in ("balanced_accuracy", "top1_acc", "roc_auc", "f1_macro", "mean_iou", "val-acc"):
+    higher = ("balanced_accuracy", "top1_acc", "roc_auc", "f1_macro", "mean_iou", "val-acc",
+              "top-1", "neg_mse")  # fmt: skip
+    for name in higher:
         assert higher_is_better(name, f) is True, name
     for name in ("val_loss", "rmse", "test_error", "nll"):
         assert higher_is_better(name, f) is False, name
-    for name in ("custom", "acc_loss"):
+    for name in ("custom", "acc_loss", "acc_drop"):
         with pytest.raises(ValueError, match=rf"cannot tell whether a higher '{name}' is better"):
             higher_is_better(name, f)
     f.higher_is_better = False  # a declared direction wins over the name
@@ -506,6 +508,25 @@ def test_an_undecidable_primary_metric_is_refused_before_training(tmp_path):
                        metrics={"quality": lambda o, t: 0.5}, seeds=1, epochs=1,
                        out=tmp_path / "o", quiet=True)  # fmt: skip
     assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_a_factory_with_buffers_left_uninitialised_is_not_taken_for_an_unseeded_one(tmp_path):
+    """The check compares parameters: a buffer of torch.empty (or NaN) differs between two
+    calls without making the models differ."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+            self.register_buffer("scratch", torch.full((3,), float("nan")))
+
+        def forward(self, x):
+            return self.lin(x)
+
+    x, y = torch.randn(60, 4), torch.randint(0, 2, (60,))
+    result = samkit.compare(model=Net, train=(x, y), methods=["sgd"], seeds=1, epochs=1,
+                            sharpness=False, out=tmp_path / "o", quiet=True)  # fmt: skip
+    assert result.rows[0]["n"] == 1
 
 
 @pytest.mark.parametrize("kind", ["same", "wider", "unseeded"])
@@ -560,10 +581,34 @@ def test_a_torch_loss_modules_own_reduction_is_kept_and_broadcasting_refused():
         (nn.CrossEntropyLoss(reduction="sum"), t),
         (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]), label_smoothing=0.1), t),
     ]
+    t255 = t.clone()
+    t255[::3] = 255  # an ignore index above the classes (segmentation's "void")
+    cases.append(
+        (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 1.0, 10.0]), ignore_index=255), t255)
+    )
     for module, target in cases:
         inputs = o.log_softmax(1) if isinstance(module, nn.NLLLoss) else o
         per = per_sample_loss(module)(inputs, target)
         assert per.shape == (8,)
+        torch.testing.assert_close(per.mean(), module(inputs, target), rtol=1e-6, atol=0)
+    # several elements per sample (segmentation maps, soft targets, multi-output sums)
+    maps = torch.randn(4, 3, 5, 6, generator=g)
+    labels = torch.randint(0, 3, (4, 5, 6), generator=g)
+    void = labels.clone()
+    void[:, :2] = -100
+    for module, inputs, target in [
+        (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0])), maps, labels),
+        (nn.CrossEntropyLoss(), maps, void),
+        (nn.CrossEntropyLoss(reduction="sum"), maps, labels),
+        (nn.CrossEntropyLoss(), maps, torch.softmax(torch.randn(4, 3, 5, 6, generator=g), 1)),
+        (
+            nn.MSELoss(reduction="sum"),
+            torch.randn(8, 4, generator=g),
+            torch.randn(8, 4, generator=g),
+        ),
+    ]:
+        per = per_sample_loss(module)(inputs, target)
+        assert per.shape == inputs.shape[:1]
         torch.testing.assert_close(per.mean(), module(inputs, target), rtol=1e-6, atol=0)
     plain = per_sample_loss(nn.CrossEntropyLoss())(o, t)  # unweighted: the per-sample values
     assert torch.equal(plain, nn.CrossEntropyLoss(reduction="none")(o, t))
@@ -642,11 +687,12 @@ def test_a_changed_model_class_or_dataset_code_is_another_problem(tmp_path, caps
     assert (tmp_path / "o" / "runs" / "sgd-seed0.json").read_text() == record  # untouched
 
 
-def test_a_metric_that_is_not_finite_on_a_batch_is_refused_before_training(tmp_path):
-    """It passed the checks; every epoch's value was NaN (an epoch averages its batches), so
-    early stopping stopped at its patience and the verdict blamed a missing test split."""
+def test_a_metric_that_is_not_finite_on_a_batch_is_warned_before_training(tmp_path):
+    """It passed the checks silently; every epoch's value was NaN (an epoch averages its
+    batches), so early stopping stopped at its patience and the verdict blamed a missing
+    test split. (Warned, not refused: an untrained model may make a metric undefined.)"""
     x, y = torch.randn(60, 4), torch.randint(0, 2, (60,))
-    with pytest.raises(ValueError, match=r"^Invalid metrics value: 'acc' returned nan on a batch"):
+    with pytest.warns(UserWarning, match=r"metric 'acc' returned nan on a batch of the untrained"):
         samkit.compare(model=lambda: torch.nn.Linear(4, 2), train=(x, y), methods=["sgd"],
                        metrics={"acc": lambda o, t: float("nan")}, seeds=1, epochs=1,
                        out=tmp_path / "o", quiet=True)  # fmt: skip

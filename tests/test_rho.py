@@ -339,3 +339,16 @@ def test_a_learning_rate_above_the_peak_warns_once_and_lr_max_mends_it():
         samkit.GSAM(torch.optim.SGD([w], lr=0.1), rho="auto", lr_max=0.1)
     with pytest.raises(ValueError, match="lr_max"):
         samkit.GSAM(torch.optim.SGD([w], lr=0.1), rho=0.05, lr_max=-1.0)
+
+
+def test_a_tensor_learning_rates_peak_is_read_too():
+    """A tensor lr's initial_lr was skipped as no number: the warmed-down lr was taken for
+    the peak, rho sat at its largest through the warm-up, and a warning fired."""
+    w = nn.Parameter(torch.zeros(2))
+    opt = samkit.SAM(torch.optim.SGD([w], lr=torch.tensor(0.1)), rho=0.05)
+    torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        schedule = samkit.ProportionalRho(opt)
+        assert schedule.lr_max == [pytest.approx(0.1)]
+        assert opt.param_groups[0]["rho"] == pytest.approx(0.005)

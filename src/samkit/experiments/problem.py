@@ -76,11 +76,12 @@ HIGHER_IS_BETTER = {
     "acc", "accuracy", "f1", "auc", "auroc", "roc", "aupr", "ap", "map", "r2", "precision",
     "recall", "top1", "top5", "iou", "miou", "dice", "jaccard", "bleu", "rouge", "kappa",
     "mcc", "sensitivity", "specificity", "corr", "correlation", "pearson", "spearman",
-    "score",
+    "score", "top",
 }  # fmt: skip
 LOWER_IS_BETTER = {
     "loss", "error", "err", "mse", "mae", "rmse", "msle", "mape", "nll", "ce", "xent",
-    "perplexity", "ppl", "brier", "ece", "hamming", "distance", "dist", "regret",
+    "perplexity", "ppl", "brier", "ece", "hamming", "distance", "dist", "regret", "drop",
+    "gap", "decrease",
 }  # fmt: skip
 
 
@@ -132,7 +133,7 @@ def higher_is_better(name: str, metric: Any) -> bool:
     words = set(re.split(r"[^a-z0-9]+", str(name).lower())) - {""}
     up, down = bool(words & HIGHER_IS_BETTER), bool(words & LOWER_IS_BETTER)
     if up != down:
-        return up
+        return up != bool(words & {"neg", "negative", "minus"})  # (neg_mse: higher is better)
     raise ValueError(
         f"Invalid metrics value: cannot tell whether a higher {name!r} is better "
         f"({'its name says both ways' if up else 'its name does not say'}): give the "
@@ -211,7 +212,9 @@ def per_sample_loss(loss: Callable[..., Any]) -> Callable[[Tensor, Tensor], Tens
             raise ValueError(
                 f"Invalid loss value: it returned {type(value).__name__}, not a tensor"
             )
-        if module and value.dim() > 1 and value.shape not in (output.shape, target.shape):
+        # (a class dimension reduced away: CrossEntropyLoss on (N, C, H, W) gives (N, H, W))
+        shapes = (output.shape, target.shape, output.shape[:1] + output.shape[2:])
+        if module and value.dim() > 1 and value.shape not in shapes:
             # MSELoss on (B, 1) outputs and (B,) targets: torch broadcasts to (B, B), every
             # output against every target (a model that learns the mean), with a warning
             raise ValueError(
@@ -220,12 +223,14 @@ def per_sample_loss(loss: Callable[..., Any]) -> Callable[[Tensor, Tensor], Tens
                 f"{tuple(value.shape)}; give them one shape (e.g. output.squeeze(1), or "
                 "targets of shape (N, 1))"
             )
-        if value.dim() > 1:
-            value = value.reshape(value.shape[0], -1).mean(1)
+        # scaled element by element, before each sample's elements are averaged: the plain
+        # mean over samples of the result is the module's own reduction
         if reduction == "sum":
-            value = value * value.shape[0]  # (the plain mean of these is the sum)
+            value = value * value.numel()
         elif reduction == "mean" and weighted and not target.is_floating_point():
             value = _as_weighted_mean(loss, value, target)
+        if value.dim() > 1:
+            value = value.reshape(value.shape[0], -1).mean(1)
         return value
 
     fn.__name__ = getattr(loss, "__name__", type(loss).__name__)
@@ -233,16 +238,17 @@ def per_sample_loss(loss: Callable[..., Any]) -> Callable[[Tensor, Tensor], Tens
 
 
 def _as_weighted_mean(loss: Any, value: Tensor, target: Tensor) -> Tensor:
-    """Per-sample ``value`` scaled so that its plain mean is the module's weighted mean:
-    torch divides by the summed class weights of the targets not ignored, not by B."""
+    """Element-wise ``value`` (one per target) scaled so that its plain mean is the
+    module's weighted mean: torch divides by the summed class weights of the targets not
+    ignored, not by their count."""
     counted = target != loss.ignore_index
     weight = loss.weight
     if weight is None and bool(counted.all()):
         return value  # (the plain mean already)
     w = counted.to(value.dtype)
-    if weight is not None:
-        w = w * weight.to(value.device, value.dtype)[target.clamp(min=0)]
-    return value * (value.shape[0] / w.sum())
+    if weight is not None:  # (an ignored target may be any index, 255 too: not looked up)
+        w = w * weight.to(value.device, value.dtype)[torch.where(counted, target, 0)]
+    return value * (value.numel() / w.sum())
 
 
 class Problem:

@@ -138,7 +138,7 @@ def paired_verdicts(
             head = f"{label}: {mean:+{fmt}} ± {se:{fmt}} {unit} against {baseline}, paired over {n} seeds"
             # the same difference on every seed up to float rounding (accuracies differing
             # by one sample each: 1e-16 of spread read as 1e15 standard errors) is no spread
-            if se <= 1e-9 * max(1.0, abs(mean)):
+            if se <= 1e-9 * max(abs(d) for d in diffs):
                 se = 0.0
                 head = f"{label}: {mean:+{fmt}} ± {se:{fmt}} {unit} against {baseline}, paired over {n} seeds"
                 v.update(mean=mean, se=se, z=None, exceeds=False, better=better)

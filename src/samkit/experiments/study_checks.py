@@ -163,7 +163,9 @@ def _check_fresh_model(problem: Problem, data: Any, seed: int, first: torch.nn.M
             f"{what} returns another architecture on another call (parameter names or "
             "shapes differ): every method must train the same model"
         )
-    differ = [k for k in a if torch.is_tensor(a[k]) and not torch.equal(a[k], b[k])]
+    # (the parameters only: a buffer may be left uninitialised, torch.empty, until used)
+    pa, pb = dict(first.named_parameters()), dict(second.named_parameters())
+    differ = [k for k in pa if not torch.equal(pa[k].detach(), pb[k].detach())]
     if differ:
         raise ValueError(
             f"{what} returns other initial weights for the same seed ({differ[0]} differs): "
@@ -316,11 +318,16 @@ def _check_loss_and_metrics(problem: Problem, output: torch.Tensor, y: torch.Ten
             ) from exc
         if not math.isfinite(v):
             # an epoch's value is the mean over its batches: one NaN made every epoch NaN
-            # (early stopping then stopped at its patience; the verdict blamed the test split)
-            raise ValueError(
-                f"Invalid metrics value: {name!r} returned {v} on a batch of the data (a "
-                "metric is averaged over batches, so every epoch's value would be "
-                f"{v}); it must return a finite number on any batch"
+            # (early stopping then stopped at its patience; the verdict blamed the test
+            # split). Warned, not refused: an untrained model's constant output can make a
+            # correlation or an F1 undefined on a batch that training later makes finite.
+            warnings.warn(
+                f"metric {name!r} returned {v} on a batch of the untrained model's output; "
+                "an epoch's value is the mean over its batches, so if it stays so, every "
+                f"epoch's {name} is {v} (early stopping and the verdicts then have nothing to "
+                "compare): make it return a finite number on any batch",
+                UserWarning,
+                stacklevel=2,
             )
     return losses.dim() == 1
 

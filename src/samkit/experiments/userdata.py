@@ -14,6 +14,7 @@ is built from when it is not a built-in data set or model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -183,7 +184,14 @@ class UserData:
         return source_kind(self.train)
 
     def fingerprint(self) -> dict[str, Any]:
-        """Name, kinds and sizes (and a content hash of array data): changes retrain."""
+        """Name, kinds and sizes (and a content hash of array data): changes retrain.
+        Computed once (it reads samples of a Dataset of the user's own)."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None:
+            cached = self.__dict__["_fingerprint"] = self._fingerprint()
+        return copy.deepcopy(cached)
+
+    def _fingerprint(self) -> dict[str, Any]:
 
         def describe(source: Any) -> Any:
             if source is None:
@@ -231,7 +239,11 @@ def _sampled_fingerprint(source: Any) -> str | None:
     read twice under the same seeds (torch, numpy, random): a Dataset whose samples still
     differ (augmentation from a generator of its own) is fingerprinted by its code alone,
     so a rerun of the same command is never taken for another problem."""
-    code = hashlib.sha1(code_source(type(source)).encode()).hexdigest()[:12]
+    cls = type(source)
+    # torch's and torchvision's own classes (Subset, ConcatDataset, ...): their samples
+    # only (their code is the installed version's: an upgrade is no other problem)
+    own = cls.__module__.split(".")[0] not in ("torch", "torchvision", "samkit")
+    code = hashlib.sha1(code_source(cls).encode()).hexdigest()[:12] if own else "lib"
     n = len(source)
     picks = sorted({round(k * (n - 1) / 15) for k in range(16)})
     try:
@@ -263,9 +275,9 @@ def _hash_samples(source: Any, picks: list[int]) -> str:
             h.update(repr(value).encode())
 
     np_state, py_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # (the CPU generator only, restored after)
         try:
-            torch.manual_seed(0)
+            torch.default_generator.manual_seed(0)
             np.random.seed(0)
             random.seed(0)
             for i in picks:

@@ -57,6 +57,8 @@ def _peak_lr(group: dict[str, Any], default: float) -> float:
     else ``initial_lr`` (the lr a scheduler started from), else ``default``."""
     for key in ("max_lr", "initial_lr"):
         value: Any = group.get(key)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:  # (a tensor lr)
+            value = float(value)
         if is_number(value) and math.isfinite(float(value)):
             return float(value)
     return default

@@ -102,6 +102,18 @@ def _ray_run(mods: list[tuple[str, str]], payload: bytes, files: dict[str, bytes
             core.listen_for_states(None)
 
 
+def _resolved(address: str) -> str:
+    """``host:port`` with the host as an IP address where it resolves (a cluster named by
+    its host name and by its IP is one cluster)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    try:
+        return f"{socket.gethostbyname(host.strip('[]'))}{sep}{port}" if sep else address
+    except OSError:
+        return address
+
+
 def _reachable(address: str, timeout: float = 10.0) -> None:
     """Refuse a ``host:port`` where nothing answers (``ray.init`` would retry for minutes,
     printing Ray's own warnings); ``auto`` and ``ray://`` addresses are Ray's to resolve."""
@@ -168,7 +180,7 @@ class RayExecutor(Executor):
             # the caller's own Ray session: used as it is (never shut down here), and only
             # if it is the cluster asked for
             here = ray.get_runtime_context().gcs_address
-            if self.address not in ("auto", here):
+            if self.address != "auto" and _resolved(self.address) != _resolved(here):
                 raise ValueError(
                     f"Invalid ray value: {self.address!r} (this process is connected to the "
                     f"Ray cluster at {here} already: give that address, or ray.shutdown() first)"
@@ -194,7 +206,7 @@ class RayExecutor(Executor):
             (n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")),
             default=0,
         )
-        if widest < self.threads:
+        if 0 < widest < self.threads:  # (no CPU yet: an autoscaler may add nodes; it waits)
             self.close()
             raise ValueError(
                 f"Invalid threads value: {self.threads} CPUs per run, and the Ray cluster's "
