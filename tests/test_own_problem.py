@@ -728,3 +728,28 @@ def test_a_dataset_with_random_augmentation_keeps_its_fingerprint_between_runs()
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random state untouched
     own = _sampled_fingerprint(OwnNoise())
     assert own == _sampled_fingerprint(OwnNoise()) and "-" not in own  # code alone
+
+
+def test_a_model_that_cannot_take_the_evaluation_batch_is_refused_before_training(tmp_path):
+    """The checks ran the val/test splits in training-sized batches, the evaluation in
+    batches of eval_batch_size (2000): a model that only takes the training batch failed
+    after its first epoch had trained."""
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.shape[0] > 20:
+                raise RuntimeError("batch too large")
+            return self.lin(x)
+
+    x, y = torch.randn(100, 4), torch.randint(0, 2, (100,))
+    with pytest.raises(ValueError, match=r"fails on a batch of the (val|test) split"):
+        samkit.compare(model=Fixed, train=(x, y), test=(x[:60], y[:60]), methods=["sgd"],
+                       seeds=1, epochs=1, batch_size=20, sharpness=False,
+                       out=tmp_path / "o", quiet=True)  # fmt: skip
+    assert not (tmp_path / "o" / "runs").exists() or not list(
+        (tmp_path / "o" / "runs").glob("*.json")
+    )

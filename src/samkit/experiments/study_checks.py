@@ -78,7 +78,9 @@ def check_study(
         if split is None:
             continue
         try:
-            xs, ys = to_device(next(iter(eval_batches(split, config.train.batch_size))), device)
+            xs, ys = to_device(
+                next(iter(eval_batches(split, config.train.eval_batch_size))), device
+            )
         except StopIteration:
             raise ValueError(f"Invalid data value: the {name} split yields no batch") from None
         except Exception as exc:  # noqa: BLE001 - a user split that cannot be read
