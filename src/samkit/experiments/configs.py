@@ -15,6 +15,7 @@ checks live in the leaf module :mod:`~samkit.experiments.types`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable
@@ -381,21 +382,17 @@ class StudyConfig:
         if self.model_factory is not None:
             d["model_factory"] = {
                 **_callable_fingerprint(self.model_factory),
-                "built": self._built_fingerprint(),
+                "built": self._built_fingerprint,
             }
         return d
 
+    @functools.cached_property
     def _built_fingerprint(self) -> str | None:
         """What the factory builds, once per config: its parameter names and shapes and the
         source of its own (non-torch) module classes. The factory's own source was all the
         run identity held, so a class edited in its file (a hidden layer 4 wide, then 256)
         kept the old runs beside new ones, compared as one model."""
-        cached = self.__dict__.get("_built")
-        if cached is None:
-            cached = self.__dict__["_built"] = [
-                _model_fingerprint(self.model_factory, self.model_kwargs)
-            ]
-        return cached[0]
+        return _model_fingerprint(self.model_factory, self.model_kwargs)
 
 
 def _callable_name(fn: Any) -> str:
@@ -405,7 +402,6 @@ def _callable_name(fn: Any) -> str:
 
 
 def _model_fingerprint(factory: Any, kwargs: dict[str, Any]) -> str | None:
-
     import torch
 
     try:

@@ -45,9 +45,9 @@ class FolderBusy(ValueError):
     """Another process holds the folder's lock."""
 
 
-#: a file only each kind of study writes: a folder holds one kind (their report.html and
-#: results collide)
-KIND_MARKERS = {"tune": "tune-settings.json", "study": "config.json"}
+#: the file only a ``samkit tune`` folder holds (the studies are told apart by their
+#: summaries and settings: :func:`folder_kind`)
+TUNE_SETTINGS = "tune-settings.json"
 
 
 def folder_kind(path: Path) -> str | None:
@@ -55,7 +55,7 @@ def folder_kind(path: Path) -> str | None:
     (nothing of samkit's, or unreadable): from its summary's format, else its settings."""
     import json
 
-    if (path / KIND_MARKERS["tune"]).exists():
+    if (path / TUNE_SETTINGS).exists():
         return "tune"
     for name in ("results.json", "config.json"):
         try:

@@ -32,6 +32,7 @@ from typing import Any
 
 from . import settings as st
 from .folder import (
+    TUNE_SETTINGS,
     describe_differences,
     differences,
     refuse_other_kind,
@@ -205,7 +206,7 @@ def _claim_folder(path: Path, config: StudyConfig, spec: TuneSpec, base: MethodS
             },
         }
     )
-    record = path / "tune-settings.json"
+    record = path / TUNE_SETTINGS
     if record.exists():
         try:
             saved = json.loads(record.read_text())
@@ -215,7 +216,7 @@ def _claim_folder(path: Path, config: StudyConfig, spec: TuneSpec, base: MethodS
             what = (
                 describe_differences(differences(_readable(saved), _readable(identity)))
                 if isinstance(saved, dict)
-                else "its tune-settings.json cannot be read"
+                else f"its {TUNE_SETTINGS} cannot be read"
             )
             raise ValueError(
                 f"Invalid out value: {str(path)!r} holds a search with other settings "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -185,12 +186,10 @@ class UserData:
 
     def fingerprint(self) -> dict[str, Any]:
         """Name, kinds and sizes (and a content hash of array data): changes retrain.
-        Computed once (it reads samples of a Dataset of the user's own)."""
-        cached = self.__dict__.get("_fingerprint")
-        if cached is None:
-            cached = self.__dict__["_fingerprint"] = self._fingerprint()
-        return copy.deepcopy(cached)
+        Computed once (it reads samples of a Dataset of the user's own); a copy each call."""
+        return copy.deepcopy(self._fingerprint)
 
+    @functools.cached_property
     def _fingerprint(self) -> dict[str, Any]:
 
         def describe(source: Any) -> Any:

@@ -52,13 +52,18 @@ def _groups(optimizer: torch.optim.Optimizer | RhoGroups) -> tuple[list[dict[str
     return optimizer.param_groups, key
 
 
+def _one_number(value: Any) -> Any:
+    """A one-element (non-bool) tensor as its number; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        return value.item()
+    return value
+
+
 def _peak_lr(group: dict[str, Any], default: float) -> float:
     """A group's peak learning rate as an LR scheduler left it: ``OneCycleLR``'s ``max_lr``,
     else ``initial_lr`` (the lr a scheduler started from), else ``default``."""
     for key in ("max_lr", "initial_lr"):
-        value: Any = group.get(key)
-        if isinstance(value, torch.Tensor) and value.numel() == 1:  # (a tensor lr)
-            value = float(value)
+        value = _one_number(group.get(key))  # (a tensor lr too)
         if is_number(value) and math.isfinite(float(value)):
             return float(value)
     return default
@@ -219,9 +224,7 @@ class LambdaRho:
         self._apply()
 
     def _apply(self) -> None:
-        f = self.fn(self.last_step)
-        if isinstance(f, torch.Tensor) and f.numel() == 1 and not f.dtype == torch.bool:
-            f = f.item()  # a one-element tensor is a number too
+        f = _one_number(self.fn(self.last_step))  # a one-element tensor is a number too
         if not is_number(f) or not 0 <= f < math.inf:
             raise ValueError(
                 f"Invalid fn value: fn({self.last_step}) = {f!r} (must be a finite number >= 0)"

@@ -185,7 +185,6 @@ class RayExecutor(Executor):
                     f"Invalid ray value: {self.address!r} (this process is connected to the "
                     f"Ray cluster at {here} already: give that address, or ray.shutdown() first)"
                 )
-            self._own = False
         else:
             _reachable(self.address)
             try:
