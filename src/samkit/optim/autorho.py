@@ -594,13 +594,13 @@ class GradientAgreement(AutoRho):
         self._flat: Tensor | None = None  # the sketch's coordinates in the gradient end to end
         self._buffers: list[Tensor] = []  # two sketches, used in turn (see _buffer)
         # the tensors with gradients and their shapes, for which _index was computed
-        self._shapes: tuple[tuple[int, tuple[int, ...]], ...] = ()
+        self._shapes: tuple[list[int], list[torch.Size]] = ([], [])
 
     # ---- the sketch
     def _indices(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        shapes = tuple((id(p), tuple(g.shape)) for p, g in zip(params, grads))
+        shapes = (list(map(id, params)), [g.shape for g in grads])
         if shapes != self._shapes:
-            if self._shapes:
+            if self._shapes[0]:
                 # other tensors have gradients this step (a branch not taken, a frozen layer):
                 # the sketch's coordinates change, and a cosine with the last sketch, over
                 # other coordinates, would be noise: compare from the next step on
@@ -632,7 +632,9 @@ class GradientAgreement(AutoRho):
         device = grads[0].device if grads else torch.device("cpu")
         index = self._indices(view.params(), grads)
         if self._flat is not None:
-            whole = torch.cat([g.reshape(-1) for g in grads])
+            # (torch's own flatten: the cat of the flattened gradients in one call, the same
+            # numbers as torch.cat([g.reshape(-1) ...]) for less of a small model's step)
+            whole = torch._C._nn.flatten_dense_tensors(grads)
             vec = self._buffer(device)
             torch.index_select(whole, 0, self._flat, out=vec[: self._flat.numel()])
         else:
@@ -647,7 +649,7 @@ class GradientAgreement(AutoRho):
             else:
                 vec = self._buffer(device)
                 vec[: flat.numel()] = flat
-        if view.distributed and view.local and view.sharding is None:
+        if view.local and view.sharding is None and view.distributed:
             # DDP, local first pass: the same coordinates on every replica, averaged (under
             # FSDP2 each rank's are of its own shards: their dot products are summed instead)
             _ddp.average_([vec], view.process_group, foreach=False)
@@ -696,17 +698,18 @@ class GradientAgreement(AutoRho):
             dots = [torch.dot(vec, last), torch.dot(vec, vec)]
             if not reuse:
                 dots.append(torch.dot(last, last))
-            sums = torch.stack(dots)
             if view.sharding is not None and view.distributed:
                 # FSDP2: each rank's sketch holds coordinates of its own shards, so the dot
                 # products of the whole sketch are the sums of the ranks' (averaging the
                 # sketches mixed unrelated coordinates: a cosine of nothing)
-                sums = view.sharding.reduce_(sums)
+                numbers = view.sharding.reduce_(torch.stack(dots)).tolist()
+            else:
+                numbers = [d.item() for d in dots]  # (cheaper than a stack and one read)
             if reuse:
-                dot, a = sums.tolist()
+                dot, a = numbers
                 b = known[1]  # type: ignore[index]
             else:
-                dot, a, b = sums.tolist()
+                dot, a, b = numbers
             if not math.isfinite(dot + a + b):  # a non-finite gradient SAM steps with:
                 self._last, self.previous = None, []  # learn nothing, compare the next with none
                 return self.initial_rho * math.exp(self.log_rho)

@@ -130,6 +130,7 @@ class StepView:
         "groups",
         "skips_nonfinite",
         "_sq_norm",
+        "_distributed",
     )
 
     def __init__(
@@ -159,11 +160,14 @@ class StepView:
         self.groups = groups
         self.skips_nonfinite = skips_nonfinite
         self._sq_norm: Tensor | None = None
+        self._distributed: bool | None = None
 
     @property
     def distributed(self) -> bool:
-        """More than one replica in the process group."""
-        return _ddp.world_size(self.process_group) > 1
+        """More than one replica in the process group (asked once per step)."""
+        if self._distributed is None:
+            self._distributed = _ddp.world_size(self.process_group) > 1
+        return self._distributed
 
     def params(self) -> list[Tensor]:
         return [p for _, params, _ in self.gradients for p in params]
