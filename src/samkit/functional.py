@@ -367,7 +367,13 @@ def perturb_(
     """
     perturbed = []
     for ag in groups:
-        scale = scale_for(ag.group["rho"] * rho_factor, norm, eps)
+        rho = ag.group["rho"] * rho_factor
+        if getattr(perturbation, "needs_gradient", True) and ag.group.get("maximize", False):
+            # A base optimizer that maximises (torch's maximize=True) holds the gradient of the
+            # objective it climbs: the worst case in the ball lies down that gradient, as for the
+            # negated objective minimised (a momentum perturbation's vector is already signed)
+            rho = -rho
+        scale = scale_for(rho, norm, eps)
         for params, directions, backups in ag.buckets:
             perturbation.direction_(params, directions, backups, ag.group, foreach=foreach)
             copy_(backups, params, foreach=foreach)  # w, exactly

@@ -398,3 +398,20 @@ def check_first_pass_grads(gathered: Gathered) -> None:
                 "optimizer such as AdaHessian?); SAM restores the weights in place after the pass at "
                 "w + e, which invalidates that graph. Use a first-order base optimizer."
             )
+
+
+def objective_sign(groups: list[dict[str, Any]], method: str) -> float:
+    """-1.0 where the base optimizer maximises (torch's ``maximize=True``), else 1.0.
+
+    A sample selection by loss (ESAM's, K-SAM's) picks the samples worst for the objective:
+    the highest loss, or the lowest value of an objective climbed. Groups that disagree leave
+    no "worst" sample to pick: refused.
+    """
+    flags = {bool(group.get("maximize", False)) for group in groups}
+    if len(flags) > 1:
+        raise ValueError(
+            f"Invalid maximize value: {method} selects samples by the loss the closure returns, "
+            "and some param groups maximise it while others minimise it; use one direction "
+            "for every group"
+        )
+    return -1.0 if flags == {True} else 1.0

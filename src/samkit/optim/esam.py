@@ -154,6 +154,7 @@ class ESAM(SAM):
             return super().step(None)
         # gradients left in .grad would join the first pass (SAM.step refuses them too)
         _args.existing_grads(self._all_params(), "error")
+        sign = _args.objective_sign(self.param_groups, "ESAM")
 
         def backward(losses: Tensor) -> None:
             backward_mean(losses, scaler, method="ESAM")
@@ -168,7 +169,8 @@ class ESAM(SAM):
                     if self.gamma < 1.0:
                         with torch.no_grad():
                             after = closure(None)
-                        index = self.select(before, after.detach())
+                        # (maximize=True: the samples whose value climbed falls most)
+                        index = self.select(sign * before, sign * after.detach())
                     else:
                         index = None
                     self.last_selected = index

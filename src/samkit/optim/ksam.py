@@ -135,6 +135,7 @@ class KSAM(SAM):
             return super().step(None)
         # gradients left in .grad would join the first pass (SAM.step refuses them too)
         _args.existing_grads(self._all_params(), "error")
+        sign = _args.objective_sign(self.param_groups, "K-SAM")
 
         def backward(losses: Tensor) -> None:
             backward_mean(losses, scaler, method="K-SAM")
@@ -143,7 +144,8 @@ class KSAM(SAM):
             before = closure(None).detach()
         if before.dim() != 1:
             backward(before)  # raises the closure-shape error
-        index = self.select(before)
+        # (maximize=True: the samples with the lowest value of the objective climbed)
+        index = self.select(sign * before)
         self.last_selected = index
         # the selection pass updated BatchNorm's statistics, at w: the top-k pass must not
         frozen = freeze_bn_stats(self.model) if self.model is not None else contextlib.nullcontext()
