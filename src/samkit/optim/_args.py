@@ -8,6 +8,7 @@ argument, before anything is changed.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -110,7 +111,31 @@ def check(
             "which invalidates that graph. Use a first-order base optimizer."
         )
     _refuse_closure_stepping(base)
+    _warn_params_outside(kw["model"], base, kw["perturbation"])
     return Checked(base, controller, rho)
+
+
+def _warn_params_outside(
+    model: nn.Module | None, base: torch.optim.Optimizer, perturbation: Perturbation | None
+) -> None:
+    """Warn where ``model`` trains parameters this optimizer does not hold: the step runs the
+    closure twice, so their ``.grad`` sums the gradients at ``w`` and at ``w + e`` (another
+    optimizer stepping them would take about twice its step)."""
+    if model is None or not getattr(perturbation, "needs_gradient", True):
+        return  # (Momentum-SAM: one pass)
+    held = {id(p) for group in base.param_groups for p in group["params"]}
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if outside:
+        warnings.warn(
+            f"{len(outside)} trainable parameter(s) of model= are not in this optimizer's param "
+            f"groups ({outside[0]}{', ...' if len(outside) > 1 else ''}): SAM runs the closure "
+            "twice a step, so their .grad holds the gradients at w and at w + e summed, and "
+            "another optimizer stepping them takes about twice its step. Give them to SAM "
+            "(in a param group with rho=0 if they should not be perturbed), or set "
+            "requires_grad=False on those that are not trained.",
+            RuntimeWarning,
+            stacklevel=autorho._caller_level(),
+        )
 
 
 def is_adaptive(perturbation: Perturbation | None) -> bool:
