@@ -1,4 +1,4 @@
-"""Parameters of ``model=`` that SAM does not hold get both passes' gradients: warned.
+"""Parameters of ``model=`` that SAM does not hold (warned), and one listed twice (refused).
 
 SAM runs the closure twice a step; a parameter outside its groups (a head given to another
 optimizer) keeps the first pass's gradient and adds the second's, so its own optimizer takes
@@ -72,3 +72,16 @@ def test_frozen_parameters_are_not_counted() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         samkit.SAM(torch.optim.SGD(body.parameters(), lr=0.1), model=model)
+
+
+def test_a_parameter_listed_twice_is_refused() -> None:
+    """torch only warns; SAM's ascent would add e twice (a radius sqrt(2) too large)."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own warning about the duplicate
+        with pytest.raises(ValueError, match="param group 0 lists a parameter more than once"):
+            samkit.SAM(torch.optim.SGD([w, w], lr=0.1), rho=1.0)
+        opt = samkit.SAM(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), rho=1.0)
+        with pytest.raises(ValueError, match="param group 1 lists a parameter more than once"):
+            opt.add_param_group({"params": [w, w]})
+    assert len(opt.param_groups) == 1  # the refused group is not kept

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import MAX_RHO, check_flag, check_nonneg, check_pos, check_rho
-from . import _ddp, autorho
+from . import _ddp, _fsdp, autorho
 from .mix import Mix
 from .perturbation import Adaptive, Perturbation
 from .policy import Policy
@@ -440,3 +440,17 @@ def objective_sign(groups: list[dict[str, Any]], method: str) -> float:
             "for every group"
         )
     return -1.0 if flags == {True} else 1.0
+
+
+def check_params(groups: list[dict[str, Any]], start: int = 0) -> None:
+    """Refuse parameters SAM cannot perturb right: FSDP1's flat shards, and a parameter
+    listed twice in a group (torch only warns; the ascent would add its perturbation twice,
+    a radius sqrt(2) too large, and the base step would step it twice)."""
+    _fsdp.refuse_fsdp1([p for group in groups for p in group["params"]])
+    for index, group in enumerate(groups, start):
+        if len({id(p) for p in group["params"]}) != len(group["params"]):
+            raise ValueError(
+                f"Invalid params value: param group {index} lists a parameter more than once; "
+                "SAM would perturb it twice (a radius sqrt(2) too large) and the base optimizer "
+                "would step it twice. List each parameter once."
+            )

@@ -195,7 +195,7 @@ class SAM(_state.StateDict, Wrapper):
         for key, value in self._sam_defaults.items():
             base.defaults.setdefault(self.group_keys[key], value)
         everything = [p for group in base.param_groups for p in group["params"]]
-        _fsdp.refuse_fsdp1(everything)
+        _args.check_params(base.param_groups)  # FSDP1's shards; a parameter listed twice
         self._sharded = _fsdp.holds_dtensors(everything)  # FSDP2: the ascent runs on local shards
 
     @property
@@ -215,7 +215,7 @@ class SAM(_state.StateDict, Wrapper):
         _args.init_groups([param_group], self.group_keys, self._sam_defaults, start=index)
         self.base_optimizer.add_param_group(param_group)
         try:
-            _fsdp.refuse_fsdp1(self.param_groups[-1]["params"])
+            _args.check_params(self.param_groups[-1:], start=index)
         except ValueError:
             self.param_groups.pop()
             raise
