@@ -289,3 +289,67 @@ def test_grad_scaler_internals_samkit_relies_on():
     # 3. the closure form is refused by the scaler itself (why SAM takes scaler=)
     with pytest.raises(RuntimeError, match="Closure use is not currently supported"):
         scaler.step(opt, closure=lambda: None)
+
+
+# ------------------------------------------------------ a step inside autocast
+_AUTOCAST_METHODS = {
+    "sam": lambda params: samkit.SAM(torch.optim.SGD(params, lr=0.1), rho=0.5),
+    # steps that decline the ascent move the weights too (the base step)
+    "every_k": lambda params: samkit.SAM(
+        torch.optim.SGD(params, lr=0.1), rho=0.5, policy=samkit.EveryK(2)
+    ),
+    "momentum_sam": lambda params: samkit.MomentumSAM(
+        torch.optim.SGD(params, lr=0.1, momentum=0.9), rho=0.5
+    ),
+}
+
+
+def _autocast_run(method: str, where: str, rho_zero: bool = False) -> list[torch.Tensor]:
+    """``where``: autocast in the closure only ("inner"), around each step too ("step"), or one
+    block around the whole loop ("loop"); the closure's own block is then a no-op."""
+    import contextlib
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    opt = _AUTOCAST_METHODS[method](model.parameters())
+    if rho_zero:
+        for group in opt.param_groups:
+            group[opt.rho_key] = 0.0
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+
+    def loss() -> torch.Tensor:
+        with autocast():
+            return torch.nn.functional.cross_entropy(model(x).float(), y)
+
+    def closure() -> torch.Tensor:
+        value = loss()
+        value.backward()
+        return value
+
+    def step() -> None:
+        if method == "momentum_sam":  # one pass, at w + e
+            opt.first_step(zero_grad=True)
+            loss().backward()
+            opt.second_step(zero_grad=True)
+        else:
+            opt.step(closure)
+            opt.zero_grad()
+
+    outer = autocast() if where == "loop" else contextlib.nullcontext()
+    with outer:
+        for _ in range(5):
+            with autocast() if where == "step" else contextlib.nullcontext():
+                step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("method", list(_AUTOCAST_METHODS))
+@pytest.mark.parametrize("where", ["step", "loop"])
+def test_a_step_inside_autocast_is_the_step_autocast_in_the_closure(method, where):
+    """Autocast keeps low-precision copies of the weights until its outermost block exits;
+    0.3 took the pass at w + e on the copies of w inside one: SAM at rho 0.5 gave the base
+    optimizer's weights bit for bit. SAM drops the copies wherever it moves the weights."""
+    inner = _autocast_run(method, "inner")
+    assert not all_equal(inner, _autocast_run(method, "inner", rho_zero=True))  # SAM did something
+    assert all_equal(_autocast_run(method, where), inner)

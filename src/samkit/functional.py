@@ -50,6 +50,7 @@ __all__ = [
     "measure_",
     "perturb_",
     "restore_",
+    "forget_autocast_copies",
     "sam_ascent",
 ]
 
@@ -381,13 +382,23 @@ def perturb_(
             local_scale = scale.to(params[0].device) if isinstance(scale, Tensor) else scale
             add_scaled_(params, directions, local_scale, foreach=foreach)  # w + e
             perturbed.append((params, backups))
+    forget_autocast_copies()
     return perturbed
+
+
+def forget_autocast_copies() -> None:
+    """Drop autocast's cached low-precision copies of the weights, which it keeps until the
+    outermost autocast block exits: a step taken inside one (``with torch.autocast(...):
+    opt.step(closure)``) would otherwise run its pass at ``w + e`` on the copies of ``w``, a
+    gradient at ``w`` again (SAM at any rho was the base optimizer, bit for bit)."""
+    torch.clear_autocast_cache()
 
 
 def restore_(perturbed: Sequence[tuple[TensorList, TensorList]], *, foreach: bool) -> None:
     """Copy each backup back into its parameters: ``w`` bit for bit."""
     for params, backups in perturbed:
         copy_(params, backups, foreach=foreach)
+    forget_autocast_copies()  # (the copies of w + e)
 
 
 # ----------------------------------------------------- the ascent, as in the paper

@@ -92,6 +92,8 @@ class Step:
         if self.restore is not None:
             functional.restore_(self.restore, foreach=foreach)
             self.restore = None
+        else:  # (restore_ does it: the base step that follows moves the weights in place too)
+            functional.forget_autocast_copies()
         if self.frozen_bn is not None:
             self.frozen_bn.close()
             self.frozen_bn = None
