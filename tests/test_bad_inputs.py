@@ -885,3 +885,31 @@ def test_tune_on_streamed_training_data_without_val_is_refused_before_any_trial(
             samkit.tune(model=lambda: torch.nn.Linear(4, 2), train=train, grid=[0.05], seeds=1,
                         epochs=1, out=tmp_path / "t", quiet=True)  # fmt: skip
         assert not (tmp_path / "t").exists() or not list((tmp_path / "t").iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compare", "--seed", "3", "--quick"],  # was --seeds 3: three seeds, not seed 3
+        ["tune", "--rho", "0.05,0.2", "--quick"],  # was --rho-range: a log-uniform search
+    ],
+)
+def test_no_abbreviations(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"unrecognized arguments: {' '.join(argv[1:3])}" in line, line
+
+
+def test_python_dash_m_samkit_is_the_command():
+    import subprocess
+    import sys
+
+    import samkit
+
+    done = subprocess.run(
+        [sys.executable, "-m", "samkit", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"samkit {samkit.__version__}"

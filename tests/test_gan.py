@@ -436,3 +436,22 @@ def test_rl_gan_and_compare_do_not_share_a_folder(tmp_path, capsys):
                "--seeds", "1", "--optimizers", "sgd", "--no-sharpness", "-q", "--out", str(out)]  # fmt: skip
     assert main(compare) == 2
     assert "holds a samkit gan study" in capsys.readouterr().err
+
+
+def test_a_rerun_with_other_settings_says_what_it_trains_again(tmp_path, capsys):
+    """A changed --iterations retrained a finished study over itself without a word (rl's
+    --timesteps too): the rerun names the runs it keeps and those it trains again, and why,
+    as `samkit compare` does."""
+    import samkit
+
+    settings = {k: v for k, v in TINY.items() if k != "seeds"}
+    samkit.gan_study(**settings, seeds=1, methods=["adam"], out=tmp_path / "s", quiet=True)
+    samkit.gan_study(**settings, seeds=1, methods=["adam"], out=tmp_path / "s")
+    err = capsys.readouterr().err
+    assert "holds finished runs: 1 kept, 0 trained again with other settings, 0 new" in err
+    samkit.gan_study(
+        **{**settings, "iterations": 40}, seeds=1, methods=["adam"], out=tmp_path / "s"
+    )
+    err = capsys.readouterr().err
+    assert "holds finished runs: 0 kept, 1 trained again with other settings, 0 new" in err
+    assert "trained again (iterations: 30 -> 40): ring8 adam seed 0" in err

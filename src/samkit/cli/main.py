@@ -37,6 +37,12 @@ SUBCOMMANDS = ("compare", "tune", "sharpness", "landscape", "rl", "gan")
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        # no abbreviations: `compare --seed 3` was read as --seeds 3 (three seeds, not seed 3),
+        # `tune --rho 0.05,0.2` as --rho-range (a search, not those values)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's own code)
         self.exit(2, f"{self.prog}: error: {message}\n")
 

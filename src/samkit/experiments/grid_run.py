@@ -82,6 +82,7 @@ def run_study(
     threads: int | None,
     ray: str | None,
     cleanup: Callable[[str], tuple[str, ...]] | None = None,
+    kind: str = "rl",
 ) -> tuple[dict[str, Any], int]:
     """A study's ``run_checked``, holding the folder's lock: run, or read back, every
     ``(condition, variant, seed)`` cell on the executor of ``jobs``/``threads``/``ray``
@@ -125,6 +126,9 @@ def run_study(
                     cleanup=cleanup(key) if cleanup is not None else (),
                 )
             )
+        if log is not None:
+            for line in resume_plan(kind, folder, engine_cells):
+                log(line)
         outcomes = engine_run(
             engine_cells, executor=executor, log=log, describe=describe, write=write_json_atomic
         )
@@ -135,6 +139,44 @@ def run_study(
         report(summary)
     warn_failed(summary["failed"])
     return normalise(summary), sum(o.executed and o.record is not None for o in outcomes)
+
+
+def resume_plan(kind: str, folder: Path, cells: Sequence[Any]) -> list[str]:
+    """What rerunning into ``folder`` does with its finished runs, as ``samkit compare``
+    says it: which are kept, which train again because their settings changed (and which
+    settings), which are new. Empty for a folder without finished runs. (Without it a
+    changed --timesteps or --iterations retrained a finished study over itself, silently.)"""
+    from .engine.core import read_record
+    from .folder import describe_differences, differences
+
+    kept: list[str] = []
+    changed: list[str] = []
+    new: list[str] = []
+    changes: list[tuple[str, Any, Any]] = []
+    for cell in cells:
+        done = read_record(cell.folder / f"{cell.stem}.json")
+        if done is None:
+            new.append(cell.name)
+            continue
+        diffs = differences(done.get(cell.identity_field), cell.identity)
+        if diffs:
+            changed.append(cell.name)
+            changes += [d for d in diffs if d not in changes]
+        else:
+            kept.append(cell.name)
+    if not kept and not changed:
+        return []
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    lines = [
+        f"samkit {kind}: {folder} holds finished runs: {len(kept)} kept, "
+        f"{len(changed)} trained again with other settings, {len(new)} new"
+    ]
+    if changed:
+        lines.append(f"  trained again ({describe_differences(changes, 3)}): {some(changed)}")
+    return lines
 
 
 def call_study(

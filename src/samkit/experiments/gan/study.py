@@ -154,6 +154,7 @@ def run_checked(
         ray=ray,
         # the training state, once the result is written
         cleanup=lambda key: (f"{key}.state.pt",),
+        kind="gan",
     )
     return GANResult(folder, summary, executed)
 
