@@ -343,3 +343,35 @@ def test_sharpness_ball_too_large_for_the_model_is_one_line(ckpts, capsys):
     assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "Invalid rho value: 10000000000.0" in err and "too large" in err
     assert not (d / "big.json").exists()
+
+
+def test_outputs_never_replace_files_that_are_not_samkit_outputs(ckpts, capsys, tmp_path):
+    """`landscape --out mydata.png` replaced the user's mydata.npz with the grid, `sharpness
+    --out results.json` a study's results: an existing file is replaced only if it is
+    samkit's own output of that kind (a rerun into the same names still works)."""
+    import numpy as np
+
+    d, *_ = ckpts
+    data = tmp_path / "mydata.npz"
+    np.savez(data, x_train=np.zeros((3, 2)), y_train=np.zeros(3))
+    study = tmp_path / "results.json"
+    study.write_text('{"runs": []}')
+    before = data.read_bytes(), study.read_bytes()
+    for argv, name in [
+        (["landscape", f"{d}/a.pt", "--mode", "1d", "--resolution", "3"], "mydata"),
+        (["sharpness", f"{d}/a.pt", "--top-k", "1", "--density", str(tmp_path / "mydata.png")], ""),
+        (["sharpness", f"{d}/a.pt", "--top-k", "1", "--out", str(study)], ""),
+    ]:
+        if name:
+            argv += ["--out", str(tmp_path / f"{name}.png")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "exists and is not samkit's" in err and len(err.splitlines()) == 1, err
+    assert (data.read_bytes(), study.read_bytes()) == before
+    # samkit's own outputs are replaced on a rerun
+    grid = tmp_path / "grid.png"
+    argv = ["landscape", f"{d}/a.pt", "--mode", "1d", "--resolution", "3", "--out", str(grid)]
+    assert main(argv) == 0 and main(argv) == 0
+    out = tmp_path / "sharp.json"
+    argv = ["sharpness", f"{d}/a.pt", "--top-k", "1", "--trace-samples", "2", "--out", str(out)]
+    assert main(argv) == 0 and main(argv) == 0

@@ -173,3 +173,29 @@ def test_a_journal_cut_mid_record_resumes_and_a_garbled_one_is_one_line(tmp_path
     journal.write_bytes(b"\x00\xff garbage\n" + journal.read_bytes())
     rc, _, err = _run(capsys, *args)
     assert rc == 2 and "optuna-journal.log' cannot be read" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["compare", "tune"])
+def test_an_out_folder_of_other_files_is_refused(tmp_path, capsys, command):
+    """`--out /` wrote a study into the root, `--out myproject` among the user's files, and
+    an unreadable config.json was overwritten: a folder that holds no samkit study may hold
+    only what an interrupted one leaves. Nothing is written there, not even the lock."""
+    argv = [*FAST, "--grid", "0.05"] if command == "tune" else [*FAST, "--optimizers", "sgd"]
+    notes, broken = tmp_path / "notes", tmp_path / "broken"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    broken.mkdir()
+    (broken / "config.json").write_text("{")
+    for folder, says in [(notes, "holds files that are not a samkit study's (todo.txt)"),
+                         (broken, "holds a config.json that is not a readable samkit study's")]:  # fmt: skip
+        rc = main([command, *argv, "--out", str(folder)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and says in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+    assert sorted(p.name for p in broken.iterdir()) == ["config.json"]
+    assert (broken / "config.json").read_text() == "{"
+    # what an interrupted study leaves (its lock, its runs/) is still taken
+    fresh = tmp_path / "fresh"
+    (fresh / "runs").mkdir(parents=True)
+    (fresh / ".samkit.lock").write_text("")
+    assert main([command, *argv, "--out", str(fresh)]) == 0

@@ -459,9 +459,38 @@ def test_a_hand_edited_finished_record_is_trained_again_not_trusted(tmp_path, ed
     path.write_text(json.dumps(record))
     lines = []
     (again,) = run_study(config, tmp_path, progress=False, log=lines.append)
-    assert any("its record is malformed, retrained" in line for line in lines)
+    assert any("its record is malformed" in line for line in lines)
     assert again.record["final"]["test_acc"] == ref.record["final"]["test_acc"]
     assert json.loads(path.read_text())["label"] == "sgd"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "emptied", "removed"])
+def test_a_finished_run_whose_checkpoint_is_damaged_is_trained_again(tmp_path, damage):
+    """A truncated .pt of a finished run was kept ("kept: sgd (seed 0)"); only the report's
+    interpolation failed on it, at the end, and the study exited 0."""
+    config = StudyConfig(
+        methods=[MethodSpec("sgd")],
+        seeds=[0],
+        dataset="synthetic",
+        train_size=200,
+        train=TrainConfig(epochs=1, batch_size=50),
+        sharpness=False,
+    )
+    (ref,) = run_study(config, tmp_path, progress=False, log=None)
+    checkpoint = tmp_path / "runs" / "sgd-seed0.pt"
+    whole = checkpoint.read_bytes()
+    if damage == "removed":
+        checkpoint.unlink()
+    else:
+        checkpoint.write_bytes(whole[: len(whole) // 2] if damage == "truncated" else b"")
+    lines = []
+    (again,) = run_study(config, tmp_path, progress=False, log=lines.append)
+    assert any("its files damaged), retrained" in line for line in lines), lines
+    assert checkpoint.read_bytes() == whole  # the same run, trained again
+    assert again.record["final"]["test_acc"] == ref.record["final"]["test_acc"]
+    lines.clear()
+    run_study(config, tmp_path, progress=False, log=lines.append)  # and now kept
+    assert any("done before, skipped" in line for line in lines), lines
 
 
 def test_a_verdict_without_a_test_split_says_so():

@@ -13,7 +13,10 @@ class UsageError(Exception):
 
 def check_output_file(path: Path, flag: str, suffix: str) -> Path:
     """Check an output file can be written *before* any computation: the
-    suffix, the folder (created), and a uniquely named probe file in it."""
+    suffix, the folder (created), and a uniquely named probe file in it. An
+    existing ``.json`` or ``.npz`` is replaced only if it is samkit's own output of
+    that kind (a sharpness result, a landscape or density grid): `--out
+    mydata.png` replaced the user's mydata.npz, `--out results.json` a study's."""
     import os
     import tempfile
 
@@ -22,6 +25,11 @@ def check_output_file(path: Path, flag: str, suffix: str) -> Path:
         raise UsageError(f"invalid {flag} value: {str(path)!r} (expected a {suffix} path)")
     if path.is_dir():
         raise UsageError(f"invalid {flag} value: {str(path)!r} is a folder")
+    if path.is_file() and suffix in _OURS and not _OURS[suffix](path):
+        raise UsageError(
+            f"invalid {flag} value: {str(path)!r} exists and is not samkit's "
+            f"{_OURS_WHAT[suffix]}; it would be replaced: choose another name, or remove it"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".samkit-write-test.", suffix=".tmp", dir=path.parent)
@@ -51,3 +59,27 @@ def require_plots(what: str) -> None:
 
     if not available("matplotlib"):
         raise UsageError(f"{what} needs matplotlib ({install('matplotlib')})")
+
+
+def _sharpness_result(path: Path) -> bool:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == "samkit-sharpness"
+
+
+def _grid(path: Path) -> bool:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return "meta" in arrays.files
+    except Exception:  # noqa: BLE001 - not an .npz numpy can read: not ours
+        return False
+
+
+_OURS = {".json": _sharpness_result, ".npz": _grid}
+_OURS_WHAT = {".json": "sharpness result", ".npz": "grid (landscape or eigenvalue density)"}

@@ -83,6 +83,35 @@ def refuse_other_kind(path: Path, kind: str) -> None:
     if other is not None and other != kind:
         what = "a samkit tune search" if other == "tune" else f"a samkit {other} study"
         raise ValueError(f"Invalid out value: {str(path)!r} holds {what}; choose another --out")
+    if other is None:
+        _refuse_foreign(path)
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A folder that holds no samkit study may hold only what a study that stopped before
+    writing its settings leaves (its lock, its runs/, temporaries): `--out /` wrote a study
+    into the root, `--out myproject` among the user's files, and an unreadable config.json
+    was overwritten. ValueError naming ``out``."""
+    try:
+        names = sorted(p.name for p in path.iterdir())
+    except OSError:
+        return  # (not there yet, or unreadable: the write check says so)
+    foreign = [n for n in names if n not in (LOCK_NAME, "runs") and not _TMP.match(n)]
+    if not foreign:
+        return
+    with contextlib.suppress(OSError):  # (ours, held by this process: leave no trace there)
+        (path / LOCK_NAME).unlink()
+    unreadable = [n for n in foreign if n in ("config.json", "results.json", TUNE_SETTINGS)]
+    if unreadable:
+        raise ValueError(
+            f"Invalid out value: {str(path)!r} holds a {unreadable[0]} that is not a readable "
+            "samkit study's; remove it, or choose another --out"
+        )
+    listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    raise ValueError(
+        f"Invalid out value: {str(path)!r} holds files that are not a samkit study's ({listed}); "
+        "choose a new or empty folder for --out"
+    )
 
 
 def run_folder(out: Any, default: Callable[[], Path]) -> Path:

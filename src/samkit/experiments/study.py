@@ -148,9 +148,16 @@ class RunRecordCheck:
     key: str
     label: str
     seed: int
+    #: where the run's files are: its checkpoint must be a whole one (a truncated .pt was kept
+    #: as a finished run, and only the report's interpolation failed on it, at the end)
+    runs_dir: Path | None = None
 
     def __call__(self, rec: dict[str, Any]) -> bool:
         numbers = ("epochs_run", "steps", "passes", "passes_per_step", "train_time")
+        checkpoint = rec.get("checkpoint")
+        if self.runs_dir is not None and checkpoint == f"{self.key}.pt":
+            if not _whole_zip(self.runs_dir / checkpoint):
+                return False
         return (
             (rec.get("key"), rec.get("label"), rec.get("seed")) == (self.key, self.label, self.seed)
             and isinstance(rec.get("final"), dict)
@@ -167,6 +174,21 @@ class RunRecordCheck:
                 or all(v is None or finite_number(v) for v in rec["sharpness"].values())
             )
         )
+
+
+def _whole_zip(path: Path) -> bool:
+    """Whether ``path`` is a whole zip archive (torch.save's format): its directory, at the
+    file's end, reads, and names entries that lie within the file. Cheap (no entry is read)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            size = path.stat().st_size
+            return all(
+                info.header_offset + info.compress_size <= size for info in archive.infolist()
+            )
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 @dataclass
@@ -226,7 +248,7 @@ def study_cells(config: StudyConfig, runs_dir: Path, *, threads: int | None = No
                     run_cfg,
                     task,
                     cleanup=(f"{key}.state.pt",),
-                    valid=RunRecordCheck(key, spec.label, seed),
+                    valid=RunRecordCheck(key, spec.label, seed, runs_dir),
                 )
             )
     return cells

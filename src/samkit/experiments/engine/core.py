@@ -438,7 +438,10 @@ def run_cells(
                     )
                     if done is not None and cell.valid is not None and not cell.valid(done):
                         if log:
-                            log(f"[{i + 1}/{n}] {cell.name}: its record is malformed, retrained")
+                            log(
+                                f"[{i + 1}/{n}] {cell.name}: its record is malformed "
+                                "(or its files damaged), retrained"
+                            )
                         done = None
                     if done is not None:
                         progress.done += 1
