@@ -162,7 +162,7 @@ def open_study(
     folder = run_folder(out, lambda: st.default_out_dir(config))
     with study_folder(folder) as path:
         refuse_other_kind(path, "compare")
-        problem = check_study(config, drop_unfit=drop_unfit, out_dir=path)
+        problem = check_study(config, drop_unfit=drop_unfit, out_dir=path, need_test=True)
         yield OpenStudy(config, path, problem)
 
 

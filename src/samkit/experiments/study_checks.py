@@ -42,16 +42,25 @@ def check_study(
     problem: Problem | None = None,
     drop_unfit: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
+    need_test: bool = False,
 ) -> Problem:
     """Validate the whole study before any training; ValueError naming what is wrong.
 
     ``drop_unfit``: leave out (into ``config.skipped``) the methods that cannot
     run on this model or data instead of failing (the default method list).
+    ``need_test``: refuse data without a test split (a comparison's table and
+    verdicts read it: a study without one trained every run to show none).
     """
     problem = problem or config.problem()
     device = resolve_device(config.device)
     seed = config.seeds[0]
     data = problem.load(seed)
+    if need_test and data.test is None:
+        raise ValueError(
+            "Invalid data value: the data has no test split, and the comparison's table and "
+            "verdicts are on it (an .npz needs x_test and y_test; a data function returns "
+            "(train, test) or (train, val, test)); `samkit tune` needs no test split"
+        )
     if not problem.builtin_data:
         first_sample(data.train)  # labels that are strings fail in torch's batching, mid-run
     seed_everything(seed)
