@@ -34,6 +34,8 @@ def _one_line(err: str) -> str:
 
 # (flags after `samkit compare` + FAST, expected text in the one line)
 COMPARE = [
+    # a fraction that rounds to no sample (0 is "none", and works: below)
+    (["--val-fraction", "0.0001"], "leaves no validation sample"),
     (["--jobs", "\u00b2"], "Invalid jobs value: '\u00b2'"),  # (a digit to isdigit, not to int)
     # worker processes cannot have DataLoader workers (it crashed with a traceback)
     (["--num-workers", "1", "--jobs", "2"], "Invalid jobs value: 2 with num_workers=1"),
@@ -913,3 +915,15 @@ def test_python_dash_m_samkit_is_the_command():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"samkit {samkit.__version__}"
+
+
+def test_val_fraction_zero_is_no_validation_split(tmp_path, capsys):
+    """Documented as valid, it always failed: "the val split yields no batch"."""
+    import json
+
+    out = tmp_path / "o"
+    rc, _, err = _cli(capsys, ["compare", *FAST, "--val-fraction", "0", "--out", str(out)])
+    assert rc == 0, err
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert runs and all(r["final"].get("val_acc") is None for r in runs)
+    assert all(r["final"]["test_acc"] is not None for r in runs)

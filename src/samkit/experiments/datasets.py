@@ -256,6 +256,11 @@ def load_dataset(
 
     x, y = arrays["x"], arrays["y"]
     train_idx, val_idx = _stratified_split(y, float(val_fraction), seed)
+    if val_fraction > 0 and len(val_idx) == 0:  # (0 asks for none; this asked for some)
+        raise ValueError(
+            f"Invalid val_fraction value: {val_fraction!r} leaves no validation sample of the "
+            f"{name} data set ({len(y)} training samples); use 0 for no validation split"
+        )
     if train_size is not None:
         if train_size > len(train_idx):  # it was recorded as asked, and all were used
             raise ValueError(

@@ -31,7 +31,7 @@ from .registry import build_method, method_info
 from .runfiles import first_line, run_key
 from .trainer import resolve_device, seed_everything
 from .trainstate import load_state
-from .userdata import IndexedSubset
+from .userdata import IndexedSubset, source_kind
 
 __all__ = ["check_study", "PROBLEM_KEYS", "problem_identity", "check_problem"]
 
@@ -84,8 +84,8 @@ def check_study(
     per_sample = _check_loss_and_metrics(problem, output, y)
     # the evaluation splits must fit too: they are read after the first epoch trained
     for name, split in (("val", data.val), ("test", data.test)):
-        if split is None:
-            continue
+        if split is None or (name == "val" and source_kind(split) == "map" and len(split) == 0):
+            continue  # (val_fraction=0: no validation split, as the trainer reads it)
         try:
             xs, ys = to_device(
                 next(iter(eval_batches(split, config.train.eval_batch_size))), device
