@@ -927,3 +927,13 @@ def test_val_fraction_zero_is_no_validation_split(tmp_path, capsys):
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert runs and all(r["final"].get("val_acc") is None for r in runs)
     assert all(r["final"]["test_acc"] is not None for r in runs)
+
+
+def test_a_study_where_every_run_diverged_exits_1(tmp_path, capsys):
+    """--lr 1e30: every run diverged, the table compared nothing, and the exit said success."""
+    out = tmp_path / "o"
+    rc, _, err = _cli(capsys, ["compare", *FAST, "--optimizers", "sgd", "--lr", "1e30",
+                               "--out", str(out)])  # fmt: skip
+    assert rc == 1
+    assert "every run diverged (1): the table compares nothing" in err
+    assert (out / "results.json").is_file()  # the study itself is written

@@ -764,3 +764,18 @@ except ValueError as e:
         done.stdout
     ), done.stdout + done.stderr
     assert not (tmp_path / "o" / "runs").exists() or not list((tmp_path / "o" / "runs").iterdir())
+
+
+def test_more_jobs_than_cores_is_warned(monkeypatch):
+    """--jobs 1000 on 2 cores was taken silently (a process and its memory per run at once,
+    none faster); the log said "1000 worker processes"."""
+    import warnings
+
+    from samkit.experiments.engine import executors
+
+    monkeypatch.setattr(executors.os, "cpu_count", lambda: 2)
+    with pytest.warns(RuntimeWarning, match=r"jobs=3 worker processes on 2 CPU core\(s\)"):
+        executors.make_executor(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        executors.make_executor(2)

@@ -118,12 +118,22 @@ def refusals_before_training() -> Iterator[None]:
 
 def print_outcome(result: Any) -> int:
     """A study's closing lines: its paired verdicts, then where its files are; the exit
-    code (1 where runs failed on every retry: the table lacks them)."""
+    code (1 where runs failed on every retry: the table lacks them; 1 where every run
+    diverged: it compares nothing)."""
     if result.verdicts:
         print()
         for sentence in result.verdicts:
             print(sentence)
     print(f"results: {result.results_path}\nreport:  {result.report_path}")
+    runs = result.summary.get("runs") or []
+    if runs and all(r.get("diverged") for r in runs):
+        # (a study of nothing: its exit said success; --lr 1e30 left every run diverged)
+        print(
+            f"samkit: every run diverged ({len(runs)}): the table compares nothing; "
+            "a learning rate or radius too large?",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if result.failed else 0
 
 

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,15 @@ def make_executor(
             f"Invalid jobs value: {jobs} with num_workers={loaders} (the runs' worker "
             "processes cannot start DataLoader worker processes of their own: use jobs=1 "
             "with num_workers, or num_workers=0 with jobs, or a Ray cluster)"
+        )
+    cores = os.cpu_count() or 1
+    if jobs > cores and all(d is None for d in devices):
+        warnings.warn(
+            f"jobs={jobs} worker processes on {cores} CPU core(s): the runs share the cores "
+            "(none is faster) and each process holds its own memory; jobs='auto' picks one "
+            "per physical core",
+            RuntimeWarning,
+            stacklevel=2,
         )
     return LocalPool(jobs, threads or max(1, physical_cores() // jobs), devices)
 
