@@ -199,3 +199,17 @@ def test_an_out_folder_of_other_files_is_refused(tmp_path, capsys, command):
     (fresh / "runs").mkdir(parents=True)
     (fresh / ".samkit.lock").write_text("")
     assert main([command, *argv, "--out", str(fresh)]) == 0
+
+
+def test_a_journal_cut_short_is_refused_not_started_over(tmp_path, capsys):
+    """A journal cut well before its end lost finished trials: the search started over and
+    wrote over tune.json. (A last line cut by a kill is still dropped and redone.)"""
+    out = tmp_path / "t"
+    argv = [*FAST, "--grid", "0.02,0.05,0.1", "--out", str(out)]
+    assert _run(capsys, *argv)[0] == 0
+    journal, summary = out / "optuna-journal.log", out / "tune.json"
+    data, before = journal.read_bytes(), summary.read_text()
+    journal.write_bytes(data[: len(data) // 3])
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2 and "lacks" in err and "finished trial(s) that tune.json lists" in err, err
+    assert summary.read_text() == before

@@ -48,6 +48,25 @@ def _drop_partial_record(journal: Path) -> None:
             fh.write(data[: data.rfind(b"\n") + 1])
 
 
+def _check_journal_holds_the_summary(journal: Path, summary: Path, trials: list[Any]) -> None:
+    """A journal cut short (not just its last line) lost trials that ``tune.json`` still
+    lists: the search would start over and write over that summary. Refused, naming both."""
+    import json
+
+    try:
+        listed = json.loads(summary.read_text(encoding="utf-8")).get("trials")
+        recorded = {t["number"] for t in listed if t.get("state") == "COMPLETE"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return  # (no summary yet, or not one to compare with: the journal stands alone)
+    missing = recorded - {t.number for t in trials}
+    if missing:
+        raise ValueError(
+            f"Invalid out value: the search's journal {str(journal)!r} lacks {len(missing)} "
+            f"finished trial(s) that {summary.name} lists (it was cut or replaced); restore "
+            f"it, or delete it and {summary.name} to start the search afresh"
+        )
+
+
 @dataclass
 class TuneResult:
     """What :func:`tune` returns."""
@@ -129,6 +148,7 @@ class OpenTune:
                 f"Invalid out value: the search's journal {str(journal)!r} cannot be read "
                 f"({reason}); delete it (and tune.json) to start the search afresh"
             ) from exc
+        _check_journal_holds_the_summary(journal, self.out / "tune.json", existing)
         # trials a killed process left RUNNING: mark them failed, and queue their values
         # again; likewise the trials a Ctrl-C stopped (Optuna marked those failed itself).
         # The redo points back at its trial, so each is queued once.
