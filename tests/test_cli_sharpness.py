@@ -375,3 +375,30 @@ def test_outputs_never_replace_files_that_are_not_samkit_outputs(ckpts, capsys, 
     out = tmp_path / "sharp.json"
     argv = ["sharpness", f"{d}/a.pt", "--top-k", "1", "--trace-samples", "2", "--out", str(out)]
     assert main(argv) == 0 and main(argv) == 0
+
+
+def test_a_checkpoint_is_checked_against_its_own_settings_before_any_memory(ckpts, capsys):
+    """A settings entry edited to channels=1e7 asked the allocator for a petabyte (one that
+    fits would have taken the machine's memory); a shape mismatch was cut off after
+    "Error(s) in loading state_dict for ConvNet1D:"; other files passed on torch's text
+    (escape codes, errno numbers, advice to load with weights_only=False)."""
+    d, *_ = ckpts
+    ckpt = torch.load(d / "a.pt", weights_only=True)
+    big = {**ckpt, "model": {**ckpt["model"], "kwargs": {**ckpt["model"]["kwargs"]}}}
+    big["model"]["kwargs"]["channels"] = 10**7
+    torch.save(big, d / "big.pt")
+    key = next(iter(ckpt["state_dict"]))
+    odd = {**ckpt, "state_dict": {**ckpt["state_dict"], key: torch.zeros(3)}}
+    torch.save(odd, d / "odd.pt")
+    torch.save({"format": "samkit-checkpoint", "module": torch.nn.Linear(2, 2)}, d / "obj.pt")
+    (d / "cut.pt").write_bytes((d / "a.pt").read_bytes()[:200])
+    for name, says in [
+        ("big", "do not fit"),
+        ("odd", f"({key}: (3,) in the file, "),
+        ("obj", "samkit never runs a file's code"),
+        ("cut", "(damaged, or not a file torch.save wrote)"),
+    ]:
+        assert main(["sharpness", str(d / f"{name}.pt"), "--out", str(d / f"{name}.json")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1, err
+        assert "\x1b" not in err and "weights_only=False" not in err

@@ -87,8 +87,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        # (torch's own text is not passed on: escape codes, errno numbers, C++ enforce lines,
+        # and advice to load with weights_only=False, which would run the file's code)
+        why = (
+            "it holds objects other than tensors and plain values, and samkit never runs a "
+            "file's code"
+            if "weights_only" in str(exc)
+            else "damaged, or not a file torch.save wrote"
+        )
         raise ValueError(
-            f"Invalid path value: {str(path)!r} is not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            f"Invalid path value: {str(path)!r} is not a readable checkpoint ({why})"
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"Invalid path value: {str(path)!r} is not a samkit checkpoint")
@@ -194,13 +202,29 @@ def rebuild_model(checked: dict[str, Any]) -> torch.nn.Module:
     from .models import build_model
 
     name, kwargs = checked["model"]
-    model = build_model(name, **kwargs)
+    state = checked["state_dict"]
+    # The file's settings are checked against its weights on the meta device first, where a
+    # model takes no memory: a settings entry edited to channels=1e7 asked the allocator for
+    # a petabyte (a size that fits would have taken the machine's memory).
     try:
-        model.load_state_dict(checked["state_dict"])
-    except RuntimeError as exc:
+        with torch.device("meta"):
+            shell = build_model(name, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - settings the model refuses: the file's error
         raise ValueError(
-            f"Invalid state_dict value: the weights do not fit {name} ({str(exc).splitlines()[0]})"
+            f"Invalid model value: the checkpoint's settings do not build {name} "
+            f"({safe_label(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)})"
         ) from exc
+    expected = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != given:
+        key = next(k for k in sorted(set(expected) | set(given)) if expected.get(k) != given.get(k))
+        raise ValueError(
+            f"Invalid state_dict value: the weights do not fit {name} with the checkpoint's "
+            f"settings ({safe_label(key)}: {given.get(key, 'absent')} in the file, "
+            f"{expected.get(key, 'absent')} in the model)"
+        )
+    model = build_model(name, **kwargs)
+    model.load_state_dict(state)
     return model
 
 
