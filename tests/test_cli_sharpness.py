@@ -285,6 +285,9 @@ def test_landscape_prints_the_losses_at_the_models_not_at_the_nearest_grid_point
         (["landscape", "{d}/a.pt", "--resolution", "1"], "--resolution"),
         (["landscape", "{d}/a.pt", "--samples", "-3"], "--samples"),
         (["landscape", "{d}/junk.pt"], "not a"),
+        # a path from a model to itself (barrier 0), a model measured twice
+        (["landscape", "{d}/a.pt", "--other", "{d}/../{d.name}/a.pt"], "the same file as"),
+        (["sharpness", "{d}/a.pt", "{d}/a.pt"], "the same file as"),
     ],
 )
 def test_usage_errors(ckpts, capsys, argv, msg):
@@ -402,3 +405,13 @@ def test_a_checkpoint_is_checked_against_its_own_settings_before_any_memory(ckpt
         err = capsys.readouterr().err.strip()
         assert says in err and len(err.splitlines()) == 1, err
         assert "\x1b" not in err and "weights_only=False" not in err
+
+
+@pytest.mark.parametrize("command", ["sharpness", "landscape"])
+def test_a_negative_seed_is_refused_as_the_studies_refuse_it(ckpts, capsys, command):
+    d, *_ = ckpts
+    with pytest.raises(SystemExit) as exc:  # argparse's type check: exit 2, before any work
+        main([command, str(d / "a.pt"), "--seed", "-1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--seed: invalid seed (an integer >= 0) value: '-1'" in err

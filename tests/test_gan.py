@@ -455,3 +455,13 @@ def test_a_rerun_with_other_settings_says_what_it_trains_again(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "holds finished runs: 0 kept, 1 trained again with other settings, 0 new" in err
     assert "trained again (iterations: 30 -> 40): ring8 adam seed 0" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+@pytest.mark.parametrize("command", ["gan", "rl"])
+def test_an_unusable_device_is_named_once(tmp_path, capsys, command):
+    """It read "Invalid device value: 'cuda' (Invalid device value: 'cuda' (CUDA is ...))"."""
+    assert main([command, "--quick", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("Invalid device value: 'cuda' (CUDA is not available here)"), err
+    assert err.count("Invalid device value") == 1

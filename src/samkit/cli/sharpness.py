@@ -131,7 +131,10 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=1000, help="samples per forward pass (default 1000)"
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the random vectors and directions (default 0)"
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of the random vectors and directions (default 0)",
     )
 
 
@@ -263,16 +266,35 @@ def check_radius(rho: float) -> None:
         )
 
 
+def _seed(text: str) -> int:
+    """A seed as the studies take it: an integer >= 0 (torch refuses a negative one)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+_seed.__name__ = "seed (an integer >= 0)"  # (argparse names the type in its error)
+
+
 def check_checkpoint_files(paths: list[str]) -> None:
     """Each checkpoint is a file, before an output name is derived from it (``.`` has no
     name to derive one from) or anything is read."""
     from ..experiments.checkpoint import safe_label
 
+    seen: dict[Path, str] = {}
     for path in paths:
         if not Path(path).is_file():
             raise UsageError(
                 f"cannot use {safe_label(path, 200)!r}: Invalid path value: "
                 f"{safe_label(path, 200)!r} is not a file"
+            )
+        same = seen.setdefault(Path(path).resolve(), path)
+        if same != path or paths.count(path) > 1:
+            # (a model measured twice, or a path from a model to itself: barrier 0)
+            raise UsageError(
+                f"cannot use {safe_label(path, 200)!r}: it is the same file as "
+                f"{safe_label(same, 200)!r}; give each checkpoint once"
             )
 
 

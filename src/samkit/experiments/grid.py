@@ -296,7 +296,11 @@ def check_device_works(device: str) -> None:
 
     try:
         resolve_device(device)
-    except (ValueError, RuntimeError) as exc:
+    except ValueError as exc:
+        if str(exc).startswith("Invalid device value"):
+            raise  # (already names it: wrapping it again doubled the message)
+        raise ValueError(f"Invalid device value: {device!r} ({exc})") from exc
+    except RuntimeError as exc:
         raise ValueError(f"Invalid device value: {device!r} ({exc})") from exc
 
 
