@@ -839,7 +839,9 @@ def test_labels_that_use_few_classes_are_warned_once_in_one_line(tmp_path):
     ten[ten == 7] = 8  # class 7 never occurs: 9 of 10 used
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        samkit.compare(model="mlp", train=(x, ten), out=tmp_path / "nine", **args)
+        samkit.compare(
+            model="mlp", train=(x, ten), test=(x[:40], ten[:40]), out=tmp_path / "nine", **args
+        )
     path = tmp_path / "stray.npz"
     np.savez(path, x_train=x, y_train=y, x_test=x[:40], y_test=y[:40] % 3)
     cmd = [sys.executable, "-m", "samkit.cli.main", "compare", "--data", str(path), "--model",

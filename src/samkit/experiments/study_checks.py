@@ -48,18 +48,21 @@ def check_study(
 
     ``drop_unfit``: leave out (into ``config.skipped``) the methods that cannot
     run on this model or data instead of failing (the default method list).
-    ``need_test``: refuse data without a test split (a comparison's table and
-    verdicts read it: a study without one trained every run to show none).
+    ``need_test``: warn, before any training, where the data has no test split (a
+    comparison's table and verdicts read it: a study without one trained every run to
+    show a table of "-", without a word).
     """
     problem = problem or config.problem()
     device = resolve_device(config.device)
     seed = config.seeds[0]
     data = problem.load(seed)
     if need_test and data.test is None:
-        raise ValueError(
-            "Invalid data value: the data has no test split, and the comparison's table and "
-            "verdicts are on it (an .npz needs x_test and y_test; a data function returns "
-            "(train, test) or (train, val, test)); `samkit tune` needs no test split"
+        warnings.warn(
+            "the data has no test split: the table's test columns and the verdicts, which "
+            "read it, will be empty (an .npz holds x_test and y_test; a data function returns "
+            "(train, test) or (train, val, test); samkit.compare takes test=)",
+            RuntimeWarning,
+            stacklevel=2,
         )
     if not problem.builtin_data:
         first_sample(data.train)  # labels that are strings fail in torch's batching, mid-run
