@@ -178,7 +178,10 @@ def test_unwritable_output_folder(tmp_path, capsys):
     blocker.write_text("x")
     rc, _, err = _run(capsys, *FAST, "--out", str(blocker / "sub"))
     assert rc == 2
-    assert len(err.strip().splitlines()) == 1 and "output folder" in err
+    # (it said "(File exists)", which is not what is wrong)
+    assert len(err.strip().splitlines()) == 1 and f"is under {str(blocker)!r}, a file" in err
+    rc, _, err = _run(capsys, *FAST, "--out", str(blocker))
+    assert rc == 2 and "is a file, not a folder" in err
 
 
 def test_list(capsys):

@@ -776,6 +776,9 @@ def test_more_jobs_than_cores_is_warned(monkeypatch):
     monkeypatch.setattr(executors.os, "cpu_count", lambda: 2)
     with pytest.warns(RuntimeWarning, match=r"jobs=3 worker processes on 2 CPU core\(s\)"):
         executors.make_executor(3)
+    with pytest.warns(RuntimeWarning, match=r"threads=3 torch threads per run on 2 CPU"):
+        executors.make_executor(1, threads=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         executors.make_executor(2)
+        executors.make_executor(1, threads=2)

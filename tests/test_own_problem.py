@@ -550,7 +550,7 @@ def test_a_factory_with_buffers_left_uninitialised_is_not_taken_for_an_unseeded_
     assert result.rows[0]["n"] == 1
 
 
-@pytest.mark.parametrize("kind", ["same", "wider", "unseeded"])
+@pytest.mark.parametrize("kind", ["same", "wider", "unseeded", "nan"])
 def test_a_model_factory_must_give_a_fresh_identical_model_per_call(kind, tmp_path):
     """Every method must start from the same weights for a seed: one instance returned each
     call made each run continue from the last (Adam "+10 points" from a warm start), other
@@ -571,12 +571,17 @@ def test_a_model_factory_must_give_a_fresh_identical_model_per_call(kind, tmp_pa
                 torch.nn.Linear(4, 4 * len(calls)), torch.nn.Linear(4 * len(calls), 2)
             )
         m = torch.nn.Linear(4, 2)
+        if kind == "nan":  # it read as "other initial weights" (NaN != NaN)
+            with torch.no_grad():
+                m.weight.fill_(float("nan"))
+            return m
         with torch.no_grad():
             m.weight.copy_(torch.from_numpy(state.randn(2, 4)))
         return m
 
     match = {"same": "returns the same module object", "wider": "returns another architecture",
-             "unseeded": "returns other initial weights for the same seed"}[kind]  # fmt: skip
+             "unseeded": "returns other initial weights for the same seed",
+             "nan": r"initial weights hold NaN or infinite values \(weight\)"}[kind]  # fmt: skip
     with pytest.raises(ValueError, match=match):
         samkit.compare(model=factory, train=(x, y), methods=["sgd", "sam"], seeds=1, epochs=1,
                        out=tmp_path / "o", quiet=True)  # fmt: skip
@@ -774,3 +779,15 @@ def test_a_model_that_cannot_take_the_evaluation_batch_is_refused_before_trainin
     assert not (tmp_path / "o" / "runs").exists() or not list(
         (tmp_path / "o" / "runs").glob("*.json")
     )
+
+
+def test_splits_whose_samples_differ_in_shape_are_named_as_the_data(tmp_path):
+    """Test samples of 5 features beside training samples of 4 were blamed on the model
+    ("'mlp' fails on a batch of the test split")."""
+    g = np.random.default_rng(0)
+    train = (g.normal(size=(60, 4)).astype("float32"), g.integers(0, 3, 60))
+    test = (g.normal(size=(20, 5)).astype("float32"), g.integers(0, 3, 20))
+    with pytest.raises(ValueError, match=r"the test split's samples have shape \(5,\), the "
+                       r"training split's \(4,\)"):  # fmt: skip
+        samkit.compare(model="mlp", train=train, test=test, methods=["sgd"], seeds=1, epochs=1,
+                       out=tmp_path / "o", quiet=True)  # fmt: skip

@@ -30,6 +30,11 @@ def check_output_file(path: Path, flag: str, suffix: str) -> Path:
             f"invalid {flag} value: {str(path)!r} exists and is not samkit's "
             f"{_OURS_WHAT[suffix]}; it would be replaced: choose another name, or remove it"
         )
+    blocking = next((p for p in path.parents if p.is_file()), None)
+    if blocking is not None:  # (mkdir said only "File exists")
+        raise UsageError(
+            f"invalid {flag} value: {str(path)!r} is under {str(blocking)!r}, a file, not a folder"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".samkit-write-test.", suffix=".tmp", dir=path.parent)

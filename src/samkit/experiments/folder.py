@@ -158,6 +158,13 @@ def describe_differences(diffs: list[tuple[str, Any, Any]], limit: int = 4) -> s
 
 def check_writable(path: Path) -> Path:
     """Create ``path`` (a folder) and check a file can be written in it; ValueError if not."""
+    blocking = next((p for p in (path, *path.parents) if p.is_file()), None)
+    if blocking is not None:  # (mkdir said only "File exists")
+        raise ValueError(
+            f"Invalid out value: {str(path)!r} is "
+            + ("a file" if blocking == path else f"under {str(blocking)!r}, a file")
+            + ", not a folder"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".samkit-write-test.", suffix=".tmp", dir=path)

@@ -104,6 +104,12 @@ def check_study(
                 f"Invalid data value: the {name} targets are {ys.dtype}, the training "
                 f"targets {y.dtype}"
             )
+        if torch.is_tensor(xs) and torch.is_tensor(x) and xs.shape[1:] != x.shape[1:]:
+            # (it was blamed on the model: "fails on a batch of the test split")
+            raise ValueError(
+                f"Invalid data value: the {name} split's samples have shape "
+                f"{tuple(xs.shape[1:])}, the training split's {tuple(x.shape[1:])}"
+            )
         out = _forward(config, model, xs, device, f"the {name} split")
         _check_labels(problem, split, out, name)
         try:
@@ -179,6 +185,12 @@ def _check_fresh_model(problem: Problem, data: Any, seed: int, first: torch.nn.M
         )
     # (the parameters only: a buffer may be left uninitialised, torch.empty, until used)
     pa, pb = dict(first.named_parameters()), dict(second.named_parameters())
+    bad = [k for k, v in pa.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # (NaN != NaN: it read as "other initial weights", which is not the problem)
+        raise ValueError(
+            f"{what} returns a model whose initial weights hold NaN or infinite values "
+            f"({bad[0]}): nothing can train from them"
+        )
     differ = [k for k in pa if not torch.equal(pa[k].detach(), pb[k].detach())]
     if differ:
         raise ValueError(

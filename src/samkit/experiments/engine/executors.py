@@ -110,6 +110,13 @@ def make_executor(
     """
     jobs = check_jobs(jobs)
     threads = check_threads(threads)
+    if threads is not None and ray is None and threads > (os.cpu_count() or 1):
+        warnings.warn(
+            f"threads={threads} torch threads per run on {os.cpu_count() or 1} CPU core(s): "
+            "more threads than cores make each run slower, not faster",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if ray is not None:
         from .raycluster import RayExecutor
 
