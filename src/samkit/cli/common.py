@@ -31,7 +31,10 @@ __all__ = [
 
 def add_execution_arguments(p: argparse.ArgumentParser) -> None:
     """``--jobs``, ``--threads``, ``--ray``: how many runs at once, and where."""
-    g = p.add_argument_group("execution (where the runs train; never what they compute)")
+    g = p.add_argument_group(
+        "execution (where the runs train; the numbers are the same on every executor, but a "
+        "run's thread count is part of its identity: a rerun with another one trains it again)"
+    )
     g.add_argument(
         "--jobs",
         metavar="N",
