@@ -194,10 +194,12 @@ def test_an_out_folder_of_other_files_is_refused(tmp_path, capsys, command):
     assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
     assert sorted(p.name for p in broken.iterdir()) == ["config.json"]
     assert (broken / "config.json").read_text() == "{"
-    # what an interrupted study leaves (its lock, its runs/) is still taken
+    # what an interrupted study leaves (its lock, its runs/) is still taken, and hidden
+    # files a version control or the desktop leaves (.gitkeep, .DS_Store) are nobody's study
     fresh = tmp_path / "fresh"
     (fresh / "runs").mkdir(parents=True)
     (fresh / ".samkit.lock").write_text("")
+    (fresh / ".gitkeep").write_text("")
     assert main([command, *argv, "--out", str(fresh)]) == 0
 
 
@@ -213,3 +215,20 @@ def test_a_journal_cut_short_is_refused_not_started_over(tmp_path, capsys):
     rc, _, err = _run(capsys, *argv)
     assert rc == 2 and "lacks" in err and "finished trial(s) that tune.json lists" in err, err
     assert summary.read_text() == before
+    journal.unlink()  # gone: refused before Optuna writes a new journal there
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2 and "lacks" in err, err
+    assert not journal.exists() and summary.read_text() == before
+
+
+def test_a_search_of_an_older_samkit_is_named_as_one(tmp_path, capsys):
+    """A samkit 0.1 search wrote no tune-settings.json: its folder read as one of files that
+    are not a samkit study's, where the message that fits says why it cannot resume."""
+    out = tmp_path / "t"
+    argv = [*FAST, "--grid", "0.05", "--out", str(out)]
+    assert _run(capsys, *argv)[0] == 0
+    (out / "tune-settings.json").unlink()
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2 and "holds a search whose settings were not recorded" in err, err
+    rc = main(["compare", *FAST, "--optimizers", "sgd", "--out", str(out)])
+    assert rc == 2 and "holds a samkit tune search" in capsys.readouterr().err

@@ -393,7 +393,8 @@ def test_a_method_whose_every_seed_diverges_gets_a_row_not_a_crash(tmp_path, cap
         warnings.simplefilter("error")  # matplotlib's "No artists with labels" included
         rc = main(argv)
     printed, err = capsys.readouterr()
-    assert rc == 0, err
+    assert rc == 1, err  # every run diverged: the study says so, and exits 1
+    assert "every run diverged (1)" in err
     row = next(line for line in printed.splitlines() if line.startswith("ring8"))
     assert "- (1 diverged)" in row and "+-" not in row  # no mean, no spread
     assert (out / "results.json").exists() and (out / "report.html").exists()
@@ -448,13 +449,13 @@ def test_a_rerun_with_other_settings_says_what_it_trains_again(tmp_path, capsys)
     samkit.gan_study(**settings, seeds=1, methods=["adam"], out=tmp_path / "s", quiet=True)
     samkit.gan_study(**settings, seeds=1, methods=["adam"], out=tmp_path / "s")
     err = capsys.readouterr().err
-    assert "holds finished runs: 1 kept, 0 trained again with other settings, 0 new" in err
+    assert "holds finished runs: 1 kept, 0 retrained with other settings, 0 new" in err
     samkit.gan_study(
         **{**settings, "iterations": 40}, seeds=1, methods=["adam"], out=tmp_path / "s"
     )
     err = capsys.readouterr().err
-    assert "holds finished runs: 0 kept, 1 trained again with other settings, 0 new" in err
-    assert "trained again (iterations: 30 -> 40): ring8 adam seed 0" in err
+    assert "holds finished runs: 0 kept, 1 retrained with other settings, 0 new" in err
+    assert "retrained (iterations: 30 -> 40): ring8 adam seed 0" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")

@@ -24,6 +24,9 @@ VARIANTS: dict[str, Factory] = {
     "looksam": lambda base: samkit.LookSAM(base, rho=0.1, k=2),
     "momentum_sam": lambda base: samkit.MomentumSAM(base, rho=0.1),
     "every_k": lambda base: samkit.SAM(base, rho=0.1, policy=samkit.EveryK(2)),
+    # the decay joins the loss minimised (-f + wd/2 |w|^2), not the objective climbed
+    "ascent_weight_decay": lambda base: samkit.SAM(base, rho=0.1, ascent_weight_decay=0.5),
+    "auto": lambda base: samkit.SAM(base, rho=samkit.GradientAgreement(warmup=1, rate=0.5)),
 }
 
 BASES = {

@@ -791,3 +791,20 @@ def test_splits_whose_samples_differ_in_shape_are_named_as_the_data(tmp_path):
                        r"training split's \(4,\)"):  # fmt: skip
         samkit.compare(model="mlp", train=train, test=test, methods=["sgd"], seeds=1, epochs=1,
                        out=tmp_path / "o", quiet=True)  # fmt: skip
+
+
+def test_a_model_that_takes_samples_of_any_size_is_not_refused(tmp_path):
+    """Evaluation at another size (FixRes; padded text) is the user's to choose: only a model
+    that fails on the other split's samples is refused (the check refused the shape itself)."""
+    g = np.random.default_rng(0)
+    train = (g.normal(size=(60, 1, 8)).astype("float32"), g.integers(0, 3, 60))
+    test = (g.normal(size=(20, 1, 12)).astype("float32"), g.integers(0, 3, 20))
+
+    def model():
+        return torch.nn.Sequential(
+            torch.nn.AdaptiveAvgPool1d(4), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+        )
+
+    result = samkit.compare(model=model, train=train, test=test, methods=["sgd"], seeds=1,
+                            epochs=1, sharpness=False, out=tmp_path / "o", quiet=True)  # fmt: skip
+    assert result.rows[0]["test_acc_mean"] is not None

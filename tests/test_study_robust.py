@@ -357,7 +357,7 @@ def test_a_model_giving_nan_at_evaluation_is_diverged_not_scored(tmp_path, capsy
         + ["--out", str(tmp_path / "o")]
     )
     out, err = capsys.readouterr()
-    assert rc == 0, err
+    assert rc == 1 and "every run diverged (4)" in err, err  # a table of nothing: exit 1
     res = _strict((tmp_path / "o" / "results.json").read_text())
     assert all(r["diverged"] and r["checkpoint"] is None for r in res["runs"])
     assert all(r["epochs_run"] == 1 for r in res["runs"])  # stopped at the first evaluation

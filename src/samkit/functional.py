@@ -315,17 +315,24 @@ def prepare_ascent(
     *,
     in_place: bool,
     foreach: bool,
+    gradients: bool = True,
 ) -> list[AscentGroup]:
     """Bucket each ``(group, params, grads)`` for the ascent.
 
     With ``in_place`` the gradients themselves become the direction buffers
     (they are scratch after the first pass); otherwise they are copied first.
-    A group's ``ascent_weight_decay`` adds ``wd * w`` to its directions.
+    A group's ``ascent_weight_decay`` adds ``wd * w`` to its directions; to the gradients
+    of an objective the group maximises (``maximize``) it adds ``-wd * w``, and
+    :func:`perturb_` then moves along ``-(g - wd * w)``: the gradient of the loss
+    minimised, ``-f`` plus the decay (``gradients`` False: the directions are a base
+    optimizer's own vectors, already signed).
     """
     out = []
     for group, params, grads in active:
         directions = grads if in_place else [g.clone() for g in grads]
         decay = group["ascent_weight_decay"]
+        if decay and gradients and group.get("maximize", False):
+            decay = -decay
         if decay:
             for (_, _), (bucket_params, bucket_dirs) in group_by_device(params, directions).items():
                 add_(bucket_dirs, bucket_params, alpha=decay, foreach=foreach)

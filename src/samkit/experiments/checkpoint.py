@@ -27,7 +27,9 @@ from a checkpoint: rebuilding it is refused with a message saying how.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +199,36 @@ def check_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> dict
     }
 
 
+class _TooLarge(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _at_most(count: int) -> Iterator[None]:
+    """Stop a model's construction once it has registered ``count`` modules, parameters and
+    buffers: on the meta device tensors take no memory, but each module still takes time
+    and memory (a file edited to blocks=3000 built for seconds, 10**7 would for hours)."""
+    from torch.nn.modules import module
+
+    seen = [0]
+
+    def hook(*_: Any) -> None:
+        seen[0] += 1
+        if seen[0] > count:
+            raise _TooLarge
+
+    handles = [
+        module.register_module_module_registration_hook(hook),
+        module.register_module_parameter_registration_hook(hook),
+        module.register_module_buffer_registration_hook(hook),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def rebuild_model(checked: dict[str, Any]) -> torch.nn.Module:
     """The checkpoint's model with its weights (from :func:`check_checkpoint`'s result)."""
     from .models import build_model
@@ -207,8 +239,13 @@ def rebuild_model(checked: dict[str, Any]) -> torch.nn.Module:
     # model takes no memory: a settings entry edited to channels=1e7 asked the allocator for
     # a petabyte (a size that fits would have taken the machine's memory).
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _at_most(4 * len(state) + 64):
             shell = build_model(name, **kwargs)
+    except _TooLarge:
+        raise ValueError(
+            f"Invalid state_dict value: the weights do not fit {name} with the checkpoint's "
+            f"settings (they build a model of far more tensors than the file's {len(state)})"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - settings the model refuses: the file's error
         raise ValueError(
             f"Invalid model value: the checkpoint's settings do not build {name} "

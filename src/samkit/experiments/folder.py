@@ -55,9 +55,9 @@ def folder_kind(path: Path) -> str | None:
     (nothing of samkit's, or unreadable): from its summary's format, else its settings."""
     import json
 
-    if (path / TUNE_SETTINGS).exists():
-        return "tune"
-    for name in ("results.json", "config.json"):
+    if (path / TUNE_SETTINGS).exists() or (path / "optuna-journal.log").exists():
+        return "tune"  # (a search of samkit 0.1 wrote no settings file)
+    for name in ("results.json", "config.json", "tune.json"):
         try:
             d = json.loads((path / name).read_text())
         except (OSError, ValueError):
@@ -87,6 +87,9 @@ def refuse_other_kind(path: Path, kind: str) -> None:
         _refuse_foreign(path)
 
 
+_IGNORED = (LOCK_NAME, "runs", "Thumbs.db", "desktop.ini")
+
+
 def _refuse_foreign(path: Path) -> None:
     """A folder that holds no samkit study may hold only what a study that stopped before
     writing its settings leaves (its lock, its runs/, temporaries): `--out /` wrote a study
@@ -96,7 +99,9 @@ def _refuse_foreign(path: Path) -> None:
         names = sorted(p.name for p in path.iterdir())
     except OSError:
         return  # (not there yet, or unreadable: the write check says so)
-    foreign = [n for n in names if n not in (LOCK_NAME, "runs") and not _TMP.match(n)]
+    # (hidden files, as a version control's or the desktop's own .gitkeep, .DS_Store, are
+    # nobody's study: ignored, as are the stale temporaries and the lock)
+    foreign = [n for n in names if n not in _IGNORED and not n.startswith(".")]
     if not foreign:
         return
     with contextlib.suppress(OSError):  # (ours, held by this process: leave no trace there)

@@ -172,10 +172,10 @@ def resume_plan(kind: str, folder: Path, cells: Sequence[Any]) -> list[str]:
 
     lines = [
         f"samkit {kind}: {folder} holds finished runs: {len(kept)} kept, "
-        f"{len(changed)} trained again with other settings, {len(new)} new"
+        f"{len(changed)} retrained with other settings, {len(new)} new"
     ]
     if changed:
-        lines.append(f"  trained again ({describe_differences(changes, 3)}): {some(changed)}")
+        lines.append(f"  retrained ({describe_differences(changes, 3)}): {some(changed)}")
     return lines
 
 

@@ -104,13 +104,18 @@ def check_study(
                 f"Invalid data value: the {name} targets are {ys.dtype}, the training "
                 f"targets {y.dtype}"
             )
-        if torch.is_tensor(xs) and torch.is_tensor(x) and xs.shape[1:] != x.shape[1:]:
-            # (it was blamed on the model: "fails on a batch of the test split")
-            raise ValueError(
-                f"Invalid data value: the {name} split's samples have shape "
-                f"{tuple(xs.shape[1:])}, the training split's {tuple(x.shape[1:])}"
-            )
-        out = _forward(config, model, xs, device, f"the {name} split")
+        try:
+            out = _forward(config, model, xs, device, f"the {name} split")
+        except ValueError as exc:
+            if torch.is_tensor(xs) and torch.is_tensor(x) and xs.shape[1:] != x.shape[1:]:
+                # (a model may take samples of any size: only where it fails on them are
+                # they the data's fault, not the model's, as the message said)
+                raise ValueError(
+                    f"Invalid data value: the {name} split's samples have shape "
+                    f"{tuple(xs.shape[1:])}, the training split's {tuple(x.shape[1:])}, "
+                    f"and the model fails on them: {str(exc).split(': ', 1)[-1]}"
+                ) from exc
+            raise
         _check_labels(problem, split, out, name)
         try:
             _check_output(problem, out, ys)

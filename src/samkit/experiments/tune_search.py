@@ -135,6 +135,9 @@ class OpenTune:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         journal = self.out / "optuna-journal.log"
         _drop_partial_record(journal)
+        if not journal.is_file() or journal.stat().st_size == 0:
+            # (before Optuna writes a new one there: the message says to restore the old)
+            _check_journal_holds_the_summary(journal, self.out / "tune.json", [])
         direction = "maximize" if self.problem.maximize else "minimize"
         try:
             storage = JournalStorage(JournalFileBackend(str(journal)))

@@ -703,8 +703,10 @@ class GradientAgreement(AutoRho):
                 # products of the whole sketch are the sums of the ranks' (averaging the
                 # sketches mixed unrelated coordinates: a cosine of nothing)
                 numbers = view.sharding.reduce_(torch.stack(dots)).tolist()
-            else:
+            elif vec.device.type == "cpu":
                 numbers = [d.item() for d in dots]  # (cheaper than a stack and one read)
+            else:
+                numbers = torch.stack(dots).tolist()  # (one host synchronisation, not three)
             if reuse:
                 dot, a = numbers
                 b = known[1]  # type: ignore[index]

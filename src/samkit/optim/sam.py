@@ -429,7 +429,7 @@ class SAM(_state.StateDict, Wrapper):
         directions = active if by_gradient else self._scratch_copies(active)
         in_place = zero_grad or not by_gradient
         return functional.prepare_ascent(
-            directions, backups_for, in_place=in_place, foreach=self.foreach
+            directions, backups_for, in_place=in_place, foreach=self.foreach, gradients=by_gradient
         )
 
     def _state_vector(self, param: Tensor) -> Tensor | None:
