@@ -521,16 +521,16 @@ def test_labels_from_a_checkpoint_are_printed_and_plotted_safely(checkpoint, tmp
 @pytest.mark.parametrize(
     "cmd,match",
     [
-        (["sharpness", "--out", "{blocked}/r.json"], "cannot write"),
+        (["sharpness", "--out", "{blocked}/r.json"], "a file, not a folder"),
         (["sharpness", "--out", "{tmp}/r.txt"], ".json"),
         (["sharpness", "--out", ""], "--out"),
-        (["sharpness", "--density", "{blocked}/d.png"], "cannot write"),
+        (["sharpness", "--density", "{blocked}/d.png"], "a file, not a folder"),
         (["sharpness", "--top-k", "100000"], "top-k"),
         (["sharpness", "--trace-samples", "1000000000"], "trace-samples"),
         # no finite loss in a ball this large: it wrote -Infinity / NaN into the JSON
         (["sharpness", "--rho", "1e308"], "invalid --rho value: 1e+308 (must be below 3.4e+38"),
         (["sharpness", "--rho", "1e39"], "--rho"),
-        (["landscape", "--out", "{blocked}/l.png"], "cannot write"),
+        (["landscape", "--out", "{blocked}/l.png"], "a file, not a folder"),
         (["landscape", "--out", "{tmp}"], "--out"),
         (["landscape", "--resolution", "100000"], "resolution"),
         (["landscape", "--mode", "2d", "--resolution", "1000"], "resolution"),
