@@ -429,6 +429,17 @@ def test_a_metrics_line_cut_off_by_a_full_disk_is_taken_back(tmp_path, monkeypat
     assert log.read_text() == '{"epoch": 1}\n'  # not half of the second line
 
 
+def _one_sgd_run() -> StudyConfig:
+    return StudyConfig(
+        methods=[MethodSpec("sgd")],
+        seeds=[0],
+        dataset="synthetic",
+        train_size=200,
+        train=TrainConfig(epochs=1, batch_size=50),
+        sharpness=False,
+    )
+
+
 @pytest.mark.parametrize(
     "edit",
     [
@@ -443,14 +454,7 @@ def test_a_metrics_line_cut_off_by_a_full_disk_is_taken_back(tmp_path, monkeypat
     ids=["acc", "label", "seed", "diverged", "time", "final", "checkpoint"],
 )
 def test_a_hand_edited_finished_record_is_trained_again_not_trusted(tmp_path, edit):
-    config = StudyConfig(
-        methods=[MethodSpec("sgd")],
-        seeds=[0],
-        dataset="synthetic",
-        train_size=200,
-        train=TrainConfig(epochs=1, batch_size=50),
-        sharpness=False,
-    )
+    config = _one_sgd_run()
     (ref,) = run_study(config, tmp_path, progress=False, log=None)
     path = tmp_path / "runs" / "sgd-seed0.json"
     record = json.loads(path.read_text())
@@ -468,14 +472,7 @@ def test_a_hand_edited_finished_record_is_trained_again_not_trusted(tmp_path, ed
 def test_a_finished_run_whose_checkpoint_is_damaged_is_trained_again(tmp_path, damage):
     """A truncated .pt of a finished run was kept ("kept: sgd (seed 0)"); only the report's
     interpolation failed on it, at the end, and the study exited 0."""
-    config = StudyConfig(
-        methods=[MethodSpec("sgd")],
-        seeds=[0],
-        dataset="synthetic",
-        train_size=200,
-        train=TrainConfig(epochs=1, batch_size=50),
-        sharpness=False,
-    )
+    config = _one_sgd_run()
     (ref,) = run_study(config, tmp_path, progress=False, log=None)
     checkpoint = tmp_path / "runs" / "sgd-seed0.pt"
     whole = checkpoint.read_bytes()
