@@ -547,3 +547,49 @@ def test_samples_that_cannot_be_batched_are_one_sentence(tmp_path):
             out=tmp_path,
             quiet=True,
         )
+
+
+def test_the_report_names_its_metric_and_cost_reference_and_draws_every_loss(
+    tmp_path, monkeypatch
+):
+    """A loss that goes below 0 left its method out of the (legend-less) training-loss panel,
+    and the next method's curve took its colour; the captions said "accuracy" for an MSE and
+    "relative to SGD" in a study without SGD."""
+    import matplotlib.axes
+
+    import samkit
+
+    drawn: list[tuple[str, str]] = []
+    plot = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        drawn.append((self.get_title() or str(id(self)), kwargs.get("label"), kwargs.get("color")))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 4, generator=g)
+    y = x.sum(1)
+
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(4, 1), torch.nn.Flatten(0))
+
+    result = samkit.compare(
+        model=model, train=(x[:90], y[:90]), test=(x[90:], y[90:]), task="regression",
+        loss=lambda o, t: (o - t) ** 2 - 5.0,  # below 0 once fitted
+        methods=["adam", {"method": "adam", "lr": 1e-4, "label": "slow"}],
+        seeds=1, epochs=3, batch_size=30, sharpness=False, out=tmp_path / "o", quiet=True,
+    )  # fmt: skip
+    assert min(r["train_loss_mean"] for r in result.rows) < 0
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert "Final test mse per method." in html and "Test mse against cost" in html
+    assert "test accuracy" not in html.lower() and "Accuracy against" not in html
+    assert "relative to adam" in html and "relative to SGD" not in html
+    # each method drawn in both panels (none left out), in one colour per method
+    colours = {}
+    for _, label, colour in drawn:
+        if label in ("adam", "slow"):
+            colours.setdefault(label, set()).add(colour)
+    assert {k: len(v) for k, v in colours.items()} == {"adam": 1, "slow": 1}
+    assert colours["adam"] != colours["slow"]
+    assert sum(label in ("adam", "slow") for _, label, _ in drawn) == 4

@@ -81,6 +81,12 @@ def _metric(rows: list[dict[str, Any]]) -> str:
     return rows[0].get("metric", "acc") if rows else "acc"
 
 
+def cost_reference(rows: list[dict[str, Any]]) -> str:
+    """The method the costs are relative to: SGD, else the study's first (as its rows say)."""
+    ref = rows[0].get("cost_reference", "sgd") if rows else "sgd"
+    return "SGD" if ref in (None, "sgd") else str(ref)
+
+
 def _score_cell(r: dict[str, Any], metric: str) -> str:
     pct = metric.lower() in ("acc", "accuracy")
     scale, spec = (100.0, ".2f") if pct else (1.0, ".4g")
@@ -102,8 +108,7 @@ def table_columns(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         if metric.lower() in ("acc", "accuracy")
         else (f"test {metric} (mean +- std)")
     )
-    ref = rows[0].get("cost_reference", "sgd") if rows else "sgd"
-    ref = "SGD" if ref in (None, "sgd") else ref
+    ref = cost_reference(rows)
     cols = [
         ("method", [r["label"] for r in rows]),
         ("seeds", [str(r.get("runs", r["n"])) for r in rows]),
@@ -232,19 +237,26 @@ def plot_pngs(
     scale = 100.0 if pct else 1.0
     what = "test accuracy %" if pct else f"test {metric}"
     labels = [r["label"] for r in rows]
+    reference = cost_reference(rows)
     figs: dict[str, str] = {}
 
     if histories:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for label, (xs, ys) in _curves(records, histories, labels, "train_loss").items():
-            if all(y > 0 for y in ys):
-                axes[0].plot(xs, ys, label=_plain(label))
+        # one colour per method in both panels (the left has no legend: a curve left out
+        # there shifted the colour cycle, and another method's curve took its colour)
+        colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+        losses = _curves(records, histories, labels, "train_loss")
+        # a loss that reaches 0 or below (a negative log-likelihood) cannot be drawn on a
+        # log scale: then every curve is drawn on a linear one, none is left out
+        positive = all(y > 0 for _, ys in losses.values() for y in ys)
+        for label, (xs, ys) in losses.items():
+            axes[0].plot(xs, ys, label=_plain(label), color=colour[label])
         for label, (xs, ys) in _curves(records, histories, labels, f"test_{metric}").items():
-            axes[1].plot(xs, [scale * y for y in ys], label=_plain(label))
+            axes[1].plot(xs, [scale * y for y in ys], label=_plain(label), color=colour[label])
         axes[0].set(
             xlabel="epoch",
             ylabel="train loss (mean over seeds)",
-            yscale="log",
+            yscale="log" if positive else "linear",
             title="Training loss",
         )
         axes[1].set(xlabel="epoch", ylabel=what, title=what.capitalize())
@@ -287,7 +299,9 @@ def plot_pngs(
                     xytext=(4, 4),
                     textcoords="offset points",
                 )
-            ax.set(xlabel=f"cost relative to SGD ({cost})", title=f"{metric} vs cost ({cost})")
+            ax.set(
+                xlabel=f"cost relative to {reference} ({cost})", title=f"{metric} vs cost ({cost})"
+            )
         axes[0].set_ylabel(what)
         figs["cost"] = _png(fig)
 
@@ -510,10 +524,13 @@ def write_report(
     cols = table_columns(rows) if rows else []
     plots = plots_available()
     figs = plot_pngs(rows, records, histories, interpolation, tune, metric) if plots else {}
+    metric_name = metric or _metric(rows)
+    what = "accuracy" if metric_name.lower() in ("acc", "accuracy") else metric_name
     captions = {
         "curves": "Learning curves (mean over seeds).",
-        "accuracy": "Final test accuracy per method.",
-        "cost": "Accuracy against cost relative to SGD: wall time per epoch, and forward/backward passes per step.",
+        "accuracy": f"Final test {what} per method.",
+        "cost": f"Test {what} against cost relative to {cost_reference(rows)}: wall time per "
+        "epoch, and forward/backward passes per step.",
         "interpolation": "1-D linear interpolation of the training loss between two trained models "
         "(Goodfellow et al., arXiv 1412.6544).",
         "tune": "Validation accuracy of each Optuna trial against rho "

@@ -94,7 +94,7 @@ def finish(
     """Aggregate the runs into results.json and write report.html; returns the summary.
     ``failed``: the runs that failed on every retry (``results.json``'s ``failed``, and a
     note in the report)."""
-    from .report import write_report
+    from .report import cost_reference, write_report
 
     out = Path(out)
     problem = problem or config.problem()
@@ -145,7 +145,7 @@ def finish(
             notes=[
                 f"Test {metric}: mean +- sample standard deviation over seeds (diverged runs left "
                 "out); error bars: standard error. Cost: time per training epoch, and "
-                "forward/backward passes per step, relative to SGD."
+                f"forward/backward passes per step, relative to {cost_reference(rows)}."
             ]
             + [
                 f"FAILED after every retry, left out of the table and the verdicts: "
