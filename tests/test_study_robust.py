@@ -549,9 +549,7 @@ def test_samples_that_cannot_be_batched_are_one_sentence(tmp_path):
         )
 
 
-def test_the_report_names_its_metric_and_cost_reference_and_draws_every_loss(
-    tmp_path, monkeypatch
-):
+def test_the_report_names_its_metric_and_cost_reference_and_draws_every_loss(tmp_path, monkeypatch):
     """A loss that goes below 0 left its method out of the (legend-less) training-loss panel,
     and the next method's curve took its colour; the captions said "accuracy" for an MSE and
     "relative to SGD" in a study without SGD."""
@@ -593,3 +591,15 @@ def test_the_report_names_its_metric_and_cost_reference_and_draws_every_loss(
     assert {k: len(v) for k, v in colours.items()} == {"adam": 1, "slow": 1}
     assert colours["adam"] != colours["slow"]
     assert sum(label in ("adam", "slow") for _, label, _ in drawn) == 4
+
+
+def test_the_report_says_when_the_folder_holds_runs_it_does_not(tmp_path):
+    """`--seeds 2,` after `--seeds 0,1` wrote a one-seed report over the folder's runs
+    without a word about the four others (the log said so, the report did not)."""
+    args = dict(dataset="synthetic", train_size=200, methods=["sgd"], epochs=1, batch_size=50,
+                sharpness=False, out=tmp_path, quiet=True)  # fmt: skip
+    samkit.compare(seeds=[0], **args)
+    assert "other finished run" not in (tmp_path / "report.html").read_text()
+    samkit.compare(seeds=[1], **args)
+    html = (tmp_path / "report.html").read_text()
+    assert "1 other finished run(s) in this folder are not part of this study (sgd-seed0)" in html

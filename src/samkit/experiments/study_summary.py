@@ -151,7 +151,26 @@ def finish(
                 f"FAILED after every retry, left out of the table and the verdicts: "
                 f"{f['run']} ({f['reason']})"
                 for f in failed or []
-            ],
+            ]
+            + _others_note(out, records, failed),
             metric=metric,
         )
     return finite(summary)
+
+
+def _others_note(out: Path, records: list[dict[str, Any]], failed: Any) -> list[str]:
+    """A note for finished runs in the folder that this study does not hold (other seeds or
+    methods, from an earlier command): the report was that study's alone, without a word
+    (`--seeds 2,` after `--seeds 0,1` reported one seed beside two seeds' runs)."""
+    runs = out / "runs"
+    mine = {r.get("key") for r in records} | {f.get("key") for f in failed or []}
+    others = (
+        sorted(p.stem for p in runs.glob("*.json") if p.stem not in mine) if runs.is_dir() else []
+    )
+    if not others:
+        return []
+    shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+    return [
+        f"{len(others)} other finished run(s) in this folder are not part of this study "
+        f"({shown}): rerun with their seeds and methods as well to include them."
+    ]
