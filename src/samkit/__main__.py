@@ -2,4 +2,5 @@
 
 from samkit.cli.main import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # (imported by a tool that walks the package: nothing runs)
+    raise SystemExit(main())
