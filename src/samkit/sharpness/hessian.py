@@ -1053,6 +1053,10 @@ def _deflated_hutchinson(
     if basis is None and deflation_steps == "auto":
         item = torch.empty(0, dtype=op.dtype).element_size()
         max_rows = max(MIN_KRYLOV, GROWING_BASIS_BYTES // (op.dim * item))
+        # a Krylov basis never holds more than the start vector and op.dim steps: a budget
+        # that holds those cuts nothing (a 195-parameter model under 1 GiB was called lean,
+        # and its basis buffer of 0.8 GiB reserved up front)
+        max_rows = min(max_rows, op.dim + 1)
         if rows is not None:
             # each basis row, and the signs of a probe per KRYLOV_PER_PROBE rows (a byte
             # an entry, twice while torch.cat copies them) in rows of the operator's dtype
@@ -1247,7 +1251,9 @@ def _growing_deflation(
             if krylov.k >= op.dim:
                 break
     exact, d = deflated()
-    path, kept = ("lean" if lean else "full"), krylov.basis.n
+    kept = krylov.basis.n
+    # lean only where the budget cut the basis: below its cap the run is the full path's
+    path = "lean" if lean and kept >= max_rows else "full"
     if krylov.k >= op.dim or (krylov.exhausted and not quad):
         return TraceResult(exact, 0.0, op.n_matvecs, 0, exact, [], path=path, rows=kept)
     samples = d.tolist()
