@@ -109,8 +109,7 @@ def paired_verdicts(
         seeds = sorted(set(mine) & set(base))
         diffs = [scale * (mine[s] - base[s]) for s in seeds]
         n = len(diffs)
-        left = diverged(label) + diverged(baseline)
-        note = f" ({left} diverged run(s) left out)" if left else ""
+        note = _diverged_note(label, baseline, diverged, records)
         v: dict[str, Any] = {"label": label, "baseline": baseline, "n": n, "metric": metric}
         if n == 0:
             v.update(mean=None, se=None, z=None, exceeds=False)
@@ -169,3 +168,22 @@ def paired_verdicts(
             v["sentence"] = f"{head}: {abs(z):.1f} standard errors, {tail}{note}."
         out.append(v)
     return out
+
+
+def _diverged_note(label: str, baseline: str, diverged: Any, records: list[dict[str, Any]]) -> str:
+    """Who diverged, on how many of its seeds: a paired difference over the seeds both
+    finished says nothing of that ("cannot tell them apart (2 diverged run(s) left out)"
+    read as parity for a method that failed on half its seeds; a seed both lost counted
+    twice)."""
+    parts = []
+    for name in (label, baseline):
+        lost = diverged(name)
+        if lost:
+            runs = sum(1 for r in records if r["label"] == name)
+            parts.append(f"{name} diverged on {lost} of its {runs} seed(s)")
+    if not parts:
+        return ""
+    return (
+        f" ({'; '.join(parts)}: left out of the paired difference, which says nothing of how "
+        "often each diverges)"
+    )
