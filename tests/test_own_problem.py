@@ -808,3 +808,24 @@ def test_a_model_that_takes_samples_of_any_size_is_not_refused(tmp_path):
     result = samkit.compare(model=model, train=train, test=test, methods=["sgd"], seeds=1,
                             epochs=1, sharpness=False, out=tmp_path / "o", quiet=True)  # fmt: skip
     assert result.rows[0]["test_acc_mean"] is not None
+
+
+def test_a_study_refused_by_its_checks_leaves_no_folder_behind(tmp_path):
+    """A refused study left a new folder holding only .samkit.lock; a folder that was there
+    before is left as it was."""
+    x, y = torch.randn(60, 4), torch.randint(0, 2, (60,))
+
+    def nan_model():
+        m = torch.nn.Linear(4, 2)
+        with torch.no_grad():
+            m.weight.fill_(float("nan"))
+        return m
+
+    args = dict(train=(x, y), test=(x, y), methods=["sgd"], seeds=1, epochs=1, quiet=True)
+    with pytest.raises(ValueError, match="NaN"):
+        samkit.compare(model=nan_model, out=tmp_path / "new" / "study", **args)
+    assert not (tmp_path / "new" / "study").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError, match="NaN"):
+        samkit.compare(model=nan_model, out=tmp_path / "mine", **args)
+    assert (tmp_path / "mine").is_dir()

@@ -90,6 +90,15 @@ def refuse_other_kind(path: Path, kind: str) -> None:
 _IGNORED = (LOCK_NAME, "runs", "Thumbs.db", "desktop.ini")
 
 
+def _remove_if_untouched(path: Path) -> None:
+    """Remove a folder this process created that holds nothing but its lock (a study
+    refused by its checks left an empty folder with a .samkit.lock behind)."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in path.iterdir()] == [LOCK_NAME]:
+            (path / LOCK_NAME).unlink()
+            path.rmdir()
+
+
 def _refuse_foreign(path: Path) -> None:
     """A folder that holds no samkit study may hold only what a study that stopped before
     writing its settings leaves (its lock, its runs/, temporaries): `--out /` wrote a study
@@ -227,6 +236,7 @@ def study_folder(path: str | os.PathLike[str], *, clean: bool = True) -> Iterato
     :class:`FolderBusy`), and removes stale temporary files. Re-entrant
     within one process.
     """
+    existed = Path(path).exists()
     path = check_writable(Path(path))
     key = str(path.resolve())
     if key in _HELD:
@@ -260,6 +270,10 @@ def study_folder(path: str | os.PathLike[str], *, clean: bool = True) -> Iterato
             if clean:
                 clean_stale_temporaries(path)
             yield path
+        except BaseException:
+            if not existed:  # a study refused before it wrote anything leaves no folder
+                _remove_if_untouched(path)
+            raise
         finally:
             del _HELD[key]
     finally:
