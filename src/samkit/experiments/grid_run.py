@@ -146,24 +146,12 @@ def resume_plan(kind: str, folder: Path, cells: Sequence[Any]) -> list[str]:
     says it: which are kept, which train again because their settings changed (and which
     settings), which are new. Empty for a folder without finished runs. (Without it a
     changed --timesteps or --iterations retrained a finished study over itself, silently.)"""
-    from .engine.core import read_record
-    from .folder import describe_differences, differences
+    from .engine.core import sort_finished
+    from .folder import describe_differences
 
-    kept: list[str] = []
-    changed: list[str] = []
-    new: list[str] = []
-    changes: list[tuple[str, Any, Any]] = []
-    for cell in cells:
-        done = read_record(cell.folder / f"{cell.stem}.json")
-        if done is None:
-            new.append(cell.name)
-            continue
-        diffs = differences(done.get(cell.identity_field), cell.identity)
-        if diffs:
-            changed.append(cell.name)
-            changes += [d for d in diffs if d not in changes]
-        else:
-            kept.append(cell.name)
+    kept_at, changed_at, new_at, changes = sort_finished(cells)
+    kept, changed = [cells[i].name for i in kept_at], [cells[i].name for i in changed_at]
+    new = [cells[i].name for i in new_at]
     if not kept and not changed:
         return []
 

@@ -53,8 +53,8 @@ import torch
 from .batches import schedule
 from .configs import MethodSpec, StudyConfig, TrainConfig
 from .engine import Cell, Executor, InProcess, failures, make_executor, normalise, run_cells
-from .engine.core import read_record
-from .folder import describe_differences, differences, study_folder
+from .engine.core import sort_finished
+from .folder import describe_differences, study_folder
 from .problem import Problem
 from .registry import build_method, method_info  # noqa: F401 - method_info: reached from here
 from .runfiles import RunResult, first_line, run_key, write_json_atomic
@@ -295,7 +295,7 @@ def run_study(
         executor.check(cells[0])  # the runs can go where they are sent, before any file
         grid = [(spec, seed) for seed in config.seeds for spec in config.methods]
         if log:
-            for line in resume_plan(config, out, grid, threads=executor.threads):
+            for line in resume_plan(config, out, cells, grid):
                 log(line)
         write_json_atomic(
             out / "config.json", {**config.to_dict(), "problem": problem_identity(config, problem)}
@@ -345,38 +345,21 @@ def _runs_text(cells: list[tuple[str, int]], seeds: list[int], limit: int = 6) -
 
 
 def resume_plan(
-    config: StudyConfig,
-    out: Path,
-    grid: list[tuple[MethodSpec, int]] | None = None,
-    *,
-    threads: int | None = None,
+    config: StudyConfig, out: Path, cells: list[Cell], grid: list[tuple[MethodSpec, int]]
 ) -> list[str]:
     """What rerunning into ``out`` does with the runs already there, in a few short
     lines: which are kept, which are retrained because their settings changed (and
-    which settings), which are new. Empty for a folder without finished runs."""
-    grid = grid or [(spec, seed) for seed in config.seeds for spec in config.methods]
+    which settings), which are new. Empty for a folder without finished runs.
+    ``cells[i]`` is the run of ``grid[i]`` (:func:`study_cells`' order)."""
     runs_dir = out / "runs"
     finished = {p.stem for p in runs_dir.glob("*.json")} if runs_dir.is_dir() else set()
     if not finished:
         return []
-    kept: list[tuple[str, int]] = []
-    changed: list[tuple[str, int]] = []
-    new: list[tuple[str, int]] = []
-    changes: list[tuple[str, Any, Any]] = []
-    for spec, seed in grid:
-        key = run_key(spec.label, seed)
-        done = read_record(runs_dir / f"{key}.json") if key in finished else None
-        finished.discard(key)
-        if done is None:
-            new.append((spec.label, seed))
-            continue
-        run_cfg = _normalise(_run_config(config, spec, seed, threads))
-        diffs = differences(done.get("config"), run_cfg)
-        if not diffs:
-            kept.append((spec.label, seed))
-            continue
-        changed.append((spec.label, seed))
-        changes += [d for d in diffs if d not in changes]
+    finished -= {cell.stem for cell in cells}  # (what is left: other runs in the folder)
+    kept_at, changed_at, new_at, changes = sort_finished(cells)
+    kept, changed, new = (
+        [(grid[i][0].label, grid[i][1]) for i in at] for at in (kept_at, changed_at, new_at)
+    )
     seeds = list(config.seeds)
     lines = [
         f"samkit compare: {out} holds finished runs: {len(kept)} kept, "

@@ -58,6 +58,29 @@ def read_record(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def sort_finished(
+    cells: Sequence[Cell],
+) -> tuple[list[int], list[int], list[int], list[tuple[str, Any, Any]]]:
+    """What a rerun does with each cell's finished record, by index: kept (made with the
+    cell's identity), retrained (made with other settings), new (none); and the settings
+    that differ, each once. The studies' resume plans say it from these."""
+    from ..folder import differences
+
+    kept: list[int] = []
+    changed: list[int] = []
+    new: list[int] = []
+    changes: list[tuple[str, Any, Any]] = []
+    for i, cell in enumerate(cells):
+        done = read_record(cell.result_path)
+        if done is None:
+            new.append(i)
+            continue
+        diffs = differences(done.get(cell.identity_field), cell.identity)
+        (changed if diffs else kept).append(i)
+        changes += [d for d in diffs if d not in changes]
+    return kept, changed, new, changes
+
+
 def finished(path: Path, identity: Any, field: str = "config") -> dict[str, Any] | None:
     """The record in ``path`` if it exists, parses and was made with ``identity``
     (its ``field``); else None."""
