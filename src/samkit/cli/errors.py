@@ -30,8 +30,10 @@ def check_output_file(path: Path, flag: str, suffix: str) -> Path:
             f"invalid {flag} value: {str(path)!r} exists and is not samkit's "
             f"{_OURS_WHAT[suffix]}; it would be replaced: choose another name, or remove it"
         )
-    blocking = next((p for p in path.parents if p.is_file()), None)
-    if blocking is not None:  # (mkdir said only "File exists")
+    from ..experiments.folder import file_in_the_way
+
+    blocking = file_in_the_way(path.parent)
+    if blocking is not None:
         raise UsageError(
             f"invalid {flag} value: {str(path)!r} is under {str(blocking)!r}, a file, not a folder"
         )

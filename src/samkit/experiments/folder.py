@@ -170,9 +170,15 @@ def describe_differences(diffs: list[tuple[str, Any, Any]], limit: int = 4) -> s
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file at ``path`` or above it, where a folder would have to be (``mkdir`` says
+    only "File exists"); None if there is none."""
+    return next((p for p in (path, *path.parents) if p.is_file()), None)
+
+
 def check_writable(path: Path) -> Path:
     """Create ``path`` (a folder) and check a file can be written in it; ValueError if not."""
-    blocking = next((p for p in (path, *path.parents) if p.is_file()), None)
+    blocking = file_in_the_way(path)
     if blocking is not None:  # (mkdir said only "File exists")
         raise ValueError(
             f"Invalid out value: {str(path)!r} is "
