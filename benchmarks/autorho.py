@@ -3,8 +3,10 @@ r"""Self-tuning rho (``SAM(base, rho="auto")``) against a tuned grid of fixed ra
 For eight settings, each trained with samkit's training loop
 (:mod:`samkit.experiments`) for ``--seeds`` seeds, this trains SAM with each
 radius of the 7-value grid ``GRID`` and with every automatic controller of
-:mod:`samkit.optim.autorho` (``auto`` twice: with validation reports and, as
-``gradient_agreement@plain``, in a loop that reports none), and reports per
+:mod:`samkit.optim.autorho` (``auto`` three times: with validation reports;
+as ``gradient_agreement@plain``, in a loop that reports none; and as
+``gradient_agreement@heldback``, in a loop that reports none but whose closure
+holds back 10 % of the samples by id, ``opt.hold_back``), and reports per
 setting:
 
 * each controller's test accuracy against the **tuned grid**: the radius
@@ -37,7 +39,11 @@ SGD has momentum 0.9 and weight decay 5e-4; Adam betas (0.9, 0.999), no
 weight decay. SAM is given ``model=`` (BatchNorm statistics from the first
 pass). The validation loss is reported to the optimizer after every epoch
 (``opt.observe_validation``), as samkit's trainer does, except in the
-``@plain`` runs. ``benchmarks/autorho_signals.py`` records what the gradients
+``@plain`` and ``@heldback`` runs. A ``@heldback`` run trains on the training
+and validation splits together, the validation labels made as noisy as the
+training labels (what a user without a validation split has), and holds back
+10 % of it: as many samples trained on as the other runs, which hold back the
+validation split. ``benchmarks/autorho_signals.py`` records what the gradients
 of these settings say per step.
 
 Run (resumable: rerun the same command to continue; ``--settings`` splits the
@@ -59,6 +65,7 @@ Calls into samkit.experiments (its public pieces): ``datasets.load_dataset``,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -75,7 +82,7 @@ from _common import environment, paired_ratio, time_interleaved, write_json  # n
 
 import samkit  # noqa: E402
 from samkit._atomic import atomic_open  # noqa: E402
-from samkit.experiments.datasets import load_dataset  # noqa: E402
+from samkit.experiments.datasets import Split, add_label_noise, load_dataset  # noqa: E402
 from samkit.experiments.methods import SAMMethod, TrainSpec, make_base_optimizer  # noqa: E402
 from samkit.experiments.models import build_model  # noqa: E402
 from samkit.experiments.trainer import TrainConfig, seed_everything, train  # noqa: E402
@@ -100,11 +107,26 @@ DEFAULT_RHO = 0.05
 CONTROLLERS = [
     "auto:gradient_agreement",
     "auto:gradient_agreement@plain",
+    "auto:gradient_agreement@heldback",
     "auto:validation_plateau",
     "auto:loss_equated",
 ]
 #: The suffix of a run with no validation reports (the plain loop).
 PLAIN = "@plain"
+#: The suffix of a plain-loop run whose closure holds back 10 % of the samples by id
+#: (``opt.hold_back``): no validation reports, the held-back samples' losses instead.
+HELD = "@heldback"
+#: The share of samples ``@heldback`` runs hold back (``opt.hold_back``'s default).
+HELD_FRACTION = 0.1
+
+
+def _mode(candidate: float | str) -> str:
+    """The suffix of a controller's run ("" for a run with validation reports)."""
+    if isinstance(candidate, str):
+        for suffix in (PLAIN, HELD):
+            if candidate.endswith(suffix):
+                return suffix
+    return ""
 
 
 def label_of(candidate: float | str) -> str:
@@ -117,18 +139,21 @@ OPTIONS: dict[str, Any] = {}
 
 def run_config(setting: str, candidate: float | str, seed: int, epochs: int | None) -> dict:
     s = SETTINGS[setting]
-    plain = isinstance(candidate, str) and candidate.endswith(PLAIN)
+    mode = _mode(candidate)
     cfg = {
         **s,
         "epochs": epochs or s["epochs"],
         "setting": setting,
-        "rho": candidate.removesuffix(PLAIN) if plain else candidate,
+        "rho": candidate.removesuffix(mode) if mode else candidate,
         "seed": seed,
         "batch_size": 100,
         "val_fraction": 0.1,
     }
-    if plain:
+    if mode:
         cfg["reports"] = False  # the plain loop: nothing calls observe_validation
+    if mode == HELD:
+        cfg["held_back"] = HELD_FRACTION
+        cfg["train_on"] = "train+val"  # (see _all_labelled)
     if OPTIONS and isinstance(candidate, str):
         cfg["controller_options"] = dict(OPTIONS)
     return cfg
@@ -137,7 +162,8 @@ def run_config(setting: str, candidate: float | str, seed: int, epochs: int | No
 def label_cfg(cfg: dict) -> str:
     options = cfg.get("controller_options")
     tag = "".join(f"[{k}={v}]" for k, v in sorted(options.items())) if options else ""
-    return label_of(cfg["rho"]) + tag + (PLAIN if cfg.get("reports") is False else "")
+    mode = (HELD if "held_back" in cfg else PLAIN) if cfg.get("reports") is False else ""
+    return label_of(cfg["rho"]) + tag + mode
 
 
 def make_rho(cfg: dict) -> float | str | autorho.AutoRho:
@@ -173,6 +199,27 @@ class _Reporter:
         record["rho"] = float(self.opt.param_groups[0][self.opt.rho_key])
 
 
+class _HeldBackSAM(SAMMethod):
+    """samkit's SAM step with a closure that holds back a share of the samples by id."""
+
+    def __init__(self, opt: samkit.SAM, fraction: float) -> None:
+        super().__init__(opt, "sam")
+        self.fraction = fraction
+
+    def step(self, model, x, y, idx, loss_fn):
+        opt: samkit.SAM = self.optimizer  # type: ignore[assignment]
+
+        def closure() -> torch.Tensor:
+            loss = opt.hold_back(loss_fn(self.forward(model, x), y), idx, self.fraction)
+            self.backward(loss)
+            self.passes += 1.0
+            return loss
+
+        loss = opt.step(closure)
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
 def build(cfg: dict) -> tuple[torch.nn.Module, samkit.SAM, Any]:
     data = load_dataset(cfg["dataset"], seed=cfg["seed"], noise=cfg["noise"], val_fraction=0.1)
     seed_everything(cfg["seed"])
@@ -182,6 +229,16 @@ def build(cfg: dict) -> tuple[torch.nn.Module, samkit.SAM, Any]:
     )
     opt = samkit.SAM(make_base_optimizer(model.parameters(), spec), rho=make_rho(cfg), model=model)
     return model, opt, data
+
+
+def _all_labelled(data: Any, noise: float, seed: int) -> Any:
+    """The data a user without a validation split trains on: the training and validation
+    splits together (the validation labels as noisy as the training labels), so that a
+    ``@heldback`` run, which holds back 10 % of it, trains on as many samples as the grid's
+    runs, which hold back the validation split."""
+    val_y = add_label_noise(data.val.y, noise, data.num_classes, seed=seed + 7919)
+    union = Split(torch.cat([data.train.x, data.val.x]), torch.cat([data.train.y, val_y]))
+    return dataclasses.replace(data, train=union)
 
 
 def train_one(cfg: dict, folder: Path) -> dict:
@@ -196,9 +253,12 @@ def train_one(cfg: dict, folder: Path) -> dict:
     reporter = _Reporter(opt)
     if cfg.get("reports") is False:
         reporter.observe = lambda loss: None  # the trainer's own reports go nowhere too
+    held = cfg.get("held_back")
+    if held is not None:
+        data = _all_labelled(data, cfg["noise"], cfg["seed"])
     result = train(
         model,
-        SAMMethod(opt, "sam"),
+        SAMMethod(opt, "sam") if held is None else _HeldBackSAM(opt, held),
         data,
         TrainConfig(epochs=cfg["epochs"], batch_size=cfg["batch_size"], schedule="cosine"),
         seed=cfg["seed"],
@@ -229,17 +289,23 @@ def time_steps(setting: str, candidates: list[str], trials: int, steps: int) -> 
     loss_fn = torch.nn.functional.cross_entropy
     runs = {}
     for candidate in [DEFAULT_RHO, *candidates]:
-        model, opt, _ = build({**cfg0, "rho": candidate})
+        held = isinstance(candidate, str) and candidate.endswith(HELD)
+        rho = candidate.removesuffix(HELD) if held else candidate
+        model, opt, _ = build({**cfg0, "rho": rho})
         state = {"i": 0}
 
-        def step(model=model, opt=opt, state=state) -> None:
+        def step(model=model, opt=opt, state=state, held=held) -> None:
             n = len(data.train)
             start = (state["i"] * 100) % (n - 100)
             state["i"] += 1
             x, y = data.train.x[start : start + 100], data.train.y[start : start + 100]
+            ids = torch.arange(start, start + 100)
 
             def closure() -> torch.Tensor:
-                loss = loss_fn(model(x), y)
+                if held:  # one loss per sample, 10 % held back by id
+                    loss = opt.hold_back(loss_fn(model(x), y, reduction="none"), ids)
+                else:
+                    loss = loss_fn(model(x), y)
                 loss.backward()
                 return loss
 
@@ -401,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(c.split(":")[1] for c in CONTROLLERS),
         help="comma-separated, of: "
         + ", ".join(autorho.CONTROLLERS)
-        + f"; NAME{PLAIN} trains it in a loop that reports no validation loss",
+        + f"; NAME{PLAIN} trains it in a loop that reports no validation loss, NAME{HELD} in "
+        "one whose closure holds back 10 %% of the samples by id (opt.hold_back)",
     )
     p.add_argument(
         "--only-controllers",
@@ -426,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--seeds must be >= 1")
     chosen = [c for c in args.controllers.split(",") if c]
     for c in chosen:
-        if c.removesuffix(PLAIN) not in autorho.CONTROLLERS:
+        if c.removesuffix(_mode(c)) not in autorho.CONTROLLERS:
             p.error(f"unknown controller {c!r} (choose from {', '.join(autorho.CONTROLLERS)})")
     CONTROLLERS[:] = [f"auto:{c}" for c in chosen]
     if args.controller_options:
@@ -435,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(options, dict):
                 raise ValueError("not a JSON object")
             for c in chosen:
-                autorho.CONTROLLERS[c.removesuffix(PLAIN)](**options)
+                autorho.CONTROLLERS[c.removesuffix(_mode(c))](**options)
         except (ValueError, TypeError) as exc:
             p.error(f"--controller-options: {exc}")
         OPTIONS.update(options)

@@ -278,6 +278,50 @@ def test_autorho_no_report_mode_is_a_hand_written_plain_loop(tmp_path):
     assert rec["final"]["val_loss"] == val_loss
 
 
+def test_autorho_held_back_mode_is_a_hand_written_loop_holding_back_by_id(tmp_path):
+    """The benchmark's "held back" runs (``@heldback``) train on the training and validation
+    splits together (the validation labels made as noisy as the training labels) and report
+    nothing; a hand-written loop over the same batches whose closure calls
+    ``opt.hold_back(losses, ids)`` gives the same run to the last bit."""
+    from samkit.experiments.batches import evaluate, steps_per_epoch, train_batches
+    from samkit.experiments.trainer import lr_factor
+
+    autorho = load("autorho")
+    cfg = autorho.run_config("mlp_digits_noise20", "auto:gradient_agreement@heldback", 0, 6)
+    assert cfg["held_back"] == 0.1 and cfg["reports"] is False
+    rec = autorho.train_one(cfg, tmp_path)
+
+    model, opt, data = autorho.build(cfg)
+    union = autorho._all_labelled(data, cfg["noise"], cfg["seed"])
+    assert len(union.train) == len(data.train) + len(data.val)
+    flipped = (union.train.y[len(data.train) :] != data.val.y).double().mean().item()
+    assert flipped == pytest.approx(0.2, abs=0.01)  # the validation labels made as noisy
+    loss_fn = torch.nn.functional.cross_entropy
+    steps = steps_per_epoch(union.train, cfg["batch_size"])
+    base_lr = opt.param_groups[0]["lr"]
+    rhos = []
+    for epoch in range(cfg["epochs"]):
+        for i, (x, y, ids) in enumerate(train_batches(union.train, cfg["batch_size"], 0, epoch)):
+            for group in opt.param_groups:
+                group["lr"] = base_lr * lr_factor(
+                    epoch * steps + i, cfg["epochs"] * steps, "cosine", 0
+                )
+
+            def closure(x=x, y=y, ids=ids):
+                loss = opt.hold_back(loss_fn(model(x), y, reduction="none"), ids)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad(set_to_none=True)
+        rhos.append(float(opt.param_groups[0]["rho"]))
+
+    assert opt.rho_controller.best is not None  # the held-back samples were reported
+    assert len(set(rhos)) > 1
+    assert rec["rho"] == rhos, (rec["rho"], rhos)
+    assert rec["final"]["val_loss"] == evaluate(model, data.val)["loss"]
+
+
 def test_trace_coverage_refuses_bad_arguments_and_measures_each_estimators_error_bar(
     tmp_path, capsys
 ):

@@ -44,6 +44,7 @@ import torch
 
 from .._checks import check_int, check_nonneg, check_pos, is_number
 from . import _ddp
+from .holdback import HeldBack
 from .rho import RhoController
 
 Tensor = torch.Tensor
@@ -108,6 +109,7 @@ class AutoRho(RhoController):
         # was given); not saved: a resumed run counts again, and warns at most once more
         self._unreported: int | None = 0
         self._counted: int | None = None  # the SAM step last counted (mSAM: once per step)
+        self._held = HeldBack()  # opt.hold_back's samples (docs/autorho.md)
 
     # ---- SAM's side of the protocol
     def bind(self, groups: RhoGroups) -> None:
@@ -161,6 +163,20 @@ class AutoRho(RhoController):
             self._pending[0] += value
             self._pending[1] += 1.0
 
+    def hold_back(self, losses: Tensor, ids: Any, fraction: float, *, at_w: bool) -> Tensor:
+        """SAM.hold_back: the mean loss of the samples kept for training; the held-back
+        samples' mean loss at ``w`` over each epoch is reported as a validation loss."""
+        if not self.uses_validation:
+            raise ValueError(
+                f"Invalid rho value: {self.name!r} learns nothing from held-back samples "
+                "(hold_back needs a controller that learns from validation, such as the "
+                "default rho='auto')"
+            )
+        trained, report = self._held.take(losses, ids, fraction, at_w=at_w)
+        if report is not None:
+            self.observe_validation(report)
+        return trained
+
     def _gather_validation(self, view: StepView) -> None:
         """Apply the losses reported since the last step (summed over replicas under DDP)."""
         total, count = self._pending
@@ -199,6 +215,8 @@ class AutoRho(RhoController):
         state = {k: getattr(self, k) for k in ("rho", "initial_rho", *self._STATE)}
         state["scales"] = list(self.scales)
         state["pending"] = list(self._pending)
+        if self._held.fraction is not None:
+            state["held"] = self._held.state_dict()
         return {"name": self.name, **_copy(state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -224,6 +242,10 @@ class AutoRho(RhoController):
             )
         # groups the saved run had not stepped with yet keep this optimizer's scales
         values["scales"] += self.scales[len(values["scales"]) :]
+        held = HeldBack()
+        if "held" in state:  # (checked before anything is changed)
+            held.load_state_dict(_copy(state["held"]))
+        self._held = held
         for k, v in values.items():
             if k == "pending":
                 self._pending = v

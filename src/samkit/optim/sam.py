@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional
-from . import _amp, _args, _compile, _ddp, _fsdp, _state
+from . import _amp, _args, _compile, _ddp, _feedback, _fsdp, _state
 from ._step import Step
 from ._wrapper import Wrapper
 from .batchnorm import freeze_bn_stats
@@ -55,7 +55,7 @@ __all__ = ["SAM"]
 CHECKED_RHO = 100.0
 
 
-class SAM(_state.StateDict, Wrapper):
+class SAM(_state.StateDict, _feedback.Feedback, Wrapper):
     r"""Wrap a torch optimizer so each step is a sharpness-aware step.
 
     Args:
@@ -220,14 +220,6 @@ class SAM(_state.StateDict, Wrapper):
             self.param_groups.pop()
             raise
         self._sharded = self._sharded or _fsdp.holds_dtensors(self.param_groups[-1]["params"])
-
-    def observe_validation(self, loss: float) -> None:
-        """Report a validation loss (the study's trainer and the integrations do): a number
-        or a one-element tensor, else a ValueError naming ``loss``; a non-finite one is
-        ignored with a warning. Only a rho controller that learns from validation uses it."""
-        value = _args.reported_loss(loss)
-        if self.rho_controller is not None and value is not None:
-            self.rho_controller.observe_validation(value)
 
     def __repr__(self) -> str:
         rho = self.rho_controller or self._sam_defaults["rho"]

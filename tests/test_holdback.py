@@ -1,0 +1,384 @@
+"""opt.hold_back: a slice of the samples, chosen by id, kept out of training for rho="auto".
+
+What is checked: which samples are held back (a function of the id alone, the
+share asked for), that they never reach the weights (the gradient is the kept
+samples' mean loss, a non-finite held-back loss stays out), that the controller
+is told exactly their mean loss at w once per epoch (not the pass at w + e),
+that a resumed run is the run that never stopped, bit for bit, and the refusals.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import samkit
+from samkit.optim import autorho
+from samkit.optim.holdback import ID_LIMIT, held_back
+
+N, BATCH = 120, 20
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, 5, generator=g)
+    y = (x[:, 0] + 0.3 * torch.randn(N, generator=g) > 0).long()
+    return x, y
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+class _Recorder(autorho.ValidationPlateau):
+    """ValidationPlateau that keeps every loss it is told."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.told: list[float] = []
+
+    def on_validation(self, loss: float) -> None:
+        self.told.append(loss)
+        super().on_validation(loss)
+
+
+def _epoch_order(epoch: int) -> torch.Tensor:
+    return torch.randperm(N, generator=torch.Generator().manual_seed(1000 + epoch))
+
+
+def _train(opt, model, x, y, epochs: int, *, start=(0, 0), stop=None, log=None, fraction=0.1):
+    """A plain loop over shuffled batches; ``log`` collects each held-back loss at w."""
+    for epoch in range(start[0], epochs):
+        order = _epoch_order(epoch)
+        for b in range(start[1] if epoch == start[0] else 0, N // BATCH):
+            if stop == (epoch, b):
+                return
+            ids = order[b * BATCH : (b + 1) * BATCH]
+
+            def closure(ids=ids, epoch=epoch):
+                losses = nn.functional.cross_entropy(model(x[ids]), y[ids], reduction="none")
+                if log is not None and not opt.perturbed:
+                    mask = held_back(ids, fraction)
+                    log.append((epoch, losses.detach()[mask].double().tolist()))
+                loss = opt.hold_back(losses, ids, fraction)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad()
+
+
+# ------------------------------------------------------------------ which samples
+
+
+def test_the_held_back_share_is_the_fraction_asked_for_and_fixed_per_id():
+    ids = torch.arange(200_000)
+    for fraction in (0.05, 0.1, 0.25):
+        share = held_back(ids, fraction).double().mean().item()
+        assert abs(share - round(fraction * 1024) / 1024) < 0.003, (fraction, share)
+    # consecutive ids are spread out: every block of 1000 holds back about a tenth
+    blocks = held_back(ids, 0.1).reshape(-1, 1000).double().mean(1)
+    assert 0.05 < blocks.min() and blocks.max() < 0.15
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, ID_LIMIT - 1), min_size=1, max_size=60), st.randoms())
+def test_whether_a_sample_is_held_back_depends_on_its_id_alone(ids, rnd):
+    ids_t = torch.tensor(ids)
+    perm = list(range(len(ids)))
+    rnd.shuffle(perm)
+    mask = held_back(ids_t, 0.1)
+    assert torch.equal(held_back(ids_t[perm], 0.1), mask[perm])
+    assert [bool(held_back(torch.tensor([i]), 0.1)) for i in ids] == mask.tolist()
+
+
+# ------------------------------------------------------------------ what trains
+
+
+def test_the_returned_loss_is_the_kept_samples_mean_and_held_back_ones_never_reach_the_gradient():
+    x, y = _data()
+    model = _model()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto", model=model)
+    ids = torch.arange(N)
+    mask = held_back(ids, 0.1)
+    assert 0 < int(mask.sum()) < N
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    # the held-back samples' losses made large: neither the value nor the gradient moves
+    changed = torch.where(mask, losses * 1000 + 7, losses)
+    trained = opt.hold_back(changed, ids)
+    expected = losses[~mask].mean()
+    assert torch.allclose(trained, expected, rtol=1e-6, atol=0)
+    trained.backward(retain_graph=True)
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected.backward()
+    for a, b in zip(got, (p.grad for p in model.parameters())):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_ids_as_a_list_of_ints_hold_back_the_same_samples():
+    x, y = _data()
+    model = _model()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto")
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    a = opt.hold_back(losses, torch.arange(N))
+    b = opt.hold_back(losses, list(range(N)))
+    assert torch.equal(a, b)
+
+
+def test_the_controller_is_told_each_epochs_held_back_mean_loss_at_w_once_per_epoch():
+    x, y = _data()
+    model = _model()
+    controller = _Recorder(warn_after=None)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=controller, model=model)
+    log: list = []
+    _train(opt, model, x, y, epochs=4, log=log)
+    # one report per finished epoch, at the first step of the next: epochs 0-2 here
+    assert len(controller.told) == 3
+    held_per_epoch = int(held_back(torch.arange(N), 0.1).sum())
+    for epoch, told in enumerate(controller.told):
+        values = [v for e, vs in log if e == epoch for v in vs]
+        assert len(values) == held_per_epoch  # the pass at w + e is not counted
+        assert told == pytest.approx(sum(values) / len(values), rel=1e-12)
+
+
+def test_the_default_controller_learns_from_held_back_reports():
+    """rho='auto' with hold_back and nothing reported raises its radius on held-back plateaus:
+    here the held-back loss is made to rise, epoch after epoch, whatever the weights."""
+    x, y = _data()
+    model = _model()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.0), rho="auto", model=model)
+    rho0 = opt.param_groups[0]["rho"]
+    for epoch in range(6):
+        order = _epoch_order(epoch)
+        for b in range(N // BATCH):
+            ids = order[b * BATCH : (b + 1) * BATCH]
+
+            def closure(ids=ids, epoch=epoch):
+                losses = nn.functional.cross_entropy(model(x[ids]), y[ids], reduction="none")
+                loss = opt.hold_back(losses + epoch, ids)  # a held-back loss that only rises
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad()
+    # five reports (epochs 0-4), each worse than the first: two plateaus of 2, each x1.5
+    # (lr 0: the weights never move, and the gradients' rule holds)
+    assert opt.rho_controller.best is not None and opt.rho_controller.bad == 0
+    assert opt.param_groups[0]["rho"] == pytest.approx(rho0 * 1.5**2, rel=0.02)
+
+
+# ------------------------------------------------------------------ resume
+
+
+@pytest.mark.parametrize("stop", [(1, 2), (2, 0)])
+def test_a_resumed_run_is_the_run_that_never_stopped(stop):
+    x, y = _data()
+
+    def fresh():
+        model = _model()
+        controller = _Recorder(warn_after=None)
+        return (
+            model,
+            controller,
+            samkit.SAM(
+                torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                rho=controller,
+                model=model,
+            ),
+        )
+
+    model_a, ctl_a, opt_a = fresh()
+    _train(opt_a, model_a, x, y, epochs=4)
+
+    model_b, _, opt_b = fresh()
+    _train(opt_b, model_b, x, y, epochs=4, stop=stop)
+    saved = copy.deepcopy((model_b.state_dict(), opt_b.state_dict()))
+    assert "held" in saved[1]["samkit"]["rho"]
+    model_c, ctl_c, opt_c = fresh()
+    model_c.load_state_dict(saved[0])
+    opt_c.load_state_dict(saved[1])
+    _train(opt_c, model_c, x, y, epochs=4, start=stop)
+
+    for a, c in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(a, c)
+    assert ctl_c.told == ctl_a.told[len(ctl_a.told) - len(ctl_c.told) :]
+    assert opt_a.param_groups[0]["rho"] == opt_c.param_groups[0]["rho"]
+
+
+@pytest.mark.parametrize(
+    "held",
+    [
+        {"fraction": 0.1, "total": 1.0, "count": -1, "round": []},
+        {"fraction": 0.9, "total": 1.0, "count": 1, "round": []},
+        {"fraction": 0.1, "total": float("nan"), "count": 1, "round": []},
+        {"fraction": 0.1, "total": 1.0, "count": 1, "round": [-3]},
+        {"fraction": 0.1, "total": 1.0, "count": 1},
+        "rows",
+    ],
+)
+def test_a_malformed_held_back_state_is_refused_and_changes_nothing(held):
+    x, y = _data()
+    model = _model()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto", model=model)
+    _train(opt, model, x, y, epochs=2)
+    before = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(before)
+    bad["samkit"]["rho"]["held"] = held
+    with pytest.raises(ValueError, match="held-back"):
+        opt.load_state_dict(bad)
+    assert repr(opt.state_dict()) == repr(before)
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def _losses_ids():
+    x, y = _data()
+    model = _model()
+    return model, nn.functional.cross_entropy(model(x), y, reduction="none"), torch.arange(N)
+
+
+@pytest.mark.parametrize(
+    "rho", [0.05, "auto:loss_equated", samkit.FollowLR(0.05)], ids=["fixed", "le", "follow"]
+)
+def test_a_controller_that_learns_nothing_from_validation_refuses_hold_back(rho):
+    model, losses, ids = _losses_ids()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=rho)
+    with pytest.raises(ValueError, match="Invalid rho value.*held-back"):
+        opt.hold_back(losses, ids)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda v, i: (v.mean(), i), "losses"),
+        (lambda v, i: (v.reshape(-1, 2), i), "losses"),
+        (lambda v, i: (v.long(), i), "losses"),
+        (lambda v, i: (v.tolist(), i), "losses"),
+        (lambda v, i: (v, i.double()), "ids"),
+        (lambda v, i: (v, i[:-1]), "ids"),
+        (lambda v, i: (v, i - 5), "ids"),
+        (lambda v, i: (v, i + ID_LIMIT), "ids"),
+        (lambda v, i: (v, [float(v) for v in i.tolist()]), "ids"),
+        (lambda v, i: (v, [True] * len(i)), "ids"),
+        (lambda v, i: (v, 7), "ids"),
+    ],
+)
+def test_bad_losses_or_ids_are_refused_naming_the_argument(change, match):
+    model, losses, ids = _losses_ids()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto")
+    bad_losses, bad_ids = change(losses, ids)
+    with pytest.raises(ValueError, match=f"Invalid {match} value"):
+        opt.hold_back(bad_losses, bad_ids)
+    assert opt.rho_controller._held.fraction is None  # nothing recorded
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 0.6, float("nan"), "0.1", True])
+def test_a_bad_fraction_is_refused(fraction):
+    model, losses, ids = _losses_ids()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto")
+    with pytest.raises(ValueError, match="Invalid fraction value"):
+        opt.hold_back(losses, ids, fraction)
+
+
+def test_changing_the_fraction_mid_run_is_refused():
+    model, losses, ids = _losses_ids()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto")
+    opt.hold_back(losses, ids, 0.1)
+    with pytest.raises(ValueError, match="Invalid fraction value.*holds back 0.1"):
+        opt.hold_back(losses, ids, 0.2)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, ID_LIMIT - 1), max_size=80), st.sampled_from([0.01, 0.1, 0.3, 0.5]))
+def test_the_held_back_mask_is_the_hash_of_its_docstring(ids, fraction):
+    from samkit.optim.holdback import _KNUTH
+
+    # the hash's top ten bits, in plain Python integers
+    expected = [((i * _KNUTH) % 2**32) >> 22 < round(fraction * 1024) for i in ids]
+    assert held_back(torch.tensor(ids, dtype=torch.int64), fraction).tolist() == expected
+
+
+def test_a_batch_held_back_whole_trains_on_nothing():
+    model = _model()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto")
+    ids = torch.arange(5000)
+    ids = ids[held_back(ids, 0.1)][:4]
+    x, _ = _data()
+    losses = model(x[:4]).sum(1)
+    loss = opt.hold_back(losses, ids)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+def test_an_ids_tensor_changed_in_place_is_split_again():
+    model = _model()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto")
+    x, _ = _data()
+    losses = model(x[:4]).sum(1)
+    ids = torch.arange(5000)
+    held = ids[held_back(ids, 0.1)][:4].clone()
+    kept = ids[~held_back(ids, 0.1)][:4].clone()
+    batch = kept.clone()
+    assert opt.hold_back(losses, batch).item() == pytest.approx(losses.mean().item())
+    batch.copy_(held)  # the same tensor object, other ids
+    assert opt.hold_back(losses, batch).item() == 0.0
+
+
+# ------------------------------------------------------------------ DDP
+
+
+def _ddp_held_back(rank: int) -> dict:
+    """Two replicas, each on its own half of every epoch's samples (a DistributedSampler's
+    split), each holding back its own samples: the reports are averaged over the replicas."""
+    x, y = _data()
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = samkit.SAM(
+        torch.optim.SGD(ddp.parameters(), lr=0.1),
+        rho=autorho.ValidationPlateau(patience=1, warn_after=None),
+        model=ddp,
+    )
+    rhos, held_means = [], []
+    for epoch in range(5):
+        mine = _epoch_order(epoch)[rank::2]
+        for b in range(0, len(mine), 10):
+            ids = mine[b : b + 10]
+
+            def closure(ids=ids, epoch=epoch):
+                losses = nn.functional.cross_entropy(ddp(x[ids]), y[ids], reduction="none")
+                # rank 0's held-back loss rises by 0.3 an epoch, rank 1's falls by 0.1: alone,
+                # rank 0 would raise the radius at every report and rank 1 never; their mean
+                # rises, so both raise it at every report
+                drift = 0.3 * epoch if rank == 0 else -0.1 * epoch
+                loss = opt.hold_back(losses + drift, ids)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad()
+            rhos.append(opt.param_groups[0]["rho"])
+        held_means.append(float(opt.rho_controller._held.total))
+    return {"rhos": rhos, "held": held_means}
+
+
+SCENARIOS = {"held_back": _ddp_held_back}
+
+
+@pytest.mark.ddp
+def test_every_replica_uses_the_same_rho_when_each_holds_back_its_own_samples(tmp_path):
+    from distributed_harness import load, run_scenarios
+
+    results = run_scenarios(__name__, "SCENARIOS", world=2, outdir=tmp_path)
+    r0, r1 = load(results, "held_back")
+    assert r0["held"] != r1["held"]  # each replica's held-back samples are its own
+    assert r0["rhos"] == r1["rhos"]  # bit for bit, every step
+    assert len(set(r0["rhos"])) > 1  # and the reports moved it
