@@ -34,14 +34,14 @@ Tensor = torch.Tensor
 
 #: floor(2^32 / golden ratio): Knuth's multiplicative hash.
 _KNUTH = 2654435761
-#: ids at or above this would overflow the hash's int64 product.
-ID_LIMIT = 1 << 31
 
 
 def held_back(ids: Tensor, fraction: float) -> Tensor:
-    """Which of ``ids`` (a 1-D int64 tensor) a hold-back of ``fraction`` keeps out of training."""
-    # (the hash's top ten bits below round(fraction * 1024): the hash below that x 2^22)
-    return ((ids * _KNUTH) & 0xFFFFFFFF) < (round(fraction * 1024) << 22)
+    """Which of ``ids`` (a 1-D int64 tensor) a hold-back of ``fraction`` keeps out of training:
+    those whose hash's top ten bits fall below ``round(fraction * 1024)``, i.e. whose hash is
+    below that times 2^22. The hash is of an id's low 31 bits (their product with the constant
+    stays within int64), so any int64 id works, and ids equal modulo 2^31 share their fate."""
+    return (((ids & 0x7FFFFFFF) * _KNUTH) & 0xFFFFFFFF) < (round(fraction * 1024) << 22)
 
 
 def _check_fraction(fraction: Any) -> float:
@@ -79,18 +79,14 @@ def _check_inputs(losses: Any, ids: Any) -> Tensor:
                 f"Invalid ids value: {ids!r:.200} (each sample's index in its dataset: a 1-D "
                 "integer tensor or a sequence of ints)"
             )
-        if items and (min(items) < 0 or max(items) >= ID_LIMIT):
-            raise ValueError(f"Invalid ids value: an id outside [0, {ID_LIMIT})")
+        if items and not -(1 << 63) <= min(items) <= max(items) < 1 << 63:
+            raise ValueError(f"Invalid ids value: {ids!r:.200} (an id beyond int64's range)")
         values = torch.tensor(items, dtype=torch.int64)
     if values.numel() != losses.numel():
         raise ValueError(
             f"Invalid ids value: {values.numel()} ids for {losses.numel()} losses (one id per "
             "sample)"
         )
-    if values.numel():
-        low, high = torch.aminmax(values)
-        if int(low) < 0 or int(high) >= ID_LIMIT:
-            raise ValueError(f"Invalid ids value: an id outside [0, {ID_LIMIT})")
     return values
 
 
@@ -106,9 +102,9 @@ class HeldBack:
         self._split: tuple[Any, ...] | None = None
 
     def _positions(self, losses: Tensor, ids: Any, fraction: float) -> tuple[Any, ...]:
-        """(the kept samples' weights, 1 / their count, the held-back positions, their ids)
-        on ``losses``'s device and dtype; the same ids tensor, unchanged since, is split once
-        (the pass at w + e reuses the first's)."""
+        """(the kept samples' weights, the held-back ones', their ids) on ``losses``'s device
+        and dtype; the same ids tensor, unchanged since, is split once (the pass at w + e
+        reuses the first's)."""
         if not isinstance(losses, Tensor):
             _check_inputs(losses, ids)  # (raises)
         key = (fraction, losses.device, losses.dtype, losses.shape)
@@ -117,10 +113,14 @@ class HeldBack:
             return split[3:]
         values = _check_inputs(losses, ids)
         mask = held_back(values, fraction)
-        held = torch.nonzero(mask).view(-1)
-        kept = values.numel() - held.numel()
-        weights = (~mask).to(losses.dtype) / max(kept, 1)
-        parts = (weights.to(losses.device), held.to(losses.device), values[held].tolist())
+        held_ids = values[mask].tolist()
+        kept = values.numel() - len(held_ids)
+        # 1 / kept for a sample trained on, 0 for one held back (and 0 / 1 for the report)
+        weights = torch.where(mask, 0.0, 1.0 / max(kept, 1)).to(losses.dtype)
+        held = mask.to(losses.dtype)
+        if losses.device.type != "cpu":
+            weights, held = weights.to(losses.device), held.to(losses.device)
+        parts = (weights, held, held_ids)
         if isinstance(ids, Tensor):
             self._split = (ids, ids._version, key, *parts)
         return parts
@@ -145,8 +145,8 @@ class HeldBack:
                 report = float(self.total) / self.count
                 self.total, self.count, self.round = 0.0, 0, set()
             self.round.update(held_ids)
-            part = losses.detach().index_select(0, held).sum(dtype=torch.float64)
-            self.total = self.total + part
+            # (summed in the losses' dtype, accumulated over the epoch in float64)
+            self.total = self.total + torch.dot(losses.detach(), held).double()
             self.count += len(held_ids)
         # the kept samples' mean as one dot product (the held-back weigh 0: their gradient
         # is 0, and a batch held back whole trains on nothing)
@@ -172,7 +172,7 @@ class HeldBack:
             and not isinstance(state["count"], bool)
             and state["count"] >= 0
             and isinstance(state["round"], list)
-            and all(isinstance(i, int) and 0 <= i < ID_LIMIT for i in state["round"])
+            and all(type(i) is int and -(1 << 63) <= i < 1 << 63 for i in state["round"])
         )
         if not ok:
             raise ValueError(f"Invalid state value: the held-back samples' state {state!r:.200}")
