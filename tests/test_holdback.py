@@ -101,7 +101,10 @@ def test_whether_a_sample_is_held_back_depends_on_its_id_alone(ids, rnd):
 # ------------------------------------------------------------------ what trains
 
 
-def test_the_returned_loss_is_the_kept_samples_mean_and_held_back_ones_never_reach_the_gradient():
+@pytest.mark.parametrize("poison", ["large", "nan", "inf"])
+def test_the_returned_loss_is_the_kept_samples_mean_and_held_back_ones_never_reach_the_gradient(
+    poison,
+):
     x, y = _data()
     model = _model()
     opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto", model=model)
@@ -109,9 +112,11 @@ def test_the_returned_loss_is_the_kept_samples_mean_and_held_back_ones_never_rea
     mask = held_back(ids, 0.1)
     assert 0 < int(mask.sum()) < N
     losses = nn.functional.cross_entropy(model(x), y, reduction="none")
-    # the held-back samples' losses made large: neither the value nor the gradient moves
-    changed = torch.where(mask, losses * 1000 + 7, losses)
-    trained = opt.hold_back(changed, ids)
+    # the held-back samples' losses changed: neither the value nor the gradient moves
+    # (large: through the graph; nan, inf: constants, as a corrupt sample's loss would read)
+    nan, inf = torch.full_like(losses, float("nan")), torch.full_like(losses, float("inf"))
+    other = {"large": losses * 1000 + 7, "nan": nan, "inf": inf}
+    trained = opt.hold_back(torch.where(mask, other[poison], losses), ids)
     expected = losses[~mask].mean()
     assert torch.allclose(trained, expected, rtol=1e-6, atol=0)
     trained.backward(retain_graph=True)
@@ -122,14 +127,25 @@ def test_the_returned_loss_is_the_kept_samples_mean_and_held_back_ones_never_rea
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_ids_as_a_list_of_ints_hold_back_the_same_samples():
+def test_ids_as_lists_tuples_ranges_arrays_or_narrow_ints_hold_back_the_same_samples():
+    import numpy as np
+
     x, y = _data()
     model = _model()
     opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto")
     losses = nn.functional.cross_entropy(model(x), y, reduction="none")
-    a = opt.hold_back(losses, torch.arange(N))
-    b = opt.hold_back(losses, list(range(N)))
-    assert torch.equal(a, b)
+    with torch.no_grad():
+        a = opt.hold_back(losses, torch.arange(N))
+        for ids in (
+            list(range(N)),
+            tuple(range(N)),
+            range(N),
+            np.arange(N),
+            list(np.arange(N)),
+            torch.arange(N, dtype=torch.int32),
+            torch.arange(N, dtype=torch.uint8),
+        ):
+            assert torch.equal(opt.hold_back(losses, ids), a), type(ids)
 
 
 def test_the_controller_is_told_each_epochs_held_back_mean_loss_at_w_once_per_epoch():
@@ -147,6 +163,97 @@ def test_the_controller_is_told_each_epochs_held_back_mean_loss_at_w_once_per_ep
         assert len(values) == held_per_epoch  # the pass at w + e is not counted
         # (each step's held-back losses summed in float32, the epoch's sum in float64)
         assert told == pytest.approx(sum(values) / len(values), rel=1e-6)
+
+
+def _loop(opt, model, x, y, orders, *, extra=None, epoch_arg=False, batch=BATCH):
+    """Epochs over ``orders`` (one id tensor per epoch); ``extra(losses, ids)`` runs in the
+    closure's pass at w after hold_back."""
+    for epoch, order in enumerate(orders):
+        for b in range(0, len(order), batch):
+            ids = order[b : b + batch]
+
+            def closure(ids=ids, epoch=epoch):
+                losses = nn.functional.cross_entropy(model(x[ids]), y[ids], reduction="none")
+                kw = {"epoch": epoch} if epoch_arg else {}
+                loss = opt.hold_back(losses, ids, **kw)
+                if extra is not None and not opt.perturbed:
+                    extra(losses, ids)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad()
+
+
+def _recorded(epochs=4, **kw):
+    x, y = _data()
+    model = _model()
+    controller = _Recorder(warn_after=None)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=controller, model=model)
+    orders = kw.pop("orders", None) or [_epoch_order(e) for e in range(epochs)]
+    _loop(opt, model, x, y, orders, **kw)
+    return controller.told
+
+
+def test_the_same_batch_twice_in_one_pass_and_a_no_grad_call_record_nothing_more():
+    """(Recorded per id and step, a second call would close the round at every step.)"""
+    assert len(_recorded()) == 3
+    opt_holder = {}
+
+    def again(losses, ids):
+        opt_holder["opt"].hold_back(losses, ids)  # the same ids again, in the same step
+        with torch.no_grad():  # an evaluation's call, other ids: nothing recorded
+            opt_holder["opt"].hold_back(losses.detach() + 100.0, torch.arange(len(ids)))
+
+    x, y = _data()
+    model = _model()
+    controller = _Recorder(warn_after=None)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=controller, model=model)
+    opt_holder["opt"] = opt
+    _loop(opt, model, x, y, [_epoch_order(e) for e in range(4)], extra=again)
+    assert controller.told == _recorded()
+
+
+def test_with_the_loops_epoch_a_round_ends_when_the_epoch_changes_whatever_the_sampler():
+    # sampling with replacement: ids repeat within an epoch
+    g = torch.Generator().manual_seed(3)
+    orders = [torch.randint(0, N, (N,), generator=g) for _ in range(4)]
+    told = _recorded(orders=orders, epoch_arg=True)
+    assert len(told) == 3  # one report per finished epoch
+    with pytest.warns(RuntimeWarning, match="repeats samples within an epoch.*epoch=epoch"):
+        without = _recorded(orders=orders)
+    assert len(without) > 6  # (what the warning is about: rounds end at every repeat)
+    # a sampler that passes each sample once an epoch: the same reports either way
+    assert _recorded(epoch_arg=True) == _recorded()
+
+
+def test_hold_back_silences_the_no_validation_warning():
+    import warnings
+
+    x, y = _data()
+    model = _model()
+    opt = samkit.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        rho=autorho.ValidationPlateau(warn_after=3),
+        model=model,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", autorho.NoValidationWarning)
+        _loop(opt, model, x, y, [_epoch_order(0)])  # 6 steps, no report yet
+    plain = samkit.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        rho=autorho.ValidationPlateau(warn_after=3),
+    )
+
+    def closure():
+        loss = model(x).sum()
+        loss.backward()
+        return loss
+
+    with pytest.warns(autorho.NoValidationWarning):  # (what is silenced: the same loop without)
+        for _ in range(4):
+            plain.step(closure)
+            plain.zero_grad()
 
 
 def test_the_default_controller_learns_from_held_back_reports():
@@ -213,15 +320,27 @@ def test_a_resumed_run_is_the_run_that_never_stopped(stop):
     assert opt_a.param_groups[0]["rho"] == opt_c.param_groups[0]["rho"]
 
 
+_GOOD = {"fraction": 0.1, "total": 1.0, "count": 2, "round": [3, 4], "epoch": None}
+
+
 @pytest.mark.parametrize(
     "held",
     [
-        {"fraction": 0.1, "total": 1.0, "count": -1, "round": []},
-        {"fraction": 0.9, "total": 1.0, "count": 1, "round": []},
-        {"fraction": 0.1, "total": float("nan"), "count": 1, "round": []},
-        {"fraction": 0.1, "total": 1.0, "count": 1, "round": [1.5]},
-        {"fraction": 0.1, "total": 1.0, "count": 1, "round": [2**63]},
-        {"fraction": 0.1, "total": 1.0, "count": 1},
+        {**_GOOD, "count": -1},
+        {**_GOOD, "count": 1},  # fewer losses than ids
+        {**_GOOD, "count": 0, "round": [], "total": 3.0},  # a sum of nothing
+        {**_GOOD, "count": True},
+        {**_GOOD, "fraction": 0.9},
+        {**_GOOD, "total": float("nan")},
+        {**_GOOD, "total": float("inf")},
+        {**_GOOD, "total": 1},
+        {**_GOOD, "round": [1.5, 4]},
+        {**_GOOD, "round": [True, 5]},
+        {**_GOOD, "round": [4, 4]},
+        {**_GOOD, "round": [2**63, 4]},
+        {**_GOOD, "epoch": -1},
+        {**_GOOD, "epoch": 1.0},
+        {k: v for k, v in _GOOD.items() if k != "epoch"},
         "rows",
     ],
 )
@@ -231,11 +350,14 @@ def test_a_malformed_held_back_state_is_refused_and_changes_nothing(held):
     opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto", model=model)
     _train(opt, model, x, y, epochs=2)
     before = copy.deepcopy(opt.state_dict())
+    good = copy.deepcopy(before)
+    good["samkit"]["rho"]["held"] = dict(_GOOD)
+    opt.load_state_dict(copy.deepcopy(good))  # (the good one loads)
     bad = copy.deepcopy(before)
     bad["samkit"]["rho"]["held"] = held
     with pytest.raises(ValueError, match="held-back"):
         opt.load_state_dict(bad)
-    assert repr(opt.state_dict()) == repr(before)
+    assert repr(opt.state_dict()) == repr(good)
 
 
 # ------------------------------------------------------------------ refusals
@@ -257,6 +379,26 @@ def test_a_controller_that_learns_nothing_from_validation_refuses_hold_back(rho)
         opt.hold_back(losses, ids)
 
 
+def test_momentum_sam_whose_one_pass_is_at_w_plus_e_refuses_hold_back():
+    model, losses, ids = _losses_ids()
+    opt = samkit.MomentumSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho="auto")
+    with pytest.raises(ValueError, match="Invalid perturbation value.*w \\+ e"):
+        opt.hold_back(losses, ids)
+
+
+@pytest.mark.parametrize("name", ["ESAM", "K-SAM"])
+def test_esam_and_ksam_whose_closures_return_per_sample_losses_refuse_hold_back(name):
+    model, losses, ids = _losses_ids()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = (
+        samkit.ESAM(base, rho="auto", gamma=0.5)
+        if name == "ESAM"
+        else samkit.KSAM(base, rho="auto", fraction=0.5)
+    )
+    with pytest.raises(ValueError, match=f"Invalid closure value: {name}'s closure"):
+        opt.hold_back(losses, ids)
+
+
 @pytest.mark.parametrize(
     "change, match",
     [
@@ -270,6 +412,9 @@ def test_a_controller_that_learns_nothing_from_validation_refuses_hold_back(rho)
         (lambda v, i: (v, [float(v) for v in i.tolist()]), "ids"),
         (lambda v, i: (v, [True] * len(i)), "ids"),
         (lambda v, i: (v, 7), "ids"),
+        (lambda v, i: (v, [True] + list(range(len(i) - 1))), "ids"),
+        (lambda v, i: (v, i.numpy().astype("float32")), "ids"),
+        (lambda v, i: (v, i.reshape(-1, 2)), "ids"),
     ],
 )
 def test_bad_losses_or_ids_are_refused_naming_the_argument(change, match):
@@ -340,37 +485,43 @@ def test_an_ids_tensor_changed_in_place_is_split_again():
 
 
 def _ddp_held_back(rank: int) -> dict:
-    """Two replicas, each on its own half of every epoch's samples (a DistributedSampler's
-    split), each holding back its own samples: the reports are averaged over the replicas."""
+    """Two replicas, each on its own half of every epoch's samples, a new half each epoch (a
+    DistributedSampler's shuffled split), each holding back its own samples and passing the
+    loop's epoch: the reports are averaged over the replicas."""
     x, y = _data()
-    model = _model()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = samkit.SAM(
-        torch.optim.SGD(ddp.parameters(), lr=0.1),
-        rho=autorho.ValidationPlateau(patience=1, warn_after=None),
-        model=ddp,
-    )
-    rhos, held_means = [], []
-    for epoch in range(5):
-        mine = _epoch_order(epoch)[rank::2]
-        for b in range(0, len(mine), 10):
-            ids = mine[b : b + 10]
+    out = {}
+    for case in ("drift", "constant"):
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        controller = _Recorder(patience=1, warn_after=None)
+        opt = samkit.SAM(torch.optim.SGD(ddp.parameters(), lr=0.1), rho=controller, model=ddp)
+        rhos, told_at = [], []
+        for epoch in range(5):
+            mine = _epoch_order(epoch)[rank::2]
+            for b in range(0, len(mine), 10):
+                ids = mine[b : b + 10]
 
-            def closure(ids=ids, epoch=epoch):
-                losses = nn.functional.cross_entropy(ddp(x[ids]), y[ids], reduction="none")
-                # rank 0's held-back loss rises by 0.3 an epoch, rank 1's falls by 0.1: alone,
-                # rank 0 would raise the radius at every report and rank 1 never; their mean
-                # rises, so both raise it at every report
-                drift = 0.3 * epoch if rank == 0 else -0.1 * epoch
-                loss = opt.hold_back(losses + drift, ids)
-                loss.backward()
-                return loss
+                def closure(ids=ids, epoch=epoch, ddp=ddp, case=case, opt=opt):
+                    losses = nn.functional.cross_entropy(ddp(x[ids]), y[ids], reduction="none")
+                    if case == "drift":
+                        # rank 0's held-back loss rises by 0.3 an epoch, rank 1's falls by
+                        # 0.1: alone, rank 0 would raise the radius at every report and rank 1
+                        # never; their mean rises, so both raise it at every report
+                        losses = losses + (0.3 * epoch if rank == 0 else -0.1 * epoch)
+                    else:  # every held-back loss 1 on rank 0 and 3 on rank 1
+                        losses = losses * 0 + (1.0 if rank == 0 else 3.0)
+                    loss = opt.hold_back(losses, ids, epoch=epoch)
+                    loss.backward()
+                    return loss
 
-            opt.step(closure)
-            opt.zero_grad()
-            rhos.append(opt.param_groups[0]["rho"])
-        held_means.append(float(opt.rho_controller._held.total))
-    return {"rhos": rhos, "held": held_means}
+                before = len(controller.told)
+                opt.step(closure)
+                opt.zero_grad()
+                rhos.append(opt.param_groups[0]["rho"])
+                if len(controller.told) > before:
+                    told_at.append(opt.steps)
+        out[case] = {"rhos": rhos, "told": controller.told, "told_at": told_at}
+    return out
 
 
 SCENARIOS = {"held_back": _ddp_held_back}
@@ -382,6 +533,8 @@ def test_every_replica_uses_the_same_rho_when_each_holds_back_its_own_samples(tm
 
     results = run_scenarios(__name__, "SCENARIOS", world=2, outdir=tmp_path)
     r0, r1 = load(results, "held_back")
-    assert r0["held"] != r1["held"]  # each replica's held-back samples are its own
-    assert r0["rhos"] == r1["rhos"]  # bit for bit, every step
-    assert len(set(r0["rhos"])) > 1  # and the reports moved it
+    # one report per finished epoch, at the same step on both replicas: the mean of theirs
+    assert r0["constant"]["told"] == r1["constant"]["told"] == [2.0] * 4
+    assert r0["constant"]["told_at"] == r1["constant"]["told_at"]
+    assert r0["drift"]["rhos"] == r1["drift"]["rhos"]  # bit for bit, every step
+    assert len(set(r0["drift"]["rhos"])) > 1  # and the reports moved it

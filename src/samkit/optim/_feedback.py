@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class Feedback:
     rho_controller: RhoController | None
+    steps: int
 
     @property
     def perturbed(self) -> bool:
@@ -31,23 +32,46 @@ class Feedback:
         if self.rho_controller is not None and value is not None:
             self.rho_controller.observe_validation(value)
 
-    def hold_back(self, losses: Tensor, ids: Any, fraction: float = 0.1) -> Tensor:
+    def hold_back(
+        self, losses: Tensor, ids: Any, fraction: float = 0.1, *, epoch: int | None = None
+    ) -> Tensor:
         """Keep a fixed ``fraction`` of the samples, chosen by id, out of training, for
         ``rho="auto"`` to learn from in a loop that reports no validation loss
         (:mod:`samkit.optim.holdback`, docs/autorho.md).
 
         Call it in the closure on ``losses``, one per sample
         (``reduction="none"``), with ``ids``, each sample's index in its dataset (a
-        1-D integer tensor or a sequence of ints, on the CPU as a DataLoader gives
-        them); back-propagate and return what it returns: the mean loss of the
-        samples kept. Their losses at ``w`` are reported as a validation loss once
-        per epoch (when an id comes round again). Needs a controller that learns
-        from validation (the default ``rho="auto"``), else a ValueError.
+        1-D integer tensor or array, or a sequence of ints, on the CPU as a
+        DataLoader gives them); back-propagate and return what it returns: the mean
+        loss of the samples kept. Their losses at ``w`` are reported as a validation
+        loss once an epoch: when ``epoch`` (the loop's) changes, or, without it,
+        when an id comes round again (a sampler that passes each sample once an
+        epoch; under a DistributedSampler or with replacement, pass ``epoch``).
+        Needs a controller that learns from validation (the default
+        ``rho="auto"``), else a ValueError.
         """
         controller = self.rho_controller
         if controller is None or not hasattr(controller, "hold_back"):
             raise ValueError(
-                f"Invalid rho value: {controller or 'a fixed radius'} learns nothing from "
-                "held-back samples (hold_back needs rho='auto')"
+                f"Invalid rho value: {controller or 'a fixed radius'} has no use for held-back "
+                "samples (hold_back needs a samkit.optim.autorho controller that learns from "
+                "validation, such as rho='auto')"
             )
-        return controller.hold_back(losses, ids, fraction, at_w=not self.perturbed)  # type: ignore[no-any-return]
+        if not getattr(getattr(self, "perturbation", None), "needs_gradient", True):
+            raise ValueError(
+                "Invalid perturbation value: its one pass a step is at w + e, and hold_back "
+                "reports losses at w (Momentum-SAM): report a validation loss instead "
+                "(opt.observe_validation)"
+            )
+        return controller.hold_back(  # type: ignore[no-any-return]
+            losses, ids, fraction, at_w=not self.perturbed, step=self.steps, epoch=epoch
+        )
+
+
+def refuse_hold_back(name: str) -> ValueError:
+    """The error of ``hold_back`` in ESAM and K-SAM, whose closures return per-sample losses."""
+    return ValueError(
+        f"Invalid closure value: {name}'s closure returns each sample's loss for {name}'s own "
+        "selection, so hold_back cannot hold samples back in it; report a validation loss "
+        "instead (opt.observe_validation)"
+    )

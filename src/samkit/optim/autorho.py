@@ -163,7 +163,9 @@ class AutoRho(RhoController):
             self._pending[0] += value
             self._pending[1] += 1.0
 
-    def hold_back(self, losses: Tensor, ids: Any, fraction: float, *, at_w: bool) -> Tensor:
+    def hold_back(
+        self, losses: Tensor, ids: Any, fraction: float, *, at_w: bool, step: int, epoch: Any
+    ) -> Tensor:
         """SAM.hold_back: the mean loss of the samples kept for training; the held-back
         samples' mean loss at ``w`` over each epoch is reported as a validation loss."""
         if not self.uses_validation:
@@ -172,7 +174,9 @@ class AutoRho(RhoController):
                 "(hold_back needs a controller that learns from validation, such as the "
                 "default rho='auto')"
             )
-        trained, report = self._held.take(losses, ids, fraction, at_w=at_w)
+        trained, report = self._held.take(losses, ids, fraction, at_w=at_w, step=step, epoch=epoch)
+        # the held-back losses come once an epoch: no warning that nothing is reported
+        self._unreported = None
         if report is not None:
             self.observe_validation(report)
         return trained

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_unit_interval
-from . import _args, _compile
+from . import _args, _compile, _feedback
 from .perturbation import Perturbation, RandomSubset
 from .sam import SAM
 
@@ -97,6 +97,9 @@ class ESAM(SAM):
     over several micro-batches inside one step is not supported: the
     selection is per batch.
     """
+
+    def hold_back(self, losses: Tensor, ids: Any, fraction: float = 0.1, **kw: Any) -> Tensor:
+        raise _feedback.refuse_hold_back("ESAM")
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ on every rank and in every process, whatever the batch order.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -62,49 +63,61 @@ def _check_inputs(losses: Any, ids: Any) -> Tensor:
             f"Invalid losses value: {shape} (one loss per sample: a 1-D float tensor, e.g. "
             "F.cross_entropy(out, y, reduction='none'))"
         )
-    if isinstance(ids, Tensor):
-        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(
-                f"Invalid ids value: a {ids.dtype} tensor of shape {tuple(ids.shape)} (each "
-                "sample's index in its dataset: a 1-D integer tensor)"
-            )
-        values = ids.detach().to("cpu", torch.int64)
-    else:
+    what = (
+        "each sample's index in its dataset: a 1-D integer tensor or array, or a sequence of ints"
+    )
+    values: Any = ids
+    if not isinstance(ids, Tensor):
         try:
             items = list(ids)
-        except TypeError:
-            items = None
-        if items is None or not all(type(i) is int for i in items):
-            raise ValueError(
-                f"Invalid ids value: {ids!r:.200} (each sample's index in its dataset: a 1-D "
-                "integer tensor or a sequence of ints)"
-            )
-        if items and not -(1 << 63) <= min(items) <= max(items) < 1 << 63:
-            raise ValueError(f"Invalid ids value: {ids!r:.200} (an id beyond int64's range)")
-        values = torch.tensor(items, dtype=torch.int64)
-    if values.numel() != losses.numel():
+            if any(isinstance(i, bool) or type(i).__name__ == "bool_" for i in items):
+                raise TypeError("bools")
+            values = torch.as_tensor(ids if hasattr(ids, "__array__") else items)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise ValueError(f"Invalid ids value: {ids!r:.200} ({what})") from None
+    if (
+        values.dim() != 1
+        or values.is_floating_point()
+        or values.is_complex()
+        or values.dtype == torch.bool
+    ) and not (values.numel() == 0 and not isinstance(ids, Tensor)):
         raise ValueError(
-            f"Invalid ids value: {values.numel()} ids for {losses.numel()} losses (one id per "
+            f"Invalid ids value: a {values.dtype} of shape {tuple(values.shape)} ({what})"
+        )
+    checked: Tensor = values.detach().to("cpu", torch.int64).reshape(-1)
+    if checked.numel() != losses.numel():
+        raise ValueError(
+            f"Invalid ids value: {checked.numel()} ids for {losses.numel()} losses (one id per "
             "sample)"
         )
-    return values
+    return checked
 
 
 class HeldBack:
-    """The held-back samples' losses of the current round (epoch), and the ids seen in it."""
+    """The held-back samples' losses of the current round (an epoch), and the ids seen in it.
+
+    A round ends when the loop's ``epoch`` changes, or, without one, when an id comes round
+    again (a sampler that passes each sample once an epoch)."""
 
     def __init__(self) -> None:
         self.fraction: float | None = None
         self.total: Tensor | float = 0.0  # the sum of held-back losses at w, in float64
         self.count = 0
         self.round: set[int] = set()
+        self.epoch: int | None = None  # the round's epoch, where the loop gives one
         # the last ids tensor's split (the two passes of a step hand the same one)
         self._split: tuple[Any, ...] | None = None
+        # the optimizer step last recorded and the held-back ids recorded in it: a second
+        # call with them in the same step (a loss logged twice) records nothing
+        self._step: tuple[int, set[int]] = (-1, set())
+        self._ever: set[int] = set()  # every held-back id seen (not saved: for the warning)
+        self.closed = 0  # the held-back losses of the round closed last
+        self._warned = False
 
     def _positions(self, losses: Tensor, ids: Any, fraction: float) -> tuple[Any, ...]:
-        """(the kept samples' weights, the held-back ones', their ids) on ``losses``'s device
-        and dtype; the same ids tensor, unchanged since, is split once (the pass at w + e
-        reuses the first's)."""
+        """(the kept samples' positions, the held-back ones' weights, their ids) on
+        ``losses``'s device; the same ids tensor, unchanged since, is split once (the pass at
+        w + e reuses the first's)."""
         if not isinstance(losses, Tensor):
             _check_inputs(losses, ids)  # (raises)
         key = (fraction, losses.device, losses.dtype, losses.shape)
@@ -113,20 +126,24 @@ class HeldBack:
             return split[3:]
         values = _check_inputs(losses, ids)
         mask = held_back(values, fraction)
-        held_ids = values[mask].tolist()
-        kept = values.numel() - len(held_ids)
-        # 1 / kept for a sample trained on, 0 for one held back (and 0 / 1 for the report)
-        weights = torch.where(mask, 0.0, 1.0 / max(kept, 1)).to(losses.dtype)
-        held = mask.to(losses.dtype)
+        kept = torch.nonzero(~mask).view(-1)
+        held = mask.to(losses.dtype)  # (1 for a held-back sample: the report's dot product)
         if losses.device.type != "cpu":
-            weights, held = weights.to(losses.device), held.to(losses.device)
-        parts = (weights, held, held_ids)
+            kept, held = kept.to(losses.device), held.to(losses.device)
+        parts = (kept, held, values[mask].tolist())
         if isinstance(ids, Tensor):
             self._split = (ids, ids._version, key, *parts)
         return parts
 
     def take(
-        self, losses: Tensor, ids: Any, fraction: Any, *, at_w: bool
+        self,
+        losses: Tensor,
+        ids: Any,
+        fraction: Any,
+        *,
+        at_w: bool,
+        step: int,
+        epoch: int | None = None,
     ) -> tuple[Tensor, float | None]:
         """The mean loss of the samples kept for training, and the held-back samples' mean
         loss over the round that this call closes (None while it is open)."""
@@ -137,20 +154,68 @@ class HeldBack:
                     f"Invalid fraction value: {fraction!r}, where this run holds back "
                     f"{self.fraction!r} (a sample held back so far would be trained on)"
                 )
-        weights, held, held_ids = self._positions(losses, ids, fraction)
+        if epoch is not None and (type(epoch) is not int or epoch < 0):
+            raise ValueError(f"Invalid epoch value: {epoch!r} (the loop's epoch: an int >= 0)")
+        kept, held, held_ids = self._positions(losses, ids, fraction)
         self.fraction = fraction
         report = None
-        if at_w and held_ids:
-            if not self.round.isdisjoint(held_ids):  # an id comes round again: a round is over
-                report = float(self.total) / self.count
-                self.total, self.count, self.round = 0.0, 0, set()
-            self.round.update(held_ids)
-            # (summed in the losses' dtype, accumulated over the epoch in float64)
-            self.total = self.total + torch.dot(losses.detach(), held).double()
-            self.count += len(held_ids)
-        # the kept samples' mean as one dot product (the held-back weigh 0: their gradient
-        # is 0, and a batch held back whole trains on nothing)
-        return torch.dot(losses, weights), report
+        if at_w and torch.is_grad_enabled():
+            if epoch is not None:
+                # a new epoch closes the round at its first step, held-back samples in the
+                # batch or not (under DDP every replica then reports at the same step)
+                if self.epoch is not None and epoch != self.epoch:
+                    report = self._close()
+                self.epoch = epoch
+            if held_ids and self._new_in_step(step, held_ids):
+                if epoch is None and not self.round.isdisjoint(held_ids):  # comes round again
+                    report = self._close()
+                    self._check_sampler()
+                self._record(losses, held, held_ids)
+        # the kept samples' mean (a selection: a non-finite held-back loss stays out of it; a
+        # batch held back whole trains on nothing, a zero loss with its graph)
+        trained = losses.index_select(0, kept)
+        return (trained.mean() if kept.numel() else trained.sum()), report
+
+    def _record(self, losses: Tensor, held: Tensor, held_ids: list[int]) -> None:
+        """Add the batch's held-back losses at w to the round."""
+        self.round.update(held_ids)
+        self._ever.update(held_ids)
+        # (summed in the losses' dtype, accumulated over the epoch in float64)
+        self.total = self.total + torch.dot(losses.detach(), held).double()
+        self.count += len(held_ids)
+
+    def _new_in_step(self, step: int, held_ids: list[int]) -> bool:
+        """Whether ``held_ids`` are not yet recorded in optimizer step ``step`` (then they are
+        now): a loss computed twice in one pass is recorded once."""
+        if self._step[0] != step:
+            self._step = (step, set(held_ids))
+            return True
+        if self._step[1].issuperset(held_ids):
+            return False
+        self._step[1].update(held_ids)
+        return True
+
+    def _close(self) -> float | None:
+        report = float(self.total) / self.count if self.count else None
+        self.closed = self.count
+        self.total, self.count, self.round = 0.0, 0, set()
+        return report
+
+    def _check_sampler(self) -> None:
+        """Ids that repeat before the held-back samples came round (a sampler with
+        replacement, or a DistributedSampler's share that changes each epoch) end rounds
+        early: the run's held-back ids then outnumber a round's by far. Say so, once."""
+        if not self._warned and len(self._ever) > 1.5 * self.closed:
+            self._warned = True
+            warnings.warn(
+                f"hold_back: a held-back id came round again after {self.closed} held-back "
+                f"losses, where {len(self._ever)} held-back samples have been seen: this loop's "
+                "sampler repeats samples within an epoch (with replacement, or a "
+                "DistributedSampler's share), so the epoch's end cannot be read from the ids. "
+                "Pass the loop's epoch: opt.hold_back(losses, ids, epoch=epoch).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # ---- state: plain numbers
     def state_dict(self) -> dict[str, Any]:
@@ -159,25 +224,34 @@ class HeldBack:
             "total": float(self.total),
             "count": self.count,
             "round": sorted(self.round),
+            "epoch": self.epoch,
         }
 
     def load_state_dict(self, state: Any) -> None:
-        ok = (
-            isinstance(state, dict)
-            and set(state) == {"fraction", "total", "count", "round"}
-            and (state["fraction"] is None or _fraction_ok(state["fraction"]))
-            and isinstance(state["total"], float)
-            and not math.isnan(state["total"])
-            and isinstance(state["count"], int)
-            and not isinstance(state["count"], bool)
-            and state["count"] >= 0
-            and isinstance(state["round"], list)
-            and all(type(i) is int and -(1 << 63) <= i < 1 << 63 for i in state["round"])
-        )
+        keys = {"fraction", "total", "count", "round", "epoch"}
+        ok = isinstance(state, dict) and set(state) == keys
+        if ok:
+            total, count, ids, epoch = (
+                state["total"],
+                state["count"],
+                state["round"],
+                state["epoch"],
+            )
+            ok = (
+                (state["fraction"] is None or _fraction_ok(state["fraction"]))
+                and type(total) is float
+                and math.isfinite(total)
+                and type(count) is int
+                and isinstance(ids, list)
+                and all(type(i) is int and -(1 << 63) <= i < 1 << 63 for i in ids)
+                and len(set(ids)) == len(ids) <= count
+                and (count > 0 or total == 0.0)
+                and (epoch is None or (type(epoch) is int and epoch >= 0))
+            )
         if not ok:
             raise ValueError(f"Invalid state value: the held-back samples' state {state!r:.200}")
         self.fraction, self.total, self.count = state["fraction"], state["total"], state["count"]
-        self.round = set(state["round"])
+        self.round, self.epoch = set(state["round"]), state["epoch"]
 
 
 def _fraction_ok(value: Any) -> bool:

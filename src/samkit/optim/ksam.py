@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_unit_interval
-from . import _args, _compile
+from . import _args, _compile, _feedback
 from .batchnorm import freeze_bn_stats
 from .esam import backward_mean
 from .sam import SAM
@@ -86,6 +86,9 @@ class KSAM(SAM):
     among its own samples), ``scaler=`` (fp16 AMP) and the policies (a
     declined step is a base step on the ``k`` selected samples).
     """
+
+    def hold_back(self, losses: Tensor, ids: Any, fraction: float = 0.1, **kw: Any) -> Tensor:
+        raise _feedback.refuse_hold_back("K-SAM")
 
     def __init__(
         self,
