@@ -239,13 +239,39 @@ def test_autorho_signals_read_the_ascent_as_the_first_order_law_says():
     assert all(-1.0 <= a <= 1.0 for a in small["agree"])
 
 
+def _hand_written_run(opt, source, cfg, loss_of) -> list[float]:
+    """The trainer's batches and cosine learning rate in a loop written by hand, with
+    ``opt.step`` of a closure returning ``loss_of(x, y, ids)``: the radius after each epoch."""
+    from samkit.experiments.batches import steps_per_epoch, train_batches
+    from samkit.experiments.trainer import lr_factor
+
+    steps = steps_per_epoch(source, cfg["batch_size"])
+    base_lr = opt.param_groups[0]["lr"]
+    rhos = []
+    for epoch in range(cfg["epochs"]):
+        for i, (x, y, ids) in enumerate(train_batches(source, cfg["batch_size"], 0, epoch)):
+            for group in opt.param_groups:
+                group["lr"] = base_lr * lr_factor(
+                    epoch * steps + i, cfg["epochs"] * steps, "cosine", 0
+                )
+
+            def closure(x=x, y=y, ids=ids):
+                loss = loss_of(x, y, ids)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad(set_to_none=True)
+        rhos.append(float(opt.param_groups[0]["rho"]))
+    return rhos
+
+
 def test_autorho_no_report_mode_is_a_hand_written_plain_loop(tmp_path):
     """The autorho benchmark's "no reports" runs go through samkit's trainer with every
     validation report dropped; a loop written by hand (the same batches, the same cosine
     learning rate, ``opt.step(closure)`` and nothing else) gives the same run to the last
     bit: the same radius after every epoch and the same validation loss at the end."""
-    from samkit.experiments.batches import evaluate, train_batches
-    from samkit.experiments.trainer import lr_factor
+    from samkit.experiments.batches import evaluate
 
     autorho = load("autorho")
     cfg = autorho.run_config("cnn_clean", "auto:gradient_agreement@plain", 0, 4)
@@ -253,24 +279,7 @@ def test_autorho_no_report_mode_is_a_hand_written_plain_loop(tmp_path):
 
     model, opt, data = autorho.build(cfg)  # the benchmark's model, data and SAM(rho="auto")
     loss_fn = torch.nn.functional.cross_entropy
-    steps = len(data.train) // cfg["batch_size"]
-    base_lr = opt.param_groups[0]["lr"]
-    rhos = []
-    for epoch in range(cfg["epochs"]):
-        for i, (x, y, _) in enumerate(train_batches(data.train, cfg["batch_size"], 0, epoch)):
-            for group in opt.param_groups:
-                group["lr"] = base_lr * lr_factor(
-                    epoch * steps + i, cfg["epochs"] * steps, "cosine", 0
-                )
-
-            def closure(x=x, y=y):
-                loss = loss_fn(model(x), y)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            opt.zero_grad(set_to_none=True)
-        rhos.append(float(opt.param_groups[0]["rho"]))
+    rhos = _hand_written_run(opt, data.train, cfg, lambda x, y, ids: loss_fn(model(x), y))
     val_loss = evaluate(model, data.val)["loss"]  # the trainer's evaluation
 
     assert len(set(rhos)) > 1  # "auto" moved the radius: the comparison is not of constants
@@ -283,8 +292,7 @@ def test_autorho_held_back_mode_is_a_hand_written_loop_holding_back_by_id(tmp_pa
     splits together (the validation labels made as noisy as the training labels) and report
     nothing; a hand-written loop over the same batches whose closure calls
     ``opt.hold_back(losses, ids)`` gives the same run to the last bit."""
-    from samkit.experiments.batches import evaluate, steps_per_epoch, train_batches
-    from samkit.experiments.trainer import lr_factor
+    from samkit.experiments.batches import evaluate
 
     autorho = load("autorho")
     cfg = autorho.run_config("mlp_digits_noise20", "auto:gradient_agreement@heldback", 0, 6)
@@ -297,24 +305,12 @@ def test_autorho_held_back_mode_is_a_hand_written_loop_holding_back_by_id(tmp_pa
     flipped = (union.train.y[len(data.train) :] != data.val.y).double().mean().item()
     assert flipped == pytest.approx(0.2, abs=0.01)  # the validation labels made as noisy
     loss_fn = torch.nn.functional.cross_entropy
-    steps = steps_per_epoch(union.train, cfg["batch_size"])
-    base_lr = opt.param_groups[0]["lr"]
-    rhos = []
-    for epoch in range(cfg["epochs"]):
-        for i, (x, y, ids) in enumerate(train_batches(union.train, cfg["batch_size"], 0, epoch)):
-            for group in opt.param_groups:
-                group["lr"] = base_lr * lr_factor(
-                    epoch * steps + i, cfg["epochs"] * steps, "cosine", 0
-                )
-
-            def closure(x=x, y=y, ids=ids):
-                loss = opt.hold_back(loss_fn(model(x), y, reduction="none"), ids)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            opt.zero_grad(set_to_none=True)
-        rhos.append(float(opt.param_groups[0]["rho"]))
+    rhos = _hand_written_run(
+        opt,
+        union.train,
+        cfg,
+        lambda x, y, ids: opt.hold_back(loss_fn(model(x), y, reduction="none"), ids),
+    )
 
     assert opt.rho_controller.best is not None  # the held-back samples were reported
     assert len(set(rhos)) > 1
