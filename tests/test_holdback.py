@@ -329,8 +329,7 @@ _GOOD = {"fraction": 0.1, "total": 1.0, "count": 2, "round": [3, 4], "epoch": No
         {**_GOOD, "count": 0, "round": [], "total": 3.0},  # a sum of nothing
         {**_GOOD, "count": True},
         {**_GOOD, "fraction": 0.9},
-        {**_GOOD, "total": float("nan")},
-        {**_GOOD, "total": float("inf")},
+        {**_GOOD, "count": 0, "round": [], "total": float("inf")},
         {**_GOOD, "total": 1},
         {**_GOOD, "round": [1.5, 4]},
         {**_GOOD, "round": [True, 5]},
@@ -536,3 +535,134 @@ def test_every_replica_uses_the_same_rho_when_each_holds_back_its_own_samples(tm
     assert r0["constant"]["told_at"] == r1["constant"]["told_at"]
     assert r0["drift"]["rhos"] == r1["drift"]["rhos"]  # bit for bit, every step
     assert len(set(r0["drift"]["rhos"])) > 1  # and the reports moved it
+
+
+# ------------------------------------------------------------------ second review
+
+
+def test_a_non_finite_loss_of_a_trained_sample_stays_out_of_the_held_back_sum():
+    from samkit.optim.holdback import HeldBack
+
+    ids = torch.arange(40)
+    mask = held_back(ids, 0.1)
+    losses = torch.ones(40)
+    losses[int(torch.nonzero(~mask)[0])] = float("inf")  # a sample trained on
+    hb = HeldBack()
+    hb.take(losses.requires_grad_(), ids, 0.1, at_w=True, step=0, epoch=0)
+    assert float(hb.total) == float(mask.sum())  # the held-back losses of 1, and only them
+
+
+def test_a_non_finite_held_back_loss_skips_its_epochs_report_with_a_warning_and_resumes():
+    from samkit.optim.holdback import HeldBack
+
+    ids = torch.arange(40)
+    mask = held_back(ids, 0.1)
+    hb = HeldBack()
+    losses = torch.where(mask, torch.full((40,), float("nan")), torch.ones(40))
+    hb.take(losses.requires_grad_(), ids, 0.1, at_w=True, step=0, epoch=0)
+    state = hb.state_dict()
+    assert state["count"] > 0 and state["total"] != state["total"]  # NaN
+    again = HeldBack()
+    again.load_state_dict(state)  # its own state loads
+    with pytest.warns(RuntimeWarning, match="not finite in the epoch just ended"):
+        _, report = again.take(
+            torch.ones(40, requires_grad=True), ids, 0.1, at_w=True, step=1, epoch=1
+        )
+    assert report is None
+
+
+def test_a_fraction_is_stored_as_a_float_and_a_tensor_fraction_is_refused():
+    import io
+
+    import numpy as np
+
+    model, losses, ids = _losses_ids()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto")
+    opt.hold_back(losses, ids, np.float64(0.1))
+    held = opt.state_dict()["samkit"]["rho"]["held"]
+    assert type(held["fraction"]) is float
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    torch.load(buffer)  # (weights_only: plain numbers)
+    with pytest.raises(ValueError, match="Invalid fraction value"):
+        opt.hold_back(losses, ids, torch.tensor(0.1))
+
+
+def test_an_ids_buffer_refilled_behind_torchs_back_is_split_again_at_the_next_step():
+    import numpy as np
+
+    from samkit.optim.holdback import HeldBack
+
+    array = np.zeros(20, np.int64)
+    ids = torch.from_numpy(array)  # (writes to the array do not bump the tensor's version)
+    hb = HeldBack()
+    for step, start in enumerate((0, 20, 40)):
+        array[:] = np.arange(start, start + 20)
+        hb.take(torch.ones(20, requires_grad=True), ids, 0.1, at_w=True, step=step, epoch=0)
+    expected = sum(int(held_back(torch.arange(s, s + 20), 0.1).sum()) for s in (0, 20, 40))
+    assert hb.count == expected
+
+
+def test_ids_made_under_inference_mode_work():
+    model, losses, _ = _losses_ids()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto")
+    with torch.inference_mode():
+        ids = torch.arange(N)
+    assert torch.isfinite(opt.hold_back(losses, ids))
+
+
+def test_an_epoch_that_never_changes_is_warned_and_no_grad_calls_do_not_silence_the_warning():
+    x, y = _data()
+    model = _model()
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto", model=model)
+    orders = [_epoch_order(e) for e in range(5)]
+    with pytest.warns(RuntimeWarning, match="epoch=0 and the epoch has not changed") as seen:
+        for order in orders:
+            for b in range(0, N, BATCH):
+                ids = order[b : b + BATCH]
+
+                def closure(ids=ids):
+                    losses = nn.functional.cross_entropy(model(x[ids]), y[ids], reduction="none")
+                    loss = opt.hold_back(losses, ids, epoch=0)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+                opt.zero_grad()
+    assert seen[0].filename == __file__  # (pointing at the loop's line)
+    # calls under no_grad only record nothing: the no-validation warning still comes
+    plain = samkit.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        rho=autorho.ValidationPlateau(warn_after=3),
+    )
+
+    def closure():
+        with torch.no_grad():
+            plain.hold_back(
+                nn.functional.cross_entropy(model(x), y, reduction="none"), torch.arange(N)
+            )
+        loss = model(x).sum()
+        loss.backward()
+        return loss
+
+    with pytest.warns(autorho.NoValidationWarning):
+        for _ in range(4):
+            plain.step(closure)
+            plain.zero_grad()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_losses_are_averaged_and_summed_in_float32(dtype):
+    from samkit.optim.holdback import HeldBack
+
+    n = 100_000
+    ids = torch.arange(n)
+    mask = held_back(ids, 0.1)
+    losses = (torch.rand(n, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    hb = HeldBack()
+    trained, _ = hb.take(losses.requires_grad_(), ids, 0.1, at_w=True, step=0, epoch=0)
+    exact = losses.detach().double()
+    assert trained.dtype == torch.float32
+    assert float(trained.detach()) == pytest.approx(float(exact[~mask].mean()), rel=1e-5)
+    assert float(hb.total) == pytest.approx(float(exact[mask].sum()), rel=1e-5)

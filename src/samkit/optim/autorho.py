@@ -175,8 +175,8 @@ class AutoRho(RhoController):
                 "default rho='auto')"
             )
         trained, report = self._held.take(losses, ids, fraction, at_w=at_w, step=step, epoch=epoch)
-        # the held-back losses come once an epoch: no warning that nothing is reported
-        self._unreported = None
+        if self._held.count:  # held-back losses recorded, reported once an epoch: no
+            self._unreported = None  # warning that nothing is reported
         if report is not None:
             self.observe_validation(report)
         return trained

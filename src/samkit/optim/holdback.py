@@ -24,6 +24,7 @@ on every rank and in every process, whatever the batch order.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Any
 
@@ -35,6 +36,8 @@ Tensor = torch.Tensor
 
 #: floor(2^32 / golden ratio): Knuth's multiplicative hash.
 _KNUTH = 2654435761
+#: Held-back ids remembered for the warnings (about 100 bytes each in a Python set).
+TRACKED = 1 << 20
 
 
 def held_back(ids: Tensor, fraction: float) -> Tensor:
@@ -96,6 +99,23 @@ def _check_inputs(losses: Any, ids: Any) -> Tensor:
     return checked
 
 
+#: Loss dtypes whose held-back sum and kept mean are computed in float32 (1 / kept is
+#: subnormal in float16 above 16,384 samples, and bfloat16 rounds a sum at ~2e-3).
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _check_epoch(epoch: Any) -> int | None:
+    if epoch is None:
+        return None
+    try:
+        value = operator.index(epoch) if not isinstance(epoch, bool) else -1
+    except TypeError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"Invalid epoch value: {epoch!r} (the loop's epoch: an int >= 0)")
+    return value
+
+
 class HeldBack:
     """The held-back samples' losses of the current round (an epoch), and the ids seen in it.
 
@@ -106,39 +126,42 @@ class HeldBack:
         self.fraction: float | None = None
         self.total: Tensor | float = 0.0  # the sum of held-back losses at w, in float64
         self.count = 0
+        # the round's held-back ids, kept only without ``epoch``: a repeat ends the round
         self.round: set[int] = set()
         self.epoch: int | None = None  # the round's epoch, where the loop gives one
-        # the last ids tensor's split (the two passes of a step hand the same one)
+        # this step's split of its ids tensor (the pass at w + e hands the same one)
         self._split: tuple[Any, ...] | None = None
         # the optimizer step last recorded and the held-back ids recorded in it: a second
         # call with them in the same step (a loss logged twice) records nothing
         self._step: tuple[int, set[int]] = (-1, set())
         self._ever: set[int] = set()  # every held-back id seen (not saved: for the warning)
         self.closed = 0  # the held-back losses of the round closed last
-        self._warned = False
+        self._warned: set[str] = set()
 
-    def _positions(self, losses: Tensor, ids: Any, fraction: float) -> tuple[Any, ...]:
-        """(the kept samples' weights in their mean, the held-back ones' 1s, their ids) on
-        ``losses``'s device and dtype; the same ids tensor, unchanged since, is split once (the
-        pass at w + e reuses the first's)."""
+    def _positions(
+        self, losses: Tensor, ids: Any, fraction: float, step: int
+    ) -> tuple[Tensor, Tensor, list[int]]:
+        """(the kept samples' weights in their mean, the held-back ones' mask, their ids) on
+        ``losses``'s device; within one optimizer step the same ids tensor, unchanged, is
+        split once (the pass at w + e reuses the first's)."""
         if not isinstance(losses, Tensor):
             _check_inputs(losses, ids)  # (raises)
-        key = (fraction, losses.device, losses.dtype, losses.shape)
+        cached = isinstance(ids, Tensor) and not ids.is_inference()  # (no version counter)
+        key = (step, ids._version if cached else None, fraction, losses.device, losses.dtype)
         split = self._split
-        if split is not None and split[0] is ids and split[1] == ids._version and split[2] == key:
-            return split[3:]
+        if cached and split is not None and split[0] is ids and split[1] == key:
+            if split[2].numel() == losses.numel():
+                return split[2], split[3], split[4]
         values = _check_inputs(losses, ids)
         mask = held_back(values, fraction)
         held_ids = values[mask].tolist()
-        # 1 / kept for a sample trained on, 0 for one held back; and 1 for a held-back one
-        weights = torch.where(mask, 0.0, 1.0 / max(len(values) - len(held_ids), 1))
-        weights, held = weights.to(losses.dtype), mask.to(losses.dtype)
+        # 1 / kept for a sample trained on, 0 for one held back
+        dtype = torch.float32 if losses.dtype in _LOW else losses.dtype
+        weights = torch.where(mask, 0.0, 1.0 / max(len(values) - len(held_ids), 1)).to(dtype)
         if losses.device.type != "cpu":
-            weights, held = weights.to(losses.device), held.to(losses.device)
-        parts = (weights, held, held_ids)
-        if isinstance(ids, Tensor):
-            self._split = (ids, ids._version, key, *parts)
-        return parts
+            weights, mask = weights.to(losses.device), mask.to(losses.device)
+        self._split = (ids, key, weights, mask, held_ids) if cached else None
+        return weights, mask, held_ids
 
     def take(
         self,
@@ -148,20 +171,19 @@ class HeldBack:
         *,
         at_w: bool,
         step: int,
-        epoch: int | None = None,
+        epoch: Any = None,
     ) -> tuple[Tensor, float | None]:
         """The mean loss of the samples kept for training, and the held-back samples' mean
         loss over the round that this call closes (None while it is open)."""
-        if self.fraction is None or fraction != self.fraction:  # (the same: checked already)
+        if type(fraction) is not float or fraction != self.fraction:  # (else checked already)
             fraction = _check_fraction(fraction)
-            if self.fraction is not None:
+            if self.fraction is not None and fraction != self.fraction:
                 raise ValueError(
                     f"Invalid fraction value: {fraction!r}, where this run holds back "
                     f"{self.fraction!r} (a sample held back so far would be trained on)"
                 )
-        if epoch is not None and (type(epoch) is not int or epoch < 0):
-            raise ValueError(f"Invalid epoch value: {epoch!r} (the loop's epoch: an int >= 0)")
-        weights, held, held_ids = self._positions(losses, ids, fraction)
+        epoch = _check_epoch(epoch)
+        weights, mask, held_ids = self._positions(losses, ids, fraction, step)
         self.fraction = fraction
         report = None
         if at_w and torch.is_grad_enabled():
@@ -175,23 +197,36 @@ class HeldBack:
                 if epoch is None and not self.round.isdisjoint(held_ids):  # comes round again
                     report = self._close()
                     self._check_sampler()
-                self._record(losses, held, held_ids)
+                self._record(losses, mask, held_ids, by_ids=epoch is None)
         # the kept samples' mean as one dot product: the held-back weigh 0 (their gradient is
         # 0; a non-finite one makes it non-finite, as in a plain mean: a selection or a mask
         # took 30-50 us more a step on a CPU) and a batch held back whole trains on nothing
+        if losses.dtype in _LOW:
+            return torch.dot(losses.float(), weights), report
         return torch.dot(losses, weights), report
 
-    def _record(self, losses: Tensor, held: Tensor, held_ids: list[int]) -> None:
-        """Add the batch's held-back losses at w to the round."""
-        self.round.update(held_ids)
-        self._ever.update(held_ids)
-        # (summed in the losses' dtype, accumulated over the epoch in float64)
-        part = torch.dot(losses.detach(), held)
+    def _record(self, losses: Tensor, mask: Tensor, held_ids: list[int], by_ids: bool) -> None:
+        """Add the batch's held-back losses at w to the round (a selection: a trained sample's
+        non-finite loss stays out of it; detached, so it costs no backward)."""
+        if by_ids:
+            self.round.update(held_ids)
+        if len(self._ever) < TRACKED:  # (for the warnings only: bounded)
+            self._ever.update(held_ids)
+        part = torch.where(mask, losses.detach(), 0.0).sum(dtype=torch.float32)
         if isinstance(self.total, Tensor):
             self.total.add_(part)
         else:
             self.total = part.double() + self.total
         self.count += len(held_ids)
+        if not by_ids and len(self._ever) < TRACKED and self.count > 3 * len(self._ever):
+            # every held-back sample seen three times over in one round: the epoch given
+            # never changes (a sampler with replacement draws each about 1.6 times)
+            self._warn(
+                "epoch",
+                f"hold_back: {self.count} held-back losses of {len(self._ever)} samples in "
+                f"epoch={self.epoch} and the epoch has not changed, so nothing is reported: "
+                "pass the loop's epoch (opt.hold_back(losses, ids, epoch=epoch)).",
+            )
 
     def _new_in_step(self, step: int, held_ids: list[int]) -> bool:
         """Whether ``held_ids`` are not yet recorded in optimizer step ``step`` (then they are
@@ -205,26 +240,41 @@ class HeldBack:
         return True
 
     def _close(self) -> float | None:
-        report = float(self.total) / self.count if self.count else None
-        self.closed = self.count
+        total, count = float(self.total), self.count
+        self.closed = count
         self.total, self.count, self.round = 0.0, 0, set()
-        return report
+        if self.epoch is not None:  # (with the loop's epoch: the samples of one round)
+            self._ever.clear()
+        if count and not math.isfinite(total):
+            self._warn(
+                "nonfinite",
+                "hold_back: a held-back sample's loss was not finite in the epoch just "
+                "ended, so that epoch is not reported (the model diverged on it, or the sample "
+                "is corrupt).",
+            )
+            return None
+        return total / count if count else None
 
     def _check_sampler(self) -> None:
         """Ids that repeat before the held-back samples came round (a sampler with
         replacement, or a DistributedSampler's share that changes each epoch) end rounds
         early: the run's held-back ids then outnumber a round's by far. Say so, once."""
-        if not self._warned and len(self._ever) > 1.5 * self.closed:
-            self._warned = True
-            warnings.warn(
+        if len(self._ever) > 1.5 * self.closed:
+            self._warn(
+                "sampler",
                 f"hold_back: a held-back id came round again after {self.closed} held-back "
-                f"losses, where {len(self._ever)} held-back samples have been seen: this loop's "
-                "sampler repeats samples within an epoch (with replacement, or a "
-                "DistributedSampler's share), so the epoch's end cannot be read from the ids. "
-                "Pass the loop's epoch: opt.hold_back(losses, ids, epoch=epoch).",
-                RuntimeWarning,
-                stacklevel=3,
+                f"losses, where {len(self._ever)} held-back samples have been seen: this "
+                "loop's sampler repeats samples within an epoch (with replacement, or a "
+                "DistributedSampler's share), so the epoch's end cannot be read from the "
+                "ids. Pass the loop's epoch: opt.hold_back(losses, ids, epoch=epoch).",
             )
+
+    def _warn(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            from .autorho import _caller_level  # (autorho imports this module)
+
+            warnings.warn(message, RuntimeWarning, stacklevel=_caller_level())
 
     # ---- state: plain numbers
     def state_dict(self) -> dict[str, Any]:
@@ -240,22 +290,20 @@ class HeldBack:
         keys = {"fraction", "total", "count", "round", "epoch"}
         ok = isinstance(state, dict) and set(state) == keys
         if ok:
-            total, count, ids, epoch = (
-                state["total"],
-                state["count"],
-                state["round"],
-                state["epoch"],
-            )
+            total, count, ids = state["total"], state["count"], state["round"]
             ok = (
                 (state["fraction"] is None or _fraction_ok(state["fraction"]))
                 and type(total) is float
-                and math.isfinite(total)
+                # (a non-finite sum: a held-back loss that was, which the report skips)
+                and (math.isfinite(total) or count > 0)
                 and type(count) is int
                 and isinstance(ids, list)
                 and all(type(i) is int and -(1 << 63) <= i < 1 << 63 for i in ids)
                 and len(set(ids)) == len(ids) <= count
                 and (count > 0 or total == 0.0)
-                and (epoch is None or (type(epoch) is int and epoch >= 0))
+                and (
+                    state["epoch"] is None or (type(state["epoch"]) is int and state["epoch"] >= 0)
+                )
             )
         if not ok:
             raise ValueError(f"Invalid state value: the held-back samples' state {state!r:.200}")
