@@ -1,4 +1,4 @@
-r"""A slice of each batch held back from training, for ``rho="auto"`` to learn from.
+r"""A slice of the samples held back from training, for ``rho="auto"`` to learn from.
 
 A loop that evaluates nothing can still give the radius a held-out signal:
 the closure hands SAM one loss per sample and each sample's id (its index in
@@ -7,18 +7,19 @@ id, out of training for good::
 
     def closure():
         losses = F.cross_entropy(model(x), y, reduction="none")
-        loss = opt.hold_back(losses, ids)   # the mean loss of the samples trained on
+        loss = opt.hold_back(losses, ids, epoch=epoch)   # the kept samples' mean loss
         loss.backward()
         return loss
 
 The held-back samples still ride in the batch (their forward costs what it
-did), but their losses are left out of the mean that is back-propagated; their
-losses at ``w`` (the first pass of each step) are summed, and once an id comes
-round again (an epoch has passed) their mean is reported to the controller as
-a validation loss, as ``opt.observe_validation`` would. A sample is held back
-when the top ten bits of its id's multiplicative hash (Knuth's, 2^32 / the
-golden ratio) fall below ``fraction`` x 1024: the same samples in every epoch,
-on every rank and in every process, whatever the batch order.
+did), but they weigh 0 in the mean that is back-propagated; their losses at
+``w`` (the first pass of each step) are summed, and at the first step of the
+next epoch (when ``epoch`` changes, or, without it, when a held-back id comes
+round again) their mean is reported to the controller as a validation loss, as
+``opt.observe_validation`` would. A sample is held back when the top ten bits
+of its id's multiplicative hash (Knuth's, 2^32 / the golden ratio, of the id's
+low 31 bits) fall below ``round(fraction * 1024)``: the same samples in every
+epoch, on every rank and in every process, whatever the batch order.
 """
 
 from __future__ import annotations
@@ -147,11 +148,11 @@ class HeldBack:
         if not isinstance(losses, Tensor):
             _check_inputs(losses, ids)  # (raises)
         cached = isinstance(ids, Tensor) and not ids.is_inference()  # (no version counter)
-        key = (step, ids._version if cached else None, fraction, losses.device, losses.dtype)
+        version = ids._version if cached else None
+        key = (step, version, fraction, losses.device, losses.dtype, losses.shape)
         split = self._split
         if cached and split is not None and split[0] is ids and split[1] == key:
-            if split[2].numel() == losses.numel():
-                return split[2], split[3], split[4]
+            return split[2], split[3], split[4]
         values = _check_inputs(losses, ids)
         mask = held_back(values, fraction)
         held_ids = values[mask].tolist()
@@ -249,8 +250,8 @@ class HeldBack:
             self._warn(
                 "nonfinite",
                 "hold_back: a held-back sample's loss was not finite in the epoch just "
-                "ended, so that epoch is not reported (the model diverged on it, or the sample "
-                "is corrupt).",
+                "ended, so that epoch is not reported, nor any later one where that happens "
+                "(the model diverged on it, or the sample is corrupt).",
             )
             return None
         return total / count if count else None
