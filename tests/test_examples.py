@@ -45,6 +45,14 @@ def test_plain_loop_learns():
     assert out["accuracy"] > 0.3  # 10 classes: chance is about 0.1
 
 
+def test_held_back_raises_the_radius_under_label_noise_where_the_gradients_alone_do_not():
+    held = run("held_back", "--epochs", "30")
+    plain = run("held_back", "--epochs", "30", "--no-hold-back")
+    assert held["best"] is not None and plain["best"] is None  # reports came, once an epoch
+    assert held["rhos"][-1] > 4 * held["rhos"][0]  # the held-back losses raised the radius
+    assert held["test"] > plain["test"] + 0.03  # (0.508 and 0.410 here: a wide margin)
+
+
 def test_amp_bf16_on_cpu():
     out = run("amp", "--steps", "30", "--device", "cpu")
     assert (out["device"], out["precision"]) == ("cpu", "bf16")  # auto on CPU
