@@ -666,3 +666,41 @@ def test_low_precision_losses_are_averaged_and_summed_in_float32(dtype):
     assert trained.dtype == torch.float32
     assert float(trained.detach()) == pytest.approx(float(exact[~mask].mean()), rel=1e-5)
     assert float(hb.total) == pytest.approx(float(exact[mask].sum()), rel=1e-5)
+
+
+def test_a_run_resumed_mid_epoch_with_epoch_given_is_not_warned_of_an_epoch_that_never_changes():
+    """The ids seen before a resume are not saved; the losses counted then are: a check of
+    the one against the other warned of an epoch that never changes."""
+    import warnings
+
+    x, y = _data()
+
+    def fresh():
+        model = _model()
+        return model, samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho="auto")
+
+    def steps(model, opt, batches):  # (epoch, first sample) pairs of 10 samples
+        for epoch, b in batches:
+            ids = _epoch_order(epoch)[b : b + 10]
+
+            def closure(ids=ids, epoch=epoch):
+                losses = nn.functional.cross_entropy(model(x[ids]), y[ids], reduction="none")
+                loss = opt.hold_back(losses, ids, epoch=epoch)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad()
+
+    every = [(e, b) for e in range(3) for b in range(0, N, 10)]
+    cut = every.index((1, N - 10))  # saved before epoch 1's last batch
+    model, opt = fresh()
+    steps(model, opt, every[:cut])
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    assert saved[1]["samkit"]["rho"]["held"]["count"] > 3  # (what the check once read)
+    model2, opt2 = fresh()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        steps(model2, opt2, every[cut:])

@@ -45,7 +45,7 @@ class Feedback:
         DataLoader gives them); back-propagate and return what it returns: the mean
         loss of the samples kept. Their losses at ``w`` are reported as a validation
         loss once an epoch: when ``epoch`` (the loop's) changes, or, without it,
-        when an id comes round again (a sampler that passes each sample once an
+        when a held-back id comes round again (a sampler that passes each sample once an
         epoch; under a DistributedSampler or with replacement, pass ``epoch``).
         Needs a controller that learns from validation (the default
         ``rho="auto"``), else a ValueError.

@@ -35,7 +35,7 @@ from .._checks import check_pos
 
 Tensor = torch.Tensor
 
-#: floor(2^32 / golden ratio): Knuth's multiplicative hash.
+#: Knuth's multiplicative hash constant: the prime 2654435761, near 2^32 / the golden ratio.
 _KNUTH = 2654435761
 #: Held-back ids remembered for the warnings (about 100 bytes each in a Python set).
 TRACKED = 1 << 20
@@ -120,8 +120,8 @@ def _check_epoch(epoch: Any) -> int | None:
 class HeldBack:
     """The held-back samples' losses of the current round (an epoch), and the ids seen in it.
 
-    A round ends when the loop's ``epoch`` changes, or, without one, when an id comes round
-    again (a sampler that passes each sample once an epoch)."""
+    A round ends when the loop's ``epoch`` changes, or, without one, when a held-back id comes
+    round again (a sampler that passes each sample once an epoch)."""
 
     def __init__(self) -> None:
         self.fraction: float | None = None
@@ -137,6 +137,7 @@ class HeldBack:
         self._step: tuple[int, set[int]] = (-1, set())
         self._ever: set[int] = set()  # every held-back id seen (not saved: for the warning)
         self.closed = 0  # the held-back losses of the round closed last
+        self._since = 0  # the round's count when _ever started (a resumed run's: not saved)
         self._warned: set[str] = set()
 
     def _positions(
@@ -213,18 +214,20 @@ class HeldBack:
             self.round.update(held_ids)
         if len(self._ever) < TRACKED:  # (for the warnings only: bounded)
             self._ever.update(held_ids)
-        part = torch.where(mask, losses.detach(), 0.0).sum(dtype=torch.float32)
+        dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32
+        part = torch.where(mask, losses.detach(), 0.0).sum(dtype=dtype)
         if isinstance(self.total, Tensor):
             self.total.add_(part)
         else:
             self.total = part.double() + self.total
         self.count += len(held_ids)
-        if not by_ids and len(self._ever) < TRACKED and self.count > 3 * len(self._ever):
+        seen = self.count - self._since  # (the losses recorded since _ever started)
+        if not by_ids and len(self._ever) < TRACKED and seen > 3 * len(self._ever):
             # every held-back sample seen three times over in one round: the epoch given
             # never changes (a sampler with replacement draws each about 1.6 times)
             self._warn(
                 "epoch",
-                f"hold_back: {self.count} held-back losses of {len(self._ever)} samples in "
+                f"hold_back: {seen} held-back losses of {len(self._ever)} samples in "
                 f"epoch={self.epoch} and the epoch has not changed, so nothing is reported: "
                 "pass the loop's epoch (opt.hold_back(losses, ids, epoch=epoch)).",
             )
@@ -243,7 +246,7 @@ class HeldBack:
     def _close(self) -> float | None:
         total, count = float(self.total), self.count
         self.closed = count
-        self.total, self.count, self.round = 0.0, 0, set()
+        self.total, self.count, self.round, self._since = 0.0, 0, set(), 0
         if self.epoch is not None:  # (with the loop's epoch: the samples of one round)
             self._ever.clear()
         if count and not math.isfinite(total):
@@ -310,6 +313,7 @@ class HeldBack:
             raise ValueError(f"Invalid state value: the held-back samples' state {state!r:.200}")
         self.fraction, self.total, self.count = state["fraction"], state["total"], state["count"]
         self.round, self.epoch = set(state["round"]), state["epoch"]
+        self._since = self.count  # (the ids seen before are not saved: count from here)
 
 
 def _fraction_ok(value: Any) -> bool:
