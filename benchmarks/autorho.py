@@ -282,19 +282,30 @@ def train_one(cfg: dict, folder: Path) -> dict:
 
 
 # ------------------------------------------------------------------ timing
+#: The timing's second reference, for the held-back loop: SAM at rho=0.05 whose closure takes
+#: the mean of per-sample losses (``reduction="none"``), as the held-back loop computes them.
+PER_SAMPLE = "rho=0.05, per-sample losses"
+
+
 def time_steps(setting: str, candidates: list[str], trials: int, steps: int) -> dict[str, float]:
-    """Median over rounds of (step time of a candidate) / (step time of SAM rho=0.05)."""
+    """Median over rounds of (step time of a candidate) / (step time of SAM rho=0.05); for a
+    held-back candidate also ``<name> / per-sample``: against SAM at 0.05 whose closure takes
+    the mean of the same per-sample losses (what ``hold_back`` and the controller add to a
+    loop that computes them)."""
     cfg0 = run_config(setting, DEFAULT_RHO, 0, None)
     data = load_dataset(cfg0["dataset"], seed=0, noise=cfg0["noise"], val_fraction=0.1)
     loss_fn = torch.nn.functional.cross_entropy
     runs = {}
-    for candidate in [DEFAULT_RHO, *candidates]:
+    held_any = any(c.endswith(HELD) for c in candidates)
+    for candidate in [DEFAULT_RHO, *([PER_SAMPLE] if held_any else []), *candidates]:
         held = isinstance(candidate, str) and candidate.endswith(HELD)
-        rho = candidate.removesuffix(HELD) if held else candidate
+        per_sample = held or candidate == PER_SAMPLE
+        rho = DEFAULT_RHO if candidate == PER_SAMPLE else candidate
+        rho = rho.removesuffix(HELD) if held else rho
         model, opt, _ = build({**cfg0, "rho": rho})
         state = {"i": 0}
 
-        def step(model=model, opt=opt, state=state, held=held) -> None:
+        def step(model=model, opt=opt, state=state, held=held, per_sample=per_sample) -> None:
             n = len(data.train)
             start = (state["i"] * 100) % (n - 100)
             state["i"] += 1
@@ -304,6 +315,8 @@ def time_steps(setting: str, candidates: list[str], trials: int, steps: int) -> 
             def closure() -> torch.Tensor:
                 if held:  # one loss per sample, 10 % held back by id
                     loss = opt.hold_back(loss_fn(model(x), y, reduction="none"), ids)
+                elif per_sample:
+                    loss = loss_fn(model(x), y, reduction="none").mean()
                 else:
                     loss = loss_fn(model(x), y)
                 loss.backward()
@@ -317,7 +330,10 @@ def time_steps(setting: str, candidates: list[str], trials: int, steps: int) -> 
         runs[label_of(candidate)] = (step, None)
     samples = time_interleaved(runs, trials=trials, number=steps, warmup=60)
     base = samples[label_of(DEFAULT_RHO)]
-    return {name: paired_ratio(s, base) for name, s in samples.items() if name != "rho=0.05"}
+    ratios = {name: paired_ratio(s, base) for name, s in samples.items() if name != "rho=0.05"}
+    for name in [c for c in samples if c.endswith(HELD)]:
+        ratios[f"{name} / per-sample"] = paired_ratio(samples[name], samples[PER_SAMPLE])
+    return ratios
 
 
 # ------------------------------------------------------------------ report
@@ -384,7 +400,8 @@ def markdown(summaries: list[dict], step_ratios: dict[str, dict[str, float]], co
         "",
         "Time relative to SAM with rho=0.05 (median over seeds of the run-time ratio, "
         "its range over seeds in parentheses; interleaved per-step ratio in brackets "
-        "where measured):",
+        "where measured; for the held-back loop also against SAM at 0.05 taking the mean of "
+        "the same per-sample losses):",
         "",
     ]
     lines += ["| setting | " + " | ".join(CONTROLLERS) + " |", "|---|" + "---|" * len(CONTROLLERS)]
@@ -395,10 +412,15 @@ def markdown(summaries: list[dict], step_ratios: dict[str, dict[str, float]], co
             if m is None:
                 cells.append("-")
                 continue
-            step = step_ratios.get(s["setting"], {}).get(c.removesuffix(PLAIN))
+            ratios = step_ratios.get(s["setting"], {})
+            step = ratios.get(c.removesuffix(PLAIN))
             lo, hi = m["time_ratio_range"]
+            per_sample = ratios.get(f"{c} / per-sample")  # (held back: vs the same losses)
             cells.append(
-                f"{m['time_ratio']:.2f} ({lo:.2f}-{hi:.2f})" + (f" [{step:.3f}]" if step else "")
+                f"{m['time_ratio']:.2f} ({lo:.2f}-{hi:.2f})"
+                + (f" [{step:.3f}" if step else "")
+                + (f"; {per_sample:.3f} vs per-sample" if step and per_sample else "")
+                + ("]" if step else "")
             )
         lines.append("| " + " | ".join(cells) + " |")
     lines += [

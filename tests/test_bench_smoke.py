@@ -318,6 +318,30 @@ def test_autorho_held_back_mode_is_a_hand_written_loop_holding_back_by_id(tmp_pa
     assert rec["final"]["val_loss"] == evaluate(model, data.val)["loss"]
 
 
+def test_autorho_timing_times_the_held_back_loop_against_the_same_per_sample_losses(monkeypatch):
+    """The held-back loop's step time is read against SAM at 0.05 twice: with the mean loss,
+    and with the mean of the per-sample losses it computes (what hold_back and the controller
+    add); the table shows both. (No assertion on times: the ratios are positive and finite.)"""
+    autorho = load("autorho")
+    calls = []
+    original = autorho.time_interleaved
+
+    def spy(runs, **kw):
+        calls.append(list(runs))
+        return original(runs, **{**kw, "warmup": 2})
+
+    monkeypatch.setattr(autorho, "time_interleaved", spy)
+    held = "auto:gradient_agreement@heldback"
+    ratios = autorho.time_steps("mlp_digits_noise20", [held], trials=2, steps=1)
+    assert calls == [["rho=0.05", autorho.PER_SAMPLE, held]]
+    assert set(ratios) == {autorho.PER_SAMPLE, held, f"{held} / per-sample"}
+    assert all(math.isfinite(r) and r > 0 for r in ratios.values())
+    # without a held-back candidate, no per-sample reference is timed
+    assert set(autorho.time_steps("mlp_digits_noise20", ["auto:gradient_agreement"], 1, 1)) == {
+        "auto:gradient_agreement"
+    }
+
+
 def test_trace_coverage_refuses_bad_arguments_and_measures_each_estimators_error_bar(
     tmp_path, capsys
 ):
