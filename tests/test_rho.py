@@ -106,6 +106,22 @@ def test_schedules_need_a_sam_optimizer():
         samkit.ProportionalRho([1, 2])
 
 
+@pytest.mark.parametrize("rho", ["auto", "auto:validation_plateau", "controller"])
+def test_schedules_refuse_a_radius_a_controller_sets(rho):
+    """A schedule on a SAM whose rho controller writes the radius before every ascent was
+    overwritten in silence (the groups showed the schedule's value, the step used the
+    controller's): refused, naming the optimizer."""
+    w = torch.nn.Parameter(torch.zeros(2))
+    if rho == "controller":
+        rho = samkit.GradientAgreement(0.1)
+    opt = samkit.SAM(torch.optim.SGD([w], lr=0.1), rho=rho)
+    with pytest.raises(ValueError, match="Invalid optimizer value: .*rho controller"):
+        samkit.ProportionalRho(opt)
+    with pytest.raises(ValueError, match="Invalid optimizer value: .*rho controller"):
+        samkit.LambdaRho(opt, lambda t: 2.0)
+    samkit.ProportionalRho(samkit.SAM(torch.optim.SGD([w], lr=0.1), rho=0.1))  # a fixed rho
+
+
 @given(st.integers(0, 20), st.floats(0.0, 3.0))
 def test_lambda_rho_multiplies_initial_rho(steps, slope):
     opt = _sam(rhos=(0.1, 0.0, 0.3))

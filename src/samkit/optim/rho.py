@@ -43,6 +43,15 @@ def _groups(optimizer: torch.optim.Optimizer | RhoGroups) -> tuple[list[dict[str
         raise ValueError(
             f"Invalid optimizer value: expected a torch optimizer, got {type(optimizer).__name__}"
         )
+    controller = getattr(optimizer, "rho_controller", None)
+    if controller is not None:
+        # the controller writes the radius before every ascent: a schedule's value, shown
+        # in the param groups until then, would never be used
+        raise ValueError(
+            f"Invalid optimizer value: its radius is set by a rho controller ({controller!r}), "
+            "which overwrites a schedule's at every step; schedule a fixed rho "
+            "(samkit.SAM(base, rho=0.05)) or leave the radius to the controller"
+        )
     key = getattr(optimizer, "rho_key", "rho")
     for i, g in enumerate(optimizer.param_groups):
         if key not in g:
