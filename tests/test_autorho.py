@@ -9,6 +9,7 @@ rules), written out independently of samkit in float64.
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -334,7 +335,7 @@ def test_gradient_agreement_sketch_strides_over_tensors_shorter_than_the_stride(
     (the stride's next one, 10, is past it), as an FSDP2 shard or a small bias may."""
     ctrl = samkit.GradientAgreement(sketch=2)
     grads = [torch.arange(5.0), torch.tensor([7.0]), torch.tensor([1.0, 2.0, 3.0])]
-    assert ctrl._read(_Stub(grads)).tolist() == [0.0, 7.0]  # coordinates 0 and 5
+    assert ctrl._read(_Stub(grads))[0].tolist() == [0.0, 7.0]  # coordinates 0 and 5
 
 
 def test_gradient_agreement_learns_without_reports_and_does_not_warn(recwarn):
@@ -687,32 +688,124 @@ def test_a_ceiling_below_the_start_is_refused(controller):
     assert "rho" not in base.param_groups[0]
 
 
-def test_gradient_agreement_compares_only_sketches_of_the_same_tensors():
-    """A tensor without a gradient on some steps (a branch not taken) changes the sketch's
-    coordinates: the cosine is taken only between sketches of the same tensors, so a
-    gradient that repeats exactly on A reads as full agreement, not as noise."""
+def _skipping_steps(opt: samkit.SAM, a, b, ga, steps: range, noise: float) -> list[float]:
+    """Steps of two tensors, B without a gradient on even steps (a layer skipped, an expert
+    or a head not used; zero_grad(set_to_none=True)); A's gradient ``ga`` plus noise growing
+    with the step, B's random."""
+    rhos = []
+    for step in steps:
+        opt.zero_grad(set_to_none=True)
+        gen = torch.Generator().manual_seed(step)
+        grads = {a: ga + torch.randn(1000, generator=gen) * noise * step / 20}
+        if step % 2:
+            grads[b] = torch.randn(1000, generator=gen)
+        for p, g in grads.items():
+            p.grad = g.clone()
+        opt.first_step()
+        for p, g in grads.items():  # (the pass at w + e)
+            p.grad = g.clone()
+        opt.second_step()
+        rhos.append(opt.param_groups[0]["rho"])
+    return rhos
+
+
+def _skipping_sam():
+    a, b = torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(1000))
+    opt = samkit.SAM(
+        torch.optim.SGD([a, b], lr=0.0), rho=samkit.GradientAgreement(warmup=0, sketch=256)
+    )
+    return opt, a, b
+
+
+def test_gradient_agreement_reads_the_tensors_with_a_gradient_in_both_steps():
+    """A tensor without a gradient on some steps (a layer skipped, as LayerDrop does, an
+    expert or a head not used) leaves the sketch's coordinates where they were, and the
+    cosine is read over the tensors that had a gradient in both steps: here A alone, whose
+    gradient repeats exactly, so every cosine is 1 (B's random gradient, on every other
+    step, is never compared with a step without it). 0.3 compared only sketches of the
+    same tensors: such a loop read no cosine at all and stayed at its starting radius."""
+    opt, a, b = _skipping_sam()
+    ga = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    _skipping_steps(opt, a, b, ga, range(40), noise=0.0)
+    assert opt.rho_controller.seen == 39  # every step after the first compares with the last
+    assert opt.rho_controller.relative() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_gradient_agreement_resumes_bit_for_bit_after_a_step_without_a_tensor():
+    """The last sketch is saved with NaN at the coordinates of the tensors that had no
+    gradient in its step, and a resumed run continues bit for bit."""
+    ga = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    opt, a, b = _skipping_sam()
+    whole = _skipping_steps(opt, a, b, ga, range(60), noise=1.0)
+    assert max(whole) > 0.05 * 1.05  # the noise was read: the radius rose
+
+    opt, a, b = _skipping_sam()
+    first = _skipping_steps(opt, a, b, ga, range(30), noise=1.0)  # step 29 had B: then 30
+    first += _skipping_steps(opt, a, b, ga, range(30, 31), noise=1.0)  # without B
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    previous = state["samkit"]["rho"]["previous"]
+    assert sum(x != x for x in previous) > 0  # B's coordinates, marked
+    resumed, a2, b2 = _skipping_sam()
+    with torch.no_grad():
+        a2.copy_(a), b2.copy_(b)
+    resumed.load_state_dict(state)
+    rest = _skipping_steps(resumed, a2, b2, ga, range(31, 60), noise=1.0)
+    assert first + rest == whole
+
+
+def test_gradient_agreement_compares_only_sketches_of_the_same_parameters():
+    """A parameter frozen or unfrozen (requires_grad changed) changes the sketch's
+    coordinates: no cosine across that change, then cosines again, so a gradient that
+    repeats exactly on A reads as full agreement, not as noise."""
     a, b = torch.nn.Parameter(torch.zeros(1000)), torch.nn.Parameter(torch.zeros(1000))
     ga = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     opt = samkit.SAM(
         torch.optim.SGD([a, b], lr=0.0), rho=samkit.GradientAgreement(warmup=0, sketch=256)
     )
+    controller = opt.rho_controller
     for step in range(40):
         opt.zero_grad(set_to_none=True)
+        b.requires_grad_(step % 2 == 1)  # frozen on even steps, trained on odd ones
         a.grad = ga.clone()
         if step % 2:
             b.grad = torch.randn(1000, generator=torch.Generator().manual_seed(step))
         opt.first_step()
         a.grad = ga.clone()  # (the pass at w + e)
+        if step % 2:
+            b.grad = torch.randn(1000, generator=torch.Generator().manual_seed(step))
         opt.second_step()
-    controller = opt.rho_controller
-    assert controller.seen == 0  # every step changed the tensors: no cosine across them
+    assert controller.seen == 0  # every step changed the parameters: no cosine across them
     opt.zero_grad(set_to_none=True)
-    for _ in range(30):  # A alone, the same gradient: cosines of 1
+    b.requires_grad_(False)
+    for _ in range(30):  # A alone (B frozen), the same gradient: cosines of 1
         a.grad = ga.clone()
         opt.first_step()
         a.grad = ga.clone()  # (the pass at w + e)
         opt.second_step()
+    assert controller.seen == 29
     assert controller.relative() == pytest.approx(1.0)
+
+
+def test_gradient_agreement_reads_no_cosine_from_a_zero_gradient():
+    """A zero gradient (a batch held back whole by hold_back) agrees with nothing and
+    disagrees with nothing: no cosine is folded in (0.3 folded in a cosine of 0, read as
+    disagreement), and the next step compares with the last sketch that had a gradient."""
+    a = torch.nn.Parameter(torch.zeros(1000))
+    ga = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    opt = samkit.SAM(torch.optim.SGD([a], lr=0.0), rho=samkit.GradientAgreement(warmup=0))
+    controller = opt.rho_controller
+    for step in range(30):
+        grad = ga * 0.0 if step % 3 == 2 else ga
+        a.grad = grad.clone()
+        opt.first_step()
+        a.grad = grad.clone()
+        opt.second_step()
+        opt.zero_grad()
+    assert controller.seen == 19  # the 10 zero steps read no cosine; the 20 others, 19
+    assert controller.relative() == pytest.approx(1.0)  # every cosine read was 1
 
 
 # ------------------------------------------------------------------ groups
@@ -948,7 +1041,7 @@ def test_gradient_agreement_sketch_is_the_same_gathered_whole_or_tensor_by_tenso
     def radii(limit: int) -> tuple[list[float], list[torch.Tensor]]:
         monkeypatch.setattr(autorho, "FLAT_LIMIT", limit)
         ctrl = samkit.GradientAgreement(0.05, sketch=64, warmup=1, rate=0.5)
-        vecs = [ctrl._read(_Stub(gs)).clone() for gs in steps]  # (two buffers, used in turn)
+        vecs = [ctrl._read(_Stub(gs))[0].clone() for gs in steps]  # (two buffers, used in turn)
         used = [ctrl.next_rho(_Stub(gs)) for gs in steps]
         assert (ctrl._flat is not None) == (limit > 0 and dtype == torch.float32)
         return used, vecs

@@ -365,7 +365,11 @@ _STATE_RULES: dict[str, tuple[str, Any]] = {
     "agreement": ("a number in [-1, 1]", lambda v: _cosine(v)),
     "peak": ("None or a number in [-1, 1]", lambda v: v is None or _cosine(v)),
     "seen": ("a count", _count),
-    "previous": ("numbers", lambda v: all(_finite(x) for x in v)),
+    # (NaN: a coordinate of a tensor that had no gradient in that step, see GradientAgreement)
+    "previous": (
+        "numbers, some of them NaN",
+        lambda v: all(_finite(x) or x != x for x in v) and (not v or any(map(_finite, v))),
+    ),
     "best": ("None or a number", lambda v: v is None or _finite(v)),
     "bad": ("a count", _count),
     "sigma": ("None or a number >= 0", lambda v: v is None or (_finite(v) and v >= 0)),
@@ -615,6 +619,9 @@ class GradientAgreement(AutoRho):
         self.best: float | None = None  # validation: the best loss so far
         self.bad = 0  # validation: reports in a row without improvement
         self._last: Tensor | None = None  # the last sketch, on the gradients' device
+        # which of its coordinates are of tensors that had a gradient (None: all of them)
+        self._last_mask: Tensor | None = None
+        self._ranges: list[tuple[int, int]] = []  # each tensor's coordinates in the sketch
         self._last_sq: tuple[Tensor, float] | None = None  # a sketch and its squared norm
         self._index: list[Tensor] = []
         self._flat: Tensor | None = None  # the sketch's coordinates in the gradient end to end
@@ -623,49 +630,76 @@ class GradientAgreement(AutoRho):
         self._shapes: tuple[list[int], list[torch.Size]] = ([], [])
 
     # ---- the sketch
-    def _indices(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        shapes = (list(map(id, params)), [g.shape for g in grads])
+    def _tensors(self, view: StepView) -> tuple[list[Tensor], list[Tensor | None]]:
+        """The tensors the sketch is laid over and their gradients this step: every
+        parameter of the param groups that requires a gradient, ``None`` for one without a
+        gradient this step (a layer skipped, an expert or a head not used). The sketch's
+        coordinates stay where they were, and the cosine with the last sketch is read over
+        the coordinates of the tensors that had a gradient in both steps. (Under FSDP2, or in
+        a view built by hand, the tensors with gradients.)"""
+        params, grads = view.params(), view.grads()
+        groups = getattr(view, "groups", None)
+        if groups is None or getattr(view, "sharding", None) is not None:
+            return params, list(grads)
+        if len(params) == len(self._shapes[0]) and list(map(id, params)) == self._shapes[0]:
+            return params, list(grads)  # (every tensor has its gradient, as last time)
+        every = [p for g in groups.param_groups for p in g["params"] if p.requires_grad]
+        if len(every) == len(params):
+            return params, list(grads)
+        given = {id(p): g for p, g in zip(params, grads)}
+        return every, [given.get(id(p)) for p in every]
+
+    def _indices(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
+        like = [p if g is None else g for p, g in zip(params, grads)]
+        shapes = (list(map(id, params)), [t.shape for t in like])
         if shapes != self._shapes:
             if self._shapes[0]:
-                # other tensors have gradients this step (a branch not taken, a frozen layer):
-                # the sketch's coordinates change, and a cosine with the last sketch, over
-                # other coordinates, would be noise: compare from the next step on
-                self._last, self._last_sq, self.previous = None, None, []
-            total = sum(g.numel() for g in grads)
+                # other tensors this step (a parameter frozen, unfrozen or added): the
+                # sketch's coordinates change, and a cosine with the last sketch, over other
+                # coordinates, would be noise: compare from the next step on
+                self._last, self._last_sq, self._last_mask, self.previous = None, None, None, []
+            total = sum(t.numel() for t in like)
             stride = max(1, -(-total // self.sketch))
-            index, starts, offset = [], [], 0
-            for g in grads:
+            index, starts, offset, ranges, at = [], [], 0, [], 0
+            for t in like:
                 first = (-offset) % stride  # the stride runs on across tensors
                 # a tensor shorter than the stride's offset (an FSDP2 shard may even be empty)
                 # contributes no coordinate
-                end = max(first, g.numel())
-                index.append(torch.arange(first, end, stride, device=g.device))
+                end = max(first, t.numel())
+                index.append(torch.arange(first, end, stride, device=t.device))
+                ranges.append((min(at, self.sketch), min(at + index[-1].numel(), self.sketch)))
+                at += index[-1].numel()
                 starts.append(offset)
-                offset += g.numel()
-            self._index, self._shapes = index, shapes
+                offset += t.numel()
+            self._index, self._shapes, self._ranges = index, shapes, ranges
             self._buffers = []  # (their zero tails are for the old coordinates' count)
             # Small models (a step of a millisecond or less): one gather from the gradient
             # laid end to end costs less than one per tensor; the same coordinates, so the
             # same numbers. Above FLAT_LIMIT the copy would cost more than it saves.
             self._flat = None
-            kinds = {(g.device, g.dtype) for g in grads}
-            if grads and total <= FLAT_LIMIT and kinds == {(grads[0].device, torch.float32)}:
+            kinds = {(t.device, t.dtype) for t in like}
+            if like and total <= FLAT_LIMIT and kinds == {(like[0].device, torch.float32)}:
                 self._flat = torch.cat([i + start for i, start in zip(index, starts)])
         return self._index
 
-    def _read(self, view: StepView) -> Tensor:
-        grads = view.grads()
-        device = grads[0].device if grads else torch.device("cpu")
-        index = self._indices(view.params(), grads)
-        if self._flat is not None:
+    def _read(self, view: StepView) -> tuple[Tensor, Tensor | None]:
+        """The step's sketch, and which of its coordinates are of tensors with a gradient
+        (None: all; the others are zeros in the sketch)."""
+        params, grads = self._tensors(view)
+        present = [g for g in grads if g is not None]
+        device = present[0].device if present else torch.device("cpu")
+        index = self._indices(params, grads)
+        if self._flat is not None and len(present) == len(grads):
             # (torch's own flatten: the cat of the flattened gradients in one call, the same
             # numbers as torch.cat([g.reshape(-1) ...]) for less of a small model's step)
-            whole = torch._C._nn.flatten_dense_tensors(grads)
+            whole = torch._C._nn.flatten_dense_tensors(present)
             vec = self._buffer(device)
             torch.index_select(whole, 0, self._flat, out=vec[: self._flat.numel()])
         else:
             pieces = [
-                g.detach().reshape(-1).index_select(0, i).to(device, torch.float32)
+                torch.zeros(i.numel(), device=device, dtype=torch.float32)
+                if g is None
+                else g.detach().reshape(-1).index_select(0, i).to(device, torch.float32)
                 for g, i in zip(grads, index)
                 if i.numel()
             ]
@@ -679,7 +713,13 @@ class GradientAgreement(AutoRho):
             # DDP, local first pass: the same coordinates on every replica, averaged (under
             # FSDP2 each rank's are of its own shards: their dot products are summed instead)
             _ddp.average_([vec], view.process_group, foreach=False)
-        return vec
+        mask = None
+        if len(present) < len(grads):
+            mask = torch.ones(self.sketch, device=device, dtype=torch.float32)
+            for g, (start, end) in zip(grads, self._ranges):
+                if g is None and start < end:
+                    mask[start:end] = 0.0
+        return vec, mask
 
     def _buffer(self, device: torch.device) -> Tensor:
         """A sketch-long buffer, zero past the coordinates written into it, that is not the
@@ -711,19 +751,29 @@ class GradientAgreement(AutoRho):
         return current / self.peak
 
     def next_rho(self, view: StepView) -> float:
-        vec = self._read(view)
-        last = self._last
+        vec, mask = self._read(view)
+        last, last_mask = self._last, self._last_mask
         if last is None and len(self.previous) == self.sketch:  # resumed from a state dict
-            last = torch.tensor(self.previous, dtype=torch.float32, device=vec.device)
+            saved = torch.tensor(self.previous, dtype=torch.float32, device=vec.device)
+            gaps = saved.isnan()  # (the coordinates of tensors that had no gradient)
+            last = saved.nan_to_num(0.0)
+            last_mask = (~gaps).float() if bool(gaps.any()) else None
         known = self._last_sq
         self._last_sq = None
+        # the coordinates of tensors with a gradient in both steps (None: all of them)
+        common = last_mask if mask is None else mask if last_mask is None else mask * last_mask
         if last is not None and last.shape == vec.shape:
             # ||last||^2 was read a step ago as that step's ||vec||^2 (the same dot of the same
             # numbers, so the same bits): one dot fewer on the steps that follow a comparison
-            reuse = known is not None and known[0] is last
-            dots = [torch.dot(vec, last), torch.dot(vec, vec)]
+            reuse = common is None and known is not None and known[0] is last
+            if common is None:
+                dots = [torch.dot(vec, last), torch.dot(vec, vec)]
+            else:  # (the missing coordinates are zeros in their own sketch: out of the dot)
+                dots = [torch.dot(vec, last), torch.dot(vec * common, vec)]
             if not reuse:
-                dots.append(torch.dot(last, last))
+                dots.append(
+                    torch.dot(last, last) if common is None else torch.dot(last * common, last)
+                )
             if view.sharding is not None and view.distributed:
                 # FSDP2: each rank's sketch holds coordinates of its own shards, so the dot
                 # products of the whole sketch are the sums of the ranks' (averaging the
@@ -739,17 +789,29 @@ class GradientAgreement(AutoRho):
             else:
                 dot, a, b = numbers
             if not math.isfinite(dot + a + b):  # a non-finite gradient SAM steps with:
-                self._last, self.previous = None, []  # learn nothing, compare the next with none
+                # learn nothing, compare the next with none
+                self._last, self._last_mask, self.previous = None, None, []
                 return self.initial_rho * math.exp(self.log_rho)
-            self._last_sq = (vec, a)
-            cos = dot / math.sqrt(a * b) if a > 0 and b > 0 else 0.0
-            self.agreement = self.beta * self.agreement + (1.0 - self.beta) * cos
-            self.seen += 1
-            if self.seen >= self.warmup:
-                current = self.agreement / (1.0 - self.beta**self.seen)
-                self.peak = current if self.peak is None else max(self.peak, current)
-        self._last, self.previous = vec, []
-        q = self.relative()
+            if a == 0.0:
+                # a zero sketch (a batch held back whole), or none of its tensors in the last
+                # one, agrees with nothing and disagrees with nothing: no cosine, and the next
+                # step compares with the last sketch
+                self._last, self._last_mask, self.previous = last, last_mask, []
+                self._last_sq = (last, b) if common is None else None
+                return self._rho_after(self.relative())
+            self._last_sq = (vec, a) if common is None else None
+            if b > 0:
+                cos = dot / math.sqrt(a * b)
+                self.agreement = self.beta * self.agreement + (1.0 - self.beta) * cos
+                self.seen += 1
+                if self.seen >= self.warmup:
+                    current = self.agreement / (1.0 - self.beta**self.seen)
+                    self.peak = current if self.peak is None else max(self.peak, current)
+        self._last, self._last_mask, self.previous = vec, mask, []
+        return self._rho_after(self.relative())
+
+    def _rho_after(self, q: float | None) -> float:
+        """The radius after this step's move on ``q`` (none while it is None)."""
         if q is not None:
             q = max(q, 1e-3)
             if q < self.q0:
@@ -777,7 +839,10 @@ class GradientAgreement(AutoRho):
     # ---- state: the sketch is saved as numbers
     def state_dict(self) -> dict[str, Any]:
         if self._last is not None:
-            self.previous = self._last.tolist()
+            last = self._last
+            if self._last_mask is not None:  # (NaN: a tensor without a gradient in that step)
+                last = torch.where(self._last_mask > 0, last, math.nan)
+            self.previous = last.tolist()
         state = super().state_dict()
         if self._last is not None:
             self.previous = []
@@ -792,7 +857,7 @@ class GradientAgreement(AutoRho):
             )
         super().load_state_dict(state)
         if state:
-            self._last = None
+            self._last, self._last_mask = None, None
 
     def __repr__(self) -> str:
         return (
