@@ -218,7 +218,7 @@ def test_with_the_loops_epoch_a_round_ends_when_the_epoch_changes_whatever_the_s
     orders = [torch.randint(0, N, (N,), generator=g) for _ in range(4)]
     told = _recorded(orders=orders, epoch_arg=True)
     assert len(told) == 3  # one report per finished epoch
-    with pytest.warns(RuntimeWarning, match="repeats samples within an epoch.*epoch=epoch"):
+    with pytest.warns(RuntimeWarning, match="does not pass each sample once an epoch.*epoch=epoch"):
         without = _recorded(orders=orders)
     assert len(without) > 6  # (what the warning is about: rounds end at every repeat)
     # a sampler that passes each sample once an epoch: the same reports either way
@@ -704,3 +704,65 @@ def test_a_run_resumed_mid_epoch_with_epoch_given_is_not_warned_of_an_epoch_that
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         steps(model2, opt2, every[cut:])
+
+
+def _both_reporting_run(epochs, *, validation_from=0, resume_at=None):
+    """A loop that holds samples back (with the loop's epoch) and also reports a validation
+    loss of 5.0 after each epoch from ``validation_from`` on; the held-back losses are
+    about 0.7. Returns what the controller was told, and whether a warning was given."""
+    x, y = _data()
+    model = _model()
+    controller = _Recorder(warn_after=None)
+    opt = samkit.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=controller, model=model)
+    import warnings as _warnings
+
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        for epoch in range(epochs):
+            if epoch == resume_at:  # a fresh optimizer resumes from the saved state
+                state = copy.deepcopy(opt.state_dict())
+                told = controller.told
+                controller = _Recorder(warn_after=None)
+                controller.told = told
+                opt = samkit.SAM(
+                    torch.optim.SGD(model.parameters(), lr=0.1), rho=controller, model=model
+                )
+                opt.load_state_dict(state)
+            _loop(opt, model, x, y, [_epoch_order(epoch)], epoch_arg=False, extra=None)
+            if epoch >= validation_from:
+                opt.observe_validation(5.0)
+    warned = [w for w in caught if "take precedence" in str(w.message)]
+    return controller.told, warned
+
+
+def test_validation_reports_take_precedence_over_held_back_losses_with_a_warning():
+    """A loop that reports validation losses and holds samples back: the two arrived between
+    the same two steps and were averaged into one number (a review found 3.0 told for a
+    validation loss of 5.0 and held-back losses of 1.0). The validation losses are told as
+    they are, the held-back losses no more, and a RuntimeWarning says so once."""
+    told, warned = _both_reporting_run(4)  # (the last report waits for a next step)
+    assert told == [5.0, 5.0, 5.0] and len(warned) == 1
+    # held-back losses told before the first validation report stay told; then only 5.0
+    told, warned = _both_reporting_run(5, validation_from=2)
+    assert [t < 2.0 for t in told] == [True, True, False, False]
+    assert told[2:] == [5.0, 5.0] and len(warned) == 1
+    # ... and a resumed run keeps to it (the state says the loop reports validation)
+    assert _both_reporting_run(5, validation_from=2, resume_at=4)[0] == told
+
+
+def test_validation_losses_too_large_to_average_are_ignored_and_the_state_still_loads():
+    """Two finite losses near 1e308 overflowed the sum of the reports, which went into the
+    state as inf: a checkpoint that could not be loaded. The one that would overflow is
+    ignored with a warning."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = samkit.SAM(torch.optim.SGD([w], lr=0.1), rho="auto")
+    opt.observe_validation(1e308)
+    with pytest.warns(RuntimeWarning, match="too large to average"):
+        opt.observe_validation(1e308)
+    state = opt.state_dict()
+    assert state["samkit"]["rho"]["pending"] == [1e308, 1.0]
+    samkit.SAM(torch.optim.SGD([w], lr=0.1), rho="auto").load_state_dict(state)
+    with pytest.raises(ValueError, match="Invalid state value: .*validated"):
+        bad = copy.deepcopy(state)
+        bad["samkit"]["rho"]["validated"] = "yes"
+        samkit.SAM(torch.optim.SGD([w], lr=0.1), rho="auto").load_state_dict(bad)

@@ -46,8 +46,9 @@ class Feedback:
         loss of the samples kept. Their losses at ``w`` are reported as a validation
         loss once an epoch: when ``epoch`` (the loop's) changes, or, without it,
         when a held-back id comes round again (a sampler that passes each sample once an
-        epoch; under a DistributedSampler or with replacement, pass ``epoch``).
-        Needs a controller that learns from validation (the default
+        epoch; under a DistributedSampler, with replacement or with ``drop_last``, pass
+        ``epoch``). Where the loop also reports validation losses, they take precedence
+        (a warning says so). Needs a controller that learns from validation (the default
         ``rho="auto"``), else a ValueError.
         """
         controller = self.rho_controller

@@ -110,6 +110,9 @@ class AutoRho(RhoController):
         self._unreported: int | None = 0
         self._counted: int | None = None  # the SAM step last counted (mSAM: once per step)
         self._held = HeldBack()  # opt.hold_back's samples (docs/autorho.md)
+        # the loop has reported a validation loss (then held-back losses are not reported)
+        self._validated = False
+        self._warned_both = False  # (not saved: a resumed run may say it once more)
 
     # ---- SAM's side of the protocol
     def bind(self, groups: RhoGroups) -> None:
@@ -160,8 +163,38 @@ class AutoRho(RhoController):
     def observe_validation(self, loss: float) -> None:
         value = reported_loss(loss)
         if self.uses_validation and value is not None:
-            self._pending[0] += value
-            self._pending[1] += 1.0
+            if not self._validated and self._held.fraction is not None:
+                self._both_reported()
+            self._validated = True
+            self._add_report(value)
+
+    def _add_report(self, value: float) -> None:
+        if not math.isfinite(self._pending[0] + value):  # (two finite losses near 1e308)
+            warnings.warn(
+                f"observe_validation: the validation loss {value!r} is too large to average "
+                "with the losses reported before the next step (their sum overflows) and is "
+                "ignored",
+                RuntimeWarning,
+                stacklevel=_caller_level(),
+            )
+            return
+        self._pending[0] += value
+        self._pending[1] += 1.0
+
+    def _both_reported(self) -> None:
+        """A loop that reports validation losses and holds samples back: say, once, that
+        the validation losses take precedence (averaged, they mixed an evaluation in eval
+        mode with training-mode losses of other epochs)."""
+        if not self._warned_both:
+            self._warned_both = True
+            warnings.warn(
+                "rho='auto': this loop reports validation losses (observe_validation) and "
+                "holds samples back (hold_back); the validation losses take precedence, and "
+                "the held-back samples' losses are not reported from now on (they are still "
+                "kept out of training). Use one or the other.",
+                RuntimeWarning,
+                stacklevel=_caller_level(),
+            )
 
     def hold_back(
         self, losses: Tensor, ids: Any, fraction: float, *, at_w: bool, step: int, epoch: Any
@@ -177,8 +210,10 @@ class AutoRho(RhoController):
         trained, report = self._held.take(losses, ids, fraction, at_w=at_w, step=step, epoch=epoch)
         if self._held.count:  # held-back losses recorded, reported once an epoch: no
             self._unreported = None  # warning that nothing is reported
-        if report is not None:
-            self.observe_validation(report)
+        if self._validated:  # (the loop reports validation losses: they take precedence)
+            self._both_reported()
+        elif report is not None:
+            self._add_report(report)
         return trained
 
     def _gather_validation(self, view: StepView) -> None:
@@ -187,9 +222,20 @@ class AutoRho(RhoController):
         if view.distributed:
             # Every step, so replicas that were told nothing still take part:
             # a loss reported on one rank only reaches all of them, never a hang.
-            total, count = _ddp.sum_scalars([total, count], view.process_group)
+            # (With them, whether any replica's loop reports validation losses.)
+            total, count, validated = _ddp.sum_scalars(
+                [total, count, float(self._validated)], view.process_group
+            )
+            self._validated = validated > 0
         self._pending = [0.0, 0.0]
-        if count > 0:
+        if count > 0 and not math.isfinite(total):  # (the replicas' sum overflowed)
+            warnings.warn(
+                "observe_validation: the validation losses reported on the replicas are too "
+                "large to average (their sum overflows) and are ignored",
+                RuntimeWarning,
+                stacklevel=_caller_level(),
+            )
+        elif count > 0:
             self._unreported = None
             self.on_validation(total / count)
 
@@ -221,6 +267,8 @@ class AutoRho(RhoController):
         state["pending"] = list(self._pending)
         if self._held.fraction is not None:
             state["held"] = self._held.state_dict()
+        if self._validated:
+            state["validated"] = True
         return {"name": self.name, **_copy(state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -249,7 +297,12 @@ class AutoRho(RhoController):
         held = HeldBack()
         if "held" in state:  # (checked before anything is changed)
             held.load_state_dict(_copy(state["held"]))
-        self._held = held
+        validated = state.get("validated", False)
+        if type(validated) is not bool:
+            raise ValueError(
+                f"Invalid state value: {self.name} validated = {validated!r} (expected a bool)"
+            )
+        self._held, self._validated = held, validated
         for k, v in values.items():
             if k == "pending":
                 self._pending = v

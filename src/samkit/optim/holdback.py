@@ -268,9 +268,10 @@ class HeldBack:
                 "sampler",
                 f"hold_back: a held-back id came round again after {self.closed} held-back "
                 f"losses, where {len(self._ever)} held-back samples have been seen: this "
-                "loop's sampler repeats samples within an epoch (with replacement, or a "
-                "DistributedSampler's share), so the epoch's end cannot be read from the "
-                "ids. Pass the loop's epoch: opt.hold_back(losses, ids, epoch=epoch).",
+                "loop's sampler does not pass each sample once an epoch (it draws with "
+                "replacement, a DistributedSampler's share, or drop_last=True), so the "
+                "epoch's end cannot be read from the ids. Pass the loop's epoch: "
+                "opt.hold_back(losses, ids, epoch=epoch).",
             )
 
     def _warn(self, kind: str, message: str) -> None:
