@@ -599,7 +599,9 @@ def test_a_non_finite_validation_loss_is_ignored_and_said_so():
 
 @pytest.mark.parametrize("rho", [0.05, "auto", "auto:validation_plateau"])
 @pytest.mark.parametrize(
-    "loss", ["0.5", True, None, [0.5], torch.ones(2), torch.tensor(True), object()]
+    "loss",
+    ["0.5", True, None, [0.5], torch.ones(2), torch.tensor(True), object(), np.ones(2)]
+    + [np.array("0.5"), np.array(True)],
 )
 def test_observe_validation_refuses_what_is_not_one_number(rho, loss):
     """With a fixed radius too: a loop that reports garbage is told at once, not when it
@@ -611,7 +613,9 @@ def test_observe_validation_refuses_what_is_not_one_number(rho, loss):
 
 
 @pytest.mark.parametrize(
-    "loss", [0.5, 1, np.float32(0.5), torch.tensor(0.5), torch.tensor([0.5]), 10**400]
+    "loss",
+    [0.5, 1, np.float32(0.5), torch.tensor(0.5), torch.tensor([0.5]), 10**400]
+    + [np.array(0.5), np.array([0.5], dtype=np.float32)],
 )
 def test_observe_validation_takes_a_number_or_a_one_element_tensor(loss):
     model, base = _problem()
@@ -622,7 +626,10 @@ def test_observe_validation_takes_a_number_or_a_one_element_tensor(loss):
         assert opt.rho_controller._pending == [0.0, 0.0]
         return
     opt.observe_validation(loss)
-    assert opt.rho_controller._pending == [float(loss), 1.0]
+    assert opt.rho_controller._pending == [
+        0.5 if isinstance(loss, np.ndarray) else float(loss),
+        1.0,
+    ]
 
 
 @pytest.mark.parametrize("name", ["validation_plateau", "gradient_agreement"])

@@ -329,9 +329,17 @@ def _caller_level() -> int:
 
 def reported_loss(loss: Any) -> float | None:
     """A validation loss given to ``observe_validation``, as a float: a number or a
-    one-element tensor (anything else is a ValueError naming ``loss``). A non-finite one (an
-    evaluation of a diverged model) is None, with a warning: a controller learns nothing
-    from it, and a loop that reports NaN is told so rather than left to think it reported."""
+    one-element tensor or array (anything else is a ValueError naming ``loss``). A non-finite
+    one (an evaluation of a diverged model) is None, with a warning: a controller learns
+    nothing from it, and a loop that reports NaN is told so rather than left to think it
+    reported."""
+    if not isinstance(loss, torch.Tensor) and hasattr(loss, "__array__") and not is_number(loss):
+        try:  # (a NumPy, JAX or TensorFlow array: read as a tensor, checked as one)
+            loss = torch.as_tensor(loss.__array__())
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(
+                f"Invalid loss value: {loss!r:.200} (the validation loss: a number)"
+            ) from None
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1 or loss.dtype == torch.bool or loss.is_complex():
             raise ValueError(
