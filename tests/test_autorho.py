@@ -941,13 +941,20 @@ def test_a_checkpoint_from_a_fixed_rho_run_loads_and_the_controller_starts_afres
     model, base = _problem()
     fixed = samkit.SAM(base, rho=0.05)
     fixed.step(_closure(model, *_batch(0)))
+    fresh = samkit.SAM(_problem()[1], rho="auto").rho_controller.state_dict()
     model2, base2 = _problem()
     opt = samkit.SAM(base2, rho="auto")
     opt.load_state_dict(fixed.state_dict())
-    assert (
-        opt.rho_controller.state_dict()
-        == samkit.SAM(_problem()[1], rho="auto").rho_controller.state_dict()
-    )
+    assert opt.rho_controller.state_dict() == fresh
+    # also into a controller that has stepped and been told a validation loss (it kept
+    # what it had learnt: 0.3's first controllers returned early on a state without one)
+    for step in range(60):
+        opt.step(_closure(model2, *_batch(step)))
+        opt.zero_grad()
+    opt.observe_validation(1.0)
+    assert opt.rho_controller.state_dict() != fresh
+    opt.load_state_dict(fixed.state_dict())
+    assert opt.rho_controller.state_dict() == fresh
 
 
 # --------------------------------------------------------------------- DDP

@@ -110,6 +110,7 @@ class AutoRho(RhoController):
         self._unreported: int | None = 0
         self._counted: int | None = None  # the SAM step last counted (mSAM: once per step)
         self._held = HeldBack()  # opt.hold_back's samples (docs/autorho.md)
+        self._fresh: dict[str, Any] | None = None  # the state at bind (see load_state_dict)
         # the loop has reported a validation loss (then held-back losses are not reported)
         self._validated = False
         self._warned_both = False  # (not saved: a resumed run may say it once more)
@@ -118,6 +119,7 @@ class AutoRho(RhoController):
     def bind(self, groups: RhoGroups) -> None:
         super().bind(groups)
         self.scales = [self._scale(g[groups.rho_key]) for g in groups.param_groups]
+        self._fresh = _copy(self.state_dict())  # (what a fixed-rho checkpoint loads)
 
     def adapt_to(self, *, adaptive: bool) -> None:
         """Called by SAM before :meth:`bind`: the starting radius for ASAM when none was given."""
@@ -273,7 +275,10 @@ class AutoRho(RhoController):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:  # a state dict from before this controller existed: start afresh
-            return
+            fresh = getattr(self, "_fresh", None)
+            if fresh is None:  # (not bound yet: fresh already)
+                return
+            state = _copy(fresh)
         if not isinstance(state, dict) or state.get("name") != self.name:
             raise ValueError(
                 f"Invalid state value: a rho controller state for {state.get('name')!r}, "
@@ -917,8 +922,7 @@ class GradientAgreement(AutoRho):
                 f"not sketch={self.sketch}"
             )
         super().load_state_dict(state)
-        if state:
-            self._last, self._last_mask = None, None
+        self._last, self._last_mask = None, None  # (the loaded sketch is in previous)
 
     def __repr__(self) -> str:
         return (
