@@ -937,21 +937,22 @@ def test_a_state_saved_before_a_new_group_stepped_keeps_that_groups_scale():
     assert opt2.rho_controller.scales == [2.0, 0.0, 2.0]
 
 
-def test_a_checkpoint_from_a_fixed_rho_run_loads_and_the_controller_starts_afresh():
+@pytest.mark.parametrize("name", list(autorho.CONTROLLERS))
+def test_a_checkpoint_from_a_fixed_rho_run_loads_and_the_controller_starts_afresh(name):
     model, base = _problem()
     fixed = samkit.SAM(base, rho=0.05)
     fixed.step(_closure(model, *_batch(0)))
-    fresh = samkit.SAM(_problem()[1], rho="auto").rho_controller.state_dict()
+    fresh = samkit.SAM(_problem()[1], rho=f"auto:{name}").rho_controller.state_dict()
     model2, base2 = _problem()
-    opt = samkit.SAM(base2, rho="auto")
+    opt = samkit.SAM(base2, rho=f"auto:{name}")
     opt.load_state_dict(fixed.state_dict())
     assert opt.rho_controller.state_dict() == fresh
-    # also into a controller that has stepped and been told a validation loss (it kept
+    # also into a controller that has stepped and been told validation losses (it kept
     # what it had learnt: 0.3's first controllers returned early on a state without one)
     for step in range(60):
         opt.step(_closure(model2, *_batch(step)))
         opt.zero_grad()
-    opt.observe_validation(1.0)
+        opt.observe_validation(1.0 + step % 3)
     assert opt.rho_controller.state_dict() != fresh
     opt.load_state_dict(fixed.state_dict())
     assert opt.rho_controller.state_dict() == fresh

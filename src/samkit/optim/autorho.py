@@ -119,7 +119,11 @@ class AutoRho(RhoController):
     def bind(self, groups: RhoGroups) -> None:
         super().bind(groups)
         self.scales = [self._scale(g[groups.rho_key]) for g in groups.param_groups]
+        self._bind(groups)
         self._fresh = _copy(self.state_dict())  # (what a fixed-rho checkpoint loads)
+
+    def _bind(self, groups: RhoGroups) -> None:
+        """A subclass's own settings read from the groups at bind (before ``_fresh``)."""
 
     def adapt_to(self, *, adaptive: bool) -> None:
         """Called by SAM before :meth:`bind`: the starting radius for ASAM when none was given."""
@@ -522,9 +526,8 @@ class LossEquated(AutoRho):
         self.norm_sum, self.norm_count = 0.0, 0
         self.lr0: float | None = None
 
-    def bind(self, groups: RhoGroups) -> None:
+    def _bind(self, groups: RhoGroups) -> None:
         _check_ceiling(self.rho_max, self.initial_rho)
-        super().bind(groups)
         if self.rho_max is None:
             self.rho_max = 10.0 * self.initial_rho
         group = groups.param_groups[0]
@@ -1002,9 +1005,8 @@ class ValidationPlateau(AutoRho):
         self.best: float | None = None
         self.bad = 0
 
-    def bind(self, groups: RhoGroups) -> None:
+    def _bind(self, groups: RhoGroups) -> None:
         _check_ceiling(self.rho_max, self.initial_rho)
-        super().bind(groups)
         if self.rho_max is None:
             self.rho_max = 8.0 * self.initial_rho
 

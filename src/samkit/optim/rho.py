@@ -50,7 +50,8 @@ def _groups(optimizer: torch.optim.Optimizer | RhoGroups) -> tuple[list[dict[str
         raise ValueError(
             f"Invalid optimizer value: its radius is set by a rho controller ({controller!r}), "
             "which overwrites a schedule's at every step; schedule a fixed rho "
-            "(samkit.SAM(base, rho=0.05)) or leave the radius to the controller"
+            "(samkit.SAM(base, rho=0.05); GSAM: follow_lr=False) or leave the radius to "
+            "the controller"
         )
     key = getattr(optimizer, "rho_key", "rho")
     for i, g in enumerate(optimizer.param_groups):
