@@ -9,6 +9,7 @@ rules), written out independently of samkit in float64.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -623,10 +624,10 @@ def test_observe_validation_takes_a_number_or_a_one_element_tensor(loss):
     if isinstance(loss, int) and loss > 10**300:  # beyond float: infinite, ignored, said so
         with pytest.warns(RuntimeWarning, match="not finite"):
             opt.observe_validation(loss)
-        assert opt.rho_controller._pending == [0.0, 0.0]
+        assert opt.rho_controller._pending[:2] == [0.0, 0.0]
         return
     opt.observe_validation(loss)
-    assert opt.rho_controller._pending == [
+    assert opt.rho_controller._pending[:2] == [
         0.5 if isinstance(loss, np.ndarray) else float(loss),
         1.0,
     ]
@@ -734,7 +735,9 @@ def test_gradient_agreement_reads_the_tensors_with_a_gradient_in_both_steps():
     opt, a, b = _skipping_sam()
     ga = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     _skipping_steps(opt, a, b, ga, range(40), noise=0.0)
-    assert opt.rho_controller.seen == 39  # every step after the first compares with the last
+    # every step compares with the last but the first two: step 1 gave B its first gradient,
+    # which lays the sketch over B too (a tensor takes coordinates once it has had one)
+    assert opt.rho_controller.seen == 38
     assert opt.rho_controller.relative() == pytest.approx(1.0, abs=1e-6)
 
 
@@ -879,7 +882,7 @@ MALFORMED = {
     "gradient_agreement": [
         {"log_rho": None}, {"log_rho": _NAN}, {"agreement": _NAN}, {"agreement": 3.0},
         {"peak": _NAN}, {"seen": -1}, {"seen": 2.5}, {"bad": -3}, {"bad": 1.5},
-        {"best": _NAN}, {"previous": [_NAN] * 4096}, {"pending": [5.0, 0.5]},
+        {"best": _NAN}, {"previous": [float("inf")] * 4096}, {"pending": [5.0, 0.5]},
         {"pending": [_NAN, 1.0]}, {"scales": [1.0, 1.0]},
     ],
     "validation_plateau": [
@@ -1147,3 +1150,101 @@ def test_gradient_agreement_resumes_under_a_float64_default_dtype():
         assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     finally:
         torch.set_default_dtype(old)
+
+
+def _agreement_steps(opt, params, steps, *, grad_of=None):
+    """SAM steps with hand-set gradients: ``grad_of(p, step)`` (None: no gradient), by
+    default a random one per tensor that requires one; returns (rho, seen) per step."""
+    out = []
+    for step in steps:
+        gen = torch.Generator().manual_seed(step)
+        grads = {}
+        for i, p in enumerate(params):
+            g = torch.randn(p.numel(), generator=gen) if grad_of is None else grad_of(i, step)
+            if g is not None and p.requires_grad:
+                grads[p] = g
+        opt.zero_grad(set_to_none=True)
+        for p, g in grads.items():
+            p.grad = g.clone()
+        opt.first_step()
+        for p, g in grads.items():
+            p.grad = g.clone()
+        opt.second_step()
+        out.append((opt.param_groups[0]["rho"], opt.rho_controller.seen))
+    return out
+
+
+def test_a_parameter_that_never_has_a_gradient_takes_no_coordinate():
+    """An unused parameter (a pooler a task never calls) takes none of the sketch's
+    coordinates: the radius is the same, bit for bit, as without it (a review saw a 5000-
+    element unused tensor move the final radius from 0.14 to 1.0 with a 64-number sketch
+    when every parameter was sketched)."""
+
+    def run(extra: bool):
+        ps = [nn.Parameter(torch.zeros(300)), nn.Parameter(torch.zeros(50))]
+        unused = [nn.Parameter(torch.zeros(5000))] if extra else []
+        opt = samkit.SAM(
+            torch.optim.SGD(ps + unused, lr=0.0),
+            rho=samkit.GradientAgreement(warmup=0, sketch=64),
+        )
+        ga = torch.randn(350, generator=torch.Generator().manual_seed(1))
+
+        def grad_of(i, step):
+            noisy = ga + torch.randn(350, generator=torch.Generator().manual_seed(step)) * step / 30
+            return (noisy[:300], noisy[300:])[i] if i < 2 else None
+
+        return _agreement_steps(opt, ps + unused, range(120), grad_of=grad_of)
+
+    plain = run(False)
+    assert plain[-1][0] > 0.05 * 1.05  # the radius moved
+    assert run(True) == plain
+
+
+def test_a_resumed_run_reads_no_cosine_across_a_parameter_frozen_after_the_save():
+    """The tensors the sketch is laid over are saved with it: a parameter frozen right after
+    a resume changes them as it would have in the run that never stopped (no cosine across
+    the change), where the resumed run used to read one."""
+
+    def make():
+        ps = [nn.Parameter(torch.zeros(100)), nn.Parameter(torch.zeros(100))]
+        rho = samkit.GradientAgreement(warmup=0, sketch=64)
+        return samkit.SAM(torch.optim.SGD(ps, lr=0.0), rho=rho), ps
+
+    opt, ps = make()
+    _agreement_steps(opt, ps, range(5))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    ps[1].requires_grad_(False)
+    whole = _agreement_steps(opt, ps, range(5, 8))
+    assert [seen for _, seen in whole] == [4, 5, 6]  # the freeze: no cosine at step 5
+    resumed, ps2 = make()
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    ps2[1].requires_grad_(False)
+    assert _agreement_steps(resumed, ps2, range(5, 8)) == whole
+    with pytest.raises(ValueError, match="Invalid state value: .*layout"):
+        state = copy.deepcopy(opt.state_dict())
+        state["samkit"]["rho"]["layout"] = [0, 7]  # (a position past the parameters)
+        make()[0].load_state_dict(state)
+
+
+def test_a_sketch_with_no_tensor_in_common_with_the_last_does_not_stall_the_controller():
+    """Two steps with no tensor with a gradient in common (W alone, then V alone) give no
+    cosine, and the later one becomes the sketch the next step compares with (a review saw
+    the earlier one kept, and no cosine read again, for good); the state saves and loads."""
+    w, v = nn.Parameter(torch.zeros(100)), nn.Parameter(torch.zeros(100))
+    opt = samkit.SAM(
+        torch.optim.SGD([w, v], lr=0.0), rho=samkit.GradientAgreement(warmup=0, sketch=16)
+    )
+    g = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    both = _agreement_steps(opt, [w, v], range(2), grad_of=lambda i, s: g)
+    w_alone = _agreement_steps(opt, [w, v], range(1), grad_of=lambda i, s: None if i else g)
+    v_alone = _agreement_steps(opt, [w, v], range(10), grad_of=lambda i, s: g if i else None)
+    assert [seen for _, seen in both + w_alone] == [0, 1, 2]
+    assert [seen for _, seen in v_alone] == list(range(2, 12))  # none at the first
+    assert opt.rho_controller.relative() == pytest.approx(1.0)
+    state = copy.deepcopy(opt.state_dict())
+    samkit.SAM(
+        torch.optim.SGD([nn.Parameter(torch.zeros(100)), nn.Parameter(torch.zeros(100))], lr=0),
+        rho=samkit.GradientAgreement(warmup=0, sketch=16),
+    ).load_state_dict(state)

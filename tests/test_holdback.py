@@ -487,7 +487,7 @@ def _ddp_held_back(rank: int) -> dict:
     loop's epoch: the reports are averaged over the replicas."""
     x, y = _data()
     out = {}
-    for case in ("drift", "constant"):
+    for case in ("drift", "constant", "validation"):
         model = _model()
         ddp = nn.parallel.DistributedDataParallel(model)
         controller = _Recorder(patience=1, warn_after=None)
@@ -505,8 +505,10 @@ def _ddp_held_back(rank: int) -> dict:
                         # 0.1: alone, rank 0 would raise the radius at every report and rank 1
                         # never; their mean rises, so both raise it at every report
                         losses = losses + (0.3 * epoch if rank == 0 else -0.1 * epoch)
-                    else:  # every held-back loss 1 on rank 0 and 3 on rank 1
+                    elif case == "constant":  # every held-back loss 1 on rank 0, 3 on rank 1
                         losses = losses * 0 + (1.0 if rank == 0 else 3.0)
+                    else:  # held-back losses of 100, and a validation loss of 1 (rank 0)
+                        losses = losses * 0 + 100.0
                     loss = opt.hold_back(losses, ids, epoch=epoch)
                     loss.backward()
                     return loss
@@ -517,6 +519,8 @@ def _ddp_held_back(rank: int) -> dict:
                 rhos.append(opt.param_groups[0]["rho"])
                 if len(controller.told) > before:
                     told_at.append(opt.steps)
+            if case == "validation" and rank == 0:  # (one replica's report is enough)
+                opt.observe_validation(1.0)
         out[case] = {"rhos": rhos, "told": controller.told, "told_at": told_at}
     return out
 
@@ -535,6 +539,9 @@ def test_every_replica_uses_the_same_rho_when_each_holds_back_its_own_samples(tm
     assert r0["constant"]["told_at"] == r1["constant"]["told_at"]
     assert r0["drift"]["rhos"] == r1["drift"]["rhos"]  # bit for bit, every step
     assert len(set(r0["drift"]["rhos"])) > 1  # and the reports moved it
+    # validation losses reported on rank 0 only take precedence on both replicas, from the
+    # first: rank 1's held-back loss of that epoch, recorded before it knew, is not mixed in
+    assert r0["validation"]["told"] == r1["validation"]["told"] == [1.0] * 4
 
 
 # ------------------------------------------------------------------ second review

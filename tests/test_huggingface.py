@@ -355,7 +355,7 @@ def test_a_self_tuning_rho_hears_every_evaluation_loss(tmp_path, rho):
     assert (controller.best, controller.bad) == (pytest.approx(expected.best), expected.bad)
     if rho == "auto:validation_plateau":
         assert controller.rho == expected.rho
-    assert controller._pending == [pytest.approx(losses[-1]), 1.0]
+    assert controller._pending[:2] == [pytest.approx(losses[-1]), 1.0]
 
 
 def test_bad_self_tuning_rho_name_is_refused(tmp_path):
@@ -378,7 +378,7 @@ def test_an_eval_dataset_dict_reports_each_sets_loss(tmp_path):
     last = [h[k] for h in history for k in ("eval_a_loss", "eval_b_loss") if k in h][-2:]
     controller = trainer.sam.rho_controller
     assert controller.best is not None  # the first epoch's reports were applied
-    assert controller._pending == [pytest.approx(sum(last)), 2.0]  # the last evaluation's two
+    assert controller._pending[:2] == [pytest.approx(sum(last)), 2.0]  # the last evaluation's two
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,9 @@ class AutoRho(RhoController):
         self._rho_given = rho is not None
         self.rho = self.initial_rho
         self.scales: list[float] = []
-        self._pending = [0.0, 0.0]  # validation losses reported since the last step: sum, count
+        # reported since the last step: the validation losses' sum and count, then the
+        # held-back losses' (opt.hold_back), which count only in a loop that reports none
+        self._pending = [0.0, 0.0, 0.0, 0.0]
         self.warn_after = None if warn_after is None else check_int("warn_after", warn_after, 1)
         # steps before the first validation report (None once one arrived or the warning
         # was given); not saved: a resumed run counts again, and warns at most once more
@@ -174,18 +176,19 @@ class AutoRho(RhoController):
             self._validated = True
             self._add_report(value)
 
-    def _add_report(self, value: float) -> None:
-        if not math.isfinite(self._pending[0] + value):  # (two finite losses near 1e308)
+    def _add_report(self, value: float, *, held: bool = False) -> None:
+        at = 2 if held else 0
+        if not math.isfinite(self._pending[at] + value):  # (two finite losses near 1e308)
             warnings.warn(
-                f"observe_validation: the validation loss {value!r} is too large to average "
-                "with the losses reported before the next step (their sum overflows) and is "
-                "ignored",
+                f"{'hold_back' if held else 'observe_validation'}: the loss {value!r} is too "
+                "large to average with the losses reported before the next step (their sum "
+                "overflows) and is ignored",
                 RuntimeWarning,
                 stacklevel=_caller_level(),
             )
             return
-        self._pending[0] += value
-        self._pending[1] += 1.0
+        self._pending[at] += value
+        self._pending[at + 1] += 1.0
 
     def _both_reported(self) -> None:
         """A loop that reports validation losses and holds samples back: say, once, that
@@ -219,21 +222,25 @@ class AutoRho(RhoController):
         if self._validated:  # (the loop reports validation losses: they take precedence)
             self._both_reported()
         elif report is not None:
-            self._add_report(report)
+            self._add_report(report, held=True)
         return trained
 
     def _gather_validation(self, view: StepView) -> None:
         """Apply the losses reported since the last step (summed over replicas under DDP)."""
-        total, count = self._pending
+        total, count, held_total, held_count = self._pending
         if view.distributed:
             # Every step, so replicas that were told nothing still take part:
             # a loss reported on one rank only reaches all of them, never a hang.
             # (With them, whether any replica's loop reports validation losses.)
-            total, count, validated = _ddp.sum_scalars(
-                [total, count, float(self._validated)], view.process_group
+            total, count, held_total, held_count, validated = _ddp.sum_scalars(
+                [*self._pending, float(self._validated)], view.process_group
             )
             self._validated = validated > 0
-        self._pending = [0.0, 0.0]
+        self._pending = [0.0, 0.0, 0.0, 0.0]
+        if not self._validated:  # (then no validation loss is pending: the held-back's)
+            total, count = held_total, held_count
+        elif held_count > 0:  # (held back on a replica before it knew: not used)
+            self._both_reported()
         if count > 0 and not math.isfinite(total):  # (the replicas' sum overflowed)
             warnings.warn(
                 "observe_validation: the validation losses reported on the replicas are too "
@@ -270,7 +277,8 @@ class AutoRho(RhoController):
     def state_dict(self) -> dict[str, Any]:
         state = {k: getattr(self, k) for k in ("rho", "initial_rho", *self._STATE)}
         state["scales"] = list(self.scales)
-        state["pending"] = list(self._pending)
+        # (the held-back losses' pair only where some are pending: a state of 0.3 has two)
+        state["pending"] = list(self._pending[:2] if self._pending[3] == 0 else self._pending)
         if self._held.fraction is not None:
             state["held"] = self._held.state_dict()
         if self._validated:
@@ -314,7 +322,7 @@ class AutoRho(RhoController):
         self._held, self._validated = held, validated
         for k, v in values.items():
             if k == "pending":
-                self._pending = v
+                self._pending = v + [0.0, 0.0] if len(v) == 2 else v
             else:
                 setattr(self, k, v)
 
@@ -400,6 +408,11 @@ def _check_ceiling(rho_max: float | None, start: float) -> None:
         )
 
 
+def _parameters(groups: RhoGroups) -> list[Tensor]:
+    """The param groups' parameters end to end (the positions a saved sketch layout uses)."""
+    return [p for g in groups.param_groups for p in g["params"]]
+
+
 def _copy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _copy(v) for k, v in value.items()}
@@ -428,18 +441,17 @@ _STATE_RULES: dict[str, tuple[str, Any]] = {
     "initial_rho": ("a number >= 0", lambda v: _finite(v) and v >= 0),
     "scales": ("numbers >= 0", lambda v: all(_finite(x) and x >= 0 for x in v)),
     "pending": (
-        "a sum and a count",
-        lambda v: len(v) == 2 and _finite(v[0]) and _count(v[1]),
+        "a sum and a count, or two of them",
+        lambda v: (
+            len(v) in (2, 4) and all(_finite(x) for x in v[::2]) and all(map(_count, v[1::2]))
+        ),
     ),
     "log_rho": ("a number", _finite),
     "agreement": ("a number in [-1, 1]", lambda v: _cosine(v)),
     "peak": ("None or a number in [-1, 1]", lambda v: v is None or _cosine(v)),
     "seen": ("a count", _count),
     # (NaN: a coordinate of a tensor that had no gradient in that step, see GradientAgreement)
-    "previous": (
-        "numbers, some of them NaN",
-        lambda v: all(_finite(x) or x != x for x in v) and (not v or any(map(_finite, v))),
-    ),
+    "previous": ("numbers or NaN", lambda v: all(_finite(x) or x != x for x in v)),
     "best": ("None or a number", lambda v: v is None or _finite(v)),
     "bad": ("a count", _count),
     "sigma": ("None or a number >= 0", lambda v: v is None or (_finite(v) and v >= 0)),
@@ -691,6 +703,8 @@ class GradientAgreement(AutoRho):
         # which of its coordinates are of tensors that had a gradient (None: all of them)
         self._last_mask: Tensor | None = None
         self._ranges: list[tuple[int, int]] = []  # each tensor's coordinates in the sketch
+        self._layout: list[Tensor] = []  # the tensors the sketch is laid over (_tensors)
+        self._saved_layout: list[int] | None = None  # a loaded layout's positions, until used
         self._last_sq: tuple[Tensor, float] | None = None  # a sketch and its squared norm
         self._index: list[Tensor] = []
         self._flat: Tensor | None = None  # the sketch's coordinates in the gradient end to end
@@ -700,23 +714,44 @@ class GradientAgreement(AutoRho):
 
     # ---- the sketch
     def _tensors(self, view: StepView) -> tuple[list[Tensor], list[Tensor | None]]:
-        """The tensors the sketch is laid over and their gradients this step: every
-        parameter of the param groups that requires a gradient, ``None`` for one without a
-        gradient this step (a layer skipped, an expert or a head not used). The sketch's
-        coordinates stay where they were, and the cosine with the last sketch is read over
-        the coordinates of the tensors that had a gradient in both steps. (Under FSDP2, or in
-        a view built by hand, the tensors with gradients.)"""
+        """The tensors the sketch is laid over (its layout) and their gradients this step,
+        ``None`` for one without a gradient this step (a layer skipped, an expert or a head
+        not used). The layout is every parameter that has had a gradient and still requires
+        one, in the param groups' order: a tensor that never had one (an unused pooler) takes
+        no coordinate; one without a gradient this step keeps its coordinates, and the
+        cosine with the last sketch is read over the tensors with a gradient in both steps.
+        The layout changes, with no cosine across the change, when a tensor has its first
+        gradient or stops requiring one. (Under DDP or FSDP2, or in a view built by hand, the
+        layout is the tensors with gradients this step: the replicas' could differ.)"""
         params, grads = view.params(), view.grads()
         groups = getattr(view, "groups", None)
-        if groups is None or getattr(view, "sharding", None) is not None:
+        if (
+            groups is None
+            or getattr(view, "sharding", None) is not None
+            or getattr(view, "distributed", False)
+        ):
             return params, list(grads)
-        if len(params) == len(self._shapes[0]) and list(map(id, params)) == self._shapes[0]:
-            return params, list(grads)  # (every tensor has its gradient, as last time)
-        every = [p for g in groups.param_groups for p in g["params"] if p.requires_grad]
-        if len(every) == len(params):
+        layout = self._layout
+        if len(params) == len(layout) and all(p is q for p, q in zip(params, layout)):
+            return params, list(grads)  # (the layout's tensors, each with its gradient)
+        every = [p for g in groups.param_groups for p in g["params"]]
+        if self._saved_layout is not None:  # resumed: the layout saved with the last sketch
+            layout = [every[i] for i in self._saved_layout if i < len(every)]
+            self._saved_layout = None
+        at = {id(p): i for i, p in enumerate(every)}
+        kept = [p for p in layout if p.requires_grad and id(p) in at]
+        known = {id(p) for p in kept}
+        new = [p for p in params if id(p) not in known]
+        if new or len(kept) != len(layout):
+            # other coordinates from this step on: a cosine with the last sketch, over the
+            # old ones, would be noise (the next step compares with this one)
+            layout = sorted(kept + new, key=lambda p: at[id(p)])
+            self._last, self._last_sq, self._last_mask, self.previous = None, None, None, []
+        self._layout = layout
+        if len(params) == len(layout):
             return params, list(grads)
         given = {id(p): g for p, g in zip(params, grads)}
-        return every, [given.get(id(p)) for p in every]
+        return layout, [given.get(id(p)) for p in layout]
 
     def _indices(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
         like = [p if g is None else g for p, g in zip(params, grads)]
@@ -843,6 +878,8 @@ class GradientAgreement(AutoRho):
                 dots.append(
                     torch.dot(last, last) if common is None else torch.dot(last * common, last)
                 )
+            if common is not None:
+                dots.append(torch.dot(vec, vec))  # (whether this sketch is zero)
             if view.sharding is not None and view.distributed:
                 # FSDP2: each rank's sketch holds coordinates of its own shards, so the dot
                 # products of the whole sketch are the sums of the ranks' (averaging the
@@ -856,20 +893,20 @@ class GradientAgreement(AutoRho):
                 dot, a = numbers
                 b = known[1]  # type: ignore[index]
             else:
-                dot, a, b = numbers
-            if not math.isfinite(dot + a + b):  # a non-finite gradient SAM steps with:
+                dot, a, b = numbers[:3]
+            whole = a if common is None else numbers[3]  # ||vec||^2
+            if not math.isfinite(dot + a + b + whole):  # a non-finite gradient SAM steps with:
                 # learn nothing, compare the next with none
                 self._last, self._last_mask, self.previous = None, None, []
                 return self.initial_rho * math.exp(self.log_rho)
-            if a == 0.0:
-                # a zero sketch (a batch held back whole), or none of its tensors in the last
-                # one, agrees with nothing and disagrees with nothing: no cosine, and the next
-                # step compares with the last sketch
+            if whole == 0.0:
+                # a zero sketch (a batch held back whole) agrees with nothing and disagrees
+                # with nothing: no cosine, and the next step compares with the last sketch
                 self._last, self._last_mask, self.previous = last, last_mask, []
                 self._last_sq = (last, b) if common is None else None
                 return self._rho_after(self.relative())
             self._last_sq = (vec, a) if common is None else None
-            if b > 0:
+            if a > 0 and b > 0:  # (else no tensor with a gradient in both: no cosine)
                 cos = dot / math.sqrt(a * b)
                 self.agreement = self.beta * self.agreement + (1.0 - self.beta) * cos
                 self.seen += 1
@@ -915,6 +952,12 @@ class GradientAgreement(AutoRho):
         state = super().state_dict()
         if self._last is not None:
             self.previous = []
+        if self._saved_layout is not None:
+            state["layout"] = list(self._saved_layout)
+        elif self._layout and getattr(self, "groups", None) is not None:
+            # the tensors the sketch is laid over, as positions in the groups' parameters
+            at = {id(p): i for i, p in enumerate(_parameters(self.groups))}
+            state["layout"] = [at[id(p)] for p in self._layout if id(p) in at]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -924,8 +967,23 @@ class GradientAgreement(AutoRho):
                 f"Invalid state value: {self.name} previous has {len(previous)} numbers, "
                 f"not sketch={self.sketch}"
             )
+        layout = state.get("layout") if isinstance(state, dict) else None
+        if layout is not None:
+            groups = getattr(self, "groups", None)
+            count = len(_parameters(groups)) if groups is not None else None
+            if not (
+                isinstance(layout, list)
+                and all(type(i) is int and i >= 0 for i in layout)
+                and all(a < b for a, b in zip(layout, layout[1:]))
+                and (count is None or not layout or layout[-1] < count)
+            ):
+                raise ValueError(
+                    f"Invalid state value: {self.name} layout = {layout!r:.200} (expected "
+                    "increasing positions of this optimizer's parameters)"
+                )
         super().load_state_dict(state)
         self._last, self._last_mask = None, None  # (the loaded sketch is in previous)
+        self._layout, self._saved_layout = [], (list(layout) if layout is not None else None)
 
     def __repr__(self) -> str:
         return (
