@@ -996,7 +996,48 @@ def _ddp_rho(rank: int) -> dict:
     return out
 
 
-SCENARIOS = {"rho": _ddp_rho}
+class _Skipping(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x, skip: bool = False):
+        x = torch.tanh(self.a(x))
+        return self.head(x if skip else x + torch.tanh(self.b(x)))
+
+
+def _ddp_skip(rank: int) -> dict:
+    """A layer skipped on rank 1 only, on every third step (LayerDrop drawn per replica)."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    net = _Skipping()
+    ddp = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    rho = samkit.GradientAgreement(0.05, warmup=1, rate=0.5)
+    opt = samkit.SAM(torch.optim.SGD(ddp.parameters(), lr=0.1), rho=rho, model=ddp)
+    rhos, skipped = [], 0
+    for step in range(12):
+        x, y = _batch(10 * step + rank)
+        skip = rank == 1 and step % 3 == 1
+
+        def closure(x=x, y=y, skip=skip):
+            loss = nn.functional.mse_loss(ddp(x, skip), y)
+            loss.backward()
+            return loss
+
+        opt.zero_grad(set_to_none=True)
+        with opt.first_pass():
+            closure()
+        skipped += net.b.weight.grad is None
+        opt.first_step()
+        closure()
+        opt.second_step()
+        rhos.append(opt.param_groups[0]["rho"])
+    dist.barrier()
+    return {"rhos": rhos, "seen": rho.seen, "skipped": skipped}
+
+
+SCENARIOS = {"rho": _ddp_rho, "skip": _ddp_skip}
 
 
 @pytest.fixture(scope="module")
@@ -1248,3 +1289,15 @@ def test_a_sketch_with_no_tensor_in_common_with_the_last_does_not_stall_the_cont
         torch.optim.SGD([nn.Parameter(torch.zeros(100)), nn.Parameter(torch.zeros(100))], lr=0),
         rho=samkit.GradientAgreement(warmup=0, sketch=16),
     ).load_state_dict(state)
+
+
+@pytest.mark.ddp
+def test_replicas_agree_when_a_layer_is_skipped_on_one_of_them(ddp_results):
+    """Under DDP's local first pass a layer skipped on one replica (LayerDrop drawn per
+    replica) changes the tensors with gradients there only: no replica compares with its
+    last sketch at that step, so every replica reads the same cosines and writes the same
+    radius (each used to decide alone, and the radii parted)."""
+    r0, r1 = load(ddp_results, "skip")
+    assert r1["skipped"] == 4 and r0["skipped"] == 0
+    assert r0["rhos"] == r1["rhos"] and r0["seen"] == r1["seen"]
+    assert 0 < r0["seen"] < 11 and len(set(r0["rhos"])) > 1  # cosines read on other steps

@@ -704,6 +704,7 @@ class GradientAgreement(AutoRho):
         self._last_mask: Tensor | None = None
         self._ranges: list[tuple[int, int]] = []  # each tensor's coordinates in the sketch
         self._layout: list[Tensor] = []  # the tensors the sketch is laid over (_tensors)
+        self._changed = False  # whether they changed at this step (_indices)
         self._saved_layout: list[int] | None = None  # a loaded layout's positions, until used
         self._last_sq: tuple[Tensor, float] | None = None  # a sketch and its squared norm
         self._index: list[Tensor] = []
@@ -756,6 +757,7 @@ class GradientAgreement(AutoRho):
     def _indices(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
         like = [p if g is None else g for p, g in zip(params, grads)]
         shapes = (list(map(id, params)), [t.shape for t in like])
+        self._changed = shapes != self._shapes and bool(self._shapes[0])
         if shapes != self._shapes:
             if self._shapes[0]:
                 # other tensors this step (a parameter frozen, unfrozen or added): the
@@ -815,8 +817,13 @@ class GradientAgreement(AutoRho):
                 vec[: flat.numel()] = flat
         if view.local and view.sharding is None and view.distributed:
             # DDP, local first pass: the same coordinates on every replica, averaged (under
-            # FSDP2 each rank's are of its own shards: their dot products are summed instead)
-            _ddp.average_([vec], view.process_group, foreach=False)
+            # FSDP2 each rank's are of its own shards: their dot products are summed instead).
+            # With them, whether the tensors with gradients changed on any replica (a layer
+            # skipped on one): then none compares with its last sketch, so all read the same
+            changed = torch.tensor([float(self._changed)], device=vec.device)
+            _ddp.average_([vec, changed], view.process_group, foreach=False)
+            if not self._changed and changed.item() > 0:
+                self._last, self._last_sq, self._last_mask, self.previous = None, None, None, []
         mask = None
         if len(present) < len(grads):
             mask = torch.ones(self.sketch, device=device, dtype=torch.float32)
