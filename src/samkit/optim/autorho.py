@@ -38,7 +38,7 @@ import math
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -704,6 +704,7 @@ class GradientAgreement(AutoRho):
         self._last_mask: Tensor | None = None
         self._ranges: list[tuple[int, int]] = []  # each tensor's coordinates in the sketch
         self._layout: list[Tensor] = []  # the tensors the sketch is laid over (_tensors)
+        self._layout_ids: list[int] = []  # (their ids: the check of every step)
         self._changed = False  # whether they changed at this step (_indices)
         self._saved_layout: list[int] | None = None  # a loaded layout's positions, until used
         self._last_sq: tuple[Tensor, float] | None = None  # a sketch and its squared norm
@@ -714,7 +715,7 @@ class GradientAgreement(AutoRho):
         self._shapes: tuple[list[int], list[torch.Size]] = ([], [])
 
     # ---- the sketch
-    def _tensors(self, view: StepView) -> tuple[list[Tensor], list[Tensor | None]]:
+    def _tensors(self, view: StepView) -> tuple[list[Tensor], list[Tensor | None], bool]:
         """The tensors the sketch is laid over (its layout) and their gradients this step,
         ``None`` for one without a gradient this step (a layer skipped, an expert or a head
         not used). The layout is every parameter that has had a gradient and still requires
@@ -723,18 +724,19 @@ class GradientAgreement(AutoRho):
         cosine with the last sketch is read over the tensors with a gradient in both steps.
         The layout changes, with no cosine across the change, when a tensor has its first
         gradient or stops requiring one. (Under DDP or FSDP2, or in a view built by hand, the
-        layout is the tensors with gradients this step: the replicas' could differ.)"""
+        layout is the tensors with gradients this step: the replicas' could differ.) The
+        last: whether every one of them has its gradient."""
         params, grads = view.params(), view.grads()
+        if self._layout_ids and list(map(id, params)) == self._layout_ids:
+            return params, list(grads), True  # (the layout's tensors, each with its gradient)
         groups = getattr(view, "groups", None)
         if (
             groups is None
             or getattr(view, "sharding", None) is not None
             or getattr(view, "distributed", False)
         ):
-            return params, list(grads)
+            return params, list(grads), True
         layout = self._layout
-        if len(params) == len(layout) and all(p is q for p, q in zip(params, layout)):
-            return params, list(grads)  # (the layout's tensors, each with its gradient)
         every = [p for g in groups.param_groups for p in g["params"]]
         if self._saved_layout is not None:  # resumed: the layout saved with the last sketch
             layout = [every[i] for i in self._saved_layout if i < len(every)]
@@ -748,17 +750,25 @@ class GradientAgreement(AutoRho):
             # old ones, would be noise (the next step compares with this one)
             layout = sorted(kept + new, key=lambda p: at[id(p)])
             self._last, self._last_sq, self._last_mask, self.previous = None, None, None, []
-        self._layout = layout
+        self._layout, self._layout_ids = layout, [id(p) for p in layout]
         if len(params) == len(layout):
-            return params, list(grads)
+            return params, list(grads), True
         given = {id(p): g for p, g in zip(params, grads)}
-        return layout, [given.get(id(p)) for p in layout]
+        return layout, [given.get(id(p)) for p in layout], False
 
-    def _indices(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
-        like = [p if g is None else g for p, g in zip(params, grads)]
+    def _indices(
+        self, params: list[Tensor], grads: list[Tensor | None], full: bool
+    ) -> list[Tensor]:
+        # (a tensor without a gradient is laid out by its parameter, of the same shape)
+        like = (
+            cast(list[Tensor], grads)
+            if full
+            else [g if g is not None else p for p, g in zip(params, grads)]
+        )
         shapes = (list(map(id, params)), [t.shape for t in like])
-        self._changed = shapes != self._shapes and bool(self._shapes[0])
-        if shapes != self._shapes:
+        self._changed = changed = shapes != self._shapes
+        if changed:
+            self._changed = bool(self._shapes[0])
             if self._shapes[0]:
                 # other tensors this step (a parameter frozen, unfrozen or added): the
                 # sketch's coordinates change, and a cosine with the last sketch, over other
@@ -791,11 +801,11 @@ class GradientAgreement(AutoRho):
     def _read(self, view: StepView) -> tuple[Tensor, Tensor | None]:
         """The step's sketch, and which of its coordinates are of tensors with a gradient
         (None: all; the others are zeros in the sketch)."""
-        params, grads = self._tensors(view)
-        present = [g for g in grads if g is not None]
+        params, grads, full = self._tensors(view)
+        present = cast(list[Tensor], grads) if full else [g for g in grads if g is not None]
         device = present[0].device if present else torch.device("cpu")
-        index = self._indices(params, grads)
-        if self._flat is not None and len(present) == len(grads):
+        index = self._indices(params, grads, full)
+        if self._flat is not None and full:
             # (torch's own flatten: the cat of the flattened gradients in one call, the same
             # numbers as torch.cat([g.reshape(-1) ...]) for less of a small model's step)
             whole = torch._C._nn.flatten_dense_tensors(present)
@@ -825,7 +835,7 @@ class GradientAgreement(AutoRho):
             if not self._changed and changed.item() > 0:
                 self._last, self._last_sq, self._last_mask, self.previous = None, None, None, []
         mask = None
-        if len(present) < len(grads):
+        if not full:
             mask = torch.ones(self.sketch, device=device, dtype=torch.float32)
             for g, (start, end) in zip(grads, self._ranges):
                 if g is None and start < end:
@@ -990,7 +1000,8 @@ class GradientAgreement(AutoRho):
                 )
         super().load_state_dict(state)
         self._last, self._last_mask = None, None  # (the loaded sketch is in previous)
-        self._layout, self._saved_layout = [], (list(layout) if layout is not None else None)
+        self._layout, self._layout_ids = [], []
+        self._saved_layout = list(layout) if layout is not None else None
 
     def __repr__(self) -> str:
         return (
