@@ -737,7 +737,7 @@ class GradientAgreement(AutoRho):
         ):
             return params, list(grads), True
         layout = self._layout
-        every = [p for g in groups.param_groups for p in g["params"]]
+        every = _parameters(groups)
         if self._saved_layout is not None:  # resumed: the layout saved with the last sketch
             layout = [every[i] for i in self._saved_layout if i < len(every)]
             self._saved_layout = None
