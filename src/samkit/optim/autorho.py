@@ -749,7 +749,7 @@ class GradientAgreement(AutoRho):
             # other coordinates from this step on: a cosine with the last sketch, over the
             # old ones, would be noise (the next step compares with this one)
             layout = sorted(kept + new, key=lambda p: at[id(p)])
-            self._last, self._last_sq, self._last_mask, self.previous = None, None, None, []
+            self._forget()
         self._layout, self._layout_ids = layout, [id(p) for p in layout]
         if len(params) == len(layout):
             return params, list(grads), True
@@ -766,14 +766,14 @@ class GradientAgreement(AutoRho):
             else [g if g is not None else p for p, g in zip(params, grads)]
         )
         shapes = (list(map(id, params)), [t.shape for t in like])
-        self._changed = changed = shapes != self._shapes
+        changed = shapes != self._shapes
+        self._changed = changed and bool(self._shapes[0])
         if changed:
-            self._changed = bool(self._shapes[0])
-            if self._shapes[0]:
+            if self._changed:
                 # other tensors this step (a parameter frozen, unfrozen or added): the
                 # sketch's coordinates change, and a cosine with the last sketch, over other
                 # coordinates, would be noise: compare from the next step on
-                self._last, self._last_sq, self._last_mask, self.previous = None, None, None, []
+                self._forget()
             total = sum(t.numel() for t in like)
             stride = max(1, -(-total // self.sketch))
             index, starts, offset, ranges, at = [], [], 0, [], 0
@@ -833,7 +833,7 @@ class GradientAgreement(AutoRho):
             changed = torch.tensor([float(self._changed)], device=vec.device)
             _ddp.average_([vec, changed], view.process_group, foreach=False)
             if not self._changed and changed.item() > 0:
-                self._last, self._last_sq, self._last_mask, self.previous = None, None, None, []
+                self._forget()
         mask = None
         if not full:
             mask = torch.ones(self.sketch, device=device, dtype=torch.float32)
@@ -841,6 +841,11 @@ class GradientAgreement(AutoRho):
                 if g is None and start < end:
                     mask[start:end] = 0.0
         return vec, mask
+
+    def _forget(self) -> None:
+        """No last sketch: the next step compares with none (its coordinates changed, or the
+        last gradient was not finite)."""
+        self._last, self._last_sq, self._last_mask, self.previous = None, None, None, []
 
     def _buffer(self, device: torch.device) -> Tensor:
         """A sketch-long buffer, zero past the coordinates written into it, that is not the
@@ -914,7 +919,7 @@ class GradientAgreement(AutoRho):
             whole = a if common is None else numbers[3]  # ||vec||^2
             if not math.isfinite(dot + a + b + whole):  # a non-finite gradient SAM steps with:
                 # learn nothing, compare the next with none
-                self._last, self._last_mask, self.previous = None, None, []
+                self._forget()
                 return self.initial_rho * math.exp(self.log_rho)
             if whole == 0.0:
                 # a zero sketch (a batch held back whole) agrees with nothing and disagrees
