@@ -296,12 +296,15 @@ def time_steps(setting: str, candidates: list[str], trials: int, steps: int) -> 
     data = load_dataset(cfg0["dataset"], seed=0, noise=cfg0["noise"], val_fraction=0.1)
     loss_fn = torch.nn.functional.cross_entropy
     runs = {}
-    held_any = any(c.endswith(HELD) for c in candidates)
+    held_any = any(_mode(c) == HELD for c in candidates)
     for candidate in [DEFAULT_RHO, *([PER_SAMPLE] if held_any else []), *candidates]:
-        held = isinstance(candidate, str) and candidate.endswith(HELD)
+        held = _mode(candidate) == HELD
         per_sample = held or candidate == PER_SAMPLE
-        rho = DEFAULT_RHO if candidate == PER_SAMPLE else candidate
-        rho = rho.removesuffix(HELD) if held else rho
+        rho = (
+            DEFAULT_RHO
+            if candidate == PER_SAMPLE
+            else run_config(setting, candidate, 0, None)["rho"]
+        )
         model, opt, _ = build({**cfg0, "rho": rho})
         state = {"i": 0}
 
@@ -331,7 +334,7 @@ def time_steps(setting: str, candidates: list[str], trials: int, steps: int) -> 
     samples = time_interleaved(runs, trials=trials, number=steps, warmup=60)
     base = samples[label_of(DEFAULT_RHO)]
     ratios = {name: paired_ratio(s, base) for name, s in samples.items() if name != "rho=0.05"}
-    for name in [c for c in samples if c.endswith(HELD)]:
+    for name in [c for c in samples if _mode(c) == HELD]:
         ratios[f"{name} / per-sample"] = paired_ratio(samples[name], samples[PER_SAMPLE])
     return ratios
 
